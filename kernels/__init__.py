@@ -1,0 +1,1 @@
+"""Triton weight-gradient kernels, installed as ``tfz.kernels``."""

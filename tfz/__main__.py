@@ -1,0 +1,5 @@
+import sys
+
+from tfz.cli import main
+
+sys.exit(main())

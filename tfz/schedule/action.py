@@ -1,0 +1,35 @@
+"""One pipeline action: (stage, kind, microbatch), written as torch's ``_Action`` string (``2F0``)."""
+
+from __future__ import annotations
+
+import re
+from typing import NamedTuple
+
+KINDS = ("F", "B", "I", "W")
+"""F forward, B full backward (dX and dW), I backward for inputs (dX), W backward for weights (dW)."""
+
+FREEZABLE_KINDS = ("B", "W")
+"""Kinds whose duration shrinks when parameters are frozen."""
+
+_ACTION_RE = re.compile(r"^\s*(\d+)([FBIW])(\d+)\s*$")
+
+
+class Action(NamedTuple):
+    """A compute action of one stage on one microbatch. ``str(Action(2, "F", 0)) == "2F0"``."""
+
+    stage: int
+    kind: str
+    microbatch: int
+
+    def __str__(self) -> str:
+        return f"{self.stage}{self.kind}{self.microbatch}"
+
+    @classmethod
+    def parse(cls, text: str) -> Action:
+        """Parse ``"<stage><F|B|I|W><microbatch>"``; raises ValueError naming the bad text."""
+        m = _ACTION_RE.match(text)
+        if m is None:
+            raise ValueError(
+                f"malformed action {text!r}: expected <stage><F|B|I|W><microbatch>, e.g. '2F0' or '3W1'"
+            )
+        return cls(int(m.group(1)), m.group(2), int(m.group(3)))
