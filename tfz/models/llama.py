@@ -98,12 +98,13 @@ def _rope_tables(cfg: LlamaConfig) -> tuple[torch.Tensor, torch.Tensor]:
     half = cfg.head_dim // 2
     freqs = cfg.rope_theta ** (-torch.arange(half, dtype=torch.float64) / half)
     angles = torch.outer(torch.arange(cfg.max_seq_len, dtype=torch.float64), freqs)
-    return angles.cos().float(), angles.sin().float()
+    return angles.cos(), angles.sin()  # float64; Module.to(dtype) casts them with the weights
 
 
 def _apply_rope(x_BLHE: torch.Tensor, cos_LE: torch.Tensor, sin_LE: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x_BLHE.to(_compute_dtype(x_BLHE)).chunk(2, dim=-1)
-    cos, sin = cos_LE[:, None, :], sin_LE[:, None, :]
+    dtype = _compute_dtype(x_BLHE)
+    x1, x2 = x_BLHE.to(dtype).chunk(2, dim=-1)
+    cos, sin = cos_LE[:, None, :].to(dtype), sin_LE[:, None, :].to(dtype)
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).type_as(x_BLHE)
 
 
