@@ -1,0 +1,286 @@
+"""Timelines of a simulated step: Chrome trace JSON and a PNG Gantt chart (``tfz.timeline``).
+
+- :func:`chrome_trace` / :func:`write_chrome_trace`: one complete ("X") event per action, one
+  track per rank, in the Trace Event Format that Perfetto (https://ui.perfetto.dev) and
+  ``chrome://tracing`` open.
+- :func:`write_gantt_png`: ranks top to bottom, time left to right, one block per action, idle
+  gaps (bubbles) hatched grey, the bubble share of every rank in its label. Given freeze ratios,
+  B and W blocks are coloured by ratio (dark red = unfrozen, pale = fully frozen; W hatched) with
+  a colorbar. matplotlib is imported only inside this function and draws on an Agg canvas
+  (no pyplot, no global backend change).
+
+``sim`` is a :class:`tfz.dag.Simulation`; ``ratios`` is an optional float array [n] aligned with
+``sim.dag.actions``: the freeze ratio in [0, 1] of each B/W action, 0 for F and I.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from tfz.schedule import FREEZABLE_KINDS, KINDS
+
+__all__ = ["chrome_trace", "write_chrome_trace", "write_gantt_png"]
+
+KIND_COLORS = {"F": "#4C72B0", "B": "#DD8452", "I": "#55A868", "W": "#8172B3"}
+_KIND_NAMES = {"F": "forward", "B": "backward", "I": "backward (input)", "W": "backward (weight)"}
+_IDLE_COLOR = "#f2f2f2"
+_IDLE_HATCH_COLOR = "#b0b0b0"
+
+
+def _check_ratios(dag, ratios) -> np.ndarray | None:
+    """float64 [n] or None; ValueError naming the first bad action."""
+    if ratios is None:
+        return None
+    r = np.asarray(ratios, dtype=np.float64)
+    if r.shape != (dag.num_actions,):
+        raise ValueError(f"ratios must have shape ({dag.num_actions},), got {r.shape}")
+    bad = np.flatnonzero(~np.isfinite(r) | (r < 0) | (r > 1))
+    if len(bad):
+        i = bad[0]
+        raise ValueError(f"freeze ratio of {dag.actions[i]} must be in [0, 1], got {r[i]}")
+    fixed = np.flatnonzero(~dag.kind_mask(*FREEZABLE_KINDS) & (r != 0))
+    if len(fixed):
+        i = fixed[0]
+        raise ValueError(f"freeze ratio of {dag.actions[i]} must be 0 (only B and W can freeze), got {r[i]}")
+    return r
+
+
+def chrome_trace(sim, ratios=None, *, unit_ms: float = 1.0) -> dict:
+    """The simulation as a Trace Event Format object.
+
+    One "X" event per action (``ts``/``dur`` in microseconds = simulation time x ``unit_ms`` x 1000)
+    on ``pid`` 0, ``tid`` = rank; metadata names the process after the schedule and each thread
+    ``rank r (bubble x%)``. Event ``args`` hold stage, microbatch, kind and, with ``ratios``, the
+    freeze ratio of B/W actions. ``otherData`` holds the makespan (ms) and per-rank bubble ratios.
+    """
+    if not (isinstance(unit_ms, (int, float)) and np.isfinite(unit_ms) and unit_ms > 0):
+        raise ValueError(f"unit_ms must be a finite number > 0, got {unit_ms!r}")
+    dag = sim.dag
+    r = _check_ratios(dag, ratios)
+    sched = dag.schedule
+    scale = 1000.0 * unit_ms
+    ts = (sim.start * scale).tolist()
+    dur = (sim.end * scale - sim.start * scale).tolist()
+    rank, stage, kind, mb = (a.tolist() for a in (dag.rank, dag.stage, dag.kind, dag.microbatch))
+    freezable = dag.kind_mask(*FREEZABLE_KINDS).tolist()
+    bubble = sim.bubble_ratio.tolist()
+
+    events: list[dict] = [
+        {
+            "name": "process_name",
+            "ph": "M",
+            "pid": 0,
+            "args": {"name": f"{sched.name} ({dag.num_ranks} ranks, {sched.num_microbatches} microbatches)"},
+        }
+    ]
+    for p in range(dag.num_ranks):
+        events.append(
+            {
+                "name": "thread_name",
+                "ph": "M",
+                "pid": 0,
+                "tid": p,
+                "args": {"name": f"rank {p} (bubble {100 * bubble[p]:.1f}%)"},
+            }
+        )
+        events.append({"name": "thread_sort_index", "ph": "M", "pid": 0, "tid": p, "args": {"sort_index": p}})
+    ratio_list = r.tolist() if r is not None else None
+    for v, name in enumerate(dag.names):
+        args = {"stage": stage[v], "microbatch": mb[v], "kind": KINDS[kind[v]]}
+        if ratio_list is not None and freezable[v]:
+            args["freeze_ratio"] = ratio_list[v]
+        events.append(
+            {
+                "name": name,
+                "cat": KINDS[kind[v]],
+                "ph": "X",
+                "pid": 0,
+                "tid": rank[v],
+                "ts": ts[v],
+                "dur": dur[v],
+                "args": args,
+            }
+        )
+    return {
+        "traceEvents": events,
+        "displayTimeUnit": "ms",
+        "otherData": {
+            "generator": "tfz",
+            "schedule": sched.name,
+            "ranks": dag.num_ranks,
+            "stages": dag.num_stages,
+            "microbatches": sched.num_microbatches,
+            "num_actions": dag.num_actions,
+            "makespan_ms": sim.makespan * unit_ms,
+            "bubble_ratio": bubble,
+        },
+    }
+
+
+def write_chrome_trace(path: str | os.PathLike, sim, ratios=None, **kw) -> None:
+    """Write :func:`chrome_trace` as JSON to ``path`` (gzip-compressed if it ends in ``.gz``)."""
+    text = json.dumps(chrome_trace(sim, ratios, **kw), separators=(",", ":"))
+    if str(path).endswith(".gz"):
+        with gzip.open(path, "wt", encoding="utf-8") as fh:
+            fh.write(text)
+    else:
+        Path(path).write_text(text, encoding="utf-8")
+
+
+def default_png_size(num_ranks: int) -> tuple[float, float]:
+    """Figure size in inches of :func:`write_gantt_png`: 12 wide, ``1.5 + 0.4 * ranks`` tall,
+    clipped to [3, 16]."""
+    return 12.0, float(np.clip(1.5 + 0.4 * num_ranks, 3.0, 16.0))
+
+
+def _idle_intervals(sim) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(rank, start, end) of every idle gap of every rank within [0, makespan]."""
+    dag = sim.dag
+    order = np.lexsort((sim.start, dag.rank))
+    rank, start, end = dag.rank[order], sim.start[order], sim.end[order]
+    P, span = dag.num_ranks, sim.makespan
+    first = np.ones(len(rank), dtype=bool)
+    first[1:] = rank[1:] != rank[:-1]
+    last = np.ones(len(rank), dtype=bool)
+    last[:-1] = first[1:]
+    gap_rank = [rank[~first], rank[first], rank[last]]
+    gap_lo = [end[:-1][~first[1:]], np.zeros(first.sum()), end[last]]
+    gap_hi = [start[~first], start[first], np.full(last.sum(), span)]
+    idle_ranks = np.setdiff1d(np.arange(P), rank)  # ranks without actions idle all step
+    gap_rank.append(idle_ranks)
+    gap_lo.append(np.zeros(len(idle_ranks)))
+    gap_hi.append(np.full(len(idle_ranks), span))
+    g_rank, g_lo, g_hi = (np.concatenate(x) for x in (gap_rank, gap_lo, gap_hi))
+    keep = g_hi - g_lo > 1e-9 * max(span, 1e-300)
+    return g_rank[keep], g_lo[keep], g_hi[keep]
+
+
+def _boxes(rank: np.ndarray, lo: np.ndarray, hi: np.ndarray, height: float) -> np.ndarray:
+    """Vertices [k, 4, 2] of rectangles [lo, hi] x [rank - height/2, rank + height/2]."""
+    y0, y1 = rank - height / 2, rank + height / 2
+    return np.stack(
+        [np.stack([lo, y0], -1), np.stack([lo, y1], -1), np.stack([hi, y1], -1), np.stack([hi, y0], -1)], 1
+    )
+
+
+def _ratio_cmap():
+    """Ratio 0 -> dark red (full work), 1 -> pale yellow (all weights frozen), never white."""
+    from matplotlib import colormaps
+    from matplotlib.colors import ListedColormap
+
+    return ListedColormap(colormaps["YlOrRd"](np.linspace(1.0, 0.2, 256)), name="tfz_freeze_ratio")
+
+
+def write_gantt_png(
+    path: str | os.PathLike,
+    sim,
+    ratios=None,
+    *,
+    title: str | None = None,
+    unit: str = "ms",
+    size: tuple[float, float] | None = None,
+    dpi: int = 100,
+) -> None:
+    """Draw the simulation as a Gantt chart and save it as PNG.
+
+    ``size`` is (width, height) in inches (default :func:`default_png_size`); the image is
+    ``size * dpi`` pixels. Blocks are drawn as one PolyCollection per kind, so a few hundred
+    thousand actions stay cheap; microbatch numbers are written into blocks only for small DAGs.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.collections import PolyCollection
+    from matplotlib.colors import Normalize, to_rgba
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
+
+    dag = sim.dag
+    r = _check_ratios(dag, ratios)
+    P, n, span = dag.num_ranks, dag.num_actions, sim.makespan
+    width, height = default_png_size(P) if size is None else size
+    fig = Figure(figsize=(width, height), dpi=dpi, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+
+    rank = dag.rank.astype(np.float64)
+    thin = n <= 2000  # separate neighbouring blocks by a thin white edge while they are wide enough
+    edge = {"edgecolors": "white", "linewidths": 0.4} if thin else {"edgecolors": "none", "linewidths": 0}
+
+    g_rank, g_lo, g_hi = _idle_intervals(sim)
+    if len(g_rank):
+        idle = PolyCollection(
+            _boxes(g_rank.astype(np.float64), g_lo, g_hi, 0.8),
+            facecolors=_IDLE_COLOR,
+            edgecolors=_IDLE_HATCH_COLOR,
+            linewidths=0,
+            hatch="////",
+        )
+        ax.add_collection(idle)
+
+    cmap = _ratio_cmap() if r is not None else None
+    colors = np.array([to_rgba(KIND_COLORS[k]) for k in KINDS])[dag.kind]
+    if cmap is not None:
+        shaded = dag.kind_mask(*FREEZABLE_KINDS)
+        colors[shaded] = cmap(r[shaded])
+    handles = []
+    for k, name in enumerate(KINDS):
+        sel = np.flatnonzero(dag.kind == k)
+        if not len(sel):
+            continue
+        verts = _boxes(rank[sel], sim.start[sel], sim.end[sel], 0.8)
+        by_ratio = cmap is not None and name in FREEZABLE_KINDS
+        hatch = "xx" if by_ratio and name == "W" else None
+        ax.add_collection(PolyCollection(verts, facecolors=colors[sel], hatch=hatch, **edge))
+        label = f"{name}: {_KIND_NAMES[name]}" + (" (colour: freeze ratio)" if by_ratio else "")
+        handles.append(
+            Patch(facecolor=cmap(0.0) if by_ratio else KIND_COLORS[name], hatch=hatch, label=label)
+        )
+    handles.append(
+        Patch(facecolor=_IDLE_COLOR, edgecolor=_IDLE_HATCH_COLOR, hatch="////", label="idle (bubble)")
+    )
+
+    if n <= 300 and span > 0:
+        # microbatch numbers in blocks wide enough to hold them, dark text on light colours
+        luminance = colors[:, :3] @ np.array([0.299, 0.587, 0.114])
+        fs = 7 if P <= 16 else 5
+        for v in np.flatnonzero(sim.end - sim.start > 0.02 * span).tolist():
+            ax.text(
+                (sim.start[v] + sim.end[v]) / 2,
+                rank[v],
+                str(int(dag.microbatch[v])),
+                ha="center",
+                va="center",
+                fontsize=fs,
+                color="black" if luminance[v] > 0.6 else "white",
+            )
+
+    bubble = sim.bubble_ratio
+    ax.set_xlim(0, span if span > 0 else 1.0)
+    ax.set_ylim(P - 0.5, -0.5)  # rank 0 on top
+    ax.set_yticks(np.arange(P))
+    if P <= 16:
+        labels = [f"rank {p}\n{100 * bubble[p]:.1f}% idle" for p in range(P)]
+    else:
+        labels = [f"r{p}  {100 * bubble[p]:.1f}%" for p in range(P)]
+    points_per_rank = max(height - 1.2, 0.5) * 72 / P
+    ax.set_yticklabels(labels, fontsize=float(np.clip(0.45 * points_per_rank, 4.0, 9.0)))
+    ax.set_xlabel(f"time ({unit})")
+    ax.grid(axis="x", color="#dddddd", linewidth=0.5)
+    ax.set_axisbelow(True)
+    if title is None:
+        sched = dag.schedule
+        title = (
+            f"{sched.name}: {P} ranks, {dag.num_stages} stages, {sched.num_microbatches} microbatches, "
+            f"{n} actions | makespan {span:.4g} {unit}, mean bubble {100 * float(bubble.mean()):.1f}%"
+        )
+    ax.set_title(title, fontsize=10)
+    fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), fontsize=8, frameon=False)
+    if cmap is not None:
+        sm = ScalarMappable(norm=Normalize(0.0, 1.0), cmap=cmap)
+        fig.colorbar(sm, ax=ax, label="freeze ratio (B/W)", fraction=0.03, pad=0.01)
+    fig.savefig(path, format="png", dpi=dpi)
