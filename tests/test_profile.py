@@ -245,3 +245,15 @@ def test_direct_construction_is_validated():
         Profile(default=StageTimes(f=1.0, b=2.0, b_frozen=1.0), actions={"0F0": ActionTimes()})
     with pytest.raises(ValueError, match="stage index"):
         Profile(stages={"0": StageTimes(f=1.0, b=2.0, b_frozen=1.0)})
+
+
+def test_b_given_with_split_times_checks_derived_frozen():
+    with pytest.raises(ValueError, match=r"I \+ W_frozen"):
+        StageTimes(f=1.0, i=1.0, w=2.0, w_frozen=1.0, b=1.5)  # frozen I + W_frozen = 2 > B
+
+
+def test_override_names_are_canonical():
+    p = Profile(default=StageTimes(f=1.0, i=1.0, w=1.0), actions={" 1F0 ": ActionTimes(unfrozen=4.0)})
+    assert list(p.actions) == ["1F0"]
+    up, _ = p.durations(_dag(*MIXED))
+    assert up[_dag(*MIXED).index["1F0"]] == 4.0

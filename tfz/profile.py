@@ -116,7 +116,8 @@ class StageTimes:
             raise ValueError(f"{where}.W_frozen: frozen time {wf} exceeds unfrozen W {w}")
         b, bf = self.backward()
         if bf > b:
-            raise ValueError(f"{where}.B_frozen: frozen full backward {bf} exceeds unfrozen B {b}")
+            frozen = "B_frozen" if self.b_frozen is not None else "I + W_frozen"
+            raise ValueError(f"{where}.B_frozen: frozen full backward ({frozen}) {bf} exceeds unfrozen B {b}")
 
     def backward(self) -> tuple[float, float]:
         """(unfrozen, frozen) time of a full backward B."""
@@ -203,8 +204,13 @@ class Profile:
                 raise ValueError(f"stages: stage index must be an integer >= 0, got {s!r}")
             if not isinstance(times, StageTimes):
                 raise TypeError(f"stages.{s}: expected StageTimes, got {type(times).__name__}")
+        actions = {}
         for name, times in self.actions.items():
-            _parse_action_override(name, times.to_dict(), f"actions.{name}", 1.0)
+            key, _ = _parse_action_override(name, times.to_dict(), f"actions.{name}", 1.0)
+            if key in actions:
+                raise ValueError(f"actions.{name}: action {key} is listed twice")
+            actions[key] = times
+        object.__setattr__(self, "actions", actions)  # canonical names ("2W3")
 
     @classmethod
     def uniform(cls, f: float, i: float, w: float, w_frozen: float = 0.0) -> Profile:
