@@ -1,0 +1,81 @@
+"""Torch backend of the masked weight gradient: one GEMM per run of active rows, or one gathered GEMM.
+
+Shapes: x [T, in], dy [T, out] (fp32/fp16/bf16, same dtype), dw [out, in] fp32 contiguous,
+db [out] fp32 or None. 16-bit operands are upcast to fp32 (exact), so every product is accumulated
+in fp32 as in the Triton kernel.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._rows import row_runs
+
+__all__ = ["wgrad_torch"]
+
+# Below this mean run length (rows) and above this many runs, one gathered GEMM beats a GEMM per run
+# (measured on CPU with T=2048, in=4096: see bench/RESULTS.md).
+GATHER_MAX_MEAN_RUN = 16
+GATHER_MIN_RUNS = 8
+
+
+def _upcast(t: torch.Tensor) -> torch.Tensor:
+    return t if t.dtype == torch.float32 else t.float()
+
+
+def _runs(active_rows: torch.Tensor | None, n_out: int) -> list[tuple[int, int]]:
+    if active_rows is None:
+        return [(0, n_out)] if n_out > 0 else []
+    return row_runs(active_rows)
+
+
+def wgrad_torch(
+    x: torch.Tensor,
+    dy: torch.Tensor,
+    dw: torch.Tensor,
+    active_rows: torch.Tensor | None,
+    accumulate: bool,
+    db: torch.Tensor | None,
+    bias_accumulate: bool,
+) -> None:
+    """``dw[r] (+)= dy[:, r]ᵀ x`` and ``db[r] (+)= sum_t dy[t, r]`` for active rows r; frozen rows untouched.
+
+    ``accumulate`` / ``bias_accumulate`` choose add (True) or overwrite (False) for dw / db.
+    """
+    runs = _runs(active_rows, dy.shape[1])
+    if not runs:
+        return
+    xf = _upcast(x)
+    n_active = sum(b - a for a, b in runs)
+    if len(runs) >= GATHER_MIN_RUNS and n_active < GATHER_MAX_MEAN_RUN * len(runs):
+        _gathered(xf, dy, dw, active_rows, accumulate, db, bias_accumulate)
+        return
+    for a, b in runs:
+        dy_r = dy[:, a:b]
+        dst = dw[a:b]
+        if accumulate:
+            dst.addmm_(_upcast(dy_r).t(), xf)
+        else:
+            torch.mm(_upcast(dy_r).t(), xf, out=dst)
+        if db is not None:
+            s = dy_r.sum(dim=0, dtype=torch.float32)
+            if bias_accumulate:
+                db[a:b] += s
+            else:
+                db[a:b] = s
+
+
+def _gathered(xf, dy, dw, active_rows, accumulate, db, bias_accumulate) -> None:
+    idx = active_rows.nonzero().flatten()
+    dy_g = dy.index_select(1, idx)
+    prod = _upcast(dy_g).t() @ xf
+    if accumulate:
+        dw.index_add_(0, idx, prod)
+    else:
+        dw.index_copy_(0, idx, prod)
+    if db is not None:
+        s = dy_g.sum(dim=0, dtype=torch.float32)
+        if bias_accumulate:
+            db.index_add_(0, idx, s)
+        else:
+            db.index_copy_(0, idx, s)

@@ -1,0 +1,210 @@
+"""Masked weight gradient ``dW = dYᵀ X`` over active rows only: public entry points and backend dispatch.
+
+For a Linear layer ``Y = X Wᵀ`` with X [T, in] and dY [T, out] (leading dims collapsed into T tokens),
+the weight gradient is ``dW[o, i] = sum_t dY[t, o] X[t, i]`` ([out, in]) and the bias gradient is
+``db[o] = sum_t dY[t, o]``. tfz freezes whole rows of W; the entry points here compute only the active
+rows (``active_rows[o]`` True) and leave frozen rows of the destination bit-for-bit untouched.
+Products are accumulated in fp32 for fp32/fp16/bf16 inputs.
+
+Backends: ``"triton"`` (a Triton kernel launched over the active tiles only; CUDA tensors, or CPU tensors
+when ``TRITON_INTERPRET=1`` is set before the kernel module is imported), ``"torch"`` (one GEMM per run
+of active rows; any device) and ``"auto"`` (triton for CUDA tensors when available, torch otherwise).
+``TFZ_DISABLE_TRITON=1`` makes "auto" use torch. An explicit ``backend="triton"`` that cannot run raises.
+
+Entry points: :func:`wgrad`, :func:`wgrad_gemm_accum_fp32` (call-compatible with apex's
+``fused_weight_gradient_mlp_cuda.wgrad_gemm_accum_fp32``), :func:`has_triton`, :func:`resolve_backend`.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+
+import torch
+
+from ._wgrad_torch import wgrad_torch
+
+__all__ = ["wgrad", "wgrad_gemm_accum_fp32", "has_triton", "resolve_backend", "BACKENDS"]
+
+BACKENDS = ("auto", "torch", "triton")
+_INPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_TRUE = ("1", "true", "yes", "on", "y")
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "0").strip().lower() in _TRUE
+
+
+@functools.cache
+def has_triton() -> bool:
+    """True when the ``triton`` package is importable (it is not imported here)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def _interpreting() -> bool:
+    return _env_flag("TRITON_INTERPRET")
+
+
+def resolve_backend(backend: str, device: torch.device | str) -> str:
+    """The backend ("torch" or "triton") that ``backend`` selects for tensors on ``device``.
+
+    Raises:
+        ValueError: ``backend`` is not one of :data:`BACKENDS`.
+        RuntimeError: ``backend="triton"`` was requested but cannot run here (reason in the message).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    device = torch.device(device)
+    if backend == "torch":
+        return "torch"
+    disabled = _env_flag("TFZ_DISABLE_TRITON")
+    if backend == "auto":
+        return "triton" if (device.type == "cuda" and not disabled and has_triton()) else "torch"
+    if disabled:
+        raise RuntimeError("backend='triton' was requested but TFZ_DISABLE_TRITON=1 is set")
+    if not has_triton():
+        raise RuntimeError("backend='triton' was requested but the 'triton' package is not installed")
+    if device.type == "cpu" and not _interpreting():
+        raise RuntimeError(
+            "backend='triton' on CPU tensors needs the Triton interpreter: set TRITON_INTERPRET=1 before "
+            "tfz.kernels runs its first Triton launch"
+        )
+    if device.type not in ("cpu", "cuda"):
+        raise RuntimeError(
+            f"backend='triton' supports CUDA (or interpreted CPU) tensors, got device {device}"
+        )
+    return "triton"
+
+
+def _describe(t: torch.Tensor) -> str:
+    return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
+
+
+def _check_tensor(name: str, t, *, dtypes=None, shape=None, device=None, contiguous=False) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if dtypes is not None and t.dtype not in dtypes:
+        raise TypeError(f"{name} must have dtype in {[str(d) for d in dtypes]}, got {_describe(t)}")
+    if shape is not None and tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {_describe(t)}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name} must be on device {device}, got {_describe(t)}")
+    if contiguous and not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous, got strides {t.stride()} ({_describe(t)})")
+
+
+def _as_tokens(input: torch.Tensor, grad_output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Validate X [..., in] and dY [..., out] and collapse their leading dims (as apex does)."""
+    _check_tensor("input", input, dtypes=_INPUT_DTYPES)
+    _check_tensor("grad_output", grad_output, dtypes=_INPUT_DTYPES)
+    if input.dim() < 1 or grad_output.dim() < 1:
+        raise ValueError(
+            f"input and grad_output need at least 1 dim, got input {tuple(input.shape)} and "
+            f"grad_output {tuple(grad_output.shape)}"
+        )
+    if input.dtype != grad_output.dtype:
+        raise TypeError(
+            f"input and grad_output must have the same dtype, got input {input.dtype} and "
+            f"grad_output {grad_output.dtype}"
+        )
+    if input.device != grad_output.device:
+        raise ValueError(
+            f"input and grad_output must be on the same device, got {input.device} and {grad_output.device}"
+        )
+    x = input.reshape(-1, input.shape[-1]) if input.dim() != 2 else input
+    dy = grad_output.reshape(-1, grad_output.shape[-1]) if grad_output.dim() != 2 else grad_output
+    if x.shape[0] != dy.shape[0]:
+        raise ValueError(
+            f"input and grad_output must have the same number of tokens (product of leading dims), got "
+            f"input {tuple(input.shape)} ({x.shape[0]} tokens) and grad_output {tuple(grad_output.shape)} "
+            f"({dy.shape[0]} tokens)"
+        )
+    return x, dy
+
+
+def wgrad(
+    input: torch.Tensor,
+    grad_output: torch.Tensor,
+    *,
+    active_rows: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    accumulate: bool = True,
+    bias_grad: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Weight gradient ``dW = dYᵀ X`` of a Linear layer, computed for the active rows only.
+
+    Args:
+        input: X [..., in], fp32/fp16/bf16.
+        grad_output: dY [..., out], same dtype and device as ``input``, same number of tokens
+            (leading dims are collapsed: T = prod(leading dims)).
+        active_rows: bool [out] on the same device; True = row o of W trains. None = all rows.
+        out: fp32 contiguous [out, in] destination (e.g. ``weight.main_grad``) or None.
+        accumulate: with ``out`` given, True adds (``out[o] += dY[:, o]ᵀ X``, beta = 1) and False
+            overwrites the active rows. Also selects add/overwrite for ``bias_grad``.
+        bias_grad: optional fp32 contiguous [out]; its active entries get ``sum_t dY[t, o]`` added
+            (or written, with ``accumulate=False``).
+        backend: "auto", "torch" or "triton" (see the module docstring).
+
+    Returns:
+        dW fp32 [out, in]: ``out`` itself when given (frozen rows untouched), else a new tensor whose
+        frozen rows are 0.
+    """
+    x, dy = _as_tokens(input, grad_output)
+    device = x.device
+    n_out, n_in = dy.shape[1], x.shape[1]
+    if active_rows is not None:
+        _check_tensor("active_rows", active_rows, dtypes=(torch.bool,), shape=(n_out,), device=device)
+    if out is not None:
+        _check_tensor(
+            "out (main_grad)",
+            out,
+            dtypes=(torch.float32,),
+            shape=(n_out, n_in),
+            device=device,
+            contiguous=True,
+        )
+    if bias_grad is not None:
+        _check_tensor(
+            "bias_grad", bias_grad, dtypes=(torch.float32,), shape=(n_out,), device=device, contiguous=True
+        )
+    chosen = resolve_backend(backend, device)
+    if out is None:
+        alloc = torch.empty if active_rows is None else torch.zeros
+        out = alloc(n_out, n_in, dtype=torch.float32, device=device)
+        dw_accumulate = False
+    else:
+        dw_accumulate = bool(accumulate)
+    if n_out == 0 or n_in == 0:
+        return out
+    with torch.no_grad():
+        if chosen == "triton":
+            try:
+                from ._wgrad_triton import wgrad_triton
+            except ImportError:
+                if backend == "triton":
+                    raise
+                chosen = "torch"
+        if chosen == "triton":
+            wgrad_triton(x, dy, out, active_rows, dw_accumulate, bias_grad, bool(accumulate))
+        else:
+            wgrad_torch(x, dy, out, active_rows, dw_accumulate, bias_grad, bool(accumulate))
+    return out
+
+
+def wgrad_gemm_accum_fp32(
+    input: torch.Tensor,
+    grad_output: torch.Tensor,
+    main_grad: torch.Tensor,
+    *,
+    active_rows: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> None:
+    """``main_grad[o] += dY[:, o]ᵀ X`` for active rows o, in place; frozen rows untouched.
+
+    Call-compatible with apex's ``fused_weight_gradient_mlp_cuda.wgrad_gemm_accum_fp32(input, d_output,
+    d_weight)``: ``input`` X [..., in] and ``grad_output`` dY [..., out] (fp32/fp16/bf16, leading dims
+    collapsed), ``main_grad`` fp32 contiguous [out, in]. Runs on the current stream; returns None.
+    """
+    wgrad(input, grad_output, active_rows=active_rows, out=main_grad, accumulate=True, backend=backend)

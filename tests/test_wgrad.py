@@ -1,0 +1,270 @@
+"""tfz.kernels.wgrad against the float64 reference, for every backend that can run here.
+
+Poisoning: in "accumulate" mode the destination holds random values (a kernel touching a frozen row
+changes its bits); in "overwrite" mode it is NaN-filled (a skipped active element stays NaN, a touched
+frozen element loses its NaN payload bits); in "fresh" mode frozen rows must be exactly 0.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from tfz.kernels import BACKENDS, resolve_backend, wgrad, wgrad_gemm_accum_fp32, wgrad_ref
+from tfz.kernels._rows import active_row_blocks, clear_cache, row_runs
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+MODES = ["accumulate", "overwrite", "fresh"]
+MASKS = ["none", "all_active", "all_frozen", "random", "single", "blocks"]
+# (leading dims, out, in): tokens 1 / 37 / 130 / 2x3, out and in not multiples of any tile
+SHAPES = [
+    ((1,), 1, 33),
+    ((37,), 70, 96),
+    ((130,), 129, 33),
+    ((2, 3), 70, 33),
+    ((130,), 1, 96),
+    ((1,), 129, 96),
+    ((37,), 129, 96),
+]
+EPS32 = torch.finfo(torch.float32).eps
+# A payload NaN: a kernel that reads and rewrites it produces a different bit pattern on most hardware.
+POISON_BITS = 0x7FC0_1234
+
+
+def _poison(shape) -> torch.Tensor:
+    return torch.full(shape, POISON_BITS, dtype=torch.int32).view(torch.float32)
+
+
+def make_mask(kind: str, n_out: int, seed: int) -> torch.Tensor | None:
+    g = torch.Generator().manual_seed(seed)
+    if kind == "none":
+        return None
+    if kind == "all_active":
+        return torch.ones(n_out, dtype=torch.bool)
+    if kind == "all_frozen":
+        return torch.zeros(n_out, dtype=torch.bool)
+    if kind == "random":
+        return torch.rand(n_out, generator=g) < 0.5
+    if kind == "single":
+        m = torch.zeros(n_out, dtype=torch.bool)
+        m[int(torch.randint(n_out, (1,), generator=g))] = True
+        return m
+    if kind == "blocks":  # blocks of 16 rows, as tfz.masks produces (at a smaller granularity)
+        blocks = torch.rand(-(-n_out // 16), generator=g) < 0.5
+        return blocks.repeat_interleave(16)[:n_out]
+    raise AssertionError(kind)
+
+
+def _bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return torch.equal(a.contiguous().view(torch.int32), b.contiguous().view(torch.int32))
+
+
+def check_case(backend, lead, n_out, n_in, dtype, mask_kind, mode, *, bias=True, seed=0, transpose_x=False):
+    g = torch.Generator().manual_seed(seed)
+    if transpose_x:  # X given as a non-contiguous [T, in] view
+        x = torch.randn(n_in, *lead, generator=g).to(dtype).movedim(0, -1)
+    else:
+        x = torch.randn(*lead, n_in, generator=g).to(dtype)
+    dy = torch.randn(*lead, n_out, generator=g).to(dtype)
+    mask = make_mask(mask_kind, n_out, seed + 1)
+    accumulate = mode == "accumulate"
+    if mode == "accumulate":
+        out, db = torch.randn(n_out, n_in, generator=g), torch.randn(n_out, generator=g)
+    elif mode == "overwrite":
+        out, db = _poison((n_out, n_in)), _poison((n_out,))
+    else:
+        out, db = None, _poison((n_out,))
+    db = db if bias else None
+    out_before = None if out is None else out.clone()
+    db_before = None if db is None else db.clone()
+
+    res = wgrad(x, dy, active_rows=mask, out=out, accumulate=accumulate, bias_grad=db, backend=backend)
+
+    ref_dw, ref_db = wgrad_ref(
+        x, dy, active_rows=mask, out=out_before, accumulate=accumulate, bias_grad=db_before
+    )
+    if out is not None:
+        assert res is out
+    assert res.dtype == torch.float32 and res.shape == (n_out, n_in)
+    active = torch.ones(n_out, dtype=torch.bool) if mask is None else mask
+    frozen = ~active
+    if out_before is not None:
+        assert _bitwise_equal(res[frozen], out_before[frozen]), "frozen rows of out were modified"
+    else:
+        assert torch.equal(res[frozen], torch.zeros_like(res[frozen])), "frozen rows of a fresh dW must be 0"
+    if db is not None:
+        assert _bitwise_equal(db[frozen], db_before[frozen]), "frozen entries of bias_grad were modified"
+
+    # Tolerance: twice torch's own fp32 error on the same upcast operands, plus a few ulps of the
+    # magnitude sum_t |dY||X| (+ |base|), far below the O(1) error of any missed token or tile.
+    x64 = x.reshape(-1, n_in).double()
+    dy64 = dy.reshape(-1, n_out).double()
+    base32 = torch.zeros(n_out, n_in) if (out_before is None or not accumulate) else out_before
+    torch_dw = base32 + dy.reshape(-1, n_out).float().t() @ x.reshape(-1, n_in).float()
+    scale = dy64.abs().t() @ x64.abs() + base32.double().abs()
+    _assert_close(res, ref_dw, torch_dw, scale, active, "dW")
+    if db is not None:
+        b_base = db_before if accumulate else torch.zeros(n_out)
+        torch_db = b_base + dy.reshape(-1, n_out).float().sum(0)
+        b_scale = dy64.abs().sum(0) + b_base.double().abs()
+        _assert_close(db, ref_db, torch_db, b_scale, active, "bias_grad")
+
+
+def _assert_close(res, ref, torch_res, scale, active, what):
+    if not bool(active.any()):
+        return
+    res, ref, torch_res, scale = res[active], ref[active], torch_res[active], scale[active]
+    assert bool(torch.isfinite(res).all()), f"{what}: non-finite values in active rows (poison left?)"
+    err = (res.double() - ref).abs()
+    torch_err = float((torch_res.double() - ref).abs().max())
+    tol = 2 * torch_err + 8 * EPS32 * scale
+    worst = float((err - tol).max())
+    assert worst <= 0, (
+        f"{what}: max err {float(err.max()):.3e}, torch err {torch_err:.3e}, over tol by {worst:.3e}"
+    )
+
+
+# ---------------------------------------------------------------- torch backend: full cross product
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mask_kind", MASKS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_torch_backend_matches_reference(shape, dtype, mask_kind, mode):
+    lead, n_out, n_in = shape
+    check_case("torch", lead, n_out, n_in, dtype, mask_kind, mode)
+
+
+@pytest.mark.parametrize("mask_kind", ["random", "blocks"])
+def test_torch_backend_many_short_runs_use_gather(mask_kind):
+    # 300 rows alternating: mean run length 1, so the gathered GEMM path runs
+    check_case("torch", (37,), 300, 33, torch.float32, mask_kind, "accumulate", seed=3)
+    check_case("torch", (37,), 300, 33, torch.bfloat16, mask_kind, "overwrite", seed=4)
+
+
+def test_torch_backend_strided_input():
+    check_case("torch", (37,), 70, 33, torch.float32, "random", "accumulate", transpose_x=True)
+
+
+# ---------------------------------------------------------------- row bookkeeping vs brute force
+
+
+def _runs_brute(mask: list[bool]) -> list[tuple[int, int]]:
+    runs, start = [], None
+    for i, v in enumerate([*mask, False]):
+        if v and start is None:
+            start = i
+        elif not v and start is not None:
+            runs.append((start, i))
+            start = None
+    return runs
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 64, 129])
+@pytest.mark.parametrize("p", [0.0, 0.3, 0.9, 1.0])
+def test_row_runs_and_blocks_match_brute_force(n, p):
+    clear_cache()
+    mask = torch.rand(n, generator=torch.Generator().manual_seed(n)) < p
+    assert row_runs(mask) == _runs_brute(mask.tolist())
+    for bm in (1, 16, 64):
+        want = [b for b in range(-(-n // bm)) if any(mask[b * bm : (b + 1) * bm].tolist())]
+        got = active_row_blocks(mask, n, bm, torch.device("cpu"))
+        assert got.dtype == torch.int32 and got.tolist() == want
+
+
+def test_row_cache_sees_in_place_mask_edits():
+    mask = torch.zeros(10, dtype=torch.bool)
+    assert row_runs(mask) == []
+    mask[2:5] = True  # bumps the version counter
+    assert row_runs(mask) == [(2, 5)]
+    x, dy, out = torch.randn(3, 4), torch.randn(3, 10), torch.zeros(10, 4)
+    wgrad(x, dy, active_rows=mask, out=out, backend="torch")
+    mask[2:5] = False
+    mask[7] = True
+    before = out.clone()
+    wgrad(x, dy, active_rows=mask, out=out, backend="torch")
+    assert torch.equal(out[2:5], before[2:5]) and not torch.equal(out[7], before[7])
+
+
+# ---------------------------------------------------------------- API behaviour
+
+
+def test_apex_compatible_wrapper_accumulates_in_place():
+    x, dy = torch.randn(2, 5, 33), torch.randn(2, 5, 70)
+    mask = make_mask("random", 70, 0)
+    main_grad = torch.randn(70, 33)
+    before = main_grad.clone()
+    assert wgrad_gemm_accum_fp32(x, dy, main_grad, active_rows=mask, backend="torch") is None
+    ref, _ = wgrad_ref(x, dy, active_rows=mask, out=before)
+    torch.testing.assert_close(main_grad.double(), ref, rtol=1e-5, atol=1e-5)
+    assert torch.equal(main_grad[~mask], before[~mask])
+
+
+def test_zero_tokens():
+    x, dy = torch.randn(0, 33), torch.randn(0, 70)
+    out = torch.randn(70, 33)
+    before = out.clone()
+    wgrad(x, dy, out=out, backend="torch")
+    assert torch.equal(out, before)
+    assert torch.equal(wgrad(x, dy, backend="torch"), torch.zeros(70, 33))
+
+
+def test_inputs_requiring_grad_are_fine():
+    x = torch.randn(5, 8, requires_grad=True)
+    dy = torch.randn(5, 3)
+    main_grad = torch.zeros(3, 8, requires_grad=False)
+    wgrad_gemm_accum_fp32(x, dy, main_grad, backend="torch")
+    torch.testing.assert_close(main_grad, dy.t() @ x.detach())
+
+
+def _good():
+    return torch.randn(6, 8), torch.randn(6, 5), torch.zeros(5, 8)
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, match",
+    [
+        ({"out": torch.zeros(5, 8, dtype=torch.float16)}, TypeError, "out.*float16"),
+        ({"out": torch.zeros(8, 5).t()}, ValueError, "out.*contiguous"),
+        ({"out": torch.zeros(5, 9)}, ValueError, r"out.*\(5, 9\)"),
+        ({"active_rows": torch.ones(5, dtype=torch.int64)}, TypeError, "active_rows.*int64"),
+        ({"active_rows": torch.ones(4, dtype=torch.bool)}, ValueError, r"active_rows.*\(4,\)"),
+        ({"bias_grad": torch.zeros(6)}, ValueError, r"bias_grad.*\(6,\)"),
+        ({"bias_grad": torch.zeros(5, dtype=torch.bfloat16)}, TypeError, "bias_grad.*bfloat16"),
+        ({"backend": "cuda"}, ValueError, "backend.*'cuda'"),
+        ({"input": torch.randn(7, 8)}, ValueError, "tokens.*7"),
+        ({"input": torch.randn(6, 8, dtype=torch.float64)}, TypeError, "input.*float64"),
+        ({"input": torch.randn(6, 8).half()}, TypeError, "same dtype.*float16"),
+        ({"input": [[1.0]]}, TypeError, "input must be a torch.Tensor.*list"),
+    ],
+)
+def test_bad_inputs_raise_with_the_argument_named(kwargs, exc, match):
+    x, dy, out = _good()
+    args = {"input": x, "grad_output": dy, "out": out, **kwargs}
+    with pytest.raises(exc, match=match):
+        wgrad(args.pop("input"), args.pop("grad_output"), **args)
+
+
+def test_backend_resolution(monkeypatch):
+    monkeypatch.delenv("TFZ_DISABLE_TRITON", raising=False)
+    assert resolve_backend("auto", "cpu") == "torch"
+    assert resolve_backend("torch", "cpu") == "torch"
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        resolve_backend("triton", "cpu")
+    monkeypatch.setenv("TFZ_DISABLE_TRITON", "1")
+    with pytest.raises(RuntimeError, match="TFZ_DISABLE_TRITON"):
+        resolve_backend("triton", "cpu")
+    assert resolve_backend("auto", "cuda") == "torch"
+    with pytest.raises(ValueError, match="backend"):
+        resolve_backend("cublas", "cpu")
+    assert set(BACKENDS) == {"auto", "torch", "triton"}
+
+
+def test_import_is_lean():
+    code = "import sys, tfz.kernels; assert 'triton' not in sys.modules, 'triton imported'; print('ok')"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
