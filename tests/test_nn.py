@@ -1,0 +1,526 @@
+"""FreezableLinear against plain nn.Linear autograd: masked grads, B/W split, model conversion."""
+
+import copy
+import threading
+
+import pytest
+import torch
+from torch import nn
+
+import tfz.nn as tnn
+from tfz.nn import FreezableLinear, WeightGradStore, convert_to_freezable, use_row_masks
+
+
+class MLP(nn.Module):
+    """Three Linears (bias / no bias), nested, with a LayerNorm whose grads are never masked."""
+
+    def __init__(self, dtype=torch.float64):
+        super().__init__()
+        self.inp = nn.Linear(5, 7, dtype=dtype)
+        self.block = nn.Sequential(
+            nn.Tanh(), nn.Linear(7, 6, bias=False, dtype=dtype), nn.LayerNorm(6, dtype=dtype), nn.Tanh()
+        )
+        self.out = nn.Linear(6, 3, dtype=dtype)
+
+    def forward(self, x):
+        return self.out(self.block(self.inp(x)))
+
+
+LAYERS = ("inp", "block.1", "out")
+ROWS = {"inp": 7, "block.1": 6, "out": 3}
+
+
+def make_pair(dtype=torch.float64, seed=0):
+    torch.manual_seed(seed)
+    ref = MLP(dtype)
+    model = convert_to_freezable(copy.deepcopy(ref))
+    return ref, model
+
+
+def make_batches(n, lead=(2, 3), dtype=torch.float64, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    xs = [torch.randn(*lead, 5, generator=g, dtype=dtype) for _ in range(n)]
+    ts = [torch.randn(*lead, 3, generator=g, dtype=dtype) for _ in range(n)]
+    return xs, ts
+
+
+def loss_fn(y, t):
+    return (y * t).sum() + 0.5 * (y**2).sum()
+
+
+def random_masks(n_mb, seed=2, p_frozen=0.5):
+    """Per microbatch {layer name: bool [rows] or None}, with all-active, all-frozen and single rows."""
+    g = torch.Generator().manual_seed(seed)
+    masks = []
+    for m in range(n_mb):
+        per = {}
+        for i, name in enumerate(LAYERS):
+            kind = (m + i) % 4
+            if kind == 0:
+                per[name] = None
+            elif kind == 1:
+                per[name] = torch.zeros(ROWS[name], dtype=torch.bool)
+            elif kind == 2:
+                one = torch.zeros(ROWS[name], dtype=torch.bool)
+                one[(m * 3 + i) % ROWS[name]] = True
+                per[name] = one
+            else:
+                per[name] = torch.rand(ROWS[name], generator=g) > p_frozen
+        masks.append(per)
+    return masks
+
+
+def by_layer(model, named):
+    return {model.get_submodule(name): mask for name, mask in named.items()}
+
+
+def reference_grads(ref, xs, ts, masks):
+    """Sum over microbatches of plain-autograd grads, each Linear row kept only where it is active."""
+    names, params = zip(*ref.named_parameters())
+    total = {name: None for name in names}
+    for x, t, per in zip(xs, ts, masks):
+        grads = torch.autograd.grad(loss_fn(ref(x), t), params)
+        for name, g in zip(names, grads):
+            layer = name.rsplit(".", 1)[0]
+            mask = per.get(layer) if layer in LAYERS else None
+            if mask is not None:
+                if not mask.any():
+                    continue
+                g = g * mask.to(g.dtype).view(-1, *([1] * (g.dim() - 1)))
+            total[name] = g if total[name] is None else total[name] + g
+    return total
+
+
+def input_grads(ref, xs, ts):
+    out = []
+    for x, t in zip(xs, ts):
+        x = x.clone().requires_grad_()
+        loss_fn(ref(x), t).backward()
+        out.append(x.grad)
+    ref.zero_grad(set_to_none=True)
+    return out
+
+
+def assert_grads(model, expected, atol=1e-12, rtol=1e-12):
+    for name, p in model.named_parameters():
+        if expected[name] is None:
+            assert p.grad is None, f"{name} should have no grad"
+        else:
+            assert p.grad is not None, f"{name} has no grad"
+            torch.testing.assert_close(p.grad, expected[name], atol=atol, rtol=rtol, msg=name)
+
+
+def run_immediate(model, xs, ts, masks):
+    dxs = []
+    for x, t, per in zip(xs, ts, masks):
+        x = x.clone().requires_grad_()
+        with use_row_masks(by_layer(model, per)):
+            loss_fn(model(x), t).backward()
+        dxs.append(x.grad)
+    return dxs
+
+
+def test_no_context_equals_nn_linear():
+    ref, model = make_pair()
+    xs, ts = make_batches(3)
+    expected = reference_grads(ref, xs, ts, [{}] * 3)
+    dx_ref = input_grads(ref, xs, ts)
+    dxs = run_immediate(model, xs, ts, [{}] * 3)
+    assert_grads(model, expected, atol=0, rtol=0)
+    for a, b in zip(dxs, dx_ref):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("lead", [(), (4,), (2, 3), (2, 1, 3)])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_immediate_masks_match_reference(lead, seed):
+    ref, model = make_pair(seed=seed)
+    xs, ts = make_batches(5, lead=lead, seed=seed + 10)
+    masks = random_masks(5, seed=seed)
+    expected = reference_grads(ref, xs, ts, masks)
+    dx_ref = input_grads(ref, xs, ts)
+    dxs = run_immediate(model, xs, ts, masks)
+    assert_grads(model, expected)
+    for a, b in zip(dxs, dx_ref):  # dX never depends on the masks
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+
+
+def test_fully_frozen_layer_keeps_grad_none():
+    ref, model = make_pair()
+    xs, ts = make_batches(2)
+    frozen = {"inp": torch.zeros(7, dtype=torch.bool), "out": torch.zeros(3, dtype=torch.bool)}
+    run_immediate(model, xs, ts, [frozen, frozen])
+    assert model.inp.weight.grad is None and model.inp.bias.grad is None
+    assert model.out.weight.grad is None and model.out.bias.grad is None
+    expected = reference_grads(ref, xs, ts, [frozen, frozen])
+    assert_grads(model, expected)
+
+
+def test_float32_through_kernels_close_to_float64_reference():
+    ref, model = make_pair(dtype=torch.float64)
+    model = model.float()
+    xs, ts = make_batches(4)
+    masks = random_masks(4, seed=5)
+    expected = reference_grads(ref, xs, ts, masks)
+    run_immediate(model, [x.float() for x in xs], [t.float() for t in ts], masks)
+    for name, p in model.named_parameters():
+        if expected[name] is None:
+            assert p.grad is None
+        else:
+            torch.testing.assert_close(p.grad.double(), expected[name], atol=1e-4, rtol=1e-4, msg=name)
+
+
+def test_bf16_autocast_close_to_nn_linear_autocast():
+    torch.manual_seed(0)
+    ref = nn.Sequential(nn.Linear(16, 24), nn.GELU(), nn.Linear(24, 8))
+    model = convert_to_freezable(copy.deepcopy(ref))
+    x = torch.randn(4, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_ref, y = ref(x), model(x)
+    assert y.dtype == y_ref.dtype == torch.bfloat16
+    torch.testing.assert_close(y, y_ref, atol=0, rtol=0)
+    y_ref.float().square().sum().backward()
+    y.float().square().sum().backward()
+    for (name, p_ref), p in zip(ref.named_parameters(), model.parameters()):
+        assert p.grad.dtype == torch.float32
+        torch.testing.assert_close(p.grad, p_ref.grad, atol=0.05, rtol=0.02, msg=name)
+
+
+def test_usage_counts_rows_per_microbatch():
+    _, model = make_pair()
+    xs, ts = make_batches(5)
+    masks = random_masks(5, seed=3)
+    run_immediate(model, xs, ts, masks)
+    for name in LAYERS:
+        usage = model.get_submodule(name).row_usage
+        ones = torch.ones(ROWS[name], dtype=torch.int32)
+        expected = sum(ones if per[name] is None else per[name].int() for per in masks)
+        assert usage.calls == 5
+        assert usage.counts is not None
+        torch.testing.assert_close(usage.counts, expected)
+    tnn.reset_row_usage(model)
+    assert model.inp.row_usage.calls == 0 and model.inp.row_usage.counts is None
+
+
+def test_innermost_context_wins_and_unnamed_layers_are_active():
+    ref, model = make_pair()
+    xs, ts = make_batches(1)
+    outer = {"inp": torch.zeros(7, dtype=torch.bool), "out": torch.zeros(3, dtype=torch.bool)}
+    inner = {"out": torch.tensor([True, False, True])}
+    with use_row_masks(by_layer(model, outer)), use_row_masks(by_layer(model, inner)):
+        loss_fn(model(xs[0]), ts[0]).backward()
+    assert_grads(model, reference_grads(ref, xs, ts, [{**outer, **inner}]))
+
+
+def test_main_grad_accumulates_in_place():
+    ref, model = make_pair(dtype=torch.float32)
+    xs, ts = make_batches(3, dtype=torch.float32)
+    for p in model.parameters():
+        p.main_grad = torch.zeros(p.shape, dtype=torch.float32)
+    masks = random_masks(3, seed=4)
+    run_immediate(model, xs, ts, masks)
+    expected = reference_grads(ref, xs, ts, masks)
+    for name in ("inp.weight", "inp.bias", "block.1.weight", "out.weight", "out.bias"):
+        p = model.get_parameter(name)
+        assert p.grad is None
+        assert p.grad_added_to_main_grad
+        torch.testing.assert_close(p.main_grad, expected[name], atol=1e-5, rtol=1e-5, msg=name)
+    assert model.block[2].weight.grad is not None  # LayerNorm is not a FreezableLinear
+
+
+def test_weight_hooks_fire_in_immediate_mode():
+    _, model = make_pair()
+    seen = []
+    model.inp.weight.register_hook(lambda g: seen.append(g.shape))
+    xs, ts = make_batches(1)
+    run_immediate(model, xs, ts, [{}])
+    assert seen == [torch.Size([7, 5])]
+
+
+def test_backward_without_weight_in_inputs_computes_no_dw():
+    _, model = make_pair()
+    x = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+    (dx,) = torch.autograd.grad(model(x).sum(), [x])
+    assert dx.shape == x.shape
+    for layer in (model.inp, model.block[1], model.out):
+        assert layer.row_usage.calls == 0
+        assert layer.weight.grad is None
+    model(x).sum().backward(inputs=[model.out.weight])
+    assert model.out.row_usage.calls == 1 and model.inp.row_usage.calls == 0
+    assert model.inp.weight.grad is None and model.out.bias.grad is None
+
+
+def test_masks_are_per_thread():
+    ref, model = make_pair()
+    xs, ts = make_batches(1)
+    frozen = {"out": torch.zeros(3, dtype=torch.bool)}
+    errors = []
+
+    def other_thread():
+        try:
+            loss_fn(model(xs[0]), ts[0]).backward()  # the main thread's context does not apply here
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    with use_row_masks(by_layer(model, frozen)):
+        worker = threading.Thread(target=other_thread)
+        worker.start()
+        worker.join()
+    assert not errors
+    assert_grads(model, reference_grads(ref, xs, ts, [{}]))
+
+
+def test_state_reaches_a_thread_that_receives_the_torch_tls():
+    """Autograd device threads see the caller's state through torch's TLS object slots."""
+    from tfz.nn import context
+
+    if not context._HAS_TORCH_TLS:
+        pytest.skip("this torch has no TLS object slots")
+    _, model = make_pair()
+    with use_row_masks({model.out: torch.zeros(3, dtype=torch.bool)}):
+        state = context._current_state()
+    seen = []
+
+    def device_thread():
+        torch._C._stash_obj_in_tls(context._TLS_KEY, state)  # what the engine's TLS guard does
+        try:
+            seen.append(context._resolve_mask(context._current_state(), model.out))
+        finally:
+            torch._C._remove_obj_from_tls(context._TLS_KEY)
+
+    worker = threading.Thread(target=device_thread)
+    worker.start()
+    worker.join()
+    assert seen[0].all_frozen
+    assert context._current_state() is None
+
+
+@pytest.mark.gpu
+def test_cuda_backward_sees_masks_on_the_device_thread():
+    ref, model = make_pair(dtype=torch.float32)
+    xs, ts = make_batches(3, dtype=torch.float32)
+    masks = random_masks(3, seed=7)
+    expected = reference_grads(ref, xs, ts, masks)
+    model.cuda()
+    run_immediate(model, [x.cuda() for x in xs], [t.cuda() for t in ts], masks)
+    for name, p in model.named_parameters():
+        if expected[name] is None:
+            assert p.grad is None
+        else:
+            torch.testing.assert_close(p.grad.cpu(), expected[name], atol=1e-4, rtol=1e-4, msg=name)
+
+
+def test_bad_masks_raise():
+    _, model = make_pair()
+    with pytest.raises(TypeError, match="torch.bool"):
+        with use_row_masks({model.out: torch.ones(3)}):
+            pass
+    with pytest.raises(ValueError, match=r"\(3,\)"):
+        with use_row_masks({model.out: torch.ones(4, dtype=torch.bool)}):
+            pass
+    with pytest.raises(TypeError, match="LayerNorm"):
+        with use_row_masks({model.block[2]: None}):
+            pass
+    with pytest.raises(TypeError, match="mapping"):
+        with use_row_masks([model.out]):
+            pass
+
+
+# ---------------------------------------------------------------- split mode (W queue)
+
+
+def run_split(model, xs, ts, masks, order, store=None, stage=0, fresh=True):
+    store = store or WeightGradStore()
+    dxs = []
+    for m, (x, t) in enumerate(zip(xs, ts)):
+        x = x.clone().requires_grad_()
+        with store.capture(stage, m):
+            loss_fn(model(x), t).backward()
+        dxs.append(x.grad)
+    for name, p in model.named_parameters():
+        if fresh and name.rsplit(".", 1)[0] in LAYERS:
+            assert p.grad is None, "dW must wait for the flush"
+    for m in order:
+        with use_row_masks(by_layer(model, masks[m])):
+            store.flush(stage, m)
+    return store, dxs
+
+
+@pytest.mark.parametrize("order", [[0, 1, 2, 3], [3, 1, 0, 2], [2, 3, 1, 0]])
+def test_split_equals_immediate_in_any_flush_order(order):
+    ref, model = make_pair()
+    _, immediate = make_pair()
+    xs, ts = make_batches(4, lead=(3,))
+    masks = random_masks(4, seed=11)
+    run_immediate(immediate, xs, ts, masks)
+    store, dxs = run_split(model, xs, ts, masks, order)
+    assert store.pending() == []
+    expected = reference_grads(ref, xs, ts, masks)
+    assert_grads(model, expected)
+    for (name, p), q in zip(model.named_parameters(), immediate.parameters()):
+        if q.grad is None:
+            assert p.grad is None, name
+        else:
+            torch.testing.assert_close(p.grad, q.grad, atol=1e-12, rtol=1e-12, msg=name)
+    for a, b in zip(dxs, input_grads(ref, xs, ts)):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+
+
+def test_split_masks_resolve_at_flush_not_at_capture():
+    ref, model = make_pair()
+    xs, ts = make_batches(1)
+    store = WeightGradStore()
+    frozen_at_capture = {"out": torch.zeros(3, dtype=torch.bool)}
+    flush_masks = {"out": torch.tensor([False, True, True]), "inp": torch.zeros(7, dtype=torch.bool)}
+    with use_row_masks(by_layer(model, frozen_at_capture)), store.capture(0, 0):
+        loss_fn(model(xs[0]), ts[0]).backward()
+    assert store.flush(0, 0, masks=by_layer(model, flush_masks)) == 3
+    assert_grads(model, reference_grads(ref, xs, ts, [flush_masks]))
+
+
+def test_split_accumulates_into_existing_grads_and_main_grad():
+    ref, model = make_pair(dtype=torch.float32)
+    xs, ts = make_batches(2, dtype=torch.float32)
+    masks = random_masks(2, seed=8)
+    model.out.weight.main_grad = torch.zeros(3, 6)
+    run_immediate(model, xs[:1], ts[:1], masks[:1])  # .grad / main_grad already hold microbatch 0
+    run_split(model, xs[1:], ts[1:], masks[1:], order=[0], fresh=False)
+    expected = reference_grads(ref, xs, ts, masks)
+    assert model.out.weight.grad is None
+    torch.testing.assert_close(model.out.weight.main_grad, expected["out.weight"], atol=1e-5, rtol=1e-5)
+    for name in ("inp.weight", "inp.bias", "block.1.weight", "out.bias"):
+        p = model.get_parameter(name)
+        if expected[name] is None:
+            assert p.grad is None
+        else:
+            torch.testing.assert_close(p.grad, expected[name], atol=1e-5, rtol=1e-5, msg=name)
+
+
+def test_backward_outside_capture_does_not_enqueue():
+    ref, model = make_pair()
+    xs, ts = make_batches(1)
+    store = WeightGradStore()
+    with store.capture(0, 0):
+        pass
+    loss_fn(model(xs[0]), ts[0]).backward()  # no capture active: immediate
+    assert_grads(model, reference_grads(ref, xs, ts, [{}]))
+    assert store.flush(0, 0) == 0
+
+
+def test_input_only_backward_inside_capture_does_not_enqueue():
+    _, model = make_pair()
+    store = WeightGradStore()
+    x = torch.randn(2, 5, dtype=torch.float64, requires_grad=True)
+    with store.capture(1, 0):
+        torch.autograd.grad(model(x).sum(), [x])  # e.g. pipelining's metadata inference
+    assert store.flush(1, 0) == 0
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_store_guards_and_bookkeeping():
+    _, model = make_pair()
+    store = WeightGradStore()
+    x = torch.randn(2, 5, dtype=torch.float64)
+    for stage, mb in [(0, 1), (1, 0), (0, 0)]:
+        with store.capture(stage, mb):
+            model(x).sum().backward()
+    assert store.pending() == [(0, 0), (0, 1), (1, 0)]
+    with pytest.raises(ValueError, match=r"\(2, 0\)"):
+        store.flush(2, 0)
+    store.flush(0, 1)
+    with pytest.raises(ValueError, match="already flushed"):
+        store.flush(0, 1)
+    with pytest.raises(RuntimeError, match="already active"):
+        with store.capture(0, 2), store.capture(0, 3):
+            pass
+    with pytest.raises(ValueError, match="microbatch"):
+        store.capture(0, -1).__enter__()
+    assert store.clear(stage=1) == 3
+    assert store.pending() == [(0, 0), (0, 2)]
+    assert store.clear() == 3
+    assert store.pending() == []
+    with pytest.raises(ValueError, match="no captured backward"):
+        store.flush(0, 0)
+
+
+def test_capture_is_reusable_next_step():
+    ref, model = make_pair()
+    xs, ts = make_batches(2)
+    store = WeightGradStore()
+    for x, t in zip(xs, ts):  # two "steps" of one microbatch each, same key
+        with store.capture(0, 0):
+            loss_fn(model(x), t).backward()
+        store.flush(0, 0)
+    assert_grads(model, reference_grads(ref, xs, ts, [{}, {}]))
+
+
+# ---------------------------------------------------------------- conversion
+
+
+class Tower(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.shared = nn.Linear(4, 4)
+        self.stack = nn.ModuleList([nn.Sequential(nn.Linear(4, 4), nn.ReLU()), self.shared])
+        self.attn = nn.MultiheadAttention(4, 2)
+        self.head = nn.Linear(4, 2, bias=False)
+
+    def forward(self, x):
+        x = self.stack[0](x)
+        x = self.shared(self.stack[1](x))
+        x = x + self.attn(x, x, x, need_weights=False)[0]
+        return self.head(x)
+
+
+def test_convert_keeps_outputs_state_dict_and_parameters():
+    torch.manual_seed(0)
+    model = Tower()
+    x = torch.randn(3, 4)
+    y = model(x)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    params = dict(model.named_parameters())
+    assert convert_to_freezable(model) is model
+    assert isinstance(model.stack[0][0], FreezableLinear) and isinstance(model.head, FreezableLinear)
+    assert model.shared is model.stack[1] and isinstance(model.shared, FreezableLinear)
+    assert type(model.attn.out_proj) is not FreezableLinear  # nn.Linear subclass: left alone
+    assert isinstance(model.shared, nn.Linear)
+    for name, p in model.named_parameters():
+        assert p is params[name], name
+    assert model.state_dict().keys() == state.keys()
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    torch.testing.assert_close(model(x), y, atol=0, rtol=0)
+    assert "row_freezing=True" in repr(model.head)
+
+
+def test_convert_with_filter_fn_and_fqns():
+    model = Tower()
+    seen = []
+
+    def only_head(module, fqn):
+        seen.append(fqn)
+        return fqn == "head"
+
+    convert_to_freezable(model, filter_fn=only_head)
+    assert isinstance(model.head, FreezableLinear)
+    assert not isinstance(model.shared, FreezableLinear)
+    assert {"stack.0.0", "shared", "attn.out_proj", "head", ""} <= set(seen)
+    with pytest.raises(TypeError, match="ReLU"):
+        convert_to_freezable(Tower(), filter_fn=lambda m, fqn: fqn == "stack.0.1")
+    with pytest.raises(TypeError, match="filter_fn"):
+        convert_to_freezable(Tower(), filter_fn="head")
+
+
+def test_convert_a_bare_linear_and_from_linear():
+    lin = nn.Linear(3, 2).eval()
+    new = convert_to_freezable(lin)
+    assert isinstance(new, FreezableLinear) and new is not lin
+    assert new.weight is lin.weight and new.bias is lin.bias and not new.training
+    no_bias = FreezableLinear.from_linear(nn.Linear(3, 2, bias=False))
+    assert no_bias.bias is None
+    hooked = nn.Linear(3, 2)
+    hooked.register_forward_hook(lambda *a: None)
+    with pytest.raises(ValueError, match="hooks"):
+        FreezableLinear.from_linear(hooked)
+    with pytest.raises(TypeError, match="Conv1d"):
+        FreezableLinear.from_linear(nn.Conv1d(1, 1, 1))

@@ -1,0 +1,192 @@
+"""The autograd Function behind FreezableLinear: dX at once, dW masked now or deferred to a W queue.
+
+Shape legend: N tokens (all leading dims flattened), I in_features, O out_features.
+
+Backward, given dY [..., O]:
+
+- dX = dY W is computed at once (when the engine needs it).
+- dW = dY^T X (and db = sum dY) only for the active rows of the layer's row mask, resolved from
+  :func:`tfz.nn.use_row_masks` when the dW is computed. Frozen rows receive nothing. dW comes from
+  ``tfz.kernels.wgrad`` (fp32 accumulation) for fp32/fp16/bf16 operands; float64 operands use one
+  torch GEMM in float64 (the kernels do not take float64), so float64 models stay exact.
+- Immediate mode (no W capture active): dW goes to ``weight.main_grad`` in place when the weight has
+  one (Megatron style; ``weight.grad_added_to_main_grad`` is set), else it is returned to autograd
+  (hooks keep working). A fully frozen layer returns None, so ``.grad`` stays None.
+- Split mode (inside ``WeightGradStore.capture``): the dW work is queued with its saved operands and
+  runs at ``WeightGradStore.flush``, accumulating into ``.grad`` / ``main_grad`` directly.
+
+dW is skipped when the engine will not use it (``autograd.grad(out, inputs=[x])``,
+``backward(inputs=...)`` without this weight): the weight and bias enter the Function through a view,
+so their graph node is not a leaf and ``torch._C._will_engine_execute_node`` can answer.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from tfz.nn.context import RowMask, _current_state, _resolve_mask
+
+__all__ = ["FreezableLinearFunction", "freezable_linear"]
+
+_kernels_module = None
+
+
+def _kernels():
+    global _kernels_module
+    if _kernels_module is None:
+        _kernels_module = importlib.import_module("tfz.kernels")
+    return _kernels_module
+
+
+def _will_run(ctx: Any, index: int) -> bool:
+    node = ctx.next_functions[index][0]
+    if node is None:
+        return False
+    try:
+        return torch._C._will_engine_execute_node(node)
+    except RuntimeError:  # a leaf under autograd.grad: the engine cannot tell, assume it is needed
+        return True
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1, t.shape[-1])
+
+
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+"""Input dtypes tfz.kernels.wgrad takes (it accumulates in fp32)."""
+
+
+def _dense_dw(x_NI: torch.Tensor, dy_NO: torch.Tensor, active_O: torch.Tensor | None) -> torch.Tensor:
+    """dW [O, I] with frozen rows 0: fp32 from tfz.kernels, or float64 for float64 operands."""
+    if x_NI.dtype in _KERNEL_DTYPES:
+        return _kernels().wgrad(x_NI, dy_NO, active_rows=active_O)
+    # float64 (exactness tests, reference runs): the kernels accumulate in fp32 only
+    dw_OI = dy_NO.t().matmul(x_NI)
+    return dw_OI if active_O is None else dw_OI.masked_fill_(~active_O[:, None], 0)
+
+
+def _weight_grad(param, x_NI, dy_NO, active_O, into_grad):
+    main_grad = getattr(param, "main_grad", None)
+    target = main_grad if main_grad is not None else (param.grad if into_grad else None)
+    if target is None:
+        grad = _dense_dw(x_NI, dy_NO, active_O).to(param.dtype)
+        if not into_grad:
+            return grad
+        param.grad = grad
+    elif target.dtype == torch.float32 and target.is_contiguous() and x_NI.dtype in _KERNEL_DTYPES:
+        _kernels().wgrad(x_NI, dy_NO, active_rows=active_O, out=target, accumulate=True)
+    else:
+        target.add_(_dense_dw(x_NI, dy_NO, active_O).to(target.dtype))
+    if main_grad is not None:
+        param.grad_added_to_main_grad = True
+    return None
+
+
+def _bias_grad(param, dy_NO, active_O, into_grad):
+    grad = dy_NO.sum(0, dtype=torch.promote_types(dy_NO.dtype, torch.float32))
+    if active_O is not None:
+        grad.masked_fill_(~active_O, 0)
+    main_grad = getattr(param, "main_grad", None)
+    target = main_grad if main_grad is not None else (param.grad if into_grad else None)
+    if target is None:
+        grad = grad.to(param.dtype)
+        if not into_grad:
+            return grad
+        param.grad = grad
+    else:
+        target.add_(grad.to(target.dtype))
+    if main_grad is not None:
+        param.grad_added_to_main_grad = True
+    return None
+
+
+def apply_weight_grads(
+    layer: Any,
+    x: torch.Tensor,
+    dy: torch.Tensor,
+    mask: RowMask,
+    *,
+    weight: bool,
+    bias: bool,
+    into_grad: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Compute the masked dW / db of ``layer`` from saved X [..., I] and dY [..., O].
+
+    Records the layer's row usage. With ``into_grad`` the grads are accumulated into ``.grad``
+    (split mode); otherwise the ones without ``main_grad`` are returned (immediate mode).
+    """
+    layer.row_usage.record(mask, dy.device)
+    if mask.all_frozen:
+        return None, None
+    active = mask.on(dy.device)
+    x_NI, dy_NO = _flat(x), _flat(dy)
+    grad_w = _weight_grad(layer.weight, x_NI, dy_NO, active, into_grad) if weight else None
+    grad_b = _bias_grad(layer.bias, dy_NO, active, into_grad) if bias else None
+    return grad_w, grad_b
+
+
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
+class FreezableLinearFunction(torch.autograd.Function):
+    """``y = x W^T + b`` with a row-masked, optionally deferred weight gradient (see module docstring)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, layer):
+        dtype = _autocast_dtype(x.device.type)
+        if dtype is not None and x.is_floating_point():  # same casts nn.Linear gets under autocast
+            x, weight = x.to(dtype), weight.to(dtype)
+            bias = None if bias is None else bias.to(dtype)
+        ctx.save_for_backward(x, weight)
+        ctx.layer = layer
+        ctx.has_bias = bias is not None
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight = ctx.saved_tensors
+        dx = dy.matmul(weight.to(dy.dtype)) if ctx.needs_input_grad[0] and _will_run(ctx, 0) else None
+        want_w = ctx.needs_input_grad[1] and _will_run(ctx, 1)
+        want_b = ctx.has_bias and ctx.needs_input_grad[2] and _will_run(ctx, 2)
+        grad_w = grad_b = None
+        if want_w or want_b:
+            state = _current_state()
+            if state is not None and state.capture is not None:
+                state.capture.store._enqueue(state.capture.key, ctx.layer, x, dy, want_w, want_b)
+            else:
+                grad_w, grad_b = apply_weight_grads(
+                    ctx.layer,
+                    x,
+                    dy,
+                    _resolve_mask(state, ctx.layer),
+                    weight=want_w,
+                    bias=want_b,
+                    into_grad=False,
+                )
+        return dx, grad_w, grad_b, None
+
+
+def freezable_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *, layer: Any
+) -> torch.Tensor:
+    """F.linear through :class:`FreezableLinearFunction`; ``layer`` keys the row mask and row usage.
+
+    Args:
+        x: [..., I]; weight: [O, I]; bias: [O] or None.
+    Returns:
+        [..., O].
+    """
+    if torch.is_grad_enabled():
+        # views give the weight and bias a non-leaf graph node the engine can be asked about
+        if weight.requires_grad:
+            weight = weight.view_as(weight)
+        if bias is not None and bias.requires_grad:
+            bias = bias.view_as(bias)
+    return FreezableLinearFunction.apply(x, weight, bias, layer)
