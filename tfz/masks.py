@@ -1,0 +1,307 @@
+"""Freeze ratio -> row-block masks for one (stage, microbatch) (``tfz.masks``).
+
+Units are the row blocks of every row-freezable linear layer of a stage (``block_rows`` rows each,
+the last block of a layer may be partial), weighted by their weight-gradient FLOPs per token
+(2 * rows * in_features, so ``rows * in_features`` up to a constant), and optionally other parameter
+tensors (norms, embeddings) as whole units weighted by their numel.
+
+Given a ratio r, :func:`select` freezes units in the order a :class:`SelectionPolicy` ranks them:
+first fit in that order (take a unit when it still fits under r * total), then one best-fit pick
+among the units left if it brings the frozen weight closer to r * total. The realised fraction obeys
+
+    |realised - r| <= (weight of the smallest unit left unfrozen) / (2 * total) <= max_weight / (2 * total)
+
+(after the first-fit pass the remaining gap g is smaller than every unit left; adding the smallest
+one, w, is chosen when g > w / 2, which leaves an error w - g < w / 2). ``StageUnits.bound`` is the
+right-hand side.
+
+The default :class:`RandomPolicy` draws from a numpy Generator seeded with (seed, stage, microbatch,
+step), so every rank computes the same masks without communication. On stage 0 it samples without
+replacement with weights decreasing linearly from 1.0 to 0.1 in model order (TimelyFreeze's bias
+towards the front of the model, whose freezing also saves the backward below it); other stages use a
+uniform permutation. Metric-guided policies plug in through :class:`SelectionPolicy`.
+
+This module does not import ``tfz.nn``: row-freezable layers are found by their
+``supports_row_masks`` class attribute (set by ``tfz.nn.FreezableLinear``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+__all__ = [
+    "LayerSpec",
+    "RandomPolicy",
+    "SelectionPolicy",
+    "StageMasks",
+    "StageUnits",
+    "TensorSpec",
+    "Unit",
+    "select",
+]
+
+
+def _check_int(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """A row-freezable linear layer: weight [out_features, in_features]."""
+
+    name: str
+    out_features: int
+    in_features: int
+
+    def __post_init__(self):
+        _check_int(f"out_features of {self.name!r}", self.out_features, 1)
+        _check_int(f"in_features of {self.name!r}", self.in_features, 1)
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Another parameter tensor, frozen as a whole."""
+
+    name: str
+    numel: int
+
+    def __post_init__(self):
+        _check_int(f"numel of {self.name!r}", self.numel, 1)
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One freezable unit: rows [start, stop) of layer ``name``, or the whole tensor ``name``."""
+
+    name: str
+    kind: str
+    """"rows" or "tensor"."""
+    start: int
+    stop: int
+    """Row range for "rows" units; (0, 0) for "tensor" units."""
+    weight: int
+    """rows * in_features, or numel."""
+    position: int
+    """Index in model order."""
+
+
+@dataclass(frozen=True, eq=False)
+class StageUnits:
+    """The freezable units of one stage, in model order."""
+
+    specs: tuple[LayerSpec | TensorSpec, ...]
+    block_rows: int = 64
+    units: tuple[Unit, ...] = field(init=False)
+    weights: np.ndarray = field(init=False)
+    """int64 [n_units]."""
+
+    def __post_init__(self):
+        _check_int("block_rows", self.block_rows, 1)
+        names = [s.name for s in self.specs]
+        for spec in self.specs:
+            if not isinstance(spec, (LayerSpec, TensorSpec)):
+                raise TypeError(f"specs must be LayerSpec or TensorSpec, got {type(spec).__name__}")
+        if len(set(names)) != len(names):
+            raise ValueError(f"duplicate names in specs: {sorted({n for n in names if names.count(n) > 1})}")
+        units = []
+        for spec in self.specs:
+            if isinstance(spec, LayerSpec):
+                for start in range(0, spec.out_features, self.block_rows):
+                    stop = min(start + self.block_rows, spec.out_features)
+                    weight = (stop - start) * spec.in_features
+                    units.append(Unit(spec.name, "rows", start, stop, weight, len(units)))
+            else:
+                units.append(Unit(spec.name, "tensor", 0, 0, spec.numel, len(units)))
+        if not units:
+            raise ValueError("a stage needs at least one freezable unit, got no specs")
+        object.__setattr__(self, "specs", tuple(self.specs))
+        object.__setattr__(self, "units", tuple(units))
+        object.__setattr__(self, "weights", np.array([u.weight for u in units], dtype=np.int64))
+
+    @classmethod
+    def from_module(cls, module: Any, *, block_rows: int = 64, include_tensors: bool = False) -> StageUnits:
+        """Units of a stage module: its row-freezable linears, plus (optionally) its other parameters.
+
+        Only parameters with ``requires_grad`` count. Model order is ``named_parameters()`` order.
+        """
+        layer_of = {}
+        for name, sub in module.named_modules():
+            if getattr(sub, "supports_row_masks", False) and sub.weight.requires_grad:
+                layer_of[id(sub.weight)] = (name, sub)
+        owned = {id(sub.bias) for _, sub in layer_of.values() if sub.bias is not None}
+        specs = []
+        for pname, param in module.named_parameters():
+            if id(param) in layer_of:
+                name, sub = layer_of[id(param)]
+                specs.append(LayerSpec(name, sub.out_features, sub.in_features))
+            elif include_tensors and param.requires_grad and id(param) not in owned:
+                specs.append(TensorSpec(pname, param.numel()))
+        return cls(tuple(specs), block_rows=block_rows)
+
+    @property
+    def total(self) -> int:
+        return int(self.weights.sum())
+
+    @property
+    def bound(self) -> float:
+        """Guaranteed bound on |realised - ratio| of :func:`select`: max unit weight / (2 * total)."""
+        return float(self.weights.max()) / (2 * self.total)
+
+    def __len__(self) -> int:
+        return len(self.units)
+
+
+@runtime_checkable
+class SelectionPolicy(Protocol):
+    """Ranks units, most preferred to freeze first."""
+
+    def rank(
+        self, units: Sequence[Unit], *, stage: int, microbatch: int, rng: np.random.Generator
+    ) -> np.ndarray:
+        """A permutation of ``range(len(units))`` (int [n_units])."""
+        ...
+
+
+@dataclass(frozen=True)
+class RandomPolicy:
+    """Uniform random order; on ``front_bias_stages``, weighted towards the front of the model."""
+
+    front_bias_stages: tuple[int, ...] = (0,)
+    first_weight: float = 1.0
+    """Sampling weight of the first unit in model order on biased stages."""
+    last_weight: float = 0.1
+    """Sampling weight of the last unit; weights in between are linear in model order."""
+
+    def __post_init__(self):
+        for name in ("first_weight", "last_weight"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+
+    def rank(
+        self, units: Sequence[Unit], *, stage: int, microbatch: int, rng: np.random.Generator
+    ) -> np.ndarray:
+        n = len(units)
+        if stage not in self.front_bias_stages:
+            return rng.permutation(n)
+        weights = np.linspace(self.first_weight, self.last_weight, n)
+        # Efraimidis-Spirakis: sorting Exp(1) / weight gives weighted sampling without replacement
+        return np.argsort(rng.exponential(size=n) / weights, kind="stable")
+
+
+@dataclass(frozen=True, eq=False)
+class StageMasks:
+    """Masks of one (stage, microbatch). Row masks are True for rows that receive weight gradient."""
+
+    units: StageUnits
+    ratio: float
+    """Requested frozen fraction of W FLOPs."""
+    frozen: np.ndarray
+    """bool [n_units]: frozen units."""
+
+    @property
+    def frozen_fraction(self) -> float:
+        """Realised frozen fraction of the stage's unit weight."""
+        return float(self.units.weights[self.frozen].sum()) / self.units.total
+
+    @property
+    def active_rows(self) -> dict[str, np.ndarray]:
+        """Layer name -> bool [out_features] (True = active), for every layer of the stage."""
+        layers = [s for s in self.units.specs if isinstance(s, LayerSpec)]
+        rows = {s.name: np.ones(s.out_features, dtype=bool) for s in layers}
+        for unit, frozen in zip(self.units.units, self.frozen):
+            if frozen and unit.kind == "rows":
+                rows[unit.name][unit.start : unit.stop] = False
+        return rows
+
+    @property
+    def frozen_tensors(self) -> frozenset[str]:
+        """Names of the whole tensors frozen."""
+        return frozenset(u.name for u, f in zip(self.units.units, self.frozen) if f and u.kind == "tensor")
+
+    def for_module(self, module: Any, device: Any = None) -> dict[Any, Any]:
+        """``{layer: bool tensor [out_features] or None}`` for ``tfz.nn.use_row_masks``.
+
+        Layers are looked up by name in ``module`` (the stage module the units came from); fully active
+        layers map to None.
+        """
+        import torch
+
+        masks = {}
+        for name, rows in self.active_rows.items():
+            layer = module.get_submodule(name)
+            masks[layer] = None if rows.all() else torch.from_numpy(rows).to(device)
+        return masks
+
+    def __repr__(self) -> str:
+        return (
+            f"StageMasks(ratio={self.ratio:.4f}, realised={self.frozen_fraction:.4f}, "
+            f"frozen_units={int(self.frozen.sum())}/{len(self.frozen)})"
+        )
+
+
+def _fill(weights: np.ndarray, order: Iterable[int], target: float) -> np.ndarray:
+    """First fit in ``order`` under ``target``, then the best single extra unit (see module docstring)."""
+    frozen = np.zeros(len(weights), dtype=bool)
+    total = 0
+    for i in order:
+        w = int(weights[i])
+        if total + w <= target:
+            frozen[i] = True
+            total += w
+    gap = target - total
+    left = np.flatnonzero(~frozen)
+    if left.size and gap > 0:
+        best = left[np.argmin(np.abs(gap - weights[left]))]
+        if abs(gap - weights[best]) < gap:
+            frozen[best] = True
+    return frozen
+
+
+def select(
+    units: StageUnits,
+    ratio: float,
+    *,
+    stage: int,
+    microbatch: int,
+    step: int = 0,
+    seed: int = 0,
+    policy: SelectionPolicy | None = None,
+) -> StageMasks:
+    """Freeze units of ``units`` so their weight fraction is as close to ``ratio`` as blocks allow.
+
+    Args:
+        units: the stage's units (:meth:`StageUnits.from_module` or from specs).
+        ratio: target frozen fraction of W FLOPs, in [0, 1].
+        stage, microbatch: the action the masks are for.
+        step: decision index (e.g. how many times masks have been redrawn); part of the seed.
+        seed: shared by all ranks.
+        policy: ranks the units; default :class:`RandomPolicy`.
+    """
+    if not isinstance(units, StageUnits):
+        raise TypeError(f"units must be StageUnits, got {type(units).__name__}")
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float, np.floating)) or not 0 <= ratio <= 1:
+        raise ValueError(f"ratio must be a number in [0, 1], got {ratio!r}")
+    entropy = [_check_int(n, v, 0) for n, v in (("seed", seed), ("stage", stage), ("microbatch", microbatch))]
+    entropy.append(_check_int("step", step, 0))
+    policy = RandomPolicy() if policy is None else policy
+    if not isinstance(policy, SelectionPolicy):
+        raise TypeError(f"policy must have a rank(units, *, stage, microbatch, rng) method, got {policy!r}")
+    rng = np.random.default_rng(entropy)
+    order = np.asarray(policy.rank(units.units, stage=stage, microbatch=microbatch, rng=rng))
+    n = len(units)
+    if (
+        order.shape != (n,)
+        or not np.issubdtype(order.dtype, np.integer)
+        or not np.array_equal(np.sort(order), np.arange(n))
+    ):
+        raise ValueError(f"policy {policy!r} returned {order!r}, not a permutation of range({n})")
+    frozen = _fill(units.weights, order.tolist(), float(ratio) * units.total)
+    return StageMasks(units=units, ratio=float(ratio), frozen=frozen)
