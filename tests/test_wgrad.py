@@ -11,7 +11,7 @@ import sys
 
 import pytest
 import torch
-from tfz.kernels import BACKENDS, resolve_backend, wgrad, wgrad_gemm_accum_fp32, wgrad_ref
+from tfz.kernels import BACKENDS, has_triton, resolve_backend, wgrad, wgrad_gemm_accum_fp32, wgrad_ref
 from tfz.kernels._rows import active_row_blocks, clear_cache, row_runs
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -268,3 +268,77 @@ def test_import_is_lean():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
+
+
+# ---------------------------------------------------------------- Triton kernel under the interpreter
+
+_interpreting = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on", "y")
+needs_interpreter = pytest.mark.skipif(
+    not (has_triton() and _interpreting),
+    reason="needs triton and TRITON_INTERPRET=1 (the compiled kernel is tested in test_wgrad_gpu.py)",
+)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("mask_kind", ["random", "none"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_triton_matches_reference(shape, dtype, mask_kind):
+    lead, n_out, n_in = shape
+    check_case("triton", lead, n_out, n_in, dtype, mask_kind, "accumulate", seed=n_out + n_in)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("mode", ["overwrite", "fresh"])
+@pytest.mark.parametrize("mask_kind", ["blocks", "single", "all_frozen", "all_active"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_triton_modes_and_masks(dtype, mask_kind, mode):
+    check_case("triton", (130,), 129, 96, dtype, mask_kind, mode, seed=7)
+
+
+@needs_interpreter
+def test_triton_without_bias_and_strided_input():
+    check_case("triton", (2, 3), 70, 33, torch.float16, "random", "accumulate", bias=False)
+    check_case("triton", (37,), 70, 33, torch.float32, "random", "overwrite", transpose_x=True)
+
+
+@needs_interpreter
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        {"block_m": 16, "block_n": 32, "block_k": 16, "group_m": 2, "split_k": 3},
+        {"block_m": 32, "block_n": 16, "block_k": 32, "group_m": 1, "split_k": 2},
+        {"block_m": 128, "block_n": 128, "block_k": 128, "group_m": 8, "split_k": 1},
+    ],
+    ids=lambda c: "x".join(str(v) for v in c.values()),
+)
+@pytest.mark.parametrize("mode", MODES)
+def test_triton_explicit_configs(cfg, mode, monkeypatch):
+    """Other tile shapes, grouped ordering with several groups, and split-K (fp32 atomics)."""
+    from tfz.kernels import _wgrad_triton
+
+    monkeypatch.setattr(_wgrad_triton, "INTERPRET_CONFIG", _wgrad_triton.WgradConfig(**cfg))
+    check_case("triton", (130,), 129, 96, torch.bfloat16, "random", mode, seed=11)
+
+
+@pytest.mark.skipif(not has_triton(), reason="needs triton")
+def test_autotune_pruning():
+    from tfz.kernels._wgrad_triton import _gpu_configs, _prune_configs
+
+    configs = _gpu_configs()
+    bf16 = {"DY_ptr": torch.empty(0, dtype=torch.bfloat16), "T": 4096, "DETERMINISTIC": 0}
+    acc = {"BLOCK_M": 128, "ACCUMULATE": True, "HAS_BIAS": False, "BIAS_ACCUMULATE": True}
+    kept = _prune_configs(configs, bf16, **acc)
+    assert any(c.kwargs["SPLIT_K"] > 1 for c in kept)
+    for named, meta in [
+        ({**bf16, "DETERMINISTIC": 1}, acc),
+        (bf16, {**acc, "ACCUMULATE": False}),
+        (bf16, {**acc, "HAS_BIAS": True, "BIAS_ACCUMULATE": False}),
+        ({**bf16, "T": 64}, acc),
+    ]:
+        kept = _prune_configs(configs, named, **meta)
+        assert kept and all(c.kwargs["SPLIT_K"] == 1 for c in kept)
+    fp32 = {**bf16, "DY_ptr": torch.empty(0, dtype=torch.float32)}
+    for c in _prune_configs(configs, fp32, **acc):
+        smem = c.num_stages * (128 * c.kwargs["BLOCK_K"] + c.kwargs["BLOCK_K"] * c.kwargs["BLOCK_N"]) * 4
+        assert smem <= 220 * 1024
