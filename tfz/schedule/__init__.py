@@ -1,6 +1,14 @@
-"""Pipeline schedules as per-rank action orders (``tfz.schedule``, the bottom of the data path)."""
+"""Pipeline schedules as per-rank action orders (``tfz.schedule``, the bottom of the data path).
+
+``build_schedule(name, ranks, microbatches)`` gives the order torch runs for the schedules it ships
+(identical action by action) and tfz's own ZB-H1. ``tfz.schedule.torch_io`` imports orders from
+torch's schedule classes and reads/writes torch's compute-only CSV; it imports torch lazily.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
 
 from tfz.schedule import builders
 from tfz.schedule.action import FREEZABLE_KINDS, KINDS, Action
@@ -17,29 +25,60 @@ __all__ = [
     "stage_ranks",
 ]
 
-# name -> (builder, default stages per rank, allowed stages per rank or None for any >= 1)
-_BUILDERS = {
-    "gpipe": (builders.gpipe, 1, (1,)),
-    "1f1b": (builders.one_f_one_b, 1, (1,)),
+
+class _Entry(NamedTuple):
+    builder: Callable[..., Schedule]
+    default_v: int
+    """Stages per rank when none is given."""
+    min_v: int
+    max_v: int | None
+    """Largest stages per rank, None for no limit."""
+
+    def allowed(self) -> str:
+        if self.max_v == self.min_v:
+            return f"exactly {self.min_v}"
+        return f">= {self.min_v}" if self.max_v is None else f"{self.min_v}..{self.max_v}"
+
+
+_BUILDERS: dict[str, _Entry] = {
+    "gpipe": _Entry(builders.gpipe, 1, 1, 1),
+    "1f1b": _Entry(builders.one_f_one_b, 1, 1, 1),
+    "interleaved1f1b": _Entry(builders.interleaved_1f1b, 2, 2, None),
+    "interleavedzb": _Entry(builders.interleaved_zero_bubble, 2, 2, None),
+    "zbh1": _Entry(builders.zbh1, 1, 1, 1),
+    "zbv": _Entry(builders.zbv, 2, 2, 2),
+    "dualpipev": _Entry(builders.dualpipev, 2, 2, 2),
 }
+"""name -> builder, default stages per rank and the allowed range."""
+
+# torch's class names (``get_schedule_class`` keys, lower case) for the same schedules
+_ALIASES = {"interleavedzerobubble": "interleavedzb", "zbvzerobubble": "zbv"}
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved1f1b", "interleavedzb", "zbh1", "zbv", "dualpipev")
 """Schedule names accepted by :func:`build_schedule` and the CLI."""
 
 
+def _positive_int(what: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{what} must be an integer >= 1, got {value!r}")
+    return value
+
+
 def build_schedule(name: str, ranks: int, microbatches: int, stages_per_rank: int | None = None) -> Schedule:
-    """Per-rank orders of schedule ``name`` for ``ranks`` ranks and ``microbatches`` microbatches."""
-    key = name.lower()
+    """Per-rank orders of schedule ``name`` for ``ranks`` ranks and ``microbatches`` microbatches.
+
+    ``stages_per_rank`` defaults to the schedule's own (1, or 2 for interleaved and V schedules).
+    Raises ValueError for an unknown name (listing the choices), counts < 1, a stages-per-rank value
+    the schedule does not support, or too few microbatches (naming the minimum).
+    """
+    key = str(name).lower()
+    key = _ALIASES.get(key, key)
     if key not in _BUILDERS:
         raise ValueError(f"unknown schedule {name!r}; choose one of: {', '.join(SCHEDULES)}")
-    builder, default_v, allowed_v = _BUILDERS[key]
-    v = default_v if stages_per_rank is None else stages_per_rank
-    if allowed_v is not None and v not in allowed_v:
-        raise ValueError(f"{key} supports stages per rank {list(allowed_v)}, got {v}")
-    if v < 1:
-        raise ValueError(f"stages per rank must be >= 1, got {v}")
-    if isinstance(ranks, bool) or not isinstance(ranks, int) or ranks < 1:
-        raise ValueError(f"ranks must be an integer >= 1, got {ranks!r}")
-    if isinstance(microbatches, bool) or not isinstance(microbatches, int) or microbatches < 1:
-        raise ValueError(f"microbatches must be an integer >= 1, got {microbatches!r}")
-    return builder(ranks, microbatches) if allowed_v == (1,) else builder(ranks, microbatches, v)
+    entry = _BUILDERS[key]
+    _positive_int("ranks", ranks)
+    _positive_int("microbatches", microbatches)
+    v = entry.default_v if stages_per_rank is None else _positive_int("stages per rank", stages_per_rank)
+    if v < entry.min_v or (entry.max_v is not None and v > entry.max_v):
+        raise ValueError(f"{key} supports stages per rank {entry.allowed()}, got {v}")
+    return entry.builder(ranks, microbatches) if entry.max_v == 1 else entry.builder(ranks, microbatches, v)

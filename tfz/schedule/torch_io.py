@@ -1,0 +1,246 @@
+"""Per-rank orders from torch's own pipeline schedules, and replay of tfz schedules on torch's runtime.
+
+No process group is needed: torch's schedule classes are instantiated with recording stand-in stages
+and their step loops are run with communication turned into no-ops, so the recorded compute calls
+(``forward_one_chunk``, ``backward_one_chunk``, ``backward_weight_one_chunk``) are exactly the order
+torch executes on each rank. torch is imported inside the functions only.
+
+Why executed orders and not torch's IR: ``Schedule1F1B._get_pipeline_order`` (torch 2.13) is off by
+one on the last rank (its forwards run microbatches 1..M instead of 0..M-1), while the hand-written
+loop ``Schedule1F1B._step_microbatches`` that really runs is correct. ``from_torch(..., source="ir")``
+returns the IR for comparison.
+
+The CSV reader/writer lives in :mod:`tfz.schedule.csv_io` (torch-free) and is re-exported here.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from tfz.schedule.action import KINDS, Action
+from tfz.schedule.csv_io import _placement, dump_csv, load_csv
+from tfz.schedule.schedule import Schedule
+
+__all__ = ["TORCH_NAMES", "dump_csv", "from_torch", "instantiate_torch", "load_csv", "replay_on_torch"]
+
+TORCH_NAMES = {
+    "ScheduleGPipe": "gpipe",
+    "Schedule1F1B": "1f1b",
+    "ScheduleInterleaved1F1B": "interleaved1f1b",
+    "ScheduleInterleavedZeroBubble": "interleavedzb",
+    "ScheduleZBVZeroBubble": "zbv",
+    "ScheduleDualPipeV": "dualpipev",
+}
+"""torch schedule class name -> tfz schedule name."""
+
+
+class _RecordingStage:
+    """Stand-in for a ``PipelineStage``: records compute calls into ``log``, communicates nothing."""
+
+    submod = None
+    has_backward = False
+
+    def __init__(self, stage_index: int, num_stages: int, rank: int, num_ranks: int, log: list[Action]):
+        self.stage_index = stage_index
+        self.num_stages = num_stages
+        self.group_rank = rank
+        self.group_size = num_ranks
+        self.device = "cpu"
+        self.stage_index_to_group_rank: dict[int, int] = {}
+        self.output_chunks: list = []
+        self._log = log
+
+    @property
+    def is_first(self) -> bool:
+        return self.stage_index == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.stage_index == self.num_stages - 1
+
+    # compute: record only
+    def forward_one_chunk(self, fwd_chunk_id, args=None, kwargs=None, save_forward_output=True):
+        self._log.append(Action(self.stage_index, "F", fwd_chunk_id))
+
+    def backward_one_chunk(self, bwd_chunk_id, loss=None, full_backward=True, last_backward=False):
+        self._log.append(Action(self.stage_index, "B" if full_backward else "I", bwd_chunk_id))
+
+    def backward_weight_one_chunk(self, bwd_chunk_id, last_backward=False):
+        self._log.append(Action(self.stage_index, "W", bwd_chunk_id))
+
+    # communication and bookkeeping: nothing to do
+    def _no_ops(self, *args, **kwargs):
+        return []
+
+    get_fwd_recv_ops = get_fwd_send_ops = get_bwd_recv_ops = get_bwd_send_ops = _no_ops
+    _get_init_p2p_neighbors_ops = _no_ops
+
+    def set_local_fwd_input(self, *args, **kwargs) -> None:
+        pass
+
+    def set_local_bwd_input(self, *args, **kwargs) -> None:
+        pass
+
+    def get_local_bwd_output(self, mb_index):
+        return None
+
+    def perform_reduce_grad(self, grad_scale_factor) -> None:
+        pass
+
+    def clear_runtime_states(self) -> None:
+        pass
+
+
+def _schedule_class(schedule):
+    from torch.distributed.pipelining.schedules import _PipelineSchedule, get_schedule_class
+
+    if isinstance(schedule, str):
+        return get_schedule_class(schedule)  # ValueError listing torch's names
+    if isinstance(schedule, type) and issubclass(schedule, _PipelineSchedule):
+        return schedule
+    raise TypeError(f"expected a torch schedule class or name, got {schedule!r}")
+
+
+def _check_int(what: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{what} must be an integer >= 1, got {value!r}")
+
+
+def _instantiate(cls, stages, microbatches: int, what: str):
+    """``cls(stages, microbatches)`` with torch's complaints turned into ValueError."""
+    import logging
+
+    log = logging.getLogger("torch.distributed.pipelining.schedules")
+    level = log.level
+    log.setLevel(logging.ERROR)  # torch logs "Using <class>" and bubble warnings at INFO/WARNING
+    try:
+        return cls(stages, microbatches)
+    except (ValueError, AssertionError, RuntimeError) as err:
+        raise ValueError(f"torch's {cls.__name__} rejects {what}: {err}") from None
+    finally:
+        log.setLevel(level)
+
+
+def _compute_actions(row) -> list[Action]:
+    """tfz actions of one rank of a torch IR: bubbles dropped, overlapped pairs expanded."""
+    out = []
+    for a in row:
+        if a is None:
+            continue
+        for sub in a.sub_actions or (a,):
+            kind = sub.computation_type.value
+            if kind in KINDS:
+                out.append(Action(sub.stage_index, kind, sub.microbatch_index))
+    return out
+
+
+def _run_step(sched) -> None:
+    """Run ``sched``'s per-step loop once with stages marked as initialized (no metadata exchange)."""
+    sched._stage_forward_initialized = True
+    sched._stages_forward_initialized = True
+    sched._step_microbatches()
+
+
+def _schedule(name, num_microbatches, stage_to_rank, orders) -> Schedule:
+    return Schedule(
+        name=name,
+        num_microbatches=num_microbatches,
+        stage_to_rank=tuple(stage_to_rank),
+        orders=tuple(tuple(o) for o in orders),
+        placement=_placement(tuple(stage_to_rank), len(orders)),
+    )
+
+
+def _resolve(schedule, ranks, microbatches, stages_per_rank):
+    """(class, single-stage?, stages per rank, description) after checking the arguments."""
+    from torch.distributed.pipelining.schedules import PipelineScheduleSingle
+
+    cls = _schedule_class(schedule)
+    single = issubclass(cls, PipelineScheduleSingle)
+    _check_int("ranks", ranks)
+    _check_int("microbatches", microbatches)
+    v = (1 if single else 2) if stages_per_rank is None else stages_per_rank
+    _check_int("stages per rank", v)
+    if single and v != 1:
+        raise ValueError(f"{cls.__name__} runs one stage per rank, got stages per rank {v}")
+    return cls, single, v, f"ranks={ranks}, microbatches={microbatches}, stages per rank={v}"
+
+
+def instantiate_torch(schedule, ranks: int, microbatches: int, stages_per_rank: int | None = None):
+    """An instance of torch schedule ``schedule`` (class or name) as rank 0 sees it, built on
+    stand-in stages without a process group: its ``pipeline_order`` IR and ``_dump_csv`` work."""
+    cls, single, v, what = _resolve(schedule, ranks, microbatches, stages_per_rank)
+    if single:
+        return _instantiate(cls, _RecordingStage(0, ranks, 0, ranks, []), microbatches, what)
+    stages = [_RecordingStage(i, ranks * v, 0, ranks, []) for i in range(v)]
+    return _instantiate(cls, stages, microbatches, what)
+
+
+def from_torch(
+    schedule, ranks: int, microbatches: int, stages_per_rank: int | None = None, *, source: str = "executed"
+) -> Schedule:
+    """Per-rank compute orders of a torch schedule class (or its ``get_schedule_class`` name).
+
+    ``source="executed"`` (default) runs the class's own step loop per rank with recording stages:
+    the orders are what torch executes. ``source="ir"`` returns torch's ``pipeline_order`` IR instead
+    (bubbles dropped, ``OVERLAP_F_B`` pairs expanded into their sub-actions, F first); for
+    ``Schedule1F1B`` this IR is wrong on the last rank (see the module docstring).
+
+    ``stages_per_rank`` defaults to 1 for single-stage classes and 2 otherwise. The stage -> rank
+    placement is inferred from the actions. Raises ValueError when torch rejects the sizes.
+    """
+    if source not in ("executed", "ir"):
+        raise ValueError(f"source must be 'executed' or 'ir', got {source!r}")
+    cls, single, v, what = _resolve(schedule, ranks, microbatches, stages_per_rank)
+    name = TORCH_NAMES.get(cls.__name__, cls.__name__.removeprefix("Schedule").lower())
+    num_stages = ranks * v
+    probe = instantiate_torch(cls, ranks, microbatches, v)
+    if single:
+        stage_to_rank = list(range(ranks))
+    else:
+        mapping = probe.stage_index_to_group_rank  # inferred by torch from its IR
+        stage_to_rank = [mapping[s] for s in range(num_stages)]
+    if source == "ir":
+        orders = [_compute_actions(probe.pipeline_order[r]) for r in range(ranks)]
+        return _schedule(name, microbatches, stage_to_rank, orders)
+    orders = []
+    for r in range(ranks):
+        log: list[Action] = []
+        stages = [
+            _RecordingStage(s, num_stages, r, ranks, log) for s in range(num_stages) if stage_to_rank[s] == r
+        ]
+        _run_step(_instantiate(cls, stages[0] if single else stages, microbatches, what))
+        orders.append(log)
+    return _schedule(name, microbatches, stage_to_rank, orders)
+
+
+def replay_on_torch(schedule: Schedule, csv_path: str | os.PathLike | None = None) -> Schedule:
+    """Run ``schedule`` through torch's ``_PipelineScheduleRuntime`` and return what it executes.
+
+    The schedule is written with :func:`dump_csv` (to ``csv_path`` or a temporary file), loaded on
+    every rank with ``_PipelineScheduleRuntime._load_csv`` (torch's validation and send/recv lowering
+    run there, which rejects incomplete or deadlocking orders), and each rank's step loop is run with
+    recording stages. Raises ValueError when torch rejects the file.
+    """
+    from torch.distributed.pipelining.schedules import _PipelineScheduleRuntime
+
+    P, S, M = schedule.num_ranks, schedule.num_stages, schedule.num_microbatches
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(csv_path) if csv_path is not None else Path(tmp) / "schedule.csv"
+        dump_csv(schedule, path)
+        orders = []
+        for r in range(P):
+            log: list[Action] = []
+            stages = [_RecordingStage(s, S, r, P, log) for s in schedule.stages_of(r)]
+            runtime = _instantiate(_PipelineScheduleRuntime, stages, M, f"ranks={P}, microbatches={M}")
+            try:
+                runtime._load_csv(str(path))
+            except (ValueError, AssertionError, RuntimeError) as err:
+                raise ValueError(
+                    f"torch's _PipelineScheduleRuntime rejects schedule {schedule.name!r}: {err}"
+                ) from None
+            _run_step(runtime)
+            orders.append(log)
+    return _schedule(schedule.name, M, schedule.stage_to_rank, orders)
