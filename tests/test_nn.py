@@ -200,6 +200,9 @@ def test_usage_counts_rows_per_microbatch():
         torch.testing.assert_close(usage.counts, expected)
     tnn.reset_row_usage(model)
     assert model.inp.row_usage.calls == 0 and model.inp.row_usage.counts is None
+    run_immediate(model, xs[:2], ts[:2], [{}, {"out": torch.zeros(3, dtype=torch.bool)}])
+    assert model.inp.row_usage.counts.tolist() == [2] * 7
+    assert model.out.row_usage.calls == 2 and model.out.row_usage.counts.tolist() == [1] * 3
 
 
 def test_innermost_context_wins_and_unnamed_layers_are_active():

@@ -101,9 +101,10 @@ class RowFreezing:
             return
         for layer in self.layers:
             usage = layer.row_usage
-            if usage.calls == 0 or usage.counts is None:
+            counts_O = usage.counts
+            if usage.calls == 0 or counts_O is None:
                 continue
-            scale_O = usage.calls / usage.counts.clamp(min=1).double()
+            scale_O = usage.calls / counts_O.clamp(min=1).double()
             for p in self._params(layer):
                 if p.grad is not None:
                     p.grad.mul_(scale_O.to(p.grad.dtype).view(-1, *([1] * (p.dim() - 1))))
@@ -120,8 +121,10 @@ class RowFreezing:
             params = [p for p in self._params(layer) if p.grad is not None]
             if not params:
                 continue
-            if usage.counts is None:
+            if usage.full_calls == 0 and usage.partial is None:  # frozen in every call
                 rows = torch.arange(layer.out_features, device=params[0].device)
+            elif usage.partial is None:  # every row was active in the unmasked calls
+                continue
             else:
                 rows = (usage.counts == 0).nonzero().squeeze(1)
             if rows.numel() == 0:

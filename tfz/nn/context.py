@@ -198,34 +198,49 @@ class RowUsage:
     """Rows of one layer that received a weight-gradient contribution since the last reset.
 
     ``calls`` counts dW computations (one per microbatch backward or W flush, fully frozen ones
-    included); ``counts`` (int32 [out_features], on the weight's device, None until a row was active)
-    counts, per row, the calls in which the row was active. ``tfz.optim`` reads both.
+    included); :attr:`counts` gives, per row, the calls in which the row was active. ``tfz.optim``
+    reads both. All-active calls are counted in Python, so the unmasked path launches no kernel.
     """
 
-    __slots__ = ("calls", "counts")
+    __slots__ = ("calls", "device", "full_calls", "out_features", "partial")
 
-    def __init__(self):
+    def __init__(self, out_features: int):
+        self.out_features = out_features
         self.calls = 0
-        self.counts: torch.Tensor | None = None
+        self.full_calls = 0
+        self.partial: torch.Tensor | None = None
+        """int32 [out_features]: active counts of the partially masked calls (None until one)."""
+        self.device: torch.device | None = None
 
     def record(self, mask: RowMask, device: torch.device) -> None:
         self.calls += 1
+        self.device = device
         if mask.all_frozen:
             return
-        if self.counts is None or self.counts.device != device:
-            self.counts = torch.zeros(mask.out_features, dtype=torch.int32, device=device)
         active = mask.on(device)
         if active is None:
-            self.counts.add_(1)
-        else:
-            self.counts.add_(active)
+            self.full_calls += 1
+            return
+        if self.partial is None or self.partial.device != device:
+            self.partial = torch.zeros(mask.out_features, dtype=torch.int32, device=device)
+        self.partial.add_(active)
+
+    @property
+    def counts(self) -> torch.Tensor | None:
+        """int32 [out_features]: calls in which each row was active; None when no row ever was."""
+        if self.partial is None:
+            if self.full_calls == 0:
+                return None
+            return torch.full((self.out_features,), self.full_calls, dtype=torch.int32, device=self.device)
+        return self.partial + self.full_calls if self.full_calls else self.partial
 
     def reset(self) -> None:
         self.calls = 0
-        self.counts = None
+        self.full_calls = 0
+        self.partial = None
 
     def __repr__(self) -> str:
-        return f"RowUsage(calls={self.calls})"
+        return f"RowUsage(calls={self.calls}, all_active_calls={self.full_calls})"
 
 
 def reset_row_usage(module: torch.nn.Module) -> None:

@@ -30,7 +30,7 @@ class FreezableLinear(nn.Linear):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
-        self.row_usage = RowUsage()
+        self.row_usage = RowUsage(out_features)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         """input: [..., in_features] -> [..., out_features]."""

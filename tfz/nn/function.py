@@ -183,10 +183,11 @@ def freezable_linear(
     Returns:
         [..., O].
     """
-    if torch.is_grad_enabled():
-        # views give the weight and bias a non-leaf graph node the engine can be asked about
-        if weight.requires_grad:
-            weight = weight.view_as(weight)
-        if bias is not None and bias.requires_grad:
-            bias = bias.view_as(bias)
+    if not torch.is_grad_enabled():
+        return F.linear(x, weight, bias)
+    # views give the weight and bias a non-leaf graph node the engine can be asked about
+    if weight.requires_grad:
+        weight = weight.view_as(weight)
+    if bias is not None and bias.requires_grad:
+        bias = bias.view_as(bias)
     return FreezableLinearFunction.apply(x, weight, bias, layer)
