@@ -14,9 +14,9 @@ from ._rows import row_runs
 __all__ = ["wgrad_torch"]
 
 # Below this mean run length (rows) and above this many runs, one gathered GEMM beats a GEMM per run
-# (measured on CPU with T=2048, in=4096: see bench/RESULTS.md).
-GATHER_MAX_MEAN_RUN = 16
-GATHER_MIN_RUNS = 8
+# (measured on CPU with T=2048, in=out=1024 at 50% active rows: see bench/RESULTS.md).
+GATHER_MAX_MEAN_RUN = 48
+GATHER_MIN_RUNS = 4
 
 
 def _upcast(t: torch.Tensor) -> torch.Tensor:

@@ -36,7 +36,7 @@ import triton.language as tl
 
 from ._rows import active_row_blocks
 
-__all__ = ["WgradConfig", "wgrad_triton", "INTERPRET", "INTERPRET_CONFIG", "choose_block_m"]
+__all__ = ["WgradConfig", "wgrad_triton", "INTERPRET", "INTERPRET_CONFIG", "pinned_config", "choose_block_m"]
 
 # The @triton.jit decorator below reads this when the module is imported.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on", "y")
@@ -71,6 +71,8 @@ class WgradConfig:
 
 
 INTERPRET_CONFIG = WgradConfig(block_m=64, block_n=64, block_k=64, group_m=8, split_k=1)
+# Set to a WgradConfig to launch that configuration instead of autotuning (tests, reproducible timings).
+pinned_config: WgradConfig | None = INTERPRET_CONFIG if INTERPRET else None
 BLOCK_M_CHOICES = (128, 64)
 
 
@@ -195,6 +197,8 @@ def _gpu_configs() -> list[triton.Config]:
         (128, 64, 1, 8, 4),
         (128, 128, 1, 8, 3),
         (64, 64, 1, 4, 4),
+        (128, 32, 1, 8, 4),  # BLOCK_K = 32: the fp32 configs that fit in shared memory
+        (256, 32, 1, 8, 3),
         (256, 64, 4, 8, 3),
         (128, 64, 2, 8, 4),
         (128, 64, 4, 4, 4),
@@ -227,7 +231,7 @@ def _prune_configs(configs, named_args, **kwargs):
         if c.num_stages * (bm * kw["BLOCK_K"] + kw["BLOCK_K"] * kw["BLOCK_N"]) * elt > _SMEM_BYTES:
             continue
         kept.append(c)
-    return kept or [configs[-4]]  # 64x64 tiles, no split: always fits
+    return kept or [configs[4]]  # 64x64 tiles, no split: fits in every case
 
 
 _tuned_kernel = None
@@ -286,12 +290,12 @@ def wgrad_triton(
 
     Shapes: x [T, N], dy [T, M] (same dtype), dw [M, N] fp32 contiguous, db [M] fp32 or None,
     active_rows [M] bool or None. ``config`` pins one launch configuration (no autotuning); by default
-    the GPU autotunes and the interpreter uses :data:`INTERPRET_CONFIG`.
+    :data:`pinned_config` is used when set (always under the interpreter), else the GPU autotunes.
     """
     t, n = x.shape
     m = dy.shape[1]
-    if config is None and INTERPRET:
-        config = INTERPRET_CONFIG
+    if config is None:
+        config = pinned_config
     block_m = config.block_m if config is not None else choose_block_m(active_rows, m, dw.device)
     row_blocks = active_row_blocks(active_rows, m, block_m, dw.device)
     n_rb = row_blocks.numel()
