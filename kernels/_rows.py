@@ -15,7 +15,7 @@ from collections import OrderedDict
 
 import torch
 
-__all__ = ["row_runs", "active_row_blocks", "clear_cache"]
+__all__ = ["row_runs", "active_index", "active_row_blocks", "clear_cache"]
 
 _CACHE_SIZE = 64
 _cache: OrderedDict[tuple, tuple[weakref.ref, object]] = OrderedDict()
@@ -65,6 +65,11 @@ def row_runs(active_rows: torch.Tensor) -> list[tuple[int, int]]:
         return list(zip(starts, stops))
 
     return _cached(active_rows, "runs", None, build)
+
+
+def active_index(active_rows: torch.Tensor) -> torch.Tensor:
+    """Indices (int64, on the mask's device) of the True entries of ``active_rows`` [out]."""
+    return _cached(active_rows, "index", None, lambda: active_rows.nonzero().flatten())
 
 
 _all_blocks: dict[tuple[int, str], torch.Tensor] = {}

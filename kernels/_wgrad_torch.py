@@ -1,5 +1,8 @@
 """Torch backend of the masked weight gradient: one GEMM per run of active rows, or one gathered GEMM.
 
+The gathered path copies the active columns of dY ([T, active rows]) once; it runs from
+GATHER_MIN_RUNS runs on.
+
 Shapes: x [T, in], dy [T, out] (fp32/fp16/bf16, same dtype), dw [out, in] fp32 contiguous,
 db [out] fp32 or None. 16-bit operands are upcast to fp32 (exact), so every product is accumulated
 in fp32 as in the Triton kernel.
@@ -9,14 +12,14 @@ from __future__ import annotations
 
 import torch
 
-from ._rows import row_runs
+from ._rows import active_index, row_runs
 
 __all__ = ["wgrad_torch"]
 
-# Below this mean run length (rows) and above this many runs, one gathered GEMM beats a GEMM per run
-# (measured on CPU with T=2048, in=out=1024 at 50% active rows: see bench/RESULTS.md).
-GATHER_MAX_MEAN_RUN = 48
-GATHER_MIN_RUNS = 4
+# From this many runs on, one GEMM over the gathered active columns of dY (plus a copy of them and
+# an index_add_) beats one GEMM per run: a 2-thread MKL GEMM loses ~30% efficiency on 128-row slices.
+# Measured on CPU (T=2048, in=out=4096, random 128-row blocks: bench/RESULTS.md).
+GATHER_MIN_RUNS = 3
 
 
 def _upcast(t: torch.Tensor) -> torch.Tensor:
@@ -46,8 +49,7 @@ def wgrad_torch(
     if not runs:
         return
     xf = _upcast(x)
-    n_active = sum(b - a for a, b in runs)
-    if len(runs) >= GATHER_MIN_RUNS and n_active < GATHER_MAX_MEAN_RUN * len(runs):
+    if len(runs) >= GATHER_MIN_RUNS:
         _gathered(xf, dy, dw, active_rows, accumulate, db, bias_accumulate)
         return
     for a, b in runs:
@@ -66,7 +68,7 @@ def wgrad_torch(
 
 
 def _gathered(xf, dy, dw, active_rows, accumulate, db, bias_accumulate) -> None:
-    idx = active_rows.nonzero().flatten()
+    idx = active_index(active_rows)
     dy_g = dy.index_select(1, idx)
     prod = _upcast(dy_g).t() @ xf
     if accumulate:

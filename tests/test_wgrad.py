@@ -159,7 +159,6 @@ def test_torch_backend_both_paths(path, monkeypatch):
     gathered = _wgrad_torch._gathered
     monkeypatch.setattr(_wgrad_torch, "_gathered", lambda *a: calls.append(1) or gathered(*a))
     monkeypatch.setattr(_wgrad_torch, "GATHER_MIN_RUNS", 0 if path == "gather" else 10**9)
-    monkeypatch.setattr(_wgrad_torch, "GATHER_MAX_MEAN_RUN", 10**9)
     for mode in MODES:
         for mask_kind, dtype in [
             ("random", torch.float32),
