@@ -94,11 +94,14 @@ class _RecordingStage:
 
 
 def _schedule_class(schedule):
-    from torch.distributed.pipelining.schedules import _PipelineSchedule, get_schedule_class
+    from torch.distributed.pipelining import schedules as ts
 
     if isinstance(schedule, str):
-        return get_schedule_class(schedule)  # ValueError listing torch's names
-    if isinstance(schedule, type) and issubclass(schedule, _PipelineSchedule):
+        cls = getattr(ts, schedule, None)  # a class name such as "ScheduleZBVZeroBubble"
+        if isinstance(cls, type) and issubclass(cls, ts._PipelineSchedule):
+            return cls
+        return ts.get_schedule_class(schedule)  # "ZBVZeroBubble"; ValueError listing torch's names
+    if isinstance(schedule, type) and issubclass(schedule, ts._PipelineSchedule):
         return schedule
     raise TypeError(f"expected a torch schedule class or name, got {schedule!r}")
 
@@ -181,7 +184,7 @@ def instantiate_torch(schedule, ranks: int, microbatches: int, stages_per_rank: 
 def from_torch(
     schedule, ranks: int, microbatches: int, stages_per_rank: int | None = None, *, source: str = "executed"
 ) -> Schedule:
-    """Per-rank compute orders of a torch schedule class (or its ``get_schedule_class`` name).
+    """Per-rank compute orders of a torch schedule class, its class name or its ``get_schedule_class`` name.
 
     ``source="executed"`` (default) runs the class's own step loop per rank with recording stages:
     the orders are what torch executes. ``source="ir"`` returns torch's ``pipeline_order`` IR instead
@@ -222,7 +225,8 @@ def replay_on_torch(schedule: Schedule, csv_path: str | os.PathLike | None = Non
     The schedule is written with :func:`dump_csv` (to ``csv_path`` or a temporary file), loaded on
     every rank with ``_PipelineScheduleRuntime._load_csv`` (torch's validation and send/recv lowering
     run there, which rejects incomplete or deadlocking orders), and each rank's step loop is run with
-    recording stages. Raises ValueError when torch rejects the file.
+    recording stages. The placement of the result is the one torch infers from the file. Raises
+    ValueError when torch rejects the file.
     """
     from torch.distributed.pipelining.schedules import _PipelineScheduleRuntime
 
@@ -231,6 +235,7 @@ def replay_on_torch(schedule: Schedule, csv_path: str | os.PathLike | None = Non
         path = Path(csv_path) if csv_path is not None else Path(tmp) / "schedule.csv"
         dump_csv(schedule, path)
         orders = []
+        mapping: dict[int, int] = {}
         for r in range(P):
             log: list[Action] = []
             stages = [_RecordingStage(s, S, r, P, log) for s in schedule.stages_of(r)]
@@ -241,6 +246,7 @@ def replay_on_torch(schedule: Schedule, csv_path: str | os.PathLike | None = Non
                 raise ValueError(
                     f"torch's _PipelineScheduleRuntime rejects schedule {schedule.name!r}: {err}"
                 ) from None
+            mapping = runtime.stage_index_to_group_rank  # inferred by torch from the file
             _run_step(runtime)
             orders.append(log)
-    return _schedule(schedule.name, M, schedule.stage_to_rank, orders)
+    return _schedule(schedule.name, M, [mapping[s] for s in range(S)], orders)
