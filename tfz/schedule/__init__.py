@@ -1,8 +1,9 @@
 """Pipeline schedules as per-rank action orders (``tfz.schedule``, the bottom of the data path).
 
 ``build_schedule(name, ranks, microbatches)`` gives the order torch runs for the schedules it ships
-(identical action by action) and tfz's own ZB-H1. ``tfz.schedule.torch_io`` imports orders from
-torch's schedule classes and reads/writes torch's compute-only CSV; it imports torch lazily.
+(identical action by action) and tfz's own ZB-H1. ``load_csv`` / ``dump_csv`` read and write torch's
+compute-only schedule CSV; ``tfz.schedule.torch_io`` imports orders from torch's schedule classes and
+replays schedules on torch's runtime (it imports torch lazily).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import NamedTuple
 
 from tfz.schedule import builders
 from tfz.schedule.action import FREEZABLE_KINDS, KINDS, Action
+from tfz.schedule.csv_io import dump_csv, load_csv
 from tfz.schedule.schedule import Schedule, make_schedule, stage_ranks
 
 __all__ = [
@@ -21,6 +23,8 @@ __all__ = [
     "SCHEDULES",
     "Schedule",
     "build_schedule",
+    "dump_csv",
+    "load_csv",
     "make_schedule",
     "stage_ranks",
 ]
