@@ -169,6 +169,29 @@ def test_torch_backend_both_paths(path, monkeypatch):
     assert (len(calls) > 0) == (path == "gather")
 
 
+def test_torch_backend_workspace_is_per_thread():
+    import threading
+
+    mask = make_mask("random", 300, 0)  # many runs: the gathered path with its CPU workspace
+    errors = []
+
+    def work(seed):
+        g = torch.Generator().manual_seed(seed)
+        for i in range(10):
+            x, dy = torch.randn(64 + i, 40, generator=g), torch.randn(64 + i, 300, generator=g)
+            got = wgrad(x, dy, active_rows=mask, backend="torch")
+            want = torch.where(mask[:, None], dy.t() @ x, torch.zeros(()))
+            if not torch.allclose(got, want, rtol=1e-5, atol=1e-4):
+                errors.append((seed, i))
+
+    threads = [threading.Thread(target=work, args=(s,)) for s in range(3)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not errors
+
+
 def test_torch_backend_strided_input():
     check_case("torch", (37,), 70, 33, torch.float32, "random", "accumulate", transpose_x=True)
 
