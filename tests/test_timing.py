@@ -196,8 +196,8 @@ def _compiler():
 def fake_cudart(tmp_path_factory):
     """Paths of the fake runtime: full, without cudaEventSynchronize, and one with soname libcudart.so.12."""
     cc = _compiler()
-    if cc is None:
-        pytest.skip("no C compiler to build the fake libcudart")
+    if cc is None or not FAKE_SOURCE.exists():
+        pytest.skip("no C compiler or no csrc/testing/fake_cudart.c to build the fake libcudart")
     out = tmp_path_factory.mktemp("fake_cudart")
     libs = {
         "full": (out / "libfakecudart.so", []),
