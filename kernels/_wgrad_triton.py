@@ -292,6 +292,11 @@ def wgrad_triton(
     active_rows [M] bool or None. ``config`` pins one launch configuration (no autotuning); by default
     :data:`pinned_config` is used when set (always under the interpreter), else the GPU autotunes.
     """
+    if x.device.type != "cuda" and not INTERPRET:
+        raise RuntimeError(
+            f"the Triton wgrad kernel was compiled for GPUs (TRITON_INTERPRET was not set when "
+            f"tfz.kernels._wgrad_triton was imported) and cannot take {x.device} tensors"
+        )
     t, n = x.shape
     m = dy.shape[1]
     if config is None:

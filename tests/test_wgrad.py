@@ -28,6 +28,7 @@ SHAPES = [
     ((37,), 129, 96),
 ]
 EPS32 = torch.finfo(torch.float32).eps
+_interpreting = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on", "y")
 # A payload NaN: a kernel that reads and rewrites it produces a different bit pattern on most hardware.
 POISON_BITS = 0x7FC0_1234
 
@@ -250,13 +251,19 @@ def test_apex_compatible_wrapper_accumulates_in_place():
     assert torch.equal(main_grad[~mask], before[~mask])
 
 
-def test_zero_tokens():
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_zero_tokens(backend):
+    if backend == "triton" and not (has_triton() and _interpreting):
+        pytest.skip("needs triton and TRITON_INTERPRET=1")
     x, dy = torch.randn(0, 33), torch.randn(0, 70)
     out = torch.randn(70, 33)
     before = out.clone()
-    wgrad(x, dy, out=out, backend="torch")
+    wgrad(x, dy, out=out, backend=backend)
     assert torch.equal(out, before)
-    assert torch.equal(wgrad(x, dy, backend="torch"), torch.zeros(70, 33))
+    mask = make_mask("random", 70, 0)
+    fresh = wgrad(x, dy, active_rows=mask, out=_poison((70, 33)), accumulate=False, backend=backend)
+    assert torch.equal(fresh[mask], torch.zeros(int(mask.sum()), 33))
+    assert torch.equal(wgrad(x, dy, backend=backend), torch.zeros(70, 33))
 
 
 def test_inputs_requiring_grad_are_fine():
@@ -320,7 +327,6 @@ def test_import_is_lean():
 
 # ---------------------------------------------------------------- Triton kernel under the interpreter
 
-_interpreting = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on", "y")
 needs_interpreter = pytest.mark.skipif(
     not (has_triton() and _interpreting),
     reason="needs triton and TRITON_INTERPRET=1 (the compiled kernel is tested in test_wgrad_gpu.py)",
@@ -433,3 +439,19 @@ def test_kernel_compiles_for_hopper_without_a_gpu():
     if proc.returncode != 0 and "ptxas" in proc.stderr and "not found" in proc.stderr:
         pytest.skip("ptxas not available in this triton install")
     assert proc.returncode == 0 and "compiled 2" in proc.stdout, proc.stderr[-3000:]
+
+
+@pytest.mark.skipif(not has_triton(), reason="needs triton")
+def test_compiled_kernel_refuses_cpu_tensors():
+    code = (
+        "import torch\n"
+        "from tfz.kernels._wgrad_triton import wgrad_triton\n"
+        "x, dy, dw = torch.randn(4, 3), torch.randn(4, 2), torch.zeros(2, 3)\n"
+        "try:\n"
+        "    wgrad_triton(x, dy, dw, None, True, None, True)\n"
+        "except RuntimeError as exc:\n"
+        "    print('raised', 'compiled for GPUs' in str(exc))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.stdout.strip() == "raised True", proc.stderr[-2000:]
