@@ -16,13 +16,15 @@ loads and dropped by the store mask. Epilogue: ``dW = acc`` (overwrite), ``dW +=
 (SPLIT_K = 1), or ``tl.atomic_add`` (SPLIT_K > 1, token range split over several programs).
 
 On a GPU the tile shape is autotuned (``restore_value`` keeps the in-place ``dW``/``db`` intact across
-trial runs; the token count enters the key only as a power-of-two bucket, so changing sequence lengths
-do not retune every step). BLOCK_M is chosen on the host from the mask (128, or 64 when 128-row blocks
-would waste rows). Under ``TRITON_INTERPRET=1`` one fixed 64x64x64 config runs, and bf16 operands are
-upcast to fp32 before ``tl.dot`` (the interpreter's bf16 ``tl.dot`` is wrong, triton-lang/triton#11584).
+trial runs). The key holds N, the flags, and power-of-two buckets of the token count and of the
+computed rows, so changing sequence lengths or masks do not retune every step. Split-K configs are
+pruned in deterministic mode (``torch.use_deterministic_algorithms``) and for overwrites.
+BLOCK_M is chosen on the host from the mask (128, or 64 when 128-row blocks would waste rows).
+Under ``TRITON_INTERPRET=1`` one fixed 64x64x64 config runs, and bf16 operands are upcast to fp32
+before ``tl.dot`` (the interpreter's bf16 ``tl.dot`` is wrong, triton-lang/triton#11584).
 
-Only plain pointer arithmetic is used (no ``tl.make_block_ptr``, removed in triton 3.9); works with
-triton 3.6 to 3.9.
+Only plain pointer arithmetic and triton 3.6 features are used (no ``tl.make_block_ptr``, removed in
+triton 3.9); tested with triton 3.9 (interpreter, and ahead-of-time compilation for sm_90).
 """
 
 from __future__ import annotations

@@ -455,3 +455,17 @@ def test_compiled_kernel_refuses_cpu_tensors():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert proc.stdout.strip() == "raised True", proc.stderr[-2000:]
+
+
+@pytest.mark.skipif(not has_triton(), reason="needs triton")
+def test_gpu_block_m_choice(monkeypatch):
+    from tfz.kernels import _wgrad_triton
+
+    monkeypatch.setattr(_wgrad_triton, "INTERPRET", False)
+    cpu = torch.device("cpu")
+    aligned = torch.tensor([True, False, True, True]).repeat_interleave(128)
+    half_blocks = torch.tensor([True, False] * 4).repeat_interleave(64)  # every 128-block half active
+    assert _wgrad_triton.choose_block_m(None, 4096, cpu) == 128
+    assert _wgrad_triton.choose_block_m(aligned, 512, cpu) == 128
+    assert _wgrad_triton.choose_block_m(half_blocks, 512, cpu) == 64
+    assert _wgrad_triton.choose_block_m(torch.ones(48, dtype=torch.bool), 48, cpu) == 64
