@@ -78,6 +78,18 @@ pinned_config: WgradConfig | None = INTERPRET_CONFIG if INTERPRET else None
 BLOCK_M_CHOICES = (128, 64)
 
 
+@triton.jit
+def _k_step(a, b, acc, bias_acc, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """One token step: ``acc += a @ b`` (fp32 accumulate) and ``bias_acc += row sums of a``."""
+    if HAS_BIAS:
+        bias_acc += tl.sum(a.to(tl.float32), axis=1)
+    if UPCAST:  # interpreter only: its bf16 tl.dot is wrong
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+    return acc, bias_acc
+
+
 @triton.jit(do_not_specialize=["T_BUCKET", "ROWS_BUCKET", "DETERMINISTIC"])
 def _wgrad_kernel(
     DY_ptr,  # dY [T, M]
@@ -150,24 +162,14 @@ def _wgrad_kernel(
     for _ in range(0, k_full, BLOCK_K):
         a = tl.load(a_ptrs)  # dYᵀ tile [BLOCK_M, BLOCK_K]
         b = tl.load(b_ptrs)  # X tile [BLOCK_K, BLOCK_N]
-        if HAS_BIAS:
-            bias_acc += tl.sum(a.to(tl.float32), axis=1)
-        if UPCAST:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+        acc, bias_acc = _k_step(a, b, acc, bias_acc, HAS_BIAS, UPCAST, INPUT_PRECISION)
         a_ptrs += BLOCK_K * stride_dy_t
         b_ptrs += BLOCK_K * stride_x_t
     k_tail = k_len - k_full
     if k_tail > 0:
         a = tl.load(a_ptrs, mask=offs_k[None, :] < k_tail, other=0.0)
         b = tl.load(b_ptrs, mask=offs_k[:, None] < k_tail, other=0.0)
-        if HAS_BIAS:
-            bias_acc += tl.sum(a.to(tl.float32), axis=1)
-        if UPCAST:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+        acc, bias_acc = _k_step(a, b, acc, bias_acc, HAS_BIAS, UPCAST, INPUT_PRECISION)
 
     row_ok = offs_m < M
     if HAS_MASK:
