@@ -1,0 +1,16 @@
+"""The freeze-ratio LP (``tfz.plan``): how much to freeze each B/W action so the step is shortest.
+
+``solve(dag, unfrozen, frozen, PlanConfig(...))`` returns a :class:`Plan`: the lexicographic optimum
+of two exact LP stages, first the minimal makespan, then the minimal total ratio at that makespan,
+under a cap on each stage's mean ratio (and optionally on each ratio). ``solve_generic`` solves the
+plain formulation and serves as the reference. See :mod:`tfz.plan.problem` for the LP and
+:mod:`tfz.plan.solver` for how it is solved.
+"""
+
+from tfz.plan._highs import PlanSolveError
+from tfz.plan.generic import solve_generic
+from tfz.plan.problem import PlanConfig, PlanProblem
+from tfz.plan.result import Plan
+from tfz.plan.solver import solve
+
+__all__ = ["Plan", "PlanConfig", "PlanProblem", "PlanSolveError", "solve", "solve_generic"]

@@ -1,0 +1,297 @@
+"""The freeze-ratio LP of one DAG: validated data and its sparse formulations.
+
+Per action v: unfrozen time ``U_v``, frozen time ``L_v`` and, for a freezable action (B or W with
+``L_v < U_v``), a ratio ``r_v`` in ``[0, c_v]`` with duration ``U_v - r_v (U_v - L_v)``. Everything
+else has a fixed duration. With ``t_v`` the start time of v and ``T`` the batch time:
+
+    t_v >= t_u + d_u  for every edge u -> v,   T >= t_v + d_v,   t >= 0,
+    sum_{v in stage s} a_v r_v <= cap * sum_{v in stage s} a_v      for every stage s
+
+where the sums run over the freezable actions of the stage and ``a_v`` is 1 (``weighting="count"``,
+the reference implementation's mean over microbatches) or ``U_v`` (``"duration"``). Phase 1
+minimises T, phase 2 minimises ``sum r`` subject to ``T <= T*``.
+
+:func:`build_lp` writes the constraints as rows ``lo <= A x <= hi`` over columns ``x = [t, r, T]``,
+either for every DAG edge and every action (``reduced=False``, the plain formulation) or for a
+smaller, equivalent set (``reduced=True``): program order chains plus the cross-rank edges that no
+other cross-rank edge between the same two ranks implies, and a T row for the last action of each
+rank only. Both describe the same feasible (r, T) set because durations are >= 0, so t_v >= t_u + d_u
+follows along any path from u to v.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import scipy.sparse as sp
+
+from tfz.dag import DAG
+from tfz.schedule import FREEZABLE_KINDS
+
+__all__ = ["LP", "PlanConfig", "PlanProblem", "build_lp", "reduced_edges"]
+
+
+@dataclass(frozen=True)
+class PlanConfig:
+    """Options of the freeze-ratio LP.
+
+    ``max_freeze_ratio``: cap on each stage's mean ratio (default 0.8, the paper's experiments).
+    ``action_cap``: optional cap on every single ratio (``solve`` also takes a per-action array).
+    ``weighting``: how the stage mean is taken. ``"count"`` (default) is the plain mean over the
+    stage's freezable actions, as in the reference implementation: every microbatch's weight update
+    counts the same, whatever its duration. ``"duration"`` weights each action by its unfrozen
+    duration, so the cap bounds the share of the stage's backward time that is frozen; use it when
+    microbatches differ in size (e.g. variable sequence lengths).
+    """
+
+    max_freeze_ratio: float = 0.8
+    action_cap: float | None = None
+    weighting: Literal["count", "duration"] = "count"
+
+    def __post_init__(self):
+        cap = self.max_freeze_ratio
+        if isinstance(cap, bool) or not isinstance(cap, (int, float)) or not 0.0 <= cap <= 1.0:
+            raise ValueError(f"max_freeze_ratio must be a number in [0, 1], got {cap!r}")
+        ac = self.action_cap
+        if ac is not None and (
+            isinstance(ac, bool) or not isinstance(ac, (int, float)) or not 0.0 <= ac <= 1.0
+        ):
+            raise ValueError(f"action_cap must be None or a number in [0, 1], got {ac!r}")
+        if self.weighting not in ("count", "duration"):
+            raise ValueError(f"weighting must be 'count' or 'duration', got {self.weighting!r}")
+
+
+def _as_times(dag: DAG, values, what: str) -> np.ndarray:
+    arr = np.asarray(values, dtype=np.float64)
+    if arr.shape != (dag.num_actions,):
+        raise ValueError(f"{what} durations must have shape ({dag.num_actions},), got {arr.shape}")
+    bad = np.flatnonzero(~np.isfinite(arr) | (arr < 0))
+    if len(bad):
+        i = bad[0]
+        raise ValueError(f"{what} duration of {dag.actions[i]} must be finite and >= 0, got {arr[i]}")
+    return arr
+
+
+@dataclass(frozen=True, eq=False)
+class PlanProblem:
+    """Validated LP data of one DAG (arrays aligned with ``dag.actions``)."""
+
+    dag: DAG
+    unfrozen: np.ndarray
+    """float64 [n]: U."""
+    frozen: np.ndarray
+    """float64 [n]: L (== U where the duration is fixed)."""
+    cap: np.ndarray
+    """float64 [n]: upper bound of each ratio (0 where the duration is fixed)."""
+    weight: np.ndarray
+    """float64 [n]: a_v in the stage mean (0 where the duration is fixed)."""
+    max_freeze_ratio: float
+    config: PlanConfig
+
+    @classmethod
+    def create(
+        cls, dag: DAG, unfrozen, frozen, config: PlanConfig | None = None, action_cap=None
+    ) -> PlanProblem:
+        """Validate and derive the LP data; ValueError names the first bad action or value."""
+        if not isinstance(dag, DAG):
+            raise TypeError(f"dag must be a tfz.dag.DAG, got {type(dag).__name__}")
+        if config is None:
+            config = PlanConfig()
+        if not isinstance(config, PlanConfig):
+            raise TypeError(f"config must be a PlanConfig, got {type(config).__name__}")
+        if dag.num_actions == 0:
+            raise ValueError("empty DAG: nothing to plan")
+        up = _as_times(dag, unfrozen, "unfrozen")
+        low = _as_times(dag, frozen, "frozen")
+        over = np.flatnonzero(low > up)
+        if len(over):
+            i = over[0]
+            raise ValueError(
+                f"frozen duration of {dag.actions[i]} ({low[i]}) exceeds its unfrozen duration ({up[i]})"
+            )
+        fixed_kind = ~dag.kind_mask(*FREEZABLE_KINDS)
+        odd = np.flatnonzero(fixed_kind & (low != up))
+        if len(odd):
+            i = odd[0]
+            a = dag.actions[i]
+            raise ValueError(
+                f"frozen duration of {a} ({low[i]}) differs from its unfrozen duration ({up[i]}), "
+                f"but {a.kind} actions have no parameters to freeze"
+            )
+        if action_cap is None:
+            action_cap = config.action_cap
+        if action_cap is None:
+            caps = np.ones(dag.num_actions)
+        elif np.ndim(action_cap) == 0:
+            c = float(action_cap)
+            if not 0.0 <= c <= 1.0:  # NaN fails too
+                raise ValueError(f"action cap must be in [0, 1], got {action_cap!r}")
+            caps = np.full(dag.num_actions, c)
+        else:
+            caps = np.asarray(action_cap, dtype=np.float64)
+            if caps.shape != (dag.num_actions,):
+                raise ValueError(f"action caps must have shape ({dag.num_actions},), got {caps.shape}")
+            bad = np.flatnonzero(~(caps >= 0) | ~(caps <= 1))
+            if len(bad):
+                i = bad[0]
+                raise ValueError(f"action cap of {dag.actions[i]} must be in [0, 1], got {caps[i]}")
+        freezable = (low < up) & ~fixed_kind
+        caps = np.where(freezable, caps, 0.0)
+        weight = np.where(freezable, up if config.weighting == "duration" else 1.0, 0.0)
+        return cls(dag, up, low, caps, weight, float(config.max_freeze_ratio), config)
+
+    @property
+    def num_actions(self) -> int:
+        return self.dag.num_actions
+
+    @property
+    def delta(self) -> np.ndarray:
+        """float64 [n]: U - L, the time a fully frozen action saves."""
+        return self.unfrozen - self.frozen
+
+    @property
+    def freezable(self) -> np.ndarray:
+        """bool [n]: actions whose duration depends on their ratio (B/W with L < U)."""
+        return self.weight > 0
+
+    def stage_budget(self) -> tuple[np.ndarray, np.ndarray]:
+        """(weight sum, budget) per stage, float64 [S] each: ``sum_s a_v r_v <= budget_s``."""
+        S = self.dag.num_stages
+        total = np.bincount(self.dag.stage, weights=self.weight, minlength=S)
+        return total, self.max_freeze_ratio * total
+
+    def durations(self, ratios: np.ndarray) -> np.ndarray:
+        """float64 [n]: durations under ``ratios``."""
+        return self.unfrozen - np.asarray(ratios, dtype=np.float64) * self.delta
+
+    def stage_mean(self, ratios: np.ndarray) -> np.ndarray:
+        """float64 [S]: weighted mean ratio per stage (0 for stages without freezable actions)."""
+        S = self.dag.num_stages
+        total = np.bincount(self.dag.stage, weights=self.weight, minlength=S)
+        num = np.bincount(self.dag.stage, weights=self.weight * ratios, minlength=S)
+        return np.divide(num, total, out=np.zeros(S), where=total > 0)
+
+
+def reduced_edges(dag: DAG) -> tuple[np.ndarray, np.ndarray]:
+    """Edges (src, dst) that imply all of ``dag``'s edges along paths.
+
+    Kept: program order (consecutive actions of a rank) and cross-rank edges u -> v not dominated
+    by another cross-rank edge u' -> v' between the same ranks with u' at or after u and v' at or
+    before v in program order (then u -> u' -> v' -> v is a path). Same-rank edges other than
+    program order are implied by the program order chain.
+    """
+    src, dst = dag.src, dag.dst
+    rank = dag.rank.astype(np.int64)
+    starts = np.searchsorted(rank, np.arange(dag.num_ranks))
+    pos = np.arange(dag.num_actions) - starts[rank]
+    same = rank[src] == rank[dst]
+    prog = same & (dst == src + 1)
+    cs, cd = src[~same], dst[~same]
+    if len(cs):
+        pair = rank[cs] * dag.num_ranks + rank[cd]
+        pu, pv = pos[cs], pos[cd]
+        order = np.lexsort((pv, -pu, pair))
+        cs, cd, pair, pv = cs[order], cd[order], pair[order], pv[order]
+        # running minimum of pos(v') over earlier edges of the same rank pair (reset per pair)
+        big = int(pv.max()) + 1
+        group = np.cumsum(np.r_[True, pair[1:] != pair[:-1]]) - 1
+        key = pv - group * big
+        prev_min = np.r_[np.iinfo(np.int64).max, np.minimum.accumulate(key)[:-1]]
+        first = np.r_[True, pair[1:] != pair[:-1]]
+        keep = first | (key < prev_min)
+        cs, cd = cs[keep], cd[keep]
+    return np.concatenate([src[prog], cs]), np.concatenate([dst[prog], cd])
+
+
+@dataclass(frozen=True, eq=False)
+class LP:
+    """``min cost @ x  s.t.  row_lo <= A x <= row_hi, col_lo <= x <= col_hi``; x = [t (n), r (k), T]."""
+
+    A: sp.csc_matrix
+    row_lo: np.ndarray
+    row_hi: np.ndarray
+    col_lo: np.ndarray
+    col_hi: np.ndarray
+    ratio_actions: np.ndarray
+    """int64 [k]: action index of each r column."""
+    num_actions: int
+    stage_rows: np.ndarray
+    """int64: row index of each stage cap row."""
+
+    @property
+    def t_col(self) -> int:
+        return self.A.shape[1] - 1
+
+    @property
+    def r_cols(self) -> slice:
+        return slice(self.num_actions, self.num_actions + len(self.ratio_actions))
+
+    def phase1_cost(self) -> np.ndarray:
+        c = np.zeros(self.A.shape[1])
+        c[self.t_col] = 1.0
+        return c
+
+    def phase2_cost(self) -> np.ndarray:
+        c = np.zeros(self.A.shape[1])
+        c[self.r_cols] = 1.0
+        return c
+
+
+def build_lp(problem: PlanProblem, *, reduced: bool = True) -> LP:
+    """Sparse LP of ``problem`` (see the module docstring for the two variants)."""
+    dag = problem.dag
+    n = dag.num_actions
+    up, delta = problem.unfrozen, problem.delta
+    fr = problem.freezable
+    ratio_actions = np.flatnonzero(fr)
+    k = len(ratio_actions)
+    rcol = np.full(n, -1, dtype=np.int64)
+    rcol[ratio_actions] = n + np.arange(k)
+    tcol = n + k
+
+    if reduced:
+        src, dst = reduced_edges(dag)
+        ends = np.r_[np.flatnonzero(np.diff(dag.rank)), n - 1]  # last action of each rank
+    else:
+        src, dst = dag.src, dag.dst
+        ends = np.arange(n)
+    E, R = len(src), len(ends)
+    # edge rows: t_dst - t_src + delta_src r_src >= U_src ; end rows: T - t_u + delta_u r_u >= U_u
+    u = np.concatenate([src, ends])
+    plus = np.concatenate([dst, np.full(R, tcol)])
+    rows = np.arange(E + R)
+    has_r = fr[u]
+    stage_of = dag.stage[ratio_actions].astype(np.int64)
+    total, budget = problem.stage_budget()
+    # a stage row is needed only when the cap can bind
+    need = (
+        np.bincount(
+            stage_of,
+            weights=problem.weight[ratio_actions] * problem.cap[ratio_actions],
+            minlength=dag.num_stages,
+        )
+        > budget * (1 + 1e-12) + 1e-300
+    )
+    stages = np.flatnonzero(need)
+    srow = np.full(dag.num_stages, -1, dtype=np.int64)
+    srow[stages] = E + R + np.arange(len(stages))
+    in_row = need[stage_of]
+    r_idx = np.concatenate([rows, rows, rows[has_r], srow[stage_of[in_row]]])
+    c_idx = np.concatenate([plus, u, rcol[u[has_r]], rcol[ratio_actions[in_row]]])
+    vals = np.concatenate(
+        [np.ones(E + R), -np.ones(E + R), delta[u[has_r]], problem.weight[ratio_actions[in_row]]]
+    )
+    m = E + R + len(stages)
+    A = sp.csc_matrix((vals, (r_idx, c_idx)), shape=(m, tcol + 1))
+    row_lo = np.concatenate([up[u], np.full(len(stages), -np.inf)])
+    row_hi = np.concatenate([np.full(E + R, np.inf), budget[stages]])
+    col_lo = np.zeros(tcol + 1)
+    col_hi = np.concatenate([np.full(n, np.inf), problem.cap[ratio_actions], [np.inf]])
+    return LP(A, row_lo, row_hi, col_lo, col_hi, ratio_actions, n, srow[stages] if len(stages) else srow[:0])
+
+
+def relative_gap(a: float, b: float) -> float:
+    """|a - b| / max(1, |a|, |b|)."""
+    return abs(a - b) / max(1.0, abs(a), abs(b))

@@ -1,0 +1,150 @@
+"""The result of a freeze-ratio solve: :class:`Plan` (ratios, makespans, stage means; JSON)."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+__all__ = ["FORMAT", "VERSION", "Plan"]
+
+FORMAT = "tfz-plan"
+VERSION = 1
+
+
+@dataclass(frozen=True, eq=False)
+class Plan:
+    """Freeze ratio of every action and what it buys.
+
+    ``ratios`` is float64 [n] aligned with ``names`` (the DAG's action names), 0 for actions that
+    cannot freeze. Makespans are in the unit of the durations given to the solver.
+    """
+
+    names: tuple[str, ...]
+    ratios: np.ndarray
+    makespan_planned: float
+    """Batch time of the planned durations (list-scheduling simulation)."""
+    makespan_unfrozen: float
+    makespan_all_frozen: float
+    """Batch time with every freezable action fully frozen (ignoring the caps)."""
+    stage_mean_ratio: tuple[float, ...]
+    """Weighted mean ratio per stage (see ``weighting``)."""
+    total_ratio: float
+    """Sum of all ratios: the phase-2 objective."""
+    solve_seconds: float
+    status: str
+    """``"optimal"`` (a failed solve raises instead of returning a plan)."""
+    max_freeze_ratio: float
+    weighting: str
+    solver: str
+    """``"structured"`` (tfz.plan.solve) or ``"generic"`` (the plain HiGHS formulation)."""
+    schedule: str = ""
+    phase_seconds: tuple[float, float] = (0.0, 0.0)
+    """Seconds spent in phase 1 (makespan) and phase 2 (total freezing)."""
+    warm: bool = False
+    """Whether the solve started from a previous plan's basis."""
+    _warm_state: Any = field(default=None, repr=False, compare=False)
+
+    @property
+    def num_actions(self) -> int:
+        return len(self.names)
+
+    @property
+    def ratio_by_action(self) -> dict[str, float]:
+        """Ratio per action name, every action included."""
+        return dict(zip(self.names, self.ratios.tolist()))
+
+    @property
+    def speedup(self) -> float:
+        """makespan_unfrozen / makespan_planned."""
+        return self.makespan_unfrozen / self.makespan_planned if self.makespan_planned > 0 else 1.0
+
+    def durations(self, unfrozen, frozen) -> np.ndarray:
+        """float64 [n]: planned durations ``U - r (U - L)`` for arrays aligned with ``names``."""
+        up = np.asarray(unfrozen, dtype=np.float64)
+        low = np.asarray(frozen, dtype=np.float64)
+        if up.shape != self.ratios.shape or low.shape != self.ratios.shape:
+            raise ValueError(f"durations must have shape {self.ratios.shape}, got {up.shape} and {low.shape}")
+        return up - self.ratios * (up - low)
+
+    def to_dict(self) -> dict:
+        return {
+            "format": FORMAT,
+            "version": VERSION,
+            "schedule": self.schedule,
+            "solver": self.solver,
+            "status": self.status,
+            "max_freeze_ratio": self.max_freeze_ratio,
+            "weighting": self.weighting,
+            "makespan_unfrozen": self.makespan_unfrozen,
+            "makespan_all_frozen": self.makespan_all_frozen,
+            "makespan_planned": self.makespan_planned,
+            "speedup": self.speedup,
+            "total_ratio": self.total_ratio,
+            "stage_mean_ratio": list(self.stage_mean_ratio),
+            "solve_seconds": self.solve_seconds,
+            "phase_seconds": list(self.phase_seconds),
+            "warm": self.warm,
+            "ratios": self.ratio_by_action,
+        }
+
+    def to_json(self, indent: int | None = None) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    @classmethod
+    def from_dict(cls, d: Any) -> Plan:
+        """Inverse of :meth:`to_dict`; ValueError naming the bad field."""
+        if not isinstance(d, dict):
+            raise ValueError(f"plan: expected a JSON object, got {type(d).__name__}")
+        if d.get("format") != FORMAT:
+            raise ValueError(f"plan.format: expected {FORMAT!r}, got {d.get('format')!r}")
+        if d.get("version") != VERSION:
+            raise ValueError(f"plan.version: expected {VERSION}, got {d.get('version')!r}")
+        ratios = d.get("ratios")
+        if not isinstance(ratios, dict):
+            raise ValueError("plan.ratios: expected an object keyed by action name")
+        values = np.array([_num(v, f"plan.ratios.{k}") for k, v in ratios.items()], dtype=np.float64)
+        bad = np.flatnonzero(~((values >= 0) & (values <= 1)))
+        if len(bad):
+            name = list(ratios)[bad[0]]
+            raise ValueError(f"plan.ratios.{name}: must be in [0, 1], got {values[bad[0]]}")
+
+        def num(key):
+            if key not in d:
+                raise ValueError(f"plan.{key}: missing")
+            return _num(d[key], f"plan.{key}")
+
+        return cls(
+            names=tuple(ratios),
+            ratios=values,
+            makespan_planned=num("makespan_planned"),
+            makespan_unfrozen=num("makespan_unfrozen"),
+            makespan_all_frozen=num("makespan_all_frozen"),
+            stage_mean_ratio=tuple(_num(v, "plan.stage_mean_ratio") for v in d.get("stage_mean_ratio", [])),
+            total_ratio=num("total_ratio"),
+            solve_seconds=num("solve_seconds"),
+            status=str(d.get("status", "")),
+            max_freeze_ratio=num("max_freeze_ratio"),
+            weighting=str(d.get("weighting", "count")),
+            solver=str(d.get("solver", "")),
+            schedule=str(d.get("schedule", "")),
+            phase_seconds=tuple(_num(v, "plan.phase_seconds") for v in d.get("phase_seconds", [0.0, 0.0])),
+            warm=bool(d.get("warm", False)),
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> Plan:
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"plan: invalid JSON ({exc.msg} at line {exc.lineno})") from None
+        return cls.from_dict(d)
+
+
+def _num(value: Any, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{where}: expected a finite number, got {value!r}")
+    return float(value)
