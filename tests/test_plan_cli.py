@@ -1,0 +1,98 @@
+"""``tfz plan``: JSON output against the library and the DAG simulation, files, errors."""
+
+import json
+
+import numpy as np
+import pytest
+
+from tfz.cli import main
+from tfz.dag import build_dag, simulate
+from tfz.schedule import build_schedule
+
+
+def _run(capsys, *argv):
+    rc = main(["plan", *argv])
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def test_json_output(capsys):
+    rc, out, _ = _run(
+        capsys, "--schedule", "1f1b", "--ranks", "3", "--microbatches", "6",
+        "--f", "1", "--i", "1.5", "--w", "2", "--w-frozen", "0.5", "--json",
+    )  # fmt: skip
+    assert rc == 0
+    d = json.loads(out)
+    for key in (
+        "makespan_unfrozen",
+        "makespan_all_frozen",
+        "makespan_planned",
+        "ratios",
+        "stage_mean_ratio",
+        "solve_seconds",
+    ):
+        assert key in d
+    dag = build_dag(build_schedule("1f1b", 3, 6))
+    kinds = np.array([a.kind for a in dag.actions])
+    up = np.where(kinds == "B", 3.5, 1.0)
+    low = np.where(kinds == "B", 2.0, 1.0)
+    assert d["makespan_unfrozen"] == pytest.approx((6 + 3 - 1) * 4.5)
+    assert d["makespan_all_frozen"] == pytest.approx((6 + 3 - 1) * 3.0)
+    r = np.array([d["ratios"][name] for name in dag.names])
+    assert d["makespan_planned"] == pytest.approx(simulate(dag, up - r * (up - low)).makespan, rel=1e-12)
+    assert len(d["stage_mean_ratio"]) == 3
+    assert max(d["stage_mean_ratio"]) <= 0.8 + 1e-9
+    assert d["makespan_all_frozen"] <= d["makespan_planned"] < d["makespan_unfrozen"]
+
+
+def test_cap_zero_and_generic_solver(capsys):
+    base = ["--schedule", "gpipe", "--ranks", "2", "--microbatches", "3", "--json"]
+    rc, out, _ = _run(capsys, *base, "--max-freeze-ratio", "0")
+    d = json.loads(out)
+    assert rc == 0 and d["makespan_planned"] == d["makespan_unfrozen"]
+    assert set(d["ratios"].values()) == {0.0}
+    rc, out_s, _ = _run(capsys, *base, "--max-freeze-ratio", "0.5")
+    rc2, out_g, _ = _run(capsys, *base, "--max-freeze-ratio", "0.5", "--solver", "generic")
+    s, g = json.loads(out_s), json.loads(out_g)
+    assert s["makespan_planned"] == pytest.approx(g["makespan_planned"], rel=1e-9)
+    assert s["total_ratio"] == pytest.approx(g["total_ratio"], rel=1e-9)
+
+
+def test_profile_and_files(capsys, tmp_path):
+    from tfz.profile import Profile
+
+    prof = tmp_path / "p.json"
+    Profile.uniform(1.0, 1.0, 2.0, 0.25).save(prof)
+    trace, png = tmp_path / "t.json", tmp_path / "t.png"
+    rc, out, _ = _run(
+        capsys, "--schedule", "zbh1", "--ranks", "3", "--microbatches", "4", "--profile", str(prof),
+        "--trace", str(trace), "--png", str(png),
+    )  # fmt: skip
+    assert rc == 0
+    assert "makespan planned" in out
+    events = json.loads(trace.read_text())["traceEvents"]
+    ratios = [
+        e["args"].get("freeze_ratio") for e in events if e.get("ph") == "X" and "W" in e.get("name", "")
+    ]
+    assert ratios and all(r is not None and 0 <= r <= 1 for r in ratios)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize(
+    "argv,needle",
+    [
+        (["--max-freeze-ratio", "1.5"], "--max-freeze-ratio"),
+        (["--max-freeze-ratio", "nan"], "--max-freeze-ratio"),
+        (["--w", "1", "--w-frozen", "2"], "--w-frozen"),
+        (["--f", "-1"], "--f"),
+        (["--profile", "/nonexistent/p.json"], "cannot read profile"),
+    ],
+)
+def test_errors_exit_2_one_line(capsys, argv, needle):
+    with pytest.raises(SystemExit) as info:
+        rc = main(["plan", "--schedule", "1f1b", "--ranks", "2", "--microbatches", "2", *argv])
+        raise SystemExit(rc)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert needle in err
+    assert len(err.strip().splitlines()) == 1
