@@ -36,6 +36,7 @@ import numpy as np
 
 __all__ = [
     "LayerSpec",
+    "MaskProvider",
     "RandomPolicy",
     "SelectionPolicy",
     "StageMasks",
@@ -194,6 +195,17 @@ class RandomPolicy:
         weights = np.linspace(self.first_weight, self.last_weight, n)
         # Efraimidis-Spirakis: sorting Exp(1) / weight gives weighted sampling without replacement
         return np.argsort(rng.exponential(size=n) / weights, kind="stable")
+
+
+@runtime_checkable
+class MaskProvider(Protocol):
+    """What the pipeline runtime asks before each backward: the masks of one (stage, microbatch).
+
+    Implemented by ``tfz.controller.TimelyFreeze`` and the freezers of ``tfz.metrics``; None means
+    nothing is frozen for that action.
+    """
+
+    def masks_for(self, stage: int, microbatch: int) -> StageMasks | None: ...
 
 
 @dataclass(frozen=True, eq=False)
