@@ -7,6 +7,8 @@ import os
 import platform
 import shutil
 
+import pytest
+
 if shutil.which("nvidia-smi") is None:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -29,3 +31,18 @@ def pytest_benchmark_update_machine_info(config, machine_info):
         pass
     info["cpus"] = os.cpu_count()
     machine_info["tfz"] = info
+
+
+def pytest_collection_modifyitems(config, items):
+    try:
+        import torch
+
+        has_cuda = torch.cuda.is_available()
+    except Exception:  # noqa: BLE001
+        has_cuda = False
+    if has_cuda:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (none visible)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
