@@ -32,7 +32,7 @@ def _new_highs():
     import highspy
 
     if _banner_shown:
-        return highspy.Highs()
+        return _quiet(highspy.Highs())
     sys.stdout.flush()
     saved = os.dup(1)
     devnull = os.open(os.devnull, os.O_WRONLY)
@@ -44,6 +44,13 @@ def _new_highs():
         os.close(saved)
         os.close(devnull)
     _banner_shown = True
+    return _quiet(h)
+
+
+def _quiet(h):
+    # one thread everywhere: HiGHS refuses to run when instances ask for different thread counts
+    h.setOptionValue("output_flag", False)
+    h.setOptionValue("threads", 1)
     return h
 
 
@@ -52,13 +59,10 @@ def make_highs(lp: LP, cost: np.ndarray, *, solver: str = "simplex", presolve: s
     import highspy
 
     h = _new_highs()
-    h.silent()
-    h.setOptionValue("output_flag", False)
     h.setOptionValue("solver", solver)
     h.setOptionValue("presolve", presolve)
     h.setOptionValue("primal_feasibility_tolerance", _TOL)
     h.setOptionValue("dual_feasibility_tolerance", _TOL)
-    h.setOptionValue("threads", 1)
     model = highspy.HighsLp()
     model.num_col_, model.num_row_ = lp.A.shape[1], lp.A.shape[0]
     model.col_cost_ = np.asarray(cost, dtype=np.float64)

@@ -7,6 +7,7 @@ dual-simplex solves of separate models: phase 1 minimises T, phase 2 minimises `
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import numpy as np
@@ -30,9 +31,7 @@ def solve_generic(dag: DAG, unfrozen, frozen, config: PlanConfig | None = None, 
     t1 = time.perf_counter()
     col_hi = lp.col_hi.copy()
     col_hi[lp.t_col] = t_star
-    lp2 = type(lp)(
-        lp.A, lp.row_lo, lp.row_hi, lp.col_lo, col_hi, lp.ratio_actions, lp.num_actions, lp.stage_rows
-    )
+    lp2 = dataclasses.replace(lp, col_hi=col_hi)
     h2 = make_highs(lp2, lp2.phase2_cost())
     _, x = run_checked(h2, "phase 2 (total freezing)")
     t2 = time.perf_counter()

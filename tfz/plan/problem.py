@@ -219,6 +219,8 @@ class LP:
     num_actions: int
     stage_rows: np.ndarray
     """int64: row index of each stage cap row."""
+    stage_of_row: np.ndarray | None = None
+    """int64: stage of each stage cap row (aligned with ``stage_rows``)."""
 
     @property
     def t_col(self) -> int:
@@ -289,7 +291,7 @@ def build_lp(problem: PlanProblem, *, reduced: bool = True) -> LP:
     row_hi = np.concatenate([np.full(E + R, np.inf), budget[stages]])
     col_lo = np.zeros(tcol + 1)
     col_hi = np.concatenate([np.full(n, np.inf), problem.cap[ratio_actions], [np.inf]])
-    return LP(A, row_lo, row_hi, col_lo, col_hi, ratio_actions, n, srow[stages] if len(stages) else srow[:0])
+    return LP(A, row_lo, row_hi, col_lo, col_hi, ratio_actions, n, srow[stages], stages)
 
 
 def relative_gap(a: float, b: float) -> float:

@@ -1,21 +1,23 @@
-"""Structured solve of the freeze-ratio LP: reduced formulation, one simplex run for both phases.
+"""Structured solve of the freeze-ratio LP: reduced LP, network-simplex start basis, one simplex run.
 
-The LP is the reduced formulation of :func:`tfz.plan.problem.build_lp` (program-order chains,
-undominated cross-rank edges, one makespan row per rank, no cap row where the cap cannot bind):
-about 2 rows per action instead of 3 to 4, which alone makes dual simplex (HiGHS) 2-5x faster.
+Measured on this 2-core machine (bench/RESULTS.md): the generic formulation takes ~25 s at 16k
+actions and several minutes at 65k because dual simplex needs ~3 pivots per action from the slack
+basis and each pivot costs O(actions) (a tree basis has dense inverse columns). Three things cut it:
 
-The two phases share one model and one basis:
+1. *Reduced LP* (:func:`tfz.plan.problem.build_lp`): program-order chains, undominated cross-rank
+   edges, one makespan row per rank, no cap row where the cap cannot bind (2-5x).
+2. *Start basis from the network problem* (:mod:`tfz.plan.network`): without the stage caps the LP
+   is project crashing, whose dual is a min-cost flow; its network simplex (compiled with numba)
+   solves 16k actions in ~0.2 s and its optimal tree is a basis of the LP that is optimal but for
+   the few binding caps, so HiGHS repairs it in ~1k pivots instead of ~45k (5-7x).
+3. *Both phases in one run*: minimise ``T + eps * sum r`` (``eps`` = 1e-3 of the mean saving of an
+   action), then re-optimise with objective ``T`` (usually 0 pivots: exact ``T*``), then bound
+   ``T <= T*`` and minimise ``sum r`` (exact phase 2, from the same basis). Whatever ``eps`` does,
+   the last two steps make the result the exact lexicographic optimum; ``eps`` only sets how much
+   work is left to them.
 
-1. *start*: minimise ``T + eps * sum r`` (``eps`` = 1e-5 of the mean saving of an action). For a
-   small enough ``eps`` its optimal basis is optimal for both phases; the next two steps make the
-   result exact whatever ``eps`` did.
-2. *phase 1*: objective ``T`` from that basis (usually 0 iterations): ``T*``, exact.
-3. *phase 2*: bound ``T <= T*``, objective ``sum r`` (usually a few iterations): exact.
-
-Compared with running phase 2 from phase 1's basis this halves the cold time, since phase 1's
-optimum is very degenerate and phase 2 would otherwise walk far along its optimal face.
-A plan keeps the basis of step 2, so a re-plan after the durations moved (``warm_start=plan``)
-starts from it (measured: about 30x fewer iterations than cold after a 2% change).
+Without numba the start is HiGHS's slack basis (same result, slower). ``warm_start=plan`` restarts
+step 3 from the plan's basis instead of building a network start.
 """
 
 from __future__ import annotations
@@ -28,11 +30,20 @@ from tfz.dag import DAG
 from tfz.plan._finish import finish_plan
 from tfz.plan._highs import make_highs, run_checked, set_cost
 from tfz.plan.problem import LP, PlanConfig, PlanProblem, build_lp
+
+try:
+    from tfz.plan.network import network_basis
+except ImportError:  # numba missing: start from HiGHS's slack basis
+
+    def network_basis(problem, lp, kappa, alpha=1.0, deadline=None):
+        return None
+
+
 from tfz.plan.result import Plan
 
 __all__ = ["solve"]
 
-EPS = 1e-5
+EPS = 1e-3
 
 
 def _signature(lp: LP) -> tuple:
@@ -60,19 +71,23 @@ def solve(
     problem = PlanProblem.create(dag, unfrozen, frozen, config, action_cap)
     lp = build_lp(problem, reduced=True)
     sig = _signature(lp)
-    start_cost = lp.phase1_cost()
-    if len(lp.ratio_actions):
-        start_cost[lp.r_cols] = EPS * float(np.mean(problem.delta[lp.ratio_actions]))
-    h = make_highs(lp, start_cost)
-    warm = False
+    k = len(lp.ratio_actions)
     state = getattr(warm_start, "_warm_state", None)
-    if state is not None and state[0] == sig:
-        h.setBasis(state[1])
-        warm = True
+    warm = state is not None and state[0] == sig
+    if warm:
+        eps = state[1]
+    else:
+        eps = EPS * float(np.mean(problem.delta[lp.ratio_actions])) if k else 0.0
+    start_cost = lp.phase1_cost()
+    start_cost[lp.r_cols] = eps
+    h = make_highs(lp, start_cost)
+    start = state[2] if warm else (network_basis(problem, lp, np.full(k, eps)) if k else None)
+    if start is not None:
+        h.setBasis(start)
     run_checked(h, "start (makespan + eps * total freezing)")
+    basis = h.getBasis()
     set_cost(h, lp.phase1_cost())
     t_star, _ = run_checked(h, "phase 1 (makespan)")
-    basis = h.getBasis()  # phase 2's basis would carry T at its phase-2 bound: a poor start
     t1 = time.perf_counter()
     h.changeColBounds(lp.t_col, 0.0, t_star)
     set_cost(h, lp.phase2_cost())
@@ -88,5 +103,5 @@ def solve(
         seconds=t2 - t0,
         phase_seconds=(t1 - t0, t2 - t1),
         warm=warm,
-        warm_state=(sig, basis),
+        warm_state=(sig, eps, basis),
     )
