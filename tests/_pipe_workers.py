@@ -1,0 +1,312 @@
+"""Workers for the tfz.pipeline tests: a tiny model cut into stages, a fixed freezing plan, and rank
+functions run through :func:`tfz.pipeline.launch`.
+
+Model: per stage ``h + down(tanh(up(norm(h))))`` with LayerNorm(8), up = Linear(8, 12),
+down = Linear(12, 8); stage 0 first embeds token ids (Embedding(11, 8)). Loss: MSE against a random
+target. A microbatch has ``TOKENS`` = 3 rows, a number that is no layer width, so a GEMM whose
+contraction dimension is 3 is a weight-gradient GEMM (dW = dY^T X), and nothing else is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import tempfile
+
+import numpy as np
+
+DIM, HIDDEN, VOCAB, TOKENS = 8, 12, 11, 3
+MICROBATCHES = 4
+BLOCK_ROWS = 4
+SCHEDULES = ("gpipe", "1f1b", "interleaved1f1b", "interleavedzb", "zbv", "dualpipev", "zbh1")
+TORCH_CLASS = {
+    "gpipe": "GPipe",
+    "1f1b": "1F1B",
+    "interleaved1f1b": "Interleaved1F1B",
+    "interleavedzb": "InterleavedZeroBubble",
+    "zbv": "ZBVZeroBubble",
+    "dualpipev": "DualPipeV",
+}
+RATIOS = (0.0, 0.55, 1.0, 0.3, 0.8, 0.0, 0.45, 1.0, 0.2, 0.65, 0.0, 0.9)
+"""Freeze ratio of (stage, mb) = RATIOS[(stage * MICROBATCHES + mb) % len(RATIOS)]; see :func:`plan`."""
+
+
+def make_stage_module(stage: int, dtype=None):
+    """The module of ``stage`` (same weights in every process; plain nn.Linear layers)."""
+    import torch
+    from torch import nn
+
+    class TinyStage(nn.Module):
+        def __init__(self, first: bool):
+            super().__init__()
+            self.embed = nn.Embedding(VOCAB, DIM) if first else None
+            self.norm = nn.LayerNorm(DIM)
+            self.up = nn.Linear(DIM, HIDDEN)
+            self.down = nn.Linear(HIDDEN, DIM)
+
+        def forward(self, x):
+            h = self.embed(x) if self.embed is not None else x
+            return h + self.down(torch.tanh(self.up(self.norm(h))))
+
+    torch.manual_seed(1000 + stage)
+    module = TinyStage(stage == 0)
+    with torch.no_grad():  # non-trivial norm parameters, so their gradients matter
+        module.norm.weight.uniform_(0.5, 1.5)
+        module.norm.bias.uniform_(-0.2, 0.2)
+    return module.to(dtype or torch.float32)
+
+
+def make_batch(microbatches: int = MICROBATCHES, seed: int = 5):
+    """Token ids int64 [M * TOKENS] and targets float32 [M * TOKENS, DIM]."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, VOCAB, (microbatches * TOKENS,), generator=g)
+    target = torch.randn(microbatches * TOKENS, DIM, generator=g)
+    return ids, target
+
+
+def stage_units(stage: int):
+    """Freezable units of a stage: up/down in 4-row blocks, plus norm (and embedding) tensors."""
+    import tfz.nn
+    from tfz.masks import StageUnits
+
+    module = tfz.nn.convert_to_freezable(make_stage_module(stage))
+    return StageUnits.from_module(module, block_rows=BLOCK_ROWS, include_tensors=True)
+
+
+def plan(num_stages: int, microbatches: int = MICROBATCHES) -> dict:
+    """(stage, mb) -> StageMasks: ratios 0 and 1 and partial ones; stage 0's microbatch 2 fully frozen
+    (embedding included); on the last stage, microbatch 1 freezes whole norm tensors next to row blocks."""
+    from tfz.masks import StageMasks, select
+
+    table = {}
+    for s in range(num_stages):
+        units = stage_units(s)
+        for mb in range(microbatches):
+            ratio = RATIOS[(s * microbatches + mb) % len(RATIOS)]
+            if s == 0 and mb == 2:
+                ratio = 1.0
+            table[(s, mb)] = select(units, ratio, stage=s, microbatch=mb, seed=7)
+        chosen = np.array(
+            [
+                (u.name == "norm.weight")
+                or (u.name == "norm.bias")
+                or (u.name == "up" and u.start == 4)
+                or (u.name == "down" and u.start == 0)
+                for u in units.units
+            ]
+        )
+        if s == num_stages - 1:
+            table[(s, 1)] = StageMasks(units=units, ratio=0.5, frozen=chosen)
+    return table
+
+
+def schedule_layout(name: str, microbatches: int = MICROBATCHES):
+    """(tfz Schedule, number of stages) for 2 ranks."""
+    from tfz.schedule import build_schedule
+
+    sched = build_schedule(name, 2, microbatches)
+    return sched, sched.num_stages
+
+
+def dw_flop_counter():
+    """A dispatch mode adding up (``.flops``) the FLOPs of GEMMs whose contraction dimension is TOKENS,
+    i.e. the weight-gradient GEMMs."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    aten = torch.ops.aten
+    gemm = {aten.mm: (0, 1), aten.addmm: (1, 2), aten.addmm_: (1, 2)}
+
+    class DwFlops(TorchDispatchMode):
+        flops = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            where = gemm.get(func.overloadpacket)
+            if where is not None:
+                a, b = args[where[0]], args[where[1]]
+                if a.shape[1] == TOKENS:
+                    self.flops += 2 * a.shape[0] * a.shape[1] * b.shape[1]
+            return func(*args, **(kwargs or {}))
+
+    return DwFlops()
+
+
+def _grads(modules: dict) -> dict:
+    return {
+        s: {n: (None if p.grad is None else p.grad.reshape(-1).tolist()) for n, p in m.named_parameters()}
+        for s, m in modules.items()
+    }
+
+
+def _build(name: str, variant: str, rank: int, timer, provider, csv_dir: str):
+    """Stages and schedule of one run: variant "direct" (FreezeAwareStage), "swap" (make_freeze_aware
+    after the schedule exists), "none" (make_freeze_aware without provider), "plain" (torch only)."""
+    import torch
+    import torch.nn.functional as F
+    from torch.distributed.pipelining import PipelineStage, schedules
+
+    import tfz.nn
+    from tfz.pipeline import FreezeAwareStage, make_freeze_aware
+    from tfz.schedule import dump_csv
+
+    sched_tfz, num_stages = schedule_layout(name)
+    ids = sched_tfz.stages_of(rank)
+    modules = {s: tfz.nn.convert_to_freezable(make_stage_module(s)) for s in ids}
+    cpu = torch.device("cpu")
+    if variant == "direct":
+        stages = [
+            FreezeAwareStage(modules[s], s, num_stages, cpu, provider=provider, timer=timer) for s in ids
+        ]
+    else:
+        stages = [PipelineStage(modules[s], s, num_stages, cpu) for s in ids]
+    loss_fn = lambda out, target: F.mse_loss(out, target)  # noqa: E731
+    if name == "zbh1":
+        path = f"{csv_dir}/zbh1_rank{rank}.csv"
+        dump_csv(sched_tfz, path)
+        schedule = schedules._PipelineScheduleRuntime(stages, MICROBATCHES, loss_fn=loss_fn)
+        schedule._load_csv(path)
+    else:
+        cls = schedules.get_schedule_class(TORCH_CLASS[name])
+        schedule = cls(stages[0] if len(stages) == 1 else stages, MICROBATCHES, loss_fn=loss_fn)
+    if variant == "swap":
+        for st in stages:
+            make_freeze_aware(st, provider=provider, timer=timer)
+    elif variant == "none":
+        for st in stages:
+            make_freeze_aware(st, timer=timer)
+    return sched_tfz, modules, stages, schedule
+
+
+def run_schedules(rank: int, world: int, runs: list[tuple[str, str]], steps: int = 2) -> list[dict]:
+    """Each (schedule, variant) of ``runs``: ``steps`` training steps; per step the stage grads, counters,
+    timed action names, measured dW FLOPs (variant "direct"), and pending W work after the step."""
+    import torch
+
+    from tfz.pipeline import FixedMasks
+    from tfz.timing import ActionTimer
+
+    torch.set_num_threads(1)
+    out = []
+    with tempfile.TemporaryDirectory() as csv_dir:
+        for name, variant in runs:
+            sched_tfz, num_stages = schedule_layout(name)
+            provider = FixedMasks(plan(num_stages))
+            timer = None if variant == "plain" else ActionTimer("cpu")
+            _, modules, stages, schedule = _build(name, variant, rank, timer, provider, csv_dir)
+            ids = sched_tfz.stages_of(rank)
+            x, y = make_batch()
+            result = {"schedule": name, "variant": variant, "steps": []}
+            for _ in range(steps):
+                for m in modules.values():
+                    m.zero_grad(set_to_none=True)
+                args = (x,) if 0 in ids else ()
+                kwargs = {"target": y, "losses": []} if num_stages - 1 in ids else {}
+                counter = dw_flop_counter() if variant == "direct" else None
+                with counter if counter is not None else contextlib.nullcontext():
+                    schedule.step(*args, **kwargs)
+                step = {"grads": _grads(modules)}
+                if timer is not None:
+                    step["spans"] = [span.name for span in timer.collect_spans()]
+                    step["stats"] = {st.stage_index: st.tfz.stats.to_dict() for st in stages}
+                    step["pending"] = [st.tfz.store.pending() for st in stages]
+                if counter is not None:
+                    step["dw_flops"] = counter.flops
+                result["steps"].append(step)
+            out.append(result)
+    return out
+
+
+class _RaisingProvider:
+    """Freezes nothing, but raises on (stage, mb) == ``at``."""
+
+    def __init__(self, at):
+        self.at = at
+
+    def masks_for(self, stage, mb):
+        if (stage, mb) == self.at:
+            raise ValueError(f"provider failed at stage {stage} microbatch {mb}")
+        return None
+
+
+def run_failing(rank: int, world: int, fail_at: tuple[int, int]) -> str:
+    """1F1B over 2 stages; the provider of the rank holding ``fail_at``'s stage raises mid-step."""
+    import torch
+    import torch.nn.functional as F
+    from torch.distributed.pipelining import Schedule1F1B
+
+    import tfz.nn
+    from tfz.pipeline import FreezeAwareStage
+
+    torch.set_num_threads(1)
+    module = tfz.nn.convert_to_freezable(make_stage_module(rank))
+    stage = FreezeAwareStage(module, rank, 2, torch.device("cpu"), provider=_RaisingProvider(fail_at))
+    schedule = Schedule1F1B(stage, MICROBATCHES, loss_fn=lambda o, t: F.mse_loss(o, t))
+    x, y = make_batch()
+    schedule.step(*((x,) if rank == 0 else ()), **({"target": y, "losses": []} if rank == 1 else {}))
+    return "finished"
+
+
+def reference_grads(num_stages: int, table: dict, microbatches: int = MICROBATCHES) -> dict:
+    """Plain float64 autograd per microbatch, gradients masked like ``table``, summed, divided by M.
+
+    Returns {stage: {param name: flat list, or None when no microbatch trained it}}.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    modules = {s: make_stage_module(s).double() for s in range(num_stages)}
+    ids, target = make_batch(microbatches)
+    sums = {s: {n: None for n, _ in m.named_parameters()} for s, m in modules.items()}
+    for mb, (xm, ym) in enumerate(zip(ids.chunk(microbatches), target.double().chunk(microbatches))):
+        h = xm
+        for s in range(num_stages):
+            h = modules[s](h)
+        loss = F.mse_loss(h, ym)
+        for s, m in modules.items():
+            names = [n for n, _ in m.named_parameters()]
+            grads = torch.autograd.grad(loss, list(m.parameters()), retain_graph=True)
+            masks = table.get((s, mb))
+            for n, g in zip(names, grads):
+                keep = _kept(masks, n, g.shape)
+                if keep is None:
+                    continue
+                g = g * keep
+                sums[s][n] = g if sums[s][n] is None else sums[s][n] + g
+    return {
+        s: {n: (None if g is None else (g / microbatches).reshape(-1).tolist()) for n, g in d.items()}
+        for s, d in sums.items()
+    }
+
+
+def _kept(masks, name: str, shape):
+    """float64 multiplier of a parameter gradient under ``masks`` (None: frozen as a whole)."""
+    import torch
+
+    if masks is None:
+        return torch.ones(shape, dtype=torch.float64)
+    if name in masks.frozen_tensors:
+        return None
+    layer, _, kind = name.rpartition(".")
+    rows = masks.active_rows.get(layer)
+    if rows is None:
+        return torch.ones(shape, dtype=torch.float64)
+    if not rows.any():
+        return None
+    keep = torch.from_numpy(rows.astype(np.float64))
+    return keep[:, None].expand(shape) if kind == "weight" else keep
+
+
+def expected_flops(num_stages: int, table: dict, microbatches: int = MICROBATCHES) -> dict:
+    """{(stage, mb): (computed, skipped)} dW GEMM FLOPs from the masks: 2 * TOKENS * rows * in."""
+    out = {}
+    for s in range(num_stages):
+        for mb in range(microbatches):
+            masks = table.get((s, mb))
+            computed = skipped = 0
+            for layer, (rows, inp) in {"up": (HIDDEN, DIM), "down": (DIM, HIDDEN)}.items():
+                active = rows if masks is None else int(masks.active_rows[layer].sum())
+                computed += 2 * TOKENS * active * inp
+                skipped += 2 * TOKENS * (rows - active) * inp
+            out[(s, mb)] = (computed, skipped)
+    return out

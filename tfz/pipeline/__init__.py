@@ -1,0 +1,45 @@
+"""Freeze-aware pipeline runtime on ``torch.distributed.pipelining`` (``tfz.pipeline``).
+
+- :func:`make_freeze_aware` / :class:`FreezeAwareStage`: stages that apply a mask provider's
+  freezing per (stage, microbatch), time every F/B/I/W action and count skipped W FLOPs
+  (:mod:`tfz.pipeline.stage`, :mod:`tfz.pipeline.engine`);
+- :class:`FixedMasks`, :class:`RatioMasks`: simple mask providers;
+- :func:`launch`, :func:`run_from_env`: spawn ranks with failure propagation, or run under torchrun.
+
+The stage names load on first access (they import ``torch.distributed.pipelining``).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from tfz.pipeline.counters import MicrobatchStats, StageStats
+from tfz.pipeline.launch import RankError, launch, run_from_env
+from tfz.pipeline.providers import FixedMasks, RatioMasks
+
+__all__ = [
+    "FixedMasks",
+    "FreezeAwareStage",
+    "FreezeState",
+    "MicrobatchStats",
+    "RankError",
+    "RatioMasks",
+    "StageStats",
+    "launch",
+    "make_freeze_aware",
+    "run_from_env",
+]
+
+_LAZY = ("FreezeAwareStage", "FreezeState", "make_freeze_aware")
+
+
+def __getattr__(name):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'tfz.pipeline' has no attribute {name!r}")
+    value = getattr(importlib.import_module("tfz.pipeline.stage"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

@@ -1,0 +1,449 @@
+"""Freeze-aware ``torch.distributed.pipelining`` stages: per-action masks, timing and counters.
+
+Two ways in, same behaviour:
+
+- ``FreezeAwareStage(submodule, stage_index, num_stages, device, ..., provider=..., timer=...)``, a
+  ``PipelineStage`` built directly;
+- ``make_freeze_aware(stage, provider=..., timer=...)`` on a stage someone else built (torchtitan's
+  ``PipelineStage``, the tracer's ``_PipelineStage``): it swaps ``stage.__class__`` to a generated
+  subclass of the stage's own class, before or after the schedule was created. Idempotent.
+
+Every schedule runs a stage through the same methods, which the subclass overrides:
+
+- ``forward_one_chunk`` (F), ``backward_one_chunk`` (B, or I with ``full_backward=False``) and
+  ``backward_weight_one_chunk`` (W) record the action (``stage.tfz.stats.actions``) and time it with
+  the :class:`tfz.timing.ActionTimer` under torch's names (``"2F0"``, ``"3I1"``, ``"0W3"``,
+  ``"1B2"``). DualPipeV's overlapped F/B pairs run sequentially in torch and are recorded as their
+  sub-actions. Stage 0's I runs nothing (torch defers stage 0's whole backward to its W, which runs
+  as a full backward), so "0I<mb>" is recorded with its near-zero time.
+- ``backward_maybe_with_nosync`` asks the provider for the masks of (stage, microbatch) at the action
+  that starts that microbatch's backward (B, I, or stage 0's W; a non-first stage's W reuses the
+  masks of its I) and then calls torch's own ``backward_maybe_with_nosync``. torch's DDP / FSDP
+  handling there (``no_sync``, ``prepare_for_backward`` on the last backward, FSDP2's
+  ``set_is_last_backward`` / ``set_requires_gradient_sync``) therefore runs unchanged around the
+  freeze-aware work: tfz wraps the module-level ``stage_backward``, ``stage_backward_input`` and
+  ``stage_backward_weight`` of ``torch.distributed.pipelining.stage`` once; the wrappers defer to
+  torch's originals unless this thread is inside a freeze-aware action, in which case they run
+  :mod:`tfz.pipeline.engine` (see there for what B, I and W compute). torch's ``backward_counter`` and
+  ``last_backward`` bookkeeping is untouched (the schedule's calls are the same).
+
+No provider (``provider=None``): every backward is torch's own; the stage only records, times and
+counts. With a provider, a None answer freezes nothing but still runs tfz's backward (its I/W split
+queues FreezableLinear dW for the W action; see :mod:`tfz.pipeline.engine`).
+
+First step: torch's dynamic metadata inference (``_forward_metadata_inference`` /
+``_backward_metadata_inference``) runs the stage module and ``torch.autograd.grad`` over the stage
+inputs outside the stage's action methods, so no masks are asked, nothing is timed or counted, and
+FreezableLinear computes no dW there (the engine does not need the weight grads of an input-only
+``autograd.grad``) and queues nothing (no W capture is active).
+
+Counters (``stage.tfz.stats``, a :class:`tfz.pipeline.counters.StageStats` per step, reset when the
+schedule starts a step): per microbatch the realised frozen fraction, the whole tensors left out, and
+the weight-gradient GEMM FLOPs of FreezableLinear layers computed and skipped (2 * tokens * rows *
+in_features; tokens come from a forward pre-hook on each FreezableLinear, counted only inside F
+actions). ``count_flops=False`` registers no hooks.
+
+Limits: stages built with ``dw_builder`` are refused. Under DDP, parameters left out of a backward
+need ``find_unused_parameters=True``, and the W queue writes ``.grad`` directly, so DDP's autograd hooks
+do not see deferred dW (as with torch's own I/W split). Under FSDP2 the parameters are resolved at
+every action (unsharded ones); this is untested without GPUs.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+from torch.distributed.pipelining import PipelineStage
+from torch.distributed.pipelining import stage as _torch_stage
+from torch.distributed.pipelining.stage import _PipelineStageBase
+
+from tfz.nn import WeightGradStore
+from tfz.pipeline.counters import StageStats
+from tfz.pipeline.engine import (
+    MaskPlan,
+    PlanCache,
+    StageParams,
+    full_backward,
+    input_backward,
+    stage_module,
+    w_flops,
+    weight_backward,
+)
+
+__all__ = ["FreezeAwareStage", "FreezeState", "make_freeze_aware"]
+
+_WRAPPED = {"stage_backward": "full", "stage_backward_input": "input", "stage_backward_weight": "weight"}
+"""torch.distributed.pipelining.stage function -> backward type it implements."""
+_tls = threading.local()
+_install_lock = threading.Lock()
+
+
+class _Job:
+    """The freeze-aware backward one ``backward_maybe_with_nosync`` call runs (set in a thread-local)."""
+
+    __slots__ = ("state", "kind", "key", "plan", "params")
+
+    def __init__(self, state: FreezeState, kind: str, mb: int, plan: MaskPlan, params: StageParams):
+        self.state, self.kind, self.plan, self.params = state, kind, plan, params
+        self.key = (state.stage_index, mb)
+
+    def run(self, kind: str, args: tuple, kwargs: dict) -> Any:
+        if kind != self.kind:
+            raise RuntimeError(
+                f"tfz.pipeline: torch ran a {kind!r} backward inside a {self.kind!r} action of stage "
+                f"{self.key[0]} (torch {torch.__version__}'s pipelining changed?)"
+            )
+        if kind == "full":
+            stage_output, output_grads, input_values = args[:3]
+            return full_backward(stage_output, output_grads, input_values, self.plan, self.params)
+        if kind == "input":
+            stage_output, output_grads, input_values = args[:3]
+            grads = input_backward(
+                stage_output, output_grads, input_values, self.plan, self.params, self.state.store, self.key
+            )
+            return grads, []  # no param_groups: W flushes the queue instead
+        weight_backward(self.plan, self.state.store, self.key)
+        return ()
+
+
+def _wrapper(name: str, original):
+    kind = _WRAPPED[name]
+
+    @functools.wraps(original)
+    def wrapper(*args, **kwargs):
+        job = getattr(_tls, "job", None)
+        if job is None:
+            return original(*args, **kwargs)
+        return job.run(kind, args, kwargs)
+
+    wrapper._tfz_original = original
+    return wrapper
+
+
+def _install_backward_wrappers() -> None:
+    """Wrap torch's stage_backward* names in ``torch.distributed.pipelining.stage`` (once)."""
+    with _install_lock:
+        for name in _WRAPPED:
+            current = getattr(_torch_stage, name, None)
+            if current is None:
+                raise RuntimeError(
+                    f"torch.distributed.pipelining.stage has no {name!r} (torch {torch.__version__}); "
+                    "tfz.pipeline needs torch 2.11 or newer"
+                )
+            if getattr(current, "_tfz_original", None) is None:
+                setattr(_torch_stage, name, _wrapper(name, current))
+
+
+class FreezeState:
+    """The tfz side of one freeze-aware stage (``stage.tfz``).
+
+    Attributes:
+        provider: ``masks_for(stage, microbatch) -> StageMasks | None`` (:class:`tfz.masks.MaskProvider`),
+            or None; may be replaced between steps.
+        timer: a :class:`tfz.timing.ActionTimer` (or anything with ``action(name)``), or None.
+        store: the stage's W queue (:class:`tfz.nn.WeightGradStore`).
+        stats: counters of the current (or last finished) step.
+    """
+
+    def __init__(self, stage: _PipelineStageBase, provider=None, timer=None, count_flops: bool = True):
+        self.stage_index: int = stage.stage_index
+        self._stage_ref = stage
+        self.provider = provider
+        self.timer = timer
+        self.store = WeightGradStore()
+        self.stats = StageStats(self.stage_index)
+        self.count_flops = bool(count_flops)
+        self._plans = PlanCache()
+        self._params: StageParams | None = None
+        self._split: dict[int, MaskPlan | None] = {}
+        self._tokens: dict[int, dict] = {}
+        self._fwd_tokens: dict | None = None
+        self._local = threading.local()
+        self._hooks: list = []
+        module = stage_module(stage.submod)
+        self._fsdp = _uses_fsdp(module)
+        if self.count_flops:
+            for sub in module.modules():
+                if getattr(sub, "supports_row_masks", False):
+                    self._hooks.append(sub.register_forward_pre_hook(self._count_tokens))
+
+    # -- configuration --------------------------------------------------------------------------------
+    @property
+    def provider(self):
+        return self._provider
+
+    @provider.setter
+    def provider(self, provider) -> None:
+        if provider is not None and not callable(getattr(provider, "masks_for", None)):
+            raise TypeError(f"provider must have a masks_for(stage, microbatch) method, got {provider!r}")
+        self._provider = provider
+
+    @property
+    def timer(self):
+        return self._timer
+
+    @timer.setter
+    def timer(self, timer) -> None:
+        if timer is not None and not callable(getattr(timer, "action", None)):
+            raise TypeError(f"timer must have an action(name) method (tfz.timing.ActionTimer), got {timer!r}")
+        self._timer = timer
+
+    # -- per step ---------------------------------------------------------------------------------------
+    def new_step(self) -> None:
+        """Start a step: fresh counters, forget unfinished microbatches (and their queued dW)."""
+        self.stats = StageStats(self.stage_index)
+        self._split.clear()
+        self._tokens.clear()
+        self.store.clear(self.stage_index)
+        self._params = None
+
+    def params(self) -> StageParams:
+        if self._fsdp or self._params is None:
+            self._params = StageParams(self._stage_ref.submod)
+        return self._params
+
+    def _count_tokens(self, layer, args) -> None:
+        record = self._fwd_tokens
+        if record is not None and args and isinstance(args[0], torch.Tensor):
+            record[layer] = record.get(layer, 0) + args[0].numel() // layer.in_features
+
+    # -- actions ----------------------------------------------------------------------------------------
+    def action(self, mb: int, kind: str) -> str:
+        name = f"{self.stage_index}{kind}{mb}"
+        self.stats.actions.append(name)
+        return name
+
+    def timed(self, name: str):
+        timer = self._timer
+        return nullcontext() if timer is None else timer.action(name)
+
+    def _count(self, mb: int, plan: MaskPlan | None, params: StageParams) -> None:
+        """W FLOPs of microbatch ``mb`` (at the action that computes its dW)."""
+        tokens = self._tokens.pop(mb, None)
+        if not self.count_flops or not tokens:
+            return
+        computed, skipped = w_flops(plan or self._plans.get(None, params), params, tokens)
+        stats = self.stats.microbatch(mb)
+        stats.w_flops += computed
+        stats.w_flops_skipped += skipped
+
+    def _plan(self, mb: int, params: StageParams) -> MaskPlan | None:
+        """The provider's masks for ``mb``, prepared; None without a provider (torch's backward)."""
+        if self._provider is None:
+            return None
+        plan = self._plans.get(self._provider.masks_for(self.stage_index, mb), params)
+        stats = self.stats.microbatch(mb)
+        stats.masked = plan.masks is not None
+        stats.frozen_fraction = plan.frozen_fraction
+        stats.frozen_tensors = plan.frozen_tensor_count
+        return plan
+
+    def job(self, backward_type: str) -> _Job | None:
+        """What tfz runs for torch's ``backward_type`` in the current action (None: torch's own)."""
+        current = getattr(self._local, "action", None)
+        if current is None:  # not inside one of this stage's actions
+            return None
+        mb, _ = current
+        params = self.params()
+        if backward_type == "full":
+            plan = self._plan(mb, params)
+            self._count(mb, plan, params)
+            return None if plan is None else _Job(self, "full", mb, plan, params)
+        if backward_type == "input":
+            plan = self._split[mb] = self._plan(mb, params)
+            return None if plan is None else _Job(self, "input", mb, plan, params)
+        if backward_type == "weight":
+            if mb not in self._split:
+                return None  # torch reports the missing I itself
+            plan = self._split.pop(mb)
+            self._count(mb, plan, params)
+            return None if plan is None else _Job(self, "weight", mb, plan, params)
+        return None
+
+    def close(self) -> None:
+        """Remove the token-counting hooks."""
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks.clear()
+
+    def __repr__(self) -> str:
+        return f"FreezeState(stage={self.stage_index}, provider={self._provider!r}, timer={self._timer!r})"
+
+
+def _uses_fsdp(module: torch.nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return any(isinstance(m, FSDPModule) for m in module.modules())
+
+
+# The overriding methods. They are plain functions put into each freeze-aware class (FreezeAwareStage
+# and the classes make_freeze_aware generates): a mixin base class would change the instance layout
+# CPython compares on ``__class__`` assignment. ``_tfz_base`` is the class they extend.
+
+
+def _base(stage) -> type:
+    return type(stage)._tfz_base
+
+
+def _forward_one_chunk(self, fwd_chunk_id: int, *args, **kwargs):
+    state = self.tfz
+    name = state.action(fwd_chunk_id, "F")
+    state._fwd_tokens = {} if state.count_flops else None
+    try:
+        with state.timed(name):
+            return _base(self).forward_one_chunk(self, fwd_chunk_id, *args, **kwargs)
+    finally:
+        if state._fwd_tokens is not None:
+            state._tokens[fwd_chunk_id] = state._fwd_tokens
+            state._fwd_tokens = None
+
+
+def _timed_backward(self, kind: str, mb: int, call):
+    state = self.tfz
+    name = state.action(mb, kind)
+    local = state._local
+    outer = getattr(local, "action", None)
+    local.action = (mb, kind)
+    try:
+        with state.timed(name):
+            return call()
+    finally:
+        local.action = outer
+
+
+def _backward_one_chunk(self, bwd_chunk_id: int, loss=None, full_backward: bool = True, last_backward=False):
+    base = _base(self)
+
+    def call():
+        return base.backward_one_chunk(
+            self, bwd_chunk_id, loss=loss, full_backward=full_backward, last_backward=last_backward
+        )
+
+    if not self.has_backward:
+        return call()
+    return _timed_backward(self, "B" if full_backward else "I", bwd_chunk_id, call)
+
+
+def _backward_weight_one_chunk(self, bwd_chunk_id: int, last_backward=False):
+    base = _base(self)
+
+    def call():
+        return base.backward_weight_one_chunk(self, bwd_chunk_id, last_backward=last_backward)
+
+    if not self.has_backward:
+        return call()
+    return _timed_backward(self, "W", bwd_chunk_id, call)
+
+
+def _backward_maybe_with_nosync(self, backward_type, bwd_kwargs: dict, last_backward: bool = False):
+    base = _base(self)
+    job = self.tfz.job(backward_type)
+    if job is None:
+        return base.backward_maybe_with_nosync(self, backward_type, bwd_kwargs, last_backward=last_backward)
+    outer = getattr(_tls, "job", None)
+    _tls.job = job
+    try:
+        return base.backward_maybe_with_nosync(self, backward_type, bwd_kwargs, last_backward=last_backward)
+    finally:
+        _tls.job = outer
+
+
+def _clear_runtime_states(self) -> None:
+    _base(self).clear_runtime_states(self)
+    self.tfz.new_step()
+
+
+_OVERRIDES = {
+    "forward_one_chunk": _forward_one_chunk,
+    "backward_one_chunk": _backward_one_chunk,
+    "backward_weight_one_chunk": _backward_weight_one_chunk,
+    "backward_maybe_with_nosync": _backward_maybe_with_nosync,
+    "clear_runtime_states": _clear_runtime_states,
+}
+
+
+class FreezeAwareStage(PipelineStage):
+    """A ``PipelineStage`` that applies a mask provider's freezing per (stage, microbatch).
+
+    Same arguments as ``PipelineStage`` plus, keyword-only:
+
+    Args:
+        provider: :class:`tfz.masks.MaskProvider` or None (nothing frozen; torch's own backward).
+        timer: :class:`tfz.timing.ActionTimer` timing every F/B/I/W action, or None.
+        count_flops: count weight-gradient FLOPs per microbatch (forward pre-hooks on FreezableLinear).
+    """
+
+    _tfz_base = PipelineStage
+    tfz: FreezeState
+    forward_one_chunk = _forward_one_chunk
+    backward_one_chunk = _backward_one_chunk
+    backward_weight_one_chunk = _backward_weight_one_chunk
+    backward_maybe_with_nosync = _backward_maybe_with_nosync
+    clear_runtime_states = _clear_runtime_states
+
+    def __init__(self, *args, provider=None, timer=None, count_flops: bool = True, **kwargs):
+        super().__init__(*args, **kwargs)
+        _attach(self, provider, timer, count_flops)
+
+
+_CLASSES: dict[type, type] = {PipelineStage: FreezeAwareStage}
+
+
+def _is_freeze_aware(stage) -> bool:
+    return getattr(type(stage), "_tfz_base", None) is not None
+
+
+def _freeze_aware_class(cls: type) -> type:
+    with _install_lock:
+        new = _CLASSES.get(cls)
+        if new is None:
+            namespace = dict(_OVERRIDES)
+            namespace.update(
+                _tfz_base=cls,
+                __module__=__name__,
+                __doc__=f"Freeze-aware {cls.__qualname__} (tfz.pipeline.make_freeze_aware).",
+            )
+            new = _CLASSES[cls] = type(f"FreezeAware{cls.__name__.lstrip('_')}", (cls,), namespace)
+    return new
+
+
+def _attach(stage, provider, timer, count_flops) -> None:
+    if getattr(stage, "dw_builder", None) is not None:
+        raise ValueError(
+            f"stage {stage.stage_index} was built with a dw_builder; freeze-aware stages defer dW "
+            "themselves (FreezableLinear W queue): build it without one"
+        )
+    _install_backward_wrappers()
+    stage.tfz = FreezeState(stage, provider, timer, count_flops)
+
+
+def make_freeze_aware(stage, *, provider=None, timer=None, count_flops: bool = True):
+    """Make an existing pipeline stage freeze-aware in place (class swap); returns the stage.
+
+    Works for ``PipelineStage``, the tracer's ``_PipelineStage`` and their subclasses, before or after
+    a schedule was built on it. Calling it again on a freeze-aware stage keeps its state and only
+    replaces ``provider`` / ``timer`` when they are given (use ``stage.tfz.provider = None`` to remove
+    one).
+    """
+    if not isinstance(stage, _PipelineStageBase):
+        raise TypeError(f"expected a torch pipeline stage (PipelineStage), got {type(stage).__name__}")
+    if _is_freeze_aware(stage):
+        if provider is not None:
+            stage.tfz.provider = provider
+        if timer is not None:
+            stage.tfz.timer = timer
+        return stage
+    original = type(stage)
+    if getattr(stage, "dw_builder", None) is not None:
+        _attach(stage, provider, timer, count_flops)  # raises ValueError
+    stage.__class__ = _freeze_aware_class(original)
+    try:
+        _attach(stage, provider, timer, count_flops)
+    except BaseException:
+        stage.__class__ = original
+        raise
+    return stage
