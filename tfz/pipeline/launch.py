@@ -4,10 +4,12 @@
 ``MASTER_PORT`` (a free local port), ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` set and
 ``init_process_group(backend, timeout=init_timeout)`` done, and calls ``fn(rank, world_size, *args)``;
 it returns the per-rank return values (they must pickle). When a rank raises, the parent stops the
-other ranks at once (SIGTERM, then SIGKILL) and raises :class:`RankError` with that rank's exception
-type, message and traceback text (and the exception itself as ``__cause__`` when it unpickles). A rank
-that dies without a Python exception (a signal, ``os._exit``) raises RankError with its exit code. If
-the whole run exceeds ``timeout`` seconds, every rank is killed and TimeoutError is raised.
+other ranks (SIGTERM, then SIGKILL) within about a second and raises :class:`RankError` with that
+rank's exception type, message and traceback text (and the exception itself as ``__cause__`` when it
+unpickles). A rank that dies without a Python exception (a signal, ``os._exit``) gives RankError with
+its exit code. When several ranks fail, the one that failed first is reported: a silent death, else
+the earliest exception (the others are usually its consequences, e.g. gloo's "Connection closed by
+peer"). If the whole run exceeds ``timeout`` seconds, every rank is killed and TimeoutError is raised.
 
 ``fn`` and ``args`` must be picklable (``fn`` defined at module level of an importable module).
 
@@ -31,6 +33,10 @@ __all__ = ["RankError", "launch", "run_from_env"]
 
 _GRACE_S = 2.0
 """Seconds a terminated rank gets before SIGKILL."""
+_FAILURE_WINDOW_S = 1.0
+"""After the first failure, seconds to wait for others (to report the one that came first)."""
+_REPORT_GRACE_S = 0.2
+"""Seconds a rank that exited may take to deliver its report before it counts as died."""
 
 
 class RankError(RuntimeError):
@@ -102,7 +108,8 @@ def _child(fn, rank, world_size, args, port, backend, init_timeout, results) -> 
             exc_bytes = pickle.dumps(exc)
         except Exception:  # noqa: BLE001
             exc_bytes = None
-        results.put(("error", rank, _type_name(exc), str(exc), traceback.format_exc(), exc_bytes))
+        report = (rank, _type_name(exc), str(exc), traceback.format_exc(), exc_bytes, time.time())
+        results.put(("error", *report))
         results.close()
         results.join_thread()
         os._exit(1)  # skip process-group teardown: peers may be blocked in a collective
@@ -125,8 +132,13 @@ def _stop(procs) -> None:
             p.join(5.0)
 
 
-def _raise_error(msg) -> None:
-    _, rank, type_name, message, tb, exc_bytes = msg
+def _raise_first(reported: dict[int, tuple], died: dict[int, int]) -> None:
+    """Raise the failure that came first: a rank that died without a report (its peers' errors are
+    consequences, such as gloo's "Connection closed by peer"), else the earliest reported exception."""
+    if died:
+        rank = min(died)
+        raise RankError(rank, None, "", exitcode=died[rank])
+    rank, type_name, message, tb, exc_bytes, _ = min(reported.values(), key=lambda rep: (rep[5], rep[0]))
     cause = None
     if exc_bytes is not None:
         try:
@@ -189,9 +201,17 @@ def launch(
         for p in procs:
             p.start()
         dead_since: dict[int, float] = {}
-        while len(values) < world_size:
-            remaining = deadline - time.monotonic()
+        reported: dict[int, tuple] = {}
+        died: dict[int, int] = {}
+        first_failure = None
+        while len(values) + len(reported) + len(died) < world_size:
+            now = time.monotonic()
+            if first_failure is not None and now - first_failure > _FAILURE_WINDOW_S:
+                break
+            remaining = deadline - now
             if remaining <= 0:
+                if first_failure is not None:
+                    break
                 running = [r for r in range(world_size) if r not in values]
                 raise TimeoutError(
                     f"launch: ranks {running} still running after {timeout:g} s; all ranks were killed"
@@ -199,17 +219,21 @@ def launch(
             try:
                 msg = results.get(timeout=min(0.05, remaining))
             except queue.Empty:
-                now = time.monotonic()
                 for r, p in enumerate(procs):
-                    if r in values or p.exitcode is None:
+                    if r in values or r in reported or r in died or p.exitcode is None:
                         continue
-                    # exited without a report: give its last message a moment to arrive
-                    if now - dead_since.setdefault(r, now) > 1.0:
-                        raise RankError(r, None, "", exitcode=p.exitcode) from None
+                    # exited without a report: give a last message a moment to arrive
+                    if now - dead_since.setdefault(r, now) > _REPORT_GRACE_S:
+                        died[r] = p.exitcode
+                        first_failure = first_failure or now
                 continue
             if msg[0] == "error":
-                _raise_error(msg)
-            values[msg[1]] = pickle.loads(msg[2])
+                reported[msg[1]] = msg[1:]
+                first_failure = first_failure or time.monotonic()
+            else:
+                values[msg[1]] = pickle.loads(msg[2])
+        if reported or died:
+            _raise_first(reported, died)
         for p in procs:
             p.join(max(0.0, deadline - time.monotonic()))
     finally:
