@@ -1,0 +1,752 @@
+"""tfz.controller in one process: phases, lower-bound masks, plan vs the LP on the true times, ramp,
+masks across instances, drift re-plans, checkpoint/resume, async solving, policies and bad input.
+
+Action times are synthetic: a (u, l) model from a tfz.profile.Profile, and every B/W action runs in
+``u - f (u - l)`` (times a little noise) with f the realised frozen fraction of the masks the
+controller handed out for that step.
+"""
+
+import json
+import logging
+import threading
+import time
+
+import numpy as np
+import pytest
+from torch import nn
+
+from tfz.controller import Phase, TimelyFreeze, TimelyFreezeConfig
+from tfz.controller.estimates import (
+    TimingWindow,
+    assess_drift,
+    bound_estimates,
+    drift_stats,
+    drifting_stages,
+    extrapolate_lower,
+    refit,
+    stage_sums,
+)
+from tfz.dag import build_dag, simulate
+from tfz.masks import RandomPolicy, select
+from tfz.nn import FreezableLinear
+from tfz.plan import PlanConfig, PlanSolveError, solve
+from tfz.profile import Profile, StageTimes
+from tfz.schedule import build_schedule
+
+BLOCK = 4
+
+
+def stage_module():
+    """Units with block_rows=4: ten of weight 128, one of 64 (the unique smallest), eight of 168."""
+    return nn.Sequential(FreezableLinear(32, 42), FreezableLinear(42, 32))
+
+
+def true_times(dag, scale_stage=None, factor=1.0):
+    """(u, l) [n] of a profile whose later stages are slower; optionally stage ``scale_stage`` x factor."""
+    stages = {}
+    for s in range(dag.num_stages):
+        k = factor if s == scale_stage else 1.0
+        stages[s] = StageTimes(
+            f=k * (1.0 + 0.2 * s), i=k * (1.2 + 0.3 * s), w=k * (1.0 + 0.4 * s), w_frozen=0.1
+        )
+    return Profile(stages=stages).durations(dag)
+
+
+class Synthetic:
+    """Per-step times of every action of ``dag`` given a controller's masks (realised fractions)."""
+
+    def __init__(self, dag, noise=0.0, seed=0):
+        self.dag = dag
+        self.u, self.l = true_times(dag)
+        self.noise = noise
+        self.seed = seed
+
+    def fractions(self, controllers):
+        f = np.zeros(self.dag.num_actions)
+        for c in controllers:
+            for s in c.local_stages:
+                for i in np.flatnonzero((self.dag.stage == s) & self.dag.kind_mask("B", "W")):
+                    m = c.masks_for(s, int(self.dag.microbatch[i]))
+                    f[i] = 0.0 if m is None else m.frozen_fraction
+        return f
+
+    def times(self, step, *controllers):
+        f = self.fractions(controllers)
+        d = self.u - f * (self.u - self.l)
+        if self.noise:
+            rng = np.random.default_rng([self.seed, step])
+            d = d * (1 + self.noise * rng.standard_normal(len(d)))
+        return {name: float(x) for name, x in zip(self.dag.names, d)}
+
+
+def make(cfg, sched, **kw):
+    dag = build_dag(sched)
+    return TimelyFreeze(cfg, dag, {s: stage_module() for s in range(dag.num_stages)}, **kw)
+
+
+def small(**kw):
+    base = dict(phase_unit=3, check_every=2, block_rows=BLOCK, async_solve=False)
+    base.update(kw)
+    return TimelyFreezeConfig(**base)
+
+
+def expected_phase(cfg, k):
+    """Phase of relative step k, in closed form (sync solve: ready at the first poll)."""
+    W, M, K, R = cfg.warmup, cfg.monitor, cfg.check_every, cfg.ramp
+    submit = W + 2 * M
+    adopt = (submit // K + 1) * K  # first decision step after the submission
+    if k < W:
+        return Phase.WARMUP
+    if k < W + M:
+        return Phase.MONITOR_UPPER
+    if k < submit:
+        return Phase.MONITOR_LOWER
+    if k < adopt:
+        return Phase.SOLVING
+    return Phase.RAMP if k < adopt + R else Phase.STABLE
+
+
+# ---------------------------------------------------------------- config
+
+
+def test_config_defaults_are_the_papers():
+    cfg = TimelyFreezeConfig()
+    assert (cfg.max_freeze_ratio, cfg.phase_unit, cfg.check_every) == (0.8, 50, 10)
+    assert (cfg.warmup, cfg.monitor, cfg.ramp) == (50, 50, 150)
+    assert cfg.median_window == 50 - cfg.discard_steps
+    assert cfg.keep_trainable_units == 1 and cfg.weighting == "count"
+    over = TimelyFreezeConfig(phase_unit=4, warmup_steps=0, monitor_steps=6, ramp_steps=0, window=2)
+    assert (over.warmup, over.monitor, over.ramp, over.median_window) == (0, 6, 0, 2)
+    with pytest.raises(TypeError):
+        TimelyFreezeConfig(0.5)  # keyword only
+    with pytest.raises(AttributeError):
+        cfg.seed = 3  # frozen
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("max_freeze_ratio", 1.5),
+        ("max_freeze_ratio", -0.1),
+        ("max_freeze_ratio", float("nan")),
+        ("phase_unit", 0),
+        ("phase_unit", 2.5),
+        ("warmup_steps", -1),
+        ("monitor_steps", 0),
+        ("ramp_steps", -3),
+        ("check_every", 0),
+        ("check_every", True),
+        ("discard_steps", -1),
+        ("window", 0),
+        ("drift_threshold", 0.0),
+        ("drift_threshold", float("inf")),
+        ("block_rows", 0),
+        ("seed", -1),
+        ("keep_trainable_units", -1),
+        ("weighting", "time"),
+        ("replan", 1),
+    ],
+)
+def test_config_rejects_bad_values(field, value):
+    with pytest.raises(ValueError, match=field) as info:
+        TimelyFreezeConfig(**{field: value})
+    assert repr(value) in str(info.value)
+
+
+def test_config_rejects_windows_longer_than_the_recorded_half():
+    with pytest.raises(ValueError, match=r"window \(5\) exceeds .* = 3"):
+        TimelyFreezeConfig(phase_unit=4, window=5)
+    with pytest.raises(ValueError, match="discard_steps"):
+        TimelyFreezeConfig(phase_unit=2, discard_steps=2)
+
+
+# ---------------------------------------------------------------- phases and masks
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(phase_unit=3, check_every=2),
+        dict(phase_unit=2, check_every=1),
+        dict(phase_unit=3, check_every=4, warmup_steps=0, ramp_steps=0),
+        dict(phase_unit=2, check_every=3, warmup_steps=5, monitor_steps=4, ramp_steps=7, discard_steps=2),
+    ],
+)
+def test_phase_transitions_at_the_right_steps(kw):
+    cfg = small(**kw)
+    sched = build_schedule("1f1b", 2, 4)
+    c = make(cfg, sched)
+    syn = Synthetic(c.dag)
+    origin = 7  # the loop's own step numbering
+    seen = []
+    for k in range(cfg.warmup + 2 * cfg.monitor + cfg.ramp + 3 * cfg.check_every + 3):
+        assert c.phase is expected_phase(cfg, k), k
+        seen.append(c.phase)
+        c.step_end(origin + k, syn.times(k, c))
+    assert seen[-1] is Phase.STABLE and c.plan is not None
+    # history: the first step of every phase, in order
+    firsts = {p: origin + seen.index(p) for p in Phase if p in seen}
+    entered = [(step, phase) for step, phase, _ in c.history]
+    assert entered == [(firsts[p], p.value) for p in Phase if p in firsts and (p is not Phase.WARMUP)]
+
+
+def test_no_masks_outside_the_freezing_phases_and_lower_window_masks():
+    cfg = small(keep_trainable_units=1)
+    sched = build_schedule("1f1b", 3, 4)
+    c = make(cfg, sched)
+    syn = Synthetic(c.dag)
+    k = 0
+    while c.phase is not Phase.MONITOR_LOWER:
+        assert all(c.masks_for(s, mb) is None for s in range(3) for mb in range(4))
+        c.step_end(k, syn.times(k, c))
+        k += 1
+    units = c.units[2]
+    smallest = int(np.argmin(units.weights))
+    assert np.sum(units.weights == units.weights[smallest]) == 1
+    while c.phase is Phase.MONITOR_LOWER:
+        for s in range(3):
+            for mb in range(4):
+                m = c.masks_for(s, mb)
+                if s < 2:
+                    assert m.frozen.all()
+                else:  # the last stage keeps its smallest unit trainable
+                    assert np.flatnonzero(~m.frozen).tolist() == [smallest]
+        assert c.requested_ratios().tolist() == c.dag.kind_mask("B", "W").astype(float).tolist()
+        c.step_end(k, syn.times(k, c))
+        k += 1
+    assert c.phase is Phase.SOLVING
+    assert all(c.masks_for(s, mb) is None for s in range(3) for mb in range(4))
+
+
+def test_keep_two_units_and_zero_units():
+    for keep in (0, 2):
+        c = make(small(keep_trainable_units=keep), build_schedule("gpipe", 2, 2))
+        syn = Synthetic(c.dag)
+        k = 0
+        while c.phase is not Phase.MONITOR_LOWER:
+            c.step_end(k, syn.times(k, c))
+            k += 1
+        w = c.units[1].weights
+        kept = np.flatnonzero(~c.masks_for(1, 0).frozen)
+        assert len(kept) == keep
+        assert set(w[kept].tolist()) <= set(np.sort(w)[:keep].tolist())
+        assert c.masks_for(0, 1).frozen.all()
+
+
+def run_to_stable(c, syn, extra=0):
+    k = 0
+    while c.phase is not Phase.STABLE:
+        c.step_end(k, syn.times(k, c))
+        k += 1
+        assert k < 200
+    for _ in range(extra):
+        c.step_end(k, syn.times(k, c))
+        k += 1
+    return k
+
+
+@pytest.mark.parametrize(
+    "name, P, M", [("1f1b", 2, 4), ("gpipe", 3, 3), ("zbv", 2, 4), ("interleaved1f1b", 2, 4)]
+)
+def test_plan_matches_the_lp_on_the_true_times(name, P, M):
+    sched = build_schedule(name, P, M)
+    c = make(small(), sched)
+    syn = Synthetic(c.dag, noise=1e-4)
+    run_to_stable(c, syn)
+    up, lo = syn.u, syn.l
+    upper, lower = c.estimates
+    np.testing.assert_allclose(upper, up, rtol=1e-3)
+    freezable = c.dag.kind_mask("B", "W")
+    np.testing.assert_allclose(lower[freezable], lo[freezable], rtol=2e-3, atol=2e-3)
+    assert np.array_equal(lower[~freezable], upper[~freezable])  # F and I: fixed at up
+    # float32 gather: every estimate is a float32 number
+    assert np.array_equal(upper.astype(np.float32).astype(np.float64), upper)
+    ref = solve(c.dag, up, lo, PlanConfig(max_freeze_ratio=0.8))
+    assert c.plan.makespan_planned == pytest.approx(ref.makespan_planned, rel=2e-3)
+    # the controller's ratios run as fast on the true times as the reference plan
+    true_span = simulate(c.dag, up - c.plan.ratios * (up - lo)).makespan
+    assert true_span == pytest.approx(ref.makespan_planned, rel=3e-3)
+    assert np.all(np.asarray(c.plan.stage_mean_ratio) <= 0.8 + 1e-9)
+    assert c.predicted_batch_time() == pytest.approx(c.plan.makespan_planned, rel=1e-6)
+
+
+def test_plan_equals_reference_ratios_without_noise():
+    c = make(small(), build_schedule("1f1b", 2, 4))
+    syn = Synthetic(c.dag)
+    run_to_stable(c, syn)
+    ref = solve(c.dag, syn.u, syn.l, PlanConfig(max_freeze_ratio=0.8))
+    np.testing.assert_allclose(c.plan.ratios, ref.ratios, atol=1e-5)
+
+
+def test_ramp_progress_is_linear_and_masks_follow_the_plan():
+    cfg = small(check_every=1, ramp_steps=5)
+    c = make(cfg, build_schedule("1f1b", 2, 4))
+    syn = Synthetic(c.dag)
+    k = 0
+    while c.phase is not Phase.RAMP:
+        c.step_end(k, syn.times(k, c))
+        k += 1
+    spans = []
+    for j in range(cfg.ramp):
+        assert c.phase is Phase.RAMP
+        assert c.progress == pytest.approx((j + 1) / cfg.ramp)
+        np.testing.assert_allclose(c.requested_ratios(), c.plan.ratios * (j + 1) / cfg.ramp)
+        for s in (0, 1):
+            for mb in range(4):
+                m = c.masks_for(s, mb)
+                r = c.plan.ratios[c.dag.index[f"{s}B{mb}"]] * c.progress
+                got = 0.0 if m is None else m.frozen_fraction
+                assert abs(got - r) <= c.units[s].bound + 1e-12
+        spans.append(c.predicted_batch_time())
+        c.step_end(k, syn.times(k, c))
+        k += 1
+    assert c.phase is Phase.STABLE and c.progress == 1.0
+    assert all(a > b for a, b in zip(spans, spans[1:]))
+    assert spans[-1] == pytest.approx(c.plan.makespan_planned)
+    # realised stage means are within the select bound of the plan's stage means
+    for s, f in c.stage_freeze_ratio().items():
+        assert abs(f - c.plan.stage_mean_ratio[s]) <= c.units[s].bound + 1e-12
+
+
+def test_masks_redrawn_at_decision_steps_and_cached_between():
+    cfg = small(check_every=3, ramp_steps=0)
+    c = make(cfg, build_schedule("1f1b", 2, 4))
+    syn = Synthetic(c.dag)
+    k = run_to_stable(c, syn)
+    draws = []
+    for _ in range(10):
+        draws.append((c.decision, c.masks_for(1, 2)))
+        assert c.masks_for(1, 2) is draws[-1][1]  # cached
+        c.step_end(k, syn.times(k, c))
+        k += 1
+    decisions = [d for d, _ in draws]
+    for (d0, m0), (d1, m1) in zip(draws, draws[1:]):
+        if d0 == d1:
+            assert m1 is m0
+    changed = [i for i in range(1, 10) if decisions[i] != decisions[i - 1]]
+    assert [(k - 10 + i) % 3 for i in changed] == [0] * len(changed) and len(changed) == 3
+    # same ratio, a new draw: the frozen units differ for some redraw
+    assert any(not np.array_equal(a[1].frozen, b[1].frozen) for a, b in zip(draws, draws[1:]))
+    # masks are tfz.masks.select with the decision index as step
+    d, m = draws[-1]
+    ref = select(c.units[1], float(c.plan.ratios[c.dag.index["1B2"]]), stage=1, microbatch=2, step=d, seed=0)
+    assert np.array_equal(m.frozen, ref.frozen)
+
+
+def test_two_instances_give_identical_masks_and_another_seed_differs():
+    sched = build_schedule("1f1b", 2, 4)
+    a, b = make(small(), sched), make(small(), sched)
+    other = make(small(seed=5), sched)
+    syn = Synthetic(a.dag, noise=0.01)
+    differs = False
+    for k in range(40):
+        for s in (0, 1):
+            for mb in range(4):
+                ma, mb_, mo = a.masks_for(s, mb), b.masks_for(s, mb), other.masks_for(s, mb)
+                assert (ma is None) == (mb_ is None)
+                if ma is not None:
+                    assert np.array_equal(ma.frozen, mb_.frozen)
+                    differs |= mo is not None and not np.array_equal(ma.frozen, mo.frozen)
+        times = syn.times(k, a)
+        a.step_end(k, times)
+        b.step_end(k, times)
+        other.step_end(k, times)
+    assert a.phase is Phase.STABLE and np.array_equal(a.plan.ratios, b.plan.ratios)
+    assert differs
+
+
+# ---------------------------------------------------------------- drift
+
+
+def drift_run(factor, steps_after=40, noise=0.01, **kw):
+    cfg = small(**kw)
+    c = make(cfg, build_schedule("1f1b", 2, 4))
+    syn = Synthetic(c.dag, noise=noise)
+    k = run_to_stable(c, syn, extra=6)
+    first = c.plan
+    syn.u, syn.l = true_times(c.dag, scale_stage=1, factor=factor)
+    for _ in range(steps_after):
+        c.step_end(k, syn.times(k, c))
+        k += 1
+    return c, syn, first
+
+
+def test_drift_triggers_one_warm_replan():
+    c, syn, first = drift_run(1.3)
+    assert c.replans == 1
+    assert c.plan is not first and c.plan.warm
+    assert sum("drift on stage 1" in e for _, _, e in c.history) == 1
+    # the refitted estimates track the new times, and the new plan is the LP's on them
+    upper, lower = c.estimates
+    np.testing.assert_allclose(upper, syn.u, rtol=0.05)
+    ref = solve(c.dag, syn.u, syn.l, PlanConfig(max_freeze_ratio=0.8))
+    true_span = simulate(c.dag, syn.u - c.plan.ratios * (syn.u - syn.l)).makespan
+    assert true_span == pytest.approx(ref.makespan_planned, rel=0.03)
+    old_span = simulate(c.dag, syn.u - first.ratios * (syn.u - syn.l)).makespan
+    assert true_span <= old_span + 1e-9
+
+
+def test_no_replan_without_drift_or_when_disabled():
+    c, _, first = drift_run(1.0, steps_after=60, noise=0.02)
+    assert c.replans == 0 and c.plan is first
+    c, _, first = drift_run(1.3, replan=False)
+    assert c.replans == 0 and c.plan is first
+
+
+def test_small_drift_below_threshold_is_ignored():
+    c, _, first = drift_run(1.05, noise=0.0, drift_threshold=0.2)
+    assert c.replans == 0
+
+
+# ---------------------------------------------------------------- checkpoint / resume
+
+
+class RotatingPolicy:
+    """Ranks units starting at an offset that observe() advances; the offset is its state."""
+
+    def __init__(self):
+        self.offset = 0
+        self.observed = []
+
+    def rank(self, units, *, stage, microbatch, rng):
+        n = len(units)
+        return (np.arange(n) + self.offset + microbatch) % n
+
+    def observe(self, step, stage_modules):
+        self.observed.append((step, sorted(stage_modules)))
+        self.offset += 1
+
+    def state_dict(self):
+        return {"offset": self.offset}
+
+    def load_state_dict(self, state):
+        self.offset = state["offset"]
+
+
+def trace(policy_factory, resume_at=None, steps=46, drift_at=30):
+    sched = build_schedule("1f1b", 2, 4)
+    cfg = small(ramp_steps=4)
+    c = make(cfg, sched, policy=policy_factory())
+    syn = Synthetic(c.dag, noise=0.01)
+    out = []
+    saved = None
+    for k in range(steps):
+        if k == drift_at:
+            syn.u, syn.l = true_times(c.dag, scale_stage=0, factor=1.4)
+        if k == resume_at:
+            state = saved = json.loads(json.dumps(c.state_dict()))
+            c = make(cfg, sched, policy=policy_factory())
+            c.load_state_dict(state)
+        masks = [c.masks_for(s, mb) for s in (0, 1) for mb in range(4)]
+        out.append(
+            (
+                c.phase.value,
+                c.decision,
+                c.progress,
+                None if c.plan is None else c.plan.ratios.tolist(),
+                [None if m is None else m.frozen.tolist() for m in masks],
+            )
+        )
+        c.step_end(k, syn.times(k, c))
+        c.observe(k)
+    return out, c, saved
+
+
+def test_resume_in_every_phase_continues_identically():
+    reference, c, _ = trace(RotatingPolicy)
+    phases = [r[0] for r in reference]
+    assert c.replans == 1  # the run includes a re-plan
+    drift_step = next(step for step, _, event in c.history if "drift" in event)
+    # the first and the second step of every phase, and a re-plan in flight
+    points = {phases.index(p.value) + d for p in Phase for d in (0, 1)} | {drift_step, drift_step + 1}
+    covered = set()
+    for resume_at in sorted(points):
+        resumed, _, state = trace(RotatingPolicy, resume_at=resume_at)
+        assert_same_trace(resumed, reference, f"resumed at step {resume_at} ({phases[resume_at]})")
+        covered.add((state["phase"], None if state["pending"] is None else state["pending"]["kind"]))
+    assert {p for p, _ in covered} == {p.value for p in Phase}
+    assert ("solving", "initial") in covered and ("stable", "replan") in covered
+
+
+def assert_same_trace(got, want, where):
+    """Phases, decisions, progress and masks equal; plan ratios equal up to LP tolerance (a re-plan
+    after a resume starts cold, see TimelyFreeze.state_dict)."""
+    assert len(got) == len(want)
+    for k, (a, b) in enumerate(zip(got, want)):
+        assert (a[0], a[1], a[2], a[4]) == (b[0], b[1], b[2], b[4]), f"{where}: step {k}"
+        assert (a[3] is None) == (b[3] is None), f"{where}: step {k}"
+        if a[3] is not None:
+            np.testing.assert_allclose(a[3], b[3], atol=1e-9, err_msg=f"{where}: step {k}")
+
+
+def test_resume_without_policy_state_differs():
+    """The policy's state matters: resuming with a policy that forgets it changes the masks."""
+
+    class Forgetful(RotatingPolicy):
+        def state_dict(self):
+            return {"offset": 0}
+
+    reference, _, _ = trace(RotatingPolicy)
+    resumed, _, _ = trace(Forgetful, resume_at=25)
+    assert_same_trace(resumed[:25], reference[:25], "before the resume")
+    assert [r[4] for r in resumed[25:]] != [r[4] for r in reference[25:]]
+
+
+def test_state_dict_is_plain_and_rejects_mismatches():
+    sched = build_schedule("1f1b", 2, 4)
+    c = make(small(), sched)
+    syn = Synthetic(c.dag)
+    run_to_stable(c, syn, extra=2)
+    state = c.state_dict()
+    assert json.loads(json.dumps(state)) == json.loads(json.dumps(state, sort_keys=True))
+    with pytest.raises(ValueError, match=r"seed: 0 -> 1"):
+        make(small(seed=1), sched).load_state_dict(state)
+    with pytest.raises(ValueError, match="schedule"):
+        make(small(), build_schedule("gpipe", 2, 4)).load_state_dict(state)
+    with pytest.raises(ValueError, match="version"):
+        make(small(), sched).load_state_dict({**state, "version": 99})
+    with pytest.raises(ValueError, match="policy"):
+        make(small(), sched).load_state_dict({**state, "policy": {"offset": 1}})
+    # a changed drift threshold is allowed
+    d = make(small(drift_threshold=0.3), sched)
+    d.load_state_dict(state)
+    assert d.phase is Phase.STABLE and np.array_equal(d.plan.ratios, c.plan.ratios)
+
+
+def test_observe_forwards_to_the_policy():
+    policy = RotatingPolicy()
+    c = make(small(), build_schedule("1f1b", 2, 4), policy=policy)
+    c.observe(3)
+    assert policy.observed == [(3, [0, 1])]
+    make(small(), build_schedule("1f1b", 2, 4), policy=RandomPolicy()).observe(3)  # no observe: no-op
+
+
+# ---------------------------------------------------------------- solving beside training
+
+
+def test_async_solve_does_not_block_and_switches_at_a_decision_step():
+    gate = threading.Event()
+    calls = []
+
+    def slow_solver(*args, **kwargs):
+        calls.append(threading.current_thread().name)
+        gate.wait(30)
+        return solve(*args, **kwargs)
+
+    cfg = small(async_solve=True, check_every=2)
+    c = make(cfg, build_schedule("1f1b", 2, 4), solver=slow_solver)
+    syn = Synthetic(c.dag)
+    k = 0
+    while c.phase is not Phase.SOLVING:
+        c.step_end(k, syn.times(k, c))
+        k += 1
+    longest = 0.0
+    for _ in range(7):
+        t0 = time.perf_counter()
+        c.step_end(k, syn.times(k, c))
+        longest = max(longest, time.perf_counter() - t0)
+        k += 1
+        assert c.phase is Phase.SOLVING and c.solving
+    assert longest < 5.0 and calls == ["tfz-plan-solve"]
+    gate.set()
+    assert c.wait_for_solve(30)
+    while c.phase is Phase.SOLVING:
+        c.step_end(k, syn.times(k, c))
+        k += 1
+    assert k % cfg.check_every == 0 and c.phase is Phase.RAMP
+
+
+def test_resume_during_async_solve_reruns_it():
+    cfg = small(async_solve=True)
+    sched = build_schedule("1f1b", 2, 4)
+    gate = threading.Event()
+
+    def blocked(*args, **kwargs):
+        gate.wait(30)
+        return solve(*args, **kwargs)
+
+    c = make(cfg, sched, solver=blocked)
+    syn = Synthetic(c.dag)
+    k = 0
+    while c.phase is not Phase.SOLVING:
+        c.step_end(k, syn.times(k, c))
+        k += 1
+    state = c.state_dict()
+    assert state["pending"]["kind"] == "initial"
+    gate.set()
+    d = make(cfg, sched)
+    d.load_state_dict(state)
+    assert d.solving and d.wait_for_solve(30)
+    while d.phase is Phase.SOLVING:
+        d.step_end(k, syn.times(k, d))
+        k += 1
+    ref = solve(d.dag, syn.u, syn.l, PlanConfig(max_freeze_ratio=0.8))
+    np.testing.assert_allclose(d.plan.ratios, ref.ratios, atol=1e-5)
+
+
+def test_failed_initial_solve_raises_and_failed_replan_keeps_the_plan(caplog):
+    def failing(*args, **kwargs):
+        raise PlanSolveError("HiGHS said no", "infeasible")
+
+    c = make(small(), build_schedule("1f1b", 2, 4), solver=failing)
+    syn = Synthetic(c.dag)
+    with pytest.raises(RuntimeError, match="initial solve failed.*HiGHS said no"):
+        run_to_stable(c, syn)
+
+    fail = {"on": False}
+
+    def sometimes(*args, **kwargs):
+        if fail["on"]:
+            raise PlanSolveError("replan boom", "infeasible")
+        return solve(*args, **kwargs)
+
+    c = make(small(), build_schedule("1f1b", 2, 4), solver=sometimes)
+    syn = Synthetic(c.dag)
+    k = run_to_stable(c, syn, extra=4)
+    first = c.plan
+    fail["on"] = True
+    syn.u, syn.l = true_times(c.dag, scale_stage=1, factor=1.5)
+    with caplog.at_level(logging.WARNING, logger="tfz.controller"):
+        for _ in range(8):
+            c.step_end(k, syn.times(k, c))
+            k += 1
+    assert c.plan is first and c.phase is Phase.STABLE and c.replans == 0
+    assert any("replan boom" in r.getMessage() for r in caplog.records)
+    assert any("replan solve failed" in e for _, _, e in c.history)
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def test_bad_timings_and_steps_raise():
+    c = make(small(), build_schedule("1f1b", 2, 2))
+    good = Synthetic(c.dag).times(0, c)
+    missing = dict(good)
+    del missing["1B1"]
+    with pytest.raises(ValueError, match=r"no timing for 1 action.*'1B1'"):
+        c.step_end(0, missing)
+    with pytest.raises(ValueError, match="unknown action '2F0'"):
+        c.step_end(0, {**good, "2F0": 1.0})
+    for bad in (float("nan"), -1.0, float("inf"), True, "3"):
+        with pytest.raises(ValueError, match=r"timing of action '0F1' .*" + repr(bad)[:3]):
+            c.step_end(0, {**good, "0F1": bad})
+    with pytest.raises(TypeError, match="mapping"):
+        c.step_end(0, list(good.values()))
+    with pytest.raises(ValueError, match="batches"):
+        c.step_end(0, good, batches=0)
+    c.step_end(5, good)
+    with pytest.raises(ValueError, match="expected step 6.*got 8"):
+        c.step_end(8, good)
+    with pytest.raises(TypeError, match="step"):
+        c.step_end(6.0, good)
+    c.step_end(6, good)
+
+
+def test_batches_divide_the_times():
+    sched = build_schedule("1f1b", 2, 4)
+    a, b = make(small(), sched), make(small(), sched)
+    syn = Synthetic(a.dag)
+    for k in range(12):
+        t = syn.times(k, a)
+        a.step_end(k, t)
+        b.step_end(k, {n: 4 * v for n, v in t.items()}, batches=4)
+    np.testing.assert_allclose(a.estimates[0], b.estimates[0], rtol=1e-6)
+
+
+def test_bad_constructor_arguments_and_masks_queries():
+    sched = build_schedule("1f1b", 2, 4)
+    mods = {0: stage_module(), 1: stage_module()}
+    with pytest.raises(TypeError, match="TimelyFreezeConfig"):
+        TimelyFreeze({"phase_unit": 2}, sched, mods)
+    with pytest.raises(TypeError, match="Schedule"):
+        TimelyFreeze(small(), "1f1b", mods)
+    with pytest.raises(ValueError, match=r"stage_modules has stages \[0\].*runs stages \[0, 1\]"):
+        TimelyFreeze(small(), sched, {0: stage_module()})
+    with pytest.raises(ValueError, match="stage 1: a stage needs at least one freezable unit"):
+        TimelyFreeze(small(), sched, {0: stage_module(), 1: nn.Linear(3, 3)})
+    with pytest.raises(ValueError, match=r"keep_trainable_units \(19\).*19 units"):
+        TimelyFreeze(small(keep_trainable_units=19), sched, mods)
+    with pytest.raises(TypeError, match="rank"):
+        TimelyFreeze(small(), sched, mods, policy=object())
+    c = TimelyFreeze(small(), sched, mods)
+    with pytest.raises(ValueError, match="stage 2 is not a stage"):
+        c.masks_for(2, 0)
+    with pytest.raises(ValueError, match=r"microbatch must be an integer in \[0, 4\), got 4"):
+        c.masks_for(0, 4)
+
+
+# ---------------------------------------------------------------- estimates (pure functions)
+
+
+def test_timing_window_median_and_round_trip():
+    rng = np.random.default_rng(1)
+    w = TimingWindow(5, 3)
+    rows = rng.random((8, 3))
+    for r in rows:
+        w.append(r)
+    assert len(w) == 5 and w.full
+    np.testing.assert_array_equal(w.median(), np.median(rows[-5:], axis=0))
+    v = TimingWindow(5, 3)
+    v.load_list(w.to_list())
+    np.testing.assert_array_equal(v.median(), w.median())
+    with pytest.raises(ValueError, match="empty"):
+        TimingWindow(2, 3).median()
+    with pytest.raises(ValueError, match=r"shape \(3,\)"):
+        w.append(np.zeros(4))
+
+
+def test_extrapolated_lower_bound_and_clamping():
+    dag = build_dag(build_schedule("zbh1", 2, 2))
+    up, lo = true_times(dag)
+    f = np.where(dag.kind_mask("W"), 0.75, 0.0)
+    measured = up - f * (up - lo)
+    low = extrapolate_lower(up, measured, f)
+    np.testing.assert_allclose(low[f > 0], lo[f > 0])
+    np.testing.assert_array_equal(low[f == 0], measured[f == 0])
+    up, lo = bound_estimates(dag, up, np.where(dag.kind_mask("F"), 0.5 * up, 2 * up))
+    assert np.all(lo <= up) and np.array_equal(lo[~dag.kind_mask("B", "W")], up[~dag.kind_mask("B", "W")])
+
+
+def test_refit_recovers_separate_scales_and_falls_back_to_one():
+    dag = build_dag(build_schedule("1f1b", 2, 4))
+    up, lo = true_times(dag)
+    rng = np.random.default_rng(3)
+    r = np.where(dag.kind_mask("B"), rng.random(dag.num_actions), 0.0)
+    alpha, beta = 1.3, 0.8  # the unfrozen part slowed down, the frozen part sped up
+    measured = alpha * up * (1 - r) + beta * lo * r
+    local = np.arange(dag.num_actions)
+    stats = drift_stats(dag, local, measured, up, lo, r)
+    # split over two "ranks", the sums add up
+    half = dag.rank == 0
+    parts = drift_stats(dag, local[half], measured[half], up, lo, r) + drift_stats(
+        dag, local[~half], measured[~half], up, lo, r
+    )
+    np.testing.assert_allclose(parts, stats)
+    new_up, new_lo = refit(dag, stats, up, lo)
+    b = dag.kind_mask("B")
+    np.testing.assert_allclose(new_up[b], alpha * up[b])
+    np.testing.assert_allclose(new_lo[b], beta * lo[b])
+    np.testing.assert_allclose(new_up[~b], alpha * up[~b])  # F: one scale
+    # same ratio everywhere: collinear features, one common scale
+    same = np.where(b, 0.5, 0.0)
+    measured = 1.3 * up * (1 - same) + 0.8 * lo * same
+    new_up, new_lo = refit(dag, drift_stats(dag, local, measured, up, lo, same), up, lo)
+    pred = up * (1 - same) + lo * same
+    for s in range(2):
+        m = b & (dag.stage == s)
+        k = measured[m].sum() / pred[m].sum()
+        np.testing.assert_allclose(new_up[m], k * up[m])
+        np.testing.assert_allclose(new_lo[m], k * lo[m])
+    stats = drift_stats(dag, local, measured, up, lo, same)
+    rows = np.stack([measured, 1.1 * measured])
+    dev = assess_drift(stage_sums(dag, local, rows), stats)
+    for s in range(2):
+        m = dag.stage == s
+        for t in range(2):
+            assert dev[t, s] == pytest.approx(rows[t, m].sum() / pred[m].sum() - 1)
+
+
+def test_drift_needs_the_whole_window_on_one_side():
+    dev = np.array([[0.2, -0.3, 0.2, 0.0], [0.15, -0.12, -0.2, 0.5], [0.11, -0.5, 0.3, 0.05]])
+    assert drifting_stages(dev, 0.1).tolist() == [True, True, False, False]
+    assert drifting_stages(dev, 0.12).tolist() == [False, False, False, False]

@@ -1,0 +1,23 @@
+"""The TimelyFreeze controller (``tfz.controller``): phases, measuring, solving, re-planning.
+
+:class:`TimelyFreeze` is the :class:`tfz.masks.MaskProvider` of one pipeline rank. It warms up,
+measures every action unfrozen and fully frozen, solves the freeze-ratio LP (:mod:`tfz.plan`) on
+one rank beside training, ramps the plan in, re-plans when measured times drift, and checkpoints
+all of it (:meth:`TimelyFreeze.state_dict`). :class:`TimelyFreezeConfig` holds the knobs, with the
+paper's experiment defaults. Selection policies plug in through :mod:`tfz.controller.policy`.
+
+Training-loop protocol, per optimizer step::
+
+    # the pipeline runtime calls controller.masks_for(stage, mb) before each backward
+    schedule.step(...)
+    optimizer.step()
+    controller.observe(step)                   # metric policies (APF, AutoFreeze) update here
+    optimizer.zero_grad()
+    controller.step_end(step, timer.collect())  # this rank's action times (ms)
+"""
+
+from tfz.controller.config import TimelyFreezeConfig
+from tfz.controller.policy import ObservingPolicy, StatefulPolicy
+from tfz.controller.timely import Phase, TimelyFreeze
+
+__all__ = ["ObservingPolicy", "Phase", "StatefulPolicy", "TimelyFreeze", "TimelyFreezeConfig"]

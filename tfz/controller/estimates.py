@@ -1,0 +1,221 @@
+"""Timing estimates of the controller: windows of per-step action times, medians, bounds, drift.
+
+Arrays named ``upper`` / ``lower`` are float64 [n] aligned with ``dag.actions`` (milliseconds):
+the unfrozen and the fully frozen duration of every action. Window rows hold only this process's
+actions (``local`` index array into ``dag.actions``).
+
+Drift model. In the stable phase action v runs with ratio r_v and is predicted to take
+``p_v = u_v (1 - r_v) + l_v r_v``. A stage drifts when its summed measured time is off the summed
+prediction by more than the threshold in every step of a full window (:func:`drifting_stages`).
+Per (stage, kind) the window medians m_v are then fitted by
+``m_v ~ alpha * u_v (1 - r_v) + beta * l_v r_v`` (least squares over the stage's microbatches); when
+the two features are (nearly) collinear, e.g. every microbatch of the stage has the same ratio, a
+single scale ``alpha = beta = sum m / sum p`` is used. New estimates are ``u' = alpha u`` and
+``l' = min(beta l, u')``. The fit needs only sums over actions (:func:`drift_stats`), so ranks add
+their local sums and every rank derives the same new estimates.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from numbers import Real
+
+import numpy as np
+
+from tfz.dag import DAG
+from tfz.schedule import FREEZABLE_KINDS, KINDS
+
+__all__ = [
+    "TimingWindow",
+    "assess_drift",
+    "bound_estimates",
+    "drift_stats",
+    "drifting_stages",
+    "extrapolate_lower",
+    "parse_timings",
+    "refit",
+    "stage_sums",
+]
+
+_NSTATS = 7  # S11, S12, S22, S1m, S2m, sum m, sum p
+_COLLINEAR = 1e-3  # 1 - corr^2 below this: one common scale
+
+
+class TimingWindow:
+    """The last ``size`` rows of per-step action times, float64 [rows, width]."""
+
+    def __init__(self, size: int, width: int):
+        if size < 1:
+            raise ValueError(f"window size must be >= 1, got {size}")
+        self.size = size
+        self.width = width
+        self._rows: list[np.ndarray] = []
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    @property
+    def full(self) -> bool:
+        return len(self._rows) >= self.size
+
+    def append(self, values: np.ndarray) -> None:
+        """Add one step (float64 [width]); the oldest row drops out when full."""
+        if values.shape != (self.width,):
+            raise ValueError(f"window row must have shape ({self.width},), got {values.shape}")
+        self._rows.append(np.array(values, dtype=np.float64))
+        if len(self._rows) > self.size:
+            del self._rows[0]
+
+    def clear(self) -> None:
+        self._rows.clear()
+
+    def rows(self) -> np.ndarray:
+        """float64 [rows, width], oldest first."""
+        return np.stack(self._rows) if self._rows else np.zeros((0, self.width))
+
+    def median(self) -> np.ndarray:
+        """float64 [width]: per-column median of the rows; raises when empty."""
+        if not self._rows:
+            raise ValueError("median of an empty timing window")
+        return np.median(np.stack(self._rows), axis=0)
+
+    def to_list(self) -> list[list[float]]:
+        return [row.tolist() for row in self._rows]
+
+    def load_list(self, rows: list) -> None:
+        self._rows = []
+        for row in rows:
+            self.append(np.asarray(row, dtype=np.float64))
+
+
+def parse_timings(timings: Mapping, local_pos: Mapping[str, int], dag: DAG, where: str) -> np.ndarray:
+    """float64 [len(local_pos)]: ``timings`` (action name -> ms) in local order.
+
+    ``where`` names this process in errors (``"rank 1"``). Raises ValueError for a name that is not
+    in the schedule or belongs to another rank, a missing action, or a value that is not a finite
+    number >= 0; TypeError when ``timings`` is not a mapping.
+    """
+    if not isinstance(timings, Mapping):
+        raise TypeError(f"timings must be a mapping of action name to ms, got {type(timings).__name__}")
+    out = np.full(len(local_pos), np.nan)
+    for key, value in timings.items():
+        name = str(key)
+        j = local_pos.get(name)
+        if j is None:
+            if name in dag.index:
+                owner = int(dag.rank[dag.index[name]])
+                raise ValueError(f"timing for action {name!r}, which runs on rank {owner}, not on {where}")
+            raise ValueError(f"timing for unknown action {name!r} (not in schedule {dag.schedule.name!r})")
+        ok = isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+        if not ok:
+            raise ValueError(f"timing of action {name!r} must be a finite number >= 0 (ms), got {value!r}")
+        out[j] = float(value)
+    missing = np.flatnonzero(np.isnan(out))
+    if len(missing):
+        names = sorted(local_pos, key=local_pos.get)
+        shown = [names[j] for j in missing[:5]]
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise ValueError(f"no timing for {len(missing)} action(s) of {where}: {shown}{more}")
+    return out
+
+
+def bound_estimates(dag: DAG, upper: np.ndarray, lower: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Consistent (upper, lower): lower clamped to [0, upper]; actions that cannot freeze (F, I) get
+    ``lower = upper`` (their upper-window median)."""
+    up = np.maximum(np.asarray(upper, dtype=np.float64), 0.0)
+    low = np.clip(np.asarray(lower, dtype=np.float64), 0.0, up)
+    fixed = ~dag.kind_mask(*FREEZABLE_KINDS)
+    low = np.where(fixed, up, low)
+    return up, low
+
+
+def extrapolate_lower(upper: np.ndarray, measured: np.ndarray, fraction: np.ndarray) -> np.ndarray:
+    """Lower bound at ratio 1 from a time measured at frozen fraction ``fraction`` (linear model):
+    ``l = u - (u - measured) / fraction`` for fraction > 0, else ``measured``; clamped to [0, u]."""
+    up = np.asarray(upper, dtype=np.float64)
+    m = np.asarray(measured, dtype=np.float64)
+    f = np.asarray(fraction, dtype=np.float64)
+    safe = np.where(f > 0, f, 1.0)
+    low = np.where(f > 0, up - (up - m) / safe, m)
+    return np.clip(low, 0.0, np.maximum(up, 0.0))
+
+
+def drift_stats(
+    dag: DAG,
+    local: np.ndarray,
+    measured: np.ndarray,
+    upper: np.ndarray,
+    lower: np.ndarray,
+    ratios: np.ndarray,
+) -> np.ndarray:
+    """float64 [S, 4, 7]: per (stage, kind) sums over this process's actions for :func:`refit`.
+
+    ``local``: int [k] action indices; ``measured``: float64 [k] window medians of those actions;
+    ``upper``, ``lower``, ``ratios``: float64 [n]. The sums are additive over ranks.
+    """
+    S = dag.num_stages
+    x1 = upper[local] * (1.0 - ratios[local])
+    x2 = lower[local] * ratios[local]
+    m = np.asarray(measured, dtype=np.float64)
+    cols = np.stack([x1 * x1, x1 * x2, x2 * x2, x1 * m, x2 * m, m, x1 + x2], axis=1)
+    key = dag.stage[local].astype(np.int64) * len(KINDS) + dag.kind[local].astype(np.int64)
+    out = np.zeros((S * len(KINDS), _NSTATS))
+    np.add.at(out, key, cols)
+    return out.reshape(S, len(KINDS), _NSTATS)
+
+
+def stage_sums(dag: DAG, local: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """float64 [w, S]: per window row, the summed time of this process's actions of each stage.
+
+    ``rows``: float64 [w, k] window rows aligned with ``local`` (int [k]). Additive over ranks.
+    """
+    rows = np.asarray(rows, dtype=np.float64)
+    S = dag.num_stages
+    onehot = np.zeros((len(local), S))
+    onehot[np.arange(len(local)), dag.stage[local]] = 1.0
+    return rows @ onehot
+
+
+def assess_drift(sums: np.ndarray, stats: np.ndarray) -> np.ndarray:
+    """float64 [w, S]: relative deviation ``(measured - predicted) / predicted`` of every stage in every
+    window row, from :func:`stage_sums` and the predictions in :func:`drift_stats` (0 where a stage
+    has no predicted time)."""
+    predicted = stats[:, :, 6].sum(axis=1)
+    gap = np.asarray(sums, dtype=np.float64) - predicted
+    return np.divide(gap, predicted, out=np.zeros(gap.shape), where=predicted > 0)
+
+
+def drifting_stages(deviation: np.ndarray, threshold: float) -> np.ndarray:
+    """bool [S]: stages whose deviation exceeds ``threshold`` in every row of the window, on the same
+    side (a drift that lasted a full window)."""
+    return np.all(deviation > threshold, axis=0) | np.all(deviation < -threshold, axis=0)
+
+
+def _scales(row: np.ndarray) -> tuple[float, float]:
+    s11, s12, s22, s1m, s2m, sm, sp = row.tolist()
+    common = sm / sp if sp > 0 else 1.0
+    if s11 <= 0 or s22 <= 0 or 1.0 - s12 * s12 / (s11 * s22) < _COLLINEAR:
+        return common, common
+    det = s11 * s22 - s12 * s12
+    alpha = (s1m * s22 - s2m * s12) / det
+    beta = (s2m * s11 - s1m * s12) / det
+    if not (alpha > 0 and beta >= 0 and math.isfinite(alpha) and math.isfinite(beta)):
+        return common, common
+    return alpha, beta
+
+
+def refit(dag: DAG, stats: np.ndarray, upper: np.ndarray, lower: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """New (upper, lower) from the summed ``stats`` of :func:`drift_stats` (model in the module
+    docstring). (stage, kind) groups without observations keep their estimates."""
+    S = dag.num_stages
+    alpha = np.ones((S, len(KINDS)))
+    beta = np.ones((S, len(KINDS)))
+    for s in range(S):
+        for k in range(len(KINDS)):
+            if stats[s, k, 6] > 0:
+                alpha[s, k], beta[s, k] = _scales(stats[s, k])
+    a = alpha[dag.stage, dag.kind]
+    b = beta[dag.stage, dag.kind]
+    up = upper * a
+    return bound_estimates(dag, up, lower * b)
