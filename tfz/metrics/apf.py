@@ -283,8 +283,16 @@ class APFMetric(MetricBase):
                         ema = st.scalar_ema[name] = ema.to(now.device)
                     if row_active is None:
                         flags = np.repeat(active[position : position + len(starts)], sizes)
-                        row_active = torch.from_numpy(flags).to(now.device)[:, None]
-                    ema.copy_(torch.where(row_active, ema * a + delta.to(ema.dtype) * (1 - a), ema))
+                        row_active = (
+                            None if flags.all() else torch.from_numpy(np.flatnonzero(flags)).to(now.device)
+                        )
+                    if row_active is None:  # every row active: update in place
+                        ema.mul_(a).add_(delta, alpha=1 - a)
+                    elif row_active.numel():
+                        rows = ema.index_select(0, row_active).mul_(a)
+                        ema.index_copy_(
+                            0, row_active, rows.add_(delta.index_select(0, row_active), alpha=1 - a)
+                        )
                     ds = ema.abs().sum(1)
                 else:
                     ds = delta.sum(1)

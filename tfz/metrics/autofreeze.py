@@ -155,6 +155,8 @@ class _Stage:
     acc: dict[str, torch.Tensor]
     acc_norm: list[Any]
     """Per layer: float or 0-dim tensor ("norm" mode)."""
+    param_pos: dict[str, int] = dataclasses.field(default_factory=dict)
+    """Parameter name -> layer position (-1: none); a cache, not saved."""
 
 
 class AutoFreezeMetric(MetricBase):
@@ -192,12 +194,19 @@ class AutoFreezeMetric(MetricBase):
                 out[i] = _EMBEDDING
         return out
 
-    def _layer_params(self, module: Any, layers: tuple[int, ...]):
+    def _layer_params(self, module: Any, layers: tuple[int, ...], cache: dict[str, int] | None = None):
+        """(name, layer position, parameter) of the trainable parameters of ``layers``; ``cache`` keeps
+        the name -> position map (-1: not a layer parameter) so names are parsed once per stage."""
         pos = {layer: i for i, layer in enumerate(layers)}
         for name, param in module.named_parameters():
-            layer = self.layer_of(name)
-            if param.requires_grad and layer is not None and layer in pos:
-                yield name, pos[layer], param
+            p = None if cache is None else cache.get(name)
+            if p is None:
+                layer = self.layer_of(name)
+                p = pos[layer] if layer is not None and layer in pos else -1
+                if cache is not None:
+                    cache[name] = p
+            if p >= 0 and param.requires_grad:
+                yield name, p, param
 
     def _new_state(self, units: StageUnits, module: Any, step: int) -> _Stage:
         layers = tuple(
@@ -222,7 +231,7 @@ class AutoFreezeMetric(MetricBase):
     def _observe_stage(self, binding: StageBinding, module: Any, step: int) -> None:
         st: _Stage = binding.state
         grad_mode = self.config.accumulate == "grad"
-        for name, pos, param in self._layer_params(module, st.layers):
+        for name, pos, param in self._layer_params(module, st.layers, st.param_pos):
             if pos < st.prefix or param.grad is None:
                 continue
             grad = param.grad.detach()
@@ -245,7 +254,7 @@ class AutoFreezeMetric(MetricBase):
         n = len(st.layers)
         parts: list[list[Any]] = [[] for _ in range(n)]
         if self.config.accumulate == "grad":
-            for name, pos, _ in self._layer_params(module, st.layers):
+            for name, pos, _ in self._layer_params(module, st.layers, st.param_pos):
                 if pos >= st.prefix and name in st.acc:
                     parts[pos].append(st.acc[name].abs().sum().double())
         else:

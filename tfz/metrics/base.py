@@ -216,9 +216,7 @@ class MetricBase:
         for stage, module in modules.items():
             binding = self._stages.get(stage)
             if binding is None:
-                units = StageUnits.from_module(
-                    module, block_rows=self.config.block_rows, include_tensors=self.config.include_tensors
-                )
+                units = self._stage_units(stage, module)
                 binding = self._stages[stage] = StageBinding(
                     units, self._new_state(units, module, step), True
                 )
@@ -227,10 +225,16 @@ class MetricBase:
             self._observe_stage(binding, module, step)
         self._last_step = step
 
+    def _stage_units(self, stage: int, module: Any) -> StageUnits:
+        try:
+            return StageUnits.from_module(
+                module, block_rows=self.config.block_rows, include_tensors=self.config.include_tensors
+            )
+        except ValueError as exc:
+            raise ValueError(f"stage {stage}: {exc}") from None
+
     def _validate(self, stage: int, binding: StageBinding, module: Any) -> None:
-        units = StageUnits.from_module(
-            module, block_rows=self.config.block_rows, include_tensors=self.config.include_tensors
-        )
+        units = self._stage_units(stage, module)
         if units.specs != binding.units.specs:
             raise ValueError(
                 f"stage {stage}: the module's freezable parameters {[s.name for s in units.specs]} "
