@@ -233,8 +233,7 @@ def test_keep_two_units_and_zero_units():
         assert c.masks_for(0, 1).frozen.all()
 
 
-def run_to_stable(c, syn, extra=0):
-    k = 0
+def run_to_stable(c, syn, extra=0, k=0):
     while c.phase is not Phase.STABLE:
         c.step_end(k, syn.times(k, c))
         k += 1
@@ -750,3 +749,42 @@ def test_drift_needs_the_whole_window_on_one_side():
     dev = np.array([[0.2, -0.3, 0.2, 0.0], [0.15, -0.12, -0.2, 0.5], [0.11, -0.5, 0.3, 0.05]])
     assert drifting_stages(dev, 0.1).tolist() == [True, True, False, False]
     assert drifting_stages(dev, 0.12).tolist() == [False, False, False, False]
+
+
+@pytest.mark.parametrize("name", ["1f1b", "interleaved1f1b"])
+def test_one_rank_schedules(name):
+    """One rank (one stage, or two stages on the rank): the last stage keeps its unit, the plan is the
+    LP's on the true times."""
+    sched = build_schedule(name, 1, 4)
+    c = make(small(), sched)
+    syn = Synthetic(c.dag)
+    k = 0
+    while c.phase is not Phase.MONITOR_LOWER:
+        c.step_end(k, syn.times(k, c))
+        k += 1
+    last = sched.num_stages - 1
+    assert int((~c.masks_for(last, 0).frozen).sum()) == 1
+    assert all(c.masks_for(s, 0).frozen.all() for s in range(last))
+    run_to_stable(c, syn, k=k)
+    ref = solve(c.dag, syn.u, syn.l, PlanConfig(max_freeze_ratio=0.8))
+    assert c.plan.makespan_planned == pytest.approx(ref.makespan_planned, rel=1e-6)
+
+
+def test_a_failed_solve_is_retried_on_rounded_times():
+    seen = []
+
+    def flaky(dag, unfrozen, frozen, config, *, warm_start=None):
+        seen.append((np.array(unfrozen), np.array(frozen)))
+        if len(seen) == 1:
+            raise PlanSolveError("phase 2 (total freezing): status 'Unknown'", "Unknown")
+        return solve(dag, unfrozen, frozen, config, warm_start=warm_start)
+
+    c = make(small(), build_schedule("1f1b", 2, 4), solver=flaky)
+    syn = Synthetic(c.dag, noise=1e-3)
+    run_to_stable(c, syn)
+    assert len(seen) == 2
+    (u1, l1), (u2, l2) = seen
+    q = 1e-6 * u1.mean()
+    np.testing.assert_allclose(u2, np.round(u1 / q) * q, rtol=0, atol=1e-12)
+    assert np.all(np.abs(u2 - u1) <= q / 2 + 1e-12) and np.all(l2 <= u2)
+    assert np.array_equal(l2[c.dag.kind_mask("F")], u2[c.dag.kind_mask("F")])

@@ -503,7 +503,7 @@ class TimelyFreeze:
         upper, lower = refit(dag, stats, self._upper, self._lower)
         self._event(
             f"drift on stage {worst}: measured time off the prediction by {typical[worst]:+.1%} over "
-            f"{len(rows)} steps (threshold {self.config.drift_threshold:.1%}); re-planning"
+            f"a window of {len(rows)} step(s) (threshold {self.config.drift_threshold:.1%}); re-planning"
         )
         self._drift_window.clear()
         self._submit("replan", upper, lower, warm=self.plan)
