@@ -1,0 +1,291 @@
+"""Measure F / I / W per pipeline stage on one device, unfrozen and fully frozen (``tfz profile``).
+
+The stages of a model run one after another on a single device, each through the same backward code
+the freeze-aware runtime uses (:mod:`tfz.pipeline.engine`), so one GPU predicts a P-GPU pipeline the way
+the zero-bubble authors compute bubble rates: per-stage action times fed to a schedule model
+(``tfz simulate`` / ``tfz plan --profile``). Communication is not measured.
+
+Per stage, each repeat runs (stage inputs and output gradients are fixed random tensors):
+
+- ``F``: the stage forward (the last stage includes its loss, which torch computes right after F);
+- ``I``: stages > 0: the input backward with FreezableLinear dW queued (``input_backward``); stage 0:
+  nothing, as in the runtime, where stage 0's I is a no-op (its time is the timer's own overhead);
+- ``W``: stages > 0: flushing the queued dW (``weight_backward``); stage 0: the full backward, which is
+  what torch runs at stage 0's W;
+- ``W_frozen``: the same with every row and whole tensor frozen (stage 0: the backward is skipped);
+- ``B`` / ``B_frozen``: the full backward (``full_backward``), unfrozen / fully frozen.
+
+The median over ``repeats`` (after ``warmup`` repeats) is kept. Frozen times are clamped to at most
+their unfrozen time (timer noise), as the profile format requires. CUDA work is timed with
+:class:`tfz.timing.ActionTimer` events on the current stream.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tfz.masks import StageMasks, StageUnits
+from tfz.models import PRESETS, build_stages
+from tfz.nn import WeightGradStore, convert_to_freezable
+from tfz.pipeline.engine import MaskPlan, StageParams, full_backward, input_backward, weight_backward
+from tfz.profile import Profile, StageTimes
+from tfz.timing import ActionTimer
+
+__all__ = ["DTYPES", "ProfileConfig", "measure_stage", "profile_model", "stage_layers"]
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_KINDS = ("F", "I", "W", "W_frozen", "B", "B_frozen")
+
+
+@dataclass(frozen=True)
+class ProfileConfig:
+    """What ``tfz profile`` measures (see :func:`profile_model`)."""
+
+    model: str = "tiny"
+    """A key of ``tfz.models.PRESETS``."""
+    stages: int = 2
+    layers_per_stage: int | None = None
+    """Decoder layers per stage; None: tiny splits all its layers, llama-1b/8b use 1."""
+    microbatch_size: int = 1
+    seq_len: int = 128
+    vocab_size: int | None = None
+    """Embedding / output rows; None: the preset's (128256 for llama-1b/8b)."""
+    device: str = "cpu"
+    dtype: str = "float32"
+    warmup: int = 2
+    repeats: int = 5
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.model not in PRESETS:
+            raise ValueError(f"unknown model {self.model!r}; choose one of: {', '.join(PRESETS)}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {self.dtype!r}; choose one of: {', '.join(DTYPES)}")
+        for name, low in (
+            ("stages", 1),
+            ("microbatch_size", 1),
+            ("seq_len", 1),
+            ("warmup", 0),
+            ("repeats", 1),
+        ):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        for name in ("layers_per_stage", "vocab_size"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        preset = PRESETS[self.model]
+        if self.seq_len > preset.max_seq_len:
+            raise ValueError(
+                f"seq_len {self.seq_len} exceeds {self.model}'s max_seq_len {preset.max_seq_len}"
+            )
+
+
+def stage_layers(config: ProfileConfig) -> list[list[int]]:
+    """Decoder layer ids of each stage; ValueError when the model has too few layers."""
+    n_layers = PRESETS[config.model].n_layers
+    k = config.layers_per_stage
+    if k is None and config.model == "tiny":
+        if config.stages > n_layers:
+            raise ValueError(
+                f"--stages {config.stages} exceeds tiny's {n_layers} layers (one per stage at least)"
+            )
+        from tfz.models.llama import split_layers
+
+        return split_layers(n_layers, config.stages)
+    k = 1 if k is None else k
+    if config.stages * k > n_layers:
+        raise ValueError(
+            f"--stages {config.stages} x --layers-per-stage {k} = {config.stages * k} layers exceeds "
+            f"{config.model}'s {n_layers} layers"
+        )
+    return [list(range(s * k, (s + 1) * k)) for s in range(config.stages)]
+
+
+def _all_frozen(module: nn.Module) -> StageMasks:
+    units = StageUnits.from_module(module, include_tensors=True)
+    return StageMasks(units=units, ratio=1.0, frozen=np.ones(len(units), dtype=bool))
+
+
+def measure_stage(
+    module: nn.Module,
+    x: torch.Tensor,
+    *,
+    first: bool,
+    loss_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    timer: ActionTimer,
+    warmup: int = 2,
+    repeats: int = 5,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Median milliseconds of F, I, W, W_frozen, B, B_frozen of one stage (see the module docstring).
+
+    Args:
+        module: the stage (its linear layers FreezableLinear to defer / mask dW).
+        x: the stage input ([B, L] token ids on stage 0, [B, L, D] hidden states otherwise).
+        first: stage 0 (no input gradient; I does nothing, W is the full backward).
+        loss_fn: ``output -> scalar loss`` for the last stage; other stages get a fixed random dY.
+        timer: times every action (its device decides host or CUDA-event timing).
+        seed: of the random output gradient dY.
+    """
+    if not first:
+        x = x.detach().requires_grad_(True)
+    params = StageParams(module)
+    open_plan = MaskPlan(None, params)
+    frozen_plan = MaskPlan(_all_frozen(module), params)
+    store = WeightGradStore()
+    dy = None
+
+    def forward():
+        nonlocal dy
+        out = module(x)
+        if loss_fn is not None:
+            return loss_fn(out), None  # a bare loss, as torch hands the last stage's backward
+        if dy is None:
+            gen = torch.Generator().manual_seed(seed)
+            dy = torch.randn(out.shape, generator=gen).to(device=out.device, dtype=out.dtype)
+        return (out,), (dy,)
+
+    def split(plan, w_name: str, record_input: bool) -> None:
+        outs, grads = forward()
+        if first:
+            if record_input:
+                with timer.action("I"):
+                    pass  # the runtime's stage-0 I: nothing
+            with timer.action(w_name):
+                full_backward(outs, grads, [x], plan, params)
+            return
+        with timer.action("I") if record_input else nullcontext():
+            input_backward(outs, grads, [x], plan, params, store, (0, 0))
+        with timer.action(w_name):
+            weight_backward(plan, store, (0, 0))
+
+    def full(plan, name: str) -> None:
+        outs, grads = forward()
+        with timer.action(name):
+            full_backward(outs, grads, [x], plan, params)
+
+    samples: dict[str, list[float]] = {k: [] for k in _KINDS}
+    for rep in range(warmup + repeats):
+        with timer.action("F"):
+            outs, grads = forward()
+        del outs, grads
+        split(open_plan, "W", True)
+        full(open_plan, "B")
+        split(frozen_plan, "W_frozen", False)
+        full(frozen_plan, "B_frozen")
+        spans = timer.collect_spans()
+        if rep >= warmup:
+            for span in spans:
+                samples[span.name].append(span.duration_ms)
+    times = {k: statistics.median(v) for k, v in samples.items()}
+    times["W_frozen"] = min(times["W_frozen"], times["W"])
+    times["B_frozen"] = min(times["B_frozen"], times["B"])
+    return times
+
+
+def _device(name: str) -> torch.device:
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name} requested but CUDA is not available on this machine")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be cpu or cuda[:N], got {name!r}")
+    return device
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
+    return "cpu"
+
+
+def profile_model(config: ProfileConfig, progress: Callable[[str], None] | None = None) -> Profile:
+    """Build each stage of ``config.model`` in turn on ``config.device``, measure it, free it.
+
+    ``progress`` gets one line per stage. Returns the :class:`tfz.profile.Profile` (meta records the
+    model, shapes, device, dtype, torch version, warmup and repeats).
+    """
+    if not isinstance(config, ProfileConfig):
+        raise TypeError(f"config must be a ProfileConfig, got {type(config).__name__}")
+    device = _device(config.device)
+    layers = stage_layers(config)
+    cfg = PRESETS[config.model]
+    cfg = cfg.with_(n_layers=sum(len(ids) for ids in layers), vocab_size=config.vocab_size or cfg.vocab_size)
+    dtype = DTYPES[config.dtype]
+    timer = ActionTimer(device if device.type == "cuda" else "cpu")
+    gen = torch.Generator().manual_seed(config.seed)
+    B, L = config.microbatch_size, config.seq_len
+    stages: dict[int, StageTimes] = {}
+    for s in range(config.stages):
+        module = build_stages(
+            cfg, config.stages, stage_ids=[s], layers=layers, seed=config.seed, dtype=dtype
+        )[s]
+        module = convert_to_freezable(module.to(device))
+        first, last = s == 0, s == config.stages - 1
+        if first:
+            x = torch.randint(0, cfg.vocab_size, (B, L), generator=gen).to(device)
+        else:
+            x = torch.randn(B, L, cfg.dim, generator=gen).to(device=device, dtype=dtype)
+        loss_fn = None
+        if last:
+            target = torch.randint(0, cfg.vocab_size, (B * L,), generator=gen).to(device)
+
+            def loss_fn(out, target=target):
+                return F.cross_entropy(out.reshape(-1, out.shape[-1]).float(), target)
+
+        t = measure_stage(
+            module, x, first=first, loss_fn=loss_fn, timer=timer, warmup=config.warmup, repeats=config.repeats
+        )
+        stages[s] = StageTimes(
+            f=t["F"],
+            i=t["I"],
+            w=t["W"],
+            w_frozen=t["W_frozen"],
+            b=t["B"],
+            b_frozen=t["B_frozen"],
+            where=f"stage {s}",
+        )
+        if progress is not None:
+            progress(
+                f"stage {s + 1}/{config.stages} (layers {layers[s][0]}-{layers[s][-1]}): "
+                + ", ".join(f"{k} {t[k]:.3f}" for k in _KINDS)
+                + " ms"
+            )
+        del module, x
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    from tfz import __version__
+
+    meta = {
+        "model": config.model,
+        "stages": config.stages,
+        "layers_per_stage": [len(ids) for ids in layers],
+        "microbatch_size": B,
+        "seq_len": L,
+        "dim": cfg.dim,
+        "ffn_dim": cfg.ffn_dim,
+        "n_heads": cfg.n_heads,
+        "n_kv_heads": cfg.n_kv_heads,
+        "vocab_size": cfg.vocab_size,
+        "dtype": config.dtype,
+        "device": _device_name(device),
+        "timer": timer.backend,
+        "torch": torch.__version__,
+        "tfz": __version__,
+        "warmup": config.warmup,
+        "repeats": config.repeats,
+        "statistic": "median",
+        "python": sys.version.split()[0],
+    }
+    return Profile(stages=stages, meta=meta)
