@@ -1,0 +1,172 @@
+"""TimelyFreeze controller: cost of step_end and mask redraws, and what a background solve costs the
+training thread.
+
+Stages are LLaMA-8B-shaped (8 layers of dim 4096, kv 1024, ffn 14336 per stage; built on the meta
+device, 5,376 row-block units of 64 rows each); the schedule is 1F1B. One process plays every rank
+(``group=None``), so a decision step redraws P * M masks; per rank it is M per stage.
+
+pytest-benchmark:
+    python -m pytest bench/bench_controller.py -q --benchmark-enable
+Table for bench/RESULTS.md:
+    python bench/bench_controller.py [--ranks 4] [--microbatches 8] [--solve-ranks 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import threading
+import time
+
+import numpy as np
+import pytest
+from torch import nn
+
+from tfz.controller import Phase, TimelyFreeze, TimelyFreezeConfig
+from tfz.dag import build_dag
+from tfz.nn import FreezableLinear
+from tfz.plan import PlanConfig, solve
+from tfz.schedule import build_schedule
+
+DIM, KV, FFN, LAYERS = 4096, 1024, 14336, 8
+
+
+def llama8b_stage():
+    """8 decoder layers' linear layers on the meta device (no memory)."""
+    shapes = [(DIM, DIM), (DIM, KV), (DIM, KV), (DIM, DIM), (DIM, FFN), (DIM, FFN), (FFN, DIM)]
+    layers = [FreezableLinear(i, o, bias=False, device="meta") for _ in range(LAYERS) for i, o in shapes]
+    return nn.Sequential(*layers)
+
+
+def stable_controller(P: int, M: int, check_every: int = 10):
+    """A controller in its stable phase (phase_unit 2) and the per-step timings it is fed."""
+    sched = build_schedule("1f1b", P, M)
+    dag = build_dag(sched)
+    cfg = TimelyFreezeConfig(phase_unit=2, check_every=check_every, async_solve=False)
+    c = TimelyFreeze(cfg, dag, {s: llama8b_stage() for s in range(dag.num_stages)})
+    rng = np.random.default_rng(0)
+    up = np.where(dag.kind_mask("B"), 40.0, 15.0) * rng.uniform(0.95, 1.05, dag.num_actions)
+    low = np.where(dag.kind_mask("B"), 25.0, up)
+    step = 0
+
+    def times():
+        r = c.requested_ratios()
+        d = (up - r * (up - low)) * (1 + 0.005 * rng.standard_normal(dag.num_actions))
+        return dict(zip(dag.names, d.tolist()))
+
+    while c.phase is not Phase.STABLE:
+        c.step_end(step, times())
+        step += 1
+    return c, times, step
+
+
+def python_work(n: int = 20000) -> float:
+    """Interpreter-bound work standing in for the training loop's Python glue; returns seconds."""
+    t0 = time.perf_counter()
+    acc = 0
+    for i in range(n):
+        acc += i % 7
+    return time.perf_counter() - t0
+
+
+def solve_instance(P: int):
+    dag = build_dag(build_schedule("1f1b", P, 8 * P))
+    rng = np.random.default_rng(0)
+    b = dag.kind_mask("B")
+    up = np.where(b, rng.uniform(1.6, 2.4, dag.num_actions), rng.uniform(0.8, 1.2, dag.num_actions))
+    low = np.where(b, up * rng.uniform(0.4, 0.6, dag.num_actions), up)
+    return dag, up, low
+
+
+def glue_slowdown(P: int, rounds: int = 20) -> tuple[float, float, float, int]:
+    """(solve seconds, median glue time alone, median glue time while a solve runs in a thread, glue
+    runs during the solve)."""
+    dag, up, low = solve_instance(P)
+    solve(dag, up, low, PlanConfig())  # warm caches (numba, HiGHS banner)
+    t0 = time.perf_counter()
+    solve(dag, up, low, PlanConfig())
+    seconds = time.perf_counter() - t0
+    alone = float(np.median([python_work() for _ in range(rounds)]))
+    done = threading.Event()
+    thread = threading.Thread(target=lambda: (solve(dag, up, low, PlanConfig()), done.set()))
+    thread.start()
+    during = []
+    while not done.is_set():
+        during.append(python_work())
+    thread.join()
+    return seconds, alone, float(np.median(during)), len(during)
+
+
+@pytest.fixture(scope="module")
+def stable():
+    return stable_controller(4, 8)
+
+
+def test_step_end_between_decisions(benchmark, stable):
+    c, times, step = stable
+    k = [step]
+
+    def setup():
+        if (k[0] + 1) % c.config.check_every == 0:  # run decision steps untimed
+            c.step_end(k[0], times())
+            k[0] += 1
+        return (k[0], times()), {}
+
+    def one(step, timings):
+        c.step_end(step, timings)
+        k[0] += 1
+
+    benchmark.pedantic(one, setup=setup, rounds=50)
+
+
+def test_step_end_decision_step(benchmark):
+    c, times, step = stable_controller(4, 8, check_every=1)
+    k = [step]
+
+    def one():
+        c.step_end(k[0], times())
+        k[0] += 1
+
+    benchmark(one)
+    assert c.phase is Phase.STABLE
+
+
+def test_masks_for_lookup(benchmark, stable):
+    c = stable[0]
+    benchmark(c.masks_for, 1, 3)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--ranks", type=int, default=4)
+    ap.add_argument("--microbatches", type=int, default=8)
+    ap.add_argument("--solve-ranks", type=int, default=32, help="P of the 1F1B LP solved in the background")
+    ap.add_argument("--repeat", type=int, default=30)
+    args = ap.parse_args(argv)
+    P, M = args.ranks, args.microbatches
+    c, times, step = stable_controller(P, M, check_every=10)
+    plain, decision = [], []
+    for _ in range(args.repeat * 10):
+        t = times()
+        t0 = time.perf_counter()
+        c.step_end(step, t)
+        (decision if (step + 1) % 10 == 0 else plain).append(time.perf_counter() - t0)
+        step += 1
+    units = len(c.units[0])
+    print(f"1F1B P={P} M={M}: {c.dag.num_actions} actions, {units} units per stage, {P * M} masks per redraw")
+    print("| measurement | median (ms) |")
+    print("|---|---|")
+    print(f"| step_end, no decision | {1e3 * np.median(plain):.3f} |")
+    print(
+        f"| step_end, decision step (redraw {P * M} masks, drift check) | {1e3 * np.median(decision):.1f} |"
+    )
+    print(f"| per mask (select over {units} units) | {1e3 * np.median(decision) / (P * M):.2f} |")
+    seconds, alone, during, runs = glue_slowdown(args.solve_ranks)
+    print(
+        f"| Python glue (20k iterations) alone / during a background solve (1F1B P={args.solve_ranks}, "
+        f"M={8 * args.solve_ranks}, {seconds:.2f} s; {runs} runs) | {1e3 * alone:.2f} / {1e3 * during:.2f} "
+        f"({during / alone:.2f}x) |"
+    )
+
+
+if __name__ == "__main__":
+    main()
