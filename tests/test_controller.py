@@ -6,6 +6,7 @@ Action times are synthetic: a (u, l) model from a tfz.profile.Profile, and every
 controller handed out for that step.
 """
 
+import io
 import json
 import logging
 import threading
@@ -13,6 +14,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 from torch import nn
 
 from tfz.controller import Phase, TimelyFreeze, TimelyFreezeConfig
@@ -498,6 +500,10 @@ def test_state_dict_is_plain_and_rejects_mismatches():
     run_to_stable(c, syn, extra=2)
     state = c.state_dict()
     assert json.loads(json.dumps(state)) == json.loads(json.dumps(state, sort_keys=True))
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    buf.seek(0)
+    assert torch.load(buf, weights_only=True) == state
     with pytest.raises(ValueError, match=r"seed: 0 -> 1"):
         make(small(seed=1), sched).load_state_dict(state)
     with pytest.raises(ValueError, match="schedule"):

@@ -38,7 +38,7 @@ class TimelyFreezeConfig:
     """Length of each monitoring half, upper bound then lower bound (default ``phase_unit``)."""
     ramp_steps: int | None = None
     """Steps over which the planned ratios ramp up linearly after the solve (default 3 * phase_unit;
-    0 applies the plan at once)."""
+    0 applies the plan at once). The ramp factor moves at decision steps (``check_every``)."""
     check_every: int = 10
     """Steps between decisions: mask redraws, polls for a finished solve, drift checks."""
     discard_steps: int = 1
