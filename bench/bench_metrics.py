@@ -6,12 +6,17 @@ One LLaMA-style stage (2 layers, dim 512, ffn 1536, FreezableLinear, 64-row bloc
 with gradients set. Timed: AdamW.step (the reference), APF's check ("scalar" and "block"
 aggregation; runs once every check_interval steps), AutoFreeze's per-step accumulation ("grad" and
 "norm"; runs every step) and its check (every interval steps). Report each as a ratio to AdamW.step.
+
+Group "select": one ``tfz.masks.select`` on a LLaMA-8B-shaped stage (8 layers, 5,376 units of 64 rows)
+at ratio 0.4, with RandomPolicy and with MetricGuidedPolicy (30% candidates), as a ratio to random.
 """
 
+import numpy as np
 import pytest
 import torch
 
-from tfz.metrics import APFMetric, AutoFreezeMetric
+from tfz.masks import LayerSpec, RandomPolicy, StageUnits, select
+from tfz.metrics import APFMetric, AutoFreezeMetric, MetricGuidedPolicy
 from tfz.models import LlamaConfig, build_stages
 from tfz.nn import convert_to_freezable
 
@@ -69,3 +74,53 @@ def test_autofreeze_check(benchmark):
     step = iter(range(10**9))
     benchmark(lambda: af.observe(next(step), {1: stage}))
     assert af.stats(1).checks > 1
+
+
+class _Candidates:
+    """A fixed candidate set in the shape of tfz.metrics.FreezeMetric (30% of the units)."""
+
+    def __init__(self, units):
+        rng = np.random.default_rng(0)
+        self._units, self._cand, self._scores = units, rng.random(len(units)) < 0.3, rng.random(len(units))
+
+    def observe(self, step, stage_modules):
+        pass
+
+    def units(self, stage):
+        return self._units
+
+    def candidates(self, stage):
+        return self._cand.copy()
+
+    def scores(self, stage):
+        return self._scores.copy()
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state):
+        pass
+
+
+def _llama8b_units():
+    shapes = [
+        (4096, 4096),
+        (1024, 4096),
+        (1024, 4096),
+        (4096, 4096),
+        (14336, 4096),
+        (14336, 4096),
+        (4096, 14336),
+    ]
+    specs = [LayerSpec(f"layers.{i}.w{j}", o, n) for i in range(8) for j, (o, n) in enumerate(shapes)]
+    return StageUnits(tuple(specs), block_rows=64)
+
+
+@pytest.mark.benchmark(group="select")
+@pytest.mark.parametrize("policy", ["random", "rank", "sample"])
+def test_select(benchmark, policy):
+    units = _llama8b_units()
+    assert len(units) == 5376
+    chosen = RandomPolicy() if policy == "random" else MetricGuidedPolicy(_Candidates(units), policy)
+    step = iter(range(10**9))
+    benchmark(lambda: select(units, 0.4, stage=1, microbatch=0, step=next(step), policy=chosen))

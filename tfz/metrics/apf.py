@@ -41,8 +41,9 @@ per-scalar arrays. Per stage: the round r, the threshold T, the step of the last
 3. The first check compares against the weights at the stage's first ``observe``; with both EMAs at
    0, P = 1 there for every unit that moved, so nothing freezes at the first check (APF behaves the
    same; TimelyFreeze's code only takes the snapshot at its first check).
-4. A unit that never moved (Σ A = 0, e.g. zero gradients) gets P = 0 and counts as stable, as with
-   TimelyFreeze's max(A, 1e-10); APF's code divides by zero there (NaN, unstable).
+4. A unit that never moved (Σ A = 0, e.g. zero gradients) gets P = 0 and counts as stable: that is
+   what any ε in the denominator gives, since |E| <= A (TimelyFreeze's code uses max(A, 1e-10));
+   APF's code divides by zero there (NaN, unstable).
 5. Stable means P < T (APF's code); TimelyFreeze's code uses P <= T.
 6. The threshold T and the > 80% rule are per stage (weight fraction of the stage's units; unit
    weight = number of weight scalars, so this is the fraction of scalars up to bias and norm
