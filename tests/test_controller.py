@@ -794,3 +794,86 @@ def test_a_failed_solve_is_retried_on_rounded_times():
     np.testing.assert_allclose(u2, np.round(u1 / q) * q, rtol=0, atol=1e-12)
     assert np.all(np.abs(u2 - u1) <= q / 2 + 1e-12) and np.all(l2 <= u2)
     assert np.array_equal(l2[c.dag.kind_mask("F")], u2[c.dag.kind_mask("F")])
+
+
+def test_metric_guided_policy_through_the_controller():
+    """TimelyFreeze + APF (tfz.metrics): observe reaches the metric, masks are select() with the policy,
+    the metric's state travels in the controller's state (torch.save), and a resume continues alike."""
+    from tfz.metrics import MetricGuidedPolicy
+
+    sched = build_schedule("1f1b", 2, 4)
+    cfg = small(ramp_steps=2)
+
+    def build():
+        torch.manual_seed(0)
+        mods = {s: stage_module() for s in (0, 1)}
+        policy = MetricGuidedPolicy.apf(
+            block_rows=BLOCK,
+            check_interval=2,
+            include_tensors=False,
+            alpha=0.5,
+            aggregate="block",
+            threshold=0.3,
+        )
+        return TimelyFreeze(cfg, sched, mods, policy=policy), mods
+
+    def update(mods, k):
+        # even layers' rows jitter (stable for APF), odd ones drift steadily (unstable)
+        g = torch.Generator().manual_seed(k)
+        with torch.no_grad():
+            for m in mods.values():
+                m[0].weight.add_(1e-3 * torch.randn(m[0].weight.shape, generator=g))
+                m[1].weight.add_(1e-3)
+
+    def run(resume_at=None, steps=30):
+        c, mods = build()
+        syn = Synthetic(c.dag)
+        seen = []
+        guided = []
+        for k in range(steps):
+            if k == resume_at:
+                buf = io.BytesIO()
+                torch.save(
+                    {"controller": c.state_dict(), "modules": {s: m.state_dict() for s, m in mods.items()}},
+                    buf,
+                )
+                buf.seek(0)
+                saved = torch.load(buf, weights_only=True)
+                c, mods = build()
+                for s, m in mods.items():
+                    m.load_state_dict(saved["modules"][s])
+                c.load_state_dict(saved["controller"])
+            seen.append(
+                [
+                    None if m is None else m.frozen.tolist()
+                    for m in (c.masks_for(s, mb) for s in (0, 1) for mb in range(4))
+                ]
+            )
+            c.step_end(k, syn.times(k, c))
+            if c.phase is Phase.STABLE and np.any(c.policy.metric.candidates(1)):
+                # masks drawn at this decision follow the metric: select() with the policy
+                cand = np.asarray(c.policy.metric.candidates(1), dtype=bool)
+                units = c.units[1]
+                for mb in range(4):
+                    m = c.masks_for(1, mb)
+                    if m is None:  # a microbatch the plan does not freeze
+                        assert (
+                            c.plan.ratios[c.dag.index[f"1B{mb}"]] * c.progress * units.total
+                            < units.weights.min()
+                        )
+                        continue
+                    want = select(units, m.ratio, stage=1, microbatch=mb, step=c.decision, policy=c.policy)
+                    assert np.array_equal(m.frozen, want.frozen)
+                    if m.ratio * units.total >= units.weights[cand].sum():  # room for every candidate
+                        assert m.frozen[cand].all()
+                        guided.append(k)
+            update(mods, k)
+            c.observe(k)
+        assert len(guided) >= 3  # the metric had candidates at several stable steps
+        return c, seen
+
+    c, reference = run()
+    assert c.phase is Phase.STABLE
+    assert c.state_dict()["policy"]["metric"]["kind"] == c.policy.metric.kind
+    _, resumed = run(resume_at=20)
+    assert resumed == reference
