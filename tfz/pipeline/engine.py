@@ -67,23 +67,31 @@ class StageParams:
     Resolve again when the parameter objects may change (FSDP2 swaps sharded and unsharded ones).
     """
 
-    __slots__ = ("module", "named", "layers", "layer_of", "weight_name")
+    __slots__ = ("module", "named", "layers", "layer_of", "weight_name", "_flags")
 
     def __init__(self, module: nn.Module):
         self.module = stage_module(module)
-        self.named: tuple[tuple[str, nn.Parameter], ...] = tuple(
-            (n, p) for n, p in self.module.named_parameters() if p.requires_grad
-        )
-        """(name, parameter) with ``requires_grad``, in ``named_parameters()`` order."""
-        layers, layer_of, weight_name = [], {}, {}
-        names = {id(p): n for n, p in self.named}
-        for name, sub in self.module.named_modules():
+        # one walk over the modules (named_parameters() would walk them again), shared params once
+        named, seen, layers, layer_of, weight_name, flags = [], set(), [], {}, {}, []
+        for prefix, sub in self.module.named_modules():
+            for pname, p in sub._parameters.items():
+                if p is None or id(p) in seen:
+                    continue
+                seen.add(id(p))
+                flags.append((p, p.requires_grad))
+                if p.requires_grad:
+                    named.append((f"{prefix}.{pname}" if prefix else pname, p))
             if getattr(sub, "supports_row_masks", False) and sub.weight.requires_grad:
-                layers.append((name, sub))
-                weight_name[sub] = names.get(id(sub.weight), f"{name}.weight" if name else "weight")
+                layers.append((prefix, sub))
                 for p in (sub.weight, sub.bias):
                     if p is not None:
                         layer_of[id(p)] = sub
+        names = {id(p): n for n, p in named}
+        for prefix, sub in layers:
+            weight_name[sub] = names.get(id(sub.weight), f"{prefix}.weight" if prefix else "weight")
+        self.named: tuple[tuple[str, nn.Parameter], ...] = tuple(named)
+        """(name, parameter) with ``requires_grad``, in ``named_parameters()`` order."""
+        self._flags = tuple(flags)
         self.layers: tuple[tuple[str, nn.Module], ...] = tuple(layers)
         """(name, FreezableLinear) whose weight requires grad."""
         self.layer_of: dict[int, nn.Module] = layer_of
@@ -94,6 +102,11 @@ class StageParams:
     @property
     def device(self) -> torch.device | None:
         return self.named[0][1].device if self.named else None
+
+    def stale(self) -> bool:
+        """Some parameter's ``requires_grad`` changed since it was resolved (replaced Parameter objects
+        are not detected: resolve again yourself)."""
+        return any(p.requires_grad is not flag for p, flag in self._flags)
 
 
 class MaskPlan:

@@ -40,8 +40,9 @@ FreezableLinear computes no dW there (the engine does not need the weight grads 
 Counters (``stage.tfz.stats``, a :class:`tfz.pipeline.counters.StageStats` per step, reset when the
 schedule starts a step): per microbatch the realised frozen fraction, the whole tensors left out, and
 the weight-gradient GEMM FLOPs of FreezableLinear layers computed and skipped (2 * tokens * rows *
-in_features; tokens come from a forward pre-hook on each FreezableLinear, counted only inside F
-actions). ``count_flops=False`` registers no hooks.
+in_features). Tokens per layer come from forward pre-hooks on the FreezableLinear layers, run during
+the first F action of each stage-input shape signature and then removed (dense layers assumed; see
+``FreezeState``); ``count_flops="exact"`` keeps them on every F, ``count_flops=False`` counts nothing.
 
 Limits: stages built with ``dw_builder`` are refused. Under DDP, parameters left out of a backward
 need ``find_unused_parameters=True``, and the W queue writes ``.grad`` directly, so DDP's autograd hooks
@@ -149,27 +150,30 @@ class FreezeState:
         stats: counters of the current (or last finished) step.
     """
 
-    def __init__(self, stage: _PipelineStageBase, provider=None, timer=None, count_flops: bool = True):
+    def __init__(self, stage: _PipelineStageBase, provider=None, timer=None, count_flops: bool | str = True):
+        if count_flops not in (True, False, "exact"):
+            raise ValueError(f"count_flops must be True, False or 'exact', got {count_flops!r}")
         self.stage_index: int = stage.stage_index
         self._stage_ref = stage
         self.provider = provider
         self.timer = timer
         self.store = WeightGradStore()
         self.stats = StageStats(self.stage_index)
-        self.count_flops = bool(count_flops)
+        self.count_flops = count_flops
         self._plans = PlanCache()
         self._params: StageParams | None = None
         self._split: dict[int, MaskPlan | None] = {}
         self._tokens: dict[int, dict] = {}
+        """mb -> {FreezableLinear: tokens} of forwards whose dW is still to come."""
+        self._token_cache: dict[tuple, dict] = {}
+        """Stage input signature -> {FreezableLinear: tokens} (calibrated once per signature)."""
+        self._flops_cache: dict[tuple[MaskPlan, int], tuple[dict, tuple[int, int]]] = {}
         self._fwd_tokens: dict | None = None
         self._local = threading.local()
         self._hooks: list = []
-        module = stage_module(stage.submod)
-        self._fsdp = _uses_fsdp(module)
-        if self.count_flops:
-            for sub in module.modules():
-                if getattr(sub, "supports_row_masks", False):
-                    self._hooks.append(sub.register_forward_pre_hook(self._count_tokens))
+        self._fsdp = _uses_fsdp(stage_module(stage.submod))
+        if count_flops:
+            self._install_hooks()
 
     # -- configuration --------------------------------------------------------------------------------
     @property
@@ -194,22 +198,74 @@ class FreezeState:
 
     # -- per step ---------------------------------------------------------------------------------------
     def new_step(self) -> None:
-        """Start a step: fresh counters, forget unfinished microbatches (and their queued dW)."""
+        """Start a step: fresh counters, forget unfinished microbatches (and their queued dW); the
+        stage's parameters are resolved again if some ``requires_grad`` changed."""
         self.stats = StageStats(self.stage_index)
         self._split.clear()
         self._tokens.clear()
         self.store.clear(self.stage_index)
+        if self._params is not None and self._params.stale():
+            self.refresh()
+
+    def refresh(self) -> None:
+        """Resolve the stage's parameters again at the next action (call it after replacing Parameter
+        objects of the stage module between steps; FSDP2 stages resolve them at every action anyway)."""
         self._params = None
 
     def params(self) -> StageParams:
         if self._fsdp or self._params is None:
             self._params = StageParams(self._stage_ref.submod)
+            self._flops_cache.clear()
         return self._params
+
+    # -- token counts for the FLOP counters -----------------------------------------------------------
+    # Forward pre-hooks on FreezableLinear layers record the tokens each layer sees. With
+    # count_flops=True they run until one forward per stage-input signature (shapes, dtypes) was seen,
+    # then they are removed (hooks put nn.Module calls on a slower path); later forwards with a known
+    # signature reuse its counts. This assumes dense layers (token counts fixed by the input shapes);
+    # a forward with a new signature is not counted and re-installs the hooks for the next one.
+    # count_flops="exact" keeps the hooks on every forward (e.g. for data-dependent routing).
+    def _install_hooks(self) -> None:
+        if self._hooks:
+            return
+        for sub in stage_module(self._stage_ref.submod).modules():
+            if getattr(sub, "supports_row_masks", False):
+                self._hooks.append(sub.register_forward_pre_hook(self._count_tokens))
+
+    def _remove_hooks(self) -> None:
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks.clear()
 
     def _count_tokens(self, layer, args) -> None:
         record = self._fwd_tokens
         if record is not None and args and isinstance(args[0], torch.Tensor):
             record[layer] = record.get(layer, 0) + args[0].numel() // layer.in_features
+
+    def _before_forward(self) -> None:
+        self._fwd_tokens = {} if self._hooks else None
+
+    def _after_forward(self, stage, mb: int) -> None:
+        recorded, self._fwd_tokens = self._fwd_tokens, None
+        if self.count_flops == "exact":
+            if recorded is not None:
+                self._tokens[mb] = recorded
+            return
+        cached = stage.fwd_cache.get(mb)
+        signature = None
+        if cached is not None:
+            signature = tuple((tuple(t.shape), t.dtype) for t in cached[1] if isinstance(t, torch.Tensor))
+        if recorded is not None:
+            self._tokens[mb] = recorded
+            if signature is not None:
+                self._token_cache[signature] = recorded
+                self._remove_hooks()
+            return
+        tokens = self._token_cache.get(signature)
+        if tokens is None:
+            self._install_hooks()
+        else:
+            self._tokens[mb] = tokens
 
     # -- actions ----------------------------------------------------------------------------------------
     def action(self, mb: int, kind: str) -> str:
@@ -226,7 +282,12 @@ class FreezeState:
         tokens = self._tokens.pop(mb, None)
         if not self.count_flops or not tokens:
             return
-        computed, skipped = w_flops(plan or self._plans.get(None, params), params, tokens)
+        plan = plan or self._plans.get(None, params)
+        key = (plan, id(tokens))  # the cache holds the plan; the tokens object is checked below
+        entry = self._flops_cache.get(key)
+        if entry is None or entry[0] is not tokens:
+            entry = self._flops_cache[key] = (tokens, w_flops(plan, params, tokens))
+        computed, skipped = entry[1]
         stats = self.stats.microbatch(mb)
         stats.w_flops += computed
         stats.w_flops_skipped += skipped
@@ -265,10 +326,9 @@ class FreezeState:
         return None
 
     def close(self) -> None:
-        """Remove the token-counting hooks."""
-        for handle in self._hooks:
-            handle.remove()
-        self._hooks.clear()
+        """Stop counting FLOPs and remove the token-counting hooks."""
+        self.count_flops = False
+        self._remove_hooks()
 
     def __repr__(self) -> str:
         return f"FreezeState(stage={self.stage_index}, provider={self._provider!r}, timer={self._timer!r})"
@@ -292,14 +352,14 @@ def _base(stage) -> type:
 def _forward_one_chunk(self, fwd_chunk_id: int, *args, **kwargs):
     state = self.tfz
     name = state.action(fwd_chunk_id, "F")
-    state._fwd_tokens = {} if state.count_flops else None
-    try:
-        with state.timed(name):
-            return _base(self).forward_one_chunk(self, fwd_chunk_id, *args, **kwargs)
-    finally:
-        if state._fwd_tokens is not None:
-            state._tokens[fwd_chunk_id] = state._fwd_tokens
-            state._fwd_tokens = None
+    counting = state.count_flops
+    if counting:
+        state._before_forward()
+    with state.timed(name):
+        out = _base(self).forward_one_chunk(self, fwd_chunk_id, *args, **kwargs)
+    if counting:
+        state._after_forward(self, fwd_chunk_id)
+    return out
 
 
 def _timed_backward(self, kind: str, mb: int, call):
@@ -374,7 +434,8 @@ class FreezeAwareStage(PipelineStage):
     Args:
         provider: :class:`tfz.masks.MaskProvider` or None (nothing frozen; torch's own backward).
         timer: :class:`tfz.timing.ActionTimer` timing every F/B/I/W action, or None.
-        count_flops: count weight-gradient FLOPs per microbatch (forward pre-hooks on FreezableLinear).
+        count_flops: count weight-gradient FLOPs per microbatch: True (token counts calibrated once per
+            input shape signature), "exact" (counted on every forward) or False.
     """
 
     _tfz_base = PipelineStage
@@ -385,7 +446,7 @@ class FreezeAwareStage(PipelineStage):
     backward_maybe_with_nosync = _backward_maybe_with_nosync
     clear_runtime_states = _clear_runtime_states
 
-    def __init__(self, *args, provider=None, timer=None, count_flops: bool = True, **kwargs):
+    def __init__(self, *args, provider=None, timer=None, count_flops: bool | str = True, **kwargs):
         super().__init__(*args, **kwargs)
         _attach(self, provider, timer, count_flops)
 
@@ -421,7 +482,7 @@ def _attach(stage, provider, timer, count_flops) -> None:
     stage.tfz = FreezeState(stage, provider, timer, count_flops)
 
 
-def make_freeze_aware(stage, *, provider=None, timer=None, count_flops: bool = True):
+def make_freeze_aware(stage, *, provider=None, timer=None, count_flops: bool | str = True):
     """Make an existing pipeline stage freeze-aware in place (class swap); returns the stage.
 
     Works for ``PipelineStage``, the tracer's ``_PipelineStage`` and their subclasses, before or after
