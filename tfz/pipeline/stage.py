@@ -44,10 +44,12 @@ in_features). Tokens per layer come from forward pre-hooks on the FreezableLinea
 the first F action of each stage-input shape signature and then removed (dense layers assumed; see
 ``FreezeState``); ``count_flops="exact"`` keeps them on every F, ``count_flops=False`` counts nothing.
 
-Limits: stages built with ``dw_builder`` are refused. Under DDP, parameters left out of a backward
-need ``find_unused_parameters=True``, and the W queue writes ``.grad`` directly, so DDP's autograd hooks
-do not see deferred dW (as with torch's own I/W split). Under FSDP2 the parameters are resolved at
-every action (unsharded ones); this is untested without GPUs.
+Limits: stages built with ``dw_builder`` are refused (tfz defers dW itself). Data parallelism is
+untested: torch's wrapping runs, but DDP's reducer waits for a gradient of every parameter reachable
+from the outputs, so parameters tfz leaves out of the last backward (whole tensors, fully frozen
+layers) would not be reduced; row masks keep every layer in the graph. The W queue writes ``.grad``
+directly, so autograd hooks (DDP's) do not see deferred dW, as with torch's own I/W split. Under
+FSDP2 the parameters are resolved at every action (the unsharded ones in the graph).
 """
 
 from __future__ import annotations
@@ -99,16 +101,30 @@ class _Job:
                 f"{self.key[0]} (torch {torch.__version__}'s pipelining changed?)"
             )
         if kind == "full":
-            stage_output, output_grads, input_values = args[:3]
+            stage_output, output_grads, input_values = _bind(args, kwargs, _FULL_ARGS)
             return full_backward(stage_output, output_grads, input_values, self.plan, self.params)
         if kind == "input":
-            stage_output, output_grads, input_values = args[:3]
+            stage_output, output_grads, input_values = _bind(args, kwargs, _INPUT_ARGS)
             grads = input_backward(
                 stage_output, output_grads, input_values, self.plan, self.params, self.state.store, self.key
             )
             return grads, []  # no param_groups: W flushes the queue instead
         weight_backward(self.plan, self.state.store, self.key)
         return ()
+
+
+_FULL_ARGS = ("stage_output", "output_grads", "input_values")
+_INPUT_ARGS = ("stage_outputs_or_loss", "output_grads", "input_values")
+"""Leading parameters of torch's ``stage_backward`` / ``stage_backward_input``."""
+
+
+def _bind(args: tuple, kwargs: dict, names: tuple[str, ...]) -> list:
+    values = list(args[: len(names)])
+    for name in names[len(values) :]:
+        if name not in kwargs:
+            raise TypeError(f"tfz.pipeline: torch called its backward without {name!r}")
+        values.append(kwargs[name])
+    return values
 
 
 def _wrapper(name: str, original):
