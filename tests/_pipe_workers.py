@@ -310,3 +310,91 @@ def expected_flops(num_stages: int, table: dict, microbatches: int = MICROBATCHE
                 skipped += 2 * TOKENS * (rows - active) * inp
             out[(s, mb)] = (computed, skipped)
     return out
+
+
+TRACER_FROZEN = {
+    (0, 1): {"a.weight"},
+    (0, 3): {"a.weight", "a.bias"},
+    (1, 1): {"n.weight"},
+    (1, 2): {"b.weight", "b.bias", "n.bias"},
+}
+"""Whole tensors frozen per (stage, mb) in the tracer test (stage 0 = a; stage 1 = n, b)."""
+
+
+def tracer_model():
+    """Plain float32 ``b(n(tanh(a(x))))``, a = b = Linear(8, 8), n = LayerNorm(8); split before n."""
+    import torch
+    from torch import nn
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.n, self.b = nn.Linear(DIM, DIM), nn.LayerNorm(DIM), nn.Linear(DIM, DIM)
+
+        def forward(self, x):
+            return self.b(self.n(torch.tanh(self.a(x))))
+
+    torch.manual_seed(11)
+    return Net()
+
+
+def tracer_batch():
+    import torch
+
+    g = torch.Generator().manual_seed(12)
+    return torch.randn(MICROBATCHES * TOKENS, DIM, generator=g), torch.randn(
+        MICROBATCHES * TOKENS, DIM, generator=g
+    )
+
+
+def run_tracer(rank: int, world: int) -> dict:
+    """1F1B on stages built by torch's tracer (``pipeline`` + ``build_stage``), made freeze-aware
+    after the schedule exists; whole-tensor freezes from TRACER_FROZEN. Returns class name and grads."""
+    import torch
+    import torch.nn.functional as F
+    from torch.distributed.pipelining import Schedule1F1B, SplitPoint, pipeline
+
+    from tfz.masks import StageMasks, StageUnits
+    from tfz.pipeline import FixedMasks, make_freeze_aware
+
+    torch.set_num_threads(1)
+    x, y = tracer_batch()
+    pipe = pipeline(
+        tracer_model(), mb_args=(x.chunk(MICROBATCHES)[0],), split_spec={"n": SplitPoint.BEGINNING}
+    )
+    stage = pipe.build_stage(rank, torch.device("cpu"))
+    units = StageUnits.from_module(stage.submod, include_tensors=True)
+    table = {
+        key: StageMasks(units=units, ratio=0.5, frozen=np.array([u.name in names for u in units.units]))
+        for key, names in TRACER_FROZEN.items()
+        if key[0] == rank
+    }
+    schedule = Schedule1F1B(stage, MICROBATCHES, loss_fn=lambda o, t: F.mse_loss(o, t))
+    make_freeze_aware(stage, provider=FixedMasks(table))
+    stage.submod.zero_grad(set_to_none=True)
+    schedule.step(*((x,) if rank == 0 else ()), **({"target": y} if rank == 1 else {}))
+    grads = {
+        n: (None if p.grad is None else p.grad.reshape(-1).tolist())
+        for n, p in stage.submod.named_parameters()
+    }
+    return {"class": type(stage).__name__, "base": type(stage).__mro__[1].__name__, "grads": grads}
+
+
+def tracer_reference() -> dict:
+    """{param name: masked mean gradient or None}: plain float64 autograd per microbatch."""
+    import torch
+    import torch.nn.functional as F
+
+    model = tracer_model().double()
+    x, y = tracer_batch()
+    stage_of = {"a": 0, "n": 1, "b": 1}
+    sums: dict = {}
+    for mb, (xm, ym) in enumerate(zip(x.double().chunk(MICROBATCHES), y.double().chunk(MICROBATCHES))):
+        loss = F.mse_loss(model(xm), ym)
+        names = [n for n, _ in model.named_parameters()]
+        for n, g in zip(names, torch.autograd.grad(loss, list(model.parameters()))):
+            if n in TRACER_FROZEN.get((stage_of[n.split(".")[0]], mb), ()):
+                sums.setdefault(n, None)
+                continue
+            sums[n] = g if sums.get(n) is None else sums[n] + g
+    return {n: (None if g is None else (g / MICROBATCHES).reshape(-1).tolist()) for n, g in sums.items()}

@@ -30,7 +30,9 @@ from _pipe_workers import (
     reference_grads,
     run_failing,
     run_schedules,
+    run_tracer,
     schedule_layout,
+    tracer_reference,
 )
 
 pytest.importorskip("torch")
@@ -157,3 +159,18 @@ def test_rank_raising_mid_step_ends_the_run(fail_at):
     assert "masks_for" in err.remote_traceback
     assert isinstance(err.__cause__, ValueError)
     assert elapsed < 45, f"took {elapsed:.1f} s"
+
+
+def test_tracer_built_stages_by_class_swap():
+    """Stages from torch's tracer (``_PipelineStage``), swapped after the schedule was built."""
+    out = launch(run_tracer, 2, timeout=120)
+    ref = tracer_reference()
+    seen = set()
+    for r, res in enumerate(out):
+        assert (res["class"], res["base"]) == ("FreezeAwarePipelineStage", "_PipelineStage")
+        for name, g in res["grads"].items():
+            seen.add(name)
+            assert (g is None) == (ref[name] is None), name
+            if g is not None:
+                np.testing.assert_allclose(g, ref[name], rtol=0, atol=1e-6, err_msg=f"rank {r} {name}")
+    assert seen == set(ref)
