@@ -379,3 +379,17 @@ def test_one_rank_pipeline_with_masks(one_rank_group, count_flops):
             assert (got.w_flops, got.w_flops_skipped) == expected[(0, mb)]
     # calibrated counting removed its hooks after the first forward; "exact" keeps them
     assert len(stage.tfz._hooks) == (2 if count_flops == "exact" else 0)
+
+
+def test_plan_cache_does_not_keep_masks_alive():
+    import gc
+    import weakref
+
+    module = _module()
+    params, cache = StageParams(module), PlanCache()
+    masks = _masks()
+    ref = weakref.ref(masks)
+    cache.get(masks, params)
+    del masks
+    gc.collect()
+    assert ref() is None and len(cache._plans) == 0

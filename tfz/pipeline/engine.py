@@ -116,7 +116,7 @@ class MaskPlan:
     """
 
     __slots__ = (
-        "masks",
+        "masked",
         "row_masks",
         "frozen_layers",
         "frozen_names",
@@ -126,7 +126,9 @@ class MaskPlan:
     )
 
     def __init__(self, masks: StageMasks | None, params: StageParams):
-        self.masks = masks
+        self.masked = masks is not None
+        """Built from masks (False: the empty plan). The masks object itself is not kept, so a
+        :class:`PlanCache` entry does not keep its (weak) key alive."""
         self.row_masks: dict[nn.Module, RowMask] = {}
         """FreezableLinear -> RowMask, for layers with some row frozen."""
         self.frozen_layers: frozenset[nn.Module] = frozenset()

@@ -219,6 +219,7 @@ class FreezeState:
         self.stats = StageStats(self.stage_index)
         self._split.clear()
         self._tokens.clear()
+        self._flops_cache.clear()  # holds plans: let the ones of earlier steps go
         self.store.clear(self.stage_index)
         if self._params is not None and self._params.stale():
             self.refresh()
@@ -314,7 +315,7 @@ class FreezeState:
             return None
         plan = self._plans.get(self._provider.masks_for(self.stage_index, mb), params)
         stats = self.stats.microbatch(mb)
-        stats.masked = plan.masks is not None
+        stats.masked = plan.masked
         stats.frozen_fraction = plan.frozen_fraction
         stats.frozen_tensors = plan.frozen_tensor_count
         return plan
