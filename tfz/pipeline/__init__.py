@@ -4,7 +4,8 @@
   freezing per (stage, microbatch), time every F/B/I/W action and count skipped W FLOPs
   (:mod:`tfz.pipeline.stage`, :mod:`tfz.pipeline.engine`);
 - :class:`FixedMasks`, :class:`RatioMasks`: simple mask providers;
-- :func:`launch`, :func:`run_from_env`: spawn ranks with failure propagation, or run under torchrun.
+- :func:`launch`, :func:`run_from_env`: spawn ranks with failure propagation, or run under torchrun;
+- :func:`build_torch_schedule`: torch's schedule object for a tfz schedule (CSV runtime for zbh1).
 
 The stage names load on first access (they import ``torch.distributed.pipelining``).
 """
@@ -25,18 +26,24 @@ __all__ = [
     "RankError",
     "RatioMasks",
     "StageStats",
+    "build_torch_schedule",
     "launch",
     "make_freeze_aware",
     "run_from_env",
 ]
 
-_LAZY = ("FreezeAwareStage", "FreezeState", "make_freeze_aware")
+_LAZY = {
+    "FreezeAwareStage": "tfz.pipeline.stage",
+    "FreezeState": "tfz.pipeline.stage",
+    "make_freeze_aware": "tfz.pipeline.stage",
+    "build_torch_schedule": "tfz.pipeline.schedules",
+}
 
 
 def __getattr__(name):
     if name not in _LAZY:
         raise AttributeError(f"module 'tfz.pipeline' has no attribute {name!r}")
-    value = getattr(importlib.import_module("tfz.pipeline.stage"), name)
+    value = getattr(importlib.import_module(_LAZY[name]), name)
     globals()[name] = value
     return value
 
