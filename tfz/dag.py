@@ -167,10 +167,9 @@ def build_dag(schedule: Schedule) -> DAG:
                 raise ValueError(f"unknown action {a} on rank {r}: stage {a.stage} not in [0, {S})")
             if not 0 <= a.microbatch < M:
                 raise ValueError(f"unknown action {a} on rank {r}: microbatch {a.microbatch} not in [0, {M})")
-            if schedule.stage_to_rank[a.stage] != r:
-                raise ValueError(
-                    f"action {a} is on rank {r}, but stage {a.stage} lives on rank {schedule.stage_to_rank[a.stage]}"
-                )
+            home = schedule.stage_to_rank[a.stage]
+            if home != r:
+                raise ValueError(f"action {a} is on rank {r}, but stage {a.stage} lives on rank {home}")
 
     stage = np.fromiter((a.stage for a in actions), dtype=np.int32, count=n)
     kind = np.fromiter((KINDS.index(a.kind) for a in actions), dtype=np.int8, count=n)
@@ -226,7 +225,9 @@ def _check_complete(table: np.ndarray, S: int, M: int) -> None:
     both = has[_B] & (has[_I] | has[_W])
     if both.any():
         s, m = map(int, np.argwhere(both)[0])
-        raise ValueError(f"stage {s} microbatch {m} has both a full backward {Action(s, 'B', m)} and a split one")
+        raise ValueError(
+            f"stage {s} microbatch {m} has both a full backward {Action(s, 'B', m)} and a split one"
+        )
     lone = has[_I] ^ has[_W]
     if lone.any():
         s, m = map(int, np.argwhere(lone)[0])
