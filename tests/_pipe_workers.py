@@ -18,14 +18,6 @@ DIM, HIDDEN, VOCAB, TOKENS = 8, 12, 11, 3
 MICROBATCHES = 4
 BLOCK_ROWS = 4
 SCHEDULES = ("gpipe", "1f1b", "interleaved1f1b", "interleavedzb", "zbv", "dualpipev", "zbh1")
-TORCH_CLASS = {
-    "gpipe": "GPipe",
-    "1f1b": "1F1B",
-    "interleaved1f1b": "Interleaved1F1B",
-    "interleavedzb": "InterleavedZeroBubble",
-    "zbv": "ZBVZeroBubble",
-    "dualpipev": "DualPipeV",
-}
 RATIOS = (0.0, 0.55, 1.0, 0.3, 0.8, 0.0, 0.45, 1.0, 0.2, 0.65, 0.0, 0.9)
 """Freeze ratio of (stage, mb) = RATIOS[(stage * MICROBATCHES + mb) % len(RATIOS)]; see :func:`plan`."""
 
@@ -144,11 +136,10 @@ def _build(name: str, variant: str, rank: int, timer, provider, csv_dir: str):
     after the schedule exists), "none" (make_freeze_aware without provider), "plain" (torch only)."""
     import torch
     import torch.nn.functional as F
-    from torch.distributed.pipelining import PipelineStage, schedules
+    from torch.distributed.pipelining import PipelineStage
 
     import tfz.nn
-    from tfz.pipeline import FreezeAwareStage, make_freeze_aware
-    from tfz.schedule import dump_csv
+    from tfz.pipeline import FreezeAwareStage, build_torch_schedule, make_freeze_aware
 
     sched_tfz, num_stages = schedule_layout(name)
     ids = sched_tfz.stages_of(rank)
@@ -161,14 +152,7 @@ def _build(name: str, variant: str, rank: int, timer, provider, csv_dir: str):
     else:
         stages = [PipelineStage(modules[s], s, num_stages, cpu) for s in ids]
     loss_fn = lambda out, target: F.mse_loss(out, target)  # noqa: E731
-    if name == "zbh1":
-        path = f"{csv_dir}/zbh1_rank{rank}.csv"
-        dump_csv(sched_tfz, path)
-        schedule = schedules._PipelineScheduleRuntime(stages, MICROBATCHES, loss_fn=loss_fn)
-        schedule._load_csv(path)
-    else:
-        cls = schedules.get_schedule_class(TORCH_CLASS[name])
-        schedule = cls(stages[0] if len(stages) == 1 else stages, MICROBATCHES, loss_fn=loss_fn)
+    schedule = build_torch_schedule(sched_tfz, stages, loss_fn, csv_dir=csv_dir)
     if variant == "swap":
         for st in stages:
             make_freeze_aware(st, provider=provider, timer=timer)

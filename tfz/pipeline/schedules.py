@@ -8,19 +8,13 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from tfz.schedule import SCHEDULES, Schedule, dump_csv
+from tfz.schedule.torch_io import TORCH_NAMES
 
 __all__ = ["TORCH_SCHEDULE_CLASSES", "build_torch_schedule"]
 
-TORCH_SCHEDULE_CLASSES = {
-    "gpipe": "GPipe",
-    "1f1b": "1F1B",
-    "interleaved1f1b": "Interleaved1F1B",
-    "interleavedzb": "InterleavedZeroBubble",
-    "zbv": "ZBVZeroBubble",
-    "dualpipev": "DualPipeV",
-}
-"""tfz schedule name -> ``torch.distributed.pipelining.schedules.get_schedule_class`` name. ``zbh1`` has
-no torch class: it runs on ``_PipelineScheduleRuntime`` from a CSV written by tfz."""
+TORCH_SCHEDULE_CLASSES = {tfz_name: cls for cls, tfz_name in TORCH_NAMES.items()}
+"""tfz schedule name -> torch schedule class name. ``zbh1`` has no torch class: it runs on
+``_PipelineScheduleRuntime`` from a CSV written by tfz."""
 
 
 def build_torch_schedule(
@@ -45,7 +39,7 @@ def build_torch_schedule(
     n = schedule.num_microbatches
     name = TORCH_SCHEDULE_CLASSES.get(schedule.name)
     if name is not None:
-        cls = schedules.get_schedule_class(name)
+        cls = getattr(schedules, name)
         single = issubclass(cls, schedules.PipelineScheduleSingle)
         if single and len(stages) != 1:
             raise ValueError(f"{schedule.name} runs one stage per rank, got {len(stages)} stages")
