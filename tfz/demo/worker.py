@@ -144,7 +144,7 @@ class MethodRun:
         self.optimizer = torch.optim.AdamW(
             params.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay
         )
-        self.row_freezing = attach_row_freezing(self.optimizer, params)
+        self.row_freezing = attach_row_freezing(self.optimizer, params, rescale=cfg.rescale_grads)
         self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(cfg))
         self.first = 0 in self.local
         self.last = n_stages - 1 in self.local
