@@ -15,6 +15,7 @@ from tfz.cli import UsageError
 from tfz.schedule import SCHEDULES
 
 __all__ = [
+    "write_timelines",
     "DEFAULT_TIMES",
     "add_schedule_arguments",
     "add_time_arguments",
@@ -148,3 +149,19 @@ def profile_from_args(args: argparse.Namespace):
     if times["w_frozen"] > times["w"]:
         raise UsageError(f"--w-frozen {times['w_frozen']} exceeds --w {times['w']}")
     return Profile.uniform(times["f"], times["i"], times["w"], times["w_frozen"])
+
+
+def write_timelines(args: argparse.Namespace, sim, ratios=None, *, title: str | None = None) -> list[str]:
+    """Write ``--trace`` (Chrome trace) and ``--png`` (Gantt chart) when given; returns the paths written."""
+    written = []
+    if getattr(args, "trace", None):
+        from tfz.timeline import write_chrome_trace
+
+        write_chrome_trace(args.trace, sim, ratios)
+        written.append(args.trace)
+    if getattr(args, "png", None):
+        from tfz.timeline import write_gantt_png
+
+        write_gantt_png(args.png, sim, ratios, title=title)
+        written.append(args.png)
+    return written

@@ -12,7 +12,13 @@ import argparse
 import json
 import sys
 
-from tfz.cli._common import add_schedule_arguments, add_time_arguments, profile_from_args, schedule_from_args
+from tfz.cli._common import (
+    add_schedule_arguments,
+    add_time_arguments,
+    profile_from_args,
+    schedule_from_args,
+    write_timelines,
+)
 
 __all__ = ["add_arguments", "run"]
 
@@ -84,21 +90,11 @@ def run(args: argparse.Namespace) -> int:
     unfrozen, frozen = profile.durations(dag)
     config = PlanConfig(args.max_freeze_ratio, args.action_cap, args.weighting)
     plan = (solve if args.solver == "structured" else solve_generic)(dag, unfrozen, frozen, config)
+    written = []
     if args.trace or args.png:
         sim = simulate(dag, plan.durations(unfrozen, frozen))
-        if args.trace:
-            from tfz.timeline import write_chrome_trace
-
-            write_chrome_trace(args.trace, sim, plan.ratios)
-        if args.png:
-            from tfz.timeline import write_gantt_png
-
-            write_gantt_png(
-                args.png,
-                sim,
-                plan.ratios,
-                title=f"{dag.schedule.name}: planned freezing (cap {plan.max_freeze_ratio:g})",
-            )
+        title = f"{dag.schedule.name}: planned freezing (cap {plan.max_freeze_ratio:g})"
+        written = write_timelines(args, sim, plan.ratios, title=title)
     if args.json:
         d = plan.to_dict()
         d.update(
@@ -107,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(d))
     else:
         lines = [_format(plan, dag)]
-        lines += [f"wrote {path}" for path in (args.trace, args.png) if path]
+        lines += [f"wrote {path}" for path in written]
         print("\n".join(lines))
     sys.stdout.flush()
     return 0

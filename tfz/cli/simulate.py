@@ -11,7 +11,13 @@ import argparse
 import json
 import sys
 
-from tfz.cli._common import add_schedule_arguments, add_time_arguments, profile_from_args, schedule_from_args
+from tfz.cli._common import (
+    add_schedule_arguments,
+    add_time_arguments,
+    profile_from_args,
+    schedule_from_args,
+    write_timelines,
+)
 
 __all__ = ["add_arguments", "run", "summary"]
 
@@ -67,20 +73,13 @@ def run(args: argparse.Namespace) -> int:
     dag = build_dag(schedule_from_args(args))
     unfrozen, _ = profile.durations(dag)
     sim = simulate(dag, unfrozen)
-    if args.trace:
-        from tfz.timeline import write_chrome_trace
-
-        write_chrome_trace(args.trace, sim)
-    if args.png:
-        from tfz.timeline import write_gantt_png
-
-        write_gantt_png(args.png, sim)
+    written = write_timelines(args, sim)
     s = summary(sim)
     if args.json:
         print(json.dumps(s))
     else:
         lines = [_format(s)]
-        lines += [f"wrote {path}" for path in (args.trace, args.png) if path]
+        lines += [f"wrote {path}" for path in written]
         print("\n".join(lines))
     sys.stdout.flush()
     return 0
