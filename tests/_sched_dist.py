@@ -8,16 +8,6 @@ tfz's orders and the gradients with plain autograd on the whole model (:func:`re
 
 from __future__ import annotations
 
-import json
-import os
-import socket
-import time
-import traceback
-from datetime import timedelta
-from pathlib import Path
-
-import pytest
-
 WIDTH = 8
 LAYERS_PER_STAGE = 2
 ROWS_PER_MICROBATCH = 2
@@ -119,56 +109,16 @@ def _run(rank: int, world: int, run: dict) -> dict:
     }
 
 
-def worker(rank: int, world: int, port: int, outdir: str, runs: list[dict]) -> None:
-    """Process entry: init gloo, do every run in ``runs``, write rank<r>.json (or rank<r>.err)."""
-    out = Path(outdir)
-    try:
-        import torch
-        import torch.distributed as dist
+def _rank(rank: int, world: int, runs: list[dict]) -> list[dict]:
+    import torch
 
-        os.environ["MASTER_ADDR"] = "127.0.0.1"
-        os.environ["MASTER_PORT"] = str(port)
-        torch.set_num_threads(1)
-        dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=30))
-        try:
-            results = [_run(rank, world, run) for run in runs]
-        finally:
-            dist.destroy_process_group()
-        (out / f"rank{rank}.json").write_text(json.dumps(results))
-    except BaseException:
-        (out / f"rank{rank}.err").write_text(traceback.format_exc())
-        raise SystemExit(1) from None
+    torch.set_num_threads(1)
+    return [_run(rank, world, run) for run in runs]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def spawn(runs: list[dict], world: int, timeout: float = 60.0) -> list[list[dict]]:
+    """Run ``runs`` on ``world`` spawned gloo ranks; results[rank][run]. Raises (never hangs) on a
+    timeout or a rank's error, with that rank's traceback (``tfz.pipeline.launch``)."""
+    from tfz.pipeline import launch
 
-
-def spawn(runs: list[dict], world: int, outdir: Path, timeout: float = 60.0) -> list[list[dict]]:
-    """Run ``runs`` on ``world`` spawned gloo ranks; results[rank][run]. Fails (never hangs) on
-    a timeout or a worker error, showing the worker's traceback."""
-    import torch.multiprocessing as mp
-
-    ctx = mp.get_context("spawn")
-    port = _free_port()
-    procs = [ctx.Process(target=worker, args=(r, world, port, str(outdir), runs)) for r in range(world)]
-    for p in procs:
-        p.start()
-    deadline = time.monotonic() + timeout
-    for p in procs:
-        p.join(max(0.0, deadline - time.monotonic()))
-    hung = [r for r, p in enumerate(procs) if p.is_alive()]
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-            p.join(5)
-    errors = [(outdir / f"rank{r}.err") for r in range(world)]
-    text = "\n".join(f"rank {r}:\n{e.read_text()}" for r, e in enumerate(errors) if e.exists())
-    if hung:
-        pytest.fail(f"ranks {hung} still running after {timeout:.0f} s; killed\n{text}")
-    bad = [(r, p.exitcode) for r, p in enumerate(procs) if p.exitcode != 0]
-    if bad:
-        pytest.fail(f"workers failed (rank, exit code) {bad}\n{text}")
-    return [json.loads((outdir / f"rank{r}.json").read_text()) for r in range(world)]
+    return launch(_rank, world, runs, timeout=timeout, init_timeout=30)

@@ -8,13 +8,7 @@ switch at the same step), rank 1 never solves and its ``step_end`` stays fast, m
 
 from __future__ import annotations
 
-import json
-import os
-import socket
 import time
-import traceback
-from datetime import timedelta
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -109,66 +103,27 @@ def _run(rank: int) -> dict:
     }
 
 
-def worker(rank: int, world: int, port: int, outdir: str) -> None:
-    out = Path(outdir)
-    try:
-        import torch
-        import torch.distributed as dist
+def _rank(rank: int, world: int) -> dict:
+    import torch
 
-        os.environ["MASTER_ADDR"] = "127.0.0.1"
-        os.environ["MASTER_PORT"] = str(port)
-        torch.set_num_threads(1)
-        dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
-        try:
-            result = _run(rank)
-        finally:
-            dist.destroy_process_group()
-        (out / f"rank{rank}.json").write_text(json.dumps(result))
-    except BaseException:
-        (out / f"rank{rank}.err").write_text(traceback.format_exc())
-        raise SystemExit(1) from None
+    torch.set_num_threads(1)
+    return _run(rank)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def spawn(world: int, timeout: float = 120.0) -> list[dict]:
+    from tfz.pipeline import launch
 
-
-def spawn(world: int, outdir: Path, timeout: float = 120.0) -> list[dict]:
-    import torch.multiprocessing as mp
-
-    ctx = mp.get_context("spawn")
-    port = _free_port()
-    procs = [ctx.Process(target=worker, args=(r, world, port, str(outdir))) for r in range(world)]
-    for p in procs:
-        p.start()
-    deadline = time.monotonic() + timeout
-    for p in procs:
-        p.join(max(0.0, deadline - time.monotonic()))
-    hung = [r for r, p in enumerate(procs) if p.is_alive()]
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-            p.join(5)
-    errors = [outdir / f"rank{r}.err" for r in range(world)]
-    text = "\n".join(f"rank {r}:\n{e.read_text()}" for r, e in enumerate(errors) if e.exists())
-    if hung:
-        pytest.fail(f"ranks {hung} still running after {timeout:.0f} s; killed\n{text}")
-    bad = [(r, p.exitcode) for r, p in enumerate(procs) if p.exitcode != 0]
-    if bad:
-        pytest.fail(f"workers failed (rank, exit code) {bad}\n{text}")
-    return [json.loads((outdir / f"rank{r}.json").read_text()) for r in range(world)]
+    return launch(_rank, world, timeout=timeout)
 
 
 @pytest.mark.distributed
-def test_two_ranks_agree_and_the_solve_never_blocks(tmp_path):
+def test_two_ranks_agree_and_the_solve_never_blocks():
     from tfz.dag import build_dag
     from tfz.masks import StageUnits, select
     from tfz.plan import PlanConfig, solve
     from tfz.schedule import build_schedule
 
-    r0, r1 = spawn(2, tmp_path)
+    r0, r1 = spawn(2)
     a, b = r0["records"], r1["records"]
     assert len(a) == len(b)
     for k, (x, y) in enumerate(zip(a, b)):

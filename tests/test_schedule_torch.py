@@ -201,19 +201,19 @@ def _check_runs(results, runs, world):
 
 
 @pytest.mark.distributed
-def test_torch_1f1b_and_gpipe_execute_tfz_orders_on_2_ranks(tmp_path):
+def test_torch_1f1b_and_gpipe_execute_tfz_orders_on_2_ranks():
     runs = [
         {"kind": "torch", "schedule": "1F1B", "tfz": "1f1b", "microbatches": 4},
         {"kind": "torch", "schedule": "1F1B", "tfz": "1f1b", "microbatches": 2},
         {"kind": "torch", "schedule": "GPipe", "tfz": "gpipe", "microbatches": 3},
     ]
-    _check_runs(spawn(runs, 2, tmp_path), runs, 2)
+    _check_runs(spawn(runs, 2), runs, 2)
 
 
 @pytest.mark.distributed
-def test_torch_1f1b_executes_tfz_order_on_3_ranks(tmp_path):
+def test_torch_1f1b_executes_tfz_order_on_3_ranks():
     runs = [{"kind": "torch", "schedule": "1F1B", "tfz": "1f1b", "microbatches": 5}]
-    results = spawn(runs, 3, tmp_path)
+    results = spawn(runs, 3)
     _check_runs(results, runs, 3)
     # torch's IR for the same class disagrees with the run on the last rank only
     ir = from_torch("1F1B", 3, 5, source="ir")

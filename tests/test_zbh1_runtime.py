@@ -22,7 +22,7 @@ def test_zbh1_csv_runs_on_torch_runtime(tmp_path):
         dump_csv(sched, path)
         runs.append({"kind": "csv", "path": str(path), "microbatches": M})
         schedules.append(sched)
-    results = spawn(runs, 2, tmp_path)
+    results = spawn(runs, 2)
 
     import torch.nn.functional as F
 
