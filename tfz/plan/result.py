@@ -43,9 +43,11 @@ class Plan:
     """``"structured"`` (tfz.plan.solve) or ``"generic"`` (the plain HiGHS formulation)."""
     schedule: str = ""
     phase_seconds: tuple[float, float] = (0.0, 0.0)
-    """Seconds spent in phase 1 (makespan) and phase 2 (total freezing)."""
+    """Seconds of the two solver stages: for ``tfz.plan.solve``, the uncapped optimum and then the
+    capped one (both phases at once); for the generic solver and the HiGHS fallback, phase 1
+    (makespan) and phase 2 (total freezing)."""
     warm: bool = False
-    """Whether the solve started from a previous plan's basis."""
+    """Whether the solve started from a previous plan's solver state."""
     _warm_state: Any = field(default=None, repr=False, compare=False)
 
     @property

@@ -1,0 +1,238 @@
+"""tfz.plan.flow / _sidesimplex (network simplex with cap columns) against the generic HiGHS LP."""
+
+import re
+
+import numpy as np
+import pytest
+
+pytest.importorskip("numba")
+
+import tfz.plan.solver as solver  # noqa: E402
+from tfz.dag import build_dag, simulate  # noqa: E402
+from tfz.plan import PlanConfig, solve, solve_generic  # noqa: E402
+from tfz.plan.flow import FlowProblem, FlowSolveError  # noqa: E402
+from tfz.plan.problem import PlanProblem  # noqa: E402
+from tfz.schedule import SCHEDULES, build_schedule  # noqa: E402
+
+REL = 1e-6
+_HIGHS = solver._solve_highs
+
+
+def _schedule(name, P, M, V=None):
+    try:
+        return build_schedule(name, P, M, V)
+    except ValueError as exc:
+        msg = str(exc)
+        if "unknown schedule" in msg:
+            pytest.skip(f"schedule {name} not available yet")
+        match = re.search(r"needs at least (\d+) microbatches", msg)
+        if match:
+            return build_schedule(name, P, int(match.group(1)), V)
+        raise
+
+
+def _times(dag, rng, equal_share=0.1, grid=None):
+    """Random (unfrozen, frozen); with ``grid`` the times are multiples of it (many ties)."""
+    n = dag.num_actions
+    fr = dag.kind_mask("B", "W")
+    up = rng.uniform(0.5, 3.0, n)
+    low = np.where(fr, up * rng.uniform(0.1, 0.9, n), up)
+    if grid is not None:
+        up = np.round(up / grid) * grid + grid
+        low = np.where(fr, np.minimum(np.round(low / grid) * grid, up - grid), up)
+    low = np.where(fr & (rng.random(n) < equal_share), up, low)
+    return up, low
+
+
+@pytest.fixture
+def flow_only(monkeypatch):
+    """solve() must not fall back to HiGHS."""
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the flow solve fell back to HiGHS")
+
+    monkeypatch.setattr(solver, "_solve_highs", fail)
+
+
+def _check(fast, ref, dag, up, low, cap, weighting="count"):
+    assert fast.solver == "structured"
+    assert fast.makespan_planned == pytest.approx(ref.makespan_planned, rel=REL)
+    assert fast.total_ratio == pytest.approx(ref.total_ratio, rel=REL, abs=1e-9)
+    r = fast.ratios
+    assert np.all(r >= 0) and np.all(r <= 1)
+    assert max(fast.stage_mean_ratio, default=0.0) <= cap + 1e-9
+    assert simulate(dag, up - r * (up - low)).makespan == pytest.approx(fast.makespan_planned, rel=1e-12)
+
+
+def _sizes(name):
+    if name in ("gpipe", "1f1b", "zbh1"):
+        return [(2, 5, None), (3, 7, None), (4, 12, None)]
+    return [(2, 4, None), (3, 6, None), (2, 6, 3)]
+
+
+@pytest.mark.parametrize("name", SCHEDULES)
+def test_cold_matches_generic(name, flow_only):
+    rng = np.random.default_rng(sum(map(ord, name)))
+    for P, M, V in _sizes(name):
+        try:
+            dag = build_dag(_schedule(name, P, M, V))
+        except ValueError:
+            dag = build_dag(_schedule(name, P, M))
+        for trial in range(4):
+            up, low = _times(dag, rng, equal_share=0.15 * trial, grid=0.25 if trial == 3 else None)
+            cap = float(rng.choice([0.0, 0.3, 0.5, 0.8, 1.0]))
+            weighting = ["count", "duration"][trial % 2]
+            action_cap = rng.uniform(0.3, 1.0, dag.num_actions) if trial == 2 else None
+            config = PlanConfig(max_freeze_ratio=cap, weighting=weighting)
+            fast = solve(dag, up, low, config, action_cap=action_cap)
+            ref = solve_generic(dag, up, low, config, action_cap=action_cap)
+            _check(fast, ref, dag, up, low, cap, weighting)
+
+
+def _drift(dag, up, low, rng, how):
+    """(a) every duration U(+-2%), (b) one factor per (stage, kind), (c) one stage 10% slower."""
+    n = dag.num_actions
+    if how == "a":
+        f, g = rng.uniform(0.98, 1.02, n), rng.uniform(0.98, 1.02, n)
+    elif how == "b":
+        key = dag.stage.astype(np.int64) * 8 + dag.kind.astype(np.int64)
+        f, g = rng.uniform(0.97, 1.03, key.max() + 1)[key], rng.uniform(0.97, 1.03, key.max() + 1)[key]
+    else:
+        f = np.where(dag.stage == dag.num_stages // 3, 1.1, 1.0)
+        g = f
+    up2 = up * f
+    low2 = np.where(low < up, np.minimum(low * g, up2), up2)
+    return up2, low2
+
+
+@pytest.mark.parametrize("name", ["1f1b", "gpipe", "zbh1", "interleaved1f1b"])
+@pytest.mark.parametrize("how", ["a", "b", "c"])
+def test_warm_matches_generic(name, how, flow_only):
+    if name not in SCHEDULES:
+        pytest.skip(f"schedule {name} not available")
+    rng = np.random.default_rng(abs(hash((name, how))) % 2**32)
+    dag = build_dag(_schedule(name, 4, 12, 2 if name == "interleaved1f1b" else None))
+    up, low = _times(dag, rng)
+    config = PlanConfig(max_freeze_ratio=0.6)
+    plan = solve(dag, up, low, config)
+    for _ in range(3):  # a chain of re-plans, each from the last
+        up, low = _drift(dag, up, low, rng, how)
+        warm = solve(dag, up, low, config, warm_start=plan)
+        assert warm.warm
+        _check(warm, solve_generic(dag, up, low, config), dag, up, low, 0.6)
+        plan = warm
+
+
+def test_warm_start_needs_the_same_structure(flow_only):
+    rng = np.random.default_rng(4)
+    dag = build_dag(build_schedule("1f1b", 3, 8))
+    up, low = _times(dag, rng, equal_share=0)
+    plan = solve(dag, up, low)
+    # an action that stops being freezable changes the flow problem: cold, same optimum
+    low2 = low.copy()
+    low2[np.flatnonzero(dag.kind_mask("B"))[0]] = up[np.flatnonzero(dag.kind_mask("B"))[0]]
+    again = solve(dag, up, low2, warm_start=plan)
+    assert not again.warm
+    _check(again, solve_generic(dag, up, low2), dag, up, low2, 0.8)
+    # the HiGHS fallback's state is not a flow basis: cold
+    other = _HIGHS(PlanProblem.create(dag, up, low), None, 0.0)
+    assert not solve(dag, up, low, warm_start=other).warm
+
+
+def test_ties_and_uniform_durations(flow_only):
+    """Uniform times (every path critical, massive degeneracy): closed forms and generic."""
+    for name, P, M in (("1f1b", 4, 16), ("gpipe", 3, 9)):
+        dag = build_dag(build_schedule(name, P, M))
+        b = dag.kind_mask("B")
+        up = np.where(b, 2.0, 1.0)
+        low = np.where(b, 1.0, 1.0)
+        for cap in (0.0, 0.5, 1.0):
+            config = PlanConfig(max_freeze_ratio=cap)
+            fast = solve(dag, up, low, config)
+            _check(fast, solve_generic(dag, up, low, config), dag, up, low, cap)
+        one = solve(dag, up, low, PlanConfig(max_freeze_ratio=1.0))
+        assert one.makespan_planned == pytest.approx((M + P - 1) * 2.0, rel=1e-12)
+
+
+def test_no_freezable_actions(flow_only):
+    dag = build_dag(build_schedule("1f1b", 3, 5))
+    up = np.random.default_rng(0).uniform(1, 2, dag.num_actions)
+    plan = solve(dag, up, up)
+    assert np.all(plan.ratios == 0)
+    assert plan.makespan_planned == pytest.approx(simulate(dag, up).makespan, rel=1e-12)
+
+
+def test_optimum_is_a_certificate():
+    """The potentials satisfy every constraint of the LP, and their objectives equal generic's."""
+    rng = np.random.default_rng(8)
+    dag = build_dag(build_schedule("zbh1", 3, 9))
+    up, low = _times(dag, rng)
+    problem = PlanProblem.create(dag, up, low, PlanConfig(max_freeze_ratio=0.5))
+    fp = FlowProblem.build(problem)
+    basis = fp.cold_basis()
+    fp.optimize(basis, price_sides=False)
+    pi, stats = fp.optimize(basis)
+    assert stats[0] > 0
+    real = np.arange(fp.m_price)
+    slack = fp.cost[real] - pi[fp.tail[real]] + pi[fp.head[real]]
+    assert slack.min() >= -1e-9  # every precedence, end, start and duration bound holds
+    g = np.zeros((len(fp.scost), fp.num_nodes))
+    for s in range(len(fp.scost)):
+        sl = slice(fp.sptr[s], fp.sptr[s + 1])
+        g[s, fp.snode[sl]] = fp.scoef[sl]
+    assert np.all(fp.scost - g @ pi >= -1e-9)  # every stage cap holds
+    r, T = fp.ratios(pi)
+    ref = solve_generic(dag, up, low, PlanConfig(max_freeze_ratio=0.5))
+    assert T == pytest.approx(ref.makespan_planned, rel=1e-9)
+    assert r.sum() == pytest.approx(ref.total_ratio, rel=1e-9)
+
+
+def test_bad_bases_are_refused():
+    dag = build_dag(build_schedule("1f1b", 2, 4))
+    up, low = _times(dag, np.random.default_rng(1))
+    fp = FlowProblem.build(PlanProblem.create(dag, up, low))
+    basis = fp.cold_basis()
+    short = basis.copy()
+    short.parent = short.parent[:-1]
+    with pytest.raises(ValueError, match="basis"):
+        fp.optimize(short)
+    loop = basis.copy()
+    u = int(np.flatnonzero(loop.parent > 0)[0])
+    loop.parent[loop.parent[u]], loop.pred[loop.parent[u]] = u, loop.pred[u]  # a 2-cycle
+    with pytest.raises(FlowSolveError, match="invalid start basis"):
+        fp.optimize(loop)
+    wrong_arc = basis.copy()
+    wrong_arc.pred[u] = (wrong_arc.pred[u] + 1) % fp.m_price
+    with pytest.raises(FlowSolveError, match="invalid start basis"):
+        fp.optimize(wrong_arc)
+
+
+def test_highs_fallback(monkeypatch):
+    """Without the flow solver (numba missing) the HiGHS path gives the same optimum."""
+    dag = build_dag(build_schedule("1f1b", 4, 8))
+    up, low = _times(dag, np.random.default_rng(11))
+    with_flow = solve(dag, up, low)
+    monkeypatch.setattr(solver, "FlowProblem", None)
+    without = solve(dag, up, low)
+    assert without.makespan_planned == pytest.approx(with_flow.makespan_planned, rel=1e-9)
+    assert without.total_ratio == pytest.approx(with_flow.total_ratio, rel=1e-9)
+    again = solve(dag, up * 1.01, low * 1.01, warm_start=without)
+    assert again.warm
+    monkeypatch.setattr(solver, "network_basis", lambda *args, **kwargs: None)
+    slack = solve(dag, up, low)
+    assert slack.total_ratio == pytest.approx(with_flow.total_ratio, rel=1e-9)
+
+
+def test_flow_failure_falls_back(monkeypatch):
+    """A flow solve that stops without an optimum hands over to HiGHS."""
+
+    def stop(self, basis, **kwargs):
+        raise FlowSolveError("side-column simplex stopped: iteration limit", 2)
+
+    monkeypatch.setattr(FlowProblem, "optimize", stop)
+    dag = build_dag(build_schedule("gpipe", 3, 6))
+    up, low = _times(dag, np.random.default_rng(2))
+    plan = solve(dag, up, low)
+    ref = solve_generic(dag, up, low)
+    assert plan.makespan_planned == pytest.approx(ref.makespan_planned, rel=REL)
+    assert plan.total_ratio == pytest.approx(ref.total_ratio, rel=REL)

@@ -1,0 +1,336 @@
+"""The freeze-ratio LP as a min-cost flow with one side column per stage cap, both phases at once.
+
+The primal (see :mod:`tfz.plan.network` for the node set) bounds differences of event-time
+potentials: precedence, ``0 <= t``, ``T >=`` every end, ``L'_v <= E_v - S_v <= U_v``; each stage cap
+``sum_v a_v r_v <= budget_s`` with ``r_v = (U_v - (E_v - S_v)) / delta_v`` reads
+``sum_v w_v (E_v - S_v) >= h_s`` with ``w_v = a_v / delta_v``, ``h_s = sum_v a_v U_v / delta_v -
+budget_s``. Its dual is a transshipment problem on the network's arcs plus one column per cap
+(``w_v`` from ``S_v`` to ``E_v`` for every v of the stage, cost ``-h_s``). Phase 1 (min T) gives
+supplies ``b1`` (+1 at the origin, -1 at the finish), phase 2 (min sum r) gives ``b2`` (``-1/delta_v``
+at ``S_v``, ``+1/delta_v`` at ``E_v``); a basis optimal for ``b1 + eps b2`` for all small ``eps > 0``
+yields potentials that are the exact lexicographic optimum (:mod:`tfz.plan._sidesimplex`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from tfz.plan._sidesimplex import side_simplex
+from tfz.plan.network import TensionNetwork, _longest_path_tree
+from tfz.plan.problem import PlanProblem
+
+__all__ = ["SIDE_ENTRIES", "FlowBasis", "FlowProblem", "FlowSolveError"]
+
+SIDE_ENTRIES = 16
+"""Cap columns may enter while arcs still can, but at most this many before the arcs are optimal
+again. Unlimited, all violated caps of the uncapped optimum enter at once, and when most of them end
+up slack (a stage much slower than the rest) the simplex stalls for 10x longer; one at a time takes
+2x the pivots where most caps bind (bench/RESULTS.md)."""
+
+
+_RELAX_ROUNDS = 4
+
+
+class FlowSolveError(RuntimeError):
+    """The side-column simplex did not reach a verified optimum (``status`` says why)."""
+
+    def __init__(self, message: str, status: int):
+        super().__init__(message)
+        self.status = status
+
+
+_STATUS = {
+    1: "unbounded",
+    2: "iteration limit",
+    3: "start not feasible",
+    4: "singular side-column matrix",
+    5: "flows turned infeasible",
+    6: "inconsistent forest",
+    7: "invalid start basis",
+}
+
+
+@dataclass(eq=False)
+class FlowBasis:
+    """A basis of :class:`FlowProblem`: forest (parent, pred: int64 [N]), basic side columns and
+    which of them are negated (bool [S] each); updated in place by :meth:`FlowProblem.optimize`."""
+
+    parent: np.ndarray
+    pred: np.ndarray
+    side_basic: np.ndarray
+    side_flip: np.ndarray
+
+    def copy(self) -> FlowBasis:
+        return FlowBasis(self.parent.copy(), self.pred.copy(), self.side_basic.copy(), self.side_flip.copy())
+
+
+@dataclass(eq=False)
+class FlowProblem:
+    """Arrays of the flow problem of one :class:`PlanProblem`."""
+
+    problem: PlanProblem
+    net: TensionNetwork
+    tail: np.ndarray
+    head: np.ndarray
+    cost: np.ndarray
+    partner: np.ndarray
+    """int64 [m]: the reverse arc of each arc (-1: none)."""
+    m_price: int
+    """Arcs ``[0, m_price)`` may enter; the rest are the artificial reverses (see :meth:`build`)."""
+    art_relaxed: np.ndarray
+    """float64 [m - m_price]: relaxed cost of each artificial arc (see :meth:`build`)."""
+    side_stage: np.ndarray
+    """int64 [S]: the stage of each side column (stages whose cap can bind)."""
+    sptr: np.ndarray
+    snode: np.ndarray
+    scoef: np.ndarray
+    snorm: np.ndarray
+    scost: np.ndarray
+    salt: np.ndarray
+    """float64 [S]: relaxed cost of each side column's negation (see :meth:`optimize`)."""
+    node_side: np.ndarray
+    node_coef: np.ndarray
+    b1: np.ndarray
+    b2: np.ndarray
+
+    @property
+    def num_nodes(self) -> int:
+        return self.net.num_nodes
+
+    @classmethod
+    def build(cls, problem: PlanProblem) -> FlowProblem:
+        net = TensionNetwork.build(problem)
+        n = problem.num_actions
+        fidx = net.ratio_actions
+        k = len(fidx)
+        N = net.num_nodes
+        m = net.mk_arc  # the deadline arc (last) is not needed: both phases are in b1 + eps b2
+        # Artificial reverse of every precedence, source and end arc (y -> x): the constraint
+        # t_y - t_x <= l, with cost -cost = l, or relaxed to l + M (cost M - cost), which no
+        # solution with times in [0, T] can bind. They only start warm bases (a forest arc whose
+        # flow turned negative swaps to its reverse) and never enter; duration arcs have real
+        # reverses.
+        fwd = net.fwd
+        ptr, pnode, parc = net.prec
+        big = (
+            2.0 * float(_longest_path_tree(problem.dag.topo, ptr, pnode, parc, problem.unfrozen, n)[0].max())
+            + 1.0
+        )
+        tail = np.concatenate([net.tail[:m], net.head[:fwd]])
+        head = np.concatenate([net.head[:m], net.tail[:fwd]])
+        cost = np.concatenate([net.cost[:m], -net.cost[:fwd]])
+        partner = np.concatenate(
+            [m + np.arange(fwd), fwd + k + np.arange(k), fwd + np.arange(k), np.arange(fwd)]
+        )
+        delta = problem.delta[fidx]
+        weight = problem.weight[fidx]
+        stage_f = problem.dag.stage[fidx].astype(np.int64)
+        S_all = problem.dag.num_stages
+        total, budget = problem.stage_budget()
+        can = np.bincount(stage_f, weights=weight * problem.cap[fidx], minlength=S_all)
+        side_stage = np.flatnonzero(can > budget * (1 + 1e-12) + 1e-300)
+        col_of = np.full(S_all, -1, dtype=np.int64)
+        col_of[side_stage] = np.arange(len(side_stage))
+        col = col_of[stage_f]
+        sel = np.flatnonzero(col >= 0)
+        order = sel[np.argsort(col[sel], kind="stable")]
+        w = weight[order] / delta[order]
+        cnt = np.bincount(col[order], minlength=len(side_stage))
+        sptr = np.zeros(len(side_stage) + 1, dtype=np.int64)
+        np.cumsum(2 * cnt, out=sptr[1:])
+        snode = np.empty(2 * len(order), dtype=np.int64)
+        scoef = np.empty(2 * len(order))
+        # entries of one column: S nodes (+w) then E nodes (-w), columns back to back
+        starts = sptr[:-1]
+        rank_in = np.arange(len(order)) - np.repeat(np.cumsum(cnt) - cnt, cnt)
+        c_of = col[order]
+        snode[starts[c_of] + rank_in] = 1 + fidx[order]
+        scoef[starts[c_of] + rank_in] = w
+        snode[starts[c_of] + cnt[c_of] + rank_in] = 1 + n + order
+        scoef[starts[c_of] + cnt[c_of] + rank_in] = -w
+        snorm = np.sqrt(np.bincount(c_of, weights=2 * w * w, minlength=len(side_stage)))
+        snorm = np.where(snorm > 0, snorm, 1.0)
+        h = np.bincount(c_of, weights=w * problem.unfrozen[fidx[order]], minlength=len(side_stage))
+        scost = -(h - budget[side_stage])
+        salt = h + 1.0  # sum_v w_v (E_v - S_v) <= sum_v w_v U_v + 1: never binds
+        node_side = np.full(N, -1, dtype=np.int64)
+        node_coef = np.zeros(N)
+        node_side[snode] = np.repeat(np.arange(len(side_stage)), 2 * cnt)
+        node_coef[snode] = scoef
+        b1 = np.zeros(N)
+        b1[0], b1[N - 1] = 1.0, -1.0
+        b2 = np.zeros(N)
+        b2[1 + fidx] = -1.0 / delta
+        b2[1 + n + np.arange(k)] = 1.0 / delta
+        return cls(
+            problem,
+            net,
+            tail,
+            head,
+            cost,
+            partner.astype(np.int64),
+            m,
+            big - net.cost[:fwd],
+            side_stage,
+            sptr,
+            snode,
+            scoef,
+            snorm,
+            scost,
+            salt,
+            node_side,
+            node_coef,
+            b1,
+            b2,
+        )
+
+    def cold_basis(self, durations: np.ndarray | None = None) -> FlowBasis:
+        """The longest-path tree under ``durations`` (default: every ratio at its cap), with each
+        E node below its S node on the arc that carries its subtree's flow: lexicographically
+        feasible by construction (every action's supplies cancel within its subtree)."""
+        p, net = self.problem, self.net
+        n = p.num_actions
+        fidx = net.ratio_actions
+        k = len(fidx)
+        N = net.num_nodes
+        omega = N - 1
+        if durations is None:
+            durations = p.durations(p.cap)
+        ptr, pnode, parc = net.prec
+        end, best_arc = _longest_path_tree(p.dag.topo, ptr, pnode, parc, durations, n)
+        parent = np.full(N, -1, dtype=np.int64)
+        pred = np.full(N, -1, dtype=np.int64)
+        arc_s = np.where(best_arc >= 0, best_arc, net.source_arc)
+        pred[1 : n + 1] = arc_s
+        parent[1 : n + 1] = net.tail[arc_s]
+        j = int(np.argmax(end[net.ends]))
+        pred[omega] = net.end_arc[j]
+        parent[omega] = net.tail[net.end_arc[j]]
+        E = 1 + n + np.arange(k)
+        parent[E] = 1 + fidx
+        on_path = np.zeros(N, dtype=bool)
+        u = omega
+        while u != 0:
+            on_path[u] = True
+            u = parent[u]
+        # the finish is below E_v: its subtree needs the unit b1 flow (forward arc), else it
+        # has the surplus 1/delta_v of b2 (reverse arc)
+        pred[E] = np.where(on_path[E], net.fwd + np.arange(k), net.fwd + k + np.arange(k))
+        S = len(self.scost)
+        return FlowBasis(parent, pred, np.zeros(S, dtype=np.bool_), np.zeros(S, dtype=np.bool_))
+
+    def tolerances(self) -> np.ndarray:
+        """(reduced cost, b1 flow, b2 flow) tolerances scaled to the data, and how many cap columns
+        may enter before the arcs are optimal again (:data:`SIDE_ENTRIES`)."""
+        scale = max(1.0, float(np.max(np.abs(self.cost), initial=0.0)))
+        return np.array([1e-11 * scale, 1e-9, 1e-12 * max(1.0, float(np.abs(self.b2).sum())), SIDE_ENTRIES])
+
+    def optimize(
+        self, basis: FlowBasis, *, price_sides: bool = True, max_iter: int | None = None, block: int = 0
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Run the simplex from ``basis`` (updated in place) to the lexicographic optimum.
+
+        ``price_sides=False`` keeps the side columns out (the uncapped problem). A basis whose
+        values turned negative (a warm start) swaps those arcs and cap columns for their reverses:
+        at first as equalities (the constraint stays tight, so the potentials stay where they
+        were), and any that still carries flow at the optimum is relaxed to its never-binding bound
+        and the simplex goes on, until none does. Returns (potentials float [N], stats int [8]:
+        see :func:`~tfz.plan._sidesimplex.side_simplex`, summed over the runs); raises
+        :class:`FlowSolveError` when it does not finish.
+        """
+        N = self.num_nodes
+        m = len(self.tail)
+        S = len(self.scost)
+        if (
+            basis.parent.shape != (N,)
+            or basis.pred.shape != (N,)
+            or basis.side_basic.shape != (S,)
+            or basis.side_flip.shape != (S,)
+        ):
+            raise ValueError("basis does not belong to this flow problem")
+        if max_iter is None:
+            max_iter = 20 * (N + m) + 1000
+        cost = self.cost.copy()
+        salt = -self.scost  # the negated cap column as an equality
+        tol = self.tolerances()
+        total = np.zeros(8, dtype=np.int64)
+        for _ in range(_RELAX_ROUNDS):
+            b = np.stack([self.b1, self.b2, np.zeros(N)], axis=1)
+            X = np.zeros((m, 3))
+            MU = np.zeros((S, 3))
+            pi = np.zeros(N)
+            stats = np.zeros(8, dtype=np.int64)
+            status = side_simplex(
+                self.tail,
+                self.head,
+                cost,
+                self.partner,
+                self.m_price,
+                self.sptr,
+                self.snode,
+                self.scoef.copy(),
+                self.snorm,
+                self.scost.copy(),
+                salt.copy(),
+                self.node_side,
+                self.node_coef.copy(),
+                b,
+                basis.parent,
+                basis.pred,
+                basis.side_basic,
+                basis.side_flip,
+                bool(price_sides),
+                tol,
+                int(max_iter),
+                int(block) if block > 0 else max(int(np.sqrt(self.m_price)), 64),
+                X,
+                MU,
+                pi,
+                stats,
+            )
+            total[:3] += stats[:3]
+            total[3] = stats[3]
+            total[4:] += stats[4:]
+            relaxed = np.array_equal(cost[self.m_price :], self.art_relaxed) and np.array_equal(
+                salt, self.salt
+            )
+            if status == 1 and not relaxed:
+                # the equalities together admit no solution: relax all of them, go on
+                cost[self.m_price :] = self.art_relaxed
+                salt = self.salt.copy()
+                continue
+            if status != 0:
+                err = FlowSolveError(f"side-column simplex stopped: {_STATUS.get(status, status)}", status)
+                err.stats = total
+                raise err
+            # artificial arcs and negated cap columns that still carry flow: relax, go on
+            in_forest = basis.pred[basis.parent >= 0]
+            art = in_forest[in_forest >= self.m_price]
+            carry = (X[art, 0] > tol[1]) | ((X[art, 0] > -tol[1]) & (X[art, 1] > tol[2]))
+            art = art[carry]
+            sides = np.flatnonzero(basis.side_flip & basis.side_basic)
+            carry = (MU[sides, 0] > tol[1]) | ((MU[sides, 0] > -tol[1]) & (MU[sides, 1] > tol[2]))
+            sides = sides[carry]
+            if len(art) == 0 and len(sides) == 0:
+                return pi, total
+            if np.any(cost[art] == self.art_relaxed[art - self.m_price]) or np.any(
+                salt[sides] == self.salt[sides]
+            ):
+                break  # a bound that cannot bind at an optimum binds: numerical trouble
+            cost[art] = self.art_relaxed[art - self.m_price]
+            salt[sides] = self.salt[sides]
+        err = FlowSolveError("side-column simplex stopped: artificial bounds kept binding", 8)
+        err.stats = total
+        raise err
+
+    def ratios(self, pi: np.ndarray) -> tuple[np.ndarray, float]:
+        """Ratios [n] and makespan T from potentials."""
+        p = self.problem
+        n = p.num_actions
+        fidx = self.net.ratio_actions
+        dur = pi[1 + n + np.arange(len(fidx))] - pi[1 + fidx]
+        r = np.zeros(n)
+        r[fidx] = np.clip((p.unfrozen[fidx] - dur) / p.delta[fidx], 0.0, p.cap[fidx])
+        return r, float(pi[-1] - pi[0])
