@@ -141,12 +141,29 @@ def _ratio(v1, v2, v3, dd, f1, f2):
 
 
 @njit(cache=True)
-def _lex_less(a1, a2, a3, b1, b2, b3):
-    if a1 != b1:
-        return a1 < b1
-    if a2 != b2:
-        return a2 < b2
-    return a3 < b3
+def _cmp(a, b):
+    """-1, 0, 1: a below, within a relative 1e-11 of, or above b (steps are >= 0)."""
+    if b == np.inf:
+        return -1 if a < b else 0
+    e = 1e-11 * max(a, b)
+    if a < b - e:
+        return -1
+    if a > b + e:
+        return 1
+    return 0
+
+
+@njit(cache=True)
+def _lex_cmp(a1, a2, a3, b1, b2, b3):
+    """Lexicographic comparison of two steps; near-ties in a component defer to the next one, so
+    that of two values reaching 0 together the one that stays lexicographically >= 0 remains."""
+    c = _cmp(a1, b1)
+    if c != 0:
+        return c
+    c = _cmp(a2, b2)
+    if c != 0:
+        return c
+    return _cmp(a3, b3)
 
 
 @njit(cache=True)
@@ -167,9 +184,12 @@ def _compact(basic, K, slots, Qfull, Q):
         for i in range(K):
             if not np.isfinite(Qk[j, i]):
                 return np.zeros((K, K)), False
-    if abs(np.linalg.det(Qk)) == 0.0:
-        return np.zeros((K, K)), False
-    return np.linalg.inv(Qk), True
+    inv = np.linalg.inv(Qk)  # raises LinAlgError when exactly singular
+    for j in range(K):
+        for i in range(K):
+            if not abs(inv[j, i]) < 1e12:
+                return inv, False
+    return inv, True
 
 
 @njit(cache=True)
@@ -572,7 +592,7 @@ def side_simplex(
                 if up[u]:
                     e = pred[u]
                     r1, r2, r3 = _ratio(X[e, 0], X[e, 1], X[e, 2], 1.0, f1, f2)
-                    if _lex_less(r1, r2, r3, t1, t2, t3):
+                    if _lex_cmp(r1, r2, r3, t1, t2, t3) < 0:
                         t1, t2, t3, u_out, side_first = r1, r2, r3, u, True
                 u = parent[u]
             u = second
@@ -580,7 +600,7 @@ def side_simplex(
                 if not up[u]:
                     e = pred[u]
                     r1, r2, r3 = _ratio(X[e, 0], X[e, 1], X[e, 2], 1.0, f1, f2)
-                    if not _lex_less(t1, t2, t3, r1, r2, r3):
+                    if _lex_cmp(r1, r2, r3, t1, t2, t3) <= 0:
                         t1, t2, t3, u_out, side_first = r1, r2, r3, u, False
                 u = parent[u]
             if u_out < 0:
@@ -725,14 +745,16 @@ def side_simplex(
             if d > 1e-7:  # the arc's flow falls at rate d
                 a = parc[p_]
                 r1, r2, r3 = _ratio(X[a, 0], X[a, 1], X[a, 2], d, f1, f2)
-                if _lex_less(r1, r2, r3, t1, t2, t3) or (r1 == t1 and r2 == t2 and r3 == t3 and d > leave_d):
+                c = _lex_cmp(r1, r2, r3, t1, t2, t3)
+                if c < 0 or (c == 0 and d > leave_d):
                     t1, t2, t3, leave_node, leave_d = r1, r2, r3, order[p_], d
         for i in range(K):
             d = -dmu[i]
             if d > 1e-7:
                 s = basic[i]
                 r1, r2, r3 = _ratio(MU[s, 0], MU[s, 1], MU[s, 2], d, f1, f2)
-                if _lex_less(r1, r2, r3, t1, t2, t3) or (r1 == t1 and r2 == t2 and r3 == t3 and d > leave_d):
+                c = _lex_cmp(r1, r2, r3, t1, t2, t3)
+                if c < 0 or (c == 0 and d > leave_d):
                     t1, t2, t3, leave_node, leave_d = r1, r2, r3, -(i + 1), d
         if leave_node == _NONE:
             status = 1
