@@ -1,25 +1,30 @@
 """Freeze-ratio LP: solve time vs size, structured solver against the generic HiGHS formulation.
 
 Instances: 1F1B with P ranks and M = 8P microbatches (1k to 65k actions); per action, F takes
-U(0.8, 1.2), B takes U(1.6, 2.4) unfrozen and 40-60% of that frozen; cap 0.8. Warm: re-plan after
-every duration moved by U(-2%, +2%), starting from the previous plan.
+U(0.8, 1.2), B takes U(1.6, 2.4) unfrozen and 40-60% of that frozen; cap 0.8. Warm re-plans start
+from the plan of the undrifted durations after (a) every duration moved by U(-2%, +2%), (b) one
+factor U(0.97, 1.03) per (stage, kind) for the unfrozen and one for the frozen durations, (c) one
+stage 10% slower; each is compared with a cold solve of the same drifted durations.
 
 pytest-benchmark (sizes up to 16k; the generic solve only up to 4k):
     python -m pytest bench/bench_plan.py -q --benchmark-enable
-Table for bench/RESULTS.md (all sizes; the generic solve where it takes under about a minute):
-    python bench/bench_plan.py [--sizes 8,16,32,64] [--generic-max 16] [--repeat 3]
+Tables for bench/RESULTS.md (the generic and the HiGHS-path solves only up to --generic-max):
+    python bench/bench_plan.py [--sizes 8,16,32,64] [--generic-max 32] [--repeat 3]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import numpy as np
 import pytest
 
+import tfz.plan.solver as plan_solver
 from tfz.dag import build_dag
 from tfz.plan import PlanConfig, solve, solve_generic
+from tfz.plan.problem import PlanProblem
 from tfz.schedule import build_schedule
 
 
@@ -35,10 +40,34 @@ def instance(P: int, seed: int = 0):
 
 
 def perturb(up, low, seed: int = 1, rel: float = 0.02):
+    """Drift (a): every duration moved by U(-rel, +rel)."""
     rng = np.random.default_rng(seed)
     up2 = up * rng.uniform(1 - rel, 1 + rel, len(up))
     low2 = np.where(low < up, np.minimum(low * rng.uniform(1 - rel, 1 + rel, len(up)), up2), up2)
     return up2, low2
+
+
+def drift(dag, up, low, how: str, seed: int = 1):
+    """Drifted (unfrozen, frozen): ``how`` is "a", "b" or "c" (see the module docstring)."""
+    if how == "a":
+        return perturb(up, low, seed)
+    rng = np.random.default_rng(seed)
+    if how == "b":
+        key = dag.stage.astype(np.int64) * 8 + dag.kind.astype(np.int64)
+        f = rng.uniform(0.97, 1.03, key.max() + 1)[key]
+        g = rng.uniform(0.97, 1.03, key.max() + 1)[key]
+    elif how == "c":
+        f = g = np.where(dag.stage == dag.num_stages // 3, 1.1, 1.0)
+    else:
+        raise ValueError(f"drift must be 'a', 'b' or 'c', got {how!r}")
+    up2 = up * f
+    return up2, np.where(low < up, np.minimum(low * g, up2), up2)
+
+
+def solve_highs_path(dag, up, low, config):
+    """The previous structured path (reduced LP in HiGHS from the uncapped network basis)."""
+    t0 = time.perf_counter()
+    return plan_solver._solve_highs(PlanProblem.create(dag, up, low, config), None, t0)
 
 
 CONFIG = PlanConfig(max_freeze_ratio=0.8)
@@ -58,16 +87,17 @@ def test_generic_cold(benchmark, P):
     assert plan.status == "optimal"
 
 
+@pytest.mark.parametrize("how", ["a", "b", "c"])
 @pytest.mark.parametrize("P", [8, 16, 32])
-def test_structured_warm(benchmark, P):
+def test_structured_warm(benchmark, P, how):
     dag, up, low = instance(P)
     first = solve(dag, up, low, CONFIG)
-    up2, low2 = perturb(up, low)
+    up2, low2 = drift(dag, up, low, how)
     plan = benchmark(solve, dag, up2, low2, CONFIG, warm_start=first)
     assert plan.warm
 
 
-def _best(repeat: int, fn, *args, **kwargs):
+def _times(repeat: int, fn, *args, **kwargs):
     times, out = [], None
     for _ in range(repeat):
         t = time.perf_counter()
@@ -83,36 +113,61 @@ def _rel(a: float, b: float) -> float:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="8,16,32,64", help="ranks P (M = 8P), comma separated")
-    ap.add_argument("--generic-max", type=int, default=16, help="largest P to run the generic solve for")
+    ap.add_argument(
+        "--generic-max", type=int, default=32, help="largest P for the generic and HiGHS-path solves"
+    )
     ap.add_argument("--repeat", type=int, default=3)
     args = ap.parse_args(argv)
+    sizes = list(map(int, args.sizes.split(",")))
+    solve(*instance(2), CONFIG)  # compile (or load) the numba kernels outside the timings
+    print(f"load average before: {os.getloadavg()[0]:.2f}")
     print(
-        "| P | M | actions | generic (s) | structured cold (s) | speedup | warm re-plan (s) | cold/warm |"
-        " rel. diff makespan / total |"
+        "| P | M | actions | generic (s) | HiGHS path (s) | structured min / median (s) | vs generic |"
+        " vs HiGHS path | rel. diff makespan / total |"
     )
     print("|---|---|---|---|---|---|---|---|---|")
-    for P in map(int, args.sizes.split(",")):
+    plans = {}
+    for P in sizes:
         dag, up, low = instance(P)
-        rep = args.repeat if dag.num_actions <= 20000 else 1
-        s_min, _, s_plan = _best(rep, solve, dag, up, low, CONFIG)
-        up2, low2 = perturb(up, low)
-        w_min, _, w_plan = _best(rep, solve, dag, up2, low2, CONFIG, warm_start=s_plan)
-        c_min, _, c_plan = _best(1, solve, dag, up2, low2, CONFIG)
-        assert w_plan.warm and _rel(w_plan.makespan_planned, c_plan.makespan_planned) < 1e-6
+        s_min, s_med, s_plan = _times(args.repeat, solve, dag, up, low, CONFIG)
+        plans[P] = s_plan
         if P <= args.generic_max:
-            g_min, _, g_plan = _best(1 if P >= 32 else rep, solve_generic, dag, up, low, CONFIG)
+            rep = 1 if P >= 32 else args.repeat
+            g_min, _, g_plan = _times(rep, solve_generic, dag, up, low, CONFIG)
+            h_min, _, h_plan = _times(rep, solve_highs_path, dag, up, low, CONFIG)
             diff = (
                 f"{_rel(g_plan.makespan_planned, s_plan.makespan_planned):.1e} / "
                 f"{_rel(g_plan.total_ratio, s_plan.total_ratio):.1e}"
             )
-            g, speed = f"{g_min:.3f}", f"{g_min / s_min:.1f}x"
+            g, h = f"{g_min:.3f}", f"{h_min:.3f}"
+            vs_g, vs_h = f"{g_min / s_min:.1f}x", f"{h_min / s_min:.1f}x"
         else:
-            g, speed, diff = "not run", "-", "-"
+            g = h = vs_g = vs_h = diff = "not run"
         print(
-            f"| {P} | {8 * P} | {dag.num_actions} | {g} | {s_min:.3f} | {speed} | {w_min:.3f} | "
-            f"{c_min / w_min:.1f}x | {diff} |",
+            f"| {P} | {8 * P} | {dag.num_actions} | {g} | {h} | {s_min:.3f} / {s_med:.3f} | {vs_g} | {vs_h} |"
+            f" {diff} |",
             flush=True,
         )
+    print()
+    print("| P | actions | drift | warm min / median (s) | cold min / median (s) | cold / warm | rel. diff |")
+    print("|---|---|---|---|---|---|---|")
+    for P in sizes:
+        dag, up, low = instance(P)
+        for how in "abc":
+            up2, low2 = drift(dag, up, low, how)
+            w_min, w_med, w_plan = _times(args.repeat, solve, dag, up2, low2, CONFIG, warm_start=plans[P])
+            c_min, c_med, c_plan = _times(args.repeat, solve, dag, up2, low2, CONFIG)
+            assert w_plan.warm and not c_plan.warm
+            diff = max(
+                _rel(w_plan.makespan_planned, c_plan.makespan_planned),
+                _rel(w_plan.total_ratio, c_plan.total_ratio),
+            )
+            print(
+                f"| {P} | {dag.num_actions} | {how} | {w_min:.3f} / {w_med:.3f} | {c_min:.3f} / {c_med:.3f} |"
+                f" {c_min / w_min:.2f}x | {diff:.1e} |",
+                flush=True,
+            )
+    print(f"load average after: {os.getloadavg()[0]:.2f}")
 
 
 if __name__ == "__main__":

@@ -395,16 +395,3 @@ def test_large_matches_generic(P, M):
     assert fast.makespan_planned == pytest.approx(ref.makespan_planned, rel=REL)
     assert fast.total_ratio == pytest.approx(ref.total_ratio, rel=REL)
     _check_plan(fast, dag, up, low, 0.8)
-
-
-def test_slack_start_without_network(monkeypatch):
-    """Without the network start basis (numba missing) the result is the same optimum."""
-    import tfz.plan.solver as solver
-
-    dag = build_dag(build_schedule("1f1b", 4, 8))
-    up, low = _random_times(dag, np.random.default_rng(11))
-    with_net = solve(dag, up, low)
-    monkeypatch.setattr(solver, "network_basis", lambda *args, **kwargs: None)
-    without = solve(dag, up, low)
-    assert without.makespan_planned == pytest.approx(with_net.makespan_planned, rel=1e-9)
-    assert without.total_ratio == pytest.approx(with_net.total_ratio, rel=1e-9)

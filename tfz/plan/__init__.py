@@ -3,8 +3,9 @@
 ``solve(dag, unfrozen, frozen, PlanConfig(...))`` returns a :class:`Plan`: the lexicographic optimum
 of two exact LP stages, first the minimal makespan, then the minimal total ratio at that makespan,
 under a cap on each stage's mean ratio (and optionally on each ratio). ``solve_generic`` solves the
-plain formulation and serves as the reference. See :mod:`tfz.plan.problem` for the LP and
-:mod:`tfz.plan.solver` for how it is solved.
+plain formulation and serves as the reference. See :mod:`tfz.plan.problem` for the LP,
+:mod:`tfz.plan.solver` for how it is solved (a network simplex with one side column per stage cap,
+:mod:`tfz.plan.flow`) and ``solve(..., warm_start=plan)`` for re-planning after durations drift.
 """
 
 from tfz.plan._highs import PlanSolveError

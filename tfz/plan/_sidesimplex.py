@@ -744,6 +744,8 @@ def side_simplex(
                 d = -d
             if d > 1e-7:  # the arc's flow falls at rate d
                 a = parc[p_]
+                if t1 == 0.0 and (X[a, 0] > f1 or (t2 == 0.0 and X[a, 1] > f2)):
+                    continue  # cannot beat a step that is already 0 in those components
                 r1, r2, r3 = _ratio(X[a, 0], X[a, 1], X[a, 2], d, f1, f2)
                 c = _lex_cmp(r1, r2, r3, t1, t2, t3)
                 if c < 0 or (c == 0 and d > leave_d):
