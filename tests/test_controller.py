@@ -751,10 +751,23 @@ def test_refit_recovers_separate_scales_and_falls_back_to_one():
             assert dev[t, s] == pytest.approx(rows[t, m].sum() / pred[m].sum() - 1)
 
 
-def test_drift_needs_the_whole_window_on_one_side():
-    dev = np.array([[0.2, -0.3, 0.2, 0.0], [0.15, -0.12, -0.2, 0.5], [0.11, -0.5, 0.3, 0.05]])
-    assert drifting_stages(dev, 0.1).tolist() == [True, True, False, False]
-    assert drifting_stages(dev, 0.12).tolist() == [False, False, False, False]
+def test_drift_needs_three_quarters_of_the_window_on_one_side():
+    # 0: over in every step; 1: under in 3 of 4; 2: over in 2 of 4; 3: one outlier; 4: mixed sides
+    dev = np.array(
+        [
+            [0.2, -0.3, 0.2, 0.9, 0.5],
+            [0.15, -0.13, 0.0, 0.0, -0.5],
+            [0.11, -0.15, 0.3, 0.01, 0.4],
+            [0.12, 0.05, 0.02, 0.0, -0.3],
+        ]
+    )
+    assert drifting_stages(dev, 0.1).tolist() == [True, True, False, False, False]
+    assert drifting_stages(dev, 0.115).tolist() == [True, True, False, False, False]
+    assert drifting_stages(dev, 0.125).tolist() == [False, True, False, False, False]
+    assert drifting_stages(dev, 0.14).tolist() == [False, False, False, False, False]
+    # a window of 2 or 3 needs every row: half a window before a drift must not trigger a refit
+    assert drifting_stages(dev[:2, :1] * [[0.0], [1.0]], 0.1).tolist() == [False]
+    assert drifting_stages(dev[:3, :1], 0.1).tolist() == [True]
 
 
 @pytest.mark.parametrize("name", ["1f1b", "interleaved1f1b"])

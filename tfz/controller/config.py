@@ -49,7 +49,7 @@ class TimelyFreezeConfig:
     recorded step of a half, ``monitor - discard_steps``)."""
     drift_threshold: float = 0.1
     """Re-plan when a stage's summed measured time differs from the plan's prediction by more than this
-    relative amount in every step of a full window."""
+    relative amount, on the same side, in at least 3/4 of the steps of a full window."""
     replan: bool = True
     """Check for drift in the stable phase and re-plan (False: the plan is solved once)."""
     block_rows: int = 64

@@ -29,7 +29,7 @@ Drift (STABLE, ``config.replan``): at each decision step with a full window of s
 the current plan, each rank sums its actions' times per stage for every step of the window, and its
 window medians against the prediction ``u (1 - r) + l r`` per (stage, kind); one all-reduce adds the
 sums of all ranks. When a stage's summed time is off the prediction by more than
-``drift_threshold`` in every step of the window, u and l are refitted from the medians
+``drift_threshold`` in at least 3/4 of the window's steps, u and l are refitted from the medians
 (:mod:`tfz.controller.estimates`) and rank 0 re-solves warm-started from the current plan, in the
 background; the old plan stays in force until the new one is broadcast at a decision step.
 

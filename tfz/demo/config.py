@@ -20,7 +20,7 @@ class DemoConfig:
     """Pipeline schedule (``tfz.schedule.SCHEDULES``)."""
     ranks: int = 2
     """Pipeline ranks (processes)."""
-    steps: int = 160
+    steps: int = 100
     """Optimizer steps per method."""
     methods: tuple[str, ...] = ("none", "timelyfreeze")
     """Methods to run, in lockstep (one step of each in turn), so machine noise hits all alike."""
@@ -49,7 +49,7 @@ class DemoConfig:
     """Scale each partly frozen row's gradient by microbatches / active microbatches (``tfz.optim``), so
     it is the mean over the microbatches that trained it; measured to halve the loss cost of freezing
     here (tfz.optim's own default is off)."""
-    phase_unit: int = 10
+    phase_unit: int = 8
     """TimelyFreeze phase unit (steps): warm-up, each monitoring half = 1 unit, ramp = 3 units."""
     check_every: int = 5
     """Decision interval (steps) of TimelyFreeze and of the APF / AutoFreeze checks."""
