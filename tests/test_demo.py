@@ -148,3 +148,25 @@ def test_shortened_demo_runs_every_method(tmp_path):
     trace = json.loads((tmp_path / "trace_after.json").read_text())
     assert sum(e.get("ph") == "X" for e in trace["traceEvents"]) == 2 * 4 * 2
     assert "| timelyfreeze+autofreeze |" in (tmp_path / "report.md").read_text()
+
+
+@pytest.mark.distributed
+def test_validation_agrees_across_stage_placements(tmp_path):
+    """Loop (interleaved1f1b) and V (zbv) placements of the same 4 stages train the same model on the same
+    batches; their validation, run stage after stage across the ranks, must agree."""
+    evals = {}
+    for name in ("interleaved1f1b", "zbv"):
+        cfg = DemoConfig(
+            schedule=name, steps=2, methods=("none",), out=str(tmp_path / name), timeout=300, **TINY
+        )
+        evals[name] = run_demo(cfg)["methods"]["none"]["evals"]
+    a, b = evals["interleaved1f1b"], evals["zbv"]
+    assert [e["step"] for e in a] == [e["step"] for e in b] == [2]
+    assert a[0]["val_loss"] == pytest.approx(b[0]["val_loss"], rel=1e-5)
+    assert a[0]["val_acc"] == pytest.approx(b[0]["val_acc"], abs=1e-3)
+
+
+def test_phase_unit_too_short_for_timelyfreeze():
+    with pytest.raises(ValueError, match="phase_unit must be >= 2 for TimelyFreeze.*got 1"):
+        DemoConfig(phase_unit=1)
+    assert DemoConfig(phase_unit=1, methods=("none", "apf")).phase_unit == 1

@@ -101,6 +101,11 @@ class DemoConfig:
             raise ValueError(f"max_freeze_ratio must be in [0, 1], got {self.max_freeze_ratio}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.phase_unit < 2 and any(m.startswith("timelyfreeze") for m in self.methods):
+            raise ValueError(
+                f"phase_unit must be >= 2 for TimelyFreeze (each monitoring half drops its first step), "
+                f"got {self.phase_unit}"
+            )
         if self.dim % self.n_heads:
             raise ValueError(f"dim {self.dim} is not divisible by n_heads {self.n_heads}")
 

@@ -285,7 +285,10 @@ def _plot_freezing(report: dict, path: Path) -> Path:
     ax.set_ylabel("frozen fraction of W FLOPs")
     ax.set_ylim(-0.02, 1.02)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7, ncol=2)
+    else:
+        ax.text(0.5, 0.5, "no method froze anything", transform=ax.transAxes, ha="center")
     fig.tight_layout()
     fig.savefig(path)
     return path

@@ -217,15 +217,27 @@ class MethodRun:
 
     @torch.no_grad()
     def evaluate(self, step: int, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Validation loss and next-byte accuracy: the stages run one after another over the whole batch,
+        activations sent point to point between ranks (torch's ``schedule.eval`` cannot run V schedules,
+        whose ranks hand a backward to their own next stage)."""
         total_loss, correct, count = 0.0, 0, 0
+        owner = self.schedule.stage_to_rank
+        n_stages = self.schedule.num_stages
         for x, y in batches:
-            losses: list = []
-            out = self._call(x, y, losses, evaluate=True)
+            h = x
+            for s in range(n_stages):
+                if owner[s] != self.rank:
+                    continue
+                if s > 0 and owner[s - 1] != self.rank:
+                    h = torch.empty(x.shape + (self.cfg.dim,))
+                    dist.recv(h, owner[s - 1])
+                h = self.modules[s](h)
+                if s < n_stages - 1 and owner[s + 1] != self.rank:
+                    dist.send(h.contiguous(), owner[s + 1])
             if self.last:
-                total_loss += _mean_loss(losses) * y.numel()
-                correct += int((out.argmax(-1) == y).sum())
+                total_loss += float(_loss_fn(h, y)) * y.numel()
+                correct += int((h.argmax(-1) == y).sum())
                 count += y.numel()
-        self.timer.reset()
         if self.last:
             self.evals.append({"step": step, "val_loss": total_loss / count, "val_acc": correct / count})
 
