@@ -92,6 +92,14 @@ def test_report_arithmetic_against_hand_values():
     assert goals["val_loss_vs_none"]["value"] == pytest.approx(2.52 / 2.5 - 1)
     assert goals["val_loss_vs_none"]["met"] is True
     assert goals["throughput_gain"]["met"] is ((100 + 110) / (81 + 80) >= 1.25)
+    assert none["batch_time_ms_per_step"] == pytest.approx([0.9 * v for v in (101, 100, 100, 110)])
+    assert tf["predicted_ms_per_step"] == [None, None, 40.0, 40.0]
+    assert "none_batch_time_shift" not in goals["prediction_vs_measured"]  # no unfrozen monitoring here
+    # with a monitored step: no freezing's own batch time over the window vs during the monitoring
+    tf0[0]["phase"] = "monitor_upper"
+    report, _ = build_report(results, cfg)
+    shift = report["goals"]["prediction_vs_measured"]["none_batch_time_shift"]
+    assert shift == pytest.approx(np.median([0.9 * 100, 0.9 * 110]) / (0.9 * 101) - 1)
 
 
 def test_config_errors():
@@ -140,6 +148,7 @@ def test_shortened_demo_runs_every_method(tmp_path):
     for f in (
         "report.md",
         "loss_vs_time.png",
+        "batch_time.png",
         "timeline_before.png",
         "timeline_after.png",
         "trace_after.json",

@@ -97,6 +97,8 @@ def _method_report(m: dict, cfg: DemoConfig, w0: int) -> dict[str, Any]:
             [round(float(f[i]), 4) for f in m["frozen"].values()] for i in range(m["steps"])
         ],
         "phase_per_step": m["phase"],
+        "batch_time_ms_per_step": [round(float(v), 2) for v in m["pipeline_ms"]],
+        "predicted_ms_per_step": [None if p is None else round(float(p), 2) for p in m["predicted_ms"]],
         "phases": [list(h) for h in m["history"]],
     }
 
@@ -157,7 +159,24 @@ def _goals(methods: dict[str, dict]) -> dict[str, Any]:
             "goal": f"within {GOALS['prediction_rel']:.0%}",
             "met": abs(rel) <= GOALS["prediction_rel"],
         }
+        shift = _machine_shift(base, tf)
+        if shift is not None:
+            out["prediction_vs_measured"]["none_batch_time_shift"] = shift
     return out
+
+
+def _machine_shift(base: dict, tf: dict) -> float | None:
+    """Relative change of no freezing's own batch time (constant work) from the steps where TimelyFreeze
+    measured the unfrozen bound to the measurement window: how far the machine's speed moved between
+    the measurements a plan is built on and the steps it is judged on."""
+    phases = tf["phase_per_step"]
+    monitored = [i for i, p in enumerate(phases) if p == "monitor_upper"]
+    window = [i for i, p in enumerate(phases) if p == "stable"]
+    times = base["batch_time_ms_per_step"]
+    if not monitored or not window:
+        return None
+    before = float(np.median([times[i] for i in monitored]))
+    return float(np.median([times[i] for i in window])) / before - 1 if before > 0 else None
 
 
 # ---------------------------------------------------------------------- figures and traces
@@ -192,6 +211,7 @@ def write_outputs(report: dict, merged: dict[str, dict], cfg: DemoConfig, out: P
     (out / "report.json").write_text(json.dumps(report, indent=2))
     written.append(_plot_losses(report, merged, out / "loss_vs_time.png"))
     written.append(_plot_freezing(report, out / "freeze_ratio.png"))
+    written.append(_plot_batch_times(report, out / "batch_time.png"))
     dag = build_dag(build_schedule(cfg.schedule, cfg.ranks, cfg.microbatches))
     figures = []
     method = next((m for m in _TF_METHODS if m in merged), None)
@@ -256,6 +276,31 @@ def _plot_losses(report: dict, merged: dict[str, dict], path: Path) -> Path:
     ax.set_title("loss vs wall time")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    return path
+
+
+def _plot_batch_times(report: dict, path: Path) -> Path:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(9, 3.5), dpi=110)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    w0, w1 = report["config"]["window_steps"]
+    ax.axvspan(w0 + 1, w1, color="0.92", label="measurement window")
+    for i, (name, m) in enumerate(report["methods"].items()):
+        steps = np.arange(1, len(m["batch_time_ms_per_step"]) + 1)
+        ax.plot(steps, m["batch_time_ms_per_step"], color=f"C{i}", lw=0.9, label=f"{name}, measured")
+        predicted = np.array([np.nan if p is None else p for p in m["predicted_ms_per_step"]])
+        if np.isfinite(predicted).any():
+            ax.plot(steps, predicted, color=f"C{i}", lw=1.4, ls="--", label=f"{name}, predicted (plan)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("pipelined batch time (ms)")
+    ax.set_title("batch time per step: measured vs the plan's prediction")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path)
     return path
@@ -328,8 +373,22 @@ def markdown(report: dict, figures: list[str]) -> str:
             shown = (
                 "-" if value is None else (f"{value:.3f}x" if key == "throughput_gain" else f"{value:+.2%}")
             )
-            lines.append(f"- {key}: {shown} (goal {g['goal']}): {'met' if g['met'] else 'NOT met'}")
+            line = f"- {key}: {shown} (goal {g['goal']}): {'met' if g['met'] else 'NOT met'}"
+            if g.get("none_batch_time_shift") is not None:
+                line += (
+                    f" (no freezing's own batch time moved {g['none_batch_time_shift']:+.1%} between "
+                    "TimelyFreeze's unfrozen monitoring and the window: the machine's speed drift)"
+                )
+            lines.append(line)
     if figures:
         lines += ["", *[f"![{f}]({f})" for f in figures]]
-    lines += ["", "![loss vs wall time](loss_vs_time.png)", "", "![freeze ratio](freeze_ratio.png)", ""]
+    lines += [
+        "",
+        "![loss vs wall time](loss_vs_time.png)",
+        "",
+        "![freeze ratio](freeze_ratio.png)",
+        "",
+        "![batch time](batch_time.png)",
+        "",
+    ]
     return "\n".join(lines)
