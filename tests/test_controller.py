@@ -29,7 +29,7 @@ from tfz.controller.estimates import (
     stage_sums,
 )
 from tfz.dag import build_dag, simulate
-from tfz.masks import RandomPolicy, select
+from tfz.masks import RandomPolicy, select, select_covering
 from tfz.nn import FreezableLinear
 from tfz.plan import PlanConfig, PlanSolveError, solve
 from tfz.profile import Profile, StageTimes
@@ -328,10 +328,24 @@ def test_masks_redrawn_at_decision_steps_and_cached_between():
     assert [(k - 10 + i) % 3 for i in changed] == [0] * len(changed) and len(changed) == 3
     # same ratio, a new draw: the frozen units differ for some redraw
     assert any(not np.array_equal(a[1].frozen, b[1].frozen) for a, b in zip(draws, draws[1:]))
-    # masks are tfz.masks.select with the decision index as step
+    # masks are tfz.masks.select_covering over the stage's microbatches, the decision index as step
     d, m = draws[-1]
-    ref = select(c.units[1], float(c.plan.ratios[c.dag.index["1B2"]]), stage=1, microbatch=2, step=d, seed=0)
-    assert np.array_equal(m.frozen, ref.frozen)
+    ratios = [float(c.plan.ratios[c.dag.index[f"1B{mb}"]]) for mb in range(4)]
+    ref = select_covering(c.units[1], ratios, stage=1, step=d, seed=0)
+    assert np.array_equal(m.frozen, ref[2].frozen)
+
+
+def test_independent_layout_draws_each_microbatch_with_select():
+    c = make(small(ramp_steps=0, mask_layout="independent"), build_schedule("1f1b", 2, 4))
+    syn = Synthetic(c.dag)
+    run_to_stable(c, syn)
+    for mb in range(4):
+        r = float(c.plan.ratios[c.dag.index[f"1B{mb}"]])
+        m = c.masks_for(1, mb)
+        ref = select(c.units[1], r, stage=1, microbatch=mb, step=c.decision, seed=0)
+        assert (m is None) == (not ref.frozen.any())
+        if m is not None:
+            assert np.array_equal(m.frozen, ref.frozen)
 
 
 def test_two_instances_give_identical_masks_and_another_seed_differs():

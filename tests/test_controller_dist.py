@@ -3,7 +3,7 @@
 Rank 0 solves with a slow solver (a sleep injected through the ``solver`` hook) while both ranks
 keep stepping. Checked: the same phases, decisions and plan on both ranks at every step (so they
 switch at the same step), rank 1 never solves and its ``step_end`` stays fast, masks equal
-``tfz.masks.select`` recomputed from the shared state, a drift on rank 1's stage re-plans on both.
+``tfz.masks.select_covering`` recomputed from the shared state, a drift on rank 1's stage re-plans on both.
 """
 
 from __future__ import annotations
@@ -119,7 +119,7 @@ def spawn(world: int, timeout: float = 120.0) -> list[dict]:
 @pytest.mark.distributed
 def test_two_ranks_agree_and_the_solve_never_blocks():
     from tfz.dag import build_dag
-    from tfz.masks import StageUnits, select
+    from tfz.masks import StageUnits, select_covering
     from tfz.plan import PlanConfig, solve
     from tfz.schedule import build_schedule
 
@@ -143,7 +143,7 @@ def test_two_ranks_agree_and_the_solve_never_blocks():
     replan_steps = [s for s, _, e in r0["history"] if e.startswith("re-plan")]
     assert len(replan_steps) == 1 and a[replan_steps[0]]["ratios"] != a[replan_steps[0] - 1]["ratios"]
 
-    # masks: the lower window freezes all but the last stage's smallest unit; later, select() on the
+    # masks: the lower window freezes all but the last stage's smallest unit; later, select_covering() on the
     # shared plan, progress and decision
     dag = build_dag(build_schedule("1f1b", 2, 4))
     for rank, rec, result in ((0, a, r0), (1, b, r1)):
@@ -159,8 +159,11 @@ def test_two_ranks_agree_and_the_solve_never_blocks():
                         want[int(np.argmin(units.weights))] = False
                     assert frozen == want.tolist()
                 else:
-                    r = x["ratios"][dag.index[f"{rank}B{mb}"]] * x["progress"]
-                    want = select(units, r, stage=rank, microbatch=mb, step=x["decision"], seed=0).frozen
+                    ratios = [
+                        x["ratios"][dag.index[f"{rank}B{m}"]] * x["progress"] for m in range(len(x["masks"]))
+                    ]
+                    want = select_covering(units, ratios, stage=rank, step=x["decision"], seed=0)[mb].frozen
+                    want = want if ratios[mb] > 0 else np.zeros_like(want)
                     assert (frozen is None) == (not want.any())
                     if frozen is not None:
                         assert frozen == want.tolist()

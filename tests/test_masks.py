@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from tfz.masks import LayerSpec, RandomPolicy, StageMasks, StageUnits, TensorSpec, select
+from tfz.masks import LayerSpec, RandomPolicy, StageMasks, StageUnits, TensorSpec, select, select_covering
 from tfz.nn import FreezableLinear, use_row_masks
 
 
@@ -244,3 +244,54 @@ def test_for_module_feeds_use_row_masks():
             continue
         assert (grad[torch.from_numpy(~rows)] == 0).all()
         assert layer.row_usage.counts.tolist() == rows.astype(int).tolist()
+
+
+# ---------------------------------------------------------------- covering layout
+
+
+def test_covering_realised_fractions_within_bound_and_arcs_take_turns():
+    rng = np.random.default_rng(3)
+    for case in range(200):
+        units = random_units(rng)
+        M = int(rng.integers(1, 9))
+        ratios = [float(rng.choice([0.0, 1.0, rng.random()])) for _ in range(M)]
+        masks = select_covering(units, ratios, stage=case % 3, step=case, seed=case)
+        assert len(masks) == M
+        for r, m in zip(ratios, masks):  # an arc ends at the unit nearest the target: max weight / 2
+            assert abs(m.frozen_fraction - r) <= units.bound + 1e-12
+        # the trainable arcs, laid end to end, cover the circle once per full turn: every unit trains
+        # floor(k) or ceil(k) times, k = the number of turns (uniform only for equal weights, so count it)
+        trained = np.sum([~m.frozen for m in masks], axis=0)
+        turns = sum(int((~m.frozen).sum()) for m in masks) / len(units)
+        assert trained.min() >= np.floor(turns) and trained.max() <= np.ceil(turns)
+
+
+def test_covering_trains_every_unit_when_the_ratios_allow():
+    units = StageUnits((LayerSpec("a", 640, 8), LayerSpec("b", 960, 8)), block_rows=16)  # 100 equal blocks
+    masks = select_covering(units, [0.8] * 8, stage=1, step=4, seed=0)
+    trained = np.sum([~m.frozen for m in masks], axis=0)
+    assert all(m.frozen.sum() == 80 for m in masks)
+    assert trained.min() == 1 and trained.max() == 2 and trained.sum() == 160
+    # independent draws leave some unit frozen in all 8 microbatches (about 0.8^8 = 17% of them)
+    independent = [select(units, 0.8, stage=1, microbatch=mb, step=4) for mb in range(8)]
+    assert (np.sum([~m.frozen for m in independent], axis=0) == 0).sum() > 5
+
+
+def test_covering_is_deterministic_and_follows_the_policy_order():
+    units = StageUnits((LayerSpec("a", 64, 8), LayerSpec("b", 96, 8)), block_rows=16)
+    a = select_covering(units, [0.5, 0.7, 0.2], stage=0, step=2, seed=7)
+    b = select_covering(units, [0.5, 0.7, 0.2], stage=0, step=2, seed=7)
+    assert all(np.array_equal(x.frozen, y.frozen) for x, y in zip(a, b))
+
+    class Fixed:
+        def rank(self, units, *, stage, microbatch, rng):
+            return np.arange(len(units))[::-1]
+
+    # circle 9, 8, ..., 0: microbatch 0 trains 9..5, microbatch 1 trains the next 3 (4..2)
+    c = select_covering(units, [0.5, 0.7], stage=0, policy=Fixed())
+    assert np.flatnonzero(~c[0].frozen).tolist() == [5, 6, 7, 8, 9]
+    assert np.flatnonzero(~c[1].frozen).tolist() == [2, 3, 4]
+    with pytest.raises(ValueError, match=r"ratio must be a number in \[0, 1\], got 1.5"):
+        select_covering(units, [0.5, 1.5], stage=0)
+    with pytest.raises(ValueError, match="step must be an integer >= 0, got -1"):
+        select_covering(units, [0.5], stage=0, step=-1)

@@ -65,6 +65,12 @@ class TimelyFreezeConfig:
     everything); the measured lower bound is extrapolated to full freezing."""
     async_solve: bool = True
     """Solve in a background thread while training continues (False: solve at once, e.g. in tests)."""
+    mask_layout: Literal["auto", "cover", "independent"] = "auto"
+    """How a stage's microbatch masks relate within a step. ``cover``: trainable units take turns
+    over one circle (``tfz.masks.select_covering``), so every unit trains in some microbatch when the
+    ratios allow; ``independent``: one draw per microbatch (``tfz.masks.select``). ``auto``: cover with
+    the default random policy, independent with other policies (a metric's preference would be lost
+    if every unit took a turn)."""
 
     def __post_init__(self):
         cap = self.max_freeze_ratio
@@ -88,6 +94,10 @@ class TimelyFreezeConfig:
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if self.weighting not in ("count", "duration"):
             raise ValueError(f"weighting must be 'count' or 'duration', got {self.weighting!r}")
+        if self.mask_layout not in ("auto", "cover", "independent"):
+            raise ValueError(
+                f"mask_layout must be 'auto', 'cover' or 'independent', got {self.mask_layout!r}"
+            )
         recorded = self.monitor - self.discard_steps
         if recorded < 1:
             raise ValueError(

@@ -69,7 +69,7 @@ from tfz.controller.estimates import (
 )
 from tfz.controller.policy import ObservingPolicy, StatefulPolicy
 from tfz.dag import DAG, build_dag, simulate
-from tfz.masks import RandomPolicy, SelectionPolicy, StageMasks, StageUnits, select
+from tfz.masks import RandomPolicy, SelectionPolicy, StageMasks, StageUnits, select, select_covering
 from tfz.plan import Plan, PlanConfig, solve
 from tfz.schedule import FREEZABLE_KINDS, Schedule
 
@@ -326,11 +326,35 @@ class TimelyFreeze:
         self._decision += 1
         masks: dict[tuple[int, int], StageMasks | None] = {}
         if self.phase not in _NO_MASKS:
+            M = self.dag.schedule.num_microbatches
             for stage in self._units:
-                for mb in range(self.dag.schedule.num_microbatches):
-                    m = self._draw(stage, mb)
+                if self._covering and self.phase is not Phase.MONITOR_LOWER:
+                    drawn = self._draw_covering(stage)
+                else:
+                    drawn = [self._draw(stage, mb) for mb in range(M)]
+                for mb, m in enumerate(drawn):
                     masks[stage, mb] = None if m is None or not m.frozen.any() else m
         self._masks = masks
+
+    @property
+    def _covering(self) -> bool:
+        layout = self.config.mask_layout
+        return layout == "cover" or (layout == "auto" and type(self.policy) is RandomPolicy)
+
+    def _draw_covering(self, stage: int) -> list[StageMasks | None]:
+        M = self.dag.schedule.num_microbatches
+        ratios = [min(1.0, float(self._ratios[self._bw[stage, mb]]) * self._progress) for mb in range(M)]
+        if not any(r > 0.0 for r in ratios):
+            return [None] * M
+        drawn = select_covering(
+            self._units[stage],
+            ratios,
+            stage=stage,
+            step=self._decision,
+            seed=self.config.seed,
+            policy=self.policy,
+        )
+        return [m if r > 0.0 else None for m, r in zip(drawn, ratios)]
 
     def requested_ratios(self) -> np.ndarray:
         """float64 [n]: the freeze ratio asked for every action now (plan x progress; 1 on every
