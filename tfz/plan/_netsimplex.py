@@ -17,7 +17,7 @@ from numba import njit
 __all__ = ["network_simplex", "tree_potentials"]
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _link(u, p, first_child, next_sib, prev_sib):
     f = first_child[p]
     next_sib[u] = f
@@ -27,7 +27,7 @@ def _link(u, p, first_child, next_sib, prev_sib):
     first_child[p] = u
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _unlink(u, p, first_child, next_sib, prev_sib):
     a, b = prev_sib[u], next_sib[u]
     if a >= 0:
@@ -38,7 +38,7 @@ def _unlink(u, p, first_child, next_sib, prev_sib):
         prev_sib[b] = a
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def tree_potentials(tail, head, cost, parent, pred, order, pi):
     """pi along ``order`` (parents before children; order[0] is the root, pi[root] kept)."""
     for idx in range(1, len(order)):
@@ -50,7 +50,7 @@ def tree_potentials(tail, head, cost, parent, pred, order, pi):
             pi[u] = pi[parent[u]] - cost[a]
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def network_simplex(tail, head, cost, root, parent, pred, flow, pi, tol, max_iter):
     """Run to optimality in place; returns (status, iterations): 0 optimal, 1 unbounded, 2 limit."""
     m = len(tail)
@@ -244,7 +244,7 @@ def network_simplex(tail, head, cost, root, parent, pred, flow, pi, tol, max_ite
     return 2, it
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def dual_network_simplex(tail, head, cost, supply, root, parent, pred, flow, pi, ftol, max_iter):
     """Dual network simplex from a dual feasible tree (all reduced costs >= 0) and new supplies.
 

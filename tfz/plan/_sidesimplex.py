@@ -36,7 +36,7 @@ __all__ = ["side_simplex"]
 _NONE = -(1 << 40)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _link(u, p, first_child, next_sib, prev_sib):
     f = first_child[p]
     next_sib[u] = f
@@ -46,7 +46,7 @@ def _link(u, p, first_child, next_sib, prev_sib):
     first_child[p] = u
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _unlink(u, p, first_child, next_sib, prev_sib):
     a, b = prev_sib[u], next_sib[u]
     if a >= 0:
@@ -57,7 +57,7 @@ def _unlink(u, p, first_child, next_sib, prev_sib):
         prev_sib[b] = a
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _collect(r, first_child, next_sib, stack, out):
     """Preorder of the subtree of r into out; returns its size."""
     top = 1
@@ -76,7 +76,7 @@ def _collect(r, first_child, next_sib, stack, out):
     return cnt
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _rebuild_order(parent, pred, up, first_child, next_sib, stack, order, pos, ppar, parc, pup):
     """A fresh preorder of every tree (node 0's first) with, per position, the parent's position,
     the arc to the parent and its direction; returns its length (N)."""
@@ -95,7 +95,7 @@ def _rebuild_order(parent, pred, up, first_child, next_sib, stack, order, pos, p
     return n
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _append(buf, cnt, parent, pred, up, order, pos, ppar, parc, pup, ord_len):
     """Move the nodes buf[:cnt] (a re-hung subtree in preorder) to the end of the order."""
     for idx in range(cnt):
@@ -112,7 +112,7 @@ def _append(buf, cnt, parent, pred, up, order, pos, ppar, parc, pup, ord_len):
     return ord_len
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _flip_side(s, sptr, snode, scoef, node_coef, scost, salt, Qfull, c0, MU, sflip):
     """Swap side column s for its negation (cost ``salt[s]``) or back."""
     for e in range(sptr[s], sptr[s + 1]):
@@ -129,7 +129,7 @@ def _flip_side(s, sptr, snode, scoef, node_coef, scost, salt, Qfull, c0, MU, sfl
     sflip[s] = not sflip[s]
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _ratio(v1, v2, v3, dd, f1, f2):
     """Lexicographic step (r1, r2, r3) at which a value (v1, v2, v3) falling at rate dd > 0 hits 0;
     components within the tolerances f1, f2 of 0 count as 0 (and clamp what follows)."""
@@ -140,7 +140,7 @@ def _ratio(v1, v2, v3, dd, f1, f2):
     return 0.0, 0.0, max(v3, 0.0) / dd
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _cmp(a, b):
     """-1, 0, 1: a below, within a relative 1e-11 of, or above b (steps are >= 0)."""
     if b == np.inf:
@@ -153,7 +153,7 @@ def _cmp(a, b):
     return 0
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _lex_cmp(a1, a2, a3, b1, b2, b3):
     """Lexicographic comparison of two steps; near-ties in a component defer to the next one, so
     that of two values reaching 0 together the one that stays lexicographically >= 0 remains."""
@@ -166,12 +166,12 @@ def _lex_cmp(a1, a2, a3, b1, b2, b3):
     return _cmp(a3, b3)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _lex_negative(v1, v2, f1, f2):
     return v1 < -f1 or (v1 <= f1 and v2 < -f2)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _compact(basic, K, slots, Qfull, Q):
     """Q[j, i] = Qfull[slots[j], basic[i]] (K x K) and its inverse; ok False when singular."""
     for j in range(K):
@@ -192,7 +192,7 @@ def _compact(basic, K, slots, Qfull, Q):
     return inv, True
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _perturbation(N, tail, head, parent, pred, sptr, snode, scoef, side_pos, b):
     """b[:, 2] = B x3 for x3 in [1, 2) on every basic arc and side column (a fixed pattern)."""
     for u in range(N):
@@ -210,7 +210,7 @@ def _perturbation(N, tail, head, parent, pred, sptr, snode, scoef, side_pos, b):
                 b[snode[e], 2] += v * scoef[e]
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def side_simplex(
     tail,
     head,

@@ -30,7 +30,7 @@ from tfz.plan.problem import PlanProblem, reduced_edges
 __all__ = ["TensionNetwork", "network_basis"]
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _longest_path_tree(topo, pptr, pidx, parc, dur, n):
     """end times [n] and, per action, the arc from its latest-ending predecessor (-1: none)."""
     end = np.zeros(n)
