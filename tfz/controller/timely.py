@@ -298,6 +298,10 @@ class TimelyFreeze:
             raise ValueError(f"microbatch must be an integer in [0, {M}), got {microbatch!r}")
         return self._masks.get((int(stage), int(microbatch)))
 
+    def _ratio_now(self, stage: int, microbatch: int) -> float:
+        """The ratio asked of (stage, microbatch)'s B or W action now: plan x ramp progress, <= 1."""
+        return min(1.0, float(self._ratios[self._bw[stage, microbatch]]) * self._progress)
+
     def _draw(self, stage: int, microbatch: int) -> StageMasks | None:
         units = self._units[stage]
         if self.phase is Phase.MONITOR_LOWER:
@@ -307,12 +311,12 @@ class TimelyFreeze:
                 keep = np.argsort(units.weights, kind="stable")[: self.config.keep_trainable_units]
                 frozen[keep] = False
             return StageMasks(units=units, ratio=1.0, frozen=frozen)
-        ratio = float(self._ratios[self._bw[stage, microbatch]]) * self._progress
+        ratio = self._ratio_now(stage, microbatch)
         if ratio <= 0.0:
             return None
         return select(
             units,
-            min(ratio, 1.0),
+            ratio,
             stage=stage,
             microbatch=microbatch,
             step=self._decision,
@@ -343,7 +347,7 @@ class TimelyFreeze:
 
     def _draw_covering(self, stage: int) -> list[StageMasks | None]:
         M = self.dag.schedule.num_microbatches
-        ratios = [min(1.0, float(self._ratios[self._bw[stage, mb]]) * self._progress) for mb in range(M)]
+        ratios = [self._ratio_now(stage, mb) for mb in range(M)]
         if not any(r > 0.0 for r in ratios):
             return [None] * M
         drawn = select_covering(

@@ -151,11 +151,10 @@ class MethodRun:
 
     # ------------------------------------------------------------------ training
 
-    def _call(self, x: torch.Tensor, y: torch.Tensor, losses: list, *, evaluate: bool = False):
+    def _call(self, x: torch.Tensor, y: torch.Tensor, losses: list):
         args = (x,) if self.first else ()
         kwargs = {"target": y, "losses": losses} if self.last else {}
-        run = self.torch_schedule.eval if evaluate else self.torch_schedule.step
-        return run(*args, **kwargs)
+        return self.torch_schedule.step(*args, **kwargs)
 
     def train_step(self, step: int, x: torch.Tensor, y: torch.Tensor, keep_spans: bool) -> StepRecord:
         losses: list = []
