@@ -231,7 +231,7 @@ def run_failing(rank: int, world: int, fail_at: tuple[int, int]) -> str:
     return "finished"
 
 
-def reference_grads(num_stages: int, table: dict, microbatches: int = MICROBATCHES) -> dict:
+def reference_grads(num_stages: int, table: dict, microbatches: int = MICROBATCHES, seed: int = 5) -> dict:
     """Plain float64 autograd per microbatch, gradients masked like ``table``, summed, divided by M.
 
     Returns {stage: {param name: flat list, or None when no microbatch trained it}}.
@@ -240,7 +240,7 @@ def reference_grads(num_stages: int, table: dict, microbatches: int = MICROBATCH
     import torch.nn.functional as F
 
     modules = {s: make_stage_module(s).double() for s in range(num_stages)}
-    ids, target = make_batch(microbatches)
+    ids, target = make_batch(microbatches, seed)
     sums = {s: {n: None for n, _ in m.named_parameters()} for s, m in modules.items()}
     for mb, (xm, ym) in enumerate(zip(ids.chunk(microbatches), target.double().chunk(microbatches))):
         h = xm
@@ -261,6 +261,19 @@ def reference_grads(num_stages: int, table: dict, microbatches: int = MICROBATCH
         s: {n: (None if g is None else (g / microbatches).reshape(-1).tolist()) for n, g in d.items()}
         for s, d in sums.items()
     }
+
+
+def assert_grads_match(grads: dict, ref: dict, where: str) -> None:
+    """One stage's gradients {name: flat list or None} equal ``ref``'s: None where no microbatch
+    trained the parameter, else within 1e-6."""
+    assert grads.keys() == ref.keys(), where
+    for name, g in grads.items():
+        at = f"{where} {name}"
+        if ref[name] is None:
+            assert g is None, f"{at}: frozen in every microbatch but has a gradient"
+            continue
+        assert g is not None, f"{at}: gradient missing"
+        np.testing.assert_allclose(g, ref[name], rtol=0, atol=1e-6, err_msg=at)
 
 
 def _kept(masks, name: str, shape):

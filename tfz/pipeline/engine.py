@@ -262,6 +262,8 @@ def full_backward(
     input_values: Sequence[Any],
     plan: MaskPlan,
     params: StageParams,
+    *,
+    every_param: bool = False,
 ) -> tuple[torch.Tensor | None, ...]:
     """B: input grads and the unfrozen weight grads of one microbatch; returns the input grads.
 
@@ -269,13 +271,29 @@ def full_backward(
         stage_output: the stage's outputs (tensor, tuple/list/dict of tensors) or the loss.
         output_grads: matching gradients (None for the loss).
         input_values: the stage's flattened inputs; those requiring grad get their gradient.
+        every_param: frozen parameters take part too, with a zero gradient (DDP's last backward:
+            its reducer waits for a gradient of every parameter; ``.grad`` None becomes zeros).
     """
     outs: list[torch.Tensor] = []
     grads: list[torch.Tensor | None] = []
     _tensors_with_grads(stage_output, output_grads, outs, grads)
-    targets = _input_targets(input_values) + plan.trainable(params)
-    if outs and targets:
-        _run(outs, grads, targets, plan.row_masks)
+    trainable = plan.trainable(params)
+    row_masks = plan.row_masks
+    handles = []
+    if every_param and len(trainable) < len(params.named):
+        # fully frozen layers run an unmasked dW here (a masked one returns no gradient at all)
+        row_masks = {layer: m for layer, m in row_masks.items() if layer not in plan.frozen_layers}
+        kept = {id(p) for p in trainable}
+        frozen = [p for _, p in params.named if id(p) not in kept]
+        handles = [p.register_hook(torch.zeros_like) for p in frozen]
+        trainable = trainable + frozen
+    targets = _input_targets(input_values) + trainable
+    try:
+        if outs and targets:
+            _run(outs, grads, targets, row_masks)
+    finally:
+        for h in handles:
+            h.remove()
     plan.record_skipped_layers()
     return _pop_input_grads(input_values)
 

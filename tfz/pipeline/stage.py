@@ -44,12 +44,23 @@ in_features). Tokens per layer come from forward pre-hooks on the FreezableLinea
 the first F action of each stage-input shape signature and then removed (dense layers assumed; see
 ``FreezeState``); ``count_flops="exact"`` keeps them on every F, ``count_flops=False`` counts nothing.
 
-Limits: stages built with ``dw_builder`` are refused (tfz defers dW itself). Data parallelism is
-untested: torch's wrapping runs, but DDP's reducer waits for a gradient of every parameter reachable
-from the outputs, so parameters tfz leaves out of the last backward (whole tensors, fully frozen
-layers) would not be reduced; row masks keep every layer in the graph. The W queue writes ``.grad``
-directly, so autograd hooks (DDP's) do not see deferred dW, as with torch's own I/W split. Under
-FSDP2 the parameters are resolved at every action (the unsharded ones in the graph).
+Data parallelism (tested on a (dp=2, pp=2) grid of gloo ranks, tests/test_pipeline_dp.py):
+
+- FSDP2 (``fully_shard``), every schedule: torch reduces gradients after the step
+  (``perform_reduce_grad``), so masked dW, the W queue and left-out tensors need nothing special. The
+  stage unshards its FSDP modules when it resolves parameters for a backward, so the backward's
+  ``inputs`` are the unsharded parameters the graph holds.
+- DDP, schedules with full backwards (gpipe, 1f1b, interleaved1f1b): DDP reduces in autograd hooks
+  once torch prepares its reducer at the last backward, and then waits for a gradient of every
+  parameter. That backward therefore gives the parameters the masks leave out a zero gradient (fully
+  frozen layers run an unmasked dW there, once per step); parameters no microbatch of the step trained
+  get ``.grad`` None back afterwards. The stage sets ``require_backward_grad_sync = False`` on the DDP
+  module, so a forward outside ``no_sync`` (the first step's metadata inference) does not prepare the
+  reducer too. I/W split schedules under DDP are refused (NotImplementedError): deferred dW bypasses
+  autograd, so DDP would not reduce it.
+
+Limits: stages built with ``dw_builder`` are refused (tfz defers dW itself). Under FSDP2 the parameters
+are resolved at every action.
 """
 
 from __future__ import annotations
@@ -63,6 +74,7 @@ import torch
 from torch.distributed.pipelining import PipelineStage
 from torch.distributed.pipelining import stage as _torch_stage
 from torch.distributed.pipelining.stage import _PipelineStageBase
+from torch.nn.parallel import DistributedDataParallel
 
 from tfz.nn import WeightGradStore
 from tfz.pipeline.counters import StageStats
@@ -88,11 +100,13 @@ _install_lock = threading.Lock()
 class _Job:
     """The freeze-aware backward one ``backward_maybe_with_nosync`` call runs (set in a thread-local)."""
 
-    __slots__ = ("state", "kind", "key", "plan", "params")
+    __slots__ = ("state", "kind", "key", "plan", "params", "every_param")
 
     def __init__(self, state: FreezeState, kind: str, mb: int, plan: MaskPlan, params: StageParams):
         self.state, self.kind, self.plan, self.params = state, kind, plan, params
         self.key = (state.stage_index, mb)
+        self.every_param = False
+        """Frozen parameters get a zero gradient (DDP's last backward)."""
 
     def run(self, kind: str, args: tuple, kwargs: dict) -> Any:
         if kind != self.kind:
@@ -102,7 +116,9 @@ class _Job:
             )
         if kind == "full":
             stage_output, output_grads, input_values = _bind(args, kwargs, _FULL_ARGS)
-            return full_backward(stage_output, output_grads, input_values, self.plan, self.params)
+            return full_backward(
+                stage_output, output_grads, input_values, self.plan, self.params, every_param=self.every_param
+            )
         if kind == "input":
             stage_output, output_grads, input_values = _bind(args, kwargs, _INPUT_ARGS)
             grads = input_backward(
@@ -179,6 +195,8 @@ class FreezeState:
         self._plans = PlanCache()
         self._params: StageParams | None = None
         self._split: dict[int, MaskPlan | None] = {}
+        self._trained: set[int] = set()
+        """ids of the parameters some full backward of this step trained (kept for DDP only)."""
         self._tokens: dict[int, dict] = {}
         """mb -> {FreezableLinear: tokens} of forwards whose dW is still to come."""
         self._token_cache: dict[tuple, dict] = {}
@@ -188,6 +206,13 @@ class FreezeState:
         self._local = threading.local()
         self._hooks: list = []
         self._fsdp = _uses_fsdp(stage_module(stage.submod))
+        self._ddp = isinstance(stage.submod, DistributedDataParallel)
+        if self._ddp:
+            # torch prepares DDP's reducer itself at the last backward (and runs every other forward
+            # and backward under no_sync); a forward outside no_sync (the first step's metadata
+            # inference) would prepare it too, and then wait for gradients of parameters the masks
+            # leave out of the next backward.
+            stage.submod.require_backward_grad_sync = False
         if count_flops:
             self._install_hooks()
 
@@ -218,6 +243,7 @@ class FreezeState:
         stage's parameters are resolved again if some ``requires_grad`` changed."""
         self.stats = StageStats(self.stage_index)
         self._split.clear()
+        self._trained.clear()
         self._tokens.clear()
         self._flops_cache.clear()  # holds plans: let the ones of earlier steps go
         self.store.clear(self.stage_index)
@@ -230,7 +256,13 @@ class FreezeState:
         self._params = None
 
     def params(self) -> StageParams:
-        if self._fsdp or self._params is None:
+        if self._fsdp:
+            # FSDP2 swaps the module's parameters: sharded after a resharding forward, unsharded (the
+            # objects in the autograd graph) while unsharded. Unshard now so the backward's ``inputs``
+            # are the graph's; FSDP's own pre-backward unshard then finds nothing to do.
+            _unshard(stage_module(self._stage_ref.submod))
+            self._params = None
+        if self._params is None:
             self._params = StageParams(self._stage_ref.submod)
             self._flops_cache.clear()
         return self._params
@@ -330,6 +362,8 @@ class FreezeState:
         if backward_type == "full":
             plan = self._plan(mb, params)
             self._count(mb, plan, params)
+            if plan is not None and self._ddp:
+                self._trained.update(id(p) for p in plan.trainable(params))
             return None if plan is None else _Job(self, "full", mb, plan, params)
         if backward_type == "input":
             plan = self._split[mb] = self._plan(mb, params)
@@ -349,6 +383,14 @@ class FreezeState:
 
     def __repr__(self) -> str:
         return f"FreezeState(stage={self.stage_index}, provider={self._provider!r}, timer={self._timer!r})"
+
+
+def _unshard(module: torch.nn.Module) -> None:
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in module.modules():
+        if isinstance(m, FSDPModule):
+            m.unshard()
 
 
 def _uses_fsdp(module: torch.nn.Module) -> bool:
@@ -421,12 +463,34 @@ def _backward_maybe_with_nosync(self, backward_type, bwd_kwargs: dict, last_back
     job = self.tfz.job(backward_type)
     if job is None:
         return base.backward_maybe_with_nosync(self, backward_type, bwd_kwargs, last_backward=last_backward)
+    untouched = _prepare_ddp(self, job, backward_type, last_backward) if self.tfz._ddp else ()
     outer = getattr(_tls, "job", None)
     _tls.job = job
     try:
         return base.backward_maybe_with_nosync(self, backward_type, bwd_kwargs, last_backward=last_backward)
     finally:
         _tls.job = outer
+        for p in untouched:
+            p.grad = None
+
+
+def _prepare_ddp(self, job: _Job, backward_type: str, last_backward: bool) -> list:
+    """DDP's reducer (prepared by torch at the last backward) waits for a gradient of every parameter:
+    that backward gives frozen ones a zero gradient. Returns the parameters no microbatch of the step
+    trained and whose ``.grad`` is None: they get None back once DDP has reduced the zeros."""
+    if backward_type != "full":
+        raise NotImplementedError(
+            f"tfz.pipeline: stage {self.stage_index} is wrapped in DistributedDataParallel, whose "
+            f"reducer runs in autograd hooks, but a {backward_type!r} backward (I/W split schedule) "
+            "computes deferred dW outside autograd, so DDP would not reduce it. Use FSDP2 "
+            "(torch.distributed.fsdp.fully_shard), which reduces after the step, or a schedule with "
+            "full backwards (gpipe, 1f1b, interleaved1f1b)."
+        )
+    if not last_backward:
+        return []
+    job.every_param = True
+    trained = self.tfz._trained
+    return [p for _, p in job.params.named if p.grad is None and id(p) not in trained]
 
 
 def _clear_runtime_states(self) -> None:
