@@ -904,3 +904,8 @@ def test_metric_guided_policy_through_the_controller():
     assert c.state_dict()["policy"]["metric"]["kind"] == c.policy.metric.kind
     _, resumed = run(resume_at=20)
     assert resumed == reference
+
+
+def test_replica_group_needs_a_pipeline_group():
+    with pytest.raises(ValueError, match="replica_group needs a pipeline group"):
+        make(small(), build_schedule("1f1b", 2, 2), replica_group=object())

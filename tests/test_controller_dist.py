@@ -43,8 +43,19 @@ def true_times(dag, scale_stage=None, factor=1.0):
     return Profile(stages=stages).durations(dag)
 
 
-def _run(rank: int) -> dict:
+def _groups(world: int):
+    """(pipeline group, replica group, pipeline rank, replica): one pipeline of 2 ranks per replica."""
     import torch.distributed as dist
+
+    if world == 2:
+        return dist.group.WORLD, None, dist.get_rank(), 0
+    rank = dist.get_rank()
+    pipes = [dist.new_group([2 * d, 2 * d + 1]) for d in range(world // 2)]
+    replicas = [dist.new_group(list(range(p, world, 2))) for p in range(2)]
+    return pipes[rank // 2], replicas[rank % 2], rank % 2, rank // 2
+
+
+def _run(world: int) -> dict:
 
     from tfz.controller import Phase, TimelyFreeze
     from tfz.plan import solve
@@ -57,8 +68,11 @@ def _run(rank: int) -> dict:
         time.sleep(SOLVE_SLEEP)
         return solve(*args, **kwargs)
 
+    group, replica_group, rank, replica = _groups(world)
     sched = build_schedule("1f1b", 2, 4)
-    c = TimelyFreeze(config(), sched, {rank: stage_module()}, group=dist.group.WORLD, solver=slow_solver)
+    c = TimelyFreeze(
+        config(), sched, {rank: stage_module()}, group=group, replica_group=replica_group, solver=slow_solver
+    )
     dag = c.dag
     up, lo = true_times(dag)
     mine = np.flatnonzero(dag.rank == rank)
@@ -78,11 +92,13 @@ def _run(rank: int) -> dict:
             }
         )
         f = {mb: 0.0 if m is None else m.frozen_fraction for mb, m in enumerate(masks)}
-        rng = np.random.default_rng([7, k, rank])
+        rng = np.random.default_rng([7, k, rank, replica])
+        speed = 1.0 + 0.1 * replica  # replicas measure different times; they must still agree
         times = {}
         for i in mine.tolist():
             r = f[int(dag.microbatch[i])] if dag.actions[i].kind in "BW" else 0.0
-            times[dag.names[i]] = float((up[i] - r * (up[i] - lo[i])) * (1 + 0.005 * rng.standard_normal()))
+            t = (up[i] - r * (up[i] - lo[i])) * speed * (1 + 0.005 * rng.standard_normal())
+            times[dag.names[i]] = float(t)
         time.sleep(STEP_SLEEP)  # the step's training work
         t0 = time.perf_counter()
         c.step_end(k, times)
@@ -107,7 +123,7 @@ def _rank(rank: int, world: int) -> dict:
     import torch
 
     torch.set_num_threads(1)
-    return _run(rank)
+    return _run(world)
 
 
 def spawn(world: int, timeout: float = 120.0) -> list[dict]:
@@ -175,3 +191,32 @@ def test_two_ranks_agree_and_the_solve_never_blocks():
 
     span = simulate(dag, up - np.asarray(first) * (up - lo)).makespan
     assert span == pytest.approx(ref.makespan_planned, rel=5e-3)
+
+
+@pytest.mark.distributed
+def test_replicas_run_one_plan():
+    """(dp=2, pp=2): replica 1 measures 10% slower times with its own noise, yet all four ranks go
+    through the same phases, decisions, plans and events at the same steps, the ranks of one pipeline
+    position draw the same masks, and only replica 0's pipeline rank 0 solves."""
+    results = spawn(4, timeout=180.0)
+    records = [r["records"] for r in results]
+    assert len({len(rec) for rec in records}) == 1
+    for k in range(len(records[0])):
+        keys = {(r[k]["phase"], r[k]["decision"], r[k]["progress"], str(r[k]["ratios"])) for r in records}
+        assert len(keys) == 1, k
+    for p in (0, 1):  # global ranks p and p + 2 hold pipeline rank p
+        assert [x["masks"] for x in records[p]] == [x["masks"] for x in records[p + 2]]
+    assert any(any(m is not None for m in x["masks"]) for x in records[1])
+    assert [r["solver_calls"] for r in results] == [2, 0, 0, 0]
+    assert all(r["history"] == results[0]["history"] for r in results)
+    assert all(r["replans"] == 1 for r in results)
+    # the plan is the LP's on the replicas' mean times (a uniform 5% scale of the true times)
+    from tfz.dag import build_dag, simulate
+    from tfz.plan import PlanConfig, solve
+    from tfz.schedule import build_schedule
+
+    dag = build_dag(build_schedule("1f1b", 2, 4))
+    first = np.asarray(next(x["ratios"] for x in records[0] if x["ratios"] is not None))
+    up, lo = true_times(dag)
+    ref = solve(dag, up, lo, PlanConfig(max_freeze_ratio=0.8))
+    assert simulate(dag, up - first * (up - lo)).makespan == pytest.approx(ref.makespan_planned, rel=5e-3)

@@ -112,7 +112,8 @@ _NO_MASKS = (Phase.WARMUP, Phase.MONITOR_UPPER, Phase.SOLVING)
 
 @dataclass
 class _Pending:
-    """A solve between submission and adoption. ``job`` exists on group rank 0 only."""
+    """A solve between submission and adoption. ``job`` exists on the leader only (pipeline rank 0 of
+    replica 0)."""
 
     kind: str
     """"initial" or "replan"."""
@@ -132,6 +133,10 @@ class TimelyFreeze:
         stage_modules: ``{stage: module}`` for this rank's stages (every stage without a group).
             Units are ``StageUnits.from_module(module, block_rows, include_tensors)``.
         group: the pipeline process group (its size is the number of pipeline ranks), or None.
+        replica_group: with data parallelism, the group of the ranks that hold this pipeline rank in
+            every replica (e.g. ``mesh["dp"].get_group()``). Times are averaged over the replicas
+            and replica 0's pipeline rank 0 solves, so every replica runs the same plan and masks
+            (DDP and FSDP need the same frozen parameters on every replica).
         policy: which units to freeze first; any :class:`tfz.masks.SelectionPolicy`, optionally also
             :class:`~tfz.controller.ObservingPolicy` / :class:`~tfz.controller.StatefulPolicy`.
             Default :class:`tfz.masks.RandomPolicy`.
@@ -150,6 +155,7 @@ class TimelyFreeze:
         stage_modules: Mapping[int, Any],
         *,
         group=None,
+        replica_group=None,
         policy: SelectionPolicy | None = None,
         solver: Callable[..., Plan] | None = None,
     ):
@@ -163,7 +169,7 @@ class TimelyFreeze:
             raise TypeError(f"schedule must be a Schedule or a DAG, got {type(schedule).__name__}")
         self.config = config
         dag = self.dag
-        self._comm = Comm(group)
+        self._comm = Comm(group, replica_group)
         if self._comm.distributed and self._comm.size != dag.num_ranks:
             raise ValueError(
                 f"the process group has {self._comm.size} ranks, but schedule {dag.schedule.name!r} "
@@ -540,7 +546,7 @@ class TimelyFreeze:
 
     def _submit(self, kind: str, upper: np.ndarray, lower: np.ndarray, warm: Plan | None) -> None:
         pending = _Pending(kind, upper, lower, self._done)
-        if self._comm.rank == 0:
+        if self._comm.leader:
             pending.job = SolveJob(
                 solve_with_retry,
                 (self._solver, self.dag, upper, lower, self._plan_config, warm),
