@@ -127,3 +127,23 @@ def test_run_from_env_under_torchrun(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert sorted(re.findall(r"RESULT \d \d [\d.]+", proc.stdout)) == ["RESULT 0 2 3.0", "RESULT 1 2 3.0"]
+
+
+def test_a_failed_start_raises_its_own_error(monkeypatch):
+    """When starting a rank fails (e.g. spawn from an unguarded ``__main__``), that error surfaces,
+    not one from stopping the ranks that never started."""
+    import multiprocessing.context as mpc
+
+    started = []
+    real_start = mpc.SpawnProcess.start
+
+    def start(self):
+        if started:
+            raise RuntimeError("start failed on purpose")
+        started.append(self)
+        real_start(self)
+
+    monkeypatch.setattr(mpc.SpawnProcess, "start", start)
+    with pytest.raises(RuntimeError, match="start failed on purpose"):
+        launch(sleep_forever, 3, timeout=60)
+    assert not started[0].is_alive()

@@ -120,6 +120,7 @@ def _child(fn, rank, world_size, args, port, backend, init_timeout, results) -> 
 
 
 def _stop(procs) -> None:
+    procs = [p for p in procs if p.pid is not None]  # a failed start leaves the rest unstarted
     for p in procs:
         if p.is_alive():
             p.terminate()
