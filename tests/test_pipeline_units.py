@@ -107,6 +107,37 @@ def test_full_backward_equals_masked_autograd():
     assert module.up.row_usage.counts.tolist() == [1] * 4 + [0] * 4 + [1] * 4
 
 
+def test_full_backward_every_param_gives_frozen_parameters_zero_gradients():
+    """DDP's last backward: the same gradients, but frozen parameters get zeros instead of None."""
+    module, masks = _module(), _masks()
+    x, dy = _inputs()
+    params = StageParams(module)
+    dx = full_backward((module(x),), (dy,), [x], MaskPlan(masks, params), params, every_param=True)
+    dx_ref, ref = _reference(1, x, dy, masks)
+    torch.testing.assert_close(dx[0], dx_ref, rtol=0, atol=1e-12)
+    frozen = [n for n, g in ref.items() if g is None]
+    assert set(frozen) == {"norm.weight", "down.weight", "down.bias"}
+    _check(
+        module, {n: torch.zeros_like(p) if ref[n] is None else ref[n] for n, p in module.named_parameters()}
+    )
+    # the hooks are gone: a plain backward accumulates the real gradient of a frozen tensor again
+    module.zero_grad(set_to_none=True)
+    module(x).backward(dy)
+    assert module.norm.weight.grad.abs().sum() > 0
+
+
+def test_stage_params_notice_replaced_parameters():
+    module = _module()
+    params = StageParams(module)
+    assert params.current()
+    module.up.weight.requires_grad_(False)
+    assert not params.current()
+    module.up.weight.requires_grad_(True)
+    assert params.current()
+    module.norm.weight = torch.nn.Parameter(module.norm.weight.detach().clone())
+    assert not params.current()
+
+
 def test_input_then_weight_backward_equals_masked_autograd():
     module, masks = _module(), _masks()
     x, dy = _inputs()

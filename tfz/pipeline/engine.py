@@ -103,6 +103,21 @@ class StageParams:
     def device(self) -> torch.device | None:
         return self.named[0][1].device if self.named else None
 
+    def current(self) -> bool:
+        """The module holds the same parameter objects, with the same ``requires_grad``, as when
+        resolved (FSDP2 swaps sharded and unsharded objects; its unsharded ones persist)."""
+        flags = iter(self._flags)
+        seen = set()
+        for sub in self.module.modules():
+            for p in sub._parameters.values():
+                if p is None or id(p) in seen:
+                    continue
+                seen.add(id(p))
+                q, flag = next(flags, (None, None))
+                if q is not p or p.requires_grad is not flag:
+                    return False
+        return next(flags, None) is None
+
     def stale(self) -> bool:
         """Some parameter's ``requires_grad`` changed since it was resolved (replaced Parameter objects
         are not detected: resolve again yourself)."""

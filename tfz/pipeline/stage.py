@@ -59,8 +59,7 @@ Data parallelism (tested on a (dp=2, pp=2) grid of gloo ranks, tests/test_pipeli
   reducer too. I/W split schedules under DDP are refused (NotImplementedError): deferred dW bypasses
   autograd, so DDP would not reduce it.
 
-Limits: stages built with ``dw_builder`` are refused (tfz defers dW itself). Under FSDP2 the parameters
-are resolved at every action.
+Limits: stages built with ``dw_builder`` are refused (tfz defers dW itself).
 """
 
 from __future__ import annotations
@@ -252,7 +251,7 @@ class FreezeState:
 
     def refresh(self) -> None:
         """Resolve the stage's parameters again at the next action (call it after replacing Parameter
-        objects of the stage module between steps; FSDP2 stages resolve them at every action anyway)."""
+        objects of the stage module between steps; FSDP2 stages check them at every action anyway)."""
         self._params = None
 
     def params(self) -> StageParams:
@@ -261,7 +260,8 @@ class FreezeState:
             # objects in the autograd graph) while unsharded. Unshard now so the backward's ``inputs``
             # are the graph's; FSDP's own pre-backward unshard then finds nothing to do.
             _unshard(stage_module(self._stage_ref.submod))
-            self._params = None
+            if self._params is not None and not self._params.current():
+                self._params = None
         if self._params is None:
             self._params = StageParams(self._stage_ref.submod)
             self._flops_cache.clear()
