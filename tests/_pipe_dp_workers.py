@@ -87,3 +87,17 @@ def run_dp(rank: int, world: int, runs: list[tuple[str, str]], steps: int = 2) -
                 result["steps"].append({s: _full_grads(m) for s, m in modules.items()})
             out.append(result)
     return out
+
+
+def observe_sharded(rank: int, world: int) -> None:
+    """APF observing a ``fully_shard``-ed stage module (raises: metrics cannot judge shards)."""
+    import torch
+    from torch.distributed.device_mesh import init_device_mesh
+
+    import tfz.nn
+    from tfz.metrics import APFMetric
+
+    torch.set_num_threads(1)
+    mesh = init_device_mesh("cpu", (world,))
+    module = _wrap(tfz.nn.convert_to_freezable(make_stage_module(1)), "fsdp", mesh)
+    APFMetric().observe(0, {1: module})

@@ -9,6 +9,7 @@ masks held, and parameters no microbatch trained stay None.
 - FSDP2 (``fully_shard`` over the replica group, resharding after forward): every schedule.
 - DDP: the schedules with full backwards; an I/W split schedule is refused with a clear error (DDP
   reduces in autograd hooks, which tfz's deferred dW does not run through).
+- The freezing metrics (APF, AutoFreeze) refuse FSDP-sharded stages: a rank would judge its shard only.
 """
 
 from __future__ import annotations
@@ -75,3 +76,10 @@ def test_replicas_saw_different_data():
 def test_ddp_with_split_backward_is_refused():
     with pytest.raises(RankError, match="DistributedDataParallel.*FSDP2"):
         launch(run_dp, 2 * DP, [("zbv", "ddp")], timeout=120)
+
+
+def test_metrics_refuse_sharded_stages():
+    from _pipe_dp_workers import observe_sharded
+
+    with pytest.raises(RankError, match="stage 1: tfz.metrics cannot judge FSDP-sharded parameters"):
+        launch(observe_sharded, 1, timeout=120)

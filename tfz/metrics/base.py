@@ -31,8 +31,8 @@ stateless and are taken as they are. The freezers of :mod:`tfz.metrics.freezers`
 function of that stage's weights and gradients, so pipeline ranks need no communication. Data-parallel
 replicas of a stage each run their own copy of the metric; they take the same decisions because they
 observe the same all-reduced gradients and the same updated weights (reductions run in the same order
-on the same kind of device). This is not checked at run time. Sharded parameters (FSDP) are not
-supported: a rank would see only its shard.
+on the same kind of device). This is not checked at run time. Sharded parameters (FSDP) are refused
+(ValueError at ``observe``): a rank would see only its shard.
 """
 
 from __future__ import annotations
@@ -152,6 +152,18 @@ def unwrap(module: Any) -> Any:
     return module
 
 
+def _refuse_sharded(stage: int, module: Any) -> None:
+    from torch.distributed.fsdp import FSDPModule
+
+    sharded = next((name for name, m in module.named_modules() if isinstance(m, FSDPModule)), None)
+    if sharded is not None:
+        raise ValueError(
+            f"stage {stage}: tfz.metrics cannot judge FSDP-sharded parameters (module "
+            f"{sharded or '<stage>'!r} is fully_shard-ed, so a rank sees only its shard); use DDP or "
+            "no data parallelism with APF / AutoFreeze, or TimelyFreeze with its default random selection"
+        )
+
+
 @dataclass
 class StageBinding:
     """A stage's units and the metric's state for it."""
@@ -226,6 +238,7 @@ class MetricBase:
         self._last_step = step
 
     def _stage_units(self, stage: int, module: Any) -> StageUnits:
+        _refuse_sharded(stage, module)
         try:
             return StageUnits.from_module(
                 module, block_rows=self.config.block_rows, include_tensors=self.config.include_tensors
