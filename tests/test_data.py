@@ -25,6 +25,7 @@ def test_batch_targets_are_next_bytes(tmp_path):
     c = load_corpus(f, val_fraction=0.25)
     x, y = c.batch("train", 3, 10, np.random.default_rng(0))
     assert x.shape == y.shape == (3, 10)
+    assert x.flags.c_contiguous and y.flags.c_contiguous  # torch's pipelining checks input strides
     np.testing.assert_array_equal((x + 1) % 256, y)
     with pytest.raises(ValueError, match="split must be 'train' or 'val'"):
         c.batch("test", 1, 4, np.random.default_rng(0))

@@ -34,7 +34,8 @@ class ByteCorpus:
     source: str
 
     def batch(self, split: str, batch_size: int, seq_len: int, rng: np.random.Generator):
-        """Random windows: inputs [batch, seq_len] and next-byte targets [batch, seq_len] (int64 numpy)."""
+        """Random windows: inputs [batch, seq_len] and next-byte targets [batch, seq_len] (int64 numpy,
+        C-contiguous: torch's pipelining checks stage-input strides against the first microbatch's)."""
         data = {"train": self.train, "val": self.val}.get(split)
         if data is None:
             raise ValueError(f"split must be 'train' or 'val', got {split!r}")
@@ -43,7 +44,7 @@ class ByteCorpus:
         starts = rng.integers(0, len(data) - seq_len - 1, size=batch_size)
         idx = starts[:, None] + np.arange(seq_len + 1)[None, :]
         windows = data[idx].astype(np.int64)
-        return windows[:, :-1], windows[:, 1:]
+        return np.ascontiguousarray(windows[:, :-1]), np.ascontiguousarray(windows[:, 1:])
 
 
 def _read_files(files: list[Path], limit: int | None) -> np.ndarray:
