@@ -133,7 +133,9 @@ def _grads(modules: dict) -> dict:
 
 def _build(name: str, variant: str, rank: int, timer, provider, csv_dir: str):
     """Stages and schedule of one run: variant "direct" (FreezeAwareStage), "swap" (make_freeze_aware
-    after the schedule exists), "none" (make_freeze_aware without provider), "plain" (torch only)."""
+    after the schedule exists), "none" (make_freeze_aware without provider), "none-tfz" (the same,
+    as on a torch whose own I/W split cannot run FreezableLinear: tfz's backward, nothing frozen),
+    "plain" (torch only)."""
     import torch
     import torch.nn.functional as F
     from torch.distributed.pipelining import PipelineStage
@@ -156,7 +158,7 @@ def _build(name: str, variant: str, rank: int, timer, provider, csv_dir: str):
     if variant == "swap":
         for st in stages:
             make_freeze_aware(st, provider=provider, timer=timer)
-    elif variant == "none":
+    elif variant in ("none", "none-tfz"):
         for st in stages:
             make_freeze_aware(st, timer=timer)
     return sched_tfz, modules, stages, schedule
@@ -167,16 +169,19 @@ def run_schedules(rank: int, world: int, runs: list[tuple[str, str]], steps: int
     timed action names, measured dW FLOPs (variant "direct"), and pending W work after the step."""
     import torch
 
+    import tfz.pipeline.stage as stage_mod
     from tfz.pipeline import FixedMasks
     from tfz.timing import ActionTimer
 
     torch.set_num_threads(1)
+    split_ok = stage_mod.torch_split_handles_functions
     out = []
     with tempfile.TemporaryDirectory() as csv_dir:
         for name, variant in runs:
             sched_tfz, num_stages = schedule_layout(name)
             provider = FixedMasks(plan(num_stages))
             timer = None if variant == "plain" else ActionTimer("cpu")
+            stage_mod.torch_split_handles_functions = (lambda: False) if variant == "none-tfz" else split_ok
             _, modules, stages, schedule = _build(name, variant, rank, timer, provider, csv_dir)
             ids = sched_tfz.stages_of(rank)
             x, y = make_batch()

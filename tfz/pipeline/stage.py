@@ -28,8 +28,10 @@ Every schedule runs a stage through the same methods, which the subclass overrid
   ``last_backward`` bookkeeping is untouched (the schedule's calls are the same).
 
 No provider (``provider=None``): every backward is torch's own; the stage only records, times and
-counts. With a provider, a None answer freezes nothing but still runs tfz's backward (its I/W split
-queues FreezableLinear dW for the W action; see :mod:`tfz.pipeline.engine`).
+counts. Except on torch versions whose own I/W split cannot differentiate through a custom
+``autograd.Function`` (torch 2.11; :func:`torch_split_handles_functions`): there I and W run tfz's
+backward with nothing frozen. With a provider, a None answer freezes nothing but still runs tfz's
+backward (its I/W split queues FreezableLinear dW for the W action; see :mod:`tfz.pipeline.engine`).
 
 First step: torch's dynamic metadata inference (``_forward_metadata_inference`` /
 ``_backward_metadata_inference``) runs the stage module and ``torch.autograd.grad`` over the stage
@@ -366,7 +368,10 @@ class FreezeState:
                 self._trained.update(id(p) for p in plan.trainable(params))
             return None if plan is None else _Job(self, "full", mb, plan, params)
         if backward_type == "input":
-            plan = self._split[mb] = self._plan(mb, params)
+            plan = self._plan(mb, params)
+            if plan is None and not torch_split_handles_functions():
+                plan = self._plans.get(None, params)  # torch's own I/W split would fail: tfz's, unmasked
+            self._split[mb] = plan
             return None if plan is None else _Job(self, "input", mb, plan, params)
         if backward_type == "weight":
             if mb not in self._split:
@@ -383,6 +388,37 @@ class FreezeState:
 
     def __repr__(self) -> str:
         return f"FreezeState(stage={self.stage_index}, provider={self._provider!r}, timer={self._timer!r})"
+
+
+@functools.cache
+def torch_split_handles_functions() -> bool:
+    """Whether torch's own I/W split (``stage_backward_input`` / ``stage_backward_weight``) can take
+    gradients through a custom ``autograd.Function`` such as FreezableLinear's. torch 2.11's cannot
+    (its weight pass reads attributes of the Function's graph node, which raises); there, a stage
+    without a provider runs tfz's backward with nothing frozen for I and W instead of torch's."""
+
+    class _Scale(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, w):
+            ctx.save_for_backward(x, w)
+            return x * w
+
+        @staticmethod
+        def backward(ctx, g):
+            x, w = ctx.saved_tensors
+            return g * w, (g * x).sum(0)
+
+    from torch.distributed.pipelining import _backward
+
+    x = torch.ones(2, 1, requires_grad=True)
+    w = torch.nn.Parameter(torch.ones(1))
+    y = _Scale.apply(x, w)
+    try:
+        _, groups = _backward.stage_backward_input([y], [torch.ones_like(y)], [x], iter([w]))
+        _backward.stage_backward_weight(iter([w]), groups)
+    except RuntimeError:
+        return False
+    return w.grad is not None
 
 
 def _unshard(module: torch.nn.Module) -> None:
