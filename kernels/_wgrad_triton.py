@@ -80,9 +80,10 @@ BLOCK_M_CHOICES = (128, 64)
 
 @triton.jit
 def _k_step(a, b, acc, bias_acc, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    """One token step: ``acc += a @ b`` (fp32 accumulate) and ``bias_acc += row sums of a``."""
+    """One token step: ``acc += a @ b`` (fp32 accumulate) and ``bias_acc += a`` (the row sums are
+    taken once after the loop: a row sum inside the loop broke triton 3.6's sm_90 lowering for fp32)."""
     if HAS_BIAS:
-        bias_acc += tl.sum(a.to(tl.float32), axis=1)
+        bias_acc += a.to(tl.float32)
     if UPCAST:  # interpreter only: its bf16 tl.dot is wrong
         a = a.to(tl.float32)
         b = b.to(tl.float32)
@@ -158,7 +159,7 @@ def _wgrad_kernel(
         X_ptr + k_start.to(tl.int64) * stride_x_t + offs_k[:, None] * stride_x_t + cols[None, :] * stride_x_n
     )
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    bias_acc = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    bias_acc = tl.zeros((BLOCK_M, BLOCK_K) if HAS_BIAS else (1, 1), dtype=tl.float32)
     for _ in range(0, k_full, BLOCK_K):
         a = tl.load(a_ptrs)  # dYᵀ tile [BLOCK_M, BLOCK_K]
         b = tl.load(b_ptrs)  # X tile [BLOCK_K, BLOCK_N]
@@ -184,13 +185,14 @@ def _wgrad_kernel(
         tl.store(dw_ptrs, acc, mask=store_ok)
     if HAS_BIAS:
         if pid_n == 0:
+            db = tl.sum(bias_acc, axis=1)
             db_ptrs = DB_ptr + offs_m
             if SPLIT_K > 1:
-                tl.atomic_add(db_ptrs, bias_acc, mask=row_ok, sem="relaxed")
+                tl.atomic_add(db_ptrs, db, mask=row_ok, sem="relaxed")
             else:
                 if BIAS_ACCUMULATE:
-                    bias_acc += tl.load(db_ptrs, mask=row_ok, other=0.0)
-                tl.store(db_ptrs, bias_acc, mask=row_ok)
+                    db += tl.load(db_ptrs, mask=row_ok, other=0.0)
+                tl.store(db_ptrs, db, mask=row_ok)
 
 
 def _gpu_configs() -> list[triton.Config]:
