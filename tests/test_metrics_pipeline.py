@@ -88,10 +88,10 @@ def train_rank(rank: int, world: int, methods) -> list[dict]:
                 masks = provider.masks_for(rank, mb)
                 fractions.append(0.0 if masks is None else masks.frozen_fraction)
             if rank == 0:
-                schedule.step(tokens[:, :-1])
+                schedule.step(tokens[:, :-1].contiguous())  # torch 2.11 checks input strides
             else:
                 losses = []
-                schedule.step(target=tokens[:, 1:], losses=losses)
+                schedule.step(target=tokens[:, 1:].contiguous(), losses=losses)
             opt.step()
             provider.observe(step, {rank: module})
             opt.zero_grad(set_to_none=True)

@@ -32,7 +32,9 @@ from _pipe_workers import (
     run_failing,
     run_schedules,
     run_tracer,
+    runnable,
     schedule_layout,
+    schedule_params,
     tracer_reference,
 )
 
@@ -62,7 +64,7 @@ def _runnable(schedule: str, variant: str) -> bool:
 @pytest.fixture(scope="module")
 def results():
     """{(schedule, variant): [rank 0 result, rank 1 result]} from one 2-rank launch."""
-    runs = [(s, v) for s in SCHEDULES for v in VARIANTS if _runnable(s, v)]
+    runs = [(s, v) for s in SCHEDULES for v in VARIANTS if runnable(s) and _runnable(s, v)]
     out = launch(run_schedules, 2, runs, timeout=240)
     return {run: [out[r][i] for r in range(2)] for i, run in enumerate(runs)}
 
@@ -72,7 +74,7 @@ def _steps(results, schedule, variant):
     return [(r, k, step) for r, res in enumerate(per_rank) for k, step in enumerate(res["steps"])]
 
 
-@pytest.mark.parametrize("schedule", SCHEDULES)
+@pytest.mark.parametrize("schedule", schedule_params())
 def test_grads_equal_masked_reference(results, schedule):
     _, num_stages = schedule_layout(schedule)
     table = plan(num_stages)
@@ -101,7 +103,7 @@ def test_plan_covers_the_edge_cases():
         assert (num_stages - 1, 1) in partial_with_tensors
 
 
-@pytest.mark.parametrize("schedule", SCHEDULES)
+@pytest.mark.parametrize("schedule", schedule_params())
 def test_frozen_w_flops_are_skipped(results, schedule):
     sched, num_stages = schedule_layout(schedule)
     expected = expected_flops(num_stages, plan(num_stages))
@@ -119,7 +121,7 @@ def test_frozen_w_flops_are_skipped(results, schedule):
         assert step["dw_flops"] == counted, f"rank {r} step {k}"
 
 
-@pytest.mark.parametrize("schedule", SCHEDULES)
+@pytest.mark.parametrize("schedule", schedule_params())
 def test_actions_are_recorded_and_timed_in_schedule_order(results, schedule):
     sched, _ = schedule_layout(schedule)
     for r, k, step in _steps(results, schedule, "direct"):
@@ -130,7 +132,7 @@ def test_actions_are_recorded_and_timed_in_schedule_order(results, schedule):
         assert step["pending"] == [[] for _ in sched.stages_of(r)]
 
 
-@pytest.mark.parametrize("schedule", SCHEDULES)
+@pytest.mark.parametrize("schedule", schedule_params())
 def test_class_swap_equals_direct_stage(results, schedule):
     direct = _steps(results, schedule, "direct")
     swapped = _steps(results, schedule, "swap")
@@ -141,7 +143,7 @@ def test_class_swap_equals_direct_stage(results, schedule):
         assert a["spans"] == b["spans"]
 
 
-@pytest.mark.parametrize("schedule", SCHEDULES)
+@pytest.mark.parametrize("schedule", schedule_params())
 def test_no_provider_equals_unmodified_torch_stage(results, schedule):
     if (schedule, "plain") not in results:
         pytest.skip(f"torch {torch.__version__}'s own I/W split cannot run FreezableLinear")
@@ -156,7 +158,7 @@ def test_no_provider_equals_unmodified_torch_stage(results, schedule):
     assert any(a["grads"] != m["grads"] for (_, _, a), (_, _, m) in zip(plain, masked))
 
 
-@pytest.mark.parametrize("schedule", SCHEDULES)
+@pytest.mark.parametrize("schedule", schedule_params())
 def test_no_provider_fallback_trains_everything(results, schedule):
     """tfz's backward standing in for torch's own I/W split (torch 2.11) freezes nothing."""
     _, num_stages = schedule_layout(schedule)
