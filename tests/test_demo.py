@@ -181,6 +181,6 @@ def test_validation_agrees_across_stage_placements(tmp_path):
 
 
 def test_phase_unit_too_short_for_timelyfreeze():
-    with pytest.raises(ValueError, match="phase_unit must be >= 2 for TimelyFreeze.*got 1"):
+    with pytest.raises(ValueError, match=r"TimelyFreeze settings \(phase_unit 1\): discard_steps \(1\)"):
         DemoConfig(phase_unit=1)
     assert DemoConfig(phase_unit=1, methods=("none", "apf")).phase_unit == 1

@@ -101,13 +101,25 @@ class DemoConfig:
             raise ValueError(f"max_freeze_ratio must be in [0, 1], got {self.max_freeze_ratio}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
-        if self.phase_unit < 2 and any(m.startswith("timelyfreeze") for m in self.methods):
-            raise ValueError(
-                f"phase_unit must be >= 2 for TimelyFreeze (each monitoring half drops its first step), "
-                f"got {self.phase_unit}"
-            )
+        if any(m.startswith("timelyfreeze") for m in self.methods):
+            try:
+                self.timelyfreeze_config()
+            except ValueError as exc:
+                raise ValueError(f"TimelyFreeze settings (phase_unit {self.phase_unit}): {exc}") from None
         if self.dim % self.n_heads:
             raise ValueError(f"dim {self.dim} is not divisible by n_heads {self.n_heads}")
+
+    def timelyfreeze_config(self):
+        """The controller config the TimelyFreeze methods run with (validated by its own checks)."""
+        from tfz.controller import TimelyFreezeConfig
+
+        return TimelyFreezeConfig(
+            max_freeze_ratio=self.max_freeze_ratio,
+            phase_unit=self.phase_unit,
+            check_every=self.check_every,
+            block_rows=self.block_rows,
+            seed=self.seed,
+        )
 
     @property
     def tokens_per_step(self) -> int:

@@ -62,22 +62,15 @@ def make_provider(method: str, cfg: DemoConfig, schedule: Schedule, modules: dic
         return APFFreezer(**apf)
     if method == "autofreeze":
         return AutoFreezeFreezer(**auto)
-    from tfz.controller import TimelyFreeze, TimelyFreezeConfig
+    from tfz.controller import TimelyFreeze
 
     policy = None
     if method == "timelyfreeze+apf":
         policy = MetricGuidedPolicy.apf(include_tensors=False, **apf)
     elif method == "timelyfreeze+autofreeze":
         policy = MetricGuidedPolicy.autofreeze(include_tensors=False, **auto)
-    tf_cfg = TimelyFreezeConfig(
-        max_freeze_ratio=cfg.max_freeze_ratio,
-        phase_unit=cfg.phase_unit,
-        check_every=cfg.check_every,
-        block_rows=cfg.block_rows,
-        seed=cfg.seed,
-    )
     group = dist.group.WORLD if dist.is_initialized() else None
-    return TimelyFreeze(tf_cfg, schedule, modules, group=group, policy=policy)
+    return TimelyFreeze(cfg.timelyfreeze_config(), schedule, modules, group=group, policy=policy)
 
 
 @dataclass
