@@ -89,11 +89,16 @@ def test_cold_matches_generic(name, flow_only):
             _check(fast, ref, dag, up, low, cap, weighting)
 
 
+SMALL = {"a": 0.02, "d": 1e-4, "e": 1e-3, "f": 5e-3}
+
+
 def _drift(dag, up, low, rng, how):
-    """(a) every duration U(+-2%), (b) one factor per (stage, kind), (c) one stage 10% slower."""
+    """(a) every duration U(+-2%), (b) one factor per (stage, kind), (c) one stage 10% slower, and
+    like (a): (d) U(+-0.01%), (e) U(+-0.1%), (f) U(+-0.5%)."""
     n = dag.num_actions
-    if how == "a":
-        f, g = rng.uniform(0.98, 1.02, n), rng.uniform(0.98, 1.02, n)
+    if how in SMALL:
+        rel = SMALL[how]
+        f, g = rng.uniform(1 - rel, 1 + rel, n), rng.uniform(1 - rel, 1 + rel, n)
     elif how == "b":
         key = dag.stage.astype(np.int64) * 8 + dag.kind.astype(np.int64)
         f, g = rng.uniform(0.97, 1.03, key.max() + 1)[key], rng.uniform(0.97, 1.03, key.max() + 1)[key]
@@ -106,8 +111,10 @@ def _drift(dag, up, low, rng, how):
 
 
 @pytest.mark.parametrize("name", SCHEDULES)
-@pytest.mark.parametrize("how", ["a", "b", "c"])
+@pytest.mark.parametrize("how", ["a", "b", "c", "d", "e", "f"])
 def test_warm_matches_generic(name, how, flow_only):
+    """Chains of warm re-plans; small drifts (d-f) restart from the final basis, larger ones from
+    the uncapped optimum."""
     rng = np.random.default_rng(sum(map(ord, name + how)))
     dag = build_dag(_schedule(name, 4, 12))
     up, low = _times(dag, rng)
@@ -117,8 +124,29 @@ def test_warm_matches_generic(name, how, flow_only):
         up, low = _drift(dag, up, low, rng, how)
         warm = solve(dag, up, low, config, warm_start=plan)
         assert warm.warm
+        assert warm._warm_state.start == ("final" if how in "def" else "uncapped")
         _check(warm, solve_generic(dag, up, low, config), dag, up, low, 0.6)
         plan = warm
+
+
+def test_final_restart_gives_up_at_its_pivot_budget(flow_only, monkeypatch):
+    import tfz.plan.solver as plan_solver
+
+    rng = np.random.default_rng(11)
+    dag = build_dag(build_schedule("1f1b", 4, 16))
+    up, low = _times(dag, rng)
+    plan = solve(dag, up, low)
+    up2, low2 = _drift(dag, up, low, rng, "f")
+    assert solve(dag, up2, low2, warm_start=plan)._warm_state.start == "final"
+    monkeypatch.setattr(plan_solver, "FINAL_START_PIVOTS", 0.0)
+    monkeypatch.setattr(plan_solver, "FINAL_START_MIN_PIVOTS", 0)  # max_iter 0: stops before pricing
+    again = solve(dag, up2, low2, warm_start=plan)
+    assert again.warm and again._warm_state.start == "uncapped"
+    _check(again, solve_generic(dag, up2, low2), dag, up2, low2, 0.8)
+    # and a drift past FINAL_START_DRIFT never tries the final basis
+    monkeypatch.setattr(plan_solver, "FINAL_START_DRIFT", 1e-6)
+    monkeypatch.setattr(plan_solver, "FINAL_START_PIVOTS", 2.0)
+    assert solve(dag, up2, low2, warm_start=plan)._warm_state.start == "uncapped"
 
 
 def test_warm_start_needs_the_same_structure(flow_only):

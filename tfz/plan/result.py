@@ -44,8 +44,9 @@ class Plan:
     schedule: str = ""
     phase_seconds: tuple[float, float] = (0.0, 0.0)
     """Seconds of the two solver stages: for ``tfz.plan.solve``, the uncapped optimum and then the
-    capped one (both phases at once); for the generic solver and the HiGHS fallback, phase 1
-    (makespan) and phase 2 (total freezing)."""
+    capped one (both phases at once; a warm restart from the previous final basis: set-up, then the
+    restart); for the generic solver and the HiGHS fallback, phase 1 (makespan) and phase 2 (total
+    freezing)."""
     warm: bool = False
     """Whether the solve started from a previous plan's solver state."""
     _warm_state: Any = field(default=None, repr=False, compare=False)

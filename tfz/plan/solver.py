@@ -10,12 +10,12 @@ for a tree basis. Both phases are one run: the supplies are ``b1 + eps b2`` with
 makespan, then minimal total ratio), not an eps-weighted approximation.
 
 The simplex first solves the uncapped problem, cold from the longest-path tree under the
-all-frozen durations, then lets the cap columns enter. Warm (``warm_start=plan``), the uncapped
-stage restarts from the plan's uncapped optimum under the new durations (arcs whose flow turned
-negative are swapped for their reverses) and takes a tenth of the cold time; the capped stage runs
-as cold. Restarting the capped stage from the plan's final basis was measured slower than cold:
-after durations drift by 2%, 15% of the optimal basis changes, and the swapped arcs distort the
-potentials (bench/RESULTS.md).
+all-frozen durations, then lets the cap columns enter. Warm (``warm_start=plan``) after a small drift
+(no duration moved by more than 0.5%, :data:`FINAL_START_DRIFT`), it restarts from the plan's final
+optimal basis under the new durations (arcs and cap columns whose value turned negative are swapped
+for their reverses), which takes few pivots. After a larger drift the optimum has moved too far for
+that (2% changes 15% of the optimal basis): the uncapped stage restarts from the plan's uncapped
+optimum, a tenth of the cold time, and the capped stage runs as cold (bench/RESULTS.md).
 
 The earlier path (reduced LP in HiGHS from the uncapped network optimum) remains the fallback when
 numba is missing or the flow solve stops without a verified optimum; bench/RESULTS.md has the
@@ -51,12 +51,32 @@ __all__ = ["solve"]
 EPS = 1e-3
 
 
+FINAL_START_DRIFT = 0.005
+"""A warm solve restarts from the previous plan's final basis when no duration moved by more than
+this share of its action's unfrozen duration, else from the plan's uncapped optimum. Measured at
+16k actions (bench/RESULTS.md): after every duration moved by up to 0.01% / 0.1% / 0.5% the final
+basis needs 7 / 484 / 2013 pivots (0.01 / 0.10 / 0.32 s, cold 0.65-0.85 s); after 2% it needs 7.5k
+(0.91 s) and after one stage slowed by 10%, 17k, where the uncapped restart takes 0.4-0.5 s."""
+FINAL_START_PIVOTS = 2.0
+FINAL_START_MIN_PIVOTS = 256
+"""... and gives up for the uncapped restart after this many times the pivots the last full solve's
+capped stage took, or the minimum (a safety net: the drift rule decides)."""
+
+
 @dataclass(frozen=True, eq=False)
 class _FlowState:
-    """What a plan keeps for a warm re-plan: the flow problem's structure and its uncapped optimum."""
+    """What a plan keeps for a warm re-plan: the flow problem's structure, its uncapped and final
+    optimal bases, and the capped-stage pivots of the last full solve (the final restart's budget)."""
 
     signature: bytes
     basis: FlowBasis
+    final: FlowBasis | None = None
+    capped_pivots: int = 0
+    unfrozen: np.ndarray | None = None
+    frozen: np.ndarray | None = None
+    """The durations the final basis is optimal for."""
+    start: str = "cold"
+    """How this plan's solve started: "cold", "final" (previous plan's final basis) or "uncapped"."""
 
 
 def _flow_signature(fp) -> bytes:
@@ -99,6 +119,19 @@ def _solve_flow(problem: PlanProblem, warm_start: Plan | None, t0: float) -> Pla
     sig = _flow_signature(fp)
     state = getattr(warm_start, "_warm_state", None)
     warm = isinstance(state, _FlowState) and state.signature == sig
+    if warm and state.final is not None and _drift(state, problem) <= FINAL_START_DRIFT:
+        t1 = time.perf_counter()
+        basis = state.final.copy()
+        budget = max(int(FINAL_START_PIVOTS * state.capped_pivots), FINAL_START_MIN_PIVOTS)
+        try:
+            pi, _ = fp.optimize(basis, max_iter=budget)
+        except (FlowSolveError, np.linalg.LinAlgError):
+            pass  # the optimum moved too far: restart from the uncapped optimum below
+        else:
+            new_state = _FlowState(
+                sig, state.basis, basis, state.capped_pivots, *_durations(problem), "final"
+            )
+            return _finish(problem, fp, pi, t0, t1, new_state)
     try:
         if warm:
             basis = state.basis.copy()
@@ -111,9 +144,29 @@ def _solve_flow(problem: PlanProblem, warm_start: Plan | None, t0: float) -> Pla
             fp.optimize(basis, price_sides=False)
         uncapped = basis.copy()
         t1 = time.perf_counter()
-        pi, _ = fp.optimize(basis)
+        pi, stats = fp.optimize(basis)
     except (FlowSolveError, np.linalg.LinAlgError):
         return None
+    new_state = _FlowState(
+        sig, uncapped, basis, int(stats[0]), *_durations(problem), "uncapped" if warm else "cold"
+    )
+    return _finish(problem, fp, pi, t0, t1, new_state)
+
+
+def _durations(problem: PlanProblem) -> tuple[np.ndarray, np.ndarray]:
+    return problem.unfrozen.copy(), problem.frozen.copy()
+
+
+def _drift(state: _FlowState, problem: PlanProblem) -> float:
+    """Largest duration change since ``state``'s solve, relative to the action's unfrozen duration."""
+    if state.unfrozen is None or state.unfrozen.shape != problem.unfrozen.shape:
+        return np.inf
+    scale = np.maximum(np.maximum(state.unfrozen, problem.unfrozen), 1e-300)
+    change = np.maximum(np.abs(problem.unfrozen - state.unfrozen), np.abs(problem.frozen - state.frozen))
+    return float(np.max(change / scale, initial=0.0))
+
+
+def _finish(problem: PlanProblem, fp, pi: np.ndarray, t0: float, t1: float, state: _FlowState) -> Plan:
     t2 = time.perf_counter()
     ratios, makespan = fp.ratios(pi)
     return finish_plan(
@@ -123,8 +176,8 @@ def _solve_flow(problem: PlanProblem, warm_start: Plan | None, t0: float) -> Pla
         solver="structured",
         seconds=t2 - t0,
         phase_seconds=(t1 - t0, t2 - t1),
-        warm=warm,
-        warm_state=_FlowState(sig, uncapped),
+        warm=state.start != "cold",
+        warm_state=state,
     )
 
 
