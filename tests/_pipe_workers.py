@@ -34,13 +34,20 @@ def runnable(schedule: str) -> bool:
     return schedule not in V_SCHEDULES or gloo_runs_v_placements()
 
 
-def schedule_params(names=SCHEDULES) -> list:
-    """pytest params of ``names``; V schedules skip where this torch cannot run them on gloo."""
+def skip_unrunnable(schedule: str):
+    """A pytest mark skipping a test of ``schedule`` where this torch cannot run it on gloo."""
     import pytest
     import torch
 
     why = f"torch {torch.__version__} cannot run V placements on gloo (metadata sent rank to itself)"
-    return [pytest.param(s, marks=pytest.mark.skipif(not runnable(s), reason=why)) for s in names]
+    return pytest.mark.skipif(not runnable(schedule), reason=why)
+
+
+def schedule_params(names=SCHEDULES) -> list:
+    """pytest params of ``names``; V schedules skip where this torch cannot run them on gloo."""
+    import pytest
+
+    return [pytest.param(s, marks=skip_unrunnable(s)) for s in names]
 
 
 RATIOS = (0.0, 0.55, 1.0, 0.3, 0.8, 0.0, 0.45, 1.0, 0.2, 0.65, 0.0, 0.9)

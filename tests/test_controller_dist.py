@@ -56,7 +56,6 @@ def _groups(world: int):
 
 
 def _run(world: int) -> dict:
-
     from tfz.controller import Phase, TimelyFreeze
     from tfz.plan import solve
     from tfz.schedule import build_schedule

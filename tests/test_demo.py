@@ -4,7 +4,7 @@ import json
 
 import numpy as np
 import pytest
-from _pipe_workers import gloo_runs_v_placements
+from _pipe_workers import skip_unrunnable
 
 from tfz.demo import METHODS, DemoConfig, run_demo
 from tfz.demo.report import build_report
@@ -161,10 +161,7 @@ def test_shortened_demo_runs_every_method(tmp_path):
 
 
 @pytest.mark.distributed
-@pytest.mark.skipif(
-    not gloo_runs_v_placements(),
-    reason="this torch cannot run V placements on gloo (metadata sent rank to itself)",
-)
+@skip_unrunnable("zbv")
 def test_validation_agrees_across_stage_placements(tmp_path):
     """Loop (interleaved1f1b) and V (zbv) placements of the same 4 stages train the same model on the same
     batches; their validation, run stage after stage across the ranks, must agree."""

@@ -333,12 +333,11 @@ def _interpreter_breaks_on_numpy() -> bool:
     which numpy >= 2.4 refuses ("only 0-dimensional arrays can be converted to Python scalars")."""
     if not has_triton():
         return False
+    import numpy
     import triton
 
     def version(text):
         return tuple(int(p) for p in text.split("+")[0].split(".")[:2])
-
-    import numpy
 
     return version(triton.__version__) < (3, 7) and version(numpy.__version__) >= (2, 4)
 

@@ -61,6 +61,19 @@ def stage_module(module: nn.Module) -> nn.Module:
     return module.module if isinstance(module, DistributedDataParallel) else module
 
 
+def _walk(module: nn.Module):
+    """(prefix, submodule, [(name, parameter)]) per submodule in ``named_modules()`` order, each shared
+    parameter listed once: one walk over the modules (``named_parameters()`` would walk them again)."""
+    seen: set[int] = set()
+    for prefix, sub in module.named_modules():
+        params = []
+        for pname, p in sub._parameters.items():
+            if p is not None and id(p) not in seen:
+                seen.add(id(p))
+                params.append((pname, p))
+        yield prefix, sub, params
+
+
 class StageParams:
     """The trainable parameters of a stage module, resolved at one point in time.
 
@@ -71,13 +84,9 @@ class StageParams:
 
     def __init__(self, module: nn.Module):
         self.module = stage_module(module)
-        # one walk over the modules (named_parameters() would walk them again), shared params once
-        named, seen, layers, layer_of, weight_name, flags = [], set(), [], {}, {}, []
-        for prefix, sub in self.module.named_modules():
-            for pname, p in sub._parameters.items():
-                if p is None or id(p) in seen:
-                    continue
-                seen.add(id(p))
+        named, layers, layer_of, weight_name, flags = [], [], {}, {}, []
+        for prefix, sub, params in _walk(self.module):
+            for pname, p in params:
                 flags.append((p, p.requires_grad))
                 if p.requires_grad:
                     named.append((f"{prefix}.{pname}" if prefix else pname, p))
@@ -106,17 +115,10 @@ class StageParams:
     def current(self) -> bool:
         """The module holds the same parameter objects, with the same ``requires_grad``, as when
         resolved (FSDP2 swaps sharded and unsharded objects; its unsharded ones persist)."""
-        flags = iter(self._flags)
-        seen = set()
-        for sub in self.module.modules():
-            for p in sub._parameters.values():
-                if p is None or id(p) in seen:
-                    continue
-                seen.add(id(p))
-                q, flag = next(flags, (None, None))
-                if q is not p or p.requires_grad is not flag:
-                    return False
-        return next(flags, None) is None
+        now = [p for _, _, params in _walk(self.module) for _, p in params]
+        return len(now) == len(self._flags) and all(
+            p is q and p.requires_grad is flag for p, (q, flag) in zip(now, self._flags)
+        )
 
     def stale(self) -> bool:
         """Some parameter's ``requires_grad`` changed since it was resolved (replaced Parameter objects
