@@ -12,10 +12,10 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 from tfz.cli import main  # noqa: E402
 from tfz.cli.profile import MODELS  # noqa: E402
+from tfz.measure import ProfileConfig, measure_stage, profile_model, stage_layers  # noqa: E402
 from tfz.models import PRESETS, build_stages  # noqa: E402
 from tfz.nn import convert_to_freezable  # noqa: E402
 from tfz.profile import Profile  # noqa: E402
-from tfz.profiling import ProfileConfig, measure_stage, profile_model, stage_layers  # noqa: E402
 from tfz.timing import ActionSpan  # noqa: E402
 
 

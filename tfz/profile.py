@@ -1,4 +1,6 @@
-"""Action durations of one training step, unfrozen and frozen (``tfz.profile``).
+"""Profile data: action durations of one training step, unfrozen and frozen (``tfz.profile``).
+
+Measuring them is :mod:`tfz.measure`.
 
 A :class:`Profile` gives every action of a :class:`tfz.dag.DAG` two durations in milliseconds:
 

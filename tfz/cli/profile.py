@@ -77,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError(f"--device {device} requested but CUDA is not available on this machine")
 
-    from tfz.profiling import ProfileConfig, profile_model
+    from tfz.measure import ProfileConfig, profile_model
 
     config = ProfileConfig(
         model=args.model,
@@ -92,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
         repeats=args.repeats,
         seed=args.seed,
     )
-    from tfz.profiling import stage_layers
+    from tfz.measure import stage_layers
 
     stage_layers(config)  # layer-count errors before anything is built
 

@@ -1,7 +1,7 @@
 """The backward work of one freeze-aware pipeline action: full B, input-only I, weight-only W.
 
 Shared by the freeze-aware stage (:mod:`tfz.pipeline.stage`) and ``tfz profile``
-(:mod:`tfz.profiling`), so the profile measures exactly what the runtime runs.
+(:mod:`tfz.measure`), so the profile measures exactly what the runtime runs.
 
 What one :class:`tfz.masks.StageMasks` does to a backward (a :class:`MaskPlan` is its prepared form):
 

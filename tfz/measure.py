@@ -1,4 +1,6 @@
-"""Measure F / I / W per pipeline stage on one device, unfrozen and fully frozen (``tfz profile``).
+"""Measuring: F / I / W per pipeline stage on one device, unfrozen and fully frozen (``tfz profile``).
+
+The measured times become a :class:`tfz.profile.Profile` (the data; this module is the measuring).
 
 The stages of a model run one after another on a single device, each through the same backward code
 the freeze-aware runtime uses (:mod:`tfz.pipeline.engine`), so one GPU predicts a P-GPU pipeline the way

@@ -1,0 +1,108 @@
+"""One way to check numbers and environment flags, so every bad value gets the same kind of message.
+
+Integers accept ``int`` and numpy integers; numbers also accept ``float`` and numpy floats. ``bool``
+is never a number here (``True`` is an ``int`` in Python, never what a caller meant). Every check
+returns the value as a plain Python ``int`` / ``float`` and raises ValueError naming ``name`` and the
+bad value.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import numpy as np
+
+__all__ = ["check_int", "check_number", "check_ratio", "env_flag", "is_int", "is_number"]
+
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("", "0", "false", "no", "off")
+
+
+def is_int(value: Any) -> bool:
+    """``value`` is an ``int`` or numpy integer, and not a ``bool``."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def is_number(value: Any) -> bool:
+    """``value`` is an int, float or numpy number, and not a ``bool``."""
+    return is_int(value) or isinstance(value, (float, np.floating))
+
+
+def check_int(
+    name: str, value: Any, minimum: int | None = None, *, maximum: int | None = None, optional: bool = False
+) -> int | None:
+    """``value`` as an int in [minimum, maximum] (None allowed when ``optional``), else ValueError."""
+    if optional and value is None:
+        return None
+    if (
+        not is_int(value)
+        or (minimum is not None and value < minimum)
+        or (maximum is not None and value > maximum)
+    ):
+        kind = "None or an integer" if optional else "an integer"
+        raise ValueError(f"{name} must be {kind}{_range(minimum, maximum)}, got {value!r}")
+    return int(value)
+
+
+def check_number(
+    name: str,
+    value: Any,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    optional: bool = False,
+    unit: str = "",
+) -> float | None:
+    """``value`` as a finite float in the range (``low < value`` when ``low_open``), else ValueError.
+
+    ``unit`` ("seconds", "ms") is named in the message.
+    """
+    if optional and value is None:
+        return None
+    ok = is_number(value) and math.isfinite(value)
+    ok = (
+        ok
+        and (low is None or (value > low if low_open else value >= low))
+        and (high is None or value <= high)
+    )
+    if not ok:
+        kind = "None or a finite number" if optional else "a finite number"
+        if unit:
+            kind += f" of {unit}"
+        raise ValueError(f"{name} must be {kind}{_range(low, high, low_open)}, got {value!r}")
+    return float(value)
+
+
+def check_ratio(name: str, value: Any, *, optional: bool = False) -> float | None:
+    """``value`` as a float in [0, 1], else ValueError."""
+    return check_number(name, value, low=0.0, high=1.0, optional=optional)
+
+
+def env_flag(name: str, default: bool = False) -> bool:
+    """Environment switch ``name``: 1/true/yes/on or 0/false/no/off/empty (any case), else ValueError."""
+    text = os.environ.get(name)
+    if text is None:
+        return default
+    word = text.strip().lower()
+    if word in _TRUE:
+        return True
+    if word in _FALSE:
+        return False
+    raise ValueError(f"environment variable {name} must be 1/true/yes/on or 0/false/no/off, got {text!r}")
+
+
+def _range(low, high, low_open: bool = False) -> str:
+    if low is not None and high is not None:
+        return f" in {'(' if low_open else '['}{_fmt(low)}, {_fmt(high)}]"
+    if low is not None:
+        return f" {'>' if low_open else '>='} {_fmt(low)}"
+    if high is not None:
+        return f" <= {_fmt(high)}"
+    return ""
+
+
+def _fmt(x) -> str:
+    return str(int(x)) if float(x).is_integer() and abs(x) < 1e15 else repr(x)
