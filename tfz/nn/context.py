@@ -24,13 +24,12 @@ from typing import Any
 
 import torch
 
+from tfz import _torch_compat
+
 __all__ = ["RowMask", "RowUsage", "prepare_row_masks", "reset_row_usage", "use_row_masks"]
 
 _TLS_KEY = "tfz.nn.state"
-_HAS_TORCH_TLS = all(
-    hasattr(torch._C, name)
-    for name in ("_stash_obj_in_tls", "_get_obj_in_tls", "_is_key_in_tls", "_remove_obj_from_tls")
-)
+_HAS_TORCH_TLS = _torch_compat.tls_supported()
 _local = threading.local()
 
 
@@ -132,8 +131,8 @@ class _State:
 
 
 def _current_state() -> _State | None:
-    if _HAS_TORCH_TLS and torch._C._is_key_in_tls(_TLS_KEY):
-        return torch._C._get_obj_in_tls(_TLS_KEY)
+    if _HAS_TORCH_TLS and _torch_compat.tls_has(_TLS_KEY):
+        return _torch_compat.tls_get(_TLS_KEY)
     return getattr(_local, "state", None)
 
 
@@ -142,10 +141,10 @@ def _set_state(state: _State | None) -> None:
     if _HAS_TORCH_TLS:
         if state is None:
             # erase rather than store None: a Python object left in C++ TLS at thread exit can deadlock
-            if torch._C._is_key_in_tls(_TLS_KEY):
-                torch._C._remove_obj_from_tls(_TLS_KEY)
+            if _torch_compat.tls_has(_TLS_KEY):
+                _torch_compat.tls_remove(_TLS_KEY)
         else:
-            torch._C._stash_obj_in_tls(_TLS_KEY, state)
+            _torch_compat.tls_stash(_TLS_KEY, state)
 
 
 @contextmanager

@@ -17,7 +17,7 @@ Backward, given dY [..., O]:
 
 dW is skipped when the engine will not use it (``autograd.grad(out, inputs=[x])``,
 ``backward(inputs=...)`` without this weight): the weight and bias enter the Function through a view,
-so their graph node is not a leaf and ``torch._C._will_engine_execute_node`` can answer.
+so their graph node is not a leaf and torch's ``_will_engine_execute_node`` can answer.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from tfz._torch_compat import will_engine_execute_node
 from tfz.nn.context import RowMask, _current_state, _resolve_mask
 
 __all__ = ["FreezableLinearFunction", "freezable_linear"]
@@ -47,7 +48,7 @@ def _will_run(ctx: Any, index: int) -> bool:
     if node is None:
         return False
     try:
-        return torch._C._will_engine_execute_node(node)
+        return will_engine_execute_node(node)
     except RuntimeError:  # a leaf under autograd.grad: the engine cannot tell, assume it is needed
         return True
 

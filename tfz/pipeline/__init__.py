@@ -5,7 +5,8 @@
   (:mod:`tfz.pipeline.stage`, :mod:`tfz.pipeline.engine`);
 - :class:`FixedMasks`, :class:`RatioMasks`: simple mask providers;
 - :func:`launch`, :func:`run_from_env`: spawn ranks with failure propagation, or run under torchrun;
-- :func:`build_torch_schedule`: torch's schedule object for a tfz schedule (CSV runtime for zbh1).
+- :func:`build_torch_schedule`: torch's schedule object for a tfz schedule (CSV runtime for zbh1);
+  :func:`torch_schedule_stages`: the stages of a torch schedule someone else built.
 
 The stage names load on first access (they import ``torch.distributed.pipelining``).
 """
@@ -30,6 +31,7 @@ __all__ = [
     "launch",
     "make_freeze_aware",
     "run_from_env",
+    "torch_schedule_stages",
 ]
 
 _LAZY = {
@@ -37,6 +39,7 @@ _LAZY = {
     "FreezeState": "tfz.pipeline.stage",
     "make_freeze_aware": "tfz.pipeline.stage",
     "build_torch_schedule": "tfz.pipeline.schedules",
+    "torch_schedule_stages": "tfz.pipeline.schedules",
 }
 
 

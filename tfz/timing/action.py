@@ -75,7 +75,9 @@ class ActionTimer:
 
         index = self.device
         if self.backend == "cuda-events":
-            raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+            from tfz._torch_compat import cuda_raw_stream_getter
+
+            raw = cuda_raw_stream_getter()
             if raw is not None:
                 return lambda: raw(index)
             return lambda: torch.cuda.current_stream(index).cuda_stream
