@@ -123,6 +123,7 @@ def run(rank: int, world: int, args) -> dict:
     return _common.train(pipe, args, batch, MICROBATCHES, reference)
 
 
+@torch.no_grad()
 def check_cut() -> float:
     """Max |logits of the stages run in a row - LlamaForCausalLM's own| (float64): the cut is exact."""
     model = tiny_llama(torch.float64)
