@@ -6,7 +6,7 @@ the installed torch: when a torch release renames or reshapes one, that test nam
 torch version. :data:`PRIVATE_APIS` lists them with what tfz relies on. torch is imported inside the
 functions, so importing this module imports nothing.
 
-Tested with torch 2.11 (oldest, ``scripts/check_oldest_torch.sh``) to 2.13; pyproject caps torch at the
+Tested with torch 2.11 (oldest: ``bash .ci/oldest-torch``) to 2.13; pyproject caps torch at the
 newest version tested.
 """
 
