@@ -1,6 +1,6 @@
 """Every Python snippet of README.md runs, with a prelude defining the names a snippet leaves to the
 reader; the pipeline snippets run on 2 gloo ranks. A new snippet fails the test until it is listed here.
-(The quick start's shell commands are run from a clean clone, see bench/RESULTS.md.)"""
+(The quick start's shell commands are checked by hand from a clean clone.)"""
 
 from __future__ import annotations
 
