@@ -158,20 +158,21 @@ def test_two_ranks_agree_and_the_solve_never_blocks():
     replan_steps = [s for s, _, e in r0["history"] if e.startswith("re-plan")]
     assert len(replan_steps) == 1 and a[replan_steps[0]]["ratios"] != a[replan_steps[0] - 1]["ratios"]
 
-    # masks: the lower window freezes all but the last stage's smallest unit; later, select_covering() on the
-    # shared plan, progress and decision
+    # masks: select_covering() on the shared decision and the monitoring levels (taking turns by
+    # microbatch and step), later on the shared plan and progress
     dag = build_dag(build_schedule("1f1b", 2, 4))
+    levels = config().monitor_ratios
+    first_lower = phases.index("monitor_lower")
     for rank, rec, result in ((0, a, r0), (1, b, r1)):
         units = StageUnits.from_module(stage_module(), block_rows=4)
         assert units.weights.tolist() == result["units"]
-        for x in rec:
+        for k, x in enumerate(rec):
             for mb, frozen in enumerate(x["masks"]):
                 if x["phase"] in ("warmup", "monitor_upper", "solving"):
                     assert frozen is None
                 elif x["phase"] == "monitor_lower":
-                    want = np.ones(len(units), dtype=bool)
-                    if rank == 1:
-                        want[int(np.argmin(units.weights))] = False
+                    asked = [levels[(k - first_lower + m) % len(levels)] for m in range(4)]
+                    want = select_covering(units, asked, stage=rank, step=x["decision"], seed=0)[mb].frozen
                     assert frozen == want.tolist()
                 else:
                     ratios = [
