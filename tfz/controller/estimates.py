@@ -26,10 +26,10 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Mapping
-from numbers import Real
 
 import numpy as np
 
+from tfz._validate import is_number
 from tfz.dag import DAG
 from tfz.schedule import FREEZABLE_KINDS, KINDS
 
@@ -148,8 +148,7 @@ def parse_timings(timings: Mapping, local_pos: Mapping[str, int], dag: DAG, wher
                 owner = int(dag.rank[dag.index[name]])
                 raise ValueError(f"timing for action {name!r}, which runs on rank {owner}, not on {where}")
             raise ValueError(f"timing for unknown action {name!r} (not in schedule {dag.schedule.name!r})")
-        ok = isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
-        if not ok:
+        if not (is_number(value) and math.isfinite(value) and value >= 0):
             raise ValueError(f"timing of action {name!r} must be a finite number >= 0 (ms), got {value!r}")
         out[j] = float(value)
     missing = np.flatnonzero(np.isnan(out))
