@@ -251,6 +251,7 @@ def test_issue_cases_are_refused_naming_the_key():
             with_(stable, ["masks", i, 3], float("nan")),
             rf"state.masks\[{i}\] ratio must be a finite number .*nan",
         ),
+        (with_(stable, ["masks", i, 0], 5), rf"state.masks\[{i}\]: stage 5 is not a stage of this process"),
         (with_(stable, ["upper"], [1.0]), rf"state.upper must be a list of {n} numbers, got 1 values"),
         (with_(stable, ["lower", 3], -1.0), r"state.lower\[3\] must be a finite number >= 0, got -1.0"),
         (with_(stable, ["version"], 1), r"state.version: expected 2, got 1 \(a checkpoint of an older tfz"),
