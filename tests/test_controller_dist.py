@@ -149,9 +149,10 @@ def test_two_ranks_agree_and_the_solve_never_blocks():
     assert phases.count("solving") >= 10
     assert r0["solver_calls"] == 2 and r1["solver_calls"] == 0
     assert r0["replans"] == r1["replans"] == 1
-    # no rank waited for the solve: the slowest step_end is far below the solve's sleep
-    assert max(r1["durations"]) < SOLVE_SLEEP / 3, max(r1["durations"])
-    assert max(r0["durations"]) < SOLVE_SLEEP / 3, max(r0["durations"])
+    # no rank waited for the solve: the slowest step_end stays below the solve's sleep (a loaded
+    # 2-core machine stalls a process for 0.5 s at times, so the margin is not tighter)
+    assert max(r1["durations"]) < SOLVE_SLEEP * 2 / 3, max(r1["durations"])
+    assert max(r0["durations"]) < SOLVE_SLEEP * 2 / 3, max(r0["durations"])
     # the same events at the same steps on both ranks; the drift was seen on stage 1 (rank 1's)
     assert r0["history"] == r1["history"]
     assert any("drift on stage 1" in e for _, _, e in r0["history"])
