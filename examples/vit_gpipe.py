@@ -3,7 +3,7 @@ stages with GPipe, trained with TimelyFreeze over 2 CPU ranks.
 
     python examples/vit_gpipe.py --check-grads
 
-Images are 3x16x16 noise with one brightened quadrant; the label is that quadrant.
+Images are 3x32x32 noise with one brightened quadrant; the label is that quadrant.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-DIM, HEADS, PATCH, IMAGE, CLASSES, DEPTH = 48, 4, 4, 16, 4, 4
+DIM, HEADS, PATCH, IMAGE, CLASSES, DEPTH = 96, 4, 4, 32, 4, 4
 MICROBATCHES, MB_SIZE = 4, 8
 
 

@@ -2,7 +2,7 @@
 accepts) with --check-grads: each step's gradients are compared inside the script with float64 autograd
 on the whole model, masked exactly like the freezing applied to each (stage, microbatch), and the
 script fails on a mismatch. Here: the run finished, a plan was applied within it, and gradients were
-checked both with freezing off (before the plan) and on.
+checked both with freezing off (warm-up) and on (the partly frozen monitoring steps, and the plan's).
 
 The HuggingFace example needs transformers and the torchtitan one torchtitan (both in the ``examples``
 extra, which ``test`` includes; about 20 s and 40 s to install on the CI machine): without them they
@@ -53,11 +53,14 @@ def check(result: dict) -> None:
     assert len(steps) == STEPS
     assert result["plan_step"] is not None and result["plan_step"] < STEPS, "no plan applied within the run"
     assert result["checked_steps"] == STEPS
-    assert result["checked_frozen_steps"] >= 5, "too few steps checked with freezing on"
-    assert STEPS - len(result["frozen_steps"]) >= 5, "too few steps checked with freezing off"
+    # freezing on: at least the monitoring steps that freeze part of every stage (the plan's own
+    # ratios depend on the measured times); freezing off: at least the warm-up
+    on, off = result["checked_frozen_steps"], STEPS - len(result["frozen_steps"])
+    assert on >= 3 and off >= 3, f"steps checked with freezing on: {on}, off: {off}"
     assert result["max_grad_err"] <= RTOL
-    planned = [r for r in steps if r["plan"]]
-    assert any(max(r["frozen"].values()) > 0 for r in planned), "the plan froze nothing"
+    # how much the plan freezes follows the measured times (on a loaded 2-core machine it may choose
+    # little); that it exists and was in force is what this checks
+    assert result["plan"] is not None and all(r["plan"] for r in steps[result["plan_step"] :])
     assert all(r["loss"] == r["loss"] for r in steps if r.get("loss") is not None)
 
 
