@@ -149,7 +149,7 @@ def test_stage_layers():
             "--stages 4 x --layers-per-stage 5 = 20 layers exceeds llama-1b's 16 layers",
         ),
         (["--stages", "2", "--seq-len", "600"], "seq_len 600 exceeds tiny's max_seq_len 512"),
-        (["--stages", "2", "--device", "tpu"], "--device must be cpu or cuda[:N], got 'tpu'"),
+        (["--stages", "2", "--device", "tpu"], "device must be cpu or cuda[:N], got 'tpu'"),
     ],
 )
 def test_errors_exit_2_with_one_line(tmp_path, capsys, argv, message):

@@ -24,6 +24,7 @@ their unfrozen time (timer noise), as the profile format requires. CUDA work is 
 
 from __future__ import annotations
 
+import re
 import statistics
 import sys
 from collections.abc import Callable
@@ -48,6 +49,7 @@ __all__ = [
     "MAX_REPEATS",
     "ProfileConfig",
     "check_memory",
+    "device_memory",
     "estimate_bytes",
     "measure_stage",
     "profile_model",
@@ -58,6 +60,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 _KINDS = ("F", "I", "W", "W_frozen", "B", "B_frozen")
 MAX_REPEATS = 10_000
 """Most timed (and most warm-up) repeats per action."""
+_DEVICE = re.compile(r"cpu|cuda(:\d{1,4})?")
 
 
 @dataclass(frozen=True)
@@ -85,10 +88,8 @@ class ProfileConfig:
             raise ValueError(f"unknown model {short_repr(self.model)}; choose one of: {', '.join(PRESETS)}")
         if not isinstance(self.dtype, str) or self.dtype not in DTYPES:
             raise ValueError(f"unknown dtype {short_repr(self.dtype)}; choose one of: {', '.join(DTYPES)}")
-        if not isinstance(self.device, str):
-            raise ValueError(
-                f"device must be a string such as 'cpu' or 'cuda:0', got {short_repr(self.device)}"
-            )
+        if not isinstance(self.device, str) or not _DEVICE.fullmatch(self.device):
+            raise ValueError(f"device must be cpu or cuda[:N], got {short_repr(self.device)}")
         for name, low, high in (
             ("stages", 1, None),
             ("microbatch_size", 1, None),
@@ -262,13 +263,25 @@ def measure_stage(
     return times
 
 
-def _device(name: str) -> torch.device:
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
+def device_memory(name: str) -> int | None:
+    """Bytes of memory of device ``name`` ("cuda[:N]"; None for "cpu", the host); ValueError when
+    the device does not exist here."""
+    if not isinstance(name, str) or not _DEVICE.fullmatch(name):
+        raise ValueError(f"device must be cpu or cuda[:N], got {short_repr(name)}")
+    if name == "cpu":
+        return None
+    if not torch.cuda.is_available():
         raise ValueError(f"--device {name} requested but CUDA is not available on this machine")
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"device must be cpu or cuda[:N], got {name!r}")
-    return device
+    index = int(name.partition(":")[2] or torch.cuda.current_device())
+    count = torch.cuda.device_count()
+    if index >= count:
+        raise ValueError(f"--device {name}: this machine has {count} CUDA device(s), 0-{count - 1}")
+    return torch.cuda.get_device_properties(index).total_memory
+
+
+def _device(name: str) -> torch.device:
+    device_memory(name)
+    return torch.device(name)
 
 
 def _device_name(device: torch.device) -> str:

@@ -56,6 +56,7 @@ import numpy as np
 
 from tfz._validate import check_int, is_number, short_repr
 from tfz.schedule import KINDS, Action
+from tfz.schedule.limits import read_capped
 
 __all__ = ["FORMAT", "MAX_BYTES", "VERSION", "ActionTimes", "Profile", "StageTimes"]
 
@@ -359,20 +360,14 @@ class Profile:
     def load(cls, path: str | os.PathLike) -> Profile:
         """Read a profile file. OSError if unreadable; ValueError naming the file and field if
         malformed, nested too deeply or larger than :data:`MAX_BYTES`."""
-        with open(path, "rb") as fh:
-            size = os.fstat(fh.fileno()).st_size
-            if size > MAX_BYTES:
-                raise ValueError(
-                    f"{path}: {size:,} bytes is larger than a profile may be ({MAX_BYTES:,} bytes, "
-                    "tfz.profile.MAX_BYTES)"
-                )
-            raw = fh.read(MAX_BYTES + 1)
-        if len(raw) > MAX_BYTES:  # a file that grew, or a device with no size
-            raise ValueError(
-                f"{path}: larger than a profile may be ({MAX_BYTES:,} bytes, tfz.profile.MAX_BYTES)"
-            )
+        raw = read_capped(path, MAX_BYTES, "a profile", "tfz.profile.MAX_BYTES")
         try:
-            d = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys, parse_constant=_no_constant)
+            d = json.loads(
+                raw.decode("utf-8"),
+                object_pairs_hook=_unique_keys,
+                parse_constant=_no_constant,
+                parse_float=_finite_float,
+            )
         except RecursionError:
             raise ValueError(f"{path}: invalid JSON: nested too deeply") from None
         except UnicodeDecodeError:
@@ -397,3 +392,20 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
 
 def _no_constant(name: str):
     raise ValueError(f"{name} is not a valid time")
+
+
+class _Overflow(float):
+    """A JSON number beyond float64 (``1e400``): infinite, but shown as written in messages."""
+
+    def __new__(cls, text: str):
+        self = super().__new__(cls, text)
+        self.text = text
+        return self
+
+    def __repr__(self) -> str:
+        return self.text
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    return value if math.isfinite(value) else _Overflow(text)

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tfz._validate import check_number
 from tfz.schedule import FREEZABLE_KINDS, KINDS
 
 __all__ = ["chrome_trace", "write_chrome_trace", "write_gantt_png"]
@@ -59,8 +60,7 @@ def chrome_trace(sim, ratios=None, *, unit_ms: float = 1.0) -> dict:
     ``rank r (bubble x%)``. Event ``args`` hold stage, microbatch, kind and, with ``ratios``, the
     freeze ratio of B/W actions. ``otherData`` holds the makespan (ms) and per-rank bubble ratios.
     """
-    if not (isinstance(unit_ms, (int, float)) and np.isfinite(unit_ms) and unit_ms > 0):
-        raise ValueError(f"unit_ms must be a finite number > 0, got {unit_ms!r}")
+    unit_ms = check_number("unit_ms", unit_ms, low=0, low_open=True)
     dag = sim.dag
     r = _check_ratios(dag, ratios)
     sched = dag.schedule

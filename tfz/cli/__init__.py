@@ -90,7 +90,10 @@ def main(argv: list[str] | None = None) -> int:
         parser = build_parser()
         args = parser.parse_args(argv)
         if getattr(args, "_run", None) is None:
-            parser.print_help(sys.stderr)
+            print(
+                f"tfz: error: give a command: {', '.join(COMMANDS)} (tfz --help describes them)",
+                file=sys.stderr,
+            )
             return 2
         command = f"tfz {args.command}"
         return int(args._run(args) or 0)

@@ -98,7 +98,8 @@ def _solve(args, dag, unfrozen, frozen):
     up, low, e = normalised(unfrozen, frozen)
     times = f"action times {float(np.min(unfrozen)):.6g} to {float(np.max(unfrozen)):.6g} ms"
     try:
-        plan = (solve if args.solver == "structured" else solve_generic)(dag, up, low, config)
+        with np.errstate(all="ignore"):  # results are checked below; no warnings beside the one line
+            plan = (solve if args.solver == "structured" else solve_generic)(dag, up, low, config)
     except PlanSolveError as exc:
         raise UsageError(f"the {args.solver} planner failed for {times}: {exc}") from exc
     with np.errstate(over="ignore"):

@@ -15,11 +15,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 
-from tfz._validate import short_repr
-from tfz.cli import UsageError
 from tfz.cli._common import bounded_int, check_output, positive_int
 
 __all__ = ["add_arguments", "run"]
@@ -84,30 +81,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     out.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
 
 
-def _device_memory(device: str) -> int | None:
-    """Bytes of memory of ``device`` (None for the host); UsageError when it does not exist."""
-    import torch
-
-    if device == "cpu":
-        return None
-    if not torch.cuda.is_available():
-        raise UsageError(f"--device {device} requested but CUDA is not available on this machine")
-    index = int(device.partition(":")[2] or torch.cuda.current_device())
-    count = torch.cuda.device_count()
-    if index >= count:
-        raise UsageError(f"--device {device}: this machine has {count} CUDA device(s), 0-{count - 1}")
-    return torch.cuda.get_device_properties(index).total_memory
-
-
 def run(args: argparse.Namespace) -> int:
-    device = str(args.device)
-    if not re.fullmatch(r"cpu|cuda(:\d{1,4})?", device):
-        raise UsageError(f"--device must be cpu or cuda[:N], got {short_repr(device)}")
     check_output(args.out, "--out", (".json",))
-    device_memory = _device_memory(device)
+    from tfz.measure import ProfileConfig, check_memory, device_memory, profile_model
 
-    from tfz.measure import ProfileConfig, check_memory, profile_model
-
+    device = str(args.device)
     config = ProfileConfig(
         model=args.model,
         stages=args.stages,
@@ -121,7 +99,8 @@ def run(args: argparse.Namespace) -> int:
         repeats=args.repeats,
         seed=args.seed,
     )
-    check_memory(config, _host_memory(), device_memory, device)  # and layer counts, before building
+    # layer counts, the device and the memory the largest stage needs, before anything is built
+    check_memory(config, _host_memory(), device_memory(device), device)
 
     def progress(line: str) -> None:
         if not args.quiet:

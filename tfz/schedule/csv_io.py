@@ -14,13 +14,14 @@ and the orders are deadlock-free is checked by ``tfz.dag.build_dag``.
 from __future__ import annotations
 
 import csv
+import io
 import os
 import re
 from pathlib import Path
 
 from tfz._validate import short_repr
 from tfz.schedule.action import Action
-from tfz.schedule.limits import MAX_ACTIONS, check_actions
+from tfz.schedule.limits import MAX_ACTIONS, check_actions, read_capped
 from tfz.schedule.schedule import Schedule, stage_ranks
 
 __all__ = ["MAX_CSV_BYTES", "dump_csv", "load_csv", "parse_rows"]
@@ -126,17 +127,13 @@ def load_csv(path: str | os.PathLike, name: str | None = None) -> Schedule:
     appears nowhere, or more than :data:`tfz.schedule.MAX_ACTIONS` actions.
     """
     path = Path(path)
-    with open(path, newline="") as f:
-        size = os.fstat(f.fileno()).st_size
-        if size > MAX_CSV_BYTES:
-            raise ValueError(
-                f"{path}: {size:,} bytes is larger than a schedule CSV may be ({MAX_CSV_BYTES:,} bytes, "
-                f"tfz.schedule.csv_io.MAX_CSV_BYTES)"
-            )
-        try:
-            rows = list(csv.reader(f))
-        except csv.Error as err:
-            raise ValueError(f"{path}: not a readable CSV file: {err}") from None
+    raw = read_capped(path, MAX_CSV_BYTES, "a schedule CSV", "tfz.schedule.csv_io.MAX_CSV_BYTES")
+    try:
+        rows = list(csv.reader(io.StringIO(raw.decode("utf-8"), newline="")))
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not a UTF-8 text file") from None
+    except csv.Error as err:
+        raise ValueError(f"{path}: not a readable CSV file: {err}") from None
     return parse_rows(rows, str(path), name or path.stem)
 
 

@@ -13,9 +13,10 @@ limits (:data:`MAX_PLAN_ACTIONS`).
 
 from __future__ import annotations
 
+import os
 from typing import NamedTuple
 
-from tfz._validate import check_int
+from tfz._validate import check_int, short_repr
 
 __all__ = [
     "BYTES_PER_ACTION",
@@ -25,6 +26,7 @@ __all__ = [
     "check_actions",
     "check_size",
     "estimate_size",
+    "read_capped",
 ]
 
 MAX_ACTIONS = 2_000_000
@@ -94,16 +96,34 @@ def check_size(
     microbatches = check_int("microbatches", microbatches, 1)
     stages_per_rank = check_int("stages per rank", stages_per_rank, 1)
     est = estimate_size(name, ranks, microbatches, stages_per_rank)
-    v = f" x {stages_per_rank} stages per rank" if stages_per_rank != 1 else ""
-    what = f"{name} with {ranks} ranks{v} x {microbatches} microbatches"
+    v = f" x {short_repr(stages_per_rank)} stages per rank" if stages_per_rank != 1 else ""
+    what = f"{name} with {short_repr(ranks)} ranks{v} x {short_repr(microbatches)} microbatches"
     check_actions(est.actions, what, limit, limit_name=limit_name)
     return est
 
 
+def read_capped(path: str | os.PathLike, limit: int, what: str, limit_name: str) -> bytes:
+    """The bytes of file ``path``, or ValueError when it holds more than ``limit`` (checked from its
+    size first, and by reading at most ``limit + 1`` bytes, so /dev/zero ends too). OSError if it
+    cannot be read."""
+    with open(path, "rb") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        raw = fh.read(limit + 1) if size <= limit else b""
+    if size > limit or len(raw) > limit:
+        amount = f"{size:,}" if size > limit else f"at least {limit + 1:,}"
+        raise ValueError(
+            f"{os.fspath(path)}: {amount} bytes is larger than {what} may be ({limit:,} bytes, {limit_name})"
+        )
+    return raw
+
+
 def _count(n: int) -> str:
-    return f"{n:,}" if n < 10**9 else f"{float(n):.2g}"
+    """``1,234,567`` up to 10^9, ``2e+18`` above, ``1e+400`` beyond a float."""
+    if n < 10**9:
+        return f"{n:,}"
+    digits = str(n)
+    return f"{digits[0]}.{digits[1]}e+{len(digits) - 1}" if len(digits) > 300 else f"{float(n):.2g}"
 
 
 def _gigabytes(nbytes: int) -> str:
-    gb = nbytes / 1e9
-    return f"{gb:.2g} GB" if gb < 10**6 else f"{gb:.2e} GB"
+    return f"{_count(nbytes // 10**9)} GB" if nbytes >= 10**18 else f"{nbytes / 1e9:.2g} GB"
