@@ -88,6 +88,7 @@ from tfz.pipeline.engine import (
     w_flops,
     weight_backward,
 )
+from tfz.pipeline.launch import in_action
 
 __all__ = ["FreezeAwareStage", "FreezeState", "make_freeze_aware"]
 
@@ -177,6 +178,8 @@ class FreezeState:
         timer: a :class:`tfz.timing.ActionTimer` (or anything with ``action(name)``), or None.
         store: the stage's W queue (:class:`tfz.nn.WeightGradStore`).
         stats: counters of the current (or last finished) step.
+        step: index of the current step (-1 before the first), reported with each action to
+            :func:`tfz.pipeline.launch`'s watchdog.
     """
 
     def __init__(self, stage: _StageBase, provider=None, timer=None, count_flops: bool | str = True):
@@ -188,6 +191,7 @@ class FreezeState:
         self.timer = timer
         self.store = WeightGradStore()
         self.stats = StageStats(self.stage_index)
+        self.step = -1
         self.count_flops = count_flops
         self._plans = PlanCache()
         self._params: StageParams | None = None
@@ -239,6 +243,7 @@ class FreezeState:
         """Start a step: fresh counters, forget unfinished microbatches (and their queued dW); the
         stage's parameters are resolved again if some ``requires_grad`` changed."""
         self.stats = StageStats(self.stage_index)
+        self.step += 1
         self._split.clear()
         self._trained.clear()
         self._tokens.clear()
@@ -322,7 +327,7 @@ class FreezeState:
 
     def timed(self, name: str):
         timer = self._timer
-        return nullcontext() if timer is None else timer.action(name)
+        return in_action(name, self.step, nullcontext() if timer is None else timer.action(name))
 
     def _count(self, mb: int, plan: MaskPlan | None, params: StageParams) -> None:
         """W FLOPs of microbatch ``mb`` (at the action that computes its dW)."""

@@ -20,8 +20,10 @@ import tempfile
 from pathlib import Path
 
 from tfz import _torch_compat
+from tfz._validate import check_int
 from tfz.schedule.action import KINDS, Action
 from tfz.schedule.csv_io import _placement, dump_csv, load_csv
+from tfz.schedule.limits import check_size
 from tfz.schedule.schedule import Schedule
 
 __all__ = ["TORCH_NAMES", "dump_csv", "from_torch", "instantiate_torch", "load_csv", "replay_on_torch"]
@@ -101,11 +103,6 @@ def _schedule_class(schedule):
     raise TypeError(f"expected a torch schedule class or name, got {schedule!r}")
 
 
-def _check_int(what: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{what} must be an integer >= 1, got {value!r}")
-
-
 def _instantiate(cls, stages, microbatches: int, what: str):
     """``cls(stages, microbatches)`` with torch's complaints turned into ValueError."""
     import logging
@@ -155,12 +152,12 @@ def _resolve(schedule, ranks, microbatches, stages_per_rank):
 
     cls = _schedule_class(schedule)
     single = issubclass(cls, PipelineScheduleSingle)
-    _check_int("ranks", ranks)
-    _check_int("microbatches", microbatches)
-    v = (1 if single else 2) if stages_per_rank is None else stages_per_rank
-    _check_int("stages per rank", v)
+    ranks = check_int("ranks", ranks, 1)
+    microbatches = check_int("microbatches", microbatches, 1)
+    v = check_int("stages per rank", (1 if single else 2) if stages_per_rank is None else stages_per_rank, 1)
     if single and v != 1:
         raise ValueError(f"{cls.__name__} runs one stage per rank, got stages per rank {v}")
+    check_size(TORCH_NAMES.get(cls.__name__, cls.__name__), ranks, microbatches, v)
     return cls, single, v, f"ranks={ranks}, microbatches={microbatches}, stages per rank={v}"
 
 
