@@ -33,7 +33,15 @@ from ._triton_kernels import bias_kernel, wgrad_kernel
 from .configs import FALLBACK_CONFIG, INTERPRET_CONFIG, WgradConfig
 from .rows import ActiveRows
 
-__all__ = ["INTERPRET", "DeviceInfo", "device_info", "pick_config", "pinned_config", "wgrad_triton"]
+__all__ = [
+    "INTERPRET",
+    "DeviceInfo",
+    "device_info",
+    "launch_config",
+    "pick_config",
+    "pinned_config",
+    "wgrad_triton",
+]
 
 # The @triton.jit decorators read TRITON_INTERPRET when _triton_kernels is imported.
 INTERPRET = env_flag("TRITON_INTERPRET")
@@ -97,6 +105,39 @@ def clear_picks() -> None:
     _picks.clear()
 
 
+def launch_config(
+    info: DeviceInfo,
+    dtype: torch.dtype,
+    out_dtype: torch.dtype,
+    n_rows: int,
+    in_features: int,
+    tokens: int,
+    count,
+    deterministic: bool,
+) -> WgradConfig:
+    """The config of one launch (the whole decision, given ``count(block_m)`` = active row blocks):
+    BLOCK_M from the mask, the tuned or table config for it, 64-row blocks when 128-row tiles would
+    fill less than half of the SMs, then split-K (see ``configs.split_k_for``)."""
+    dclass = configs.dtype_class(str(dtype).removeprefix("torch."))
+    element = dtype.itemsize
+    cfg = pick_config(
+        info, dclass, in_features, configs.choose_block_m(n_rows, count(128), count(64)), element
+    )
+    if cfg.block_m == 128 and configs.underfilled(
+        count(128) * triton.cdiv(in_features, cfg.block_n), info.sm_count
+    ):
+        cfg = pick_config(info, dclass, in_features, 64, element)  # twice the tiles
+    split = configs.split_k_for(
+        cfg,
+        tiles=count(cfg.block_m) * triton.cdiv(in_features, cfg.block_n),
+        tokens=tokens,
+        sm_count=info.sm_count,
+        fp32_out=out_dtype == torch.float32,
+        deterministic=deterministic,
+    )
+    return cfg if split == cfg.split_k else cfg.with_split(split)
+
+
 def _guard(device: torch.device):
     """Make ``device`` current for a launch when it is not (Triton launches on the current device)."""
     if device.type != "cuda" or device.index is None or device.index == torch.cuda.current_device():
@@ -137,27 +178,14 @@ def wgrad_triton(
     m = dy.shape[1]
     info = device_info(dw.device)
     deterministic = torch.are_deterministic_algorithms_enabled()
-    fp32_out = dw.dtype == torch.float32
 
     def count(block_m: int) -> int:
         return -(-m // block_m) if rows is None else rows.n_blocks(block_m)
 
     cfg = config or pinned_config
     if cfg is None:
-        dclass = configs.dtype_class(str(dy.dtype).removeprefix("torch."))
-        block_m = configs.choose_block_m(m, count(128), count(64))
-        cfg = pick_config(info, dclass, n, block_m, dy.element_size())
-        if cfg.block_m == 128 and configs.underfilled(
-            count(128) * triton.cdiv(n, cfg.block_n), info.sm_count
-        ):
-            cfg = pick_config(info, dclass, n, 64, dy.element_size())  # twice the tiles
-        tiles = count(cfg.block_m) * triton.cdiv(n, cfg.block_n)
-        split = configs.split_k_for(
-            cfg, tiles=tiles, tokens=t, sm_count=info.sm_count, fp32_out=fp32_out, deterministic=deterministic
-        )
-        if split != cfg.split_k:
-            cfg = cfg.with_split(split)
-    elif cfg.split_k > 1 and (deterministic or not fp32_out):
+        cfg = launch_config(info, dy.dtype, dw.dtype, m, n, t, count, deterministic)
+    elif cfg.split_k > 1 and (deterministic or dw.dtype != torch.float32):
         cfg = cfg.with_split(1)  # atomics only into fp32, never in deterministic mode
     n_rb = count(cfg.block_m)
     if n_rb == 0:
