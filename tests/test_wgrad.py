@@ -18,6 +18,7 @@ from tfz.kernels import (
     has_triton,
     resolve_backend,
     wgrad,
+    wgrad_gemm_accum_fp16,
     wgrad_gemm_accum_fp32,
     wgrad_ref,
 )
@@ -313,12 +314,10 @@ def test_prepared_mask_must_match_the_call():
         wgrad(x, dy, active_rows=ActiveRows(torch.ones(9, dtype=torch.bool)))
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", ["accumulate", "overwrite"])
 @pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_torch_backend_16bit_destination(out_dtype, mode):
     """A 16-bit dW (a bf16 .grad or main_grad): active rows are rounded once, frozen rows untouched."""
-    if mode == "fresh":
-        pytest.skip("a fresh dW is fp32")
     for mask_kind in ("random", "blocks", "none"):
         for prepared in (False, True):
             check_case(
@@ -402,6 +401,17 @@ def test_bad_inputs_raise_with_the_argument_named(kwargs, exc, match):
 def test_backend_resolution(monkeypatch):
     monkeypatch.delenv("TFZ_DISABLE_TRITON", raising=False)
     assert resolve_backend("auto", "cpu") == "torch"
+    if has_triton():  # fp32 goes to Triton only with TF32 on; without it, to cuBLAS
+        matmul = torch.backends.cuda.matmul
+        was = matmul.allow_tf32
+        try:
+            matmul.allow_tf32 = False
+            assert resolve_backend("auto", "cuda", torch.bfloat16) == "triton"
+            assert resolve_backend("auto", "cuda", torch.float32) == "torch"
+            matmul.allow_tf32 = True
+            assert resolve_backend("auto", "cuda", torch.float32) == "triton"
+        finally:
+            matmul.allow_tf32 = was
     assert resolve_backend("torch", "cpu") == "torch"
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
@@ -467,6 +477,57 @@ def test_triton_modes_and_masks(dtype, mask_kind, mode):
 def test_triton_without_bias_and_strided_input():
     check_case("triton", (2, 3), 70, 33, torch.float16, "random", "accumulate", bias=False)
     check_case("triton", (37,), 70, 33, torch.float32, "random", "overwrite", transpose_x=True)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("mode", ["accumulate", "overwrite"])
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_triton_16bit_destination(out_dtype, mode):
+    check_case("triton", (130,), 129, 96, torch.bfloat16, "blocks", mode, out_dtype=out_dtype, prepared=True)
+    check_case("triton", (37,), 70, 33, torch.float16, "random", mode, out_dtype=out_dtype, seed=4)
+
+
+@needs_interpreter
+def test_apex_fp16_wrapper_and_dtype_checks():
+    x, dy = torch.randn(2, 5, 33), torch.randn(2, 5, 70)
+    mask = make_mask("blocks", 70, 0)
+    for backend in ("torch", "triton"):
+        main_grad = torch.randn(70, 33).bfloat16()
+        before = main_grad.clone()
+        wgrad_gemm_accum_fp16(x, dy, main_grad, active_rows=mask, backend=backend)
+        ref, _ = wgrad_ref(x, dy, active_rows=mask, out=before)
+        torch.testing.assert_close(main_grad.double(), ref, rtol=2**-7, atol=1e-2)
+        assert torch.equal(main_grad[~mask].view(torch.int16), before[~mask].view(torch.int16))
+    with pytest.raises(TypeError, match="main_grad.*float32"):
+        wgrad_gemm_accum_fp16(x, dy, torch.zeros(70, 33))
+    with pytest.raises(TypeError, match="main_grad.*bfloat16"):
+        wgrad_gemm_accum_fp32(x, dy, torch.zeros(70, 33).bfloat16())
+
+
+@needs_interpreter
+def test_triton_split_k_is_off_in_deterministic_mode(monkeypatch):
+    """A pinned split-K config adds with atomics; deterministic mode runs it without a split, with the
+    same result bit for bit on every run."""
+    from tfz.kernels import _wgrad_triton
+
+    cfg = _wgrad_triton.WgradConfig(block_m=32, block_n=32, block_k=16, split_k=3)
+    monkeypatch.setattr(_wgrad_triton, "pinned_config", cfg)
+    g = torch.Generator().manual_seed(0)
+    x, dy = torch.randn(100, 40, generator=g), torch.randn(100, 70, generator=g)
+    rows = ActiveRows(make_mask("blocks", 70, 2))
+    start = torch.randn(70, 40, generator=g)
+    launched, outs = [], []
+    for deterministic in (False, True, True):
+        torch.use_deterministic_algorithms(deterministic)
+        try:
+            dw = start.clone()
+            launched.append(_wgrad_triton.wgrad_triton(x, dy, dw, rows, True, None, True).split_k)
+            outs.append(dw)
+        finally:
+            torch.use_deterministic_algorithms(False)
+    assert launched == [3, 1, 1]
+    assert torch.equal(outs[1].view(torch.int32), outs[2].view(torch.int32))
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
 
 
 @needs_interpreter
