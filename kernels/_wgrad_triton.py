@@ -24,7 +24,6 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
-import triton
 
 from tfz._validate import env_flag
 
@@ -124,12 +123,12 @@ def launch_config(
         info, dclass, in_features, configs.choose_block_m(n_rows, count(128), count(64)), element
     )
     if cfg.block_m == 128 and configs.underfilled(
-        count(128) * triton.cdiv(in_features, cfg.block_n), info.sm_count
+        count(128) * _cdiv(in_features, cfg.block_n), info.sm_count
     ):
         cfg = pick_config(info, dclass, in_features, 64, element)  # twice the tiles
     split = configs.split_k_for(
         cfg,
-        tiles=count(cfg.block_m) * triton.cdiv(in_features, cfg.block_n),
+        tiles=count(cfg.block_m) * _cdiv(in_features, cfg.block_n),
         tokens=tokens,
         sm_count=info.sm_count,
         fp32_out=out_dtype == torch.float32,
@@ -143,6 +142,10 @@ def _guard(device: torch.device):
     if device.type != "cuda" or device.index is None or device.index == torch.cuda.current_device():
         return nullcontext()
     return torch.cuda.device(device.index)
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)  # triton.cdiv is a JIT function: slow to call from Python
 
 
 def _zero_rows(t: torch.Tensor, rows: ActiveRows | None) -> None:
@@ -180,7 +183,7 @@ def wgrad_triton(
     deterministic = torch.are_deterministic_algorithms_enabled()
 
     def count(block_m: int) -> int:
-        return -(-m // block_m) if rows is None else rows.n_blocks(block_m)
+        return _cdiv(m, block_m) if rows is None else rows.n_blocks(block_m)
 
     cfg = config or pinned_config
     if cfg is None:
@@ -191,11 +194,11 @@ def wgrad_triton(
     if n_rb == 0:
         return None
     row_blocks = rows.blocks(cfg.block_m) if rows is not None else _all_blocks(n_rb, dw.device)
-    mask = rows.mask.view(torch.uint8) if rows is not None else row_blocks
+    mask = rows.mask_bytes if rows is not None else row_blocks
     with _guard(dw.device):
         if cfg.split_k > 1 and not accumulate:  # atomics add: overwrite = zero the rows first
             _zero_rows(dw, rows)
-        grid = (n_rb * triton.cdiv(n, cfg.block_n) * cfg.split_k,)
+        grid = (n_rb * _cdiv(n, cfg.block_n) * cfg.split_k,)
         wgrad_kernel[grid](
             dy,
             x,
@@ -256,7 +259,7 @@ def _bias(dy, db, rows, accumulate, info, deterministic, pinned) -> None:
     bias_kernel[(n_rb, split)](
         dy,
         db,
-        rows.mask.view(torch.uint8) if rows is not None else row_blocks,
+        rows.mask_bytes if rows is not None else row_blocks,
         row_blocks,
         t,
         m,

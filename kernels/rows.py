@@ -89,11 +89,23 @@ class ActiveRows:
     Build with ``ActiveRows(mask, device)`` (``mask``: numpy bool array, or bool tensor; ``device``
     default: the tensor's, or CPU), or many at once with :meth:`build_many` (one upload). Fields:
     ``n_rows``, ``n_active``, ``runs`` (host list of ``(start, stop)``), ``device``, ``mask`` (bool
-    tensor), ``index`` (int64 tensor of active rows); :meth:`blocks` / :meth:`n_blocks` give the
-    active row-block list / count for a block height.
+    tensor), ``mask_bytes`` (the same memory as uint8, for kernels), ``index`` (int64 tensor of the
+    active rows); :meth:`blocks` / :meth:`n_blocks` give the active row-block list / count for a
+    block height.
     """
 
-    __slots__ = ("n_rows", "n_active", "runs", "device", "mask", "index", "_host", "_blocks", "_counts")
+    __slots__ = (
+        "n_rows",
+        "n_active",
+        "runs",
+        "device",
+        "mask",
+        "mask_bytes",
+        "index",
+        "_host",
+        "_blocks",
+        "_counts",
+    )
     builds = 0
     """Number of index builds in this process (constructions and extra block heights)."""
 
@@ -130,7 +142,7 @@ class ActiveRows:
         per = 2 + len(GPU_BLOCKS)
         for i, rows in enumerate(out):
             mask, index, *blocks = tensors[i * per : (i + 1) * per]
-            rows.mask, rows.index = mask, index
+            rows.mask, rows.mask_bytes, rows.index = mask, mask.view(torch.uint8), index
             rows._blocks = dict(zip(GPU_BLOCKS, blocks))
         cls.builds += len(out)
         return out

@@ -190,19 +190,31 @@ def wgrad(
         dw_accumulate = bool(accumulate)
     if n_out == 0 or n_in == 0:
         return out
-    with torch.no_grad():
-        if chosen == "triton":
-            try:
-                from ._wgrad_triton import wgrad_triton
-            except ImportError:
-                if backend == "triton":
-                    raise
-                chosen = "torch"
-        if chosen == "triton":
-            wgrad_triton(x, dy, out, rows, dw_accumulate, bias_grad, bool(accumulate))
-        else:
+    launch = _triton_launcher(backend == "triton") if chosen == "triton" else None
+    if launch is not None:  # a kernel launch records nothing for autograd
+        launch(x, dy, out, rows, dw_accumulate, bias_grad, bool(accumulate))
+    else:
+        with torch.no_grad():
             wgrad_torch(x, dy, out, rows, dw_accumulate, bias_grad, bool(accumulate))
     return out
+
+
+_launcher = None
+
+
+def _triton_launcher(required: bool):
+    """The Triton launcher (imports triton on first use), or None when it cannot be imported and the
+    Triton backend was not asked for by name."""
+    global _launcher
+    if _launcher is None:
+        try:
+            from ._wgrad_triton import wgrad_triton
+        except ImportError:
+            if required:
+                raise
+            return None
+        _launcher = wgrad_triton
+    return _launcher
 
 
 def _prepared(active_rows, n_out: int, device: torch.device) -> ActiveRows | None:
