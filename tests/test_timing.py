@@ -718,3 +718,24 @@ def test_gpu_action_timer_matches_torch_events(monkeypatch, skip_cpp):
     for name, ms in reference.items():
         assert measured[name] == pytest.approx(ms, rel=0.1, abs=0.05), name
     assert measured["mm16"] > measured["mm1"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    not _cuda_visible() or sys.modules["torch"].cuda.device_count() < 2, reason="needs two GPUs"
+)
+def test_gpu_timer_on_another_device_than_the_current_one():
+    """A timer on cuda:1 records and resolves while cuda:0 is current, and leaves cuda:0 current."""
+    import torch
+
+    if _C is None:
+        pytest.skip("tfz._C not built")
+    timer = ActionTimer("cuda:1")
+    x = torch.randn(1024, 1024, device="cuda:1")
+    with torch.cuda.device(0):
+        with timer.action("mm"):
+            with torch.cuda.device(1):
+                for _ in range(8):
+                    x = torch.tanh(x @ x * 1e-3)
+        assert torch.cuda.current_device() == 0
+    assert timer.collect()["mm"] > 0
