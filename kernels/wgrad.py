@@ -8,15 +8,30 @@ Products are accumulated in fp32 for fp32/fp16/bf16 inputs.
 
 Backends: ``"triton"`` (a Triton kernel launched over the active tiles only; CUDA tensors, or CPU tensors
 when ``TRITON_INTERPRET=1`` is set before the kernel module is imported), ``"torch"`` (one GEMM per run
-of active rows; any device) and ``"auto"``: triton for CUDA tensors with bf16/fp16 operands, and for fp32
-operands when ``torch.backends.cuda.matmul.allow_tf32`` is set (the kernel then multiplies in TF32);
-torch (cuBLAS) for fp32 without TF32, where a Triton kernel would run on FMA units, and on every other
-device. ``TFZ_DISABLE_TRITON=1`` makes "auto" use torch. An explicit ``backend="triton"`` that cannot run
-raises; with fp32 operands and TF32 off it runs the exact-fp32 (FMA) kernel, which is slow.
+of active rows, or one gathered GEMM; any device) and ``"auto"``: triton for CUDA tensors with bf16/fp16
+operands, and for fp32 operands when ``torch.backends.cuda.matmul.allow_tf32`` is set (the kernel then
+multiplies in TF32); torch (cuBLAS) for fp32 without TF32, where a Triton kernel would run on FMA
+units, and on every other device. ``TFZ_DISABLE_TRITON=1`` makes "auto" use torch. An explicit
+``backend="triton"`` that cannot run raises; with fp32 operands and TF32 off it runs the exact-fp32
+(FMA) kernel, which is slow.
 
 Masks: ``active_rows`` is an :class:`~tfz.kernels.ActiveRows` (prepared once per mask: the call then
 needs no host synchronisation) or a bool tensor, prepared on every call (one device-to-host copy for a
 CUDA tensor; prepare it once instead when it is reused).
+
+Reproducibility (bitwise, same inputs, mask, destination and device):
+
+- Triton: each dW element is made by one program adding the token tiles in a fixed order, so a call
+  repeats bit for bit given the same launch config. The config follows the GPU, the dtype, the layer's
+  in_features bucket, BLOCK_M (64 or 128, chosen from the mask) and any :func:`~tfz.kernels.tune`
+  result (load a tuning cache to get the same config in every process). Split-K and the bias
+  kernel's token split add with fp32 atomics in a varying order; they are used only for launches that
+  fill less than half of the GPU and never while ``torch.are_deterministic_algorithms_enabled()``.
+- torch: one GEMM per run of active rows, or one gathered GEMM when the runs are many and short; a
+  given mask always takes the same path, with the reproducibility of torch's GEMMs (set
+  ``CUBLAS_WORKSPACE_CONFIG`` as torch's deterministic mode asks).
+- Different masks may compute a row's value with a different tile shape or GEMM, so the last bits of
+  an active row can differ between masks; frozen rows are never written.
 
 Entry points: :func:`wgrad`, :func:`wgrad_gemm_accum_fp32` / :func:`wgrad_gemm_accum_fp16`
 (call-compatible with apex's ``fused_weight_gradient_mlp_cuda``), :func:`has_triton`,

@@ -40,10 +40,10 @@ _local = threading.local()
 class RowMask:
     """A validated row mask of one layer with its all-active / all-frozen status decided once.
 
-    ``rows`` is the :class:`tfz.kernels.ActiveRows` of a partly frozen layer (tile lists and row runs
-    built once, on the mask's device), or None when every row is active or every row is frozen;
-    ``active`` is its bool tensor [out_features] (True = the row receives weight gradient), or None
-    when every row is active. Copies for other devices are cached, so a prepared mask can be reused
+    ``rows`` is the :class:`tfz.kernels.ActiveRows` of a partly frozen layer (its bool mask
+    ``rows.mask``, True = the row receives weight gradient, plus row runs and row-block lists, built
+    once on the mask's device), or None when every row is active (``all_active``) or every row is
+    frozen (``all_frozen``). Copies for other devices are cached, so a prepared mask can be reused
     every step without a host synchronisation.
     """
 
@@ -60,15 +60,6 @@ class RowMask:
         mask.rows, mask.n_active, mask.out_features = rows, n_active, out_features
         mask._by_device = {}
         return mask
-
-    @property
-    def active(self) -> torch.Tensor | None:
-        """bool [out_features] on the mask's device (None when every row is active)."""
-        if self.all_active:
-            return None
-        if self.rows is None:  # every row frozen
-            return torch.zeros(self.out_features, dtype=torch.bool)
-        return self.rows.mask
 
     @property
     def all_active(self) -> bool:
