@@ -63,16 +63,16 @@ def _call(mod, n_rows, n_in, tokens, mask=None, dtype=torch.bfloat16, out_dtype=
     return mod.wgrad_triton(x, dy, dw, rows, kw.get("accumulate", True), kw.get("db"), True)
 
 
-def test_table_has_every_key_and_fits_shared_memory():
-    for fam, limit in (("sm90", 232448), ("sm80", 166912)):
-        for dclass, element in (("16bit", 2), ("tf32", 4)):
+def test_table_has_every_key():
+    """(The compiled shared memory of every entry is checked against the GPUs' limits in
+    test_wgrad_aot.py.)"""
+    for fam in ("sm90", "sm80"):
+        for dclass in ("16bit", "tf32"):
             for bucket in ("narrow", "wide"):
                 by_block = TABLE[(fam, dclass, bucket)]
                 assert sorted(by_block) == sorted(configs.BLOCK_M_CHOICES)
                 for block_m, cfg in by_block.items():
                     assert cfg.block_m == block_m and cfg.split_k == 1
-                    assert cfg.shared_bytes(element) <= limit
-    assert FALLBACK_CONFIG.shared_bytes(4) <= 48 * 1024  # any CUDA GPU
 
 
 def test_config_does_not_depend_on_the_active_rows(launcher):
@@ -150,15 +150,11 @@ def test_split_rule_against_brute_force():
 
 
 def test_shared_memory_comes_from_the_device(launcher, monkeypatch):
-    """A GPU with 99 KB per block (sm_86/89) cannot hold the 144 KB table config: the fallback runs."""
-    small = launcher.DeviceInfo("NVIDIA RTX (simulated)", (8, 9), "sm80", 128, 101376)
-    monkeypatch.setattr(launcher, "device_info", lambda device: small)
-    wide = TABLE[("sm80", "16bit", "wide")][128]
-    assert wide.shared_bytes(2) <= 101376  # fits: kept
-    assert _call(launcher, 14336, 4096, 4096) == wide
-    tiny = launcher.DeviceInfo("tiny (simulated)", (8, 0), "sm80", 128, 40 * 1024)
+    """The same call on an H100's 227 KB per block runs the table's config; on a device with 40 KB
+    (whose properties say so) the fallback, which needs 16 KB."""
+    assert _call(launcher, 14336, 4096, 4096) == TABLE[("sm90", "16bit", "wide")][128]
+    tiny = launcher.DeviceInfo("small (simulated)", (9, 0), "sm90", 132, 40 * 1024)
     monkeypatch.setattr(launcher, "device_info", lambda device: tiny)
-    launcher.clear_picks()
     assert _call(launcher, 14336, 4096, 4096) == FALLBACK_CONFIG
 
 
