@@ -5,9 +5,9 @@ r (uniform random order), prepared once as :class:`tfz.kernels.ActiveRows`, as `
 
 - ``wgrad-cpu-torch``: CPU, torch backend, 2048 tokens, 4096 -> 4096, fp32, accumulate into
   main_grad, r in RATIOS. Goal: time(r) / time(0) <= (1 - r) + 0.05.
-- ``wgrad-call-cpu``: CPU host cost of one call at a tiny shape: ``wgrad`` (torch backend, prepared
-  mask), the Triton launcher's host side with the kernel launch stubbed (config, grid, arguments),
-  and ``torch.mm`` for scale.
+- ``wgrad-call-cpu``: CPU host cost of one call at a tiny shape, one thread: ``wgrad`` (torch
+  backend, prepared mask), the Triton launcher's host side with the kernel launch stubbed (config,
+  grid, arguments), and ``torch.mm`` for scale.
 - ``wgrad-gpu-bf16`` (GPU): the Triton kernel at LLaMA-8B shapes (in -> out: q/o 4096 -> 4096, k/v
   4096 -> 1024, gate/up 4096 -> 14336, down 14336 -> 4096; 4096 and 16384 tokens) against cuBLAS
   through torch: ``torch.mm`` (bf16 out) and ``torch.addmm(main_grad, ..., out_dtype=fp32)`` (apex's
@@ -152,7 +152,11 @@ def stub_launches(monkeypatch):
 @pytest.mark.benchmark(group="wgrad-call-cpu")
 @pytest.mark.parametrize("provider", ["torch.mm", "wgrad-torch", "triton-host"])
 def test_cpu_call_cost(benchmark, provider, request):
-    """Host cost per call at 16 tokens, 64 -> 256 (half the 64-row units frozen)."""
+    """Host cost per call at 16 tokens, 64 -> 256 (half the 64-row units frozen); one thread, so an
+    OpenMP barrier on a busy machine does not stand in for the call's own cost."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    request.addfinalizer(lambda: torch.set_num_threads(threads))
     g = torch.Generator().manual_seed(0)
     x, dy = torch.randn(16, 64, generator=g), torch.randn(16, 256, generator=g)
     out = torch.zeros(256, 64)
