@@ -426,7 +426,12 @@ def test_backend_resolution(monkeypatch):
 
 
 def test_import_is_lean():
-    code = "import sys, tfz.kernels; assert 'triton' not in sys.modules, 'triton imported'; print('ok')"
+    code = (
+        "import sys, torch, tfz.kernels, tfz.nn, tfz.pipeline\n"
+        "assert 'triton' not in sys.modules, 'triton imported'\n"
+        "assert not torch.cuda.is_initialized(), 'CUDA initialised'\n"
+        "print('ok')"
+    )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
