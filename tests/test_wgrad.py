@@ -509,6 +509,21 @@ def test_apex_fp16_wrapper_and_dtype_checks():
         wgrad_gemm_accum_fp32(x, dy, torch.zeros(70, 33).bfloat16())
 
 
+def launch_thrice(wgrad_triton, x, dy, rows, start):
+    """Accumulate into copies of ``start`` with deterministic algorithms off, on, on; returns the
+    launched split_k values and the results."""
+    splits, outs = [], []
+    for deterministic in (False, True, True):
+        torch.use_deterministic_algorithms(deterministic)
+        try:
+            dw = start.clone()
+            splits.append(wgrad_triton(x, dy, dw, rows, True, None, True).split_k)
+            outs.append(dw)
+        finally:
+            torch.use_deterministic_algorithms(False)
+    return splits, outs
+
+
 @needs_interpreter
 def test_triton_split_k_is_off_in_deterministic_mode(monkeypatch):
     """A pinned split-K config adds with atomics; deterministic mode runs it without a split, with the
@@ -521,15 +536,7 @@ def test_triton_split_k_is_off_in_deterministic_mode(monkeypatch):
     x, dy = torch.randn(100, 40, generator=g), torch.randn(100, 70, generator=g)
     rows = ActiveRows(make_mask("blocks", 70, 2))
     start = torch.randn(70, 40, generator=g)
-    launched, outs = [], []
-    for deterministic in (False, True, True):
-        torch.use_deterministic_algorithms(deterministic)
-        try:
-            dw = start.clone()
-            launched.append(_wgrad_triton.wgrad_triton(x, dy, dw, rows, True, None, True).split_k)
-            outs.append(dw)
-        finally:
-            torch.use_deterministic_algorithms(False)
+    launched, outs = launch_thrice(_wgrad_triton.wgrad_triton, x, dy, rows, start)
     assert launched == [3, 1, 1]
     assert torch.equal(outs[1].view(torch.int32), outs[2].view(torch.int32))
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)

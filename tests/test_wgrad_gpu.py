@@ -11,7 +11,7 @@ from contextlib import contextmanager
 import numpy as np
 import pytest
 import torch
-from test_wgrad import MODES, check_case, make_mask
+from test_wgrad import MODES, check_case, launch_thrice, make_mask
 from tfz.kernels import ActiveRows, has_triton, resolve_backend, tune, wgrad, wgrad_gemm_accum_fp32
 
 pytestmark = [
@@ -94,15 +94,7 @@ def test_split_k_matches_reference_and_is_off_in_deterministic_mode(launcher):
     ref = start.double() + torch.where(
         rows.mask[:, None], dy.double().t() @ x.double(), torch.zeros((), device="cuda", dtype=torch.float64)
     )
-    results, splits = [], []
-    for deterministic in (False, True, True):
-        torch.use_deterministic_algorithms(deterministic)
-        try:
-            dw = start.clone()
-            splits.append(launcher.wgrad_triton(x, dy, dw, rows, True, None, True).split_k)
-            results.append(dw)
-        finally:
-            torch.use_deterministic_algorithms(False)
+    splits, results = launch_thrice(launcher.wgrad_triton, x, dy, rows, start)
     assert splits[0] > 1 and splits[1:] == [1, 1]
     for dw in results:
         torch.testing.assert_close(dw.double(), ref, rtol=1e-4, atol=1e-3)

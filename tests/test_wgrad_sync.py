@@ -198,3 +198,18 @@ def test_raw_tensor_masks_are_read_once_per_call_and_prepared_ones_never():
     with SyncCounter() as prepared, use_row_masks({}):
         wgrad(x, dy, active_rows=rows, backend="torch")
     assert raw.seen and not prepared.seen
+
+
+def test_plans_prepared_at_the_decision_are_reused():
+    """PlanCache.prepare builds the plans of freshly drawn masks at once; the backwards build nothing."""
+    model = _stage(1)
+    units = tfz.masks.StageUnits.from_module(model, block_rows=64)
+    params, cache = StageParams(model), PlanCache()
+    drawn = _draw(units, [0.5, 0.5, 0.8, 0.2], decision=0)
+    before = ActiveRows.builds
+    cache.prepare(drawn, params)
+    assert ActiveRows.builds - before == _partial_layer_masks(drawn)
+    before = ActiveRows.builds
+    for mb, x in enumerate(torch.randn(4, 8, 48).unbind()):
+        full_backward(model(x).sum(), None, [], cache.get(drawn[mb], params), params)
+    assert ActiveRows.builds == before
