@@ -14,7 +14,8 @@ the active tiles fill less than half of the GPU's SMs, dW is fp32 and determinis
 (:func:`split_k_for`). ``tfz.kernels.tune`` can replace table entries for the shapes of a model at
 start-up (measured once, cacheable); nothing is ever measured inside a training step.
 
-This module imports neither torch nor triton (the ahead-of-time compile check reads it on its own).
+This module imports neither torch nor triton (the ahead-of-time compile check reads it on its own,
+where tfz may not be installed: the number checks of ``tfz/_validate.py`` are then loaded by path).
 Every config the table can pick is compiled ahead of time for sm_80 and sm_90 by
 ``tests/test_wgrad_aot.py`` (zero spill bytes asserted); registers, spills and shared memory per
 config are in bench/RESULTS.md.
@@ -23,6 +24,19 @@ config are in bench/RESULTS.md.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+
+try:
+    from tfz._validate import check_int
+except ImportError:  # loaded by path from kernels/aot.py without tfz installed: the source tree's copy
+    import importlib.util
+    from pathlib import Path
+
+    _spec = importlib.util.spec_from_file_location(
+        "_tfz_validate", Path(__file__).resolve().parents[1] / "tfz" / "_validate.py"
+    )
+    _validate = importlib.util.module_from_spec(_spec)
+    _spec.loader.exec_module(_validate)
+    check_int = _validate.check_int
 
 __all__ = [
     "BIAS_CONFIG",
@@ -63,9 +77,7 @@ class WgradConfig:
 
     def __post_init__(self):
         for name in ("block_m", "block_n", "block_k", "group_m", "split_k", "num_warps", "num_stages"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"WgradConfig.{name} must be an integer >= 1, got {v!r}")
+            object.__setattr__(self, name, check_int(f"WgradConfig.{name}", getattr(self, name), 1))
         for name in ("block_m", "block_n", "block_k", "num_warps"):
             v = getattr(self, name)
             if v & (v - 1):

@@ -1,6 +1,9 @@
 """tfz._validate: the shared number and environment-flag checks."""
 
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -98,3 +101,30 @@ def test_env_flag_default_and_bad_value(monkeypatch):
         ValueError, match=r"TFZ_TEST_FLAG must be 1/true/yes/on or 0/false/no/off, got 'maybe'"
     ):
         env_flag("TFZ_TEST_FLAG")
+
+
+def test_loads_by_path_with_the_standard_library_only():
+    """setup.py and kernels/configs.py (which kernels/aot.py runs where tfz may not be installed) load
+    tfz/_validate.py by path: it must import nothing outside the standard library."""
+    root = Path(__file__).resolve().parents[1]
+    code = (
+        "import importlib.util, sys\n"
+        f"spec = importlib.util.spec_from_file_location('_cfg', {str(root / 'kernels' / 'configs.py')!r})\n"
+        "mod = importlib.util.module_from_spec(spec)\n"
+        "sys.modules['_cfg'] = mod\n"
+        "spec.loader.exec_module(mod)\n"
+        "print(mod.check_int.__module__, 'tfz' in sys.modules, 'numpy' in sys.modules)\n"
+        "try:\n"
+        "    mod.WgradConfig(block_m=True)\n"
+        "except ValueError as exc:\n"
+        "    print(exc)\n"
+    )
+    # -S: no site-packages, so neither tfz nor numpy can be imported
+    proc = subprocess.run(
+        [sys.executable, "-S", "-c", code], capture_output=True, text=True, timeout=60, cwd="/"
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == [
+        "_tfz_validate False False",
+        "WgradConfig.block_m must be an integer >= 1, got True",
+    ]

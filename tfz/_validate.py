@@ -4,15 +4,18 @@ Integers accept ``int`` and numpy integers; numbers also accept ``float`` and nu
 is never a number here (``True`` is an ``int`` in Python, never what a caller meant). Every check
 returns the value as a plain Python ``int`` / ``float`` and raises ValueError naming ``name`` and the
 bad value.
+
+This module needs only the standard library (a numpy scalar can exist only once numpy is imported, so
+numpy is looked up, not imported): ``setup.py`` and ``kernels/configs.py`` load it by path where tfz
+itself cannot be imported.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import sys
 from typing import Any
-
-import numpy as np
 
 __all__ = ["check_int", "check_number", "check_ratio", "env_flag", "is_int", "is_number", "short_repr"]
 
@@ -21,13 +24,19 @@ _FALSE = ("", "0", "false", "no", "off")
 
 
 def is_int(value: Any) -> bool:
-    """``value`` is an ``int`` or numpy integer, and not a ``bool``."""
-    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+    """``value`` is an ``int`` or numpy integer, and not a ``bool`` (numpy's bool is no integer)."""
+    if isinstance(value, int):
+        return not isinstance(value, bool)
+    np = sys.modules.get("numpy")
+    return np is not None and isinstance(value, np.integer)
 
 
 def is_number(value: Any) -> bool:
     """``value`` is an int, float or numpy number, and not a ``bool``."""
-    return is_int(value) or isinstance(value, (float, np.floating))
+    if isinstance(value, float) or is_int(value):
+        return True
+    np = sys.modules.get("numpy")
+    return np is not None and isinstance(value, np.floating)
 
 
 def check_int(
