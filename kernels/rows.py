@@ -22,11 +22,50 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-__all__ = ["ActiveRows", "GPU_BLOCKS"]
+from tfz._validate import check_int, short_repr
+
+__all__ = ["ActiveRows", "GPU_BLOCKS", "as_device", "host_copy", "parse_device"]
 
 GPU_BLOCKS = (64, 128)
 """Row-block heights whose lists are built with every mask (the Triton kernel's BLOCK_M choices)."""
 _ALIGN = 8
+
+
+def host_copy(mask: torch.Tensor, name: str) -> np.ndarray:
+    """``mask`` (a tensor) as a numpy array: a view of a CPU tensor, one copy from a device tensor;
+    a meta tensor, which holds no values, is refused naming ``name``."""
+    if mask.device.type == "meta":
+        raise ValueError(
+            f"{name} is on the meta device, which holds no values: build the mask on the CPU or the "
+            f"training device (shape {tuple(mask.shape)}, dtype {mask.dtype})"
+        )
+    return mask.detach().cpu().numpy()
+
+
+def parse_device(device, name: str = "device") -> torch.device:
+    """``device`` (a torch.device, a device string or a CUDA index) as a torch.device; ValueError
+    naming it when torch cannot read it."""
+    if isinstance(device, torch.device):
+        return device
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(
+            f"{name} must be a torch.device or a device string such as 'cpu' or 'cuda:0', "
+            f"got {short_repr(device)}"
+        ) from None
+
+
+def as_device(device, name: str = "device") -> torch.device:
+    """``device`` as a torch.device that can hold tensors here ("cuda" means the current CUDA
+    device); ValueError naming it otherwise."""
+    device = parse_device(device, name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{name} {device} was given, but torch.cuda.is_available() is False")
+        if device.index is None:
+            return torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 def _host_bool(mask) -> np.ndarray:
@@ -36,7 +75,7 @@ def _host_bool(mask) -> np.ndarray:
             raise TypeError(
                 f"active_rows must be a 1-D bool tensor, got dtype {mask.dtype}, shape {tuple(mask.shape)}"
             )
-        return mask.detach().cpu().numpy()
+        return host_copy(mask, "active_rows")
     if isinstance(mask, np.ndarray):
         if mask.dtype != np.bool_ or mask.ndim != 1:
             raise TypeError(
@@ -46,14 +85,6 @@ def _host_bool(mask) -> np.ndarray:
     raise TypeError(
         f"active_rows must be a bool tensor, a bool numpy array or ActiveRows, got {type(mask).__name__}"
     )
-
-
-def _device(device) -> torch.device:
-    """``device`` as a torch.device with its index ("cuda" means the current CUDA device)."""
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        return torch.device("cuda", torch.cuda.current_device())
-    return device
 
 
 def _blocks(host: np.ndarray, block: int) -> np.ndarray:
@@ -113,14 +144,16 @@ class ActiveRows:
         host = _host_bool(mask)
         if device is None:
             device = mask.device if isinstance(mask, torch.Tensor) else torch.device("cpu")
-        (built,) = ActiveRows._build([host], _device(device))
+        (built,) = ActiveRows._build([host], as_device(device))
         for name in ActiveRows.__slots__:
             setattr(self, name, getattr(built, name))
 
     @classmethod
     def build_many(cls, masks: Sequence, device) -> list[ActiveRows]:
         """One :class:`ActiveRows` per mask, all on ``device``, with a single upload."""
-        return cls._build([_host_bool(m) for m in masks], _device(device))
+        if isinstance(masks, (np.ndarray, torch.Tensor)):
+            raise TypeError(f"masks must be a sequence of masks, got one {type(masks).__name__}")
+        return cls._build([_host_bool(m) for m in masks], as_device(device))
 
     @classmethod
     def _build(cls, hosts: list[np.ndarray], device: torch.device) -> list[ActiveRows]:
@@ -150,6 +183,9 @@ class ActiveRows:
     def blocks(self, block: int) -> torch.Tensor:
         """int32 indices (on ``device``) of the ``block``-row blocks holding an active row."""
         found = self._blocks.get(block)
+        if found is None:
+            block = check_int("block", block, 1)
+            found = self._blocks.get(block)
         if found is None:  # a block height other than the GPU ones (interpreter tests): built once
             host = _blocks(self._host, block)
             (found,) = _upload([host], self.device)
@@ -165,7 +201,7 @@ class ActiveRows:
 
     def to(self, device) -> ActiveRows:
         """The same mask prepared on ``device`` (``self`` when already there)."""
-        device = _device(device)
+        device = as_device(device)
         return self if device == self.device else ActiveRows(self._host, device)
 
     @property

@@ -22,6 +22,7 @@ from tfz._validate import check_int
 
 from . import configs
 from .configs import WgradConfig
+from .rows import as_device
 
 __all__ = ["load_cache", "tune"]
 
@@ -39,6 +40,25 @@ def _shapes(shapes: Iterable) -> list[tuple[int, int, int]]:
     if not out:
         raise ValueError("shapes is empty: give the (tokens, out_features, in_features) of the layers")
     return out
+
+
+def _memory(device: torch.device) -> int:
+    """Bytes of memory on ``device``: the GPU's total, or the host's physical memory."""
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _check_fits(shapes: list[tuple[int, int, int]], element: int, device: torch.device) -> None:
+    """Refuse a shape whose scratch operands (X, dY and an fp32 dW) exceed the device's memory."""
+    have = _memory(device)
+    for tokens, n_out, n_in in shapes:
+        need = tokens * (n_in + n_out) * element + n_out * n_in * 4
+        if need > have:
+            raise ValueError(
+                f"shape (tokens={tokens}, out_features={n_out}, in_features={n_in}) needs {need / 2**30:.3g} "
+                f"GiB of scratch operands to tune, more than the {have / 2**30:.3g} GiB of {device}"
+            )
 
 
 def _entry_key(entry: dict, where: str) -> tuple:
@@ -144,9 +164,9 @@ def tune(
     todo = _shapes(shapes)
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of {list(_DTYPES.values())}, got {dtype}")
-    device = torch.device(device if device is not None else "cuda")
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
+    if device is None and not torch.cuda.is_available():
+        raise ValueError("tune needs a CUDA device, but torch.cuda.is_available() is False")
+    device = as_device(device if device is not None else "cuda")
     if device.type != "cuda" and not launcher.INTERPRET:
         raise ValueError(f"tune needs a CUDA device (or TRITON_INTERPRET=1 for CPU tensors), got {device}")
     if dtype == torch.float32 and device.type == "cuda" and not torch.backends.cuda.matmul.allow_tf32:
@@ -155,6 +175,7 @@ def tune(
         if device.type != "cuda":
             raise ValueError("on CPU tensors (interpreter) tune needs a bench function")
         bench = _default_bench
+    _check_fits(todo, torch.empty(0, dtype=dtype).element_size(), device)
     info = launcher.device_info(device)
     dclass = configs.dtype_class(_DTYPES[dtype])
     path = None if cache is None else Path(cache)

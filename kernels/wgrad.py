@@ -48,7 +48,7 @@ import torch
 from tfz._validate import env_flag
 
 from ._wgrad_torch import wgrad_torch
-from .rows import ActiveRows
+from .rows import ActiveRows, parse_device
 
 __all__ = [
     "wgrad",
@@ -84,7 +84,7 @@ def resolve_backend(backend: str, device: torch.device | str, dtype: torch.dtype
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    device = torch.device(device)
+    device = parse_device(device)
     if backend == "torch":
         return "torch"
     disabled = env_flag("TFZ_DISABLE_TRITON")
@@ -122,6 +122,33 @@ def _check_tensor(name: str, t, *, dtypes=None, shape=None, device=None, contigu
         raise ValueError(f"{name} must be on device {device}, got {_describe(t)}")
     if contiguous and not t.is_contiguous():
         raise ValueError(f"{name} must be contiguous, got strides {t.stride()} ({_describe(t)})")
+
+
+def _span(t: torch.Tensor) -> tuple[int, int]:
+    """Byte range [first, last + 1) that ``t``'s elements occupy (strides are never negative)."""
+    first = t.data_ptr()
+    if t.is_contiguous():
+        return first, first + t.numel() * t.element_size()
+    last = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
+    return first, first + (last + 1) * t.element_size()
+
+
+def _check_no_overlap(name: str, dest: torch.Tensor, sources: tuple) -> None:
+    """``dest`` (written) must not share memory with any ``(name, tensor)`` of ``sources`` (read, on
+    the same device): a kernel reading what it writes gives a wrong result without an error. Meta
+    tensors hold no memory."""
+    if dest.is_meta or dest.numel() == 0:
+        return
+    first, stop = _span(dest)
+    for source_name, t in sources:
+        if t is None or t.numel() == 0:
+            continue
+        t_first, t_stop = _span(t)
+        if first < t_stop and t_first < stop:
+            raise ValueError(
+                f"{name} shares memory with {source_name} ({_describe(dest)}; {source_name} "
+                f"{_describe(t)}): the destination must be a separate tensor"
+            )
 
 
 def _as_tokens(input: torch.Tensor, grad_output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -173,11 +200,11 @@ def wgrad(
             is), or a bool tensor [out] on the same device; True = row o of W trains. None = all rows.
         out: contiguous [out, in] destination (e.g. ``weight.main_grad`` or ``weight.grad``), fp32,
             bf16 or fp16 (products accumulate in fp32; a 16-bit ``out`` is rounded once per call), or
-            None.
+            None. It must not share memory with ``input`` or ``grad_output`` (ValueError).
         accumulate: with ``out`` given, True adds (``out[o] += dY[:, o]ᵀ X``, beta = 1) and False
             overwrites the active rows. Also selects add/overwrite for ``bias_grad``.
-        bias_grad: optional fp32 contiguous [out]; its active entries get ``sum_t dY[t, o]`` added
-            (or written, with ``accumulate=False``).
+        bias_grad: optional fp32 contiguous [out], sharing memory with no other argument; its active
+            entries get ``sum_t dY[t, o]`` added (or written, with ``accumulate=False``).
         backend: "auto", "torch" or "triton" (see the module docstring).
 
     Returns:
@@ -196,6 +223,9 @@ def wgrad(
         _check_tensor(
             "bias_grad", bias_grad, dtypes=(torch.float32,), shape=(n_out,), device=device, contiguous=True
         )
+        _check_no_overlap("bias_grad", bias_grad, (("input", x), ("grad_output", dy), ("out", out)))
+    if out is not None:
+        _check_no_overlap("out (main_grad)", out, (("input", x), ("grad_output", dy)))
     chosen = resolve_backend(backend, device, x.dtype)
     if out is None:
         alloc = torch.empty if rows is None else torch.zeros

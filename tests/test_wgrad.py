@@ -398,6 +398,99 @@ def test_bad_inputs_raise_with_the_argument_named(kwargs, exc, match):
         wgrad(args.pop("input"), args.pop("grad_output"), **args)
 
 
+def _aliasing_cases():
+    """(name, make) pairs: ``make()`` gives wgrad's arguments where the destination shares memory
+    with what the kernel reads; n = 8 tokens, in = out = 8, so every shape fits."""
+
+    def buf():
+        return torch.randn(24, 8)
+
+    def view_over_x():
+        b = buf()
+        return {"input": b[:8], "grad_output": torch.randn(8, 8), "out": b[4:12]}
+
+    def out_is_dy():
+        dy = torch.randn(8, 8)
+        return {"input": torch.randn(8, 8), "grad_output": dy, "out": dy}
+
+    def out_is_x():
+        x = torch.randn(8, 8)
+        return {"input": x, "grad_output": torch.randn(8, 8), "out": x}
+
+    def strided_x_over_out():  # x reads every other row of the buffer out is in
+        b = buf()
+        return {"input": b[::2][:8], "grad_output": torch.randn(8, 8), "out": b[9:17]}
+
+    def bias_in_dy():
+        dy = torch.randn(8, 8)
+        return {"input": torch.randn(8, 8), "grad_output": dy, "bias_grad": dy[3]}
+
+    def bias_in_out():
+        out = torch.zeros(8, 8)
+        return {"input": torch.randn(8, 8), "grad_output": torch.randn(8, 8), "out": out, "bias_grad": out[2]}
+
+    def numpy_alias():  # two tensors over one numpy array: different storages, same memory
+        a = np.random.default_rng(0).standard_normal((8, 8)).astype(np.float32)
+        return {"input": torch.from_numpy(a), "grad_output": torch.randn(8, 8), "out": torch.from_numpy(a)}
+
+    return [
+        ("out is input", out_is_x, "out.*shares memory with input"),
+        ("out is grad_output", out_is_dy, "out.*shares memory with grad_output"),
+        ("out overlaps a view of input", view_over_x, "out.*shares memory with input"),
+        ("strided input over out", strided_x_over_out, "out.*shares memory with input"),
+        ("bias_grad in grad_output", bias_in_dy, "bias_grad shares memory with grad_output"),
+        ("bias_grad in out", bias_in_out, "bias_grad shares memory with out"),
+        ("numpy alias", numpy_alias, "out.*shares memory with input"),
+    ]
+
+
+@pytest.mark.parametrize("name, make, match", _aliasing_cases(), ids=[c[0] for c in _aliasing_cases()])
+@pytest.mark.parametrize("accumulate", [True, False])
+def test_destination_sharing_memory_with_an_input_is_refused(name, make, match, accumulate):
+    args = make()
+    before = {k: v.clone() for k, v in args.items()}
+    kwargs = {k: v for k, v in args.items() if k not in ("input", "grad_output")}
+    with pytest.raises(ValueError, match=match):
+        wgrad(args["input"], args["grad_output"], accumulate=accumulate, backend="torch", **kwargs)
+    assert all(torch.equal(before[k], v) for k, v in args.items())  # refused before writing
+
+
+def test_disjoint_views_of_one_buffer_are_fine():
+    """Views of one storage that do not overlap are no alias: the result equals the float64 reference."""
+    buf = torch.randn(40, 8)
+    x, dy, out, bias = buf[:8], buf[8:16], buf[16:24], buf[24]
+    start, bias_start, tail = out.clone(), bias.clone(), buf[25:].clone()
+    mask = make_mask("random", 8, 0)
+    wgrad(x, dy, active_rows=mask, out=out, bias_grad=bias, backend="torch")
+    ref, ref_bias = wgrad_ref(x, dy, active_rows=mask, out=start, bias_grad=bias_start)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(bias.double(), ref_bias, rtol=1e-5, atol=1e-5)
+    assert torch.equal(buf[25:], tail)
+
+
+def test_meta_masks_and_bad_devices_are_named():
+    meta = torch.ones(8, dtype=torch.bool, device="meta")
+    with pytest.raises(ValueError, match="active_rows is on the meta device"):
+        ActiveRows(meta)
+    x, dy = torch.randn(3, 4), torch.randn(3, 8)
+    with pytest.raises(ValueError, match="active_rows must be on device cpu.*meta"):
+        wgrad(x, dy, active_rows=meta)
+    for device in ("tpu", 5.5, "cuda:x"):
+        with pytest.raises(ValueError, match=f"device must be .*got {device!r}"):
+            ActiveRows(np.ones(8, dtype=bool), device)
+        with pytest.raises(ValueError, match=f"got {device!r}"):
+            resolve_backend("auto", device)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match=r"cuda:0 was given, but torch.cuda.is_available\(\) is False"):
+            ActiveRows(np.ones(8, dtype=bool), "cuda:0")
+    rows = ActiveRows(np.ones(8, dtype=bool))
+    for block in (0, -64, 1.5, True):
+        with pytest.raises(ValueError, match=f"block must be an integer >= 1, got {block!r}"):
+            rows.n_blocks(block)
+    with pytest.raises(TypeError, match="sequence of masks, got one ndarray"):
+        ActiveRows.build_many(np.ones(8, dtype=bool), "cpu")
+
+
 def test_backend_resolution(monkeypatch):
     monkeypatch.delenv("TFZ_DISABLE_TRITON", raising=False)
     assert resolve_backend("auto", "cpu") == "torch"

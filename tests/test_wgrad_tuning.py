@@ -323,3 +323,22 @@ def test_bad_tuning_cache_is_refused_and_changes_nothing(interp, tmp_path, text)
 def test_tune_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         tune(device="cpu", bench=lambda fn: 1.0, **kwargs)
+
+
+def test_tune_refuses_shapes_larger_than_the_device(interp, monkeypatch):
+    monkeypatch.setattr(interp, "INTERPRET", True)  # CPU tensors pass the device check
+    with pytest.raises(ValueError, match=r"shape \(tokens=1099511627776, .* GiB of scratch operands"):
+        tune([(64, 8, 8), (2**40, 4096, 4096)], device="cpu", bench=lambda fn: 1.0)
+    assert interp.tuned == {}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available")
+def test_tune_without_cuda_says_so():
+    with pytest.raises(
+        ValueError, match=r"tune needs a CUDA device, but torch.cuda.is_available\(\) is False"
+    ):
+        tune([(64, 8, 8)])
+    with pytest.raises(
+        ValueError, match=r"device cuda:0 was given, but torch.cuda.is_available\(\) is False"
+    ):
+        tune([(64, 8, 8)], device="cuda:0")
