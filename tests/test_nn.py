@@ -3,6 +3,7 @@
 import copy
 import threading
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -328,6 +329,59 @@ def test_bad_masks_raise():
     with pytest.raises(TypeError, match="mapping"):
         with use_row_masks([model.out]):
             pass
+
+
+def test_meta_masks_and_bad_sizes_are_named():
+    _, model = make_pair()
+    meta = torch.ones(model.out.out_features, dtype=torch.bool, device="meta")
+    with pytest.raises(ValueError, match="row mask is on the meta device"):
+        tnn.prepare_row_masks({model.out: meta})
+    with pytest.raises(ValueError, match="row mask is on the meta device"):
+        with use_row_masks({model.out: meta}):
+            pass
+    with pytest.raises(ValueError, match="row mask is on the meta device"):
+        tnn.RowMask(meta, model.out.out_features)
+    with pytest.raises(ValueError, match="device must be .*got 'tpu'"):
+        tnn.prepare_row_masks({model.out: None}, device="tpu")
+    for bad in (-1, 3.0, True, None):
+        with pytest.raises(ValueError, match=f"out_features must be an integer >= 0, got {bad!r}"):
+            tnn.RowMask(None, bad)
+        with pytest.raises(ValueError, match=f"in_features must be an integer >= 0, got {bad!r}"):
+            FreezableLinear(bad, 4)
+    with pytest.raises(TypeError, match="input must be a torch.Tensor, got str"):
+        model.out("x")
+    with pytest.raises(TypeError, match="module must be an nn.Module, got str"):
+        tnn.reset_row_usage("model")
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_meta_device_layer_runs_like_nn_linear(masked):
+    """A FreezableLinear built on the meta device (deferred initialisation, shape inference) runs
+    forward and backward there with the shapes nn.Linear gives."""
+    layer = FreezableLinear(16, 8, device="meta")
+    plain = nn.Linear(16, 8, device="meta")
+    for module in (layer, plain):
+        x = torch.randn(4, 16, device="meta", requires_grad=True)
+        mask = torch.arange(8) < 5 if masked and module is layer else None
+        with use_row_masks({layer: mask}):
+            y = module(x)
+            y.sum().backward()
+        assert y.shape == (4, 8) and y.device.type == "meta"
+        assert module.weight.grad.shape == (8, 16) and module.weight.grad.device.type == "meta"
+        assert x.grad.shape == (4, 16)
+
+
+def test_store_takes_numpy_integers():
+    _, model = make_pair()
+    store = WeightGradStore()
+    x = torch.randn(2, 5, dtype=torch.float64)
+    with store.capture(np.int64(1), np.int32(2)):
+        model(x).sum().backward()
+    assert store.pending() == [(1, 2)] and all(type(v) is int for v in store.pending()[0])
+    store.flush(np.int64(1), 2)
+    for bad in (-1, 1.0, True, "0"):
+        with pytest.raises(ValueError, match=f"stage must be an integer >= 0, got {bad!r}"):
+            store.capture(bad, 0).__enter__()
 
 
 # ---------------------------------------------------------------- split mode (W queue)

@@ -26,7 +26,9 @@ import numpy as np
 import torch
 
 from tfz import _torch_compat
+from tfz._validate import check_int
 from tfz.kernels import ActiveRows
+from tfz.kernels.rows import as_device, host_copy
 
 __all__ = ["RowMask", "RowUsage", "prepare_row_masks", "reset_row_usage", "use_row_masks"]
 
@@ -48,6 +50,7 @@ class RowMask:
     __slots__ = ("rows", "n_active", "out_features", "_by_device")
 
     def __init__(self, mask, out_features: int, *, device=None):
+        out_features = check_int("out_features", out_features, 0)
         (prepared,) = _prepare([mask], [out_features], device)
         self.rows, self.n_active, self.out_features = prepared.rows, prepared.n_active, out_features
         self._by_device: dict[torch.device, ActiveRows] = {}
@@ -100,20 +103,22 @@ def _host_mask(mask, out_features: int) -> np.ndarray | None:
     if shape != (out_features,):
         raise ValueError(f"row mask has shape {shape}, expected ({out_features},)")
     if isinstance(mask, torch.Tensor):
-        mask = mask.detach().cpu().numpy()  # a CUDA mask: one device-to-host copy, here, once
+        mask = host_copy(mask, "row mask")  # a CUDA mask: one device-to-host copy, here, once
     return mask
 
 
 def _prepare(masks: list, out_features: list[int], device) -> list[RowMask]:
     """RowMasks of ``masks`` (bool tensors, numpy bool arrays or None); the partly frozen ones are
     prepared on ``device`` (default: a tensor mask's own device, else the CPU) with one upload."""
+    if device is not None:
+        device = as_device(device)
     hosts = [_host_mask(m, n) for m, n in zip(masks, out_features)]
     counts = [n if h is None else int(h.sum()) for h, n in zip(hosts, out_features)]
     partial = [i for i, (c, n) in enumerate(zip(counts, out_features)) if 0 < c < n]
     by_device: dict[torch.device, list[int]] = {}
     for i in partial:
         where = device if device is not None else getattr(masks[i], "device", torch.device("cpu"))
-        by_device.setdefault(torch.device(where), []).append(i)
+        by_device.setdefault(as_device(where), []).append(i)
     rows: dict[int, ActiveRows] = {}
     for where, idx in by_device.items():
         rows.update(zip(idx, ActiveRows.build_many([hosts[i] for i in idx], where)))
@@ -262,7 +267,7 @@ class RowUsage:
     __slots__ = ("calls", "device", "full_calls", "out_features", "partial")
 
     def __init__(self, out_features: int):
-        self.out_features = out_features
+        self.out_features = check_int("out_features", out_features, 0)
         self.calls = 0
         self.full_calls = 0
         self.partial: torch.Tensor | None = None
@@ -302,6 +307,8 @@ class RowUsage:
 
 def reset_row_usage(module: torch.nn.Module) -> None:
     """Forget the recorded row usage of every FreezableLinear in ``module`` (e.g. after a skipped step)."""
+    if not isinstance(module, torch.nn.Module):
+        raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
     for sub in module.modules():
         usage = getattr(sub, "row_usage", None)
         if isinstance(usage, RowUsage):

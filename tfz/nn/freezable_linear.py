@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from tfz._validate import check_int
 from tfz.nn.context import RowUsage
 from tfz.nn.function import freezable_linear
 
@@ -34,6 +35,8 @@ class FreezableLinear(nn.Linear):
     """Marker read by ``tfz.masks`` and the mask context (they do not import this class)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None):
+        in_features = check_int("in_features", in_features, 0)
+        out_features = check_int("out_features", out_features, 0)
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.row_usage = RowUsage(out_features)
 

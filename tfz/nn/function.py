@@ -147,7 +147,9 @@ def apply_weight_grads(
 
 
 def _autocast_dtype(device_type: str) -> torch.dtype | None:
-    if torch.is_autocast_enabled(device_type):
+    """The autocast dtype in force for ``device_type`` (None: off, or a device without autocast,
+    such as meta)."""
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
     return None
 
@@ -196,6 +198,8 @@ def freezable_linear(
     Returns:
         [..., O].
     """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"input must be a torch.Tensor, got {type(x).__name__}")
     if not torch.is_grad_enabled():
         return F.linear(x, weight, bias)
     # views give the weight and bias a non-leaf graph node the engine can be asked about

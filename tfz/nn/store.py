@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from tfz._validate import check_int
 from tfz.nn.context import _capture, _current_state, _resolve_mask, use_row_masks
 from tfz.nn.function import apply_weight_grads
 
@@ -44,10 +45,7 @@ class _Work:
 
 
 def _key(stage: int, microbatch: int) -> tuple[int, int]:
-    for name, value in (("stage", stage), ("microbatch", microbatch)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
-    return (stage, microbatch)
+    return (check_int("stage", stage, 0), check_int("microbatch", microbatch, 0))
 
 
 class WeightGradStore:
