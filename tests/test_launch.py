@@ -16,7 +16,9 @@ from _pipe_launch_fns import raise_on, rank_info, run_hanging, sleep_forever, un
 
 pytest.importorskip("torch")
 
-from tfz.pipeline import RankError, launch, run_from_env  # noqa: E402
+import numpy as np  # noqa: E402
+
+from tfz.pipeline import RankError, heartbeat, launch, run_from_env  # noqa: E402
 from tfz.pipeline.launch import RankHangError  # noqa: E402
 
 pytestmark = pytest.mark.distributed
@@ -85,6 +87,8 @@ def test_unpicklable_result_is_reported():
             "progress_timeout must be None or a finite number of seconds > 0, got 0",
         ),
         ({"world_size": True}, "world_size must be an integer >= 1, got True"),
+        ({"world_size": 2, "backend": "mpi2"}, "backend 'mpi2' is not available"),
+        ({"world_size": 10**6}, r"world_size 1000000 starts 1000000 processes .* GB of memory"),
     ],
 )
 def test_bad_arguments(kwargs, match):
@@ -93,6 +97,16 @@ def test_bad_arguments(kwargs, match):
         launch(rank_info, world_size, "x", **kwargs)
     with pytest.raises(TypeError, match="fn must be callable"):
         launch("rank_info", 2)
+    with pytest.raises(TypeError, match="fn must be a function defined at module level"):
+        launch(lambda rank, world: rank, 2)
+
+
+def test_heartbeat_arguments_are_checked():
+    heartbeat("eval", step=np.int64(3))  # outside launch: checked, then nothing happens
+    with pytest.raises(TypeError, match="label must be a str or None, got 5"):
+        heartbeat(5)
+    with pytest.raises(ValueError, match="step must be None or an integer, got 1.5"):
+        heartbeat("eval", step=1.5)
 
 
 def test_run_from_env_needs_the_environment(monkeypatch):

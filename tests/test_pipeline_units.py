@@ -258,12 +258,33 @@ def test_ratio_masks_match_select_and_cache():
     redrawn = provider.masks_for(0, 1)
     assert redrawn is not m
     assert np.array_equal(redrawn.frozen, select(units[0], 0.4, stage=0, microbatch=1, step=3, seed=3).frozen)
-    with pytest.raises(ValueError, match=r"ratio of \(0, 0\) must be a number in \[0, 1\], got 1.5"):
+    with pytest.raises(ValueError, match=r"ratio of \(0, 0\) must be a finite number in \[0, 1\], got 1.5"):
         RatioMasks({(0, 0): 1.5}, units)
     with pytest.raises(ValueError, match="ratio given for stage 7, which has no entry"):
         RatioMasks({(7, 0): 0.5}, units)
     with pytest.raises(TypeError, match=r"units_by_stage\[0\] must be StageUnits"):
         RatioMasks({}, {0: "units"})
+
+
+def test_ratio_masks_take_numpy_scalars_as_plain_numbers():
+    units = {0: stage_units(0)}
+    plain = RatioMasks({(0, 1): 0.5, (0, 2): 1}, units, seed=3, step=2)
+    given = RatioMasks(
+        {(np.int64(0), np.int32(1)): np.float32(0.5), (0, 2): np.int64(1)},
+        units,
+        seed=np.int64(3),
+        step=np.int64(2),
+    )
+    for mb in (1, 2):
+        assert np.array_equal(given.masks_for(0, mb).frozen, plain.masks_for(0, mb).frozen)
+    assert given.seed == 3 and type(given.seed) is int
+    fixed = FixedMasks({(np.int64(0), np.int64(1)): plain.masks_for(0, 1)})
+    assert fixed.masks_for(0, 1) is plain.masks_for(0, 1)
+    for kwargs, match in (({"seed": -1}, "seed"), ({"step": 1.5}, "step"), ({"policy": "random"}, "policy")):
+        with pytest.raises((ValueError, TypeError), match=match):
+            RatioMasks({}, units, **kwargs)
+    with pytest.raises(ValueError, match="step must be an integer >= 0, got 'a'"):
+        plain.update(step="a")
 
 
 # -- stage API on a one-rank process group ----------------------------------------------------------

@@ -40,7 +40,7 @@ from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
-from tfz._validate import check_int, check_number
+from tfz._validate import check_int, check_number, short_repr
 
 __all__ = ["RankError", "RankHangError", "heartbeat", "in_action", "launch", "run_from_env"]
 
@@ -50,6 +50,10 @@ _FAILURE_WINDOW_S = 1.0
 """After the first failure, seconds to wait for others (to report the one that came first)."""
 _REPORT_GRACE_S = 0.2
 """Seconds a rank that exited may take to deliver its report before it counts as died."""
+RANK_BYTES = 300 * 2**20
+"""Memory of one spawned rank before ``fn`` runs (torch, torch.distributed and tfz.pipeline imported:
+275 MB resident measured with torch 2.13 on CPU): :func:`launch` refuses a ``world_size`` whose ranks
+would need more than the machine's physical memory."""
 
 
 class RankError(RuntimeError):
@@ -157,6 +161,9 @@ class _Heart:
 def heartbeat(label: str | None = None, *, step: int | None = None) -> None:
     """Tell :func:`launch`'s watchdog that this rank is making progress (outside an action);
     ``label`` names what it did last (at most 32 bytes are kept). Does nothing outside launch."""
+    if label is not None and not isinstance(label, str):
+        raise TypeError(f"label must be a str or None, got {short_repr(label)}")
+    check_int("step", step, optional=True)
     heart = _BEAT
     if heart is not None:
         heart.report(label, step, 0.0 if label is not None else None)
@@ -340,6 +347,30 @@ def _check_args(world_size, timeout, init_timeout, backend, progress_timeout=Non
     check_number("progress_timeout", progress_timeout, low=0, low_open=True, unit="seconds", optional=True)
     if not isinstance(backend, str) or not backend:
         raise ValueError(f"backend must be a process-group backend name such as 'gloo', got {backend!r}")
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_backend_available(backend):
+        raise ValueError(f"backend {short_repr(backend)} is not available in this torch build (try 'gloo')")
+
+
+def _check_spawnable(fn, world_size: int) -> None:
+    """Refuse, before any process starts, a ``fn`` the ranks cannot import and more ranks than the
+    machine's memory holds."""
+    try:
+        pickle.dumps(fn)
+    except Exception as exc:  # noqa: BLE001 - PicklingError, AttributeError, TypeError: all mean the same
+        raise TypeError(
+            f"fn must be a function defined at module level of an importable module (the spawned ranks "
+            f"import it), got {short_repr(fn)} ({type(exc).__name__}: {exc})"
+        ) from None
+    have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    need = world_size * RANK_BYTES
+    if need > have:
+        raise ValueError(
+            f"world_size {world_size} starts {world_size} processes of about {RANK_BYTES / 2**30:.2g} GB "
+            f"each ({need / 2**30:,.0f} GB), more than this machine's {have / 2**30:,.0f} GB of memory "
+            "(tfz.pipeline.launch.RANK_BYTES)"
+        )
 
 
 def launch(
@@ -354,10 +385,11 @@ def launch(
     """Run ``fn(rank, world_size, *args)`` on ``world_size`` spawned ranks; returns results by rank.
 
     Args:
-        fn: picklable function (module level).
-        world_size: number of ranks (processes).
+        fn: picklable function (module level; TypeError before anything starts otherwise).
+        world_size: number of ranks (processes); refused when ``world_size * RANK_BYTES`` exceeds
+            the machine's physical memory.
         timeout: seconds for the whole run (start-up included) before every rank is killed.
-        backend: process-group backend ("gloo", "nccl").
+        backend: process-group backend ("gloo", "nccl"), available in this torch build.
         init_timeout: ``init_process_group`` timeout in seconds (also the collectives' timeout).
         progress_timeout: seconds without a heartbeat from any rank (once one has reported; see the
             module docstring) before the run is stopped as hung; None: no watchdog.
@@ -370,6 +402,7 @@ def launch(
     if not callable(fn):
         raise TypeError(f"fn must be callable, got {fn!r}")
     _check_args(world_size, timeout, init_timeout, backend, progress_timeout)
+    _check_spawnable(fn, world_size)
     import multiprocessing as mp
 
     ctx = mp.get_context("spawn")

@@ -9,22 +9,18 @@ Both answer None (nothing frozen) for a (stage, microbatch) they do not list.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 
+from tfz._validate import check_int, check_ratio, is_int
 from tfz.masks import SelectionPolicy, StageMasks, StageUnits, select
 
 __all__ = ["FixedMasks", "RatioMasks"]
 
 
 def _key(key) -> tuple[int, int]:
-    if (
-        not isinstance(key, tuple)
-        or len(key) != 2
-        or any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in key)
-    ):
+    if not isinstance(key, tuple) or len(key) != 2 or not all(is_int(v) and v >= 0 for v in key):
         raise ValueError(f"keys must be (stage, microbatch) pairs of integers >= 0, got {key!r}")
-    return key
+    return (int(key[0]), int(key[1]))
 
 
 class FixedMasks:
@@ -71,8 +67,13 @@ class RatioMasks:
         for stage, units in units_by_stage.items():
             if not isinstance(units, StageUnits):
                 raise TypeError(f"units_by_stage[{stage!r}] must be StageUnits, got {type(units).__name__}")
+        if policy is not None and not isinstance(policy, SelectionPolicy):
+            raise TypeError(
+                f"policy must have a rank(units, *, stage, microbatch, rng) method, got {policy!r}"
+            )
         self._units = dict(units_by_stage)
-        self.policy, self.seed, self.step = policy, seed, step
+        self.policy, self.seed = policy, check_int("seed", seed, 0)
+        self.step = check_int("step", step, 0)
         self._ratios: dict[tuple[int, int], float] = {}
         self._cache: dict[tuple[int, int], StageMasks] = {}
         self.update(ratios)
@@ -86,16 +87,13 @@ class RatioMasks:
                 raise TypeError(f"ratios must be a mapping (stage, microbatch) -> ratio, got {ratios!r}")
             table = {}
             for key, r in ratios.items():
-                stage, _ = _key(key)
-                number = not isinstance(r, bool) and isinstance(r, (int, float))
-                if not (number and math.isfinite(r) and 0 <= r <= 1):
-                    raise ValueError(f"ratio of {key!r} must be a number in [0, 1], got {r!r}")
-                if stage not in self._units:
-                    raise ValueError(f"ratio given for stage {stage}, which has no entry in units_by_stage")
-                table[key] = float(r)
+                key = _key(key)
+                if key[0] not in self._units:
+                    raise ValueError(f"ratio given for stage {key[0]}, which has no entry in units_by_stage")
+                table[key] = check_ratio(f"ratio of {key!r}", r)
             self._ratios = table
         if step is not None:
-            self.step = step
+            self.step = check_int("step", step, 0)
         self._cache = {}
 
     def masks_for(self, stage: int, microbatch: int) -> StageMasks | None:
