@@ -18,9 +18,11 @@ import time
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tfz.timing import ActionTimer, PythonHostTimer, _backend, backend
+from tfz.timing._pytimers import TorchEventTimer
 
 try:
     from tfz import _C
@@ -538,6 +540,46 @@ def test_import_does_not_load_torch():
 def test_bad_device(device, error, match):
     with pytest.raises(error, match=match):
         ActionTimer(device)
+
+
+def test_numpy_integers_are_integers():
+    timer = ActionTimer("cpu", capacity=np.int64(16))
+    assert timer.capacity == 16 and type(timer.capacity) is int
+    assert PythonHostTimer(np.int32(8)).capacity == 8
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="cuda"):
+            ActionTimer(np.int64(0))
+
+
+@pytest.mark.parametrize(
+    "word, python",
+    [("1", True), ("TRUE", True), ("on", True), ("0", False), ("false", False), ("off", False), ("", False)],
+)
+def test_force_skip_cpp_reads_words_one_way(monkeypatch, word, python):
+    """TFZ_FORCE_SKIP_CPP=false means off (it once meant on: any non-empty value but "0" did)."""
+    monkeypatch.setenv("TFZ_FORCE_SKIP_CPP", word)
+    if not python and _C is None:
+        pytest.skip("tfz._C not built")
+    assert backend("cpu") == ("python" if python else "native-host")
+
+
+@pytest.mark.parametrize("name", ["TFZ_FORCE_SKIP_CPP", "TFZ_TIMER_FORCE_CPU"])
+def test_bad_switch_word_names_the_variable(monkeypatch, name):
+    monkeypatch.delenv("TFZ_FORCE_SKIP_CPP", raising=False)
+    monkeypatch.setenv(name, "maybe")
+    with pytest.raises(
+        ValueError, match=f"environment variable {name} must be 1/true/yes/on or 0/false/no/off, got 'maybe'"
+    ):
+        ActionTimer("cpu")
+
+
+def test_torch_event_timer_without_cuda_says_so():
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available")
+    with pytest.raises(ValueError, match=r"torch.cuda.is_available\(\) is False"):
+        TorchEventTimer(16)
 
 
 def test_cuda_requested_without_cuda_is_an_error():

@@ -1,6 +1,7 @@
 """Which stream timer is active: the native ``tfz._C`` or a pure-Python fallback.
 
-Environment:
+Environment (switches read by ``tfz._validate.env_flag``: 1/true/yes/on, 0/false/no/off or empty,
+anything else is a ValueError naming the variable):
 - ``TFZ_FORCE_SKIP_CPP=1``: never use ``tfz._C`` (pure Python, no warning);
 - ``TFZ_TIMER_FORCE_CPU=1``: host clock even for CUDA devices (native or Python);
 - ``TFZ_CUDART_PATH``: libcudart file for ``tfz._C`` (see csrc/timer.cpp).
@@ -10,21 +11,17 @@ torch is imported only when a CUDA device is requested (or already imported by t
 
 from __future__ import annotations
 
-import os
 import sys
 import warnings
 
-from tfz.timing._pytimers import PythonHostTimer, TorchEventTimer
+from tfz._validate import env_flag, is_int
+from tfz.timing._pytimers import PythonHostTimer, TorchEventTimer, check_capacity
 
 __all__ = ["BACKENDS", "backend", "make_stream_timer", "native_module", "resolve_device"]
 
 BACKENDS = ("cuda-events", "native-host", "python")
 
 _state = {"module": None, "error": None, "warned": set()}
-
-
-def _flag(name: str) -> bool:
-    return os.environ.get(name, "") not in ("", "0")
 
 
 def _warn_once(key: str, message: str) -> None:
@@ -35,7 +32,7 @@ def _warn_once(key: str, message: str) -> None:
 
 def native_module():
     """``tfz._C`` or None (forced off by TFZ_FORCE_SKIP_CPP=1, or not built: warns once)."""
-    if _flag("TFZ_FORCE_SKIP_CPP"):
+    if env_flag("TFZ_FORCE_SKIP_CPP"):
         return None
     if _state["module"] is None and _state["error"] is None:
         try:
@@ -80,12 +77,10 @@ def resolve_device(device) -> int | None:
 
 
 def _parse_device(device) -> tuple[str, int | None]:
-    if isinstance(device, bool):
-        raise TypeError(f"device must be None, 'cpu', 'cuda[:N]', an int or a torch.device, got {device!r}")
-    if isinstance(device, int):
+    if is_int(device):
         if device < 0:
             raise ValueError(f"device index must be >= 0, got {device}")
-        return "cuda", device
+        return "cuda", int(device)
     if isinstance(device, str):
         kind, _, index = device.partition(":")
         if kind == "cpu" and not index:
@@ -101,7 +96,8 @@ def _parse_device(device) -> tuple[str, int | None]:
 
 def _choose(index: int | None) -> str:
     native = native_module()
-    if index is None or _flag("TFZ_TIMER_FORCE_CPU"):
+    host = env_flag("TFZ_TIMER_FORCE_CPU")  # read (and checked) for every device
+    if index is None or host:
         return "native-host" if native is not None else "python"
     if native is None:
         return "python"
@@ -123,13 +119,14 @@ def backend(device=None) -> str:
 
 def make_stream_timer(device, capacity: int):
     """``(timer, backend name, CUDA device index or None for a host clock)`` for ``device``."""
+    capacity = check_capacity(capacity)
     index = resolve_device(device)
     name = _choose(index)
     if name == "cuda-events":
         timer = native_module().StreamTimer(capacity, clock="cuda-events", device=index)
     elif name == "native-host":
         timer, index = native_module().StreamTimer(capacity, clock="host"), None
-    elif index is not None and not _flag("TFZ_TIMER_FORCE_CPU"):
+    elif index is not None and not env_flag("TFZ_TIMER_FORCE_CPU"):
         timer = TorchEventTimer(capacity, device=index)
     else:
         timer, index = PythonHostTimer(capacity), None

@@ -10,6 +10,8 @@ from __future__ import annotations
 import threading
 import time
 
+from tfz._validate import is_int
+
 __all__ = ["PythonHostTimer", "TorchEventTimer", "check_capacity", "check_tag"]
 
 MAX_CAPACITY = 1 << 24
@@ -17,18 +19,20 @@ _INT64 = (-(1 << 63), (1 << 63) - 1)
 
 
 def check_capacity(capacity) -> int:
-    """``capacity`` as an int in [1, 2**24]; TypeError/ValueError naming it otherwise."""
-    if not isinstance(capacity, int) or isinstance(capacity, bool):
+    """``capacity`` as a plain int in [1, 2**24] (as the native timer takes it); TypeError/ValueError
+    naming it otherwise."""
+    if not is_int(capacity):
         raise TypeError(f"capacity must be an int, got {type(capacity).__name__}")
     if not 1 <= capacity <= MAX_CAPACITY:
         raise ValueError(f"capacity must be in [1, {MAX_CAPACITY}], got {capacity}")
-    return capacity
+    return int(capacity)
 
 
 def check_tag(tag) -> None:
     """Tags are str or int64 (as in the native timer)."""
     if isinstance(tag, str):
         return
+    # a Python int exactly, as the native timer's PyLong_Check (no bool, no numpy integer)
     if not isinstance(tag, int) or isinstance(tag, bool):
         raise TypeError(f"tag must be a str or an int, got {type(tag).__name__}")
     if not _INT64[0] <= tag <= _INT64[1]:
@@ -97,6 +101,9 @@ class TorchEventTimer:
 
     def __init__(self, capacity: int = 4096, device: int = 0):
         import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError("TorchEventTimer times CUDA streams, but torch.cuda.is_available() is False")
 
         self._torch = torch
         self._capacity = check_capacity(capacity)
