@@ -555,7 +555,11 @@ def test_bad_constructor_arguments_and_masks_queries():
     TimelyFreeze(small(keep_trainable_units=19), sched, mods)  # partial monitoring keeps none
     with pytest.raises(TypeError, match="rank"):
         TimelyFreeze(small(), sched, mods, policy=object())
+    with pytest.raises(TypeError, match="solver must be a function like tfz.plan.solve, got 5"):
+        TimelyFreeze(small(), sched, mods, solver=5)
     c = TimelyFreeze(small(), sched, mods)
+    with pytest.raises(TypeError, match="step must be an integer, got 1.5"):
+        c.observe(1.5)
     with pytest.raises(ValueError, match="stage 2 is not a stage"):
         c.masks_for(2, 0)
     with pytest.raises(ValueError, match=r"microbatch must be an integer in \[0, 4\), got 4"):

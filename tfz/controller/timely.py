@@ -57,7 +57,7 @@ from typing import Any
 
 import numpy as np
 
-from tfz._validate import check_int, is_int
+from tfz._validate import check_int, is_int, short_repr
 from tfz.controller._comm import Comm
 from tfz.controller._solve import (
     SolveJob,
@@ -168,6 +168,8 @@ class TimelyFreeze:
         self.policy = RandomPolicy() if policy is None else policy
         if not isinstance(self.policy, SelectionPolicy):
             raise TypeError(f"policy must have a rank(units, *, stage, microbatch, rng) method: {policy!r}")
+        if solver is not None and not callable(solver):
+            raise TypeError(f"solver must be a function like tfz.plan.solve, got {short_repr(solver)}")
         self._solver = solve if solver is None else solver
 
         local = np.flatnonzero(np.isin(dag.rank, ranks))
@@ -395,6 +397,8 @@ class TimelyFreeze:
     def observe(self, step: int) -> None:
         """Forward ``policy.observe(step, stage_modules)`` (after ``optimizer.step()``, before
         ``zero_grad()``); a no-op for policies without ``observe``."""
+        if not is_int(step):
+            raise TypeError(f"step must be an integer, got {short_repr(step)}")
         if isinstance(self.policy, ObservingPolicy):
             self.policy.observe(step, self.stage_modules)
 
