@@ -47,7 +47,54 @@ def _namespace() -> dict:
 
     ns["dag"] = ns["build_dag"](ns["build_schedule"]("1f1b", 2, 2))
     ns["sim"] = ns["simulate"](ns["dag"], np.ones(ns["dag"].num_actions))
+    ns.update(_library_fixtures(ns))
     return ns
+
+
+def _library_fixtures(ns: dict) -> dict:
+    """The runtime packages under short names, and small objects for their cases to call."""
+    import numpy as np
+    import torch
+
+    import tfz.controller
+    import tfz.masks
+    import tfz.metrics
+    import tfz.nn
+    import tfz.optim
+    import tfz.pipeline
+    import tfz.plan
+    import tfz.timing
+
+    torch.manual_seed(0)
+    mod = tfz.nn.convert_to_freezable(torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.Linear(64, 32)))
+    dag = ns["dag"]
+    f_mask = dag.kind_mask("F")
+
+    def controller(**overrides):
+        """A one-rank TimelyFreeze over 1f1b with 1 rank and 4 microbatches."""
+        cfg = tfz.controller.TimelyFreezeConfig.for_run(total_steps=60, **overrides)
+        return tfz.controller.TimelyFreeze(cfg, ns["build_schedule"]("1f1b", 1, 4), {0: mod})
+
+    return dict(
+        torch=torch,
+        masks=tfz.masks,
+        tnn=tfz.nn,
+        kernels=tfz.kernels,
+        optim=tfz.optim,
+        pipe=tfz.pipeline,
+        ctl=tfz.controller,
+        metrics=tfz.metrics,
+        timing=tfz.timing,
+        plan=tfz.plan,
+        mod=mod,
+        lin=mod[1],  # FreezableLinear(64, 32)
+        units=tfz.masks.StageUnits.from_module(mod, block_rows=16),
+        x=torch.randn(8, 64),  # input of lin
+        dy=torch.randn(8, 32),  # grad_output of lin
+        controller=controller,
+        unfrozen=np.ones(dag.num_actions),  # durations of dag's actions
+        frozen=np.where(f_mask, 1.0, 0.2),
+    )
 
 
 def _vm_size() -> int:

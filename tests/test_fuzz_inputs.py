@@ -6,7 +6,12 @@
 - ``Ok(argv, shows)``: an input that once failed and is now computed correctly: exit 0, stdout
   contains ``shows``, no inf or nan.
 - ``Api(expr, names)``: the Python expression raises ValueError or TypeError (``raises`` to name
-  another) whose message contains ``names``.
+  another) whose message contains ``names``. Expressions see the names of tests/_fuzz_worker.py:
+  the public names of tfz.schedule, tfz.dag, tfz.profile, tfz.timeline, tfz.measure and
+  tfz.pipeline.launch, the packages ``masks``, ``tnn`` (tfz.nn), ``kernels``, ``optim``, ``pipe``
+  (tfz.pipeline), ``ctl`` (tfz.controller), ``metrics``, ``timing``, ``plan``, and small objects to
+  call them on (``mod``, ``lin``, ``units``, ``x``, ``dy``, ``controller()``, ``dag``, ``unfrozen``,
+  ``frozen``).
 
 ``{name}`` in a row is the path of fixture file ``name`` (see :data:`FILES`). Each case runs in a child
 forked from one worker process (tests/_fuzz_worker.py) with at most :data:`MEMORY` more bytes of
@@ -36,6 +41,7 @@ SECONDS = 60
 """Wall time a case may take (the slowest rows solve a small LP or import matplotlib: about 2 s)."""
 
 HAS_DEV = os.path.exists("/dev/full") and os.path.exists("/dev/zero")
+HAS_CUDA = pytest.importorskip("torch").cuda.is_available()
 
 
 @dataclass(frozen=True)
@@ -56,6 +62,7 @@ class Api:
     expr: str
     names: str
     raises: tuple[str, ...] = ("ValueError", "TypeError")
+    env: tuple[tuple[str, str], ...] = ()
 
 
 def _profile(**fields) -> str:
@@ -423,7 +430,204 @@ API_CASES = [
     Api("launch(print, 2, progress_timeout='5')", "got '5'"),
     Api("launch(print, 2, backend='')", "''"),
     Api("launch('print', 2)", "'print'"),
+    Api("launch(print, 10**6)", "world_size 1000000"),
+    Api("launch(print, 2, backend='mpi2')", "'mpi2'"),
+    Api("launch(lambda rank, world: rank, 2)", "<lambda>"),
+    # -- tfz.masks
+    Api("masks.select(units, 1.5, stage=0, microbatch=0)", "got 1.5"),
+    Api("masks.select(units, float('nan'), stage=0, microbatch=0)", "got nan"),
+    Api("masks.select(units, True, stage=0, microbatch=0)", "got True"),
+    Api("masks.select(units, 0.5, stage=-1, microbatch=0)", "got -1"),
+    Api("masks.select(units, 0.5, stage=0.5, microbatch=0)", "got 0.5"),
+    Api("masks.select(units, 0.5, stage=0, microbatch=True)", "got True"),
+    Api("masks.select(units, 0.5, stage=0, microbatch=0, step=-1)", "step must be"),
+    Api("masks.select(units, 0.5, stage=0, microbatch=0, seed=1.5)", "got 1.5"),
+    Api("masks.select(units, 0.5, stage=0, microbatch=0, policy='random')", "'random'"),
+    Api("masks.select('units', 0.5, stage=0, microbatch=0)", "got str"),
+    Api("masks.select_covering(units, [0.5, 2.0], stage=0)", "got 2.0"),
+    Api("masks.select_covering(units, [float('nan')], stage=0)", "got nan"),
+    Api("masks.StageUnits((), block_rows=64)", "no specs"),
+    Api("masks.StageUnits((masks.LayerSpec('a', 128, 64),), block_rows=0)", "got 0"),
+    Api("masks.StageUnits((masks.LayerSpec('a', 128, 64),), block_rows=True)", "got True"),
+    Api("masks.LayerSpec('a', 0, 64)", "got 0"),
+    Api("masks.LayerSpec('a', 1.5, 64)", "got 1.5"),
+    Api("masks.TensorSpec('t', 2.5)", "got 2.5"),
+    Api("masks.StageUnits.from_module(mod, block_rows=-64)", "got -64"),
+    Api("masks.StageUnits.from_module(torch.nn.Sequential(torch.nn.ReLU()))", "no FreezableLinear"),
+    Api("masks.RandomPolicy(first_weight=float('nan'))", "got nan"),
+    Api("masks.RandomPolicy(last_weight=-1)", "got -1"),
+    # -- tfz.nn
+    Api("tnn.FreezableLinear(-1, 8)", "got -1"),
+    Api("tnn.FreezableLinear(8.5, 8)", "got 8.5"),
+    Api("tnn.FreezableLinear(8, True)", "got True"),
+    Api("lin('x')", "got str"),
+    Api("tnn.convert_to_freezable('model')", "got str"),
+    Api("tnn.convert_to_freezable(torch.nn.Linear(3, 3), filter_fn=5)", "got int"),
+    Api("tnn.prepare_row_masks({lin: torch.ones(32, dtype=torch.bool, device='meta')})", "meta device"),
+    Api("tnn.prepare_row_masks({lin: torch.ones(31, dtype=torch.bool)})", "(31,)"),
+    Api("tnn.prepare_row_masks({lin: torch.ones(32)})", "torch.float32"),
+    Api("tnn.prepare_row_masks({lin: np.ones(32)})", "float64"),
+    Api("tnn.prepare_row_masks({lin: [True] * 32})", "got list"),
+    Api("tnn.prepare_row_masks({torch.nn.Linear(3, 3): None})", "got Linear"),
+    Api("tnn.prepare_row_masks([lin])", "got list"),
+    Api("tnn.prepare_row_masks({lin: np.ones(32, bool)}, device='tpu')", "'tpu'"),
+    Api("tnn.RowMask(torch.ones(8, dtype=torch.bool, device='meta'), 8)", "meta device"),
+    Api("tnn.RowMask(torch.ones(8, dtype=torch.bool), 8.0)", "got 8.0"),
+    Api("tnn.RowUsage(-1)", "got -1"),
+    Api("tnn.use_row_masks({lin: 5}).__enter__()", "got int"),
+    Api("tnn.WeightGradStore().capture(-1, 0).__enter__()", "got -1"),
+    Api("tnn.WeightGradStore().capture(0, 1.5).__enter__()", "got 1.5"),
+    Api("tnn.WeightGradStore().flush('a', 0)", "got 'a'"),
+    Api("tnn.WeightGradStore().flush(0, 3)", "(0, 3)"),
+    Api("tnn.reset_row_usage('m')", "got str"),
+    # -- tfz.kernels
+    Api("(lambda t: kernels.wgrad(t, torch.randn(16, 16), out=t))(torch.randn(16, 16))", "shares memory with input"),
+    Api("(lambda t: kernels.wgrad(torch.randn(16, 16), t, out=t))(torch.randn(16, 16))", "shares memory with grad_output"),
+    Api("(lambda b: kernels.wgrad(b[:16], torch.randn(16, 16), out=b[8:24]))(torch.randn(48, 16))", "shares memory with input"),
+    Api("(lambda t: kernels.wgrad(x, t, bias_grad=t[2]))(torch.randn(8, 32))", "bias_grad shares memory"),
+    Api("(lambda t: kernels.wgrad_gemm_accum_fp32(t, torch.randn(16, 16), t))(torch.randn(16, 16))", "shares memory with input"),
+    Api("kernels.wgrad(x, dy, active_rows=torch.ones(32, dtype=torch.bool, device='meta'))", "device meta"),
+    Api("kernels.wgrad(x, dy, active_rows=torch.ones(31, dtype=torch.bool))", "(31,)"),
+    Api("kernels.wgrad(x, dy, active_rows=np.ones(32, bool))", "got ndarray"),
+    Api("kernels.wgrad(x, dy, backend='cuda')", "'cuda'"),
+    Api("kernels.wgrad(x.double(), dy.double())", "torch.float64"),
+    Api("kernels.wgrad(x, dy.half())", "torch.float16"),
+    Api("kernels.wgrad(x, torch.randn(9, 32))", "(9 tokens)"),
+    Api("kernels.wgrad(x, dy, out=torch.zeros(32, 63))", "(32, 63)"),
+    Api("kernels.wgrad(x, dy, out=torch.zeros(64, 32).t())", "contiguous"),
+    Api("kernels.wgrad(x, dy, bias_grad=torch.zeros(31))", "(31,)"),
+    Api("kernels.wgrad('x', dy)", "got str"),
+    Api("kernels.wgrad(torch.randn(()), dy)", "input ()"),
+    Api("kernels.wgrad_gemm_accum_fp16(x, dy, torch.zeros(32, 64))", "torch.float32"),
+    Api("kernels.ActiveRows(torch.ones(32, dtype=torch.bool, device='meta'))", "meta device"),
+    Api("kernels.ActiveRows(np.ones(32, bool), 'tpu')", "'tpu'"),
+    Api("kernels.ActiveRows(np.ones(32, bool), 5.5)", "5.5"),
+    Api("kernels.ActiveRows(np.ones((2, 16), bool))", "(2, 16)"),
+    Api("kernels.ActiveRows([True, False])", "got list"),
+    Api("kernels.ActiveRows(np.ones(32, bool)).n_blocks(0)", "got 0"),
+    Api("kernels.ActiveRows.build_many(np.ones(32, bool), 'cpu')", "got one ndarray"),
+    Api("kernels.tune([(1, 2)])", "(1, 2)"),
+    Api("kernels.tune([(0, 64, 64)])", "got 0"),
+    Api("kernels.tune([(64.5, 64, 64)])", "got 64.5"),
+    Api("kernels.tune([(64, 64, 64)], dtype=torch.int8)", "torch.int8"),
+    Api("kernels.tune([(2**40, 4096, 4096)], device='cpu', bench=lambda fn: 1.0)", "cpu"),
+    Api("kernels.resolve_backend('auto', 'tpu')", "'tpu'"),
+    Api("kernels.resolve_backend('auto', 'cuda', torch.bfloat16)", "TFZ_DISABLE_TRITON", env=(("TFZ_DISABLE_TRITON", "maybe"),)),
+    Api("kernels.configs.WgradConfig(block_m=0)", "got 0"),
+    Api("kernels.configs.WgradConfig(block_n=48)", "got 48"),
+    Api("kernels.configs.WgradConfig(num_warps=True)", "got True"),
+    # -- tfz.optim
+    Api("optim.attach_row_freezing('opt', mod)", "got str"),
+    Api("optim.attach_row_freezing(torch.optim.SGD(mod.parameters(), lr=0.1), 'model')", "got str"),
+    Api("optim.attach_row_freezing(torch.optim.SGD(mod.parameters(), lr=0.1), mod, rescale='yes')", "'yes'"),
+    # -- tfz.pipeline
+    Api("pipe.FixedMasks({(0, -1): None})", "(0, -1)"),
+    Api("pipe.FixedMasks({(0,): None})", "(0,)"),
+    Api("pipe.FixedMasks({(0, 0): 5})", "got int"),
+    Api("pipe.FixedMasks([1])", "[1]"),
+    Api("pipe.RatioMasks({(0, 0): float('nan')}, {0: units})", "got nan"),
+    Api("pipe.RatioMasks({(0, 0): 1.5}, {0: units})", "got 1.5"),
+    Api("pipe.RatioMasks({(0, 0): True}, {0: units})", "got True"),
+    Api("pipe.RatioMasks({(1, 0): 0.5}, {0: units})", "stage 1"),
+    Api("pipe.RatioMasks({(0, 0): 0.5}, {0: 'units'})", "got str"),
+    Api("pipe.RatioMasks({(0, 0): 0.5}, {0: units}, seed=-1)", "got -1"),
+    Api("pipe.RatioMasks({(0, 0): 0.5}, {0: units}, policy='x')", "'x'"),
+    Api("pipe.RatioMasks({(0, 0): 0.5}, {0: units}).update(step='a')", "got 'a'"),
+    Api("pipe.make_freeze_aware('stage')", "got str"),
+    Api("pipe.heartbeat(5)", "got 5"),
+    Api("pipe.heartbeat('eval', step=1.5)", "got 1.5"),
+    Api("pipe.build_torch_schedule(build_schedule('1f1b', 1, 4), [], None)", "got none"),
+    Api("pipe.build_torch_schedule(build_schedule('1f1b', 1, 4), [1], print)", "got int"),
+    Api("pipe.torch_schedule_stages('x')", "got str"),
+    # -- tfz.controller
+    Api("ctl.TimelyFreezeConfig(phase_unit=0)", "got 0"),
+    Api("ctl.TimelyFreezeConfig(phase_unit=1.5)", "got 1.5"),
+    Api("ctl.TimelyFreezeConfig(check_every=True)", "got True"),
+    Api("ctl.TimelyFreezeConfig(plan=0.5)", "got float"),
+    Api("ctl.TimelyFreezeConfig(monitoring='x')", "'x'"),
+    Api("ctl.TimelyFreezeConfig(mask_layout='x')", "'x'"),
+    Api("ctl.TimelyFreezeConfig(monitor_ratios=(0.4, 1.5))", "got 1.5"),
+    Api("ctl.TimelyFreezeConfig(monitor_ratios=())", "got ()"),
+    Api("ctl.TimelyFreezeConfig(monitor_ratios=(float('nan'),))", "got nan"),
+    Api("ctl.TimelyFreezeConfig(warmup_steps=-1)", "got -1"),
+    Api("ctl.TimelyFreezeConfig(drift_threshold=float('nan'))", "got nan"),
+    Api("ctl.TimelyFreezeConfig(seed=-1)", "got -1"),
+    Api("ctl.TimelyFreezeConfig.for_run(total_steps=25)", "total_steps >= 26"),
+    Api("ctl.TimelyFreezeConfig.for_run(total_steps=1.5)", "got 1.5"),
+    Api("ctl.TimelyFreezeConfig.for_run(total_steps=100, bogus=1)", "'bogus'"),
+    Api("ctl.TimelyFreeze('cfg', build_schedule('1f1b', 1, 4), {0: mod})", "got str"),
+    Api("ctl.TimelyFreeze(ctl.TimelyFreezeConfig(), '1f1b', {0: mod})", "got str"),
+    Api("ctl.TimelyFreeze(ctl.TimelyFreezeConfig(), build_schedule('1f1b', 1, 4), {5: mod})", "stages [5]"),
+    Api("ctl.TimelyFreeze(ctl.TimelyFreezeConfig(), build_schedule('1f1b', 1, 4), {0: torch.nn.ReLU()})", "stage 0"),
+    Api("ctl.TimelyFreeze(ctl.TimelyFreezeConfig(), build_schedule('1f1b', 1, 4), {0: mod}, policy='apf')", "'apf'"),
+    Api("ctl.TimelyFreeze(ctl.TimelyFreezeConfig(), build_schedule('1f1b', 1, 4), {0: mod}, solver=5)", "got 5"),
+    Api("ctl.TimelyFreeze(ctl.TimelyFreezeConfig(), build_schedule('1f1b', 1, 4), [mod])", "got list"),
+    Api("controller().step_end(0, {'0F0': float('nan')})", "got nan"),
+    Api("controller().step_end(0, {'0F0': -1.0})", "got -1.0"),
+    Api("controller().step_end(0, {'0F0': float('inf')})", "got inf"),
+    Api("controller().step_end(0, {'0F0': 'x'})", "got 'x'"),
+    Api("controller().step_end(0, {'0F0': True})", "got True"),
+    Api("controller().step_end(0, {'0F0': 10**400})", "(401 characters)"),
+    Api("controller().step_end(0, {'9F9': 1.0})", "'9F9'"),
+    Api("controller().step_end(0, [1.0])", "got list"),
+    Api("controller().step_end(0, {})", "no timing for 8 action"),
+    Api("controller().step_end(1.5, {})", "got 1.5"),
+    Api("controller().step_end(0, {}, batches=0)", "got 0"),
+    Api("controller().masks_for(0, 99)", "got 99"),
+    Api("controller().masks_for(5, 0)", "stage 5"),
+    Api("controller().load_state_dict(5)", "got int"),
+    Api("controller().load_state_dict({})", "'version'"),
+    Api("controller().observe(1.5)", "got 1.5"),
+    # -- tfz.metrics
+    Api("metrics.APFConfig(alpha=float('nan'))", "got nan"),
+    Api("metrics.APFConfig(threshold=-1)", "got -1"),
+    Api("metrics.APFConfig(check_interval=0)", "got 0"),
+    Api("metrics.APFConfig(tighten_ratio=2)", "got 2"),
+    Api("metrics.APFConfig(aggregate='x')", "'x'"),
+    Api("metrics.APFConfig(include_tensors='yes')", "'yes'"),
+    Api("metrics.APFFreezer(bogus=1)", "'bogus'"),
+    Api("metrics.AutoFreezeConfig(percentile=150)", "got 150"),
+    Api("metrics.AutoFreezeConfig(percentile=float('nan'))", "got nan"),
+    Api("metrics.AutoFreezeConfig(interval=0)", "got 0"),
+    Api("metrics.AutoFreezeConfig(layer_pattern='(')", "'('"),
+    Api("metrics.MetricGuidedPolicy('x')", "got str"),
+    Api("metrics.MetricGuidedPolicy(metrics.APFMetric(), mode='x')", "'x'"),
+    Api("metrics.MetricGuidedPolicy(metrics.APFMetric(), other_weight=-1)", "got -1"),
+    Api("metrics.APFFreezer().masks_for(-1, 0)", "got -1"),
+    Api("metrics.APFMetric().observe(-1, {0: mod})", "got -1"),
+    # -- tfz.timing
+    Api("timing.ActionTimer(capacity=0)", "got 0"),
+    Api("timing.ActionTimer(capacity=1.5)", "got float"),
+    Api("timing.ActionTimer(capacity=True)", "got bool"),
+    Api("timing.ActionTimer(capacity=2**62)", "got 4611686018427387904"),
+    Api("timing.ActionTimer(device='tpu')", "'tpu'"),
+    Api("timing.ActionTimer(device=True)", "got True"),
+    Api("timing.ActionTimer(device=-1)", "got -1"),
+    Api("timing.ActionTimer(device='cuda:x')", "'cuda:x'"),
+    Api("timing.ActionTimer('cpu')", "TFZ_FORCE_SKIP_CPP", env=(("TFZ_FORCE_SKIP_CPP", "maybe"),)),
+    Api("timing.ActionTimer('cpu')", "TFZ_TIMER_FORCE_CPU", env=(("TFZ_TIMER_FORCE_CPU", "2"),)),
+    # -- tfz.plan
+    Api("plan.PlanConfig(max_freeze_ratio=1.5)", "got 1.5"),
+    Api("plan.PlanConfig(max_freeze_ratio=float('nan'))", "got nan"),
+    Api("plan.PlanConfig(action_cap=2)", "got 2"),
+    Api("plan.PlanConfig(weighting='x')", "'x'"),
+    Api("plan.solve(dag, np.ones(3), np.zeros(3))", "(3,)"),
+    Api("plan.solve(dag, np.full(dag.num_actions, np.nan), frozen)", "got nan"),
+    Api("plan.solve(dag, -unfrozen, frozen)", "got -1.0"),
+    Api("plan.solve(dag, unfrozen, np.where(frozen < 1, 2.0, 1.0))", "(2.0) exceeds"),
+    Api("plan.solve(dag, unfrozen, np.zeros(dag.num_actions))", "F actions have no parameters"),
+    Api("plan.solve(dag, unfrozen, frozen, config='x')", "got str"),
+    Api("plan.solve(dag, ['a'] * dag.num_actions, frozen)", "'a'"),
+    Api("plan.solve('dag', unfrozen, frozen)", "got str"),
+    Api("plan.solve_generic(dag, -unfrozen, frozen)", "got -1.0"),
+    Api("plan.Plan.from_dict(5)", "got int"),
 ]
+if not HAS_CUDA:
+    API_CASES += [
+        Api("kernels.tune([(64, 64, 64)])", "torch.cuda.is_available() is False"),
+        Api("kernels.ActiveRows(np.ones(32, bool), 'cuda:0')", "cuda:0"),
+        Api("timing.ActionTimer('cuda')", "'cuda'"),
+    ]
 # fmt: on
 
 
@@ -540,7 +744,7 @@ def test_cli_computed_correctly(worker, case):
 
 @pytest.mark.parametrize("case", API_CASES, ids=_id)
 def test_api_bad_input(worker, case):
-    res = worker.run(kind="api", expr=case.expr)
+    res = worker.run(kind="api", expr=case.expr, env=dict(case.env))
     _check_bounded(res)
     assert res.get("exc_type") in case.raises, res
     msg = res["exc"]

@@ -29,7 +29,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from tfz._validate import is_number
+from tfz._validate import check_number
 from tfz.dag import DAG
 from tfz.schedule import FREEZABLE_KINDS, KINDS
 
@@ -148,9 +148,7 @@ def parse_timings(timings: Mapping, local_pos: Mapping[str, int], dag: DAG, wher
                 owner = int(dag.rank[dag.index[name]])
                 raise ValueError(f"timing for action {name!r}, which runs on rank {owner}, not on {where}")
             raise ValueError(f"timing for unknown action {name!r} (not in schedule {dag.schedule.name!r})")
-        if not (is_number(value) and math.isfinite(value) and value >= 0):
-            raise ValueError(f"timing of action {name!r} must be a finite number >= 0 (ms), got {value!r}")
-        out[j] = float(value)
+        out[j] = check_number(f"timing of action {name!r}", value, low=0, unit="ms")
     missing = np.flatnonzero(np.isnan(out))
     if len(missing):
         names = sorted(local_pos, key=local_pos.get)

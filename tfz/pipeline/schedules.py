@@ -35,8 +35,18 @@ def build_torch_schedule(
     """
     from torch.distributed.pipelining import schedules
 
+    if not isinstance(schedule, Schedule):
+        raise TypeError(f"schedule must be a tfz Schedule, got {type(schedule).__name__}")
     if not stages:
         raise ValueError("stages must hold this rank's PipelineStage objects, got none")
+    base = _torch_compat.stage_base_class()
+    for i, stage in enumerate(stages):
+        if not isinstance(stage, base):
+            raise TypeError(
+                f"stages[{i}] must be a torch pipeline stage (PipelineStage), got {type(stage).__name__}"
+            )
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
     n = schedule.num_microbatches
     name = TORCH_SCHEDULE_CLASSES.get(schedule.name)
     if name is not None:
