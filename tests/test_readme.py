@@ -28,11 +28,12 @@ grads = torch.ones_like(outputs)
 """
 
 KERNEL_PRELUDE = """
+import numpy as np
 import torch
-x, dy = torch.randn(6, 5), torch.randn(6, 4)
-mask = torch.tensor([True, False, True, True])
-weight = torch.nn.Parameter(torch.randn(4, 5))
-weight.main_grad = torch.zeros(4, 5)
+x, dy = torch.randn(6, 5, device=DEVICE), torch.randn(6, 4, device=DEVICE)
+mask_numpy = np.array([True, False, True, True])
+weight = torch.nn.Parameter(torch.randn(4, 5, device=DEVICE))
+weight.main_grad = torch.zeros(4, 5, device=DEVICE)
 """
 
 
@@ -47,7 +48,7 @@ MARKERS = {
     "rows": "model = tfz.nn.convert_to_freezable(stage_module)",
     "pipeline": 'schedule = build_schedule("zbv"',
     "engine": "pp_schedule, model_parts, _, _ = pipeline_llm(",
-    "kernel": "from tfz.kernels import wgrad, wgrad_gemm_accum_fp32",
+    "kernel": "from tfz.kernels import ActiveRows, tune, wgrad, wgrad_gemm_accum_fp32",
 }
 
 
@@ -70,10 +71,19 @@ def test_row_freezing_snippet():
     assert namespace["m"].frozen_fraction > 0
 
 
-def test_kernel_snippet():
-    namespace: dict = {}
-    exec(KERNEL_PRELUDE + find(MARKERS["kernel"]), namespace)
+def test_kernel_snippet(tmp_path, monkeypatch):
+    """On the CPU the snippet's masks live there, and tune (which measures on a GPU) is left out."""
+    torch = pytest.importorskip("torch")
+    monkeypatch.chdir(tmp_path)  # tune's cache file
+    code = find(MARKERS["kernel"])
+    if not torch.cuda.is_available():
+        code = code.replace('"cuda"', '"cpu"')
+        code = "\n".join(line for line in code.splitlines() if not line.startswith("tune("))
+    namespace: dict = {"DEVICE": "cuda" if torch.cuda.is_available() else "cpu"}
+    exec(KERNEL_PRELUDE + code, namespace)
     assert namespace["dW"][1].abs().max() == 0  # frozen row
+    main_grad = namespace["weight"].main_grad
+    assert main_grad[1].abs().max() == 0 and main_grad[0].abs().max() > 0
 
 
 @pytest.mark.distributed
