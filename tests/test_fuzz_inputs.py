@@ -149,6 +149,10 @@ CLI_CASES = [
     Cli("simulate --schedule 1f1b --ranks 2 --microbatches 2 --bogus", "--bogus"),
     Cli("simulate --ranks 2 --microbatches 2", "--schedule"),
     Cli("simulate --schedule 1f1b --ranks 2 --microbatches 2", "TFZ_DEBUG", env=(("TFZ_DEBUG", "maybe"),)),
+    Cli("profile --stages 2 --out {p.json}", "TFZ_FORCE_SKIP_CPP", env=(("TFZ_FORCE_SKIP_CPP", "maybe"),)),
+    Cli("profile --stages 2 --out {p.json}", "TFZ_TIMER_FORCE_CPU", env=(("TFZ_TIMER_FORCE_CPU", "2"),)),
+    Cli("profile --stages 2 --out {p.json}", "TFZ_DISABLE_TRITON", env=(("TFZ_DISABLE_TRITON", "y"),)),
+    Cli("simulate --schedule 1f1b --ranks 2 --microbatches 2", "TFZ_DISABLE_TRITON", env=(("TFZ_DISABLE_TRITON", "enabled"),)),
     # -- schedule flags (simulate)
     Cli("simulate --schedule nope --ranks 4 --microbatches 8", "'nope'"),
     Cli("simulate --schedule '' --ranks 4 --microbatches 8", "''"),

@@ -1,6 +1,7 @@
 """tfz._validate: the shared number and environment-flag checks."""
 
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -8,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tfz._validate import check_int, check_number, check_ratio, env_flag, is_int, is_number
+from tfz._validate import SWITCHES, check_int, check_number, check_ratio, env_flag, is_int, is_number
 
 
 @pytest.mark.parametrize("value", [0, 7, np.int64(3), np.int32(-2), np.uint8(5)])
@@ -128,3 +129,12 @@ def test_loads_by_path_with_the_standard_library_only():
         "_tfz_validate False False",
         "WgradConfig.block_m must be an integer >= 1, got True",
     ]
+
+
+def test_switches_list_every_flag_the_package_reads():
+    """SWITCHES (checked up front by the tfz command) names each variable tfz reads with env_flag."""
+    root = Path(__file__).resolve().parents[1]
+    read = set()
+    for path in [*(root / "tfz").rglob("*.py"), *(root / "kernels").rglob("*.py")]:
+        read |= set(re.findall(r'env_flag\("(TFZ_[A-Z_]+)"', path.read_text()))
+    assert read == set(SWITCHES)

@@ -17,7 +17,20 @@ import os
 import sys
 from typing import Any
 
-__all__ = ["check_int", "check_number", "check_ratio", "env_flag", "is_int", "is_number", "short_repr"]
+__all__ = [
+    "SWITCHES",
+    "check_int",
+    "check_number",
+    "check_ratio",
+    "env_flag",
+    "is_int",
+    "is_number",
+    "short_repr",
+]
+
+SWITCHES = ("TFZ_DEBUG", "TFZ_DISABLE_TRITON", "TFZ_FORCE_SKIP_CPP", "TFZ_TIMER_FORCE_CPU")
+"""tfz's on/off environment variables read at run time, each by :func:`env_flag` (the ``tfz``
+command checks them all before it starts; ``TFZ_SKIP_CPP_BUILD`` is setup.py's, read the same way)."""
 
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("", "0", "false", "no", "off")

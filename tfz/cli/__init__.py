@@ -4,7 +4,8 @@ Each subcommand lives in ``tfz/cli/<name>.py`` and defines ``add_arguments(parse
 ``run(args) -> int``; heavy imports happen inside ``run``. Every error ends with exit status 2 and
 one line on stderr, without a traceback: user errors (ValueError, OSError, :class:`UsageError`, a
 failed rank) as their message, anything else (a bug, MemoryError, RecursionError) with its type
-named. ``TFZ_DEBUG=1`` (see :func:`tfz._validate.env_flag`) raises instead, with the traceback.
+named. ``TFZ_DEBUG=1`` (see :func:`tfz._validate.env_flag`) raises instead, with the traceback. Every
+switch of :data:`tfz._validate.SWITCHES` is read before any work, so a bad word is refused at once.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import argparse
 import importlib
 import sys
 
-from tfz._validate import env_flag
+from tfz._validate import SWITCHES, env_flag
 
 __all__ = ["UsageError", "error_line", "main"]
 
@@ -82,6 +83,8 @@ def error_line(exc: BaseException) -> str:
 def main(argv: list[str] | None = None) -> int:
     try:
         debug = env_flag("TFZ_DEBUG")
+        for name in SWITCHES:
+            env_flag(name)
     except ValueError as exc:
         print(f"tfz: error: {exc}", file=sys.stderr)
         return 2
