@@ -149,6 +149,48 @@ def test_for_run_scales_with_overrides_and_refuses_short_runs():
         TimelyFreezeConfig.for_run(60, check_every=0)
 
 
+def _shortest_by_counting(total, overrides):
+    """The minimum for_run names, by trying every run length after ``total`` (the reference)."""
+    t = total + 1
+    while 2 * TimelyFreezeConfig._fitted(t, overrides).full_plan_step > t:
+        t += 1
+    return t
+
+
+@pytest.mark.parametrize(
+    "total, overrides",
+    [
+        (25, {}),
+        (40, {"phase_unit": 10, "check_every": 2, "ramp_steps": 0}),
+        (100, {"phase_unit": 3000}),
+        (10, {"warmup_steps": 400}),
+        (499, {"ramp_steps": 200}),
+        (30, {"discard_steps": 4}),
+        (200, {"monitor_steps": 300, "check_every": 7}),
+    ],
+)
+def test_for_run_names_the_same_minimum_as_counting(total, overrides):
+    with pytest.raises(ValueError, match=f"total_steps >= {_shortest_by_counting(total, overrides)} "):
+        TimelyFreezeConfig.for_run(total, **overrides)
+
+
+def test_for_run_minimum_is_found_at_once_for_huge_phases():
+    """A phase unit of 10**6 once made for_run count every run length up to the minimum (2e7)."""
+    fixed = TimelyFreezeConfig(phase_unit=10**6, check_every=10, ramp_steps=10**6)  # what for_run derives
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match=f"total_steps >= {2 * fixed.full_plan_step} "):
+        TimelyFreezeConfig.for_run(100, phase_unit=10**6)
+    assert time.perf_counter() - start < 5
+
+
+def test_for_run_takes_numpy_integers_as_plain_ones():
+    for overrides in ({"phase_unit": 10}, {"discard_steps": 2}, {}):
+        numpy_overrides = {k: np.int64(v) for k, v in overrides.items()}
+        assert TimelyFreezeConfig.for_run(np.int64(200), **numpy_overrides) == TimelyFreezeConfig.for_run(
+            200, **overrides
+        )
+
+
 def test_config_rejects_windows_longer_than_the_recorded_half():
     with pytest.raises(ValueError, match=r"window \(5\) exceeds .* = 3"):
         TimelyFreezeConfig(phase_unit=4, window=5)

@@ -559,6 +559,8 @@ API_CASES = [
     Api("ctl.TimelyFreezeConfig.for_run(total_steps=25)", "total_steps >= 26"),
     Api("ctl.TimelyFreezeConfig.for_run(total_steps=1.5)", "got 1.5"),
     Api("ctl.TimelyFreezeConfig.for_run(total_steps=100, bogus=1)", "'bogus'"),
+    Api("ctl.TimelyFreezeConfig.for_run(total_steps=100, phase_unit=10**6)", "phase_unit 1000000"),
+    Api("ctl.TimelyFreezeConfig.for_run(total_steps=10, warmup_steps=10**9)", "total_steps >="),
     Api("ctl.TimelyFreeze('cfg', build_schedule('1f1b', 1, 4), {0: mod})", "got str"),
     Api("ctl.TimelyFreeze(ctl.TimelyFreezeConfig(), '1f1b', {0: mod})", "got str"),
     Api("ctl.TimelyFreeze(ctl.TimelyFreezeConfig(), build_schedule('1f1b', 1, 4), {5: mod})", "stages [5]"),

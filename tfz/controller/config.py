@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from tfz._validate import check_int, check_number
+from tfz._validate import check_int, check_number, is_int
 from tfz.plan import PlanConfig
 
 __all__ = ["TimelyFreezeConfig"]
@@ -157,8 +157,7 @@ class TimelyFreezeConfig:
         total = check_int("total_steps", total_steps, 1)
         config = cls._fitted(total, overrides)
         if 2 * config.full_plan_step > total:
-            fits = (t for t in range(total + 1, 2**31) if 2 * cls._fitted(t, overrides).full_plan_step <= t)
-            need = next(fits)
+            need = cls._shortest_run(total, overrides)
             raise ValueError(
                 f"a run of {total} steps is too short for freezing to take effect: the plan would be "
                 f"fully applied at step {config.full_plan_step} (phase_unit {config.phase_unit}, "
@@ -170,12 +169,25 @@ class TimelyFreezeConfig:
     @classmethod
     def _fitted(cls, total: int, overrides: dict[str, Any]) -> TimelyFreezeConfig:
         discard = overrides.get("discard_steps", cls.__dataclass_fields__["discard_steps"].default)
-        shortest = (discard if isinstance(discard, int) else 1) + 2  # two recorded steps per half
+        shortest = (int(discard) if is_int(discard) else 1) + 2  # two recorded steps per half
         unit = overrides.get("phase_unit", min(_LONGEST_UNIT, max(shortest, total // 10)))
         derived = {"phase_unit": unit}
-        if isinstance(unit, int):
+        if is_int(unit):
+            unit = int(unit)
             derived.update(check_every=max(1, min(10, unit // 3)), ramp_steps=unit)
         return cls(**{**derived, **overrides})
+
+    @classmethod
+    def _shortest_run(cls, total: int, overrides: dict[str, Any]) -> int:
+        """The fewest steps, more than ``total``, for which :meth:`for_run` applies the plan by the
+        middle of the run. The fitted phase unit stops growing at ``10 * _LONGEST_UNIT`` steps; beyond
+        that the plan's steps are fixed, so the answer is found without counting up to it."""
+        grows = 10 * _LONGEST_UNIT
+        for t in range(total + 1, grows + 1):
+            if 2 * cls._fitted(t, overrides).full_plan_step <= t:
+                return t
+        fixed = cls._fitted(max(total + 1, grows + 1), overrides).full_plan_step
+        return max(total + 1, grows + 1, 2 * fixed)
 
     @property
     def max_freeze_ratio(self) -> float:
