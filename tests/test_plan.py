@@ -80,14 +80,16 @@ def _path_lp(dag, up, low, cap, weighting="count", action_cap=None):
                 row[col[v]] -= delta[v]
         rows.append(row)
         rhs.append(-const)
-    w = up[f] if weighting == "duration" else np.ones(k)
+    # the stage mean runs over every B/W action of the stage, those that cannot gain at ratio 0
+    bw = dag.kind_mask("B", "W")
+    a = np.where(bw, up if weighting == "duration" else 1.0, 0.0)
     for s in range(dag.num_stages):
         sel = dag.stage[f] == s
         if sel.any():
             row = np.zeros(k + 1)
-            row[:k][sel] = w[sel]
+            row[:k][sel] = a[f][sel]
             rows.append(row)
-            rhs.append(cap * w[sel].sum())
+            rhs.append(cap * a[dag.stage == s].sum())
     ub = np.ones(k) if action_cap is None else np.broadcast_to(action_cap, (n,))[f]
     bounds = [(0.0, float(b)) for b in ub] + [(0.0, None)]
     A, b = np.array(rows), np.array(rhs)
@@ -104,8 +106,7 @@ def _path_lp(dag, up, low, cap, weighting="count", action_cap=None):
 
 
 def _stage_means(dag, ratios, up, low, weighting):
-    fr = dag.kind_mask("B", "W") & (up > low)
-    w = np.where(fr, up if weighting == "duration" else 1.0, 0.0)
+    w = np.where(dag.kind_mask("B", "W"), up if weighting == "duration" else 1.0, 0.0)
     tot = np.bincount(dag.stage, weights=w, minlength=dag.num_stages)
     num = np.bincount(dag.stage, weights=w * ratios, minlength=dag.num_stages)
     return np.divide(num, tot, out=np.zeros_like(tot), where=tot > 0)

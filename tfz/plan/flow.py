@@ -17,11 +17,20 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tfz.plan._sidesimplex import side_simplex
-from tfz.plan.network import TensionNetwork, _longest_path_tree
+from tfz.plan.network import TensionNetwork
 from tfz.plan.problem import PlanProblem
+from tfz.plan.warm import FlowBasis
 
-__all__ = ["SIDE_ENTRIES", "FlowBasis", "FlowProblem", "FlowSolveError"]
+try:
+    from tfz.plan._sidesimplex import longest_path_tree, side_simplex
+except ImportError:  # built without a C++ compiler, or with TFZ_SKIP_CPP_BUILD=1
+    longest_path_tree = side_simplex = None
+
+__all__ = ["NATIVE", "SIDE_ENTRIES", "FlowProblem", "FlowSolveError"]
+
+NATIVE = side_simplex is not None
+"""Whether the native extension ``tfz.plan._sidesimplex`` is built; without it ``tfz.plan.solve``
+uses the HiGHS path."""
 
 SIDE_ENTRIES = 16
 """Cap columns may enter while arcs still can, but at most this many before the arcs are optimal
@@ -32,6 +41,12 @@ unlimited at 65k actions where 37 caps bind (bench/RESULTS.md)."""
 
 
 _RELAX_ROUNDS = 4
+
+
+def _longest_path(net: TensionNetwork, durations: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    ptr, pnode, parc = net.prec
+    topo = np.ascontiguousarray(net.problem.dag.topo, dtype=np.int64)
+    return longest_path_tree(topo, ptr, pnode, parc, np.ascontiguousarray(durations, dtype=np.float64))
 
 
 class FlowSolveError(RuntimeError):
@@ -51,20 +66,6 @@ _STATUS = {
     6: "inconsistent forest",
     7: "invalid start basis",
 }
-
-
-@dataclass(eq=False)
-class FlowBasis:
-    """A basis of :class:`FlowProblem`: forest (parent, pred: int64 [N]), basic side columns and
-    which of them are negated (bool [S] each); updated in place by :meth:`FlowProblem.optimize`."""
-
-    parent: np.ndarray
-    pred: np.ndarray
-    side_basic: np.ndarray
-    side_flip: np.ndarray
-
-    def copy(self) -> FlowBasis:
-        return FlowBasis(self.parent.copy(), self.pred.copy(), self.side_basic.copy(), self.side_flip.copy())
 
 
 @dataclass(eq=False)
@@ -107,18 +108,14 @@ class FlowProblem:
         fidx = net.ratio_actions
         k = len(fidx)
         N = net.num_nodes
-        m = net.mk_arc  # the deadline arc (last) is not needed: both phases are in b1 + eps b2
+        m = len(net.tail)
         # Artificial reverse of every precedence, source and end arc (y -> x): the constraint
         # t_y - t_x <= l, with cost -cost = l, or relaxed to l + M (cost M - cost), which no
         # solution with times in [0, T] can bind. They only start warm bases (a forest arc whose
         # flow turned negative swaps to its reverse) and never enter; duration arcs have real
         # reverses.
         fwd = net.fwd
-        ptr, pnode, parc = net.prec
-        big = (
-            2.0 * float(_longest_path_tree(problem.dag.topo, ptr, pnode, parc, problem.unfrozen, n)[0].max())
-            + 1.0
-        )
+        big = 2.0 * float(_longest_path(net, problem.unfrozen)[0].max()) + 1.0
         tail = np.concatenate([net.tail[:m], net.head[:fwd]])
         head = np.concatenate([net.head[:m], net.tail[:fwd]])
         cost = np.concatenate([net.cost[:m], -net.cost[:fwd]])
@@ -199,8 +196,7 @@ class FlowProblem:
         omega = N - 1
         if durations is None:
             durations = p.durations(p.cap)
-        ptr, pnode, parc = net.prec
-        end, best_arc = _longest_path_tree(p.dag.topo, ptr, pnode, parc, durations, n)
+        end, best_arc = _longest_path(net, durations)
         parent = np.full(N, -1, dtype=np.int64)
         pred = np.full(N, -1, dtype=np.int64)
         arc_s = np.where(best_arc >= 0, best_arc, net.source_arc)
@@ -258,7 +254,7 @@ class FlowProblem:
         tol = self.tolerances()
         total = np.zeros(8, dtype=np.int64)
         for _ in range(_RELAX_ROUNDS):
-            b = np.stack([self.b1, self.b2, np.zeros(N)], axis=1)
+            b = np.stack([self.b1, self.b2], axis=1)
             X = np.zeros((m, 3))
             MU = np.zeros((S, 3))
             pi = np.zeros(N)

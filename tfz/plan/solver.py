@@ -2,12 +2,14 @@
 
 The LP's dual is a min-cost flow (project crashing) plus one column per stage cap
 (:mod:`tfz.plan.flow`). :func:`solve` runs a primal simplex on it that keeps the network structure
-(:mod:`tfz.plan._sidesimplex`, compiled with numba): its basis is a forest plus the basic cap
-columns, so most pivots cost a tree path and a moved subtree, and a pivot through the cap columns
-one pass over the forest, instead of the LU updates of a generic solver whose every pivot is dense
-for a tree basis. Both phases are one run: the supplies are ``b1 + eps b2`` with an infinitesimal
-``eps``, carried as separate components, so the result is the exact lexicographic optimum (minimal
-makespan, then minimal total ratio), not an eps-weighted approximation.
+(the native extension ``tfz.plan._sidesimplex``, ``csrc/sidesimplex.cpp``): its basis is a forest
+plus the basic cap columns, so most pivots cost a tree path and a moved subtree, and a pivot through
+the cap columns one pass over the forest, instead of the LU updates of a generic solver whose every
+pivot is dense for a tree basis. Both phases are one run: the supplies are ``b1 + eps b2`` with an
+infinitesimal ``eps``, carried as separate components, so the result is the exact lexicographic
+optimum (minimal makespan, then minimal total ratio), not an eps-weighted approximation. The solver
+works on durations divided by the largest one (:meth:`~tfz.plan.problem.PlanProblem.scaled`), so the
+answer does not depend on the time unit.
 
 The simplex first solves the uncapped problem, cold from the longest-path tree under the
 all-frozen durations, then lets the cap columns enter. Warm (``warm_start=plan``) after a small drift
@@ -17,39 +19,29 @@ for their reverses), which takes few pivots. After a larger drift the optimum ha
 that (2% changes 15% of the optimal basis): the uncapped stage restarts from the plan's uncapped
 optimum, a tenth of the cold time, and the capped stage runs as cold (bench/RESULTS.md).
 
-The earlier path (reduced LP in HiGHS from the uncapped network optimum) remains the fallback when
-numba is missing or the flow solve stops without a verified optimum; bench/RESULTS.md has the
-measurements of both.
+Without the native extension (built without a C++ compiler), or when the flow solve stops without a
+verified optimum, the reduced LP goes to HiGHS (:func:`_solve_highs`), which is exact too but slower.
 """
 
 from __future__ import annotations
 
 import hashlib
 import time
-from dataclasses import dataclass
 
 import numpy as np
 
 from tfz.dag import DAG
+from tfz.plan import flow
 from tfz.plan._finish import finish_plan
 from tfz.plan._highs import make_highs, run_checked, set_cost
 from tfz.plan.problem import LP, PlanConfig, PlanProblem, build_lp
 from tfz.plan.result import Plan
-
-try:
-    from tfz.plan.flow import FlowBasis, FlowProblem, FlowSolveError
-    from tfz.plan.network import network_basis
-except ImportError:  # numba missing: HiGHS from its slack basis
-    FlowProblem = None
-
-    def network_basis(problem, lp, kappa, alpha=1.0, deadline=None):
-        return None
-
+from tfz.plan.warm import FlowWarmState, HighsWarmState
 
 __all__ = ["solve"]
 
 EPS = 1e-3
-
+"""HiGHS fallback: the start objective is ``T + EPS * mean(delta) * sum r``."""
 
 FINAL_START_DRIFT = 0.005
 """A warm solve restarts from the previous plan's final basis when no duration moved by more than
@@ -61,30 +53,6 @@ FINAL_START_PIVOTS = 2.0
 FINAL_START_MIN_PIVOTS = 256
 """... and gives up for the uncapped restart after this many times the pivots the last full solve's
 capped stage took, or the minimum (a safety net: the drift rule decides)."""
-
-
-@dataclass(frozen=True, eq=False)
-class _FlowState:
-    """What a plan keeps for a warm re-plan: the flow problem's structure, its uncapped and final
-    optimal bases, and the capped-stage pivots of the last full solve (the final restart's budget)."""
-
-    signature: bytes
-    basis: FlowBasis
-    final: FlowBasis | None = None
-    capped_pivots: int = 0
-    unfrozen: np.ndarray | None = None
-    frozen: np.ndarray | None = None
-    """The durations the final basis is optimal for."""
-    start: str = "cold"
-    """How this plan's solve started: "cold", "final" (previous plan's final basis) or "uncapped"."""
-
-
-def _flow_signature(fp) -> bytes:
-    h = hashlib.blake2b(digest_size=16)
-    for arr in (fp.tail, fp.head, fp.side_stage, fp.net.ratio_actions):
-        h.update(np.ascontiguousarray(arr, dtype=np.int64).tobytes())
-        h.update(b"|")
-    return h.digest()
 
 
 def solve(
@@ -102,42 +70,44 @@ def solve(
     ``action_cap``: optional scalar or array [n] in [0, 1] overriding ``config.action_cap``.
     ``warm_start``: a plan of the same DAG (same freezable actions and cappable stages) to start
     from; otherwise, or when it does not fit, the solve starts cold.
-    Raises ValueError on bad input and :class:`~tfz.plan.PlanSolveError` if the LP solver fails.
+    Raises ValueError on bad input (durations included that float64 cannot hold next to the largest
+    one) and :class:`~tfz.plan.PlanSolveError` if the LP solver fails.
     """
     t0 = time.perf_counter()
     problem = PlanProblem.create(dag, unfrozen, frozen, config, action_cap)
-    if FlowProblem is not None:
-        plan = _solve_flow(problem, warm_start, t0)
+    scaled, factor = problem.scaled()
+    state = None if warm_start is None else warm_start._warm_state
+    if flow.NATIVE:
+        plan = _solve_flow(problem, scaled, factor, state, t0)
         if plan is not None:
             return plan
-    return _solve_highs(problem, warm_start, t0)
+    return _solve_highs(problem, scaled, factor, state, t0)
 
 
-def _solve_flow(problem: PlanProblem, warm_start: Plan | None, t0: float) -> Plan | None:
+def _solve_flow(problem: PlanProblem, scaled: PlanProblem, factor: float, state, t0: float) -> Plan | None:
     """The side-column simplex; None when it stops without a verified optimum."""
-    fp = FlowProblem.build(problem)
+    fp = flow.FlowProblem.build(scaled)
     sig = _flow_signature(fp)
-    state = getattr(warm_start, "_warm_state", None)
-    warm = isinstance(state, _FlowState) and state.signature == sig
-    if warm and state.final is not None and _drift(state, problem) <= FINAL_START_DRIFT:
+    warm = isinstance(state, FlowWarmState) and state.signature == sig
+    if warm and _drift(state, problem) <= FINAL_START_DRIFT:
         t1 = time.perf_counter()
         basis = state.final.copy()
         budget = max(int(FINAL_START_PIVOTS * state.capped_pivots), FINAL_START_MIN_PIVOTS)
         try:
             pi, _ = fp.optimize(basis, max_iter=budget)
-        except (FlowSolveError, np.linalg.LinAlgError):
+        except flow.FlowSolveError:
             pass  # the optimum moved too far: restart from the uncapped optimum below
         else:
-            new_state = _FlowState(
-                sig, state.basis, basis, state.capped_pivots, *_durations(problem), "final"
+            new = FlowWarmState(
+                sig, state.uncapped, basis, state.capped_pivots, *_durations(problem), "final"
             )
-            return _finish(problem, fp, pi, t0, t1, new_state)
+            return _finish_flow(problem, fp, factor, pi, t0, t1, new)
     try:
         if warm:
-            basis = state.basis.copy()
+            basis = state.uncapped.copy()
             try:
                 fp.optimize(basis, price_sides=False)
-            except FlowSolveError:
+            except flow.FlowSolveError:
                 warm = False
         if not warm:
             basis = fp.cold_basis()
@@ -145,34 +115,42 @@ def _solve_flow(problem: PlanProblem, warm_start: Plan | None, t0: float) -> Pla
         uncapped = basis.copy()
         t1 = time.perf_counter()
         pi, stats = fp.optimize(basis)
-    except (FlowSolveError, np.linalg.LinAlgError):
+    except flow.FlowSolveError:
         return None
-    new_state = _FlowState(
-        sig, uncapped, basis, int(stats[0]), *_durations(problem), "uncapped" if warm else "cold"
-    )
-    return _finish(problem, fp, pi, t0, t1, new_state)
+    start = "uncapped" if warm else "cold"
+    new = FlowWarmState(sig, uncapped, basis, int(stats[0]), *_durations(problem), start)
+    return _finish_flow(problem, fp, factor, pi, t0, t1, new)
+
+
+def _flow_signature(fp) -> bytes:
+    h = hashlib.blake2b(digest_size=16)
+    for arr in (fp.tail, fp.head, fp.side_stage, fp.net.ratio_actions):
+        h.update(np.ascontiguousarray(arr, dtype=np.int64).tobytes())
+        h.update(b"|")
+    return h.digest()
 
 
 def _durations(problem: PlanProblem) -> tuple[np.ndarray, np.ndarray]:
     return problem.unfrozen.copy(), problem.frozen.copy()
 
 
-def _drift(state: _FlowState, problem: PlanProblem) -> float:
+def _drift(state: FlowWarmState, problem: PlanProblem) -> float:
     """Largest duration change since ``state``'s solve, relative to the action's unfrozen duration."""
-    if state.unfrozen is None or state.unfrozen.shape != problem.unfrozen.shape:
+    if state.unfrozen.shape != problem.unfrozen.shape:
         return np.inf
-    scale = np.maximum(np.maximum(state.unfrozen, problem.unfrozen), 1e-300)
+    scale = np.maximum(state.unfrozen, problem.unfrozen)
     change = np.maximum(np.abs(problem.unfrozen - state.unfrozen), np.abs(problem.frozen - state.frozen))
-    return float(np.max(change / scale, initial=0.0))
+    rel = np.divide(change, scale, out=np.zeros_like(change), where=scale > 0)
+    return float(np.max(rel, initial=0.0))
 
 
-def _finish(problem: PlanProblem, fp, pi: np.ndarray, t0: float, t1: float, state: _FlowState) -> Plan:
+def _finish_flow(problem, fp, factor: float, pi, t0: float, t1: float, state: FlowWarmState) -> Plan:
     t2 = time.perf_counter()
     ratios, makespan = fp.ratios(pi)
     return finish_plan(
         problem,
         ratios,
-        makespan,
+        makespan * factor,
         solver="structured",
         seconds=t2 - t0,
         phase_seconds=(t1 - t0, t2 - t1),
@@ -181,28 +159,23 @@ def _finish(problem: PlanProblem, fp, pi: np.ndarray, t0: float, t1: float, stat
     )
 
 
-def _signature(lp: LP) -> tuple:
+def _highs_signature(lp: LP) -> tuple:
     return (lp.A.shape, lp.A.nnz, len(lp.ratio_actions), tuple(lp.stage_rows.tolist()))
 
 
-def _solve_highs(problem: PlanProblem, warm_start: Plan | None, t0: float) -> Plan:
-    """The reduced LP in HiGHS: minimise ``T + eps sum r`` from the uncapped network optimum's basis,
+def _solve_highs(problem: PlanProblem, scaled: PlanProblem, factor: float, state, t0: float) -> Plan:
+    """The reduced LP in HiGHS: minimise ``T + eps sum r`` (from the previous plan's basis when warm),
     then re-optimise ``T`` (exact ``T*``) and, with ``T <= T*``, ``sum r`` from the same basis."""
-    lp = build_lp(problem, reduced=True)
-    sig = _signature(lp)
+    lp = build_lp(scaled, reduced=True)
+    sig = _highs_signature(lp)
     k = len(lp.ratio_actions)
-    state = getattr(warm_start, "_warm_state", None)
-    warm = isinstance(state, tuple) and state[0] == sig
-    if warm:
-        eps = state[1]
-    else:
-        eps = EPS * float(np.mean(problem.delta[lp.ratio_actions])) if k else 0.0
+    warm = isinstance(state, HighsWarmState) and state.signature == sig
+    eps = state.eps if warm else (EPS * float(np.mean(scaled.delta[lp.ratio_actions])) if k else 0.0)
     start_cost = lp.phase1_cost()
     start_cost[lp.r_cols] = eps
     h = make_highs(lp, start_cost)
-    start = state[2] if warm else (network_basis(problem, lp, np.full(k, eps)) if k else None)
-    if start is not None:
-        h.setBasis(start)
+    if warm:
+        h.setBasis(state.basis)
     run_checked(h, "start (makespan + eps * total freezing)")
     basis = h.getBasis()
     set_cost(h, lp.phase1_cost())
@@ -217,10 +190,10 @@ def _solve_highs(problem: PlanProblem, warm_start: Plan | None, t0: float) -> Pl
     return finish_plan(
         problem,
         raw,
-        t_star,
+        t_star * factor,
         solver="structured",
         seconds=t2 - t0,
         phase_seconds=(t1 - t0, t2 - t1),
         warm=warm,
-        warm_state=(sig, eps, basis),
+        warm_state=HighsWarmState(sig, eps, basis),
     )
