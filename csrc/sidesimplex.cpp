@@ -5,23 +5,29 @@
 //     min  cost @ x + scost @ mu   s.t.  A x + G mu = b1 + eps b2 + eps^2 b3,   x >= 0, mu >= 0
 //
 // for an infinitesimal eps > 0. A is the node-arc incidence matrix of a network (+1 at the tail, -1 at
-// the head; the root node's row is dropped); each side column g_s of G has a few nonzeros on nodes
-// that belong to it, at most one side column per node. Flows are triples (the coefficients of 1, eps,
-// eps^2) compared lexicographically, so the final basis is optimal for every small enough eps: its
-// potentials are the lexicographic optimum of the primal (minimise the b1 objective, then the b2 one).
-// b3 is a perturbation chosen so that every basic variable of the current basis has a positive third
-// component; no pivot is then degenerate in all three components and the simplex cannot cycle.
+// the head; node 0's row is dropped); each side column g_s of G has entries +w at S nodes and -w at
+// the paired E nodes (one pair per action of a stage), at most one side column per node. Flows are
+// triples (the coefficients of 1, eps, eps^2) compared lexicographically, so the final basis is
+// optimal for every small enough eps: its potentials are the lexicographic optimum of the primal
+// (minimise the b1 objective, then the b2 one). b3 is a perturbation for which every basic variable
+// of the current basis is lexicographically positive; no pivot is then degenerate in all three
+// components and the simplex cannot cycle.
 //
-// Basis: K basic side columns and a forest of N - 1 - K arcs with K + 1 trees; the tree holding node
-// 0 is tree 0. Potentials are pi = pi_rel + theta[tree]: pi_rel makes every forest arc's reduced cost
-// 0 and the K tree offsets theta (theta[0] = 0) make the basic side columns' reduced costs 0, a K x K
-// system with matrix Q[j, i] = sum of g_{side i} over tree j. Flows solve Q mu = tree sums of b and
-// then subtree sums of b - G mu.
+// Basis: K basic side columns and a forest of N - 1 - K arcs with K + 1 trees, each tree a slot; the
+// root slot is the tree holding node 0. Potentials are pi = pi_rel + theta[slot]: pi_rel makes every
+// forest arc's reduced cost 0 within its tree (a tree may shift its pi_rel by a constant: theta takes
+// it up) and the K offsets theta of the other trees make the basic side columns' reduced costs 0, a
+// K x K system with matrix Q[j, i] = sum of g_{side i} over tree j. Flows solve Q mu = tree sums of b
+// and then subtree sums of b - G mu.
 //
-// A pivot whose entering arc joins two nodes of one tree leaves the side columns unchanged and costs
-// O(cycle + moved subtree), as in a plain network simplex. Any other pivot changes mu and with it
-// flows on arcs anywhere; its direction takes one pass over a topological order of the forest that is
-// kept valid by appending moved subtrees (rebuilt when the holes reach a quarter of it).
+// A pivot whose entering arc joins two nodes of one tree leaves the side columns unchanged: it costs
+// the cycle plus the smaller side of the tree, whose potentials shift. Any other pivot changes mu and
+// with it flows anywhere: its direction is the subtree sums of the entries of the entering column and
+// of the basic side columns. A pair whose E node hangs right below its S node (or the reverse) only
+// moves the flow on that arc; the other entries are summed up to their roots. Splitting and joining
+// trees relabels the smaller part. The cold capped stage follows the cap columns' costs from values
+// at which the uncapped optimum is optimal to their real ones (homotopy), so only arcs between two
+// trees and cap columns can enter.
 //
 // Plain C++17 and pybind11: no torch, no CUDA. The solve runs without the GIL.
 
@@ -42,7 +48,14 @@ namespace {
 
 using i64 = std::int64_t;
 constexpr double kInf = std::numeric_limits<double>::infinity();
-constexpr i64 kNone = -(i64{1} << 40);
+constexpr i64 kAll = std::numeric_limits<i64>::max();
+constexpr double kPivotTol = 1e-7;   // smallest rate at which a basic variable counts as falling
+constexpr double kSlopeTol = 1e-12;  // reduced costs falling slower than this do not fall
+// Flows and potentials are recomputed from scratch after this many pivots through the side columns:
+// their updates add rounding errors of about 1e-12 each (sums over the forest of terms that cancel).
+constexpr i64 kRefreshEvery = 64;
+// ... and after a pivot whose leaving variable falls at less than this share of the fastest rate.
+constexpr double kSmallPivot = 1e-3;
 
 enum Status : int {
   kOptimal = 0,
@@ -61,91 +74,113 @@ constexpr int kRetry = -2;
 // Statistics, in this order in the stats array handed back to Python.
 enum Stat : int {
   kPivots = 0,
-  kSidePivots = 1,
+  kSidePivots = 1,  // pivots through the side columns (all homotopy pivots among them)
   kRefreshes = 2,
   kBasicSides = 3,
-  kTouched = 4,
+  kTouched = 4,  // nodes whose subtree sums pivots through the side columns took
   kPriced = 5,
-  kDegenerate = 6,
-  kSwapped = 7,
-  kNumStats = 8,
+  kDegenerate = 6,  // pivots with a step of 0 in the first two components
+  kSwapped = 7,     // basic variables swapped for their partners (warm starts)
+  kHomotopy = 8,    // pivots of the homotopy
+  kMoved = 9,       // nodes whose potentials or trees pivots changed
+  kNumStats = 10,
 };
 
 struct Triple {
   double v[3] = {0.0, 0.0, 0.0};
 };
 
-// Lexicographic step (r1, r2, r3) at which a value (v1, v2, v3) falling at rate dd > 0 hits 0;
-// components within the tolerances f1, f2 of 0 count as 0 (and clamp what follows).
-inline Triple ratio(const double* v, double dd, double f1, double f2) {
-  Triple r;
-  if (v[0] > f1) {
-    r.v[0] = v[0] / dd;
-    r.v[1] = v[1] / dd;
-    r.v[2] = v[2] / dd;
-  } else if (v[1] > f2) {
-    r.v[1] = v[1] / dd;
-    r.v[2] = v[2] / dd;
-  } else {
-    r.v[2] = std::max(v[2], 0.0) / dd;
-  }
-  return r;
-}
+// A basic variable that the pivot's direction decreases at rate d > 0: its value v (three components)
+// and who it is (a forest node, whose arc to the parent is the variable, or -(i + 1) for the i-th
+// basic side column).
+struct Candidate {
+  const double* v;
+  double d;
+  i64 who;
+};
 
-// -1, 0, 1: a below, within a relative 1e-11 of, or above b (steps are >= 0).
-inline int cmp(double a, double b) {
-  if (b == kInf) return a < b ? -1 : 0;
-  const double e = 1e-11 * std::max(a, b);
-  if (a < b - e) return -1;
-  if (a > b + e) return 1;
-  return 0;
-}
-
-// Lexicographic comparison of two steps; near-ties in a component defer to the next one, so that of
-// two values reaching 0 together the one that stays lexicographically >= 0 remains.
-inline int lex_cmp(const Triple& a, const Triple& b) {
-  for (int q = 0; q < 3; ++q) {
-    const int c = cmp(a.v[q], b.v[q]);
-    if (c != 0) return c;
+// Lexicographic ratio test with tolerances: the step t = (t1, t2, t3) such that every candidate stays
+// lexicographically >= 0, where a component within f of 0 counts as 0 and hands the decision to the
+// next one. t1 is the smallest first-component ratio; the candidates whose first component then ends
+// within f1 of 0 bound t2 with their second components; those whose second component also ends within
+// f2 of 0 bound t3. A later component may decrease (a negative ratio) while an earlier one is
+// positive. The leaving candidate is the one that sets t3 (largest rate on ties, else the last one
+// listed). Returns its index, or -1 when nothing bounds the step.
+int leaving(const std::vector<Candidate>& cand, double f1, double f2, Triple& t) {
+  const int n = static_cast<int>(cand.size());
+  if (n == 0) return -1;
+  double t1 = kInf;
+  for (const Candidate& c : cand) t1 = std::min(t1, c.v[0] > f1 ? c.v[0] / c.d : 0.0);
+  // when t1 > 0 every candidate's first component is above f1 (else t1 would be 0)
+  double t2 = kInf;
+  for (const Candidate& c : cand) {
+    if (c.v[0] - t1 * c.d > f1) continue;
+    t2 = std::min(t2, (t1 > 0.0 || c.v[1] > f2) ? c.v[1] / c.d : 0.0);
   }
-  return 0;
+  double t3 = kInf, best_d = 0.0;
+  int best = -1;
+  const bool zero12 = t1 == 0.0 && t2 <= 0.0;
+  for (int i = 0; i < n; ++i) {
+    const Candidate& c = cand[i];
+    if (c.v[0] - t1 * c.d > f1 || c.v[1] - t2 * c.d > f2) continue;
+    const double r = (zero12 && c.v[1] <= f2) ? std::max(c.v[2], 0.0) / c.d : c.v[2] / c.d;
+    if (r < t3 || (r == t3 && c.d >= best_d)) t3 = r, best = i, best_d = c.d;
+  }
+  t.v[0] = t1;
+  t.v[1] = t2;
+  t.v[2] = t3;
+  return best;
 }
 
 inline bool lex_negative(const double* v, double f1, double f2) {
   return v[0] < -f1 || (v[0] <= f1 && v[1] < -f2);
 }
 
+// A value recomputed from scratch that is negative by less than kRoundoff tolerances is rounding (Q^-1
+// of a badly conditioned Q), not a sign: its first two components become 0 and the third decides.
+// Returns false for a value that is really negative.
+constexpr double kRoundoff = 1e3;
+inline bool snap(double* v, double f1, double f2) {
+  if (v[0] < -kRoundoff * f1) return false;
+  if (v[0] > f1) return true;
+  v[0] = 0.0;
+  if (v[1] < -kRoundoff * f2) return false;
+  if (v[1] <= f2) v[1] = 0.0;
+  return true;
+}
+
 // Dense K x K inverse by Gauss-Jordan with partial pivoting; false when (numerically) singular.
 bool invert(int K, const std::vector<double>& A, std::vector<double>& inv) {
-  std::vector<double> M(A.begin(), A.begin() + static_cast<size_t>(K) * K);
-  inv.assign(static_cast<size_t>(K) * K, 0.0);
-  for (int i = 0; i < K; ++i) inv[static_cast<size_t>(i) * K + i] = 1.0;
-  for (int c = 0; c < K; ++c) {
-    int p = c;
-    double best = std::abs(M[static_cast<size_t>(c) * K + c]);
-    for (int r = c + 1; r < K; ++r) {
-      const double v = std::abs(M[static_cast<size_t>(r) * K + c]);
+  const size_t k = static_cast<size_t>(K);
+  std::vector<double> M(A.begin(), A.begin() + k * k);
+  inv.assign(k * k, 0.0);
+  for (size_t i = 0; i < k; ++i) inv[i * k + i] = 1.0;
+  for (size_t c = 0; c < k; ++c) {
+    size_t p = c;
+    double best = std::abs(M[c * k + c]);
+    for (size_t r = c + 1; r < k; ++r) {
+      const double v = std::abs(M[r * k + c]);
       if (v > best) best = v, p = r;
     }
     if (!(best > 0.0) || !std::isfinite(best)) return false;
     if (p != c) {
-      for (int j = 0; j < K; ++j) {
-        std::swap(M[static_cast<size_t>(p) * K + j], M[static_cast<size_t>(c) * K + j]);
-        std::swap(inv[static_cast<size_t>(p) * K + j], inv[static_cast<size_t>(c) * K + j]);
+      for (size_t j = 0; j < k; ++j) {
+        std::swap(M[p * k + j], M[c * k + j]);
+        std::swap(inv[p * k + j], inv[c * k + j]);
       }
     }
-    const double d = M[static_cast<size_t>(c) * K + c];
-    for (int j = 0; j < K; ++j) {
-      M[static_cast<size_t>(c) * K + j] /= d;
-      inv[static_cast<size_t>(c) * K + j] /= d;
+    const double d = M[c * k + c];
+    for (size_t j = 0; j < k; ++j) {
+      M[c * k + j] /= d;
+      inv[c * k + j] /= d;
     }
-    for (int r = 0; r < K; ++r) {
+    for (size_t r = 0; r < k; ++r) {
       if (r == c) continue;
-      const double f = M[static_cast<size_t>(r) * K + c];
+      const double f = M[r * k + c];
       if (f == 0.0) continue;
-      for (int j = 0; j < K; ++j) {
-        M[static_cast<size_t>(r) * K + j] -= f * M[static_cast<size_t>(c) * K + j];
-        inv[static_cast<size_t>(r) * K + j] -= f * inv[static_cast<size_t>(c) * K + j];
+      for (size_t j = 0; j < k; ++j) {
+        M[r * k + j] -= f * M[c * k + j];
+        inv[r * k + j] -= f * inv[c * k + j];
       }
     }
   }
@@ -172,6 +207,7 @@ struct Input {
   const double* node_coef = nullptr;
   const double* b = nullptr;  // [N, 2]: b1, b2
   bool price_sides = true;
+  const double* start = nullptr;  // [S]: the cap columns' costs where the homotopy starts (or null)
   double rc_tol = 0.0, f1 = 0.0, f2 = 0.0;
   i64 max_side_entries = 16, max_iter = 0, block = 64;
 };
@@ -208,7 +244,7 @@ class SideSimplex {
   int run();
 
  private:
-  // ---- forest helpers
+  // ---- forest
   void link(i64 u, i64 p) {
     const i64 f = first_child_[p];
     next_sib_[u] = f;
@@ -224,29 +260,53 @@ class SideSimplex {
       first_child_[p] = b;
     if (b >= 0) prev_sib_[b] = a;
   }
-  // Preorder of the subtree of r into out (from offset); returns its size.
-  i64 collect(i64 r, i64* out) {
+  // Make arc `arc` to `p` the tree arc of u (u has no parent now).
+  void hang(i64 u, i64 p, i64 arc) {
+    parent_[u] = p;
+    pred_[u] = arc;
+    up_[u] = tail_[arc] == u;
+    link(u, p);
+  }
+  // Preorder of the subtree of r, without the subtree of skip, into out: returns its size, or -1 as
+  // soon as it would exceed limit.
+  i64 collect(i64 r, i64* out, i64 limit = kAll, i64 skip = -1) {
     i64 top = 1, cnt = 0;
     stack_[0] = r;
     while (top > 0) {
+      if (cnt == limit) return -1;
       const i64 u = stack_[--top];
       out[cnt++] = u;
-      for (i64 c = first_child_[u]; c >= 0; c = next_sib_[c]) stack_[top++] = c;
+      for (i64 c = first_child_[u]; c >= 0; c = next_sib_[c]) {
+        if (c != skip) stack_[top++] = c;
+      }
     }
     return cnt;
   }
-  void rebuild_order();
-  void append(i64 cnt);
+  i64 forest_order();
+  i64 find_join(i64 a, i64 b);
+  void reframe(i64 cnt, double shift);
+  void relabel(i64 cnt, i64 from, i64 to, double shift);
+  void build_cross();
+  void update_cross(i64 cnt);
+  // ---- side columns
   void flip_side(i64 s);
   bool compact();
+  void solve_theta();
+  double side_reduced_cost(i64 s) const {
+    double rc = scost_[s] - c0_[s];
+    for (i64 j = 0; j < K_; ++j) rc -= Qfull_[slots_[j] * S_ + s] * theta_[slots_[j]];
+    return rc;
+  }
+  // ---- simplex
   void perturb();
   bool setup();
   int refresh();
-  void solve_theta();
   i64 price();
+  void push(i64 u, double value);
+  void clear_touched();
   int pivot_in_tree(i64 enter);
   int pivot_through_sides(i64 enter);
-  double X(i64 a, int q) const { return X_[3 * a + q]; }
+  int homotopy();
 
   const Input& in_;
   Output& out_;
@@ -262,59 +322,132 @@ class SideSimplex {
 
   // local copies of the side-column data (negation swaps them)
   std::vector<double> scoef_, scost_, salt_, node_coef_, b_;
+  std::vector<i64> pair_;  // the paired node of each side-column node (S_v <-> E_v)
   // forest
-  std::vector<i64> first_child_, next_sib_, prev_sib_, depth_, tid_, stack_, buf_;
+  std::vector<i64> first_child_, next_sib_, prev_sib_, tid_, stack_, buf_, mark_;
   std::vector<char> up_, in_tree_;
   std::vector<double> pi_rel_;
-  // tree slots
-  std::vector<i64> slot_size_, free_slots_, slots_, slot_pos_, basic_, side_pos_;
-  i64 n_free_ = 0, K_ = 0;
+  i64 stamp_ = 0;
+  // tree slots; the root slot holds node 0
+  std::vector<i64> slot_size_, slot_root_, free_slots_, slots_, slot_pos_, basic_, side_pos_;
+  i64 n_free_ = 0, K_ = 0, root_slot_ = 0;
   std::vector<char> sflip_;
-  // topological order with per-position parent position, arc and direction
-  i64 cap_ord_ = 0, ord_len_ = 0;
-  bool order_valid_ = true;
-  std::vector<i64> order_, pos_, ppar_, parc_;
-  std::vector<char> pup_;
+  // subtree sums of a sparse vector: value per node, touched nodes, touched children left per node;
+  // rates of arcs that move alone (a side column's pair across one arc)
+  std::vector<double> dnode_, dlocal_;
+  std::vector<char> touched_, local_;
+  std::vector<i64> touched_list_, local_list_, pending_, ready_;
   // side-column matrices
-  std::vector<double> Qfull_, Q_, Qinv_, c0_, theta_, agg_, dmu_, vec_, dpos_;
+  std::vector<double> Qfull_, Q_, Qinv_, c0_, theta_, agg_, dmu_, vec_;
+  std::vector<Candidate> cand_;
+  // homotopy: cap column costs at its start, their slope, theta's slope; arcs between two trees
+  std::vector<double> target_, start_, slope_, dtheta_;
+  std::vector<i64> adj_ptr_, adj_arc_, cross_list_, cross_pos_;
   // iteration state
-  i64 it_ = 0, since_opt_ = 0, flip_rounds_ = 0, next_arc_ = 0;
+  i64 it_ = 0, since_opt_ = 0, flip_rounds_ = 0, next_arc_ = 0, since_refresh_ = 0;
   bool reperturb_ = false, perturbed_ = false, fresh_ = false, need_refresh_ = true;
+  bool first_perturb_ = true, check_third_ = false;
 };
 
-void SideSimplex::rebuild_order() {
-  i64 n = collect(0, order_.data());
-  for (i64 r = 1; r < N_; ++r) {
-    if (parent_[r] < 0) n += collect(r, order_.data() + n);
+// Preorder of every tree into buf_: parents before children. Returns its length (N).
+i64 SideSimplex::forest_order() {
+  i64 n = 0;
+  for (i64 r = 0; r < N_; ++r) {
+    if (parent_[r] < 0) n += collect(r, buf_.data() + n);
   }
-  for (i64 i = 0; i < n; ++i) pos_[order_[i]] = i;
-  for (i64 i = 0; i < n; ++i) {
-    const i64 u = order_[i], p = parent_[u];
-    ppar_[i] = p >= 0 ? pos_[p] : -1;
-    parc_[i] = pred_[u];
-    pup_[i] = up_[u];
-  }
-  ord_len_ = n;
-  order_valid_ = true;
+  return n;
 }
 
-// Move the nodes buf[:cnt] (a re-hung subtree in preorder) to the end of the order.
-void SideSimplex::append(i64 cnt) {
-  if (ord_len_ + cnt > cap_ord_) {
-    rebuild_order();
-    return;
+// The lowest common ancestor of a and b (one tree): both climb in turns, marking what they pass.
+i64 SideSimplex::find_join(i64 a, i64 b) {
+  const i64 sa = stamp_ + 1, sb = stamp_ + 2;
+  stamp_ += 2;
+  while (a >= 0 || b >= 0) {
+    if (a >= 0) {
+      if (mark_[a] == sb) return a;
+      mark_[a] = sa;
+      a = parent_[a];
+    }
+    if (b >= 0) {
+      if (mark_[b] == sa) return b;
+      mark_[b] = sb;
+      b = parent_[b];
+    }
   }
+  return -1;  // not in one tree
+}
+
+// pi_rel += shift on the nodes buf_[:cnt] (a tree or part of one whose potentials moved).
+void SideSimplex::reframe(i64 cnt, double shift) {
+  stats_[kMoved] += cnt;
+  for (i64 idx = 0; idx < cnt; ++idx) {
+    const i64 z = buf_[idx];
+    pi_rel_[z] += shift;
+    const i64 s = in_.node_side[z];
+    if (s >= 0) c0_[s] += node_coef_[z] * shift;
+  }
+}
+
+// The nodes buf_[:cnt] move from slot `from` to slot `to`, their pi_rel shifted by `shift`.
+void SideSimplex::relabel(i64 cnt, i64 from, i64 to, double shift) {
+  reframe(cnt, shift);
+  for (i64 idx = 0; idx < cnt; ++idx) {
+    const i64 z = buf_[idx];
+    tid_[z] = to;
+    const i64 s = in_.node_side[z];
+    if (s >= 0) {
+      Qfull_[from * S_ + s] -= node_coef_[z];
+      Qfull_[to * S_ + s] += node_coef_[z];
+    }
+  }
+  update_cross(cnt);
+}
+
+// Arcs incident to each node and the list of nonbasic arcs between two trees (homotopy only).
+void SideSimplex::build_cross() {
+  const i64 mp = in_.m_price;
+  adj_ptr_.assign(N_ + 1, 0);
+  for (i64 a = 0; a < mp; ++a) {
+    ++adj_ptr_[tail_[a] + 1];
+    ++adj_ptr_[head_[a] + 1];
+  }
+  for (i64 u = 0; u < N_; ++u) adj_ptr_[u + 1] += adj_ptr_[u];
+  adj_arc_.assign(2 * mp, 0);
+  std::vector<i64> fill(adj_ptr_.begin(), adj_ptr_.end() - 1);
+  for (i64 a = 0; a < mp; ++a) {
+    adj_arc_[fill[tail_[a]]++] = a;
+    adj_arc_[fill[head_[a]]++] = a;
+  }
+  cross_pos_.assign(mp, -1);
+  cross_list_.clear();
+  for (i64 a = 0; a < mp; ++a) {
+    if (!in_tree_[a] && tid_[tail_[a]] != tid_[head_[a]]) {
+      cross_pos_[a] = static_cast<i64>(cross_list_.size());
+      cross_list_.push_back(a);
+    }
+  }
+}
+
+// The cross-tree status of every arc incident to the nodes buf_[:cnt] (their trees changed).
+void SideSimplex::update_cross(i64 cnt) {
+  if (cross_pos_.empty()) return;
   for (i64 idx = 0; idx < cnt; ++idx) {
     const i64 u = buf_[idx];
-    order_[pos_[u]] = -1;
-    ppar_[pos_[u]] = -1;
-    order_[ord_len_] = u;
-    pos_[u] = ord_len_;
-    const i64 p = parent_[u];
-    ppar_[ord_len_] = p >= 0 ? pos_[p] : -1;
-    parc_[ord_len_] = pred_[u];
-    pup_[ord_len_] = up_[u];
-    ++ord_len_;
+    for (i64 j = adj_ptr_[u]; j < adj_ptr_[u + 1]; ++j) {
+      const i64 a = adj_arc_[j];
+      const bool want = !in_tree_[a] && tid_[tail_[a]] != tid_[head_[a]];
+      if (want == (cross_pos_[a] >= 0)) continue;
+      if (want) {
+        cross_pos_[a] = static_cast<i64>(cross_list_.size());
+        cross_list_.push_back(a);
+      } else {
+        const i64 last = cross_list_.back();
+        cross_list_[cross_pos_[a]] = last;
+        cross_pos_[last] = cross_pos_[a];
+        cross_list_.pop_back();
+        cross_pos_[a] = -1;
+      }
+    }
   }
 }
 
@@ -344,22 +477,53 @@ bool SideSimplex::compact() {
   return invert(static_cast<int>(K), Q_, Qinv_);
 }
 
-// b3 = B x3 for x3 in [1, 2) on every basic arc and side column (a fixed pattern).
+// theta: Q^T theta = scost - c0 over the basic side columns.
+void SideSimplex::solve_theta() {
+  const i64 K = K_;
+  for (i64 j = 0; j < K; ++j) {
+    double acc = 0.0;
+    for (i64 i = 0; i < K; ++i) {
+      const i64 s = basic_[i];
+      acc += Qinv_[i * K + j] * (scost_[s] - c0_[s]);
+    }
+    theta_[slots_[j]] = acc;
+  }
+  theta_[root_slot_] = 0.0;
+}
+
+// b3, a perturbation for which the basis is lexicographically positive. At the start every node but
+// node 0 asks for one unit (b3 = -1, node 0: N - 1): the third objective is then the earliest event
+// times, for which the start bases (longest-path trees, earlier optima) are nearly optimal already;
+// refresh checks that it is positive. Otherwise, and whenever a pivot would be degenerate in all
+// three components, b3 = B x3 with x3 on each forest arc the size of the subtree below it (a
+// degenerate pivot then cuts off the smallest subtree, as with strongly feasible trees) plus a
+// fraction in [0, 1) that breaks ties, and 1 plus such a fraction on each basic side column.
 void SideSimplex::perturb() {
   for (i64 u = 0; u < N_; ++u) b_[3 * u + 2] = 0.0;
+  if (first_perturb_) {
+    first_perturb_ = false;
+    check_third_ = true;
+    for (i64 u = 1; u < N_; ++u) b_[3 * u + 2] = -1.0;
+    b_[2] = static_cast<double>(N_ - 1);
+    return;
+  }
+  const i64 n = forest_order();
+  std::vector<double> size(N_, 1.0);
+  for (i64 p = n - 1; p >= 0; --p) {
+    const i64 u = buf_[p];
+    if (parent_[u] >= 0) size[parent_[u]] += size[u];
+  }
   for (i64 u = 0; u < N_; ++u) {
-    if (parent_[u] >= 0) {
-      const i64 a = pred_[u];
-      const double v = 1.0 + std::fmod(static_cast<double>(a) * 0.6180339887498949, 1.0);
-      b_[3 * tail_[a] + 2] += v;
-      b_[3 * head_[a] + 2] -= v;
-    }
+    if (parent_[u] < 0) continue;
+    const i64 a = pred_[u];
+    const double v = size[u] + std::fmod(static_cast<double>(a) * 0.6180339887498949, 1.0);
+    b_[3 * tail_[a] + 2] += v;
+    b_[3 * head_[a] + 2] -= v;
   }
   for (i64 s = 0; s < S_; ++s) {
-    if (side_pos_[s] >= 0) {
-      const double v = 1.0 + std::fmod(static_cast<double>(s) * 0.7548776662466927, 1.0);
-      for (i64 e = in_.sptr[s]; e < in_.sptr[s + 1]; ++e) b_[3 * in_.snode[e] + 2] += v * scoef_[e];
-    }
+    if (side_pos_[s] < 0) continue;
+    const double v = 1.0 + std::fmod(static_cast<double>(s) * 0.7548776662466927, 1.0);
+    for (i64 e = in_.sptr[s]; e < in_.sptr[s + 1]; ++e) b_[3 * in_.snode[e] + 2] += v * scoef_[e];
   }
 }
 
@@ -375,17 +539,27 @@ bool SideSimplex::setup() {
     b_[3 * u] = in_.b[2 * u];
     b_[3 * u + 1] = in_.b[2 * u + 1];
   }
+  // each column's entries: its S nodes (+w), then their E nodes (-w) in the same order
+  pair_.assign(N, -1);
+  for (i64 s = 0; s < S; ++s) {
+    const i64 lo = in_.sptr[s], half = (in_.sptr[s + 1] - lo) / 2;
+    for (i64 k = 0; k < half; ++k) {
+      const i64 a = in_.snode[lo + k], b = in_.snode[lo + half + k];
+      if (in_.scoef[lo + k] != -in_.scoef[lo + half + k]) return false;
+      pair_[a] = b;
+      pair_[b] = a;
+    }
+  }
   first_child_.assign(N, -1);
   next_sib_.assign(N, -1);
   prev_sib_.assign(N, -1);
   up_.assign(N, 0);
   in_tree_.assign(m_, 0);
-  depth_.assign(N, 0);
   tid_.assign(N, 0);
+  mark_.assign(N, 0);
   pi_rel_.assign(N, 0.0);
   stack_.assign(N, 0);
   buf_.assign(N, 0);
-  if (parent_[0] >= 0) return false;
   for (i64 u = 0; u < N; ++u) {
     if (parent_[u] < 0) continue;
     const i64 a = pred_[u], p = parent_[u];
@@ -396,18 +570,17 @@ bool SideSimplex::setup() {
     in_tree_[a] = 1;
     up_[u] = tail_[a] == u;
   }
-  // tree slots: 0 is the root tree, 1 .. S + 1 the others (a pivot may cut before it links)
+  // tree slots 0 .. S + 1 (a pivot may cut before it links)
   slot_size_.assign(S + 2, 0);
+  slot_root_.assign(S + 2, -1);
   free_slots_.assign(S + 2, 0);
   n_free_ = 0;
-  i64 seen = 0, nslot = 1;
+  i64 seen = 0, nslot = 0;
   for (i64 r = 0; r < N; ++r) {
     if (parent_[r] >= 0) continue;
-    i64 slot = 0;
-    if (r != 0) {
-      if (nslot > S) return false;
-      slot = nslot++;
-    }
+    if (nslot > S) return false;
+    const i64 slot = nslot++;
+    slot_root_[slot] = r;
     const i64 cnt = collect(r, buf_.data());
     seen += cnt;
     slot_size_[slot] = cnt;
@@ -416,23 +589,23 @@ bool SideSimplex::setup() {
       tid_[u] = slot;
       if (u == r) continue;
       const i64 p = parent_[u], a = pred_[u];
-      depth_[u] = depth_[p] + 1;
       pi_rel_[u] = up_[u] ? cost_[a] + pi_rel_[p] : pi_rel_[p] - cost_[a];
     }
   }
   if (seen != N) return false;  // a cycle in the parent pointers
+  root_slot_ = tid_[0];
   for (i64 s = nslot; s < S + 2; ++s) free_slots_[n_free_++] = s;
-  cap_ord_ = N + std::max<i64>(N / 4, 1024);
-  order_.assign(cap_ord_, -1);
-  pos_.assign(N, -1);
-  ppar_.assign(cap_ord_, -1);
-  parc_.assign(cap_ord_, -1);
-  pup_.assign(cap_ord_, 0);
-  rebuild_order();
+  dnode_.assign(N, 0.0);
+  dlocal_.assign(N, 0.0);
+  touched_.assign(N, 0);
+  local_.assign(N, 0);
+  pending_.assign(N, 0);
+  touched_list_.reserve(N);
   slots_.assign(S + 2, 0);
   slot_pos_.assign(S + 2, -1);
   K_ = 0;
-  for (i64 s = 1; s < nslot; ++s) {
+  for (i64 s = 0; s < nslot; ++s) {
+    if (s == root_slot_) continue;
     slots_[K_] = s;
     slot_pos_[s] = K_++;
   }
@@ -464,7 +637,6 @@ bool SideSimplex::setup() {
   }
   theta_.assign(S + 2, 0.0);
   vec_.assign(static_cast<size_t>(3 * N), 0.0);
-  dpos_.assign(cap_ord_, 0.0);
   agg_.assign(static_cast<size_t>(3 * (S + 2)), 0.0);
   dmu_.assign(S + 2, 0.0);
   return true;
@@ -481,12 +653,12 @@ int SideSimplex::refresh() {
     reperturb_ = false;
     perturbed_ = true;
   }
-  if (!order_valid_) rebuild_order();
+  const i64 ord_len = forest_order();
   vec_ = b_;
   std::fill(agg_.begin(), agg_.end(), 0.0);
   for (i64 u = 0; u < N; ++u) {
     const i64 t = tid_[u];
-    if (t > 0)
+    if (t != root_slot_)
       for (int q = 0; q < 3; ++q) agg_[3 * slot_pos_[t] + q] += b_[3 * u + q];
   }
   std::fill(MU_, MU_ + 3 * S_, 0.0);
@@ -500,9 +672,9 @@ int SideSimplex::refresh() {
     }
   }
   std::fill(X_, X_ + 3 * m_, 0.0);
-  for (i64 p = ord_len_ - 1; p >= 0; --p) {
-    const i64 u = order_[p];
-    if (u < 0 || parent_[u] < 0) continue;
+  for (i64 p = ord_len - 1; p >= 0; --p) {
+    const i64 u = buf_[p];
+    if (parent_[u] < 0) continue;
     const i64 par = parent_[u], a = pred_[u];
     const double sg = up_[u] ? 1.0 : -1.0;
     for (int q = 0; q < 3; ++q) {
@@ -511,9 +683,8 @@ int SideSimplex::refresh() {
     }
   }
   std::fill(c0_.begin(), c0_.end(), 0.0);
-  for (i64 p = 0; p < ord_len_; ++p) {
-    const i64 u = order_[p];
-    if (u < 0) continue;
+  for (i64 p = 0; p < ord_len; ++p) {
+    const i64 u = buf_[p];
     const i64 par = parent_[u];
     if (par < 0) {
       pi_rel_[u] = 0.0;
@@ -526,13 +697,19 @@ int SideSimplex::refresh() {
   }
   // feasibility of the refreshed flows: a forest arc or side column with a negative value is
   // swapped for its partner (same position in the basis, value negated)
-  bool infeas = false;
+  bool infeas = false, unperturbed = false;
   i64 nflip = 0;
   const double f1 = in_.f1, f2 = in_.f2;
+  auto negative = [&](double* v) {
+    if (!lex_negative(v, f1, f2)) return false;
+    if (!snap(v, f1, f2)) return true;
+    if (v[0] == 0.0 && v[1] == 0.0 && v[2] <= 0.0) unperturbed = true;
+    return false;
+  };
   for (i64 u = 0; u < N; ++u) {
     if (parent_[u] < 0) continue;
     const i64 a = pred_[u];
-    if (!lex_negative(&X_[3 * a], f1, f2)) continue;
+    if (!negative(&X_[3 * a])) continue;
     const i64 c = in_.partner[a];
     if (c < 0 || flip_rounds_ >= 3) {
       infeas = true;
@@ -546,13 +723,11 @@ int SideSimplex::refresh() {
       X_[3 * c + q] = -X_[3 * a + q];
       X_[3 * a + q] = 0.0;
     }
-    parc_[pos_[u]] = c;
-    pup_[pos_[u]] = up_[u];
     ++nflip;
   }
   for (i64 i = 0; i < K; ++i) {
     const i64 s = basic_[i];
-    if (!lex_negative(&MU_[3 * s], f1, f2)) continue;
+    if (!negative(&MU_[3 * s])) continue;
     if (sflip_[s] || flip_rounds_ >= 3) {
       infeas = true;
       continue;
@@ -569,38 +744,47 @@ int SideSimplex::refresh() {
     perturb();
     return -1;
   }
+  if (unperturbed && !perturbed_) {
+    // a snapped value left with a third component <= 0: a perturbation positive on this basis
+    reperturb_ = true;
+    return -1;
+  }
+  if (check_third_) {
+    // a start perturbation not chosen from this basis: every basic variable whose first two
+    // components are 0 needs a positive third one, else the perturbation is chosen from the basis
+    check_third_ = false;
+    bool bad = false;
+    for (i64 u = 0; u < N && !bad; ++u) {
+      if (parent_[u] < 0) continue;
+      const double* v = &X_[3 * pred_[u]];
+      bad = v[0] <= f1 && v[1] <= f2 && v[2] <= 0.0;
+    }
+    for (i64 i = 0; i < K && !bad; ++i) {
+      const double* v = &MU_[3 * basic_[i]];
+      bad = v[0] <= f1 && v[1] <= f2 && v[2] <= 0.0;
+    }
+    if (bad) {
+      reperturb_ = true;
+      return -1;
+    }
+  }
   need_refresh_ = false;
   fresh_ = true;
+  since_refresh_ = 0;
   return 0;
-}
-
-// theta: Q^T theta = scost - c0 over the basic side columns.
-void SideSimplex::solve_theta() {
-  const i64 K = K_;
-  for (i64 j = 0; j < K; ++j) {
-    double acc = 0.0;
-    for (i64 i = 0; i < K; ++i) {
-      const i64 s = basic_[i];
-      acc += Qinv_[i * K + j] * (scost_[s] - c0_[s]);
-    }
-    theta_[slots_[j]] = acc;
-  }
-  theta_[0] = 0.0;
 }
 
 // Side columns (reduced cost over their norm) compete with a block of arcs, but at most
 // max_side_entries of them enter between two points where no arc can. Returns the entering arc, m +
 // the entering side column, or -1.
 i64 SideSimplex::price() {
-  const i64 m = m_, K = K_;
+  const i64 m = m_;
   i64 enter = -1;
   double best = -in_.rc_tol;
   auto price_sides = [&]() {
     for (i64 s = 0; s < S_; ++s) {
       if (side_pos_[s] >= 0) continue;
-      double rc = scost_[s] - c0_[s];
-      for (i64 j = 0; j < K; ++j) rc -= Qfull_[slots_[j] * S_ + s] * theta_[slots_[j]];
-      rc /= in_.snorm[s];
+      const double rc = side_reduced_cost(s) / in_.snorm[s];
       if (rc < best) best = rc, enter = m + s;
     }
   };
@@ -634,36 +818,22 @@ i64 SideSimplex::price() {
 int SideSimplex::pivot_in_tree(i64 enter) {
   const double f1 = in_.f1, f2 = in_.f2;
   const i64 first = tail_[enter], second = head_[enter];
-  i64 u = first, v = second;
-  while (u != v) {
-    if (depth_[u] > depth_[v]) {
-      u = parent_[u];
-    } else if (depth_[v] > depth_[u]) {
-      v = parent_[v];
-    } else {
-      u = parent_[u];
-      v = parent_[v];
-    }
-  }
-  const i64 join = u;
-  Triple t;
-  t.v[0] = t.v[1] = t.v[2] = kInf;
-  i64 u_out = -1;
-  bool side_first = true;
+  const i64 join = find_join(first, second);
+  if (join < 0) return kInconsistentForest;
   // flow decreases on arcs against the cycle (entering arc: first -> second)
-  for (u = first; u != join; u = parent_[u]) {
-    if (up_[u]) {
-      const Triple r = ratio(&X_[3 * pred_[u]], 1.0, f1, f2);
-      if (lex_cmp(r, t) < 0) t = r, u_out = u, side_first = true;
-    }
+  cand_.clear();
+  for (i64 u = first; u != join; u = parent_[u]) {
+    if (up_[u]) cand_.push_back({&X_[3 * pred_[u]], 1.0, u});
   }
-  for (u = second; u != join; u = parent_[u]) {
-    if (!up_[u]) {
-      const Triple r = ratio(&X_[3 * pred_[u]], 1.0, f1, f2);
-      if (lex_cmp(r, t) <= 0) t = r, u_out = u, side_first = false;
-    }
+  const size_t n_first = cand_.size();
+  for (i64 u = second; u != join; u = parent_[u]) {
+    if (!up_[u]) cand_.push_back({&X_[3 * pred_[u]], 1.0, u});
   }
-  if (u_out < 0) return kUnbounded;
+  Triple t;
+  const int out = leaving(cand_, f1, f2, t);
+  if (out < 0) return kUnbounded;
+  const i64 u_out = cand_[out].who;
+  const bool side_first = static_cast<size_t>(out) < n_first;
   if (t.v[0] == 0.0 && t.v[1] == 0.0) {
     stats_[kDegenerate] += 1;
     if (t.v[2] == 0.0 && !perturbed_) {
@@ -676,11 +846,11 @@ int SideSimplex::pivot_in_tree(i64 enter) {
   }
   perturbed_ = false;
   for (int q = 0; q < 3; ++q) X_[3 * enter + q] += t.v[q];
-  for (u = first; u != join; u = parent_[u]) {
+  for (i64 u = first; u != join; u = parent_[u]) {
     const double sg = up_[u] ? -1.0 : 1.0;
     for (int q = 0; q < 3; ++q) X_[3 * pred_[u] + q] += sg * t.v[q];
   }
-  for (u = second; u != join; u = parent_[u]) {
+  for (i64 u = second; u != join; u = parent_[u]) {
     const double sg = up_[u] ? 1.0 : -1.0;
     for (int q = 0; q < 3; ++q) X_[3 * pred_[u] + q] += sg * t.v[q];
   }
@@ -693,109 +863,153 @@ int SideSimplex::pivot_in_tree(i64 enter) {
   const double sigma = tail_[enter] == u_in ? cost_[enter] + pi_rel_[head_[enter]] - pi_rel_[u_in]
                                             : pi_rel_[tail_[enter]] - cost_[enter] - pi_rel_[u_in];
   // re-hang the stem u_in .. u_out below v_in, reversing it
-  i64 new_par = v_in, new_pred = enter;
-  bool new_up = tail_[enter] == u_in;
-  u = u_in;
+  i64 u = u_in, new_par = v_in, new_pred = enter;
   while (true) {
     const i64 old_par = parent_[u], old_pred = pred_[u];
-    const bool old_up = up_[u];
     unlink(u, old_par);
-    parent_[u] = new_par;
-    pred_[u] = new_pred;
-    up_[u] = new_up;
-    link(u, new_par);
+    hang(u, new_par, new_pred);
     if (u == u_out) break;
     new_par = u;
     new_pred = old_pred;
-    new_up = !old_up;
     u = old_par;
   }
-  const i64 cnt = collect(u_in, buf_.data());
-  for (i64 idx = 0; idx < cnt; ++idx) {
-    const i64 z = buf_[idx];
-    depth_[z] = depth_[parent_[z]] + 1;
-    pi_rel_[z] += sigma;
-    const i64 s = in_.node_side[z];
-    if (s >= 0) c0_[s] += node_coef_[z] * sigma;
+  // the re-hung subtree's potentials rise by sigma, or the rest of the tree's fall by it
+  const i64 tree = tid_[u_in];
+  i64 cnt = collect(u_in, buf_.data(), slot_size_[tree] / 2 + 1);
+  if (cnt >= 0) {
+    reframe(cnt, sigma);
+  } else {
+    cnt = collect(slot_root_[tree], buf_.data(), kAll, u_in);
+    reframe(cnt, -sigma);
   }
-  if (!(in_.price_sides || K_ > 0))
-    order_valid_ = false;  // no pivot will need it before the next refresh
-  else
-    append(cnt);
   return kDone;
 }
 
-// A pivot through the side columns: the direction needs one pass over the forest.
+// Add value to node u's entry of the vector whose subtree sums are being taken.
+void SideSimplex::push(i64 u, double value) {
+  if (!touched_[u]) {
+    touched_[u] = 1;
+    dnode_[u] = value;
+    touched_list_.push_back(u);
+  } else {
+    dnode_[u] += value;
+  }
+}
+
+void SideSimplex::clear_touched() {
+  for (const i64 u : touched_list_) {
+    touched_[u] = 0;
+    dnode_[u] = 0.0;
+    pending_[u] = 0;
+  }
+  touched_list_.clear();
+  for (const i64 u : local_list_) {
+    local_[u] = 0;
+    dlocal_[u] = 0.0;
+  }
+  local_list_.clear();
+}
+
+// A pivot through the side columns: its direction is the subtree sums of the entering column's and
+// the basic side columns' entries.
 int SideSimplex::pivot_through_sides(i64 enter) {
   const double f1 = in_.f1, f2 = in_.f2;
   const i64 m = m_;
   stats_[kSidePivots] += 1;
-  if (!order_valid_) rebuild_order();
   i64 K = K_;
+  // add the entries of column s times value: a pair across one forest arc only moves that arc
+  auto add_column = [&](i64 s, double value) {
+    const i64 lo = in_.sptr[s], half = (in_.sptr[s + 1] - lo) / 2;
+    for (i64 k = 0; k < half; ++k) {
+      const i64 a = in_.snode[lo + k], b = in_.snode[lo + half + k];
+      const double va = -value * scoef_[lo + k];  // the entry of b is -va
+      if (parent_[b] == a || parent_[a] == b) {
+        const i64 c = parent_[b] == a ? b : a;
+        if (!local_[c]) {
+          local_[c] = 1;
+          local_list_.push_back(c);
+        }
+        dlocal_[c] += c == a ? va : -va;
+      } else {
+        push(a, va);
+        push(b, -va);
+      }
+    }
+  };
   for (i64 j = 0; j < K; ++j) agg_[3 * j] = 0.0;
   if (enter < m) {
     i64 t = tid_[tail_[enter]];
-    if (t > 0) agg_[3 * slot_pos_[t]] += 1.0;
+    if (t != root_slot_) agg_[3 * slot_pos_[t]] += 1.0;
     t = tid_[head_[enter]];
-    if (t > 0) agg_[3 * slot_pos_[t]] -= 1.0;
-    dpos_[pos_[tail_[enter]]] -= 1.0;
-    dpos_[pos_[head_[enter]]] += 1.0;
+    if (t != root_slot_) agg_[3 * slot_pos_[t]] -= 1.0;
+    push(tail_[enter], -1.0);
+    push(head_[enter], 1.0);
   } else {
     const i64 s = enter - m;
     for (i64 e = in_.sptr[s]; e < in_.sptr[s + 1]; ++e) {
       const i64 t = tid_[in_.snode[e]];
-      if (t > 0) agg_[3 * slot_pos_[t]] += scoef_[e];
-      dpos_[pos_[in_.snode[e]]] -= scoef_[e];
+      if (t != root_slot_) agg_[3 * slot_pos_[t]] += scoef_[e];
     }
+    add_column(s, 1.0);
   }
   for (i64 i = 0; i < K; ++i) {
     double acc = 0.0;
     for (i64 j = 0; j < K; ++j) acc -= Qinv_[i * K + j] * agg_[3 * j];
     dmu_[i] = acc;
-    if (acc != 0.0) {
-      const i64 s = basic_[i];
-      for (i64 e = in_.sptr[s]; e < in_.sptr[s + 1]; ++e) dpos_[pos_[in_.snode[e]]] -= acc * scoef_[e];
-    }
+    if (acc != 0.0) add_column(basic_[i], acc);
   }
-  // subtree sums in reverse topological order, fused with the ratio test
-  Triple t;
-  t.v[0] = t.v[1] = t.v[2] = kInf;
-  i64 leave_node = kNone;
-  double leave_d = 0.0;
-  i64 nnz = 0;
-  for (i64 p = ord_len_ - 1; p >= 0; --p) {
-    double d = dpos_[p];
-    if (d == 0.0) continue;
-    buf_[nnz++] = p;
-    const i64 qq = ppar_[p];
-    if (qq < 0) continue;
-    dpos_[qq] += d;
-    if (pup_[p]) d = -d;
-    if (d > 1e-7) {  // the arc's flow falls at rate d
-      const i64 a = parc_[p];
-      if (t.v[0] == 0.0 && (X_[3 * a] > f1 || (t.v[1] == 0.0 && X_[3 * a + 1] > f2)))
-        continue;  // cannot beat a step that is already 0 in those components
-      const Triple r = ratio(&X_[3 * a], d, f1, f2);
-      const int c = lex_cmp(r, t);
-      if (c < 0 || (c == 0 && d > leave_d)) t = r, leave_node = order_[p], leave_d = d;
+  // the touched subforest: every ancestor of a nonzero entry, with its number of touched children
+  for (size_t i = 0; i < touched_list_.size(); ++i) {
+    const i64 p = parent_[touched_list_[i]];
+    if (p < 0) continue;
+    if (!touched_[p]) {
+      touched_[p] = 1;
+      touched_list_.push_back(p);
     }
+    ++pending_[p];
+  }
+  // subtree sums, leaves first; arcs whose flow falls are candidates to leave
+  cand_.clear();
+  ready_.clear();
+  for (const i64 u : touched_list_) {
+    if (pending_[u] == 0) ready_.push_back(u);
+  }
+  while (!ready_.empty()) {
+    const i64 u = ready_.back();
+    ready_.pop_back();
+    const i64 p = parent_[u];
+    if (p < 0) continue;
+    const double d = dnode_[u];
+    dnode_[p] += d;
+    if (--pending_[p] == 0) ready_.push_back(p);
+    double rate = d + dlocal_[u];
+    if (up_[u]) rate = -rate;
+    if (rate > kPivotTol) cand_.push_back({&X_[3 * pred_[u]], rate, u});
+  }
+  for (const i64 c : local_list_) {
+    if (touched_[c]) continue;  // taken with its subtree sum above
+    const double rate = up_[c] ? -dlocal_[c] : dlocal_[c];
+    if (rate > kPivotTol) cand_.push_back({&X_[3 * pred_[c]], rate, c});
   }
   for (i64 i = 0; i < K; ++i) {
     const double d = -dmu_[i];
-    if (d > 1e-7) {
-      const Triple r = ratio(&MU_[3 * basic_[i]], d, f1, f2);
-      const int c = lex_cmp(r, t);
-      if (c < 0 || (c == 0 && d > leave_d)) t = r, leave_node = -(i + 1), leave_d = d;
-    }
+    if (d > kPivotTol) cand_.push_back({&MU_[3 * basic_[i]], d, -(i + 1)});
   }
-  if (leave_node == kNone) {
-    for (i64 idx = 0; idx < nnz; ++idx) dpos_[buf_[idx]] = 0.0;
+  Triple t;
+  const int out = leaving(cand_, f1, f2, t);
+  if (out < 0) {
+    clear_touched();
     return kUnbounded;
   }
+  const i64 leave_node = cand_[out].who;
+  double largest = 0.0;
+  for (const Candidate& c : cand_) largest = std::max(largest, c.d);
+  // a small pivot makes a long step: the rounding of every rate it multiplies shows; recompute after
+  if (cand_[out].d < kSmallPivot * largest && (t.v[0] > 0.0 || t.v[1] > 0.0)) need_refresh_ = true;
   if (t.v[0] == 0.0 && t.v[1] == 0.0) {
     stats_[kDegenerate] += 1;
     if (t.v[2] == 0.0 && !perturbed_) {
-      for (i64 idx = 0; idx < nnz; ++idx) dpos_[buf_[idx]] = 0.0;
+      clear_touched();
       stats_[kSidePivots] -= 1;
       need_refresh_ = true;
       reperturb_ = true;
@@ -803,17 +1017,19 @@ int SideSimplex::pivot_through_sides(i64 enter) {
     }
   }
   perturbed_ = false;
-  stats_[kTouched] += nnz;
-  // apply the step to the arcs with a nonzero direction
-  for (i64 idx = 0; idx < nnz; ++idx) {
-    const i64 p = buf_[idx];
-    double d = dpos_[p];
-    dpos_[p] = 0.0;
-    if (ppar_[p] < 0) continue;
-    const i64 a = parc_[p];
-    if (!pup_[p]) d = -d;
+  stats_[kTouched] += static_cast<i64>(touched_list_.size() + local_list_.size());
+  // apply the step: the arcs with a nonzero direction, the basic side columns, the entering one
+  auto step = [&](i64 u, double d) {
+    if (d == 0.0 || parent_[u] < 0) return;
+    const i64 a = pred_[u];
+    if (!up_[u]) d = -d;
     for (int q = 0; q < 3; ++q) X_[3 * a + q] += t.v[q] * d;
+  };
+  for (const i64 u : touched_list_) step(u, dnode_[u] + dlocal_[u]);
+  for (const i64 c : local_list_) {
+    if (!touched_[c]) step(c, dlocal_[c]);
   }
+  clear_touched();
   for (i64 i = 0; i < K; ++i) {
     const i64 s = basic_[i];
     for (int q = 0; q < 3; ++q) MU_[3 * s + q] += t.v[q] * dmu_[i];
@@ -827,7 +1043,8 @@ int SideSimplex::pivot_through_sides(i64 enter) {
   }
   // ---- basis change
   if (leave_node >= 0) {
-    // cut the arc above leave_node: its subtree becomes a new tree
+    // cut the arc above leave_node: the smaller of the two parts takes a new slot (and, when it
+    // holds node 0, the root slot's role)
     const i64 u = leave_node, a = pred_[u];
     for (int q = 0; q < 3; ++q) X_[3 * a + q] = 0.0;
     in_tree_[a] = 0;
@@ -835,22 +1052,26 @@ int SideSimplex::pivot_through_sides(i64 enter) {
     unlink(u, parent_[u]);
     parent_[u] = -1;
     pred_[u] = -1;
-    ppar_[pos_[u]] = -1;
     const i64 ns = free_slots_[--n_free_];
-    const i64 cnt = collect(u, buf_.data());
-    slot_size_[ns] = cnt;
-    slot_size_[old] -= cnt;
-    for (i64 idx = 0; idx < cnt; ++idx) {
-      const i64 z = buf_[idx];
-      tid_[z] = ns;
-      const i64 s = in_.node_side[z];
-      if (s >= 0) {
-        Qfull_[old * S_ + s] -= node_coef_[z];
-        Qfull_[ns * S_ + s] += node_coef_[z];
-      }
+    const i64 total = slot_size_[old];
+    i64 cnt = collect(u, buf_.data(), total / 2 + 1);
+    if (cnt >= 0) {
+      slot_root_[ns] = u;
+    } else {
+      cnt = collect(slot_root_[old], buf_.data());
+      slot_root_[ns] = slot_root_[old];
+      slot_root_[old] = u;
     }
-    slots_[K] = ns;
-    slot_pos_[ns] = K;
+    slot_size_[ns] = cnt;
+    slot_size_[old] = total - cnt;
+    relabel(cnt, old, ns, 0.0);
+    i64 added = ns;  // the slot that joins the K x K system
+    if (tid_[0] == ns) {
+      root_slot_ = ns;
+      added = old;
+    }
+    slots_[K] = added;
+    slot_pos_[added] = K;
     if (s_in >= 0) {
       basic_[K] = s_in;
       side_pos_[s_in] = K;
@@ -872,24 +1093,21 @@ int SideSimplex::pivot_through_sides(i64 enter) {
     }
   }
   if (enter < m) {
-    // link the entering arc: reroot the smaller of its trees (never the root tree) at its endpoint
-    // and hang it below the other endpoint; it takes the place of that tree
+    // link the entering arc: reroot the smaller of its trees at its endpoint and hang it below the
+    // other endpoint; it takes that tree's slot and frame
     const i64 x = tail_[enter], y = head_[enter], tx = tid_[x], ty = tid_[y];
     if (tx == ty) return kInconsistentForest;
     i64 z, w, tz;
-    if (ty == 0 || (tx != 0 && slot_size_[tx] <= slot_size_[ty]))
+    if (slot_size_[tx] <= slot_size_[ty])
       z = x, w = y, tz = tx;
     else
       z = y, w = x, tz = ty;
-    i64 u = z, np_ = w, npred = enter;
+    i64 u = z, np = w, npred = enter;
     while (u >= 0) {
       const i64 p = parent_[u], a = pred_[u];
       if (p >= 0) unlink(u, p);
-      parent_[u] = np_;
-      pred_[u] = npred;
-      up_[u] = tail_[npred] == u;
-      link(u, np_);
-      np_ = u;
+      hang(u, np, npred);
+      np = u;
       npred = a;
       u = p;
     }
@@ -897,30 +1115,104 @@ int SideSimplex::pivot_through_sides(i64 enter) {
     const double sigma = up_[z] ? cost_[enter] + pi_rel_[w] - pi_rel_[z] : pi_rel_[w] - cost_[enter] - pi_rel_[z];
     const i64 tw = tid_[w];
     const i64 cnt = collect(z, buf_.data());
-    append(cnt);
-    for (i64 idx = 0; idx < cnt; ++idx) {
-      const i64 v = buf_[idx];
-      depth_[v] = depth_[parent_[v]] + 1;
-      pi_rel_[v] += sigma;
-      tid_[v] = tw;
-      const i64 s = in_.node_side[v];
-      if (s >= 0) {
-        c0_[s] += node_coef_[v] * sigma;
-        Qfull_[tz * S_ + s] -= node_coef_[v];
-        Qfull_[tw * S_ + s] += node_coef_[v];
-      }
-    }
+    relabel(cnt, tz, tw, sigma);
     slot_size_[tw] += cnt;
     slot_size_[tz] = 0;
-    const i64 j = slot_pos_[tz];
+    slot_root_[tz] = -1;
+    i64 gone = tz;  // the slot that leaves the K x K system
+    if (tz == root_slot_) {
+      root_slot_ = tw;
+      gone = tw;
+    }
+    const i64 j = slot_pos_[gone];
     K_ = --K;
     slots_[j] = slots_[K];
     slot_pos_[slots_[j]] = j;
-    slot_pos_[tz] = -1;
+    slot_pos_[gone] = -1;
     free_slots_[n_free_++] = tz;
   }
   if (!compact()) return kSingular;
   return kDone;
+}
+
+// The cap columns' costs move from values at which the start basis is optimal (every nonbasic cap
+// column's reduced cost raised to 0) to their real values, and the basis follows the optimum: costs
+// change only the tree offsets theta, so only arcs between two trees and cap columns change their
+// reduced costs; at each point where one of them reaches 0 it enters. Returns -1 when the real costs
+// are reached (then the plain simplex checks and finishes), else a status.
+int SideSimplex::homotopy() {
+  const i64 S = S_;
+  build_cross();
+  target_.assign(scost_.begin(), scost_.end());
+  start_.assign(S, 0.0);
+  slope_.assign(S, 0.0);
+  dtheta_.assign(S + 2, 0.0);
+  bool started = false;
+  double lambda = 0.0;
+  while (true) {
+    if (need_refresh_) {
+      const int r = refresh();
+      if (r > 0) return r;
+      if (r < 0) continue;
+    }
+    solve_theta();
+    if (!started) {
+      started = true;
+      for (i64 s = 0; s < S; ++s) {
+        start_[s] = in_.start[s];
+        slope_[s] = target_[s] - start_[s];
+        scost_[s] = start_[s];
+      }
+      solve_theta();
+    }
+    if (it_ >= in_.max_iter) break;
+    // d theta / d lambda over the basic cap columns
+    const i64 K = K_;
+    std::fill(dtheta_.begin(), dtheta_.end(), 0.0);
+    for (i64 j = 0; j < K; ++j) {
+      double acc = 0.0;
+      for (i64 i = 0; i < K; ++i) acc += Qinv_[i * K + j] * slope_[basic_[i]];
+      dtheta_[slots_[j]] = acc;
+    }
+    i64 enter = -1;
+    double step = kInf, rate = 0.0;
+    auto consider = [&](i64 who, double rc, double drc) {
+      if (drc >= -kSlopeTol) return;
+      const double r = std::max(rc, 0.0) / -drc;
+      if (r < step || (r == step && -drc > rate)) step = r, rate = -drc, enter = who;
+    };
+    for (const i64 a : cross_list_) {
+      const i64 t = tail_[a], h = head_[a], tt = tid_[t], th = tid_[h];
+      const double drc = dtheta_[th] - dtheta_[tt];
+      if (drc < -kSlopeTol) consider(a, cost_[a] - pi_rel_[t] - theta_[tt] + pi_rel_[h] + theta_[th], drc);
+    }
+    stats_[kPriced] += static_cast<i64>(cross_list_.size());
+    for (i64 s = 0; s < S; ++s) {
+      if (side_pos_[s] >= 0) continue;
+      double drc = slope_[s];
+      for (i64 j = 0; j < K; ++j) drc -= Qfull_[slots_[j] * S + s] * dtheta_[slots_[j]];
+      if (drc < -kSlopeTol) consider(m_ + s, side_reduced_cost(s), drc);
+    }
+    if (enter < 0 || lambda + step >= 1.0) break;
+    lambda += step;
+    for (i64 s = 0; s < S; ++s) scost_[s] = start_[s] + lambda * slope_[s];
+    fresh_ = false;
+    flip_rounds_ = 0;
+    ++it_;
+    stats_[kPivots] += 1;
+    stats_[kHomotopy] += 1;
+    const int r = pivot_through_sides(enter);
+    if (r == kRetry) {
+      --it_;
+      stats_[kPivots] -= 1;
+      stats_[kHomotopy] -= 1;
+      continue;
+    }
+    if (++since_refresh_ >= kRefreshEvery) need_refresh_ = true;
+    if (r != kDone) return r;
+  }
+  scost_.assign(target_.begin(), target_.end());
+  return -1;
 }
 
 int SideSimplex::run() {
@@ -928,7 +1220,8 @@ int SideSimplex::run() {
   if (!compact()) return kSingular;
   perturb();
   int status = -1;
-  while (true) {
+  if (in_.start != nullptr && in_.price_sides && K_ == 0) status = homotopy();
+  while (status < 0) {
     if (need_refresh_) {
       const int r = refresh();
       if (r > 0) {
@@ -956,14 +1249,13 @@ int SideSimplex::run() {
       stats_[kPivots] -= 1;
       continue;
     }
-    if (r != kDone) {
-      status = r;
-      break;
-    }
+    if (!in_tree && ++since_refresh_ >= kRefreshEvery) need_refresh_ = true;
+    if (r != kDone) status = r;
   }
-  // potentials and the basic side columns (also after a failure: the basis is valid)
+  // potentials (node 0 at 0) and the basic side columns, also after a failure: the basis is valid
   if (status < 0) status = it_ < in_.max_iter ? kOptimal : kIterationLimit;
-  for (i64 u = 0; u < N_; ++u) out_.pi[u] = pi_rel_[u] + theta_[tid_[u]];
+  const double origin = pi_rel_[0] + theta_[tid_[0]];
+  for (i64 u = 0; u < N_; ++u) out_.pi[u] = pi_rel_[u] + theta_[tid_[u]] - origin;
   for (i64 s = 0; s < S_; ++s) {
     out_.side_basic[s] = side_pos_[s] >= 0;
     out_.side_flip[s] = sflip_[s];
@@ -997,7 +1289,7 @@ int side_simplex(py::array tail, py::array head, py::array cost, py::array partn
                  py::array snode, py::array scoef, py::array snorm, py::array scost, py::array salt,
                  py::array node_side, py::array node_coef, py::array b, py::array parent, py::array pred,
                  py::array side_basic, py::array side_flip, bool price_sides, py::array tol, i64 max_iter,
-                 i64 block, py::array X, py::array MU, py::array pi, py::array stats) {
+                 i64 block, py::array X, py::array MU, py::array pi, py::array stats, py::object start) {
   Input in;
   in.m = tail.size();
   in.N = parent.size();
@@ -1024,11 +1316,20 @@ int side_simplex(py::array tail, py::array head, py::array cost, py::array partn
   in.f2 = t[2];
   in.max_side_entries = static_cast<i64>(t[3]);
   in.price_sides = price_sides;
+  py::array start_arr;
+  if (!start.is_none()) {
+    start_arr = start.cast<py::array>();
+    in.start = in_ptr<double>(start_arr, in.S, "start");
+  }
   in.max_iter = max_iter;
   in.block = std::max<i64>(block, 1);
   for (i64 a = 0; a < in.m; ++a) {
     if (in.tail[a] < 0 || in.tail[a] >= in.N || in.head[a] < 0 || in.head[a] >= in.N || in.partner[a] >= in.m)
       throw std::invalid_argument("arc " + std::to_string(a) + " out of range");
+  }
+  for (i64 s = 0; s < in.S; ++s) {
+    if (in.sptr[s + 1] < in.sptr[s] || (in.sptr[s + 1] - in.sptr[s]) % 2 != 0)
+      throw std::invalid_argument("side column " + std::to_string(s) + ": expected pairs of entries");
   }
   for (i64 e = 0; e < nnz; ++e) {
     if (in.snode[e] < 0 || in.snode[e] >= in.N) throw std::invalid_argument("snode out of range");

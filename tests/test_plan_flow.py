@@ -199,7 +199,7 @@ def test_optimum_is_a_certificate():
     basis = fp.cold_basis()
     fp.optimize(basis, price_sides=False)
     pi, stats = fp.optimize(basis)
-    assert stats[0] > 0
+    assert stats.pivots > 0
     real = np.arange(fp.m_price)
     slack = fp.cost[real] - pi[fp.tail[real]] + pi[fp.head[real]]
     assert slack.min() >= -1e-9  # every precedence, end, start and duration bound holds

@@ -106,20 +106,36 @@ def _solve_flow(problem: PlanProblem, scaled: PlanProblem, factor: float, state,
         if warm:
             basis = state.uncapped.copy()
             try:
-                fp.optimize(basis, price_sides=False)
+                pi, _ = fp.optimize(basis, price_sides=False)
             except flow.FlowSolveError:
                 warm = False
         if not warm:
             basis = fp.cold_basis()
-            fp.optimize(basis, price_sides=False)
+            pi, _ = fp.optimize(basis, price_sides=False)
         uncapped = basis.copy()
         t1 = time.perf_counter()
-        pi, stats = fp.optimize(basis)
+        pi, stats = _capped(fp, basis, pi)
     except flow.FlowSolveError:
         return None
     start = "uncapped" if warm else "cold"
-    new = FlowWarmState(sig, uncapped, basis, int(stats[0]), *_durations(problem), start)
+    new = FlowWarmState(sig, uncapped, basis, stats.pivots, *_durations(problem), start)
     return _finish_flow(problem, fp, factor, pi, t0, t1, new)
+
+
+def _capped(fp, basis, pi):
+    """The capped stage from the uncapped optimum ``basis`` (potentials ``pi``), updated in place: the
+    homotopy in the caps, or the plain simplex when that stops without an optimum (a badly
+    conditioned cap-column matrix on its way)."""
+    start = fp.capped_start(pi)
+    if start is None:
+        return fp.optimize(basis)
+    uncapped = basis.copy()
+    try:
+        return fp.optimize(basis, start=start)
+    except flow.FlowSolveError:
+        basis.parent, basis.pred = uncapped.parent, uncapped.pred
+        basis.side_basic, basis.side_flip = uncapped.side_basic, uncapped.side_flip
+        return fp.optimize(basis)
 
 
 def _flow_signature(fp) -> bytes:
