@@ -175,9 +175,9 @@ class PlanProblem:
             if len(bad):
                 j = bad[0]
                 raise ValueError(
-                    f"{what} duration of {self.dag.actions[j]} ({values[j]!r}) cannot be represented next "
-                    f"to the largest duration ({factor!r}, {self.dag.actions[i]}): their ratio is below "
-                    "float64's range"
+                    f"{what} duration of {self.dag.actions[j]} ({float(values[j])!r}) cannot be "
+                    f"represented next to the largest duration ({factor!r}, {self.dag.actions[i]}): their "
+                    "ratio is below float64's range"
                 )
         weight = self.weight / factor if self.config.weighting == "duration" else self.weight
         problem = replace(self, unfrozen=self.unfrozen / factor, frozen=self.frozen / factor, weight=weight)
