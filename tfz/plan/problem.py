@@ -25,14 +25,16 @@ follows along any path from u to v.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
-import scipy.sparse as sp
 
 from tfz._validate import check_ratio
 from tfz.dag import DAG
 from tfz.schedule import FREEZABLE_KINDS
+
+if TYPE_CHECKING:  # scipy.sparse takes a quarter second to import; only the HiGHS paths need it
+    import scipy.sparse as sp
 
 __all__ = ["LP", "PlanConfig", "PlanProblem", "build_lp", "reduced_edges"]
 
@@ -313,6 +315,8 @@ def build_lp(problem: PlanProblem, *, reduced: bool = True) -> LP:
         [np.ones(E + R), -np.ones(E + R), delta[u[has_r]], problem.weight[ratio_actions[in_row]]]
     )
     m = E + R + len(stages)
+    import scipy.sparse as sp
+
     A = sp.csc_matrix((vals, (r_idx, c_idx)), shape=(m, tcol + 1))
     row_lo = np.concatenate([up[u], np.full(len(stages), -np.inf)])
     row_hi = np.concatenate([np.full(E + R, np.inf), budget[stages]])
