@@ -19,7 +19,7 @@ pytest-benchmark (sizes up to 16k; the generic solve only up to 4k):
     python -m pytest bench/bench_plan.py -q --benchmark-enable
 Tables for bench/RESULTS.md:
     python bench/bench_plan.py --fresh                   # a fresh process: `tfz plan` and its solve
-    python bench/bench_plan.py --cold [--generic-max 16384] [--repeat 3]
+    python bench/bench_plan.py --cold [--instances 1f1b:32:256,...] [--kinds uniform,...] [--generic-max N]
     python bench/bench_plan.py --warm [--sizes 8,16,32,64] [--repeat 3]
 """
 
@@ -62,11 +62,12 @@ def instance(name: str, P: int, M: int, kind: str, seed: int = 0):
         return (dag, *Profile(stages=stages).durations(dag))
     n = dag.num_actions
     b = dag.kind_mask("B")
+    bw = dag.kind_mask("B", "W")
     up = np.where(b, rng.uniform(1.6, 2.4, n), rng.uniform(0.8, 1.2, n))
-    low = np.where(dag.kind_mask("B", "W"), up * rng.uniform(0.4, 0.6, n), up)
+    low = np.where(bw, up * rng.uniform(0.4, 0.6, n), up)
     if kind == "tied":
         up = np.round(up * 4) / 4
-        low = np.where(low < up, np.minimum(np.round(low * 4) / 4, up - 0.25), up)
+        low = np.where(bw, np.minimum(np.round(low * 4) / 4, up - 0.25), up)
     elif kind != "random":
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     return dag, up, low
@@ -175,7 +176,15 @@ def _fresh(args) -> None:
         )
 
 
-COLD = [("1f1b", P, 8 * P) for P in (8, 16, 32, 64)] + [("zbv", 16, 128), ("interleaved1f1b", 16, 192)]
+COLD = "1f1b:8:64,1f1b:16:128,1f1b:32:256,1f1b:64:512,zbv:16:128,interleaved1f1b:16:192"
+
+
+def _instances(text: str) -> list[tuple[str, int, int]]:
+    out = []
+    for item in text.split(","):
+        name, P, M = item.split(":")
+        out.append((name, int(P), int(M)))
+    return out
 
 
 def _cold(args) -> None:
@@ -185,7 +194,7 @@ def _cold(args) -> None:
     )
     print("|---|---|---|---|---|---|---|---|---|---|")
     kinds = args.kinds.split(",")
-    for name, P, M in COLD:
+    for name, P, M in _instances(args.instances):
         for kind in kinds:
             dag, up, low = instance(name, P, M, kind)
             n = dag.num_actions
@@ -236,6 +245,7 @@ def main(argv=None) -> None:
     ap.add_argument("--fresh", action="store_true", help="the fresh-process table")
     ap.add_argument("--cold", action="store_true", help="the cold table")
     ap.add_argument("--warm", action="store_true", help="the warm re-plan table")
+    ap.add_argument("--instances", default=COLD, help="cold table: schedule:P:M, comma separated")
     ap.add_argument("--kinds", default="uniform,stage,random", help="cold-table duration kinds")
     ap.add_argument("--generic-max", type=int, default=16384, help="largest instance for the generic LP")
     ap.add_argument("--highs-max", type=int, default=16384, help="largest instance for the HiGHS path")

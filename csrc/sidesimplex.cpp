@@ -51,6 +51,7 @@ constexpr double kInf = std::numeric_limits<double>::infinity();
 constexpr i64 kAll = std::numeric_limits<i64>::max();
 constexpr double kPivotTol = 1e-7;   // smallest rate at which a basic variable counts as falling
 constexpr double kSlopeTol = 1e-12;  // reduced costs falling slower than this do not fall
+constexpr double kNoise = 1e-11;     // subtree sums below this are rounding residue (data scaled to 1)
 // Flows and potentials are recomputed from scratch after this many pivots through the side columns:
 // their updates add rounding errors of about 1e-12 each (sums over the forest of terms that cancel).
 constexpr i64 kRefreshEvery = 64;
@@ -283,6 +284,8 @@ class SideSimplex {
     return cnt;
   }
   i64 forest_order();
+  void rebuild_order();
+  void append(i64 cnt);
   i64 find_join(i64 a, i64 b);
   void reframe(i64 cnt, double shift);
   void relabel(i64 cnt, i64 from, i64 to, double shift);
@@ -328,15 +331,24 @@ class SideSimplex {
   std::vector<char> up_, in_tree_;
   std::vector<double> pi_rel_;
   i64 stamp_ = 0;
+  // a topological order of the forest with, per position, the parent's position, the arc to the
+  // parent and its direction: the subtree sums of pivots through the side columns scan it backwards.
+  // Moved trees are appended (holes are left behind; rebuilt when full); a pivot inside a tree only
+  // marks it stale (rebuilt when next needed).
+  std::vector<i64> order_, pos_, ppar_, parc_;
+  std::vector<char> pup_;
+  std::vector<double> dpos_;
+  i64 cap_ord_ = 0, ord_len_ = 0;
+  bool order_valid_ = false;
   // tree slots; the root slot holds node 0
   std::vector<i64> slot_size_, slot_root_, free_slots_, slots_, slot_pos_, basic_, side_pos_;
   i64 n_free_ = 0, K_ = 0, root_slot_ = 0;
   std::vector<char> sflip_;
-  // subtree sums of a sparse vector: value per node, touched nodes, touched children left per node;
-  // rates of arcs that move alone (a side column's pair across one arc)
-  std::vector<double> dnode_, dlocal_;
-  std::vector<char> touched_, local_;
-  std::vector<i64> touched_list_, local_list_, pending_, ready_;
+  // positions with a nonzero subtree sum; rates of arcs that move alone (a side column's pair across
+  // one arc)
+  std::vector<double> dlocal_;
+  std::vector<char> local_;
+  std::vector<i64> touched_list_, local_list_;
   // side-column matrices
   std::vector<double> Qfull_, Q_, Qinv_, c0_, theta_, agg_, dmu_, vec_;
   std::vector<Candidate> cand_;
@@ -356,6 +368,44 @@ i64 SideSimplex::forest_order() {
     if (parent_[r] < 0) n += collect(r, buf_.data() + n);
   }
   return n;
+}
+
+void SideSimplex::rebuild_order() {
+  const i64 n = forest_order();
+  for (i64 p = 0; p < n; ++p) {
+    const i64 u = buf_[p];
+    order_[p] = u;
+    pos_[u] = p;
+  }
+  for (i64 p = 0; p < n; ++p) {
+    const i64 u = order_[p], par = parent_[u];
+    ppar_[p] = par >= 0 ? pos_[par] : -1;
+    parc_[p] = pred_[u];
+    pup_[p] = up_[u];
+  }
+  ord_len_ = n;
+  order_valid_ = true;
+}
+
+// Move the nodes buf_[:cnt] (a re-hung tree in preorder) to the end of the order.
+void SideSimplex::append(i64 cnt) {
+  if (!order_valid_) return;
+  if (ord_len_ + cnt > cap_ord_) {
+    order_valid_ = false;  // rebuilt when next needed
+    return;
+  }
+  for (i64 idx = 0; idx < cnt; ++idx) {
+    const i64 u = buf_[idx];
+    order_[pos_[u]] = -1;
+    ppar_[pos_[u]] = -1;
+    order_[ord_len_] = u;
+    pos_[u] = ord_len_;
+    const i64 par = parent_[u];
+    ppar_[ord_len_] = par >= 0 ? pos_[par] : -1;
+    parc_[ord_len_] = pred_[u];
+    pup_[ord_len_] = up_[u];
+    ++ord_len_;
+  }
 }
 
 // The lowest common ancestor of a and b (one tree): both climb in turns, marking what they pass.
@@ -595,12 +645,17 @@ bool SideSimplex::setup() {
   if (seen != N) return false;  // a cycle in the parent pointers
   root_slot_ = tid_[0];
   for (i64 s = nslot; s < S + 2; ++s) free_slots_[n_free_++] = s;
-  dnode_.assign(N, 0.0);
   dlocal_.assign(N, 0.0);
-  touched_.assign(N, 0);
   local_.assign(N, 0);
-  pending_.assign(N, 0);
   touched_list_.reserve(N);
+  cap_ord_ = N + std::max<i64>(N / 4, 1024);
+  order_.assign(cap_ord_, -1);
+  pos_.assign(N, -1);
+  ppar_.assign(cap_ord_, -1);
+  parc_.assign(cap_ord_, -1);
+  pup_.assign(cap_ord_, 0);
+  dpos_.assign(cap_ord_, 0.0);
+  order_valid_ = false;
   slots_.assign(S + 2, 0);
   slot_pos_.assign(S + 2, -1);
   K_ = 0;
@@ -740,6 +795,7 @@ int SideSimplex::refresh() {
     // new basis: new potentials, and a perturbation that is positive on it again
     stats_[kSwapped] += nflip;
     ++flip_rounds_;
+    order_valid_ = false;  // arcs swapped in place
     if (!compact()) return kSingular;
     perturb();
     return -1;
@@ -873,6 +929,7 @@ int SideSimplex::pivot_in_tree(i64 enter) {
     new_pred = old_pred;
     u = old_par;
   }
+  order_valid_ = false;
   // the re-hung subtree's potentials rise by sigma, or the rest of the tree's fall by it
   const i64 tree = tid_[u_in];
   i64 cnt = collect(u_in, buf_.data(), slot_size_[tree] / 2 + 1);
@@ -886,22 +943,10 @@ int SideSimplex::pivot_in_tree(i64 enter) {
 }
 
 // Add value to node u's entry of the vector whose subtree sums are being taken.
-void SideSimplex::push(i64 u, double value) {
-  if (!touched_[u]) {
-    touched_[u] = 1;
-    dnode_[u] = value;
-    touched_list_.push_back(u);
-  } else {
-    dnode_[u] += value;
-  }
-}
+void SideSimplex::push(i64 u, double value) { dpos_[pos_[u]] += value; }
 
 void SideSimplex::clear_touched() {
-  for (const i64 u : touched_list_) {
-    touched_[u] = 0;
-    dnode_[u] = 0.0;
-    pending_[u] = 0;
-  }
+  for (const i64 p : touched_list_) dpos_[p] = 0.0;
   touched_list_.clear();
   for (const i64 u : local_list_) {
     local_[u] = 0;
@@ -916,6 +961,7 @@ int SideSimplex::pivot_through_sides(i64 enter) {
   const double f1 = in_.f1, f2 = in_.f2;
   const i64 m = m_;
   stats_[kSidePivots] += 1;
+  if (!order_valid_) rebuild_order();
   i64 K = K_;
   // add the entries of column s times value: a pair across one forest arc only moves that arc
   auto add_column = [&](i64 s, double value) {
@@ -958,36 +1004,28 @@ int SideSimplex::pivot_through_sides(i64 enter) {
     dmu_[i] = acc;
     if (acc != 0.0) add_column(basic_[i], acc);
   }
-  // the touched subforest: every ancestor of a nonzero entry, with its number of touched children
-  for (size_t i = 0; i < touched_list_.size(); ++i) {
-    const i64 p = parent_[touched_list_[i]];
-    if (p < 0) continue;
-    if (!touched_[p]) {
-      touched_[p] = 1;
-      touched_list_.push_back(p);
-    }
-    ++pending_[p];
-  }
-  // subtree sums, leaves first; arcs whose flow falls are candidates to leave
+  // subtree sums in reverse topological order; arcs whose flow falls are candidates to leave. A sum
+  // below kNoise is the rounding residue of entries that cancel (a pair below it): it stops there.
   cand_.clear();
-  ready_.clear();
-  for (const i64 u : touched_list_) {
-    if (pending_[u] == 0) ready_.push_back(u);
-  }
-  while (!ready_.empty()) {
-    const i64 u = ready_.back();
-    ready_.pop_back();
-    const i64 p = parent_[u];
-    if (p < 0) continue;
-    const double d = dnode_[u];
-    dnode_[p] += d;
-    if (--pending_[p] == 0) ready_.push_back(p);
-    double rate = d + dlocal_[u];
-    if (up_[u]) rate = -rate;
-    if (rate > kPivotTol) cand_.push_back({&X_[3 * pred_[u]], rate, u});
+  for (i64 p = ord_len_ - 1; p >= 0; --p) {
+    double d = dpos_[p];
+    if (d == 0.0) continue;
+    touched_list_.push_back(p);
+    if (std::abs(d) < kNoise) d = dpos_[p] = 0.0;
+    const i64 q = ppar_[p];
+    if (q < 0) continue;
+    dpos_[q] += d;
+    const i64 u = order_[p];
+    double rate = d;
+    if (local_[u]) {
+      rate += dlocal_[u];
+      local_[u] = 2;  // taken here
+    }
+    if (pup_[p]) rate = -rate;
+    if (rate > kPivotTol) cand_.push_back({&X_[3 * parc_[p]], rate, u});
   }
   for (const i64 c : local_list_) {
-    if (touched_[c]) continue;  // taken with its subtree sum above
+    if (local_[c] == 2) continue;  // taken with its subtree sum above
     const double rate = up_[c] ? -dlocal_[c] : dlocal_[c];
     if (rate > kPivotTol) cand_.push_back({&X_[3 * pred_[c]], rate, c});
   }
@@ -1025,9 +1063,12 @@ int SideSimplex::pivot_through_sides(i64 enter) {
     if (!up_[u]) d = -d;
     for (int q = 0; q < 3; ++q) X_[3 * a + q] += t.v[q] * d;
   };
-  for (const i64 u : touched_list_) step(u, dnode_[u] + dlocal_[u]);
+  for (const i64 p : touched_list_) {
+    const i64 u = order_[p];
+    step(u, dpos_[p] + (local_[u] ? dlocal_[u] : 0.0));
+  }
   for (const i64 c : local_list_) {
-    if (!touched_[c]) step(c, dlocal_[c]);
+    if (local_[c] != 2) step(c, dlocal_[c]);
   }
   clear_touched();
   for (i64 i = 0; i < K; ++i) {
@@ -1052,6 +1093,7 @@ int SideSimplex::pivot_through_sides(i64 enter) {
     unlink(u, parent_[u]);
     parent_[u] = -1;
     pred_[u] = -1;
+    if (order_valid_) ppar_[pos_[u]] = -1;
     const i64 ns = free_slots_[--n_free_];
     const i64 total = slot_size_[old];
     i64 cnt = collect(u, buf_.data(), total / 2 + 1);
@@ -1115,6 +1157,7 @@ int SideSimplex::pivot_through_sides(i64 enter) {
     const double sigma = up_[z] ? cost_[enter] + pi_rel_[w] - pi_rel_[z] : pi_rel_[w] - cost_[enter] - pi_rel_[z];
     const i64 tw = tid_[w];
     const i64 cnt = collect(z, buf_.data());
+    append(cnt);
     relabel(cnt, tz, tw, sigma);
     slot_size_[tw] += cnt;
     slot_size_[tz] = 0;

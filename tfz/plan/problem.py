@@ -323,8 +323,3 @@ def build_lp(problem: PlanProblem, *, reduced: bool = True) -> LP:
     col_lo = np.zeros(tcol + 1)
     col_hi = np.concatenate([np.full(n, np.inf), problem.cap[ratio_actions], [np.inf]])
     return LP(A, row_lo, row_hi, col_lo, col_hi, ratio_actions, n, srow[stages], stages)
-
-
-def relative_gap(a: float, b: float) -> float:
-    """|a - b| / max(1, |a|, |b|)."""
-    return abs(a - b) / max(1.0, abs(a), abs(b))
