@@ -12,12 +12,15 @@ works on durations divided by the largest one (:meth:`~tfz.plan.problem.PlanProb
 answer does not depend on the time unit.
 
 The simplex first solves the uncapped problem, cold from the longest-path tree under the
-all-frozen durations, then lets the cap columns enter. Warm (``warm_start=plan``) after a small drift
+all-frozen durations, then the capped one from that optimum along a homotopy in the caps (all of
+them descend together from the largest stage mean to ``max_freeze_ratio``,
+:meth:`~tfz.plan.flow.FlowProblem.capped_start`); should that stop without an optimum, the plain
+simplex redoes the capped stage from the uncapped optimum. Warm (``warm_start=plan``) after a small drift
 (no duration moved by more than 0.5%, :data:`FINAL_START_DRIFT`), it restarts from the plan's final
 optimal basis under the new durations (arcs and cap columns whose value turned negative are swapped
 for their reverses), which takes few pivots. After a larger drift the optimum has moved too far for
 that (2% changes 15% of the optimal basis): the uncapped stage restarts from the plan's uncapped
-optimum, a tenth of the cold time, and the capped stage runs as cold (bench/RESULTS.md).
+optimum and the capped stage runs as cold (bench/RESULTS.md).
 
 Without the native extension (built without a C++ compiler), or when the flow solve stops without a
 verified optimum, the reduced LP goes to HiGHS (:func:`_solve_highs`), which is exact too but slower.
