@@ -108,23 +108,28 @@ struct Candidate {
 // f2 of 0 bound t3. A later component may decrease (a negative ratio) while an earlier one is
 // positive. The leaving candidate is the one that sets t3 (largest rate on ties, else the last one
 // listed). Returns its index, or -1 when nothing bounds the step.
-int leaving(const std::vector<Candidate>& cand, double f1, double f2, Triple& t) {
+int leaving(const std::vector<Candidate>& cand, double f1, double f2, Triple& t,
+            std::vector<int>& tied) {
   const int n = static_cast<int>(cand.size());
   if (n == 0) return -1;
   double t1 = kInf;
   for (const Candidate& c : cand) t1 = std::min(t1, c.v[0] > f1 ? c.v[0] / c.d : 0.0);
-  // when t1 > 0 every candidate's first component is above f1 (else t1 would be 0)
+  // the candidates whose first component ends within f1 of 0 (when t1 > 0 every candidate's first
+  // component is above f1, else t1 would be 0)
+  tied.clear();
   double t2 = kInf;
-  for (const Candidate& c : cand) {
+  for (int i = 0; i < n; ++i) {
+    const Candidate& c = cand[i];
     if (c.v[0] - t1 * c.d > f1) continue;
+    tied.push_back(i);
     t2 = std::min(t2, (t1 > 0.0 || c.v[1] > f2) ? c.v[1] / c.d : 0.0);
   }
   double t3 = kInf, best_d = 0.0;
   int best = -1;
   const bool zero12 = t1 == 0.0 && t2 <= 0.0;
-  for (int i = 0; i < n; ++i) {
+  for (const int i : tied) {
     const Candidate& c = cand[i];
-    if (c.v[0] - t1 * c.d > f1 || c.v[1] - t2 * c.d > f2) continue;
+    if (c.v[1] - t2 * c.d > f2) continue;
     const double r = (zero12 && c.v[1] <= f2) ? std::max(c.v[2], 0.0) / c.d : c.v[2] / c.d;
     if (r < t3 || (r == t3 && c.d >= best_d)) t3 = r, best = i, best_d = c.d;
   }
@@ -139,9 +144,10 @@ inline bool lex_negative(const double* v, double f1, double f2) {
 }
 
 // A value recomputed from scratch that is negative by less than kRoundoff tolerances is rounding (Q^-1
-// of a badly conditioned Q), not a sign: its first two components become 0 and the third decides.
-// Returns false for a value that is really negative.
-constexpr double kRoundoff = 1e3;
+// of a badly conditioned Q: seen up to 3.4 f1), not a sign: its first two components become 0 and
+// the third decides. Returns false for a value that is really negative (after a warm start's drift,
+// values of 1e-4 go negative: wider, this band kept them and the flows went wrong).
+constexpr double kRoundoff = 10.0;
 inline bool snap(double* v, double f1, double f2) {
   if (v[0] < -kRoundoff * f1) return false;
   if (v[0] > f1) return true;
@@ -211,7 +217,7 @@ struct Input {
   bool price_sides = true;
   const double* start = nullptr;  // [S]: the cap columns' costs where the homotopy starts (or null)
   double rc_tol = 0.0, f1 = 0.0, f2 = 0.0;
-  i64 max_side_entries = 16, max_iter = 0, block = 64;
+  i64 max_side_entries = 16, max_iter = 0, max_side_pivots = 0, block = 64;
 };
 
 // The basis (updated in place) and the solution.
@@ -353,6 +359,7 @@ class SideSimplex {
   // side-column matrices
   std::vector<double> Qfull_, Q_, Qinv_, c0_, theta_, agg_, dmu_, vec_;
   std::vector<Candidate> cand_;
+  std::vector<int> tied_;
   // homotopy: cap column costs at its start, their slope, theta's slope; arcs between two trees
   std::vector<double> target_, start_, slope_, dtheta_;
   std::vector<i64> adj_ptr_, adj_arc_, cross_list_, cross_pos_;
@@ -388,11 +395,12 @@ void SideSimplex::rebuild_order() {
   order_valid_ = true;
 }
 
-// Move the nodes buf_[:cnt] (a re-hung tree in preorder) to the end of the order.
+// Move the nodes buf_[:cnt] (a re-hung tree in preorder) to the end of the order. When the order is
+// full it goes stale instead (rebuilding here would overwrite buf_, which the caller still uses).
 void SideSimplex::append(i64 cnt) {
   if (!order_valid_) return;
   if (ord_len_ + cnt > cap_ord_) {
-    order_valid_ = false;  // rebuilt when next needed
+    order_valid_ = false;
     return;
   }
   for (i64 idx = 0; idx < cnt; ++idx) {
@@ -894,7 +902,7 @@ int SideSimplex::pivot_in_tree(i64 enter) {
     if (!up_[u]) cand_.push_back({&X_[3 * pred_[u]], 1.0, u});
   }
   Triple t;
-  const int out = leaving(cand_, f1, f2, t);
+  const int out = leaving(cand_, f1, f2, t, tied_);
   if (out < 0) return kUnbounded;
   const i64 u_out = cand_[out].who;
   const bool side_first = static_cast<size_t>(out) < n_first;
@@ -936,6 +944,13 @@ int SideSimplex::pivot_in_tree(i64 enter) {
     new_par = u;
     new_pred = old_pred;
     u = old_par;
+  }
+  if (order_valid_ && (in_.price_sides || K_ > 0)) {
+    // pivots through the side columns will follow: keep the order, the re-hung subtree appended
+    const i64 cnt = collect(u_in, buf_.data());
+    append(cnt);
+    reframe(cnt, sigma);
+    return kDone;
   }
   order_valid_ = false;
   // the re-hung subtree's potentials rise by sigma, or the rest of the tree's fall by it
@@ -1042,7 +1057,7 @@ int SideSimplex::pivot_through_sides(i64 enter) {
     if (d > kPivotTol) cand_.push_back({&MU_[3 * basic_[i]], d, -(i + 1)});
   }
   Triple t;
-  const int out = leaving(cand_, f1, f2, t);
+  const int out = leaving(cand_, f1, f2, t, tied_);
   if (out < 0) {
     clear_touched();
     return kUnbounded;
@@ -1282,7 +1297,10 @@ int SideSimplex::run() {
       if (r < 0) continue;
     }
     solve_theta();
-    if (it_ >= in_.max_iter) break;
+    if (it_ >= in_.max_iter || stats_[kSidePivots] >= in_.max_side_pivots) {
+      status = kIterationLimit;
+      break;
+    }
     const i64 enter = price();
     if (enter < 0) {
       if (fresh_) break;
@@ -1340,7 +1358,7 @@ int side_simplex(py::array tail, py::array head, py::array cost, py::array partn
                  py::array snode, py::array scoef, py::array snorm, py::array scost, py::array salt,
                  py::array node_side, py::array node_coef, py::array b, py::array parent, py::array pred,
                  py::array side_basic, py::array side_flip, bool price_sides, py::array tol, i64 max_iter,
-                 i64 block, py::array X, py::array MU, py::array pi, py::array stats, py::object start) {
+                 i64 max_side_pivots, i64 block, py::array X, py::array MU, py::array pi, py::array stats, py::object start) {
   Input in;
   in.m = tail.size();
   in.N = parent.size();
@@ -1373,6 +1391,7 @@ int side_simplex(py::array tail, py::array head, py::array cost, py::array partn
     in.start = in_ptr<double>(start_arr, in.S, "start");
   }
   in.max_iter = max_iter;
+  in.max_side_pivots = max_side_pivots;
   in.block = std::max<i64>(block, 1);
   for (i64 a = 0; a < in.m; ++a) {
     if (in.tail[a] < 0 || in.tail[a] >= in.N || in.head[a] < 0 || in.head[a] >= in.N || in.partner[a] >= in.m)

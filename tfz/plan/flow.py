@@ -270,12 +270,15 @@ class FlowProblem:
         *,
         price_sides: bool = True,
         max_iter: int | None = None,
+        max_side_pivots: int | None = None,
         block: int = 0,
         start: np.ndarray | None = None,
     ) -> tuple[np.ndarray, FlowStats]:
         """Run the simplex from ``basis`` (updated in place) to the lexicographic optimum.
 
-        ``price_sides=False`` keeps the side columns out (the uncapped problem). ``start``: cap
+        ``price_sides=False`` keeps the side columns out (the uncapped problem). ``max_iter`` and
+        ``max_side_pivots`` bound the pivots and the pivots through the cap columns (the costly ones),
+        else :class:`FlowSolveError` (status 2). ``start``: cap
         column costs at which ``basis`` (with no basic cap column) is optimal, from
         :meth:`capped_start`: the costs then move to their real values along a homotopy before the
         plain simplex checks and finishes. A basis whose values turned negative (a warm start)
@@ -297,6 +300,8 @@ class FlowProblem:
             raise ValueError("basis does not belong to this flow problem")
         if max_iter is None:
             max_iter = 20 * (N + m) + 1000
+        if max_side_pivots is None:
+            max_side_pivots = max_iter
         cost = self.cost.copy()
         salt = -self.scost  # the negated cap column as an equality
         tol = self.tolerances()
@@ -329,6 +334,7 @@ class FlowProblem:
                 bool(price_sides),
                 tol,
                 int(max_iter),
+                int(max_side_pivots),
                 int(block) if block > 0 else max(int(np.sqrt(self.m_price)), 64),
                 X,
                 MU,

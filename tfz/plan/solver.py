@@ -46,16 +46,17 @@ __all__ = ["solve"]
 EPS = 1e-3
 """HiGHS fallback: the start objective is ``T + EPS * mean(delta) * sum r``."""
 
-FINAL_START_DRIFT = 0.005
+FINAL_START_DRIFT = 0.002
 """A warm solve restarts from the previous plan's final basis when no duration moved by more than
 this share of its action's unfrozen duration, else from the plan's uncapped optimum. Measured at
-16k actions (bench/RESULTS.md): after every duration moved by up to 0.01% / 0.1% / 0.5% the final
-basis needs 7 / 484 / 2013 pivots (0.01 / 0.10 / 0.32 s, cold 0.65-0.85 s); after 2% it needs 7.5k
-(0.91 s) and after one stage slowed by 10%, 17k, where the uncapped restart takes 0.4-0.5 s."""
-FINAL_START_PIVOTS = 2.0
-FINAL_START_MIN_PIVOTS = 256
-"""... and gives up for the uncapped restart after this many times the pivots the last full solve's
-capped stage took, or the minimum (a safety net: the drift rule decides)."""
+16k / 65k actions (bench/RESULTS.md): after every duration moved by up to 0.01% / 0.1% the final
+basis needs 400-2400 pivots, 6-30x faster than cold; after 0.5% it needs 2.2k / 11k pivots, slower
+than the uncapped restart at 16k (0.59 vs 0.32 s) and barely faster than cold at 65k."""
+FINAL_START_PIVOTS = 1.0
+FINAL_START_MIN_PIVOTS = 64
+"""... and gives up for the uncapped restart after this many times the pivots through the cap columns
+(the costly ones) that the last full solve's capped stage took, or the minimum: by then the restart
+costs about what the capped stage from the uncapped optimum does."""
 
 
 def solve(
@@ -97,7 +98,7 @@ def _solve_flow(problem: PlanProblem, scaled: PlanProblem, factor: float, state,
         basis = state.final.copy()
         budget = max(int(FINAL_START_PIVOTS * state.capped_pivots), FINAL_START_MIN_PIVOTS)
         try:
-            pi, _ = fp.optimize(basis, max_iter=budget)
+            pi, _ = fp.optimize(basis, max_side_pivots=budget)
         except flow.FlowSolveError:
             pass  # the optimum moved too far: restart from the uncapped optimum below
         else:
@@ -121,7 +122,7 @@ def _solve_flow(problem: PlanProblem, scaled: PlanProblem, factor: float, state,
     except flow.FlowSolveError:
         return None
     start = "uncapped" if warm else "cold"
-    new = FlowWarmState(sig, uncapped, basis, stats.pivots, *_durations(problem), start)
+    new = FlowWarmState(sig, uncapped, basis, stats.side_pivots, *_durations(problem), start)
     return _finish_flow(problem, fp, factor, pi, t0, t1, new)
 
 

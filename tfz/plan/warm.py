@@ -44,7 +44,8 @@ class FlowWarmState:
     final: FlowBasis
     """Optimal basis of the whole problem (the restart after a small drift)."""
     capped_pivots: int
-    """Pivots the capped stage of the last full solve took (the final restart's budget)."""
+    """Pivots through the cap columns the capped stage of the last full solve took (the final
+    restart's budget)."""
     unfrozen: np.ndarray
     """float64 [n]: the durations ``final`` is optimal for, in the caller's unit."""
     frozen: np.ndarray
