@@ -50,7 +50,7 @@ FINAL_START_DRIFT = 0.002
 """A warm solve restarts from the previous plan's final basis when no duration moved by more than
 this share of its action's unfrozen duration, else from the plan's uncapped optimum. Measured at
 16k / 65k actions (bench/RESULTS.md): after every duration moved by up to 0.01% / 0.1% the final
-basis needs 400-2400 pivots, 6-30x faster than cold; after 0.5% it needs 2.2k / 11k pivots, slower
+basis needs 300-2400 pivots, 4-21x faster than cold; after 0.5% it needs 2.2k / 11k pivots, slower
 than the uncapped restart at 16k (0.59 vs 0.32 s) and barely faster than cold at 65k."""
 FINAL_START_PIVOTS = 1.0
 FINAL_START_MIN_PIVOTS = 64
