@@ -139,10 +139,10 @@ def test_shortened_demo_runs_every_method(tmp_path):
     assert saved["methods"]["none"]["batch_time_predicted_ms"] is None
     tf = saved["methods"]["timelyfreeze"]
     assert tf["batch_time_predicted_ms"] > 0
-    # the lower-bound window freezes every unit of stage 0 (the last stage keeps one unit trainable)
+    # the lower-bound window freezes part of every stage: microbatches take turns over the monitoring
+    # ratios (0.4, 0.8), so each stage's mean is about 0.6 and every step still trains
     lower = [i for i, p in enumerate(tf["phase_per_step"]) if p == "monitor_lower"]
-    assert lower and all(tf["freeze_ratio_per_step"][i][0] == 1.0 for i in lower)
-    assert all(0.9 < tf["freeze_ratio_per_step"][i][1] < 1.0 for i in lower)
+    assert lower and all(abs(r - 0.6) < 0.1 for i in lower for r in tf["freeze_ratio_per_step"][i])
     for name in METHODS:
         assert len(saved["methods"][name]["freeze_ratio_per_step"]) == 18
     assert [p[1] for p in tf["phases"]][:3] == ["monitor_upper", "monitor_lower", "solving"]
