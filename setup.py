@@ -1,7 +1,8 @@
-"""Build script: maps ``kernels/`` to ``tfz.kernels`` and builds the optional native timer ``tfz._C``.
+"""Build script: maps ``kernels/`` to ``tfz.kernels`` and builds the optional native extensions, the
+timer ``tfz._C`` and the plan solver ``tfz.plan._sidesimplex``.
 
 Set ``TFZ_SKIP_CPP_BUILD=1`` to skip the native build; without a working C++ compiler the build is
-skipped with a warning and tfz falls back to Python timing.
+skipped with a warning and tfz falls back to Python timing and to the HiGHS plan solver.
 """
 
 import os
@@ -16,37 +17,40 @@ except ImportError:  # pybind11 missing: no native build
     Pybind11Extension = None
 
 
+FALLBACK = {"tfz._C": "Python timing", "tfz.plan._sidesimplex": "the HiGHS plan solver"}
+"""What each native extension falls back to when it is not built."""
+
+
 class OptionalBuildExt(build_ext):
     """Build extensions, but never fail the install when the toolchain is missing."""
 
     def run(self):
         try:
             super().run()
-        except Exception as exc:  # noqa: BLE001 - any toolchain failure means "no native timer"
-            self._warn(exc)
+        except Exception as exc:  # noqa: BLE001 - any toolchain failure means "no native build"
+            _warn("tfz native extensions", exc, " and ".join(FALLBACK.values()))
 
     def build_extension(self, ext):
         try:
             super().build_extension(ext)
         except Exception as exc:  # noqa: BLE001
-            self._warn(exc)
+            _warn(ext.name, exc, FALLBACK[ext.name])
 
-    @staticmethod
-    def _warn(exc):
-        print(f"WARNING: tfz native timer not built ({exc}); Python timing will be used", file=sys.stderr)
+
+def _warn(what, exc, fallback):
+    print(f"WARNING: {what} not built ({exc}); {fallback} will be used", file=sys.stderr)
+
+
+def _native(name, source, **kwargs):
+    return Pybind11Extension(name, sources=[source], cxx_std=17, extra_compile_args=["-O2"], **kwargs)
 
 
 ext_modules = []
 if Pybind11Extension is not None and os.environ.get("TFZ_SKIP_CPP_BUILD", "0") != "1":
-    ext_modules.append(
-        Pybind11Extension(
-            "tfz._C",
-            sources=["csrc/timer.cpp"],
-            cxx_std=17,
-            libraries=["dl"],
-            extra_compile_args=["-O2"],
-        )
-    )
+    ext_modules = [
+        _native("tfz._C", "csrc/timer.cpp", libraries=["dl"]),
+        _native("tfz.plan._sidesimplex", "csrc/sidesimplex.cpp"),
+    ]
 
 packages = find_packages(include=["tfz", "tfz.*"]) + ["tfz.kernels"]
 

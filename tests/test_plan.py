@@ -1,10 +1,10 @@
 """tfz.plan against independent references: path enumeration, the generic LP, closed forms."""
 
 import json
-import re
 
 import numpy as np
 import pytest
+from _plan_cases import random_times, schedule
 from scipy.optimize import linprog
 
 from tfz.dag import build_dag, simulate
@@ -14,31 +14,6 @@ from tfz.plan.problem import LP, PlanProblem, build_lp, reduced_edges
 from tfz.schedule import SCHEDULES, build_schedule
 
 REL = 1e-6
-
-
-def _schedule(name, P, M, V=None):
-    """build_schedule, raising M to the schedule's minimum; skip names not built yet."""
-    try:
-        return build_schedule(name, P, M, V)
-    except ValueError as exc:
-        msg = str(exc)
-        if "unknown schedule" in msg:
-            pytest.skip(f"schedule {name} not available yet")
-        match = re.search(r"needs at least (\d+) microbatches", msg)
-        if match:
-            return build_schedule(name, P, int(match.group(1)), V)
-        raise
-
-
-def _random_times(dag, rng, equal_share=0.1):
-    """Random (unfrozen, frozen): F/I fixed, B/W frozen at 10-90% of unfrozen, some B/W with
-    frozen == unfrozen."""
-    n = dag.num_actions
-    fr = dag.kind_mask("B", "W")
-    up = rng.uniform(0.5, 3.0, n)
-    low = np.where(fr, up * rng.uniform(0.1, 0.9, n), up)
-    low = np.where(fr & (rng.random(n) < equal_share), up, low)
-    return up, low
 
 
 def _paths(dag):
@@ -80,14 +55,16 @@ def _path_lp(dag, up, low, cap, weighting="count", action_cap=None):
                 row[col[v]] -= delta[v]
         rows.append(row)
         rhs.append(-const)
-    w = up[f] if weighting == "duration" else np.ones(k)
+    # the stage mean runs over every B/W action of the stage, those that cannot gain at ratio 0
+    bw = dag.kind_mask("B", "W")
+    a = np.where(bw, up if weighting == "duration" else 1.0, 0.0)
     for s in range(dag.num_stages):
         sel = dag.stage[f] == s
         if sel.any():
             row = np.zeros(k + 1)
-            row[:k][sel] = w[sel]
+            row[:k][sel] = a[f][sel]
             rows.append(row)
-            rhs.append(cap * w[sel].sum())
+            rhs.append(cap * a[dag.stage == s].sum())
     ub = np.ones(k) if action_cap is None else np.broadcast_to(action_cap, (n,))[f]
     bounds = [(0.0, float(b)) for b in ub] + [(0.0, None)]
     A, b = np.array(rows), np.array(rhs)
@@ -104,8 +81,7 @@ def _path_lp(dag, up, low, cap, weighting="count", action_cap=None):
 
 
 def _stage_means(dag, ratios, up, low, weighting):
-    fr = dag.kind_mask("B", "W") & (up > low)
-    w = np.where(fr, up if weighting == "duration" else 1.0, 0.0)
+    w = np.where(dag.kind_mask("B", "W"), up if weighting == "duration" else 1.0, 0.0)
     tot = np.bincount(dag.stage, weights=w, minlength=dag.num_stages)
     num = np.bincount(dag.stage, weights=w * ratios, minlength=dag.num_stages)
     return np.divide(num, tot, out=np.zeros_like(tot), where=tot > 0)
@@ -137,9 +113,9 @@ TINY = {"gpipe": (2, 3, None), "1f1b": (2, 3, None), "zbh1": (2, 3, None)}
 @pytest.mark.parametrize("seed", range(4))
 def test_tiny_matches_path_enumeration(name, seed):
     P, M, V = TINY.get(name, (2, 2, None))
-    dag = build_dag(_schedule(name, P, M, V))
+    dag = build_dag(schedule(name, P, M, V))
     rng = np.random.default_rng(seed)
-    up, low = _random_times(dag, rng)
+    up, low = random_times(dag, rng)
     cap = [0.8, 0.5, 0.3, 0.95][seed]
     weighting = "duration" if seed % 2 else "count"
     t_ref, s_ref = _path_lp(dag, up, low, cap, weighting)
@@ -161,11 +137,11 @@ def test_random_matches_generic(name):
     rng = np.random.default_rng(sum(map(ord, name)))
     for P, M, V in _sizes(name):
         try:
-            dag = build_dag(_schedule(name, P, M, V))
+            dag = build_dag(schedule(name, P, M, V))
         except ValueError:  # e.g. a stage count the schedule does not allow
-            dag = build_dag(_schedule(name, P, M))
+            dag = build_dag(schedule(name, P, M))
         for trial in range(3):
-            up, low = _random_times(dag, rng, equal_share=0.2 * trial)
+            up, low = random_times(dag, rng, equal_share=0.2 * trial)
             cap = float(rng.choice([0.0, 0.25, 0.6, 0.8, 1.0]))
             weighting = ["count", "duration"][trial % 2]
             action_cap = None if trial < 2 else rng.uniform(0.3, 1.0, dag.num_actions)
@@ -202,8 +178,8 @@ def test_uniform_closed_forms(name, P, M):
 
 @pytest.mark.parametrize("name", SCHEDULES)
 def test_cap_zero_and_one(name):
-    dag = build_dag(_schedule(name, 3, 6))
-    up, low = _random_times(dag, np.random.default_rng(3))
+    dag = build_dag(schedule(name, 3, 6))
+    up, low = random_times(dag, np.random.default_rng(3))
     zero = solve(dag, up, low, PlanConfig(max_freeze_ratio=0.0))
     assert np.all(zero.ratios == 0)
     assert zero.makespan_planned == zero.makespan_unfrozen == pytest.approx(simulate(dag, up).makespan)
@@ -215,7 +191,7 @@ def test_cap_zero_and_one(name):
 
 def test_action_cap_scalar_and_config():
     dag = build_dag(build_schedule("1f1b", 3, 6))
-    up, low = _random_times(dag, np.random.default_rng(0), equal_share=0)
+    up, low = random_times(dag, np.random.default_rng(0), equal_share=0)
     p = solve(dag, up, low, PlanConfig(max_freeze_ratio=1.0, action_cap=0.5))
     assert p.ratios.max() <= 0.5 + 1e-12
     q = solve(dag, up, low, PlanConfig(max_freeze_ratio=1.0), action_cap=0.5)
@@ -228,7 +204,7 @@ def test_reduced_edges_imply_all_edges():
     """Longest paths with only the reduced edges equal those with all edges (random durations)."""
     rng = np.random.default_rng(0)
     for name in SCHEDULES:
-        dag = build_dag(_schedule(name, 4, 8))
+        dag = build_dag(schedule(name, 4, 8))
         src, dst = reduced_edges(dag)
         assert len(src) < dag.num_edges
         for _ in range(3):
@@ -245,7 +221,7 @@ def test_reduced_edges_imply_all_edges():
 
 def test_reduced_and_plain_lp_same_optimum():
     dag = build_dag(build_schedule("1f1b", 4, 8))
-    up, low = _random_times(dag, np.random.default_rng(1))
+    up, low = random_times(dag, np.random.default_rng(1))
     problem = PlanProblem.create(dag, up, low)
     values = []
     for reduced in (True, False):
@@ -257,7 +233,7 @@ def test_reduced_and_plain_lp_same_optimum():
 def test_warm_start_equals_cold():
     dag = build_dag(build_schedule("1f1b", 4, 16))
     rng = np.random.default_rng(5)
-    up, low = _random_times(dag, rng, equal_share=0)
+    up, low = random_times(dag, rng, equal_share=0)
     first = solve(dag, up, low)
     assert not first.warm
     up2 = up * rng.uniform(0.98, 1.02, len(up))
@@ -269,7 +245,7 @@ def test_warm_start_equals_cold():
     assert warm.total_ratio == pytest.approx(cold.total_ratio, rel=1e-9)
     # a plan of another DAG is ignored
     other = solve(
-        build_dag(build_schedule("1f1b", 3, 5)), *_random_times(build_dag(build_schedule("1f1b", 3, 5)), rng)
+        build_dag(build_schedule("1f1b", 3, 5)), *random_times(build_dag(build_schedule("1f1b", 3, 5)), rng)
     )
     again = solve(dag, up2, low2, warm_start=other)
     assert not again.warm
@@ -278,7 +254,7 @@ def test_warm_start_equals_cold():
 
 def test_json_round_trip():
     dag = build_dag(build_schedule("1f1b", 3, 5))
-    up, low = _random_times(dag, np.random.default_rng(2))
+    up, low = random_times(dag, np.random.default_rng(2))
     plan = solve(dag, up, low)
     d = json.loads(plan.to_json())
     for key in (
@@ -317,7 +293,7 @@ def test_json_round_trip():
 
 def test_errors():
     dag = build_dag(build_schedule("1f1b", 2, 3))
-    up, low = _random_times(dag, np.random.default_rng(0), equal_share=0)
+    up, low = random_times(dag, np.random.default_rng(0), equal_share=0)
     for cap in (-0.1, 1.5, float("nan")):
         with pytest.raises(ValueError, match="max_freeze_ratio"):
             solve(dag, up, low, PlanConfig(max_freeze_ratio=cap))
@@ -390,7 +366,7 @@ def test_failed_solve_raises_with_status():
 @pytest.mark.parametrize("P,M", [(16, 128)])
 def test_large_matches_generic(P, M):
     dag = build_dag(build_schedule("1f1b", P, M))
-    up, low = _random_times(dag, np.random.default_rng(7), equal_share=0.05)
+    up, low = random_times(dag, np.random.default_rng(7), equal_share=0.05)
     fast, ref = solve(dag, up, low), solve_generic(dag, up, low)
     assert fast.makespan_planned == pytest.approx(ref.makespan_planned, rel=REL)
     assert fast.total_ratio == pytest.approx(ref.total_ratio, rel=REL)

@@ -78,6 +78,26 @@ def test_profile_and_files(capsys, tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_actions_that_cannot_gain_are_named(capsys, tmp_path):
+    """A stage whose W takes as long frozen as unfrozen: its W actions are listed and its mean is 0."""
+    from tfz.profile import Profile, StageTimes
+
+    prof = tmp_path / "p.json"
+    stages = {s: StageTimes(f=1.0, i=1.0, w=1.0, w_frozen=1.0 if s == 1 else 0.2) for s in range(3)}
+    Profile(stages=stages).save(prof)
+    base = ["--schedule", "zbh1", "--ranks", "3", "--microbatches", "4", "--profile", str(prof)]
+    rc, out, _ = _run(capsys, *base)
+    assert rc == 0
+    dag = build_dag(build_schedule("zbh1", 3, 4))
+    stuck = [str(a) for a in dag.actions if a.kind == "W" and a.stage == 1]
+    line = next(x for x in out.splitlines() if x.startswith("cannot gain from freezing"))
+    assert f"{len(stuck)} actions: " in line
+    rc, out, _ = _run(capsys, *base, "--json")
+    d = json.loads(out)
+    assert sorted(d["cannot_gain"]) == sorted(stuck)
+    assert d["stage_mean_ratio"][1] == 0.0 and all(d["ratios"][n] == 0.0 for n in stuck)
+
+
 @pytest.mark.parametrize(
     "argv,needle",
     [

@@ -71,17 +71,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _format(plan, dag) -> str:
     means = plan.stage_mean_ratio
     shown = " ".join(f"{m:.2f}" for m in means[:16]) + (" ..." if len(means) > 16 else "")
-    return "\n".join(
-        [
-            f"{dag.schedule.name}: {dag.num_ranks} ranks, {dag.num_stages} stages, "
-            f"{dag.schedule.num_microbatches} microbatches, {dag.num_actions} actions",
-            f"makespan unfrozen:   {plan.makespan_unfrozen:.6g} ms",
-            f"makespan all frozen: {plan.makespan_all_frozen:.6g} ms",
-            f"makespan planned:    {plan.makespan_planned:.6g} ms ({plan.speedup:.3f}x faster than unfrozen)",
-            f"mean freeze ratio per stage (cap {plan.max_freeze_ratio:g}): {shown}",
-            f"solved in {plan.solve_seconds:.3f} s ({plan.status})",
-        ]
-    )
+    lines = [
+        f"{dag.schedule.name}: {dag.num_ranks} ranks, {dag.num_stages} stages, "
+        f"{dag.schedule.num_microbatches} microbatches, {dag.num_actions} actions",
+        f"makespan unfrozen:   {plan.makespan_unfrozen:.6g} ms",
+        f"makespan all frozen: {plan.makespan_all_frozen:.6g} ms",
+        f"makespan planned:    {plan.makespan_planned:.6g} ms ({plan.speedup:.3f}x faster than unfrozen)",
+        f"mean freeze ratio per stage (cap {plan.max_freeze_ratio:g}): {shown}",
+    ]
+    if plan.cannot_gain:
+        names = " ".join(plan.cannot_gain[:8]) + (" ..." if len(plan.cannot_gain) > 8 else "")
+        lines.append(
+            f"cannot gain from freezing (frozen time not below unfrozen; ratio 0, counted in the means): "
+            f"{len(plan.cannot_gain)} actions: {names}"
+        )
+    lines.append(f"solved in {plan.solve_seconds:.3f} s ({plan.status})")
+    return "\n".join(lines)
 
 
 def _solve(args, dag, unfrozen, frozen):

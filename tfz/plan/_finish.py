@@ -8,6 +8,7 @@ from tfz.dag import simulate
 from tfz.plan._highs import PlanSolveError
 from tfz.plan.problem import PlanProblem
 from tfz.plan.result import Plan
+from tfz.plan.warm import WarmState
 
 __all__ = ["finish_plan"]
 
@@ -23,14 +24,14 @@ def finish_plan(
     seconds: float,
     phase_seconds: tuple[float, float],
     warm: bool = False,
-    warm_state=None,
+    warm_state: WarmState | None = None,
 ) -> Plan:
     """Plan from raw ratios [n] of an optimal LP solution whose makespan is ``target``.
 
     Ratios are clipped to their bounds and a stage over its cap by rounding is scaled down to it, so
     the plan satisfies every constraint exactly; its makespan is then simulated. A makespan above
-    ``target`` by more than a relative 1e-7 means the solver's answer was not what it claimed and
-    raises :class:`PlanSolveError`.
+    ``target`` by more than 1e-7 of the unfrozen makespan means the solver's answer was not what it
+    claimed and raises :class:`PlanSolveError`.
     """
     r = np.clip(np.where(problem.freezable, raw, 0.0), 0.0, problem.cap)
     stage = problem.dag.stage
@@ -42,11 +43,11 @@ def finish_plan(
         scale[over] = budget[over] / used[over]
         r = r * scale[stage]
     planned = simulate(problem.dag, problem.durations(r)).makespan
-    if planned > target * (1 + _REL_TOL) + 1e-12:
+    unfrozen = simulate(problem.dag, problem.unfrozen).makespan
+    if planned > target + _REL_TOL * unfrozen:
         raise PlanSolveError(
             f"{solver}: planned makespan {planned!r} exceeds the LP optimum {target!r}", "inconsistent"
         )
-    unfrozen = simulate(problem.dag, problem.unfrozen).makespan
     all_frozen = simulate(problem.dag, problem.frozen).makespan
     return Plan(
         names=problem.dag.names,
@@ -55,6 +56,7 @@ def finish_plan(
         makespan_unfrozen=float(unfrozen),
         makespan_all_frozen=float(all_frozen),
         stage_mean_ratio=tuple(problem.stage_mean(r).tolist()),
+        cannot_gain=tuple(problem.dag.names[i] for i in np.flatnonzero(problem.cannot_gain)),
         total_ratio=float(r.sum()),
         solve_seconds=float(seconds),
         status="optimal",

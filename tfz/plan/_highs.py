@@ -54,13 +54,12 @@ def _quiet(h):
     return h
 
 
-def make_highs(lp: LP, cost: np.ndarray, *, solver: str = "simplex", presolve: str = "on"):
-    """A silent ``highspy.Highs`` holding ``lp`` with objective ``cost``."""
+def make_highs(lp: LP, cost: np.ndarray):
+    """A silent ``highspy.Highs`` (dual simplex) holding ``lp`` with objective ``cost``."""
     import highspy
 
     h = _new_highs()
-    h.setOptionValue("solver", solver)
-    h.setOptionValue("presolve", presolve)
+    h.setOptionValue("solver", "simplex")
     h.setOptionValue("primal_feasibility_tolerance", _TOL)
     h.setOptionValue("dual_feasibility_tolerance", _TOL)
     model = highspy.HighsLp()

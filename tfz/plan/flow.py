@@ -8,38 +8,93 @@ budget_s``. Its dual is a transshipment problem on the network's arcs plus one c
 (``w_v`` from ``S_v`` to ``E_v`` for every v of the stage, cost ``-h_s``). Phase 1 (min T) gives
 supplies ``b1`` (+1 at the origin, -1 at the finish), phase 2 (min sum r) gives ``b2`` (``-1/delta_v``
 at ``S_v``, ``+1/delta_v`` at ``E_v``); a basis optimal for ``b1 + eps b2`` for all small ``eps > 0``
-yields potentials that are the exact lexicographic optimum (:mod:`tfz.plan._sidesimplex`).
+yields potentials that are the exact lexicographic optimum.
+
+:meth:`FlowProblem.optimize` runs the native simplex (``tfz.plan._sidesimplex``,
+``csrc/sidesimplex.cpp``). A cold solve takes two calls: the uncapped problem from the longest-path
+tree (:meth:`FlowProblem.cold_basis`), then the capped one from that optimum along a homotopy in the
+caps (:meth:`FlowProblem.capped_start`): every cap starts at the largest stage mean of the uncapped
+optimum and all of them descend together to ``max_freeze_ratio``, the basis following the optimum,
+so caps bind one after another in the order of their stages' freezing.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 
-from tfz.plan._sidesimplex import side_simplex
-from tfz.plan.network import TensionNetwork, _longest_path_tree
+from tfz.plan.network import TensionNetwork
 from tfz.plan.problem import PlanProblem
+from tfz.plan.warm import FlowBasis
 
-__all__ = ["SIDE_ENTRIES", "FlowBasis", "FlowProblem", "FlowSolveError"]
+try:
+    from tfz.plan._sidesimplex import longest_path_tree, side_simplex
+except ImportError:  # built without a C++ compiler, or with TFZ_SKIP_CPP_BUILD=1
+    longest_path_tree = side_simplex = None
+
+__all__ = ["NATIVE", "SIDE_ENTRIES", "FlowProblem", "FlowSolveError", "FlowStats"]
+
+NATIVE = side_simplex is not None
+"""Whether the native extension ``tfz.plan._sidesimplex`` is built; without it ``tfz.plan.solve``
+uses the HiGHS path."""
 
 SIDE_ENTRIES = 16
-"""Cap columns may enter while arcs still can, but at most this many before the arcs are optimal
-again. Unlimited, every cap the uncapped optimum violates enters early; when most of them end up
-slack (one stage 10% slower than the rest) the simplex then stalled in degenerate pivots (35x longer
-at 16k actions, unfinished after 300k pivots at 65k). One at a time needed 1.8x the pivots of
-unlimited at 65k actions where 37 caps bind (bench/RESULTS.md)."""
+"""Without the homotopy (warm restarts, and the retry after a failed homotopy), cap columns may enter
+while arcs still can, but at most this many before the arcs are optimal again. Unlimited, every cap
+the uncapped optimum violates enters early; when most of them end up slack (one stage 10% slower than
+the rest) the simplex then stalled in degenerate pivots (35x longer at 16k actions). One at a time
+needed 1.8x the pivots of unlimited at 65k actions where 37 caps bind (bench/RESULTS.md)."""
 
 
 _RELAX_ROUNDS = 4
 
 
+def _longest_path(net: TensionNetwork, durations: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    ptr, pnode, parc = net.prec
+    topo = np.ascontiguousarray(net.problem.dag.topo, dtype=np.int64)
+    return longest_path_tree(topo, ptr, pnode, parc, np.ascontiguousarray(durations, dtype=np.float64))
+
+
+@dataclass(frozen=True)
+class FlowStats:
+    """What :meth:`FlowProblem.optimize` did (summed over its runs)."""
+
+    pivots: int
+    side_pivots: int
+    """Pivots through the cap columns (a cap column or an arc between two trees entered)."""
+    refreshes: int
+    """Flows and potentials recomputed from scratch."""
+    basic_sides: int
+    """Cap columns in the final basis."""
+    touched: int
+    """Nodes whose subtree sums the pivots through the cap columns took."""
+    priced: int
+    """Reduced costs computed to choose entering variables."""
+    degenerate: int
+    """Pivots with a step of 0 in the first two components."""
+    swapped: int
+    """Basic variables swapped for their reverses (warm starts)."""
+    homotopy: int
+    """Pivots of the homotopy (all among ``side_pivots``)."""
+    moved: int
+    """Nodes whose potentials or trees the pivots changed."""
+
+    @classmethod
+    def from_array(cls, values: np.ndarray) -> FlowStats:
+        return cls(*(int(v) for v in values[: len(fields(cls))]))
+
+
+_NUM_STATS = len(fields(FlowStats))
+
+
 class FlowSolveError(RuntimeError):
     """The side-column simplex did not reach a verified optimum (``status`` says why)."""
 
-    def __init__(self, message: str, status: int):
+    def __init__(self, message: str, status: int, stats: FlowStats | None = None):
         super().__init__(message)
         self.status = status
+        self.stats = stats
 
 
 _STATUS = {
@@ -51,20 +106,6 @@ _STATUS = {
     6: "inconsistent forest",
     7: "invalid start basis",
 }
-
-
-@dataclass(eq=False)
-class FlowBasis:
-    """A basis of :class:`FlowProblem`: forest (parent, pred: int64 [N]), basic side columns and
-    which of them are negated (bool [S] each); updated in place by :meth:`FlowProblem.optimize`."""
-
-    parent: np.ndarray
-    pred: np.ndarray
-    side_basic: np.ndarray
-    side_flip: np.ndarray
-
-    def copy(self) -> FlowBasis:
-        return FlowBasis(self.parent.copy(), self.pred.copy(), self.side_basic.copy(), self.side_flip.copy())
 
 
 @dataclass(eq=False)
@@ -107,18 +148,14 @@ class FlowProblem:
         fidx = net.ratio_actions
         k = len(fidx)
         N = net.num_nodes
-        m = net.mk_arc  # the deadline arc (last) is not needed: both phases are in b1 + eps b2
+        m = len(net.tail)
         # Artificial reverse of every precedence, source and end arc (y -> x): the constraint
         # t_y - t_x <= l, with cost -cost = l, or relaxed to l + M (cost M - cost), which no
         # solution with times in [0, T] can bind. They only start warm bases (a forest arc whose
         # flow turned negative swaps to its reverse) and never enter; duration arcs have real
         # reverses.
         fwd = net.fwd
-        ptr, pnode, parc = net.prec
-        big = (
-            2.0 * float(_longest_path_tree(problem.dag.topo, ptr, pnode, parc, problem.unfrozen, n)[0].max())
-            + 1.0
-        )
+        big = 2.0 * float(_longest_path(net, problem.unfrozen)[0].max()) + 1.0
         tail = np.concatenate([net.tail[:m], net.head[:fwd]])
         head = np.concatenate([net.head[:m], net.tail[:fwd]])
         cost = np.concatenate([net.cost[:m], -net.cost[:fwd]])
@@ -199,8 +236,7 @@ class FlowProblem:
         omega = N - 1
         if durations is None:
             durations = p.durations(p.cap)
-        ptr, pnode, parc = net.prec
-        end, best_arc = _longest_path_tree(p.dag.topo, ptr, pnode, parc, durations, n)
+        end, best_arc = _longest_path(net, durations)
         parent = np.full(N, -1, dtype=np.int64)
         pred = np.full(N, -1, dtype=np.int64)
         arc_s = np.where(best_arc >= 0, best_arc, net.source_arc)
@@ -229,17 +265,28 @@ class FlowProblem:
         return np.array([1e-11 * scale, 1e-9, 1e-12 * max(1.0, float(np.abs(self.b2).sum())), SIDE_ENTRIES])
 
     def optimize(
-        self, basis: FlowBasis, *, price_sides: bool = True, max_iter: int | None = None, block: int = 0
-    ) -> tuple[np.ndarray, np.ndarray]:
+        self,
+        basis: FlowBasis,
+        *,
+        price_sides: bool = True,
+        max_iter: int | None = None,
+        max_side_pivots: int | None = None,
+        block: int = 0,
+        start: np.ndarray | None = None,
+    ) -> tuple[np.ndarray, FlowStats]:
         """Run the simplex from ``basis`` (updated in place) to the lexicographic optimum.
 
-        ``price_sides=False`` keeps the side columns out (the uncapped problem). A basis whose
-        values turned negative (a warm start) swaps those arcs and cap columns for their reverses:
-        at first as equalities (the constraint stays tight, so the potentials stay where they
-        were), and any that still carries flow at the optimum is relaxed to its never-binding bound
-        and the simplex goes on, until none does. Returns (potentials float [N], stats int [8]:
-        see :func:`~tfz.plan._sidesimplex.side_simplex`, summed over the runs); raises
-        :class:`FlowSolveError` when it does not finish.
+        ``price_sides=False`` keeps the side columns out (the uncapped problem). ``max_iter`` and
+        ``max_side_pivots`` bound the pivots and the pivots through the cap columns (the costly ones),
+        else :class:`FlowSolveError` (status 2). ``start``: cap
+        column costs at which ``basis`` (with no basic cap column) is optimal, from
+        :meth:`capped_start`: the costs then move to their real values along a homotopy before the
+        plain simplex checks and finishes. A basis whose values turned negative (a warm start)
+        swaps those arcs and cap columns for their reverses: at first as equalities (the
+        constraint stays tight, so the potentials stay where they were), and any that still
+        carries flow at the optimum is relaxed to its never-binding bound and the simplex goes on,
+        until none does. Returns (potentials float [N], stats); raises :class:`FlowSolveError` when
+        it does not finish.
         """
         N = self.num_nodes
         m = len(self.tail)
@@ -253,16 +300,18 @@ class FlowProblem:
             raise ValueError("basis does not belong to this flow problem")
         if max_iter is None:
             max_iter = 20 * (N + m) + 1000
+        if max_side_pivots is None:
+            max_side_pivots = max_iter
         cost = self.cost.copy()
         salt = -self.scost  # the negated cap column as an equality
         tol = self.tolerances()
-        total = np.zeros(8, dtype=np.int64)
+        total = np.zeros(_NUM_STATS, dtype=np.int64)
         for _ in range(_RELAX_ROUNDS):
-            b = np.stack([self.b1, self.b2, np.zeros(N)], axis=1)
+            b = np.stack([self.b1, self.b2], axis=1)
             X = np.zeros((m, 3))
             MU = np.zeros((S, 3))
             pi = np.zeros(N)
-            stats = np.zeros(8, dtype=np.int64)
+            stats = np.zeros(_NUM_STATS, dtype=np.int64)
             status = side_simplex(
                 self.tail,
                 self.head,
@@ -285,12 +334,15 @@ class FlowProblem:
                 bool(price_sides),
                 tol,
                 int(max_iter),
+                int(max_side_pivots),
                 int(block) if block > 0 else max(int(np.sqrt(self.m_price)), 64),
                 X,
                 MU,
                 pi,
                 stats,
+                start,
             )
+            start = None  # a relaxed rerun starts from a basis with cap columns: no homotopy
             total[:3] += stats[:3]
             total[3] = stats[3]
             total[4:] += stats[4:]
@@ -303,9 +355,8 @@ class FlowProblem:
                 salt = self.salt.copy()
                 continue
             if status != 0:
-                err = FlowSolveError(f"side-column simplex stopped: {_STATUS.get(status, status)}", status)
-                err.stats = total
-                raise err
+                message = f"side-column simplex stopped: {_STATUS.get(status, status)}"
+                raise FlowSolveError(message, status, FlowStats.from_array(total))
             # artificial arcs and negated cap columns that still carry flow: relax, go on
             in_forest = basis.pred[basis.parent >= 0]
             art = in_forest[in_forest >= self.m_price]
@@ -315,16 +366,36 @@ class FlowProblem:
             carry = (MU[sides, 0] > tol[1]) | ((MU[sides, 0] > -tol[1]) & (MU[sides, 1] > tol[2]))
             sides = sides[carry]
             if len(art) == 0 and len(sides) == 0:
-                return pi, total
+                return pi, FlowStats.from_array(total)
             if np.any(cost[art] == self.art_relaxed[art - self.m_price]) or np.any(
                 salt[sides] == self.salt[sides]
             ):
                 break  # a bound that cannot bind at an optimum binds: numerical trouble
             cost[art] = self.art_relaxed[art - self.m_price]
             salt[sides] = self.salt[sides]
-        err = FlowSolveError("side-column simplex stopped: artificial bounds kept binding", 8)
-        err.stats = total
-        raise err
+        message = "side-column simplex stopped: artificial bounds kept binding"
+        raise FlowSolveError(message, 8, FlowStats.from_array(total))
+
+    def capped_start(self, pi: np.ndarray) -> np.ndarray | None:
+        """Cap-column costs at which the uncapped optimum (potentials ``pi``) is optimal: every
+        stage's cap raised to the largest stage mean it has (a cap column's cost is ``-(h_s -
+        cap * total_s)``); None when no cap is violated.
+
+        From there to the real costs (:meth:`optimize` with ``start``) all caps descend together,
+        so the most frozen stage binds first. Measured against starting each cap at its own stage's
+        mean (all bind at once, then most come loose again) and against the plain simplex with
+        :data:`SIDE_ENTRIES`: 12k-16k actions of every schedule 1.3-5x faster capped stages
+        (bench/RESULTS.md).
+        """
+        p = self.problem
+        r, _ = self.ratios(pi)
+        total, budget = p.stage_budget()
+        usage = np.bincount(p.dag.stage, weights=p.weight * r, minlength=p.dag.num_stages)[self.side_stage]
+        total, budget = total[self.side_stage], budget[self.side_stage]
+        if not np.any(usage > budget):
+            return None
+        highest = float(np.max(usage / total)) * (1 + 1e-9)
+        return self.scost + total * (highest - p.max_freeze_ratio)
 
     def ratios(self, pi: np.ndarray) -> tuple[np.ndarray, float]:
         """Ratios [n] and makespan T from potentials."""

@@ -2,7 +2,8 @@
 
 Every DAG edge is a row, every action has a row ``T >= t_v + d_v``, and both phases are cold
 dual-simplex solves of separate models: phase 1 minimises T, phase 2 minimises ``sum r`` with
-``T <= T*``. Nothing is shared with :mod:`tfz.plan.solver` but the validated data.
+``T <= T*``. Nothing is shared with :mod:`tfz.plan.solver` but the validated data, divided by the
+largest duration as there (HiGHS's tolerances are absolute).
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ def solve_generic(dag: DAG, unfrozen, frozen, config: PlanConfig | None = None, 
     """Lexicographic optimum (min makespan, then min total ratio) of the plain formulation."""
     t0 = time.perf_counter()
     problem = PlanProblem.create(dag, unfrozen, frozen, config, action_cap)
-    lp = build_lp(problem, reduced=False)
+    scaled, factor = problem.scaled()
+    lp = build_lp(scaled, reduced=False)
     h1 = make_highs(lp, lp.phase1_cost())
     t_star, _ = run_checked(h1, "phase 1 (makespan)")
     t1 = time.perf_counter()
@@ -38,5 +40,5 @@ def solve_generic(dag: DAG, unfrozen, frozen, config: PlanConfig | None = None, 
     raw = np.zeros(dag.num_actions)
     raw[lp.ratio_actions] = x[lp.r_cols]
     return finish_plan(
-        problem, raw, t_star, solver="generic", seconds=t2 - t0, phase_seconds=(t1 - t0, t2 - t1)
+        problem, raw, t_star * factor, solver="generic", seconds=t2 - t0, phase_seconds=(t1 - t0, t2 - t1)
     )

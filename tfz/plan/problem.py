@@ -7,9 +7,12 @@ else has a fixed duration. With ``t_v`` the start time of v and ``T`` the batch 
     t_v >= t_u + d_u  for every edge u -> v,   T >= t_v + d_v,   t >= 0,
     sum_{v in stage s} a_v r_v <= cap * sum_{v in stage s} a_v      for every stage s
 
-where the sums run over the freezable actions of the stage and ``a_v`` is 1 (``weighting="count"``,
-the reference implementation's mean over microbatches) or ``U_v`` (``"duration"``). Phase 1
-minimises T, phase 2 minimises ``sum r`` subject to ``T <= T*``.
+where the sums run over every B/W action of the stage and ``a_v`` is 1 (``weighting="count"``: each
+microbatch's weight update counts the same, as the masks freeze a share of a stage's weight-gradient
+FLOPs per microbatch) or ``U_v`` (``"duration"``). A B/W action that cannot gain from freezing
+(``L_v >= U_v``) keeps ``r_v = 0`` and counts at 0 in its stage's mean, so the mean is the share of the
+stage's weight-gradient work the masks will skip. Phase 1 minimises T, phase 2 minimises ``sum r``
+subject to ``T <= T*``.
 
 :func:`build_lp` writes the constraints as rows ``lo <= A x <= hi`` over columns ``x = [t, r, T]``,
 either for every DAG edge and every action (``reduced=False``, the plain formulation) or for a
@@ -21,14 +24,17 @@ follows along any path from u to v.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
-import scipy.sparse as sp
 
+from tfz._validate import check_ratio
 from tfz.dag import DAG
 from tfz.schedule import FREEZABLE_KINDS
+
+if TYPE_CHECKING:  # scipy.sparse takes a quarter second to import; only the HiGHS paths need it
+    import scipy.sparse as sp
 
 __all__ = ["LP", "PlanConfig", "PlanProblem", "build_lp", "reduced_edges"]
 
@@ -37,28 +43,24 @@ __all__ = ["LP", "PlanConfig", "PlanProblem", "build_lp", "reduced_edges"]
 class PlanConfig:
     """Options of the freeze-ratio LP.
 
-    ``max_freeze_ratio``: cap on each stage's mean ratio (default 0.8, the paper's experiments).
-    ``action_cap``: optional cap on every single ratio (``solve`` also takes a per-action array).
-    ``weighting``: how the stage mean is taken. ``"count"`` (default) is the plain mean over the
-    stage's freezable actions, as in the reference implementation: every microbatch's weight update
-    counts the same, whatever its duration. ``"duration"`` weights each action by its unfrozen
-    duration, so the cap bounds the share of the stage's backward time that is frozen; use it when
-    microbatches differ in size (e.g. variable sequence lengths).
+    The mean of a stage runs over all its B/W actions, those that cannot gain from freezing included
+    (at ratio 0): it is the share of the stage's weight-gradient work the masks skip.
     """
 
     max_freeze_ratio: float = 0.8
+    """Cap on each stage's mean ratio, in [0, 1] (default 0.8, the paper's experiments)."""
     action_cap: float | None = None
+    """Optional cap on every single ratio, in [0, 1] (``solve`` also takes a per-action array)."""
     weighting: Literal["count", "duration"] = "count"
+    """How the stage mean is taken. ``"count"`` (default): every microbatch's weight update counts the
+    same, whatever its duration (the masks freeze a share of each microbatch's weight-gradient FLOPs,
+    equal across microbatches of one size). ``"duration"``: each action weighs its unfrozen duration,
+    so the cap bounds the share of the stage's backward time that is frozen; use it when microbatches
+    differ in size (e.g. variable sequence lengths), where FLOPs follow time."""
 
     def __post_init__(self):
-        cap = self.max_freeze_ratio
-        if isinstance(cap, bool) or not isinstance(cap, (int, float)) or not 0.0 <= cap <= 1.0:
-            raise ValueError(f"max_freeze_ratio must be a number in [0, 1], got {cap!r}")
-        ac = self.action_cap
-        if ac is not None and (
-            isinstance(ac, bool) or not isinstance(ac, (int, float)) or not 0.0 <= ac <= 1.0
-        ):
-            raise ValueError(f"action_cap must be None or a number in [0, 1], got {ac!r}")
+        check_ratio("max_freeze_ratio", self.max_freeze_ratio)
+        check_ratio("action_cap", self.action_cap, optional=True)
         if self.weighting not in ("count", "duration"):
             raise ValueError(f"weighting must be 'count' or 'duration', got {self.weighting!r}")
 
@@ -86,7 +88,9 @@ class PlanProblem:
     cap: np.ndarray
     """float64 [n]: upper bound of each ratio (0 where the duration is fixed)."""
     weight: np.ndarray
-    """float64 [n]: a_v in the stage mean (0 where the duration is fixed)."""
+    """float64 [n]: a_v in the stage mean, for every B/W action (0 for the others)."""
+    freezable: np.ndarray
+    """bool [n]: actions whose duration depends on their ratio (B/W with L < U)."""
     max_freeze_ratio: float
     config: PlanConfig
 
@@ -111,8 +115,8 @@ class PlanProblem:
             raise ValueError(
                 f"frozen duration of {dag.actions[i]} ({low[i]}) exceeds its unfrozen duration ({up[i]})"
             )
-        fixed_kind = ~dag.kind_mask(*FREEZABLE_KINDS)
-        odd = np.flatnonzero(fixed_kind & (low != up))
+        bw = dag.kind_mask(*FREEZABLE_KINDS)
+        odd = np.flatnonzero(~bw & (low != up))
         if len(odd):
             i = odd[0]
             a = dag.actions[i]
@@ -125,10 +129,7 @@ class PlanProblem:
         if action_cap is None:
             caps = np.ones(dag.num_actions)
         elif np.ndim(action_cap) == 0:
-            c = float(action_cap)
-            if not 0.0 <= c <= 1.0:  # NaN fails too
-                raise ValueError(f"action cap must be in [0, 1], got {action_cap!r}")
-            caps = np.full(dag.num_actions, c)
+            caps = np.full(dag.num_actions, check_ratio("action cap", action_cap))
         else:
             caps = np.asarray(action_cap, dtype=np.float64)
             if caps.shape != (dag.num_actions,):
@@ -137,10 +138,10 @@ class PlanProblem:
             if len(bad):
                 i = bad[0]
                 raise ValueError(f"action cap of {dag.actions[i]} must be in [0, 1], got {caps[i]}")
-        freezable = (low < up) & ~fixed_kind
+        freezable = (low < up) & bw
         caps = np.where(freezable, caps, 0.0)
-        weight = np.where(freezable, up if config.weighting == "duration" else 1.0, 0.0)
-        return cls(dag, up, low, caps, weight, float(config.max_freeze_ratio), config)
+        weight = np.where(bw, up if config.weighting == "duration" else 1.0, 0.0)
+        return cls(dag, up, low, caps, weight, freezable, float(config.max_freeze_ratio), config)
 
     @property
     def num_actions(self) -> int:
@@ -152,9 +153,37 @@ class PlanProblem:
         return self.unfrozen - self.frozen
 
     @property
-    def freezable(self) -> np.ndarray:
-        """bool [n]: actions whose duration depends on their ratio (B/W with L < U)."""
-        return self.weight > 0
+    def cannot_gain(self) -> np.ndarray:
+        """bool [n]: B/W actions whose frozen time is not below their unfrozen time (ratio 0)."""
+        return self.dag.kind_mask(*FREEZABLE_KINDS) & ~self.freezable
+
+    def scaled(self) -> tuple[PlanProblem, float]:
+        """This problem with every duration divided by the largest one, and that factor.
+
+        The solvers work on the scaled problem, so their tolerances mean the same at any time unit; its
+        ratios are those of this problem and its makespans are ``1 / factor`` of this problem's.
+        Raises ValueError naming a duration that is not 0 but would become one too small for float64
+        (below ``2.2e-308`` of the largest).
+        """
+        i = int(np.argmax(self.unfrozen))
+        factor = float(self.unfrozen[i])
+        if factor == 0.0:
+            return self, 1.0
+        tiny = np.finfo(np.float64).tiny
+        for what, values in (("unfrozen", self.unfrozen), ("frozen", self.frozen), ("saved", self.delta)):
+            bad = np.flatnonzero((values > 0) & (values / factor < tiny))
+            if what == "saved":
+                bad = bad[self.freezable[bad]]
+            if len(bad):
+                j = bad[0]
+                raise ValueError(
+                    f"{what} duration of {self.dag.actions[j]} ({float(values[j])!r}) cannot be "
+                    f"represented next to the largest duration ({factor!r}, {self.dag.actions[i]}): their "
+                    "ratio is below float64's range"
+                )
+        weight = self.weight / factor if self.config.weighting == "duration" else self.weight
+        problem = replace(self, unfrozen=self.unfrozen / factor, frozen=self.frozen / factor, weight=weight)
+        return problem, factor
 
     def stage_budget(self) -> tuple[np.ndarray, np.ndarray]:
         """(weight sum, budget) per stage, float64 [S] each: ``sum_s a_v r_v <= budget_s``."""
@@ -167,7 +196,7 @@ class PlanProblem:
         return self.unfrozen - np.asarray(ratios, dtype=np.float64) * self.delta
 
     def stage_mean(self, ratios: np.ndarray) -> np.ndarray:
-        """float64 [S]: weighted mean ratio per stage (0 for stages without freezable actions)."""
+        """float64 [S]: weighted mean ratio per stage over all its B/W actions (0 without any)."""
         S = self.dag.num_stages
         total = np.bincount(self.dag.stage, weights=self.weight, minlength=S)
         num = np.bincount(self.dag.stage, weights=self.weight * ratios, minlength=S)
@@ -286,14 +315,11 @@ def build_lp(problem: PlanProblem, *, reduced: bool = True) -> LP:
         [np.ones(E + R), -np.ones(E + R), delta[u[has_r]], problem.weight[ratio_actions[in_row]]]
     )
     m = E + R + len(stages)
+    import scipy.sparse as sp
+
     A = sp.csc_matrix((vals, (r_idx, c_idx)), shape=(m, tcol + 1))
     row_lo = np.concatenate([up[u], np.full(len(stages), -np.inf)])
     row_hi = np.concatenate([np.full(E + R, np.inf), budget[stages]])
     col_lo = np.zeros(tcol + 1)
     col_hi = np.concatenate([np.full(n, np.inf), problem.cap[ratio_actions], [np.inf]])
     return LP(A, row_lo, row_hi, col_lo, col_hi, ratio_actions, n, srow[stages], stages)
-
-
-def relative_gap(a: float, b: float) -> float:
-    """|a - b| / max(1, |a|, |b|)."""
-    return abs(a - b) / max(1.0, abs(a), abs(b))

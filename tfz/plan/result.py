@@ -9,6 +9,8 @@ from typing import Any
 
 import numpy as np
 
+from tfz.plan.warm import WarmState
+
 __all__ = ["FORMAT", "VERSION", "Plan"]
 
 FORMAT = "tfz-plan"
@@ -31,7 +33,8 @@ class Plan:
     makespan_all_frozen: float
     """Batch time with every freezable action fully frozen (ignoring the caps)."""
     stage_mean_ratio: tuple[float, ...]
-    """Weighted mean ratio per stage (see ``weighting``)."""
+    """Weighted mean ratio per stage over all its B/W actions (see ``weighting``): the share of the
+    stage's weight-gradient work (FLOPs with ``"count"``, time with ``"duration"``) the masks skip."""
     total_ratio: float
     """Sum of all ratios: the phase-2 objective."""
     solve_seconds: float
@@ -49,7 +52,10 @@ class Plan:
     freezing)."""
     warm: bool = False
     """Whether the solve started from a previous plan's solver state."""
-    _warm_state: Any = field(default=None, repr=False, compare=False)
+    cannot_gain: tuple[str, ...] = ()
+    """B/W actions whose frozen time is not below their unfrozen time: freezing them gains nothing, so
+    their ratio is 0, and they count at 0 in their stage's mean."""
+    _warm_state: WarmState | None = field(default=None, repr=False, compare=False)
 
     @property
     def num_actions(self) -> int:
@@ -91,6 +97,7 @@ class Plan:
             "solve_seconds": self.solve_seconds,
             "phase_seconds": list(self.phase_seconds),
             "warm": self.warm,
+            "cannot_gain": list(self.cannot_gain),
             "ratios": self.ratio_by_action,
         }
 
@@ -115,6 +122,10 @@ class Plan:
             name = list(ratios)[bad[0]]
             raise ValueError(f"plan.ratios.{name}: must be in [0, 1], got {values[bad[0]]}")
 
+        cannot_gain = d.get("cannot_gain", [])
+        if not isinstance(cannot_gain, list) or any(name not in ratios for name in cannot_gain):
+            raise ValueError("plan.cannot_gain: expected a list of action names of plan.ratios")
+
         def num(key):
             if key not in d:
                 raise ValueError(f"plan.{key}: missing")
@@ -136,6 +147,7 @@ class Plan:
             schedule=str(d.get("schedule", "")),
             phase_seconds=tuple(_num(v, "plan.phase_seconds") for v in d.get("phase_seconds", [0.0, 0.0])),
             warm=bool(d.get("warm", False)),
+            cannot_gain=tuple(cannot_gain),
         )
 
     @classmethod

@@ -2,89 +2,61 @@
 
 The LP's dual is a min-cost flow (project crashing) plus one column per stage cap
 (:mod:`tfz.plan.flow`). :func:`solve` runs a primal simplex on it that keeps the network structure
-(:mod:`tfz.plan._sidesimplex`, compiled with numba): its basis is a forest plus the basic cap
-columns, so most pivots cost a tree path and a moved subtree, and a pivot through the cap columns
-one pass over the forest, instead of the LU updates of a generic solver whose every pivot is dense
-for a tree basis. Both phases are one run: the supplies are ``b1 + eps b2`` with an infinitesimal
-``eps``, carried as separate components, so the result is the exact lexicographic optimum (minimal
-makespan, then minimal total ratio), not an eps-weighted approximation.
+(the native extension ``tfz.plan._sidesimplex``, ``csrc/sidesimplex.cpp``): its basis is a forest
+plus the basic cap columns, so most pivots cost a tree path and a moved subtree, and a pivot through
+the cap columns one pass over the forest, instead of the LU updates of a generic solver whose every
+pivot is dense for a tree basis. Both phases are one run: the supplies are ``b1 + eps b2`` with an
+infinitesimal ``eps``, carried as separate components, so the result is the exact lexicographic
+optimum (minimal makespan, then minimal total ratio), not an eps-weighted approximation. The solver
+works on durations divided by the largest one (:meth:`~tfz.plan.problem.PlanProblem.scaled`), so the
+answer does not depend on the time unit.
 
 The simplex first solves the uncapped problem, cold from the longest-path tree under the
-all-frozen durations, then lets the cap columns enter. Warm (``warm_start=plan``) after a small drift
+all-frozen durations, then the capped one from that optimum along a homotopy in the caps (all of
+them descend together from the largest stage mean to ``max_freeze_ratio``,
+:meth:`~tfz.plan.flow.FlowProblem.capped_start`); should that stop without an optimum, the plain
+simplex redoes the capped stage from the uncapped optimum. Warm (``warm_start=plan``) after a small drift
 (no duration moved by more than 0.5%, :data:`FINAL_START_DRIFT`), it restarts from the plan's final
 optimal basis under the new durations (arcs and cap columns whose value turned negative are swapped
 for their reverses), which takes few pivots. After a larger drift the optimum has moved too far for
 that (2% changes 15% of the optimal basis): the uncapped stage restarts from the plan's uncapped
-optimum, a tenth of the cold time, and the capped stage runs as cold (bench/RESULTS.md).
+optimum and the capped stage runs as cold (bench/RESULTS.md).
 
-The earlier path (reduced LP in HiGHS from the uncapped network optimum) remains the fallback when
-numba is missing or the flow solve stops without a verified optimum; bench/RESULTS.md has the
-measurements of both.
+Without the native extension (built without a C++ compiler), or when the flow solve stops without a
+verified optimum, the reduced LP goes to HiGHS (:func:`_solve_highs`), which is exact too but slower.
 """
 
 from __future__ import annotations
 
 import hashlib
 import time
-from dataclasses import dataclass
 
 import numpy as np
 
 from tfz.dag import DAG
+from tfz.plan import flow
 from tfz.plan._finish import finish_plan
 from tfz.plan._highs import make_highs, run_checked, set_cost
 from tfz.plan.problem import LP, PlanConfig, PlanProblem, build_lp
 from tfz.plan.result import Plan
-
-try:
-    from tfz.plan.flow import FlowBasis, FlowProblem, FlowSolveError
-    from tfz.plan.network import network_basis
-except ImportError:  # numba missing: HiGHS from its slack basis
-    FlowProblem = None
-
-    def network_basis(problem, lp, kappa, alpha=1.0, deadline=None):
-        return None
-
+from tfz.plan.warm import FlowWarmState, HighsWarmState
 
 __all__ = ["solve"]
 
 EPS = 1e-3
+"""HiGHS fallback: the start objective is ``T + EPS * mean(delta) * sum r``."""
 
-
-FINAL_START_DRIFT = 0.005
+FINAL_START_DRIFT = 0.002
 """A warm solve restarts from the previous plan's final basis when no duration moved by more than
 this share of its action's unfrozen duration, else from the plan's uncapped optimum. Measured at
-16k actions (bench/RESULTS.md): after every duration moved by up to 0.01% / 0.1% / 0.5% the final
-basis needs 7 / 484 / 2013 pivots (0.01 / 0.10 / 0.32 s, cold 0.65-0.85 s); after 2% it needs 7.5k
-(0.91 s) and after one stage slowed by 10%, 17k, where the uncapped restart takes 0.4-0.5 s."""
-FINAL_START_PIVOTS = 2.0
-FINAL_START_MIN_PIVOTS = 256
-"""... and gives up for the uncapped restart after this many times the pivots the last full solve's
-capped stage took, or the minimum (a safety net: the drift rule decides)."""
-
-
-@dataclass(frozen=True, eq=False)
-class _FlowState:
-    """What a plan keeps for a warm re-plan: the flow problem's structure, its uncapped and final
-    optimal bases, and the capped-stage pivots of the last full solve (the final restart's budget)."""
-
-    signature: bytes
-    basis: FlowBasis
-    final: FlowBasis | None = None
-    capped_pivots: int = 0
-    unfrozen: np.ndarray | None = None
-    frozen: np.ndarray | None = None
-    """The durations the final basis is optimal for."""
-    start: str = "cold"
-    """How this plan's solve started: "cold", "final" (previous plan's final basis) or "uncapped"."""
-
-
-def _flow_signature(fp) -> bytes:
-    h = hashlib.blake2b(digest_size=16)
-    for arr in (fp.tail, fp.head, fp.side_stage, fp.net.ratio_actions):
-        h.update(np.ascontiguousarray(arr, dtype=np.int64).tobytes())
-        h.update(b"|")
-    return h.digest()
+16k / 65k actions (bench/RESULTS.md): after every duration moved by up to 0.01% / 0.1% the final
+basis needs 300-2400 pivots, 4-21x faster than cold; after 0.5% it needs 2.2k / 11k pivots, slower
+than the uncapped restart at 16k (0.59 vs 0.32 s) and barely faster than cold at 65k."""
+FINAL_START_PIVOTS = 1.0
+FINAL_START_MIN_PIVOTS = 64
+"""... and gives up for the uncapped restart after this many times the pivots through the cap columns
+(the costly ones) that the last full solve's capped stage took, or the minimum: by then the restart
+costs about what the capped stage from the uncapped optimum does."""
 
 
 def solve(
@@ -102,77 +74,103 @@ def solve(
     ``action_cap``: optional scalar or array [n] in [0, 1] overriding ``config.action_cap``.
     ``warm_start``: a plan of the same DAG (same freezable actions and cappable stages) to start
     from; otherwise, or when it does not fit, the solve starts cold.
-    Raises ValueError on bad input and :class:`~tfz.plan.PlanSolveError` if the LP solver fails.
+    Raises ValueError on bad input (durations included that float64 cannot hold next to the largest
+    one) and :class:`~tfz.plan.PlanSolveError` if the LP solver fails.
     """
     t0 = time.perf_counter()
     problem = PlanProblem.create(dag, unfrozen, frozen, config, action_cap)
-    if FlowProblem is not None:
-        plan = _solve_flow(problem, warm_start, t0)
+    scaled, factor = problem.scaled()
+    state = None if warm_start is None else warm_start._warm_state
+    if flow.NATIVE:
+        plan = _solve_flow(problem, scaled, factor, state, t0)
         if plan is not None:
             return plan
-    return _solve_highs(problem, warm_start, t0)
+    return _solve_highs(problem, scaled, factor, state, t0)
 
 
-def _solve_flow(problem: PlanProblem, warm_start: Plan | None, t0: float) -> Plan | None:
+def _solve_flow(problem: PlanProblem, scaled: PlanProblem, factor: float, state, t0: float) -> Plan | None:
     """The side-column simplex; None when it stops without a verified optimum."""
-    fp = FlowProblem.build(problem)
+    fp = flow.FlowProblem.build(scaled)
     sig = _flow_signature(fp)
-    state = getattr(warm_start, "_warm_state", None)
-    warm = isinstance(state, _FlowState) and state.signature == sig
-    if warm and state.final is not None and _drift(state, problem) <= FINAL_START_DRIFT:
+    warm = isinstance(state, FlowWarmState) and state.signature == sig
+    if warm and _drift(state, problem) <= FINAL_START_DRIFT:
         t1 = time.perf_counter()
         basis = state.final.copy()
         budget = max(int(FINAL_START_PIVOTS * state.capped_pivots), FINAL_START_MIN_PIVOTS)
         try:
-            pi, _ = fp.optimize(basis, max_iter=budget)
-        except (FlowSolveError, np.linalg.LinAlgError):
+            pi, _ = fp.optimize(basis, max_side_pivots=budget)
+        except flow.FlowSolveError:
             pass  # the optimum moved too far: restart from the uncapped optimum below
         else:
-            new_state = _FlowState(
-                sig, state.basis, basis, state.capped_pivots, *_durations(problem), "final"
+            new = FlowWarmState(
+                sig, state.uncapped, basis, state.capped_pivots, *_durations(problem), "final"
             )
-            return _finish(problem, fp, pi, t0, t1, new_state)
+            return _finish_flow(problem, fp, factor, pi, t0, t1, new)
     try:
         if warm:
-            basis = state.basis.copy()
+            basis = state.uncapped.copy()
             try:
-                fp.optimize(basis, price_sides=False)
-            except FlowSolveError:
+                pi, _ = fp.optimize(basis, price_sides=False)
+            except flow.FlowSolveError:
                 warm = False
         if not warm:
             basis = fp.cold_basis()
-            fp.optimize(basis, price_sides=False)
+            pi, _ = fp.optimize(basis, price_sides=False)
         uncapped = basis.copy()
         t1 = time.perf_counter()
-        pi, stats = fp.optimize(basis)
-    except (FlowSolveError, np.linalg.LinAlgError):
+        pi, stats = _capped(fp, basis, pi)
+    except flow.FlowSolveError:
         return None
-    new_state = _FlowState(
-        sig, uncapped, basis, int(stats[0]), *_durations(problem), "uncapped" if warm else "cold"
-    )
-    return _finish(problem, fp, pi, t0, t1, new_state)
+    start = "uncapped" if warm else "cold"
+    new = FlowWarmState(sig, uncapped, basis, stats.side_pivots, *_durations(problem), start)
+    return _finish_flow(problem, fp, factor, pi, t0, t1, new)
+
+
+def _capped(fp, basis, pi):
+    """The capped stage from the uncapped optimum ``basis`` (potentials ``pi``), updated in place: the
+    homotopy in the caps, or the plain simplex when that stops without an optimum (a badly
+    conditioned cap-column matrix on its way)."""
+    start = fp.capped_start(pi)
+    if start is None:
+        return fp.optimize(basis)
+    uncapped = basis.copy()
+    try:
+        return fp.optimize(basis, start=start)
+    except flow.FlowSolveError:
+        basis.parent, basis.pred = uncapped.parent, uncapped.pred
+        basis.side_basic, basis.side_flip = uncapped.side_basic, uncapped.side_flip
+        return fp.optimize(basis)
+
+
+def _flow_signature(fp) -> bytes:
+    h = hashlib.blake2b(digest_size=16)
+    for arr in (fp.tail, fp.head, fp.side_stage, fp.net.ratio_actions):
+        h.update(np.ascontiguousarray(arr, dtype=np.int64).tobytes())
+        h.update(b"|")
+    return h.digest()
 
 
 def _durations(problem: PlanProblem) -> tuple[np.ndarray, np.ndarray]:
     return problem.unfrozen.copy(), problem.frozen.copy()
 
 
-def _drift(state: _FlowState, problem: PlanProblem) -> float:
+def _drift(state: FlowWarmState, problem: PlanProblem) -> float:
     """Largest duration change since ``state``'s solve, relative to the action's unfrozen duration."""
-    if state.unfrozen is None or state.unfrozen.shape != problem.unfrozen.shape:
+    if state.unfrozen.shape != problem.unfrozen.shape:
         return np.inf
-    scale = np.maximum(np.maximum(state.unfrozen, problem.unfrozen), 1e-300)
+    scale = np.maximum(state.unfrozen, problem.unfrozen)
     change = np.maximum(np.abs(problem.unfrozen - state.unfrozen), np.abs(problem.frozen - state.frozen))
-    return float(np.max(change / scale, initial=0.0))
+    rel = np.divide(change, scale, out=np.zeros_like(change), where=scale > 0)
+    return float(np.max(rel, initial=0.0))
 
 
-def _finish(problem: PlanProblem, fp, pi: np.ndarray, t0: float, t1: float, state: _FlowState) -> Plan:
+def _finish_flow(problem, fp, factor: float, pi, t0: float, t1: float, state: FlowWarmState) -> Plan:
     t2 = time.perf_counter()
     ratios, makespan = fp.ratios(pi)
     return finish_plan(
         problem,
         ratios,
-        makespan,
+        makespan * factor,
         solver="structured",
         seconds=t2 - t0,
         phase_seconds=(t1 - t0, t2 - t1),
@@ -181,28 +179,23 @@ def _finish(problem: PlanProblem, fp, pi: np.ndarray, t0: float, t1: float, stat
     )
 
 
-def _signature(lp: LP) -> tuple:
+def _highs_signature(lp: LP) -> tuple:
     return (lp.A.shape, lp.A.nnz, len(lp.ratio_actions), tuple(lp.stage_rows.tolist()))
 
 
-def _solve_highs(problem: PlanProblem, warm_start: Plan | None, t0: float) -> Plan:
-    """The reduced LP in HiGHS: minimise ``T + eps sum r`` from the uncapped network optimum's basis,
+def _solve_highs(problem: PlanProblem, scaled: PlanProblem, factor: float, state, t0: float) -> Plan:
+    """The reduced LP in HiGHS: minimise ``T + eps sum r`` (from the previous plan's basis when warm),
     then re-optimise ``T`` (exact ``T*``) and, with ``T <= T*``, ``sum r`` from the same basis."""
-    lp = build_lp(problem, reduced=True)
-    sig = _signature(lp)
+    lp = build_lp(scaled, reduced=True)
+    sig = _highs_signature(lp)
     k = len(lp.ratio_actions)
-    state = getattr(warm_start, "_warm_state", None)
-    warm = isinstance(state, tuple) and state[0] == sig
-    if warm:
-        eps = state[1]
-    else:
-        eps = EPS * float(np.mean(problem.delta[lp.ratio_actions])) if k else 0.0
+    warm = isinstance(state, HighsWarmState) and state.signature == sig
+    eps = state.eps if warm else (EPS * float(np.mean(scaled.delta[lp.ratio_actions])) if k else 0.0)
     start_cost = lp.phase1_cost()
     start_cost[lp.r_cols] = eps
     h = make_highs(lp, start_cost)
-    start = state[2] if warm else (network_basis(problem, lp, np.full(k, eps)) if k else None)
-    if start is not None:
-        h.setBasis(start)
+    if warm:
+        h.setBasis(state.basis)
     run_checked(h, "start (makespan + eps * total freezing)")
     basis = h.getBasis()
     set_cost(h, lp.phase1_cost())
@@ -217,10 +210,10 @@ def _solve_highs(problem: PlanProblem, warm_start: Plan | None, t0: float) -> Pl
     return finish_plan(
         problem,
         raw,
-        t_star,
+        t_star * factor,
         solver="structured",
         seconds=t2 - t0,
         phase_seconds=(t1 - t0, t2 - t1),
         warm=warm,
-        warm_state=(sig, eps, basis),
+        warm_state=HighsWarmState(sig, eps, basis),
     )
