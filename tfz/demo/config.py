@@ -2,20 +2,37 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
+from tfz._validate import check_int, check_number, check_ratio, is_int
 from tfz.schedule import SCHEDULES
 
-__all__ = ["METHODS", "DemoConfig"]
+__all__ = ["MAX_ACTIONS", "MAX_RANKS", "METHODS", "TASKS", "DemoConfig"]
 
 METHODS = ("none", "timelyfreeze", "apf", "autofreeze", "timelyfreeze+apf", "timelyfreeze+autofreeze")
 """Methods the demo compares; ``none`` trains without freezing."""
 
+TASKS = ("finetune", "pretrain")
+"""``finetune``: every method starts from the same base model (pretrained without freezing on the
+standard library's sources) and fine-tunes on another corpus (torch's C++ headers) at a lower learning
+rate, as in the paper's experiments; ``pretrain``: every method trains from scratch."""
+
+MAX_RANKS = 64
+"""The demo starts one process per rank (each about 300 MB: torch and the model)."""
+MAX_ACTIONS = 100_000
+"""Pipeline actions per step (ranks x stages per rank x microbatches x kinds) the demo accepts."""
+_PROCESS_MB = 300
+
+_TF_METHODS = ("timelyfreeze", "timelyfreeze+apf", "timelyfreeze+autofreeze")
+
 
 @dataclass(frozen=True, kw_only=True)
 class DemoConfig:
-    """A pipelined training run of every method in ``methods`` on the same data, steps and seed."""
+    """A pipelined training run of every method in ``methods`` on the same data and steps, once per seed."""
 
+    task: str = "finetune"
+    """``finetune`` or ``pretrain`` (:data:`TASKS`)."""
     schedule: str = "1f1b"
     """Pipeline schedule (``tfz.schedule.SCHEDULES``)."""
     ranks: int = 2
@@ -27,11 +44,15 @@ class DemoConfig:
     max_freeze_ratio: float = 0.8
     """TimelyFreeze's cap on each stage's mean freeze ratio."""
     data: str | None = None
-    """A text file or folder; default: the running interpreter's standard library sources."""
+    """A text file or folder to train on (finetune: the fine-tuning corpus); default: torch's C++
+    headers (finetune) or the standard library's sources (pretrain)."""
+    base: str | None = None
+    """Base model file (``tfz.demo.base``) for ``finetune``; default: the demo's own base, built once
+    on first use and cached."""
     out: str = "tfz-demo"
     """Output folder."""
-    seed: int = 0
-    """Model initialisation, data order and mask draws."""
+    seeds: tuple[int, ...] = (0,)
+    """One comparison per seed (data order, mask draws; pretrain: also the initial weights)."""
 
     microbatches: int = 8
     microbatch_size: int = 4
@@ -39,35 +60,47 @@ class DemoConfig:
     seq_len: int = 64
     dim: int = 384
     layers_per_stage: int = 2
+    """Model shape (pretrain, and the default base): ``layers_per_stage`` x stages layers."""
     n_heads: int = 6
     ffn_dim: int = 1536
-    lr: float = 2e-3
-    """AdamW peak learning rate (linear warm-up over ``lr_warmup`` steps, then cosine to 10%)."""
-    lr_warmup: int = 20
+    lr: float | None = None
+    """AdamW peak learning rate (linear warm-up over ``lr_warmup`` steps, then cosine to 10%);
+    default 3e-4 (finetune) or 2e-3 (pretrain)."""
+    lr_warmup: int | None = None
+    """Learning-rate warm-up steps; default 10 (finetune: freezing starts after it) or 20 (pretrain)."""
     weight_decay: float = 0.1
     rescale_grads: bool = True
     """Scale each partly frozen row's gradient by microbatches / active microbatches (``tfz.optim``), so
-    it is the mean over the microbatches that trained it; measured to halve the loss cost of freezing
-    here (tfz.optim's own default is off)."""
+    it is the mean over the microbatches that trained it (tfz.optim's own default is off)."""
     phase_unit: int = 8
-    """TimelyFreeze phase unit (steps): warm-up, each monitoring half = 1 unit, ramp = 3 units."""
+    """TimelyFreeze phase unit (steps): each monitoring half = 1 unit, ramp = 3 units; warm-up = 1 unit
+    (pretrain) or the learning-rate warm-up (finetune)."""
     check_every: int = 5
     """Decision interval (steps) of TimelyFreeze and of the APF / AutoFreeze checks."""
     block_rows: int = 32
     """Rows per freezing unit of a linear layer."""
     apf_threshold: float = 0.05
     autofreeze_percentile: float = 80.0
-    eval_every: int = 25
-    """Validation every this many steps (and after the last)."""
-    eval_batches: int = 2
-    """Validation batches (each ``microbatches * microbatch_size`` sequences)."""
+    eval_every: int = 10
+    """Validation every this many steps (and before the first and after the last)."""
+    val_sequences: int = 256
+    """Sequences of the fixed validation set (evenly spaced windows of the validation files; the same
+    for every method and seed)."""
+    base_steps: int = 150
+    """Pretraining steps of the default base."""
+    base_seed: int = 0
+    """Seed of the default base (its initial weights and data order)."""
+    cache_dir: str | None = None
+    """Where the default base is cached (default ``tfz.demo.base.cache_dir()``)."""
     threads_per_rank: int = 1
     timeout: float = 3600.0
-    """Seconds before the whole run is stopped."""
+    """Seconds before one seed's run is stopped."""
     trace_steps: tuple[int, ...] = field(default=())
     """Steps whose measured timelines are drawn; default: one before freezing starts, the last step."""
 
     def __post_init__(self):
+        if self.task not in TASKS:
+            raise ValueError(f"unknown task {self.task!r}; choose one of: {', '.join(TASKS)}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"unknown schedule {self.schedule!r}; choose one of: {', '.join(SCHEDULES)}")
         unknown = [m for m in self.methods if m not in METHODS]
@@ -91,36 +124,119 @@ class DemoConfig:
             "check_every",
             "block_rows",
             "eval_every",
-            "eval_batches",
+            "val_sequences",
+            "base_steps",
             "threads_per_rank",
         ):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        if not 0.0 <= self.max_freeze_ratio <= 1.0:
-            raise ValueError(f"max_freeze_ratio must be in [0, 1], got {self.max_freeze_ratio}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        if any(m.startswith("timelyfreeze") for m in self.methods):
-            try:
-                self.timelyfreeze_config()
-            except ValueError as exc:
-                raise ValueError(f"TimelyFreeze settings (phase_unit {self.phase_unit}): {exc}") from None
+            check_int(name, getattr(self, name), 1)
+        check_int("base_seed", self.base_seed, 0)
+        check_int("lr_warmup", self.lr_warmup, 1, optional=True)
+        check_number("lr", self.lr, low=0.0, low_open=True, optional=True)
+        check_number("weight_decay", self.weight_decay, low=0.0)
+        check_number("timeout", self.timeout, low=0.0, low_open=True, unit="seconds")
+        check_ratio("max_freeze_ratio", self.max_freeze_ratio)
+        if not self.seeds or not all(is_int(s) and s >= 0 for s in self.seeds):
+            raise ValueError(f"seeds must be integers >= 0, got {self.seeds!r}")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds repeat: {self.seeds!r}")
+        if self.base is not None and self.task != "finetune":
+            raise ValueError(f"--base {self.base} applies to --task finetune, not {self.task}")
         if self.dim % self.n_heads:
             raise ValueError(f"dim {self.dim} is not divisible by n_heads {self.n_heads}")
+        self._check_size()
+        self.build_schedule()  # microbatches vs ranks, before any rank starts
+        if any(m in _TF_METHODS for m in self.methods):
+            try:
+                tf = self.timelyfreeze_config(seed=0)
+            except ValueError as exc:
+                raise ValueError(f"TimelyFreeze settings (phase_unit {self.phase_unit}): {exc}") from None
+            self._check_long_enough(tf)
 
-    def timelyfreeze_config(self):
+    def _check_size(self) -> None:
+        """Refuse sizes the demo cannot run before anything is built (one line, with the estimate)."""
+        if self.ranks > MAX_RANKS:
+            gb = self.ranks * _PROCESS_MB / 1024
+            raise ValueError(
+                f"--ranks {self.ranks}: the demo starts one process per rank, about {gb:,.0f} GB of memory; "
+                f"the limit is {MAX_RANKS} ranks"
+            )
+        actions = self.ranks * 2 * self.microbatches * 3
+        if actions > MAX_ACTIONS:
+            raise ValueError(
+                f"--ranks {self.ranks} x --microbatches {self.microbatches}: up to {actions:,} pipeline "
+                f"actions per step; the limit is {MAX_ACTIONS:,}"
+            )
+
+    def _check_long_enough(self, tf) -> None:
+        """TimelyFreeze needs warm-up, two monitoring halves, a solve and the ramp before its plan is in
+        force; refuse runs that end before a measurement window of ``phase_unit`` steps is left."""
+        stable = tf.warmup + 2 * tf.monitor + self.check_every + tf.ramp
+        needed = stable + self.phase_unit
+        if self.steps < needed:
+            raise ValueError(
+                f"--steps {self.steps} is too short for TimelyFreeze: warm-up {tf.warmup}, monitoring "
+                f"{2 * tf.monitor}, solve about {self.check_every} and ramp {tf.ramp} steps put the plan in "
+                f"force from about step {stable}; use --steps >= {needed} or a smaller --phase-unit"
+            )
+
+    # ------------------------------------------------------------------ derived settings
+
+    @property
+    def peak_lr(self) -> float:
+        """The learning rate in use (``lr`` or the task's default)."""
+        if self.lr is not None:
+            return self.lr
+        return 3e-4 if self.task == "finetune" else 2e-3
+
+    @property
+    def warmup_steps(self) -> int:
+        """Learning-rate warm-up in use (``lr_warmup`` or the task's default)."""
+        if self.lr_warmup is not None:
+            return self.lr_warmup
+        return 10 if self.task == "finetune" else 20
+
+    @property
+    def freeze_from(self) -> int:
+        """First step any method may freeze: after the learning-rate warm-up (the paper's rule; the
+        APF / AutoFreeze baselines start observing then)."""
+        return self.warmup_steps
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.microbatches * self.microbatch_size * self.seq_len
+
+    def build_schedule(self):
+        """The pipeline schedule (ValueError for impossible ranks / microbatches)."""
+        from tfz.schedule import build_schedule
+
+        return build_schedule(self.schedule, self.ranks, self.microbatches)
+
+    def base_spec(self, num_stages: int):
+        """The default base's :class:`tfz.demo.base.BaseSpec` for a ``num_stages``-stage pipeline."""
+        from tfz.demo.base import BaseSpec
+
+        return BaseSpec(
+            dim=self.dim,
+            n_layers=self.layers_per_stage * num_stages,
+            n_heads=self.n_heads,
+            ffn_dim=self.ffn_dim,
+            seq_len=self.seq_len,
+            steps=self.base_steps,
+            seed=self.base_seed,
+        )
+
+    def timelyfreeze_config(self, seed: int):
         """The controller config the TimelyFreeze methods run with (validated by its own checks)."""
         from tfz.controller import TimelyFreezeConfig
 
         return TimelyFreezeConfig(
             max_freeze_ratio=self.max_freeze_ratio,
             phase_unit=self.phase_unit,
+            warmup_steps=self.warmup_steps if self.task == "finetune" else None,
             check_every=self.check_every,
             block_rows=self.block_rows,
-            seed=self.seed,
+            seed=seed,
         )
 
-    @property
-    def tokens_per_step(self) -> int:
-        return self.microbatches * self.microbatch_size * self.seq_len
+    def replace(self, **changes) -> DemoConfig:
+        return dataclasses.replace(self, **changes)
