@@ -6,6 +6,7 @@ Action times are synthetic: a (u, l) model from a tfz.profile.Profile, and every
 controller handed out for that step.
 """
 
+import dataclasses
 import io
 import json
 import logging
@@ -114,23 +115,31 @@ def expected_phase(cfg, k):
 def test_config_defaults_are_the_papers():
     cfg = TimelyFreezeConfig()
     assert (cfg.max_freeze_ratio, cfg.phase_unit, cfg.check_every) == (0.8, 50, 10)
+    assert cfg.plan == PlanConfig() and cfg.plan.max_freeze_ratio == 0.8 and cfg.plan.weighting == "count"
     assert (cfg.warmup, cfg.monitor, cfg.ramp) == (50, 50, 150)
     assert cfg.median_window == 50 - cfg.discard_steps
-    assert cfg.keep_trainable_units == 1 and cfg.weighting == "count"
+    assert cfg.keep_trainable_units == 1
+    # the docstring's timeline: solve submitted at 150, first poll at 160, ramp of 150 steps
+    assert (cfg.first_plan_step, cfg.full_plan_step) == (160, 310)
     over = TimelyFreezeConfig(phase_unit=4, warmup_steps=0, monitor_steps=6, ramp_steps=0, window=2)
     assert (over.warmup, over.monitor, over.ramp, over.median_window) == (0, 6, 0, 2)
+    nested = TimelyFreezeConfig(plan=PlanConfig(max_freeze_ratio=0.5, weighting="duration"))
+    assert nested.max_freeze_ratio == 0.5 and nested.to_dict()["plan"]["weighting"] == "duration"
     with pytest.raises(TypeError):
         TimelyFreezeConfig(0.5)  # keyword only
+    with pytest.raises(TypeError):
+        TimelyFreezeConfig(max_freeze_ratio=0.5)  # one place for the LP's options: plan
+    with pytest.raises(TypeError, match="plan must be a tfz.plan.PlanConfig, got dict"):
+        TimelyFreezeConfig(plan={"max_freeze_ratio": 0.5})
     with pytest.raises(AttributeError):
         cfg.seed = 3  # frozen
+    # numpy integers are accepted and stored as plain ints (the config goes into JSON checkpoints)
+    assert type(TimelyFreezeConfig(phase_unit=np.int64(4)).phase_unit) is int
 
 
 @pytest.mark.parametrize(
     "field, value",
     [
-        ("max_freeze_ratio", 1.5),
-        ("max_freeze_ratio", -0.1),
-        ("max_freeze_ratio", float("nan")),
         ("phase_unit", 0),
         ("phase_unit", 2.5),
         ("warmup_steps", -1),
@@ -142,17 +151,67 @@ def test_config_defaults_are_the_papers():
         ("window", 0),
         ("drift_threshold", 0.0),
         ("drift_threshold", float("inf")),
+        ("drift_threshold", float("nan")),
         ("block_rows", 0),
         ("seed", -1),
         ("keep_trainable_units", -1),
-        ("weighting", "time"),
         ("replan", 1),
+        ("mask_layout", "rows"),
     ],
 )
 def test_config_rejects_bad_values(field, value):
     with pytest.raises(ValueError, match=field) as info:
         TimelyFreezeConfig(**{field: value})
     assert repr(value) in str(info.value)
+
+
+def test_pinned_fields_are_every_field_but_the_resumable_ones():
+    pinned = TimelyFreezeConfig().pinned()
+    assert {"plan.max_freeze_ratio", "plan.weighting", "plan.action_cap", "mask_layout"} <= set(pinned)
+    assert not {"drift_threshold", "replan", "async_solve", "plan"} & set(pinned)
+    fields, plan_fields = dataclasses.fields(TimelyFreezeConfig), dataclasses.fields(PlanConfig)
+    assert len(pinned) == len(fields) - 4 + len(plan_fields)
+
+
+@pytest.mark.parametrize("total", [26, 30, 45, 60, 100, 400, 3000])
+def test_for_run_applies_the_plan_by_the_middle_of_the_run(total):
+    """A real run (synchronous solve): the plan takes effect at first_plan_step and is fully applied
+    at full_plan_step, by the middle of the run."""
+    cfg = TimelyFreezeConfig.for_run(total, block_rows=BLOCK, async_solve=False)
+    assert cfg.phase_unit == min(50, max(3, total // 10)) and cfg.ramp == cfg.phase_unit
+    c = make(cfg, build_schedule("1f1b", 2, 4))
+    syn = Synthetic(c.dag)
+    first = full = None
+    for k in range(total):
+        if c.phase is Phase.RAMP and first is None:
+            first = k
+        if c.phase is Phase.STABLE:
+            full = k
+            break
+        c.step_end(k, syn.times(k, c))
+    assert (first, full) == (cfg.first_plan_step, cfg.full_plan_step)
+    assert 2 * full <= total
+
+
+def test_for_run_scales_with_overrides_and_refuses_short_runs():
+    cfg = TimelyFreezeConfig.for_run(60)
+    # 60 steps: unit 6, a decision every 2 steps; solve at 18, plan from 20, fully applied from 26
+    assert (cfg.phase_unit, cfg.check_every, cfg.ramp) == (6, 2, 6)
+    assert (cfg.first_plan_step, cfg.full_plan_step) == (20, 26)
+    capped = TimelyFreezeConfig.for_run(60, seed=3, plan=PlanConfig(max_freeze_ratio=0.5))
+    assert capped.max_freeze_ratio == 0.5 and capped.seed == 3
+    assert TimelyFreezeConfig.for_run(200, phase_unit=4).check_every == 1  # derived from the override
+    # the shortest: unit 3 (1 discarded + 2 recorded steps), check_every 1: solve at 9, plan at 10,
+    # full at 13, so 26 steps
+    with pytest.raises(ValueError, match=r"run of 25 steps is too short.*step 13.*total_steps >= 26"):
+        TimelyFreezeConfig.for_run(25)
+    with pytest.raises(ValueError, match=r"total_steps >= 64"):  # 2 * (10 + 10 + 10 + 2 + 0) with K=2
+        TimelyFreezeConfig.for_run(40, phase_unit=10, check_every=2, ramp_steps=0)
+    for bad in (0, -5, 2.5, True, "60"):
+        with pytest.raises(ValueError, match=r"total_steps must be an integer >= 1, got " + repr(bad)[:2]):
+            TimelyFreezeConfig.for_run(bad)
+    with pytest.raises(ValueError, match="check_every"):
+        TimelyFreezeConfig.for_run(60, check_every=0)
 
 
 def test_config_rejects_windows_longer_than_the_recorded_half():

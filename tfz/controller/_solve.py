@@ -114,8 +114,8 @@ def packed_size(dag: DAG) -> int:
     return _HEADER + dag.num_stages + dag.num_actions
 
 
-def unpack_plan(values: np.ndarray, dag: DAG, max_freeze_ratio: float, weighting: str) -> Plan:
-    """Inverse of :func:`pack_plan` for the plan of ``dag``."""
+def unpack_plan(values: np.ndarray, dag: DAG, config: PlanConfig) -> Plan:
+    """Inverse of :func:`pack_plan` for the plan of ``dag`` solved with ``config``."""
     S = dag.num_stages
     head = values[:_HEADER].tolist()
     code = int(head[8])
@@ -129,8 +129,8 @@ def unpack_plan(values: np.ndarray, dag: DAG, max_freeze_ratio: float, weighting
         total_ratio=head[3],
         solve_seconds=head[4],
         status="optimal",
-        max_freeze_ratio=max_freeze_ratio,
-        weighting=weighting,
+        max_freeze_ratio=config.max_freeze_ratio,
+        weighting=config.weighting,
         solver=_SOLVERS[code] if 0 <= code < len(_SOLVERS) else "unknown",
         schedule=dag.schedule.name,
         phase_seconds=(head[5], head[6]),

@@ -3,33 +3,41 @@
 from __future__ import annotations
 
 import dataclasses
-import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
+
+from tfz._validate import check_int, check_number
+from tfz.plan import PlanConfig
 
 __all__ = ["TimelyFreezeConfig"]
 
+_RESUMABLE = {"resumable": True}
+"""Field metadata: a resumed run may use another value than the checkpoint's."""
 
-def _int(name: str, value: Any, minimum: int, *, optional: bool = False) -> None:
-    if optional and value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        kind = "None or an integer" if optional else "an integer"
-        raise ValueError(f"{name} must be {kind} >= {minimum}, got {value!r}")
+_LONGEST_UNIT = 50
+"""``for_run`` never makes the phase unit longer than the paper's (long runs get its phases)."""
 
 
 @dataclass(kw_only=True, frozen=True)
 class TimelyFreezeConfig:
     """Phases, windows and freezing limits of :class:`tfz.controller.TimelyFreeze`.
 
-    Defaults are the paper's experiment settings (max_freeze_ratio 0.8, phase_unit 50, a decision
-    every 10 steps). Step counts are optimizer steps. Length fields left at None derive from
-    ``phase_unit``; the resolved values are the properties ``warmup``, ``monitor``, ``ramp`` and
-    ``median_window``. Small values (``phase_unit=2, check_every=1``) suit tests and CPU demos.
+    Step counts are optimizer steps. Length fields left at None derive from ``phase_unit``; the
+    resolved values are the properties ``warmup``, ``monitor``, ``ramp`` and ``median_window``.
+
+    With the defaults (the paper's experiment settings: ``phase_unit`` 50, a decision every 10 steps,
+    the LP's cap 0.8 in ``plan``) a run goes: steps 0-49 warm-up, 50-99 monitoring unfrozen, 100-149
+    monitoring with part of every stage frozen, the LP solves beside training from step 150, the plan
+    takes effect at step 160 (``first_plan_step``, if the solve is done by then) and ramps in until it
+    is fully applied at step 310 (``full_plan_step``). A run of a few dozen steps never gets there:
+    use :meth:`for_run` (``TimelyFreezeConfig.for_run(total_steps=60)``), which scales the phases to
+    the run. Small values (``phase_unit=2, check_every=1``) suit tests.
     """
 
-    max_freeze_ratio: float = 0.8
-    """Cap on each stage's mean freeze ratio over its microbatches (the LP's per-stage constraint)."""
+    plan: PlanConfig = field(default_factory=PlanConfig)
+    """The freeze-ratio LP's options (:class:`tfz.plan.PlanConfig`): ``max_freeze_ratio``, the cap on
+    each stage's mean freeze ratio over its microbatches (default 0.8), ``weighting`` and
+    ``action_cap``."""
     phase_unit: int = 50
     """Unit of the phase lengths below (warm-up, each monitoring half, ramp = 3 units)."""
     warmup_steps: int | None = None
@@ -47,10 +55,10 @@ class TimelyFreezeConfig:
     window: int | None = None
     """Steps in the median window of a monitoring half and of the drift check (default: every
     recorded step of a half, ``monitor - discard_steps``)."""
-    drift_threshold: float = 0.1
+    drift_threshold: float = field(default=0.1, metadata=_RESUMABLE)
     """Re-plan when a stage's summed measured time differs from the plan's prediction by more than this
     relative amount, on the same side, in at least 3/4 of the steps of a full window."""
-    replan: bool = True
+    replan: bool = field(default=True, metadata=_RESUMABLE)
     """Check for drift in the stable phase and re-plan (False: the plan is solved once)."""
     block_rows: int = 64
     """Rows per freezable unit of a linear layer (``tfz.masks.StageUnits``)."""
@@ -58,12 +66,10 @@ class TimelyFreezeConfig:
     """Also count non-linear parameters (norms, embeddings) as whole-tensor units."""
     seed: int = 0
     """Seed of the mask selection, shared by all ranks."""
-    weighting: Literal["count", "duration"] = "count"
-    """How the LP takes a stage's mean ratio (``tfz.plan.PlanConfig.weighting``)."""
     keep_trainable_units: int = 1
     """Units of the last stage left trainable during the lower-bound window (the other stages freeze
     everything); the measured lower bound is extrapolated to full freezing."""
-    async_solve: bool = True
+    async_solve: bool = field(default=True, metadata=_RESUMABLE)
     """Solve in a background thread while training continues (False: solve at once, e.g. in tests)."""
     mask_layout: Literal["auto", "cover", "independent"] = "auto"
     """How a stage's microbatch masks relate within a step. ``cover``: trainable units take turns
@@ -73,27 +79,27 @@ class TimelyFreezeConfig:
     if every unit took a turn)."""
 
     def __post_init__(self):
-        cap = self.max_freeze_ratio
-        if isinstance(cap, bool) or not isinstance(cap, (int, float)) or not 0.0 <= cap <= 1.0:
-            raise ValueError(f"max_freeze_ratio must be a number in [0, 1], got {cap!r}")
-        _int("phase_unit", self.phase_unit, 1)
-        _int("warmup_steps", self.warmup_steps, 0, optional=True)
-        _int("monitor_steps", self.monitor_steps, 1, optional=True)
-        _int("ramp_steps", self.ramp_steps, 0, optional=True)
-        _int("check_every", self.check_every, 1)
-        _int("discard_steps", self.discard_steps, 0)
-        _int("window", self.window, 1, optional=True)
-        _int("block_rows", self.block_rows, 1)
-        _int("seed", self.seed, 0)
-        _int("keep_trainable_units", self.keep_trainable_units, 0)
-        dt = self.drift_threshold
-        if isinstance(dt, bool) or not isinstance(dt, (int, float)) or not (dt > 0 and math.isfinite(dt)):
-            raise ValueError(f"drift_threshold must be a finite number > 0, got {dt!r}")
+        if not isinstance(self.plan, PlanConfig):
+            raise TypeError(f"plan must be a tfz.plan.PlanConfig, got {type(self.plan).__name__}")
+        ints = {
+            "phase_unit": (1, False),
+            "warmup_steps": (0, True),
+            "monitor_steps": (1, True),
+            "ramp_steps": (0, True),
+            "check_every": (1, False),
+            "discard_steps": (0, False),
+            "window": (1, True),
+            "block_rows": (1, False),
+            "seed": (0, False),
+            "keep_trainable_units": (0, False),
+        }
+        for name, (minimum, optional) in ints.items():
+            object.__setattr__(self, name, check_int(name, getattr(self, name), minimum, optional=optional))
+        threshold = check_number("drift_threshold", self.drift_threshold, low=0.0, low_open=True)
+        object.__setattr__(self, "drift_threshold", threshold)
         for name in ("replan", "include_tensors", "async_solve"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
-        if self.weighting not in ("count", "duration"):
-            raise ValueError(f"weighting must be 'count' or 'duration', got {self.weighting!r}")
         if self.mask_layout not in ("auto", "cover", "independent"):
             raise ValueError(
                 f"mask_layout must be 'auto', 'cover' or 'independent', got {self.mask_layout!r}"
@@ -109,6 +115,47 @@ class TimelyFreezeConfig:
                 f"window ({self.window}) exceeds the recorded steps of a monitoring half "
                 f"(monitor {self.monitor} - discard_steps {self.discard_steps} = {recorded})"
             )
+
+    @classmethod
+    def for_run(cls, total_steps: int, **overrides: Any) -> TimelyFreezeConfig:
+        """A config whose phases fit a run of ``total_steps`` optimizer steps.
+
+        ``phase_unit`` is a tenth of the run (at least the shortest unit that still records a
+        monitoring half, at most the paper's 50), ``check_every`` a third of the unit (1 to 10) and
+        the ramp one unit, so the plan takes effect after about 30% of the run and is fully applied
+        by its middle; at 60 steps: phase unit 6, plan from step 20, fully applied from step 26.
+        ``overrides`` set any field (the derived ones follow an overridden ``phase_unit``).
+
+        Raises ValueError, naming the minimum ``total_steps``, when the plan would not be fully
+        applied by the middle of the run (``full_plan_step > total_steps / 2``).
+        """
+        total = check_int("total_steps", total_steps, 1)
+        config = cls._fitted(total, overrides)
+        if 2 * config.full_plan_step > total:
+            fits = (t for t in range(total + 1, 2**31) if 2 * cls._fitted(t, overrides).full_plan_step <= t)
+            need = next(fits)
+            raise ValueError(
+                f"a run of {total} steps is too short for freezing to take effect: the plan would be "
+                f"fully applied at step {config.full_plan_step} (phase_unit {config.phase_unit}, "
+                f"check_every {config.check_every}, ramp {config.ramp}), after the middle of the run; "
+                f"for_run needs total_steps >= {need} with these settings"
+            )
+        return config
+
+    @classmethod
+    def _fitted(cls, total: int, overrides: dict[str, Any]) -> TimelyFreezeConfig:
+        discard = overrides.get("discard_steps", 1)
+        shortest = (discard if isinstance(discard, int) else 1) + 2  # two recorded steps per half
+        unit = overrides.get("phase_unit", min(_LONGEST_UNIT, max(shortest, total // 10)))
+        derived = {"phase_unit": unit}
+        if isinstance(unit, int):
+            derived.update(check_every=max(1, min(10, unit // 3)), ramp_steps=unit)
+        return cls(**{**derived, **overrides})
+
+    @property
+    def max_freeze_ratio(self) -> float:
+        """``plan.max_freeze_ratio``: the cap on each stage's mean freeze ratio."""
+        return self.plan.max_freeze_ratio
 
     @property
     def warmup(self) -> int:
@@ -130,6 +177,32 @@ class TimelyFreezeConfig:
         """Resolved ``window``."""
         return self.monitor - self.discard_steps if self.window is None else self.window
 
+    @property
+    def first_plan_step(self) -> int:
+        """Steps (from the first) before the plan takes effect, when the initial solve is done by the
+        first decision step after its submission at ``warmup + 2 * monitor``."""
+        submitted = self.warmup + 2 * self.monitor
+        return (submitted // self.check_every + 1) * self.check_every
+
+    @property
+    def full_plan_step(self) -> int:
+        """Steps before the plan is fully applied (the end of the ramp), under the same assumption."""
+        return self.first_plan_step + self.ramp
+
     def to_dict(self) -> dict[str, Any]:
-        """Field values (plain types)."""
+        """Field values (plain types; ``plan`` as a nested dict)."""
         return dataclasses.asdict(self)
+
+    def pinned(self) -> dict[str, Any]:
+        """The fields a resumed run must share with its checkpoint (they decide phases, estimates,
+        plans and masks), flattened as ``{"phase_unit": 50, "plan.max_freeze_ratio": 0.8, ...}``."""
+        out = {}
+        for f in dataclasses.fields(self):
+            if f.metadata.get("resumable"):
+                continue
+            value = getattr(self, f.name)
+            if isinstance(value, PlanConfig):
+                out.update({f"{f.name}.{k}": v for k, v in dataclasses.asdict(value).items()})
+            else:
+                out[f.name] = value
+        return out

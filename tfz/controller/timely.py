@@ -70,7 +70,7 @@ from tfz.controller.estimates import (
 from tfz.controller.policy import ObservingPolicy, StatefulPolicy
 from tfz.dag import DAG, build_dag, simulate
 from tfz.masks import RandomPolicy, SelectionPolicy, StageMasks, StageUnits, select, select_covering
-from tfz.plan import Plan, PlanConfig, solve
+from tfz.plan import Plan, solve
 from tfz.schedule import FREEZABLE_KINDS, Schedule
 
 __all__ = ["Phase", "TimelyFreeze"]
@@ -78,22 +78,6 @@ __all__ = ["Phase", "TimelyFreeze"]
 logger = logging.getLogger("tfz.controller")
 
 STATE_VERSION = 1
-# fields a resumed run must share with the checkpoint (they decide phases, estimates and masks)
-_PINNED_FIELDS = (
-    "max_freeze_ratio",
-    "phase_unit",
-    "warmup_steps",
-    "monitor_steps",
-    "ramp_steps",
-    "check_every",
-    "discard_steps",
-    "window",
-    "block_rows",
-    "include_tensors",
-    "seed",
-    "weighting",
-    "keep_trainable_units",
-)
 
 
 class Phase(str, enum.Enum):
@@ -204,7 +188,6 @@ class TimelyFreeze:
         if not isinstance(self.policy, SelectionPolicy):
             raise TypeError(f"policy must have a rank(units, *, stage, microbatch, rng) method: {policy!r}")
         self._solver = solve if solver is None else solver
-        self._plan_config = PlanConfig(max_freeze_ratio=config.max_freeze_ratio, weighting=config.weighting)
 
         self._local = np.flatnonzero(np.isin(dag.rank, ranks))
         self._local_pos = {dag.names[i]: j for j, i in enumerate(self._local.tolist())}
@@ -549,7 +532,7 @@ class TimelyFreeze:
         if self._comm.leader:
             pending.job = SolveJob(
                 solve_with_retry,
-                (self._solver, self.dag, upper, lower, self._plan_config, warm),
+                (self._solver, self.dag, upper, lower, self.config.plan, warm),
                 {},
                 background=self.config.async_solve,
             )
@@ -582,7 +565,7 @@ class TimelyFreeze:
         if job is not None:
             plan = job.result
         else:
-            plan = unpack_plan(values, self.dag, self.config.max_freeze_ratio, self.config.weighting)
+            plan = unpack_plan(values, self.dag, self.config.plan)
         self._adopt(plan, pending)
         return True
 
@@ -693,9 +676,11 @@ class TimelyFreeze:
         if state.get("rank") != self._comm.rank:
             raise ValueError(f"state was saved by rank {state.get('rank')!r}, this is rank {self._comm.rank}")
         saved = state.get("config") or {}
-        differ = [f for f in _PINNED_FIELDS if saved.get(f) != getattr(self.config, f)]
+        saved = {**saved, **{f"plan.{k}": v for k, v in (saved.get("plan") or {}).items()}}
+        pinned = self.config.pinned()
+        differ = [f for f in pinned if saved.get(f) != pinned[f]]
         if differ:
-            detail = ", ".join(f"{f}: {saved.get(f)!r} -> {getattr(self.config, f)!r}" for f in differ)
+            detail = ", ".join(f"{f}: {saved.get(f)!r} -> {pinned[f]!r}" for f in differ)
             raise ValueError(f"state was saved with a different config ({detail})")
         try:
             phase = Phase(state["phase"])

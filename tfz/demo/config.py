@@ -228,9 +228,10 @@ class DemoConfig:
     def timelyfreeze_config(self, seed: int):
         """The controller config the TimelyFreeze methods run with (validated by its own checks)."""
         from tfz.controller import TimelyFreezeConfig
+        from tfz.plan import PlanConfig
 
         return TimelyFreezeConfig(
-            max_freeze_ratio=self.max_freeze_ratio,
+            plan=PlanConfig(max_freeze_ratio=self.max_freeze_ratio),
             phase_unit=self.phase_unit,
             warmup_steps=self.warmup_steps if self.task == "finetune" else None,
             check_every=self.check_every,
