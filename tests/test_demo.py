@@ -80,7 +80,7 @@ def _two_methods(tf_final=2.52, tf_seq=(2.50, 2.54)):
 
 
 def test_report_arithmetic_against_hand_values():
-    cfg = DemoConfig(steps=15, ranks=2, methods=("none", "timelyfreeze"), task="pretrain", **TINY)
+    cfg = DemoConfig(steps=18, ranks=2, methods=("none", "timelyfreeze"), task="pretrain", **TINY)
     report, _ = build_report(_two_methods(), cfg, seed=0)
     assert report["window_steps"] == [2, 4]  # both stable steps
     none, tf = report["methods"]["none"], report["methods"]["timelyfreeze"]
@@ -117,7 +117,7 @@ def test_report_arithmetic_against_hand_values():
 
 
 def test_time_to_target_interpolates_the_crossing():
-    cfg = DemoConfig(steps=15, ranks=2, methods=("none", "timelyfreeze"), task="pretrain", **TINY)
+    cfg = DemoConfig(steps=18, ranks=2, methods=("none", "timelyfreeze"), task="pretrain", **TINY)
     report, _ = build_report(_two_methods(tf_final=2.45, tf_seq=(2.40, 2.50)), cfg, seed=0)
     tf = report["methods"]["timelyfreeze"]
     # crosses 2.5 between (0.191 s, 2.95) and (0.352 s, 2.45): 0.9 of the way
@@ -142,7 +142,7 @@ def test_curve_helpers_by_hand():
 
 def test_seeds_combine_into_mean_and_spread():
     cfg = DemoConfig(
-        steps=15, ranks=2, methods=("none", "timelyfreeze"), task="pretrain", seeds=(0, 1), **TINY
+        steps=18, ranks=2, methods=("none", "timelyfreeze"), task="pretrain", seeds=(0, 1), **TINY
     )
     a, _ = build_report(_two_methods(), cfg, seed=0)
     b, _ = build_report(_two_methods(tf_final=2.45, tf_seq=(2.40, 2.50)), cfg, seed=1)
@@ -182,16 +182,19 @@ def test_config_errors():
         DemoConfig(microbatches=100_000_000)
 
 
-def test_short_runs_are_refused_with_the_minimum():
-    # finetune: warm-up = lr warm-up 10, monitoring 2 x 8, solve 5, ramp 24 -> in force from step 55
-    with pytest.raises(ValueError, match=r"--steps 40 is too short .* from about step 55; use --steps >= 63"):
-        DemoConfig(steps=40, methods=METHODS)
-    DemoConfig(steps=63, methods=METHODS)
-    DemoConfig(steps=40, methods=("none", "apf", "autofreeze"))  # no TimelyFreeze: nothing to wait for
+def test_short_runs_scale_their_phases_or_are_refused_with_the_minimum():
+    cfg = DemoConfig(steps=40, methods=METHODS)
+    tf = cfg.timelyfreeze_config(seed=0)
+    # learning-rate warm-up 4 (a tenth), then monitoring 2 x 4, the plan fully applied by step 20
+    assert cfg.warmup_steps == tf.warmup == 4 and tf.phase_unit == 4
+    assert 2 * tf.full_plan_step <= 40 and cfg.decision_interval == tf.check_every
+    with pytest.raises(ValueError, match=r"--steps 12 with TimelyFreeze: .* needs total_steps >= \d+"):
+        DemoConfig(steps=12, methods=METHODS)
+    DemoConfig(steps=12, methods=("none", "apf", "autofreeze"))  # no TimelyFreeze: nothing to wait for
 
 
 def test_phase_unit_too_short_for_timelyfreeze():
-    with pytest.raises(ValueError, match=r"TimelyFreeze settings \(phase_unit 1\): discard_steps \(1\)"):
+    with pytest.raises(ValueError, match=r"--steps 100 with TimelyFreeze: discard_steps \(1\)"):
         DemoConfig(phase_unit=1)
     assert DemoConfig(phase_unit=1, methods=("none", "apf")).phase_unit == 1
 
@@ -202,7 +205,7 @@ def test_finetune_builds_the_base_once_then_hits_the_cache(tmp_path):
     from the cache on the second, every method starting from it."""
     seen = []
     cfg = DemoConfig(
-        steps=15, out=str(tmp_path / "a"), cache_dir=str(tmp_path / "cache"), timeout=300, **TINY
+        steps=18, out=str(tmp_path / "a"), cache_dir=str(tmp_path / "cache"), timeout=300, **TINY
     )
     report = run_demo(cfg, progress=seen.append)
     assert any("building the base model" in line for line in seen)

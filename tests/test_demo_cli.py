@@ -48,7 +48,9 @@ def test_bad_sizes_and_schedules_are_refused_before_ranks_start(capsys):
         capsys, "--ranks", "4", "--microbatches", "2", "--steps", "1", match="needs at least 4 microbatches"
     )
     _refused(capsys, "--microbatches", "1000000000", match="--microbatches 1000000000")
-    _refused(capsys, "--methods", "all", "--steps", "40", match="use --steps >= 63")
+    _refused(
+        capsys, "--methods", "all", "--steps", "12", match="--steps 12 with TimelyFreeze: a run of 12 steps"
+    )
 
 
 def test_bad_seeds_and_task_name_the_value(capsys):

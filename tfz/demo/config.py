@@ -67,16 +67,20 @@ class DemoConfig:
     """AdamW peak learning rate (linear warm-up over ``lr_warmup`` steps, then cosine to 10%);
     default 3e-4 (finetune) or 2e-3 (pretrain)."""
     lr_warmup: int | None = None
-    """Learning-rate warm-up steps; default 10 (finetune: freezing starts after it) or 20 (pretrain)."""
+    """Learning-rate warm-up steps (nothing freezes before it ends); default a tenth of the steps."""
     weight_decay: float = 0.1
     rescale_grads: bool = True
     """Scale each partly frozen row's gradient by microbatches / active microbatches (``tfz.optim``), so
     it is the mean over the microbatches that trained it (tfz.optim's own default is off)."""
-    phase_unit: int = 8
-    """TimelyFreeze phase unit (steps): each monitoring half = 1 unit, ramp = 3 units; warm-up = 1 unit
-    (pretrain) or the learning-rate warm-up (finetune)."""
-    check_every: int = 5
-    """Decision interval (steps) of TimelyFreeze and of the APF / AutoFreeze checks."""
+    phase_unit: int | None = None
+    """TimelyFreeze phase unit (steps): each monitoring half is one unit; its warm-up is the
+    learning-rate warm-up. Default: scaled to the run by ``TimelyFreezeConfig.for_run`` (a tenth of
+    the steps, at most 50)."""
+    check_every: int | None = None
+    """Decision interval (steps) of TimelyFreeze and of the APF / AutoFreeze checks; default a third of
+    the phase unit (``for_run``)."""
+    ramp_steps: int | None = None
+    """Steps over which TimelyFreeze ramps its plan in; default one phase unit (``for_run``)."""
     block_rows: int = 32
     """Rows per freezing unit of a linear layer."""
     apf_threshold: float = 0.05
@@ -120,8 +124,6 @@ class DemoConfig:
             "layers_per_stage",
             "n_heads",
             "ffn_dim",
-            "phase_unit",
-            "check_every",
             "block_rows",
             "eval_every",
             "val_sequences",
@@ -130,6 +132,9 @@ class DemoConfig:
         ):
             check_int(name, getattr(self, name), 1)
         check_int("base_seed", self.base_seed, 0)
+        check_int("phase_unit", self.phase_unit, 1, optional=True)
+        check_int("check_every", self.check_every, 1, optional=True)
+        check_int("ramp_steps", self.ramp_steps, 0, optional=True)
         check_int("lr_warmup", self.lr_warmup, 1, optional=True)
         check_number("lr", self.lr, low=0.0, low_open=True, optional=True)
         check_number("weight_decay", self.weight_decay, low=0.0)
@@ -146,11 +151,7 @@ class DemoConfig:
         self._check_size()
         self.build_schedule()  # microbatches vs ranks, before any rank starts
         if any(m in _TF_METHODS for m in self.methods):
-            try:
-                tf = self.timelyfreeze_config(seed=0)
-            except ValueError as exc:
-                raise ValueError(f"TimelyFreeze settings (phase_unit {self.phase_unit}): {exc}") from None
-            self._check_long_enough(tf)
+            self.timelyfreeze_config(seed=0)  # phases that fit the run, or the minimum --steps
 
     def _check_size(self) -> None:
         """Refuse sizes the demo cannot run before anything is built (one line, with the estimate)."""
@@ -167,18 +168,6 @@ class DemoConfig:
                 f"actions per step; the limit is {MAX_ACTIONS:,}"
             )
 
-    def _check_long_enough(self, tf) -> None:
-        """TimelyFreeze needs warm-up, two monitoring halves, a solve and the ramp before its plan is in
-        force; refuse runs that end before a measurement window of ``phase_unit`` steps is left."""
-        stable = tf.warmup + 2 * tf.monitor + self.check_every + tf.ramp
-        needed = stable + self.phase_unit
-        if self.steps < needed:
-            raise ValueError(
-                f"--steps {self.steps} is too short for TimelyFreeze: warm-up {tf.warmup}, monitoring "
-                f"{2 * tf.monitor}, solve about {self.check_every} and ramp {tf.ramp} steps put the plan in "
-                f"force from about step {stable}; use --steps >= {needed} or a smaller --phase-unit"
-            )
-
     # ------------------------------------------------------------------ derived settings
 
     @property
@@ -193,13 +182,17 @@ class DemoConfig:
         """Learning-rate warm-up in use (``lr_warmup`` or the task's default)."""
         if self.lr_warmup is not None:
             return self.lr_warmup
-        return 10 if self.task == "finetune" else 20
+        return max(1, self.steps // 10)
 
     @property
-    def freeze_from(self) -> int:
-        """First step any method may freeze: after the learning-rate warm-up (the paper's rule; the
-        APF / AutoFreeze baselines start observing then)."""
-        return self.warmup_steps
+    def decision_interval(self) -> int:
+        """Steps between the decisions of every freezing method (``check_every`` or TimelyFreeze's)."""
+        if self.check_every is not None:
+            return self.check_every
+        try:
+            return self.timelyfreeze_config(seed=0).check_every
+        except ValueError:  # too short for TimelyFreeze (only the baselines run): a tenth of the steps / 3
+            return max(1, min(10, self.steps // 30))
 
     @property
     def tokens_per_step(self) -> int:
@@ -226,18 +219,28 @@ class DemoConfig:
         )
 
     def timelyfreeze_config(self, seed: int):
-        """The controller config the TimelyFreeze methods run with (validated by its own checks)."""
+        """The controller config the TimelyFreeze methods run with: phases scaled to ``steps`` by
+        ``TimelyFreezeConfig.for_run`` unless given (ValueError naming the minimum ``--steps`` when
+        the plan could not be fully applied by the middle of the run)."""
         from tfz.controller import TimelyFreezeConfig
         from tfz.plan import PlanConfig
 
-        return TimelyFreezeConfig(
-            plan=PlanConfig(max_freeze_ratio=self.max_freeze_ratio),
-            phase_unit=self.phase_unit,
-            warmup_steps=self.warmup_steps if self.task == "finetune" else None,
-            check_every=self.check_every,
-            block_rows=self.block_rows,
-            seed=seed,
-        )
+        given = {
+            "phase_unit": self.phase_unit,
+            "check_every": self.check_every,
+            "ramp_steps": self.ramp_steps,
+            "warmup_steps": self.warmup_steps,
+        }
+        try:
+            return TimelyFreezeConfig.for_run(
+                self.steps,
+                plan=PlanConfig(max_freeze_ratio=self.max_freeze_ratio),
+                block_rows=self.block_rows,
+                seed=seed,
+                **{k: v for k, v in given.items() if v is not None},
+            )
+        except ValueError as exc:
+            raise ValueError(f"--steps {self.steps} with TimelyFreeze: {exc}") from None
 
     def replace(self, **changes) -> DemoConfig:
         return dataclasses.replace(self, **changes)

@@ -63,10 +63,14 @@ def make_provider(
         return None
     from tfz.metrics import APFFreezer, AutoFreezeFreezer, MetricGuidedPolicy
 
-    apf = {"threshold": cfg.apf_threshold, "check_interval": cfg.check_every, "block_rows": cfg.block_rows}
+    apf = {
+        "threshold": cfg.apf_threshold,
+        "check_interval": cfg.decision_interval,
+        "block_rows": cfg.block_rows,
+    }
     auto = {
         "percentile": cfg.autofreeze_percentile,
-        "interval": cfg.check_every,
+        "interval": cfg.decision_interval,
         "block_rows": cfg.block_rows,
     }
     if method == "apf":
@@ -137,7 +141,7 @@ def observe(provider, method: str, step: int, modules: dict[int, nn.Module], cfg
     """Forward a finished optimizer step to the provider's metric, from the end of the learning-rate
     warm-up on (before it nothing may freeze)."""
     hook = getattr(provider, "observe", None)
-    if hook is None or step < cfg.freeze_from:
+    if hook is None or step < cfg.warmup_steps:
         return
     if method in ("apf", "autofreeze"):
         hook(step, modules)
