@@ -26,6 +26,7 @@ training and the demo's validation set, for choosing settings; ``val``: the demo
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
@@ -44,12 +45,16 @@ from tfz.schedule import KINDS
 TUNE_FRACTION = 0.1
 
 
-def _corpus(cfg: DemoConfig):
+@functools.lru_cache(maxsize=4)
+def _load(data, corpus):
     from tfz.data import load_corpus
 
-    name = "torch-headers" if cfg.task == "finetune" else "python-stdlib"
     # the demo's validation files are the same (same seed, same first files); tune files come next
-    return load_corpus(cfg.data, corpus=name, seed=0, tune_fraction=TUNE_FRACTION)
+    return load_corpus(data, corpus=corpus, seed=0, tune_fraction=TUNE_FRACTION)
+
+
+def _corpus(cfg: DemoConfig):
+    return _load(cfg.data, cfg.train_corpus)
 
 
 def _base(cfg: DemoConfig):
@@ -257,7 +262,6 @@ def cmd_run(args):
     common = dict(task=args.task, steps=args.steps, val_sequences=args.val_sequences)
     common.update(_parse_variant("common:" + ",".join(args.set))[1])
     base_cfg = DemoConfig(**common)
-    corpus = _corpus(base_cfg)
     base = _base(base_cfg)
     done = set()
     if Path(args.out).exists():
@@ -275,7 +279,7 @@ def cmd_run(args):
             methods = ("none", method) if method != "none" else ("none",)
             cfg = DemoConfig(**{**common, "methods": methods, **over})
             t = time.perf_counter()
-            res = train(cfg, method, layout, seed, args.split, profile, corpus, base)
+            res = train(cfg, method, layout, seed, args.split, profile, _corpus(cfg), base)
             row = {
                 "task": args.task,
                 "variant": name,

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from tfz.data import default_text_files, load_corpus, torch_header_files
+from tfz.data import default_text_files, load_corpus, torch_header_files, torch_python_files
 
 
 def _folder(tmp_path, n=10):
@@ -109,3 +109,9 @@ def test_torch_headers_are_handwritten_cpp():
     assert not any("/ATen/ops/" in f.as_posix() for f in files)  # generated per-operator headers
     c = load_corpus(corpus="torch-headers", max_bytes=1 << 16)
     assert c.source == "torch-headers" and b"#include" in bytes(c.train[: 1 << 16])
+
+
+def test_torch_python_sources_leave_out_tests():
+    files = torch_python_files()
+    assert any(f.name == "functional.py" and f.parent.name == "nn" for f in files)
+    assert not any({"test", "tests", "testing"} & set(f.parts[-4:-1]) for f in files)

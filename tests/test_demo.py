@@ -11,7 +11,6 @@ from tfz.demo.report import build_report, combine, paired_difference, time_to_ta
 
 TINY = dict(
     dim=32,
-    layers_per_stage=1,
     n_heads=2,
     ffn_dim=64,
     seq_len=16,

@@ -2,7 +2,8 @@
 
 - ``python-stdlib``: the running interpreter's standard library sources (``.py``, tests excluded);
 - ``torch-headers``: the C/C++ headers installed with torch (``torch/include``), without the generated
-  per-operator headers of ``ATen/ops``.
+  per-operator headers of ``ATen/ops``;
+- ``torch-python``: torch's own Python sources (tests and testing utilities excluded).
 
 Files are split into train, validation and (optionally) a held-out "tune" part by file with a fixed
 seed, so no validation text is seen in training. :meth:`ByteCorpus.sequences` gives a fixed,
@@ -22,7 +23,15 @@ import numpy as np
 
 from tfz._validate import check_int, check_number
 
-__all__ = ["CORPORA", "ByteCorpus", "corpus_files", "default_text_files", "load_corpus", "torch_header_files"]
+__all__ = [
+    "CORPORA",
+    "ByteCorpus",
+    "corpus_files",
+    "default_text_files",
+    "load_corpus",
+    "torch_header_files",
+    "torch_python_files",
+]
 
 SPLITS = ("train", "val", "tune")
 
@@ -36,14 +45,29 @@ def default_text_files() -> list[Path]:
     return sorted(files)
 
 
-def torch_header_files() -> list[Path]:
-    """The ``.h`` / ``.hpp`` files under the installed torch's ``include`` folder, without the generated
-    per-operator headers (``ATen/ops``), sorted. Found without importing torch."""
+def _torch_root() -> Path:
+    """The installed torch package's folder, found without importing torch."""
     spec = importlib.util.find_spec("torch")
     locations = list(spec.submodule_search_locations or []) if spec is not None else []
     if not locations:
-        raise FileNotFoundError("torch is not installed: no torch/include headers to read")
-    root = Path(locations[0]) / "include"
+        raise FileNotFoundError("torch is not installed: no torch sources to read")
+    return Path(locations[0])
+
+
+def torch_python_files() -> list[Path]:
+    """torch's own ``.py`` files (folders named test, tests or testing excluded), sorted."""
+    root = _torch_root()
+    skip = {"test", "tests", "testing"}
+    files = [p for p in root.rglob("*.py") if not skip & set(p.relative_to(root).parts)]
+    if not files:
+        raise FileNotFoundError(f"no .py files found under {root}")
+    return sorted(files)
+
+
+def torch_header_files() -> list[Path]:
+    """The ``.h`` / ``.hpp`` files under the installed torch's ``include`` folder, without the generated
+    per-operator headers (``ATen/ops``), sorted."""
+    root = _torch_root() / "include"
     files = [
         p
         for p in root.rglob("*")
@@ -57,6 +81,7 @@ def torch_header_files() -> list[Path]:
 CORPORA: dict[str, Callable[[], list[Path]]] = {
     "python-stdlib": default_text_files,
     "torch-headers": torch_header_files,
+    "torch-python": torch_python_files,
 }
 """Built-in corpora: name -> function listing their files."""
 

@@ -46,6 +46,9 @@ class DemoConfig:
     data: str | None = None
     """A text file or folder to train on (finetune: the fine-tuning corpus); default: torch's C++
     headers (finetune) or the standard library's sources (pretrain)."""
+    corpus: str | None = None
+    """Built-in corpus (``tfz.data.CORPORA``) to train on when ``data`` is not given; default
+    ``torch-headers`` (finetune) or ``python-stdlib`` (pretrain)."""
     base: str | None = None
     """Base model file (``tfz.demo.base``) for ``finetune``; default: the demo's own base, built once
     on first use and cached."""
@@ -59,8 +62,9 @@ class DemoConfig:
     """Sequences per microbatch."""
     seq_len: int = 64
     dim: int = 384
-    layers_per_stage: int = 2
-    """Model shape (pretrain, and the default base): ``layers_per_stage`` x stages layers."""
+    n_layers: int | None = None
+    """Decoder layers of the model (pretrain, and the default base); default 4, or one per stage when
+    the pipeline has more stages. The stages split them as evenly as they can."""
     n_heads: int = 6
     ffn_dim: int = 1536
     lr: float | None = None
@@ -121,7 +125,6 @@ class DemoConfig:
             "microbatch_size",
             "seq_len",
             "dim",
-            "layers_per_stage",
             "n_heads",
             "ffn_dim",
             "block_rows",
@@ -132,6 +135,7 @@ class DemoConfig:
         ):
             check_int(name, getattr(self, name), 1)
         check_int("base_seed", self.base_seed, 0)
+        check_int("n_layers", self.n_layers, 1, optional=True)
         check_int("phase_unit", self.phase_unit, 1, optional=True)
         check_int("check_every", self.check_every, 1, optional=True)
         check_int("ramp_steps", self.ramp_steps, 0, optional=True)
@@ -144,12 +148,16 @@ class DemoConfig:
             raise ValueError(f"seeds must be integers >= 0, got {self.seeds!r}")
         if len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds repeat: {self.seeds!r}")
+        from tfz.data import CORPORA
+
+        if self.corpus is not None and self.corpus not in CORPORA:
+            raise ValueError(f"unknown corpus {self.corpus!r}; choose one of: {', '.join(CORPORA)}")
         if self.base is not None and self.task != "finetune":
             raise ValueError(f"--base {self.base} applies to --task finetune, not {self.task}")
         if self.dim % self.n_heads:
             raise ValueError(f"dim {self.dim} is not divisible by n_heads {self.n_heads}")
         self._check_size()
-        self.build_schedule()  # microbatches vs ranks, before any rank starts
+        self.model_layers(self.build_schedule().num_stages)  # before any rank starts
         if any(m in _TF_METHODS for m in self.methods):
             self.timelyfreeze_config(seed=0)  # phases that fit the run, or the minimum --steps
 
@@ -195,6 +203,13 @@ class DemoConfig:
             return max(1, min(10, self.steps // 30))
 
     @property
+    def train_corpus(self) -> str:
+        """The built-in corpus trained on when ``data`` is not given."""
+        if self.corpus is not None:
+            return self.corpus
+        return "torch-headers" if self.task == "finetune" else "python-stdlib"
+
+    @property
     def tokens_per_step(self) -> int:
         return self.microbatches * self.microbatch_size * self.seq_len
 
@@ -204,13 +219,20 @@ class DemoConfig:
 
         return build_schedule(self.schedule, self.ranks, self.microbatches)
 
+    def model_layers(self, num_stages: int) -> int:
+        """Decoder layers of a ``num_stages``-stage pipeline's model (ValueError: fewer than stages)."""
+        layers = max(4, num_stages) if self.n_layers is None else self.n_layers
+        if layers < num_stages:
+            raise ValueError(f"n_layers {layers} is fewer than the {num_stages} pipeline stages")
+        return layers
+
     def base_spec(self, num_stages: int):
         """The default base's :class:`tfz.demo.base.BaseSpec` for a ``num_stages``-stage pipeline."""
         from tfz.demo.base import BaseSpec
 
         return BaseSpec(
             dim=self.dim,
-            n_layers=self.layers_per_stage * num_stages,
+            n_layers=self.model_layers(num_stages),
             n_heads=self.n_heads,
             ffn_dim=self.ffn_dim,
             seq_len=self.seq_len,

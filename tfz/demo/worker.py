@@ -311,8 +311,7 @@ def load_data(cfg: DemoConfig):
     with a fixed seed: the same validation files for every seed."""
     from tfz.data import load_corpus
 
-    corpus = "torch-headers" if cfg.task == "finetune" else "python-stdlib"
-    return load_corpus(cfg.data, corpus=corpus, seed=0)
+    return load_corpus(cfg.data, corpus=cfg.train_corpus, seed=0)
 
 
 def run_rank(rank: int, world: int, cfg: DemoConfig, seed: int) -> dict[str, Any]:
