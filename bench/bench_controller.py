@@ -1,5 +1,5 @@
-"""TimelyFreeze controller: cost of step_end and mask redraws, and what a background solve costs the
-training thread.
+"""TimelyFreeze controller: cost of step_end and mask redraws, what a background solve costs the
+training thread, and how well the two monitoring modes estimate the bounds (synthetic times).
 
 Stages are LLaMA-8B-shaped (8 layers of dim 4096, kv 1024, ffn 14336 per stage; built on the meta
 device, 5,376 row-block units of 64 rows each); the schedule is 1F1B. One process plays every rank
@@ -8,7 +8,7 @@ device, 5,376 row-block units of 64 rows each); the schedule is 1F1B. One proces
 pytest-benchmark:
     python -m pytest bench/bench_controller.py -q --benchmark-enable
 Table for bench/RESULTS.md:
-    python bench/bench_controller.py [--ranks 4] [--microbatches 8] [--solve-ranks 32]
+    python bench/bench_controller.py [--ranks 4] [--microbatches 8] [--solve-ranks 32] [--seeds 20]
 """
 
 from __future__ import annotations
@@ -22,9 +22,10 @@ import pytest
 from torch import nn
 
 from tfz.controller import Phase, TimelyFreeze, TimelyFreezeConfig
-from tfz.dag import build_dag
+from tfz.dag import build_dag, simulate
 from tfz.nn import FreezableLinear
 from tfz.plan import PlanConfig, solve
+from tfz.profile import Profile, StageTimes
 from tfz.schedule import build_schedule
 
 DIM, KV, FFN, LAYERS = 4096, 1024, 14336, 8
@@ -57,6 +58,64 @@ def stable_controller(P: int, M: int, check_every: int = 10):
         c.step_end(step, times())
         step += 1
     return c, times, step
+
+
+def monitoring_controller(P: int, M: int, monitoring: str):
+    """A controller at the first step of its 31-step lower-bound window."""
+    dag = build_dag(build_schedule("1f1b", P, M))
+    cfg = TimelyFreezeConfig(
+        phase_unit=2, monitor_steps=31, check_every=10, async_solve=False, monitoring=monitoring
+    )
+    c = TimelyFreeze(cfg, dag, {s: llama8b_stage() for s in range(dag.num_stages)})
+    times = dict(zip(dag.names, np.where(dag.kind_mask("B"), 40.0, 15.0).tolist()))
+    step = 0
+    while c.phase is not Phase.MONITOR_LOWER:
+        c.step_end(step, times)
+        step += 1
+    return c, times, step
+
+
+def small_stage():
+    """Two linear layers, 64 row blocks of 16 rows: fine-grained realised fractions."""
+    return nn.Sequential(FreezableLinear(256, 512), FreezableLinear(512, 512))
+
+
+def estimate_errors(monitoring: str, seed: int, noise: float, levels=(0.4, 0.8), P=4, M=8, unit=10):
+    """One run on synthetic times: every B action takes ``l + x (u - l)`` (x the realised active
+    fraction of its masks) times (1 + noise * N(0, 1)), with a 3x slow step in 2% of the samples.
+    Returns the median relative error of u and of l over B actions, the plan's predicted batch time
+    against its true one, and the plan's true batch time against the LP optimum on the true times."""
+    dag = build_dag(build_schedule("1f1b", P, M))
+    rng = np.random.default_rng(seed)
+    stages = {s: StageTimes(f=1.0 + 0.1 * s, i=1.0, w=1.5 + 0.2 * s, w_frozen=0.3) for s in range(P)}
+    u, low = Profile(stages=stages).durations(dag)
+    u = u * rng.uniform(0.9, 1.1, dag.num_actions)
+    low = np.where(dag.kind_mask("B"), low * rng.uniform(0.9, 1.1, dag.num_actions), u)
+    low = np.minimum(low, u)
+    cfg = TimelyFreezeConfig(
+        phase_unit=unit, async_solve=False, monitoring=monitoring, monitor_ratios=levels, seed=seed
+    )
+    c = TimelyFreeze(cfg, dag, {s: small_stage() for s in range(P)})
+    b = dag.kind_mask("B")
+    k = 0
+    while c.plan is None:
+        active = np.ones(dag.num_actions)
+        for i in np.flatnonzero(b).tolist():
+            m = c.masks_for(int(dag.stage[i]), int(dag.microbatch[i]))
+            active[i] = 1.0 if m is None else 1.0 - m.frozen_fraction
+        d = (low + active * (u - low)) * (1 + noise * rng.standard_normal(dag.num_actions))
+        d = np.where(rng.random(dag.num_actions) < 0.02, 3 * d, d)
+        c.step_end(k, dict(zip(dag.names, d.tolist())))
+        k += 1
+    eu, el = c.estimates
+    true_span = simulate(dag, u - c.plan.ratios * (u - low)).makespan
+    best = solve(dag, u, low, cfg.plan).makespan_planned
+    return (
+        float(np.median(np.abs(eu[b] / u[b] - 1))),
+        float(np.median(np.abs(el[b] / low[b] - 1))),
+        c.plan.makespan_planned / true_span - 1,
+        true_span / best - 1,
+    )
 
 
 def python_work(n: int = 20000) -> float:
@@ -141,6 +200,7 @@ def main(argv=None) -> None:
     ap.add_argument("--microbatches", type=int, default=8)
     ap.add_argument("--solve-ranks", type=int, default=32, help="P of the 1F1B LP solved in the background")
     ap.add_argument("--repeat", type=int, default=30)
+    ap.add_argument("--seeds", type=int, default=20, help="seeds of the monitoring-mode comparison")
     args = ap.parse_args(argv)
     P, M = args.ranks, args.microbatches
     c, times, step = stable_controller(P, M, check_every=10)
@@ -160,12 +220,47 @@ def main(argv=None) -> None:
         f"| step_end, decision step (redraw {P * M} masks, drift check) | {1e3 * np.median(decision):.1f} |"
     )
     print(f"| per mask (select over {units} units) | {1e3 * np.median(decision) / (P * M):.2f} |")
+    for mode in ("partial", "frozen"):
+        mc, mtimes, mstep = monitoring_controller(P, M, mode)
+        spent = []
+        while mc.phase is Phase.MONITOR_LOWER and len(spent) < 30:
+            t0 = time.perf_counter()
+            mc.step_end(mstep, mtimes)
+            spent.append(time.perf_counter() - t0)
+            mstep += 1
+        print(
+            f"| step_end in the {mode} lower-bound window ({'redraw of' if mode == 'partial' else 'no'} "
+            f"{P * M} masks) | {1e3 * np.median(spent):.1f} |"
+        )
     seconds, alone, during, runs = glue_slowdown(args.solve_ranks)
     print(
         f"| Python glue (20k iterations) alone / during a background solve (1F1B P={args.solve_ranks}, "
         f"M={8 * args.solve_ranks}, {seconds:.2f} s; {runs} runs) | {1e3 * alone:.2f} / {1e3 * during:.2f} "
         f"({during / alone:.2f}x) |"
     )
+    monitoring_table(args.seeds)
+
+
+def monitoring_table(seeds: int) -> None:
+    print(
+        f"\nMonitoring modes on synthetic times (1F1B P=4 M=8, phase_unit 10, {seeds} seeds; medians, "
+        "[10th-90th percentile]):"
+    )
+    print(
+        "| noise | monitoring | u error (B) | l error (B) | predicted / true batch time - 1 "
+        "| true / optimal - 1 |"
+    )
+    print("|---|---|---|---|---|---|")
+    modes = {"partial (0.4, 0.8)": ("partial", (0.4, 0.8)), "partial (0.5, 1.0)": ("partial", (0.5, 1.0))}
+    modes["frozen"] = ("frozen", (0.4, 0.8))
+    for noise in (0.01, 0.05):
+        for name, (mode, levels) in modes.items():
+            rows = np.array([estimate_errors(mode, seed, noise, levels) for seed in range(seeds)])
+            cells = []
+            for j, col in enumerate(rows.T):
+                lo, mid, hi = np.percentile(np.abs(col) if j < 2 else col, [10, 50, 90])
+                cells.append(f"{100 * mid:+.2f}% [{100 * lo:+.2f}, {100 * hi:+.2f}]")
+            print(f"| {noise:.0%} | {name} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

@@ -149,29 +149,31 @@ def test_two_ranks_agree_and_the_solve_never_blocks():
     assert phases.count("solving") >= 10
     assert r0["solver_calls"] == 2 and r1["solver_calls"] == 0
     assert r0["replans"] == r1["replans"] == 1
-    # no rank waited for the solve: the slowest step_end is far below the solve's sleep
-    assert max(r1["durations"]) < SOLVE_SLEEP / 3, max(r1["durations"])
-    assert max(r0["durations"]) < SOLVE_SLEEP / 3, max(r0["durations"])
+    # no rank waited for the solve: the slowest step_end stays below the solve's sleep (a loaded
+    # 2-core machine stalls a process for 0.5 s at times, so the margin is not tighter)
+    assert max(r1["durations"]) < SOLVE_SLEEP * 2 / 3, max(r1["durations"])
+    assert max(r0["durations"]) < SOLVE_SLEEP * 2 / 3, max(r0["durations"])
     # the same events at the same steps on both ranks; the drift was seen on stage 1 (rank 1's)
     assert r0["history"] == r1["history"]
     assert any("drift on stage 1" in e for _, _, e in r0["history"])
     replan_steps = [s for s, _, e in r0["history"] if e.startswith("re-plan")]
     assert len(replan_steps) == 1 and a[replan_steps[0]]["ratios"] != a[replan_steps[0] - 1]["ratios"]
 
-    # masks: the lower window freezes all but the last stage's smallest unit; later, select_covering() on the
-    # shared plan, progress and decision
+    # masks: select_covering() on the shared decision and the monitoring levels (taking turns by
+    # microbatch and step), later on the shared plan and progress
     dag = build_dag(build_schedule("1f1b", 2, 4))
+    levels = config().monitor_ratios
+    first_lower = phases.index("monitor_lower")
     for rank, rec, result in ((0, a, r0), (1, b, r1)):
         units = StageUnits.from_module(stage_module(), block_rows=4)
         assert units.weights.tolist() == result["units"]
-        for x in rec:
+        for k, x in enumerate(rec):
             for mb, frozen in enumerate(x["masks"]):
                 if x["phase"] in ("warmup", "monitor_upper", "solving"):
                     assert frozen is None
                 elif x["phase"] == "monitor_lower":
-                    want = np.ones(len(units), dtype=bool)
-                    if rank == 1:
-                        want[int(np.argmin(units.weights))] = False
+                    asked = [levels[(k - first_lower + m) % len(levels)] for m in range(4)]
+                    want = select_covering(units, asked, stage=rank, step=x["decision"], seed=0)[mb].frozen
                     assert frozen == want.tolist()
                 else:
                     ratios = [

@@ -2,9 +2,11 @@
 stages, timed by tfz.timing.ActionTimer, with AdamW and tfz.optim's row freezing.
 
 Checked: both ranks go through the same phases and use the same plan at every step; the stage
-applies exactly the masks the controller hands out (its counters); in the lower-bound window stage 0
-computes no weight gradient and its parameters do not move, while the last stage keeps one unit
-training; the controller reaches the stable phase with a plan, and its state is JSON-able.
+applies exactly the masks the controller hands out (its counters); with partial monitoring (the
+default) every row of every layer is updated in every step of the lower-bound window; with the old
+all-frozen window stage 0 computes no weight gradient and its parameters do not move there, while the
+last stage keeps one unit training; the controller reaches the stable phase with a plan, and its
+state is JSON-able.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ def make_stage(stage: int):
     return nn.Sequential(FreezableLinear(DIM, HIDDEN), nn.Tanh(), FreezableLinear(HIDDEN, DIM))
 
 
-def train(rank: int, world: int) -> dict:
+def train(rank: int, world: int, monitoring: str) -> dict:
     import torch
     import torch.distributed as dist
     import torch.nn.functional as F
@@ -41,7 +43,7 @@ def train(rank: int, world: int) -> dict:
 
     torch.set_num_threads(1)
     module = make_stage(rank)
-    cfg = TimelyFreezeConfig(phase_unit=3, check_every=2, ramp_steps=4, block_rows=8)
+    cfg = TimelyFreezeConfig(phase_unit=3, check_every=2, ramp_steps=4, block_rows=8, monitoring=monitoring)
     controller = TimelyFreeze(
         cfg, build_schedule("1f1b", 2, MICROBATCHES), {rank: module}, group=dist.group.WORLD
     )
@@ -66,6 +68,8 @@ def train(rank: int, world: int) -> dict:
         stats = stage.tfz.stats.to_dict()
         controller.step_end(step, timer.collect())
         moved = any(not torch.equal(a, b) for a, b in zip(before, module.parameters()))
+        weights = [(a, b) for a, b in zip(before, module.parameters()) if b.dim() == 2]
+        rows_moved = all(bool((a != b).any(dim=1).all()) for a, b in weights)
         records.append(
             {
                 "phase": phase,
@@ -76,6 +80,7 @@ def train(rank: int, world: int) -> dict:
                 "w_flops": stats["w_flops"],
                 "w_flops_skipped": stats["w_flops_skipped"],
                 "moved": moved,
+                "rows_moved": rows_moved,
                 "loss": float(sum(v.item() for v in losses)) if losses else None,
             }
         )
@@ -85,10 +90,11 @@ def train(rank: int, world: int) -> dict:
 
 
 @pytest.mark.distributed
-def test_two_rank_training_with_the_controller():
+@pytest.mark.parametrize("monitoring", ["partial", "frozen"])
+def test_two_rank_training_with_the_controller(monitoring):
     from tfz.pipeline import launch
 
-    r0, r1 = launch(train, 2, timeout=240)
+    r0, r1 = launch(train, 2, monitoring, timeout=240)
     a, b = r0["records"], r1["records"]
     for k, (x, y) in enumerate(zip(a, b)):
         assert (x["phase"], x["decision"], x["ratios"]) == (y["phase"], y["decision"], y["ratios"]), k
@@ -100,7 +106,9 @@ def test_two_rank_training_with_the_controller():
             assert x["applied"] == pytest.approx(x["expected"], abs=1e-12), (rank, k)
             if x["phase"] in ("warmup", "monitor_upper", "solving"):
                 assert x["w_flops_skipped"] == 0 and x["moved"], (rank, k)
-            if x["phase"] == "monitor_lower":
+            if x["phase"] == "monitor_lower" and monitoring == "partial":  # every row still learns
+                assert 0 < x["w_flops"] and x["w_flops_skipped"] > 0 and x["rows_moved"], (rank, k)
+            elif x["phase"] == "monitor_lower":
                 if rank == 0:  # everything frozen: no dW, no update
                     assert x["w_flops"] == 0 and x["w_flops_skipped"] > 0 and not x["moved"], k
                 else:  # one unit of the last stage keeps training

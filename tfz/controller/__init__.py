@@ -1,10 +1,13 @@
 """The TimelyFreeze controller (``tfz.controller``): phases, measuring, solving, re-planning.
 
 :class:`TimelyFreeze` is the :class:`tfz.masks.MaskProvider` of one pipeline rank. It warms up,
-measures every action unfrozen and fully frozen, solves the freeze-ratio LP (:mod:`tfz.plan`) on
-one rank beside training, ramps the plan in, re-plans when measured times drift, and checkpoints
-all of it (:meth:`TimelyFreeze.state_dict`). :class:`TimelyFreezeConfig` holds the knobs, with the
-paper's experiment defaults. Selection policies plug in through :mod:`tfz.controller.policy`.
+measures every action unfrozen and partly frozen (fitting its time as a line in the active fraction
+of its W FLOPs, while every step still trains), solves the freeze-ratio LP (:mod:`tfz.plan`) on one
+rank beside training, ramps the plan in, re-plans when measured times drift, and checkpoints all of
+it (:meth:`TimelyFreeze.state_dict`, one :class:`~tfz.controller.state.ControllerState`, validated
+whole before it loads). :class:`TimelyFreezeConfig` holds the knobs, with the paper's experiment
+defaults; ``TimelyFreezeConfig.for_run(total_steps)`` fits them to a short run. Selection policies
+plug in through :mod:`tfz.controller.policy`.
 
 Training-loop protocol, per optimizer step::
 

@@ -27,10 +27,11 @@ class TimelyFreezeConfig:
 
     With the defaults (the paper's experiment settings: ``phase_unit`` 50, a decision every 10 steps,
     the LP's cap 0.8 in ``plan``) a run goes: steps 0-49 warm-up, 50-99 monitoring unfrozen, 100-149
-    monitoring with part of every stage frozen, the LP solves beside training from step 150, the plan
-    takes effect at step 160 (``first_plan_step``, if the solve is done by then) and ramps in until it
-    is fully applied at step 310 (``full_plan_step``). A run of a few dozen steps never gets there:
-    use :meth:`for_run` (``TimelyFreezeConfig.for_run(total_steps=60)``), which scales the phases to
+    monitoring with part of every stage frozen (``monitoring``; every step still trains), the LP
+    solves beside training from step 150, the plan takes effect at step 160 (``first_plan_step``, if
+    the solve is done by then) and ramps in until it is fully applied at step 310
+    (``full_plan_step``). A run of a few dozen steps never gets there: use :meth:`for_run`
+    (``TimelyFreezeConfig.for_run(total_steps=60)``), which scales the phases to
     the run. Small values (``phase_unit=2, check_every=1``) suit tests.
     """
 
@@ -66,9 +67,20 @@ class TimelyFreezeConfig:
     """Also count non-linear parameters (norms, embeddings) as whole-tensor units."""
     seed: int = 0
     """Seed of the mask selection, shared by all ranks."""
+    monitoring: Literal["partial", "frozen"] = "partial"
+    """How the second monitoring half measures what freezing saves. ``partial``: every B/W action
+    runs partly frozen at the ``monitor_ratios``, its microbatches taking turns over them step by
+    step, so every step still trains (with the covering layout every unit trains in some microbatch
+    of every step); each action's time is fitted as ``a + b x`` in the active fraction x of its masks
+    (``tfz.controller.estimates.fit_linear``, with the unfrozen half at x = 1). ``frozen``: the
+    paper's window, every unit frozen but ``keep_trainable_units`` of the last stage (no learning
+    for ``monitor_steps`` steps), the bound extrapolated from that one level."""
+    monitor_ratios: tuple[float, ...] = (0.4, 0.8)
+    """Freeze ratios of the ``partial`` monitoring half, each in (0, 1]; microbatch m of stage s runs
+    at ``monitor_ratios[(k + m) % len]`` in its k-th step, so a stage's mean is about their mean."""
     keep_trainable_units: int = 1
-    """Units of the last stage left trainable during the lower-bound window (the other stages freeze
-    everything); the measured lower bound is extrapolated to full freezing."""
+    """``frozen`` monitoring: units of the last stage left trainable in the all-frozen window (the
+    other stages freeze everything); the measured lower bound is extrapolated to full freezing."""
     async_solve: bool = field(default=True, metadata=_RESUMABLE)
     """Solve in a background thread while training continues (False: solve at once, e.g. in tests)."""
     mask_layout: Literal["auto", "cover", "independent"] = "auto"
@@ -100,6 +112,18 @@ class TimelyFreezeConfig:
         for name in ("replan", "include_tensors", "async_solve"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if self.monitoring not in ("partial", "frozen"):
+            raise ValueError(f"monitoring must be 'partial' or 'frozen', got {self.monitoring!r}")
+        levels = self.monitor_ratios
+        if not isinstance(levels, (tuple, list)) or not levels:
+            raise ValueError(f"monitor_ratios must be a non-empty tuple of ratios in (0, 1], got {levels!r}")
+        levels = tuple(
+            check_number(f"monitor_ratios[{i}]", r, low=0.0, high=1.0, low_open=True)
+            for i, r in enumerate(levels)
+        )
+        if len(set(levels)) != len(levels):
+            raise ValueError(f"monitor_ratios must not repeat a ratio, got {self.monitor_ratios!r}")
+        object.__setattr__(self, "monitor_ratios", levels)
         if self.mask_layout not in ("auto", "cover", "independent"):
             raise ValueError(
                 f"mask_layout must be 'auto', 'cover' or 'independent', got {self.mask_layout!r}"
@@ -120,10 +144,11 @@ class TimelyFreezeConfig:
     def for_run(cls, total_steps: int, **overrides: Any) -> TimelyFreezeConfig:
         """A config whose phases fit a run of ``total_steps`` optimizer steps.
 
-        ``phase_unit`` is a tenth of the run (at least the shortest unit that still records a
-        monitoring half, at most the paper's 50), ``check_every`` a third of the unit (1 to 10) and
-        the ramp one unit, so the plan takes effect after about 30% of the run and is fully applied
-        by its middle; at 60 steps: phase unit 6, plan from step 20, fully applied from step 26.
+        ``phase_unit`` is a tenth of the run (at least the shortest unit that records two steps in a
+        monitoring half, at most the paper's 50), ``check_every`` a third
+        of the unit (1 to 10) and the ramp one unit, so the plan takes effect after about 30% of the
+        run and is fully applied by its middle; at 60 steps: phase unit 6, plan from step 20, fully
+        applied from step 26.
         ``overrides`` set any field (the derived ones follow an overridden ``phase_unit``).
 
         Raises ValueError, naming the minimum ``total_steps``, when the plan would not be fully
@@ -144,7 +169,7 @@ class TimelyFreezeConfig:
 
     @classmethod
     def _fitted(cls, total: int, overrides: dict[str, Any]) -> TimelyFreezeConfig:
-        discard = overrides.get("discard_steps", 1)
+        discard = overrides.get("discard_steps", cls.__dataclass_fields__["discard_steps"].default)
         shortest = (discard if isinstance(discard, int) else 1) + 2  # two recorded steps per half
         unit = overrides.get("phase_unit", min(_LONGEST_UNIT, max(shortest, total // 10)))
         derived = {"phase_unit": unit}
@@ -201,6 +226,8 @@ class TimelyFreezeConfig:
             if f.metadata.get("resumable"):
                 continue
             value = getattr(self, f.name)
+            if isinstance(value, tuple):
+                value = list(value)  # as a checkpoint holds it after JSON
             if isinstance(value, PlanConfig):
                 out.update({f"{f.name}.{k}": v for k, v in dataclasses.asdict(value).items()})
             else:

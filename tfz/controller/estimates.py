@@ -4,6 +4,12 @@ Arrays named ``upper`` / ``lower`` are float64 [n] aligned with ``dag.actions`` 
 the unfrozen and the fully frozen duration of every action. Window rows hold only this process's
 actions (``local`` index array into ``dag.actions``).
 
+Bounds model. A B or W action's time is linear in the active fraction x of its W FLOPs (the
+realised, FLOP-weighted fraction of its stage's units left trainable by the masks it ran with):
+``t = a + b x``, so the frozen bound is ``l = a`` and the unfrozen bound ``u = a + b``.
+:func:`fit_linear` fits a and b per action from monitoring samples at a few levels of x (the
+unfrozen window at x = 1 and the partly frozen window's levels).
+
 Drift model. In the stable phase action v runs with ratio r_v and is predicted to take
 ``p_v = u_v (1 - r_v) + l_v r_v``. A stage drifts when its summed measured time is off the summed
 prediction by more than the threshold in most steps of a full window (:func:`drifting_stages`).
@@ -18,11 +24,12 @@ their local sums and every rank derives the same new estimates.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping
-from numbers import Real
 
 import numpy as np
 
+from tfz._validate import is_number
 from tfz.dag import DAG
 from tfz.schedule import FREEZABLE_KINDS, KINDS
 
@@ -32,7 +39,8 @@ __all__ = [
     "bound_estimates",
     "drift_stats",
     "drifting_stages",
-    "extrapolate_lower",
+    "FitWindow",
+    "fit_linear",
     "parse_timings",
     "refit",
     "stage_sums",
@@ -89,6 +97,39 @@ class TimingWindow:
             self.append(np.asarray(row, dtype=np.float64))
 
 
+class FitWindow:
+    """The last ``size`` steps of the partly frozen monitoring window: per action its time, the active
+    fraction of the masks it ran with, and the ratio those masks were asked for (its level)."""
+
+    CHANNELS = ("times", "active", "level")
+
+    def __init__(self, size: int, width: int):
+        self.size, self.width = size, width
+        self.channels = {c: TimingWindow(size, width) for c in self.CHANNELS}
+
+    def __len__(self) -> int:
+        return len(self.channels["times"])
+
+    def append(self, times: np.ndarray, active: np.ndarray, level: np.ndarray) -> None:
+        for name, values in zip(self.CHANNELS, (times, active, level)):
+            self.channels[name].append(values)
+
+    def clear(self) -> None:
+        for w in self.channels.values():
+            w.clear()
+
+    def rows(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(times, active, level), each float64 [rows, width]."""
+        return tuple(self.channels[c].rows() for c in self.CHANNELS)
+
+    def to_dict(self) -> dict[str, list[list[float]]]:
+        return {c: w.to_list() for c, w in self.channels.items()}
+
+    def load_dict(self, rows: dict) -> None:
+        for c in self.CHANNELS:
+            self.channels[c].load_list(rows[c])
+
+
 def parse_timings(timings: Mapping, local_pos: Mapping[str, int], dag: DAG, where: str) -> np.ndarray:
     """float64 [len(local_pos)]: ``timings`` (action name -> ms) in local order.
 
@@ -107,8 +148,7 @@ def parse_timings(timings: Mapping, local_pos: Mapping[str, int], dag: DAG, wher
                 owner = int(dag.rank[dag.index[name]])
                 raise ValueError(f"timing for action {name!r}, which runs on rank {owner}, not on {where}")
             raise ValueError(f"timing for unknown action {name!r} (not in schedule {dag.schedule.name!r})")
-        ok = isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
-        if not ok:
+        if not (is_number(value) and math.isfinite(value) and value >= 0):
             raise ValueError(f"timing of action {name!r} must be a finite number >= 0 (ms), got {value!r}")
         out[j] = float(value)
     missing = np.flatnonzero(np.isnan(out))
@@ -130,15 +170,40 @@ def bound_estimates(dag: DAG, upper: np.ndarray, lower: np.ndarray) -> tuple[np.
     return up, low
 
 
-def extrapolate_lower(upper: np.ndarray, measured: np.ndarray, fraction: np.ndarray) -> np.ndarray:
-    """Lower bound at ratio 1 from a time measured at frozen fraction ``fraction`` (linear model):
-    ``l = u - (u - measured) / fraction`` for fraction > 0, else ``measured``; clamped to [0, u]."""
-    up = np.asarray(upper, dtype=np.float64)
-    m = np.asarray(measured, dtype=np.float64)
-    f = np.asarray(fraction, dtype=np.float64)
-    safe = np.where(f > 0, f, 1.0)
-    low = np.where(f > 0, up - (up - m) / safe, m)
-    return np.clip(low, 0.0, np.maximum(up, 0.0))
+def fit_linear(active: np.ndarray, times: np.ndarray, level: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per column: the line ``t = a + b x`` fitted to samples (x = active fraction, t = time).
+
+    ``active``, ``times``, ``level``: float64 [rows, k]. The samples of a column with the same ``level``
+    (the ratio the masks were asked for) form a group; its point is (median x, median t), so a slow
+    step or two do not move it. ``a`` and ``b`` (float64 [k]) are the least-squares line through a
+    column's points. A column whose points share one x (nothing was frozen, or every level realised
+    the same fraction) gets ``b = 0`` and ``a`` = the mean of its points.
+    """
+    x = np.asarray(active, dtype=np.float64)
+    t = np.asarray(times, dtype=np.float64)
+    lv = np.asarray(level, dtype=np.float64)
+    if not (x.shape == t.shape == lv.shape and x.ndim == 2 and x.shape[0] > 0):
+        raise ValueError(
+            f"fit_linear needs three non-empty [rows, k] arrays, got {x.shape}, {t.shape}, {lv.shape}"
+        )
+    points_x, points_t = [], []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN: a column without this group
+        for value in np.unique(lv):
+            member = lv == value
+            points_x.append(np.nanmedian(np.where(member, x, np.nan), axis=0))
+            points_t.append(np.nanmedian(np.where(member, t, np.nan), axis=0))
+    px, pt = np.stack(points_x), np.stack(points_t)  # [groups, k]; NaN where a column lacks the group
+    have = ~np.isnan(px)
+    n = have.sum(axis=0)
+    mx = np.nansum(px, axis=0) / n
+    mt = np.nansum(pt, axis=0) / n
+    dx = np.where(have, px - mx, 0.0)
+    sxx = (dx * dx).sum(axis=0)
+    sxt = (dx * np.where(have, pt - mt, 0.0)).sum(axis=0)
+    flat = sxx <= 1e-12
+    b = np.where(flat, 0.0, sxt / np.where(flat, 1.0, sxx))
+    return mt - b * mx, b
 
 
 def drift_stats(
