@@ -179,6 +179,12 @@ def test_config_errors():
         DemoConfig(ranks=1_000_000_000, steps=1)
     with pytest.raises(ValueError, match="--microbatches 100000000: up to"):
         DemoConfig(microbatches=100_000_000)
+    with pytest.raises(ValueError, match="monitoring must be 'partial' or 'frozen', got 'none'"):
+        DemoConfig(monitoring="none")
+    with pytest.raises(ValueError, match="unknown corpus 'x'"):
+        DemoConfig(corpus="x")
+    with pytest.raises(ValueError, match="n_layers 2 is fewer than the 4 pipeline stages"):
+        DemoConfig(schedule="zbv", n_layers=2)
 
 
 def test_short_runs_scale_their_phases_or_are_refused_with_the_minimum():
@@ -187,13 +193,15 @@ def test_short_runs_scale_their_phases_or_are_refused_with_the_minimum():
     # learning-rate warm-up 4 (a tenth), then monitoring 2 x 4, the plan fully applied by step 20
     assert cfg.warmup_steps == tf.warmup == 4 and tf.phase_unit == 4
     assert 2 * tf.full_plan_step <= 40 and cfg.decision_interval == tf.check_every
-    with pytest.raises(ValueError, match=r"--steps 12 with TimelyFreeze: .* needs total_steps >= \d+"):
+    with pytest.raises(
+        ValueError, match=r"TimelyFreeze settings: a run of 12 steps is too short .* needs total_steps >= \d+"
+    ):
         DemoConfig(steps=12, methods=METHODS)
     DemoConfig(steps=12, methods=("none", "apf", "autofreeze"))  # no TimelyFreeze: nothing to wait for
 
 
 def test_phase_unit_too_short_for_timelyfreeze():
-    with pytest.raises(ValueError, match=r"--steps 100 with TimelyFreeze: discard_steps \(1\)"):
+    with pytest.raises(ValueError, match=r"TimelyFreeze settings: discard_steps \(1\)"):
         DemoConfig(phase_unit=1)
     assert DemoConfig(phase_unit=1, methods=("none", "apf")).phase_unit == 1
 

@@ -49,7 +49,12 @@ def test_bad_sizes_and_schedules_are_refused_before_ranks_start(capsys):
     )
     _refused(capsys, "--microbatches", "1000000000", match="--microbatches 1000000000")
     _refused(
-        capsys, "--methods", "all", "--steps", "12", match="--steps 12 with TimelyFreeze: a run of 12 steps"
+        capsys,
+        "--methods",
+        "all",
+        "--steps",
+        "12",
+        match="TimelyFreeze settings: a run of 12 steps is too short",
     )
 
 

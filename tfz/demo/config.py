@@ -85,6 +85,9 @@ class DemoConfig:
     the phase unit (``for_run``)."""
     ramp_steps: int | None = None
     """Steps over which TimelyFreeze ramps its plan in; default one phase unit (``for_run``)."""
+    monitoring: str = "partial"
+    """TimelyFreeze's second monitoring half: ``partial`` (every action partly frozen, every step
+    trains) or ``frozen`` (the paper's all-frozen window) (``TimelyFreezeConfig.monitoring``)."""
     block_rows: int = 32
     """Rows per freezing unit of a linear layer."""
     apf_threshold: float = 0.05
@@ -243,7 +246,7 @@ class DemoConfig:
     def timelyfreeze_config(self, seed: int):
         """The controller config the TimelyFreeze methods run with: phases scaled to ``steps`` by
         ``TimelyFreezeConfig.for_run`` unless given (ValueError naming the minimum ``--steps`` when
-        the plan could not be fully applied by the middle of the run)."""
+        the plan could not be fully applied by the middle of the run, or a bad setting)."""
         from tfz.controller import TimelyFreezeConfig
         from tfz.plan import PlanConfig
 
@@ -259,10 +262,11 @@ class DemoConfig:
                 plan=PlanConfig(max_freeze_ratio=self.max_freeze_ratio),
                 block_rows=self.block_rows,
                 seed=seed,
+                monitoring=self.monitoring,
                 **{k: v for k, v in given.items() if v is not None},
             )
         except ValueError as exc:
-            raise ValueError(f"--steps {self.steps} with TimelyFreeze: {exc}") from None
+            raise ValueError(f"TimelyFreeze settings: {exc}") from None
 
     def replace(self, **changes) -> DemoConfig:
         return dataclasses.replace(self, **changes)
