@@ -218,7 +218,7 @@ def test_finetune_builds_the_base_once_then_hits_the_cache(tmp_path):
     assert any("building the base model" in line for line in seen)
     assert len(list((tmp_path / "cache").glob("base-*.pt"))) == 1
     saved = json.loads((tmp_path / "a" / "report.json").read_text())
-    assert saved["config"]["task"] == "finetune" and saved["task"]["corpus"] == "torch-headers"
+    assert saved["config"]["task"] == "finetune" and saved["task"]["corpus"] == "torch-python"
     assert saved["task"]["validation"]["sequences"] == 8
     for name in ("none", "timelyfreeze"):
         m = saved["methods"][name]

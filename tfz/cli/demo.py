@@ -2,9 +2,9 @@
 torch.distributed.pipelining and gloo, with no freezing and with TimelyFreeze (or every method), and
 write report.json, report.md, timelines, Chrome traces and a validation-loss-vs-wall-time plot. By
 default every method fine-tunes the same base model (pretrained without freezing on the Python
-standard library's sources; built once on first use and cached) on torch's C++ headers, as in the
-paper's experiments; --task pretrain trains from scratch. No download is needed. Under torchrun the
-same command uses torchrun's processes."""
+standard library's sources; built once on first use and cached) on torch's own Python sources, as in
+the paper's experiments; --task pretrain trains from scratch. No download is needed. Under torchrun
+the same command uses torchrun's processes."""
 
 from __future__ import annotations
 
@@ -90,8 +90,8 @@ def _flags():
             "--data",
             "data",
             str,
-            "text file or folder to train on (finetune: the fine-tuning corpus; default: torch's C++ headers "
-            "for finetune, the standard library's sources for pretrain)",
+            "text file or folder to train on (finetune: the fine-tuning corpus; default: torch's Python "
+            "sources for finetune, the standard library's sources for pretrain)",
         ),
         ("--base", "base", str, "base model file to fine-tune (default: the demo's own, built once)"),
         ("--out", "out", str, "output folder"),

@@ -15,7 +15,7 @@ METHODS = ("none", "timelyfreeze", "apf", "autofreeze", "timelyfreeze+apf", "tim
 
 TASKS = ("finetune", "pretrain")
 """``finetune``: every method starts from the same base model (pretrained without freezing on the
-standard library's sources) and fine-tunes on another corpus (torch's C++ headers) at a lower learning
+standard library's sources) and fine-tunes on another corpus (torch's own Python sources) at a lower learning
 rate, as in the paper's experiments; ``pretrain``: every method trains from scratch."""
 
 MAX_RANKS = 64
@@ -44,11 +44,11 @@ class DemoConfig:
     max_freeze_ratio: float = 0.8
     """TimelyFreeze's cap on each stage's mean freeze ratio."""
     data: str | None = None
-    """A text file or folder to train on (finetune: the fine-tuning corpus); default: torch's C++
-    headers (finetune) or the standard library's sources (pretrain)."""
+    """A text file or folder to train on (finetune: the fine-tuning corpus); default: ``corpus``."""
     corpus: str | None = None
     """Built-in corpus (``tfz.data.CORPORA``) to train on when ``data`` is not given; default
-    ``torch-headers`` (finetune) or ``python-stdlib`` (pretrain)."""
+    ``torch-python`` (finetune: the same language as the base's corpus in another style, as instruction
+    data is to a language model) or ``python-stdlib`` (pretrain)."""
     base: str | None = None
     """Base model file (``tfz.demo.base``) for ``finetune``; default: the demo's own base, built once
     on first use and cached."""
@@ -69,7 +69,8 @@ class DemoConfig:
     ffn_dim: int = 1536
     lr: float | None = None
     """AdamW peak learning rate (linear warm-up over ``lr_warmup`` steps, then cosine to 10%);
-    default 3e-4 (finetune) or 2e-3 (pretrain)."""
+    default 1e-3 (finetune: half the base's pretraining peak, the best of 1e-4, 3e-4 and 1e-3 for no
+    freezing on held-out files) or 2e-3 (pretrain)."""
     lr_warmup: int | None = None
     """Learning-rate warm-up steps (nothing freezes before it ends); default a tenth of the steps."""
     weight_decay: float = 0.1
@@ -186,7 +187,7 @@ class DemoConfig:
         """The learning rate in use (``lr`` or the task's default)."""
         if self.lr is not None:
             return self.lr
-        return 3e-4 if self.task == "finetune" else 2e-3
+        return 1e-3 if self.task == "finetune" else 2e-3
 
     @property
     def warmup_steps(self) -> int:
@@ -210,7 +211,7 @@ class DemoConfig:
         """The built-in corpus trained on when ``data`` is not given."""
         if self.corpus is not None:
             return self.corpus
-        return "torch-headers" if self.task == "finetune" else "python-stdlib"
+        return "torch-python" if self.task == "finetune" else "python-stdlib"
 
     @property
     def tokens_per_step(self) -> int:

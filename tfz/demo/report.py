@@ -169,7 +169,7 @@ def build_report(results: list[dict], cfg: DemoConfig, seed: int) -> tuple[dict[
         rep["none_val_loss_at_equal_time"] = at
         rep["val_loss_vs_none"] = (
             paired_difference(finals[name], finals["none"])
-            if base is not None and finals.get(name) and finals.get("none")
+            if base is not None and name != "none" and finals.get(name) and finals.get("none")
             else None
         )
         rep["time_to_target_speedup"] = (
@@ -383,46 +383,59 @@ def write_outputs(report: dict, merged: dict[str, dict], cfg: DemoConfig, out: P
 
 
 def _plot_losses(report: dict, merged: dict[str, dict], path: Path) -> Path:
-    """Validation loss against training wall time, every seed; the first seed's training loss."""
+    """Validation loss against training wall time for every seed (left: the whole run, with the first
+    seed's training loss; right: the end of the run, where no freezing's curve at each method's end
+    time is marked)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(9, 4.8), dpi=110)
+    fig = Figure(figsize=(11, 4.6), dpi=110)
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
+    whole, end = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
     styles = ("-", "--", ":", "-.")
+    first_seed = report["per_seed"][0]["seed"]
+    last_times, end_values = [], []
     for i, name in enumerate(report["methods"]):
         color = f"C{i}"
         m = merged[name]
         wall = np.cumsum(m["step_ms"]) / 1e3
-        loss = m["loss"]
-        k = min(10, len(loss))
-        smooth = np.convolve(loss, np.ones(k) / k, mode="valid")
-        first_seed = report["per_seed"][0]["seed"]
-        ax.plot(
-            wall[k - 1 :], smooth, color=color, lw=0.8, alpha=0.35, label=f"{name}, train (seed {first_seed})"
+        k = min(10, len(m["loss"]))
+        smooth = np.convolve(m["loss"], np.ones(k) / k, mode="valid")
+        whole.plot(
+            wall[k - 1 :], smooth, color=color, lw=0.8, alpha=0.3, label=f"{name}, train (seed {first_seed})"
         )
         for j, seed_report in enumerate(report["per_seed"]):
             times, values = _curve(seed_report["methods"][name])
-            ax.plot(
-                times,
-                values,
-                marker="o",
-                ls=styles[j % len(styles)],
-                color=color,
-                ms=3,
-                lw=1.3,
-                label=f"{name}, validation (seed {seed_report['seed']})",
-            )
-    ax.set_xlabel("training wall time of the method (s; evaluation excluded)")
-    ax.set_ylabel("loss (nats per byte)")
-    ax.set_title("validation loss vs training wall time")
-    lows = [v for r in report["per_seed"] for m in r["methods"].values() for v in _curve(m)[1]]
-    if lows:
-        top = sorted(lows)[int(0.8 * (len(lows) - 1))]
-        ax.set_ylim(min(lows) - 0.05 * (top - min(lows) + 1e-9), top)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
+            style = dict(marker="o", ls=styles[j % len(styles)], color=color, ms=3, lw=1.2)
+            label = f"{name}, validation (seed {seed_report['seed']})"
+            whole.plot(times, values, label=label, **style)
+            end.plot(times, values, **style)
+            last_times.append(times[-1])
+            end_values.append(values[-1])
+            at = seed_report["methods"][name].get("none_val_loss_at_equal_time")
+            if at is not None:
+                end.plot([times[-1]], [at], marker="x", color="C0", ms=8, ls="none")
+                end_values.append(at)
+    if last_times:
+        lo_t = 0.5 * min(last_times)
+        end.set_xlim(lo_t, 1.02 * max(last_times))
+        inside = [
+            v
+            for r in report["per_seed"]
+            for m in r["methods"].values()
+            for t, v in zip(*_curve(m))
+            if t >= lo_t
+        ]
+        top, bottom = max(inside + end_values), min(inside + end_values)
+        pad = 0.05 * (top - bottom + 1e-9)
+        end.set_ylim(bottom - pad, top + pad)
+    whole.set_title("validation loss vs training wall time")
+    end.set_title("end of the run (x: no freezing at the same time)")
+    for ax in (whole, end):
+        ax.set_xlabel("training wall time of the method (s; evaluation excluded)")
+        ax.grid(alpha=0.3)
+    whole.set_ylabel("loss (nats per byte)")
+    whole.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path)
     return path
