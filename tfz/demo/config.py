@@ -77,6 +77,9 @@ class DemoConfig:
     rescale_grads: bool = True
     """Scale each partly frozen row's gradient by microbatches / active microbatches (``tfz.optim``), so
     it is the mean over the microbatches that trained it (tfz.optim's own default is off)."""
+    scale_updates: bool = False
+    """Scale each partly frozen row's optimizer step by the fraction of microbatches it trained in
+    (``tfz.optim``'s ``scale_updates``)."""
     phase_unit: int | None = None
     """TimelyFreeze phase unit (steps): each monitoring half is one unit; its warm-up is the
     learning-rate warm-up. Default: scaled to the run by ``TimelyFreezeConfig.for_run`` (a tenth of
