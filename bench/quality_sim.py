@@ -281,6 +281,7 @@ def cmd_run(args):
             t = time.perf_counter()
             res = train(cfg, method, layout, seed, args.split, profile, _corpus(cfg), base)
             row = {
+                "config": {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.__dict__.items()},
                 "task": args.task,
                 "variant": name,
                 "overrides": overrides,
@@ -309,13 +310,17 @@ def _interp(curve, t):
 
 
 def cmd_table(args):
-    rows = [json.loads(line) for f in args.files for line in Path(f).read_text().splitlines()]
     groups: dict = {}
-    for r in rows:
-        groups.setdefault((r["task"], r["split"], r["steps"]), []).append(r)
-    for (task, split, steps), rs in groups.items():
-        ref = {r["seed"]: r for r in rs if r["variant"] == "none"}
-        print(f"\n{task}, {steps} steps, evaluated on {split}, seeds {sorted(ref)}")
+    for f in args.files:  # one table per file and setting: a file holds one study
+        for line in Path(f).read_text().splitlines():
+            r = json.loads(line)
+            groups.setdefault((f, r["task"], r["split"], r["steps"]), []).append(r)
+    pairs = dict(p.split("=", 1) for p in args.pair)
+    for (_, task, split, steps), rs in groups.items():
+        refs = {}
+        for r in rs:
+            refs.setdefault(r["variant"], {})[r["seed"]] = r
+        print(f"\n{task}, {steps} steps, evaluated on {split}, seeds {sorted(refs.get('none', {}))}")
         print(
             "| variant | val loss vs none (mean, per seed) | paired SE | vs none at equal sim. time "
             "| sim. speedup | plan stage means |"
@@ -323,6 +328,7 @@ def cmd_table(args):
         print("|---|---|---|---|---|---|")
         names = list(dict.fromkeys(r["variant"] for r in rs))
         for name in names:
+            ref = refs.get(pairs.get(name, "none"), {})
             mine = sorted(
                 (r for r in rs if r["variant"] == name and r["seed"] in ref), key=lambda r: r["seed"]
             )
@@ -367,6 +373,12 @@ def main(argv=None):
     r.add_argument("--out", required=True)
     t = sub.add_parser("table")
     t.add_argument("files", nargs="+")
+    t.add_argument(
+        "--pair",
+        action="append",
+        default=[],
+        help="VARIANT=REFERENCE: compare VARIANT with REFERENCE, not none",
+    )
     args = p.parse_args(argv)
     {"profile": cmd_profile, "run": cmd_run, "table": cmd_table}[args.cmd](args)
 

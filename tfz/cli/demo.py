@@ -96,7 +96,13 @@ def _flags():
         ("--base", "base", str, "base model file to fine-tune (default: the demo's own, built once)"),
         ("--out", "out", str, "output folder"),
         ("--microbatches", "microbatches", int, "microbatches per step"),
-        ("--phase-unit", "phase_unit", int, "TimelyFreeze phase unit in steps"),
+        ("--phase-unit", "phase_unit", int, "TimelyFreeze phase unit in steps (default: a tenth of --steps)"),
+        (
+            "--monitoring",
+            "monitoring",
+            ("partial", "frozen"),
+            "TimelyFreeze's second monitoring half: every action partly frozen, or all frozen (no learning)",
+        ),
         ("--eval-every", "eval_every", int, "validation interval in steps"),
     )
 
