@@ -39,7 +39,7 @@ from tfz.dag import build_dag, simulate
 from tfz.demo import DemoConfig
 from tfz.demo.worker import _loss_fn, attach_optimizer, build_model, make_provider, observe, sequence_losses
 from tfz.masks import StageMasks, select
-from tfz.pipeline.engine import MaskPlan, StageParams, full_backward
+from tfz.pipeline.engine import MaskPlan, PlanCache, StageParams, full_backward
 from tfz.schedule import KINDS
 
 TUNE_FRACTION = 0.1
@@ -146,7 +146,8 @@ def train(cfg: DemoConfig, method: str, layout: str, seed: int, split: str, prof
 
     curve = [(0, 0.0, float(evaluate().mean()))]
     wall, frozen_log, batch_log = 0.0, [], []
-    plans: dict[int, MaskPlan] = {}
+    caches = {s: PlanCache() for s in range(S)}  # keyed by the masks object itself (weakly)
+    stale = 0
     for step in range(cfg.steps):
         x, y = (torch.from_numpy(a) for a in corpus.batch("train", M * mbs, cfg.seq_len, rng))
         fr = np.zeros(S)
@@ -165,12 +166,9 @@ def train(cfg: DemoConfig, method: str, layout: str, seed: int, split: str, prof
                 m = provider.masks_for(s, mb) if provider is not None else None
                 if m is not None:
                     fr[s] += m.frozen_fraction / M
-                plan = plans.get(id(m)) if m is not None else None
-                if plan is None:
-                    plan = MaskPlan(m, params[s])
-                    if m is not None:
-                        plans = {id(m): plan} if len(plans) > 4 * S * M else plans
-                        plans[id(m)] = plan
+                plan = caches[s].get(m, params[s])
+                if plan.frozen_fraction != (0.0 if m is None else m.frozen_fraction):
+                    stale += 1
                 out = loss if s == S - 1 else outputs[s]
                 (g,) = full_backward(out, None if s == S - 1 else grad, [inputs[s]], plan, params[s])
                 grad = g
@@ -197,6 +195,7 @@ def train(cfg: DemoConfig, method: str, layout: str, seed: int, split: str, prof
         "batch_ms_per_step": batch_log,
         "plan_stage_means": None if plan is None else list(plan.stage_mean_ratio),
         "plan_speedup": None if plan is None else plan.speedup,
+        "stale_plans": stale,
     }
 
 
