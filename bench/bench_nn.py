@@ -4,7 +4,10 @@ Run: ``python -m pytest bench/bench_nn.py -q --benchmark-enable --benchmark-colu
 
 One forward + backward of a stack of 4 Linear(D, D) layers over T tokens; variants: plain nn.Linear,
 FreezableLinear without masks, half the rows frozen, every row frozen, and the split mode (capture
-in B, flush in W). The optimizer group times AdamW.step with and without the row-freezing hooks.
+in B, flush in W). The microbatch group accumulates four microbatches into existing grads with 3/4 of
+the rows frozen, returning dW to autograd or adding it in place (``use_row_masks(in_place=True)``, what
+tfz.pipeline's B actions do). The optimizer group times AdamW.step with and without the row-freezing
+hooks.
 """
 
 import copy
@@ -64,6 +67,25 @@ def test_linear_fwd_bwd(benchmark, variant):
 
         benchmark(split)
     assert all(p.grad is not None for p in model.parameters()) or variant == "frozen_1.0"
+
+
+@pytest.mark.benchmark(group="microbatch_accumulate")
+@pytest.mark.parametrize("in_place", [False, True])
+def test_microbatch_accumulation(benchmark, in_place):
+    """Four microbatches whose dW add into existing .grad, 3/4 of the rows frozen: autograd's dense
+    add of a fresh masked gradient (default) against the active rows added in place."""
+    torch.set_num_threads(1)
+    model = convert_to_freezable(_stack())
+    masks = _masks(model, 0.75)
+    xs = [torch.randn(T, D) for _ in range(4)]
+    model(xs[0]).sum().backward()  # .grad exists, as from an earlier microbatch
+
+    def microbatches():
+        for x in xs:
+            with use_row_masks(masks, in_place=in_place):
+                model(x).sum().backward()
+
+    benchmark(microbatches)
 
 
 @pytest.mark.benchmark(group="adamw_step")

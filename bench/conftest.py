@@ -1,48 +1,42 @@
 """Benchmarks (pytest-benchmark). Run: ``python -m pytest bench -q --benchmark-enable``.
 
-Results are reported as ratios measured in the same run; see bench/RESULTS.md.
+Results are reported as ratios measured in the same run; see bench/RESULTS.md. Without a CUDA device
+(``torch.cuda.is_available()`` False) Triton runs under its interpreter and benchmarks marked ``gpu``
+skip, unless ``TFZ_FAKE_GPU=1`` asks for the CPU rehearsal of the GPU benchmarks (bench/gpu_check.sh).
 """
 
 import os
 import platform
-import shutil
 
 import pytest
+import torch
 
-if shutil.which("nvidia-smi") is None:
+from tfz._validate import env_flag
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_benchmark_update_machine_info(config, machine_info):
-    info = {"python": platform.python_version()}
-    try:
-        import torch
-
-        info["torch"] = torch.__version__
-        if torch.cuda.is_available():
-            info["gpu"] = torch.cuda.get_device_name()
-    except Exception:  # noqa: BLE001
-        pass
+    info = {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count()}
+    if HAS_CUDA:
+        info["gpu"] = torch.cuda.get_device_name()
+    elif env_flag("TFZ_FAKE_GPU"):
+        info["gpu"] = "none (TFZ_FAKE_GPU=1 rehearsal on CPU)"
     try:
         import triton
 
         info["triton"] = triton.__version__
-    except Exception:  # noqa: BLE001
+    except Exception:  # noqa: BLE001 - triton is optional
         pass
-    info["cpus"] = os.cpu_count()
     machine_info["tfz"] = info
 
 
 def pytest_collection_modifyitems(config, items):
-    try:
-        import torch
-
-        has_cuda = torch.cuda.is_available()
-    except Exception:  # noqa: BLE001
-        has_cuda = False
-    if has_cuda:
+    if HAS_CUDA or env_flag("TFZ_FAKE_GPU"):
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU (none visible)")
     for item in items:
-        if "gpu" in item.keywords:
+        if item.get_closest_marker("gpu") is not None:
             item.add_marker(skip)

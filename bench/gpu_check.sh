@@ -1,22 +1,29 @@
 #!/usr/bin/env bash
-# GPU checks for tfz: every GPU test and GPU benchmark of the repo, in one run of under 8 minutes.
+# GPU checks for tfz: a smoke test, the GPU benchmarks, then every GPU test, in under 8 minutes.
 #
 # Usage (repo root or anywhere):  bash bench/gpu_check.sh [OUT_DIR]
-#   OUT_DIR defaults to $OUT, else ./gpu-out. Written there:
-#     results.md       status table of the checks + benchmark tables (also printed at the end)
-#     gpu_check.log    full output of every check, one section per check
-#     bench-gpu.json   pytest-benchmark JSON of the GPU benchmarks
+#   OUT_DIR defaults to $OUT, else ./gpu-out. Written there, and rewritten after every stage (so a
+#   run killed at any point leaves the results of the stages before it):
+#     results.md       machine, status of every stage, benchmark tables (printed at the end)
+#     gpu_check.log    full output of every stage, one section per stage
+#     bench-gpu.jsonl  one line per GPU measurement, appended as soon as it is made
+#     bench-gpu.json   pytest-benchmark JSON of the GPU benchmarks (only when that stage finishes)
 # Environment:
-#   PYTHON=python3            interpreter holding torch + triton (no internet needed)
-#   GPU_CHECK_BUDGET_S=470    wall-clock budget of the whole run; a check gets what is left
-#   GPU_CHECK_INSTALL=auto    how tfz becomes importable: pip (editable, --no-deps --no-index
-#                             --no-build-isolation), shim (PYTHONPATH symlink tree mapping
-#                             kernels/ to tfz.kernels) or auto (pip, then shim if import fails)
-#   GPU_CHECK_FORCE=1         run the checks even when no GPU is visible (tests the script itself)
+#   PYTHON=python3              interpreter holding torch + triton (no internet needed)
+#   GPU_CHECK_BUDGET_S=470      wall-clock budget of the whole run; a stage gets at most what is left
+#   GPU_CHECK_LIMITS=           per-stage time limits, e.g. "gpu-bench=200,gpu-tests=150"
+#   GPU_CHECK_STAGES=           comma list of the stages to run (default: all); others are skipped
+#   GPU_CHECK_INSTALL=auto      how tfz becomes importable: pip (editable, --no-deps --no-index
+#                               --no-build-isolation), shim (PYTHONPATH symlink tree mapping
+#                               kernels/ to tfz.kernels) or auto (pip, then shim if import fails)
+#   GPU_CHECK_FAKE_DEVICE=1     rehearsal without a GPU: the stages run on the CPU (GPU tests skip,
+#                               the GPU benchmarks run at tiny shapes with TFZ_FAKE_GPU=1, install only
+#                               checks the import), so the script's own logic can be tested
 #
-# To add a check, append "name|timeout_s|command" to CHECKS below. A check passes when its command
-# exits 0; a failure or timeout is recorded and the next check runs. Exit status: 0 when every check
-# passed or was skipped, 1 otherwise.
+# GPU presence is decided by torch.cuda.is_available(). Stages: gpu-env, install, gpu-smoke (a few
+# kernel checks: a broken kernel makes the benchmarks meaningless), gpu-bench, gpu-tests (the long
+# tail). Only the configs of tfz.kernels' table are compiled (no autotuning). Exit status: 0 when
+# every stage passed or was skipped, 1 otherwise.
 
 set -u
 
@@ -29,23 +36,32 @@ PY="$(command -v "${PYTHON:-python3}" || echo "${PYTHON:-python3}")"
 case "$PY" in /*) ;; *) PY="$REPO/$PY" ;; esac
 BUDGET_S="${GPU_CHECK_BUDGET_S:-470}"
 INSTALL_MODE="${GPU_CHECK_INSTALL:-auto}"
+FAKE="${GPU_CHECK_FAKE_DEVICE:-0}"
 LOG="$OUT_DIR/gpu_check.log"
 SUMMARY="$OUT_DIR/.summary.tsv"
 RESULTS="$OUT_DIR/results.md"
 BENCH_JSON="$OUT_DIR/bench-gpu.json"
-SHIM="${TMPDIR:-/tmp}/tfz-gpu-check-shim"
+BENCH_RECORD="$OUT_DIR/bench-gpu.jsonl"
+SHIM="${TMPDIR:-/tmp}/tfz-gpu-check-shim-$$"
 START_S=$SECONDS
+CURRENT=""
 : >"$LOG"
 : >"$SUMMARY"
-export PY OUT_DIR REPO BENCH_JSON PYTHONUNBUFFERED=1
+rm -f "$BENCH_JSON" "$BENCH_RECORD"
+export PY OUT_DIR REPO BENCH_JSON PYTHONUNBUFFERED=1 TRITON_DEFAULT_FP_FUSION=1
+export TFZ_BENCH_RECORD="$BENCH_RECORD"
+if [ "$FAKE" = 1 ]; then
+    export TFZ_FAKE_GPU=1
+fi
 
-# ------------------------------------------------------------------ check commands
+# ------------------------------------------------------------------ stage commands
 
 gpu_env() {
     echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
     echo "git: $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown)"
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 || true
     "$PY" - <<'EOF'
+import os
 import platform
 import torch
 print("python", platform.python_version(), "torch", torch.__version__, "cuda", torch.version.cuda)
@@ -56,7 +72,11 @@ except Exception as exc:
     print("triton: not importable:", exc)
 if torch.cuda.is_available():
     p = torch.cuda.get_device_properties(0)
-    print("gpu", torch.cuda.get_device_name(0), "sm", f"{p.major}{p.minor}", "SMs", p.multi_processor_count)
+    smem = getattr(p, "shared_memory_per_block_optin", 0)
+    print("gpu", torch.cuda.get_device_name(0), "sm", f"{p.major}{p.minor}", "SMs", p.multi_processor_count,
+          "smem/block", smem)
+elif os.environ.get("TFZ_FAKE_GPU") == "1":
+    print("gpu: none (GPU_CHECK_FAKE_DEVICE=1: rehearsal on the CPU)")
 else:
     print("gpu: none visible to torch")
 EOF
@@ -75,6 +95,10 @@ import_ok() {
 }
 
 install_tfz() {
+    if [ "$FAKE" = 1 ]; then
+        import_ok  # rehearsal: the environment is the caller's, left as it is
+        return
+    fi
     if [ "$INSTALL_MODE" != shim ]; then
         "$PY" -m pip install --no-deps --no-index --no-build-isolation -q -e "$REPO" && import_ok && return 0
         echo "editable install did not give an importable tfz"
@@ -85,29 +109,128 @@ install_tfz() {
     PYTHONPATH="$SHIM${PYTHONPATH:+:$PYTHONPATH}" import_ok
 }
 export -f gpu_env make_shim import_ok install_tfz
-export SHIM INSTALL_MODE
+export SHIM INSTALL_MODE FAKE
 
-CHECKS=(
+PYTEST="\"\$PY\" -m pytest -q -rs -p no:cacheprovider"
+STAGES=(
     "gpu-env|60|gpu_env"
     "install|180|install_tfz"
-    # every test marked gpu in tests/
-    "gpu-tests|270|\"\$PY\" -m pytest -m gpu tests -q -rs -p no:cacheprovider"
-    # every GPU benchmark in bench/ (wgrad: Triton vs cuBLAS, bf16 LLaMA-8B shapes)
-    "gpu-bench|300|\"\$PY\" -m pytest -m gpu bench -q -rs -p no:cacheprovider --benchmark-enable --benchmark-json=\"\$BENCH_JSON\" --benchmark-columns=min,median,rounds --benchmark-time-unit=ms"
+    "gpu-smoke|90|$PYTEST -m gpu tests/test_wgrad_gpu.py -k smoke"
+    "gpu-bench|220|$PYTEST -m gpu bench --benchmark-enable --benchmark-json=\"\$BENCH_JSON\" --benchmark-columns=min,median,rounds --benchmark-time-unit=ms"
+    "gpu-tests|300|$PYTEST -m gpu tests"
 )
+
+# ------------------------------------------------------------------ report (rewritten after every stage)
+
+write_report() {
+    "$PY" - "$SUMMARY" "$BENCH_RECORD" "$LOG" "$CURRENT" >"$RESULTS.tmp" 2>>"$LOG" <<'EOF'
+import json
+import os
+import sys
+
+summary, record, log, running = sys.argv[1:5]
+print("# tfz GPU check results\n")
+env = []
+with open(log) as f:
+    for section in f.read().split("\n===== "):
+        if section.startswith("gpu-env "):
+            env = [ln for ln in section.splitlines()[2:] if ln.strip()]
+if env:
+    print("Machine:\n")
+    print("\n".join(f"    {ln}" for ln in env))
+    print()
+print("| stage | status | seconds | last line of output |")
+print("|---|---|---:|---|")
+with open(summary) as f:
+    for row in f:
+        name, status, secs, detail = (row.rstrip("\n").split("\t") + [""] * 4)[:4]
+        print(f"| {name} | {status} | {secs} | {detail.replace('|', '/')} |")
+if running:
+    print(f"| {running} | NOT FINISHED (the run stopped during this stage) | - | see gpu_check.log |")
+rows = []
+if os.path.exists(record):
+    with open(record) as f:
+        for line in f:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                pass  # a line cut by a kill
+if not rows:
+    sys.exit(0)
+fmt = lambda v, p=3, unit="": "-" if v is None else f"{v:.{p}f}{unit}"
+wg = [r for r in rows if r.get("group") == "wgrad-gpu-bf16"]
+if wg:
+    keys = sorted({(r["layer"], r["n_in"], r["n_out"], r["tokens"]) for r in wg}, key=lambda k: (k[3], k[1], k[2]))
+    print("\n### Weight gradient, bf16 operands, fp32 main_grad: tfz at r = 0 against cuBLAS\n")
+    print("| layer | in -> out | tokens | torch.mm ms | addmm fp32 ms | tfz ms | tfz TFLOP/s | vs mm | vs addmm |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    for k in keys:
+        r0 = next((r for r in wg if (r["layer"], r["n_in"], r["n_out"], r["tokens"]) == k and r["ratio"] == 0.0), None)
+        if r0 is None:
+            continue
+        print(f"| {k[0]} | {k[1]} -> {k[2]} | {k[3]} | {fmt(r0.get('mm_ms'))} | {fmt(r0.get('addmm_ms'))} | "
+              f"{fmt(r0['ms'])} | {fmt(r0['tflops'], 0)} | {fmt(r0.get('vs_mm'), 2, 'x')} | {fmt(r0.get('vs_addmm'), 2, 'x')} |")
+    ratios = sorted({r["ratio"] for r in wg if r["ratio"] > 0})
+    print("\n### tfz time(r) / time(0), masks of random 64-row units (goal (1 - r) + 0.05; * = missed)\n")
+    print("| layer | in -> out | tokens | " + " | ".join(f"r={x}" for x in ratios) + " |")
+    print("|---|---|---:|" + "---:|" * len(ratios))
+    for k in keys:
+        cells = []
+        for x in ratios:
+            m = [r for r in wg if (r["layer"], r["n_in"], r["n_out"], r["tokens"]) == k and r["ratio"] == x]
+            cells.append("-" if not m else f"{m[0]['time_ratio']:.3f}{'*' if m[0]['time_ratio'] > m[0]['goal'] + 1e-9 else ''}")
+        print(f"| {k[0]} | {k[1]} -> {k[2]} | {k[3]} | " + " | ".join(cells) + " |")
+calls = [r for r in rows if r.get("group") == "wgrad-call-gpu"]
+if calls:
+    print("\n### Per-call cost at GQA k/v shapes (kernel ms = CUDA events; host us = queueing one call)\n")
+    providers = ["tfz-r0.5", "tfz-r0", "torch.mm", "addmm"]
+    print("| in -> out | tokens | " + " | ".join(f"{p} ms / host us" for p in providers) + " |")
+    print("|---|---:|" + "---:|" * len(providers))
+    for r in calls:
+        cells = [f"{fmt(r.get(p + '_ms'), 4)} / {fmt(r.get(p + '_host_us'), 1)}" for p in providers]
+        print(f"| {r['n_in']} -> {r['n_out']} | {r['tokens']} | " + " | ".join(cells) + " |")
+EOF
+    mv -f "$RESULTS.tmp" "$RESULTS" 2>/dev/null || true
+}
+
+CHILD=""
+on_signal() {
+    trap - TERM INT
+    [ -n "$CHILD" ] && kill -TERM "$CHILD" 2>/dev/null  # timeout passes it on to the stage
+    write_report
+    rm -rf "$SHIM"
+    exit 143
+}
+trap on_signal TERM INT
 
 # ------------------------------------------------------------------ runner
 
 has_gpu() {
+    [ "$FAKE" = 1 ] && return 0
     "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" >/dev/null 2>&1
 }
 
 record() {  # name status seconds detail
     printf '%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" >>"$SUMMARY"
-    printf '%-12s %-22s %5ss  %s\n' "$1" "$2" "$3" "$4"
+    printf '%-10s %-22s %5ss  %s\n' "$1" "$2" "$3" "$4"
 }
 
-run_check() {  # name timeout command
+limit_of() {  # name default
+    local item
+    local limits="${GPU_CHECK_LIMITS:-}"
+    for item in ${limits//,/ }; do
+        [ "${item%%=*}" = "$1" ] && { echo "${item#*=}"; return; }
+    done
+    echo "$2"
+}
+
+selected() {
+    [ -z "${GPU_CHECK_STAGES:-}" ] && return 0
+    case ",$GPU_CHECK_STAGES," in *",$1,"*) return 0 ;; esac
+    return 1
+}
+
+run_stage() {  # name limit command
     local name="$1" limit="$2" cmd="$3" left rc t0 detail
     left=$((BUDGET_S - (SECONDS - START_S)))
     if [ "$left" -lt 15 ]; then
@@ -116,9 +239,15 @@ run_check() {  # name timeout command
     fi
     [ "$limit" -gt "$left" ] && limit=$left
     printf '\n===== %s (limit %ss) =====\n$ %s\n' "$name" "$limit" "$cmd" >>"$LOG"
+    CURRENT="$name"
+    write_report
     t0=$SECONDS
-    timeout --kill-after=10 "$limit" bash -c "$cmd" >>"$LOG" 2>&1
+    timeout --kill-after=10 "$limit" bash -c "$cmd" >>"$LOG" 2>&1 &
+    CHILD=$!
+    wait "$CHILD"  # in the background, so a TERM to this script is handled at once
     rc=$?
+    CHILD=""
+    CURRENT=""
     detail="$(grep -v '^\s*$' "$LOG" | tail -n 1 | cut -c1-150)"
     if [ "$rc" -eq 0 ]; then
         record "$name" "ok" $((SECONDS - t0)) "$detail"
@@ -133,105 +262,35 @@ echo "tfz GPU checks -> $OUT_DIR (budget ${BUDGET_S}s)"
 GPU=1
 if ! has_gpu; then
     GPU=0
-    echo "no GPU: torch sees no CUDA device (set GPU_CHECK_FORCE=1 to run the checks anyway)"
+    echo "no GPU: torch.cuda.is_available() is False (GPU_CHECK_FAKE_DEVICE=1 rehearses on the CPU)"
 fi
-for entry in "${CHECKS[@]}"; do
+for entry in "${STAGES[@]}"; do
     name="${entry%%|*}"
     rest="${entry#*|}"
-    limit="${rest%%|*}"
+    limit="$(limit_of "$name" "${rest%%|*}")"
     cmd="${rest#*|}"
-    if [ "$GPU" = 0 ] && [ "${GPU_CHECK_FORCE:-0}" != 1 ] && [ "$name" != gpu-env ]; then
+    if ! selected "$name"; then
+        record "$name" "skipped (not selected)" 0 ""
+    elif [ "$GPU" = 0 ] && [ "$name" != gpu-env ]; then
         record "$name" "skipped (no GPU)" 0 ""
-        continue
+    else
+        run_stage "$name" "$limit" "$cmd"
     fi
-    run_check "$name" "$limit" "$cmd"
-    if [ "$name" = install ] && ! import_ok >/dev/null 2>&1 && [ -d "$SHIM/tfz" ]; then
+    if [ "$name" = install ] && [ -d "$SHIM/tfz" ] && ! import_ok >/dev/null 2>&1; then
         # the shim must win over the repo's own tfz/ (which lacks kernels/): no cwd on sys.path
         export PYTHONPATH="$SHIM${PYTHONPATH:+:$PYTHONPATH}" PYTHONSAFEPATH=1
     fi
+    write_report
 done
 
-# ------------------------------------------------------------------ report
-
-"$PY" - "$SUMMARY" "$BENCH_JSON" "$LOG" >"$RESULTS" <<'EOF'
-import json
-import os
-import sys
-
-summary, bench_json, log = sys.argv[1:4]
-print("# tfz GPU check results\n")
-env = []
-with open(log) as f:
-    lines = f.read().split("\n===== ")
-for section in lines:
-    if section.startswith("gpu-env "):
-        env = [ln for ln in section.splitlines()[2:] if ln.strip()]
-if env:
-    print("Machine:\n")
-    print("\n".join(f"    {ln}" for ln in env))
-    print()
-print("| check | status | seconds | last line of output |")
-print("|---|---|---:|---|")
-with open(summary) as f:
-    for row in f:
-        name, status, secs, detail = (row.rstrip("\n").split("\t") + [""] * 4)[:4]
-        print(f"| {name} | {status} | {secs} | {detail.replace('|', '/')} |")
-if not os.path.exists(bench_json):
-    sys.exit(0)
-with open(bench_json) as f:
-    data = json.load(f)
-benches = data.get("benchmarks", [])
-gpu_name = data.get("machine_info", {}).get("tfz", {}).get("gpu", "?")
-print(f"\nBenchmarks on {gpu_name} (pytest-benchmark wall clock includes a sync; `ms` = CUDA-event median).")
-
-# wgrad: Triton vs cuBLAS at r = 0, and time(r)/time(0) per shape
-wg = [b for b in benches if b.get("group") == "wgrad-gpu-bf16"]
-if wg:
-    ei = lambda b: b.get("extra_info", {})
-    keys = sorted({(ei(b)["n_in"], ei(b)["n_out"], ei(b)["tokens"]) for b in wg})
-    print("\n### Weight gradient (bf16 in, fp32 main_grad), Triton vs cuBLAS at r = 0\n")
-    print("| in -> out | tokens | torch.mm ms | addmm fp32 ms | Triton ms | Triton TFLOP/s | vs mm | vs addmm |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
-    for k in keys:
-        rows = {(ei(b)["provider"], ei(b).get("ratio")): ei(b) for b in wg if (ei(b)["n_in"], ei(b)["n_out"], ei(b)["tokens"]) == k}
-        mm = rows.get(("torch.mm", 0.0), {}).get("ms")
-        am = rows.get(("torch.addmm-fp32", 0.0), {}).get("ms")
-        tr = rows.get(("tfz-triton", 0.0), {})
-        fmt = lambda v, p=3: "-" if v is None else f"{v:.{p}f}"
-        vs_mm = tr.get("vs_torch_mm")
-        vs_am = tr.get("vs_addmm_fp32")
-        print(f"| {k[0]} -> {k[1]} | {k[2]} | {fmt(mm)} | {fmt(am)} | {fmt(tr.get('ms'))} | {fmt(tr.get('tflops'), 0)} "
-              f"| {fmt(vs_mm, 2)}x | {fmt(vs_am, 2)}x |")
-    ratios = sorted({ei(b)["ratio"] for b in wg if ei(b)["provider"] == "tfz-triton" and ei(b)["ratio"] > 0})
-    print("\n### Triton time(r) / time(0) (goal (1 - r) + 0.05; * = goal missed)\n")
-    print("| in -> out | tokens | " + " | ".join(f"r={r}" for r in ratios) + " |")
-    print("|---|---:|" + "---:|" * len(ratios))
-    for k in keys:
-        cells = []
-        for r in ratios:
-            m = [ei(b) for b in wg if ei(b)["provider"] == "tfz-triton" and ei(b)["ratio"] == r
-                 and (ei(b)["n_in"], ei(b)["n_out"], ei(b)["tokens"]) == k]
-            if not m:
-                cells.append("-")
-                continue
-            tr = m[0]["time_ratio"]
-            cells.append(f"{tr:.3f}{'*' if tr > m[0]['goal'] + 1e-9 else ''}")
-        print(f"| {k[0]} -> {k[1]} | {k[2]} | " + " | ".join(cells) + " |")
-
-others = [b for b in benches if b.get("group") != "wgrad-gpu-bf16"]
-if others:
-    print("\n### Other GPU benchmarks\n")
-    print("| group | name | median ms | extra |")
-    print("|---|---|---:|---|")
-    for b in others:
-        extra = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in b.get("extra_info", {}).items())
-        print(f"| {b.get('group')} | {b['name']} | {b['stats']['median'] * 1e3:.3f} | {extra} |")
-EOF
+trap - TERM INT
+write_report
 [ -s "$RESULTS" ] || echo "(report generation failed: see $LOG)" >"$RESULTS"
 echo
 cat "$RESULTS"
 rm -f "$SUMMARY"
-if grep -q "FAILED" "$RESULTS"; then
+rm -rf "$SHIM"
+if grep -q "FAILED\|NOT FINISHED" "$RESULTS"; then
     exit 1
 fi
 exit 0

@@ -210,6 +210,8 @@ struct Record {
 };
 
 // Pool of `capacity` slots; record() fills the next slot, resolve() reads them all and empties the pool.
+// Timestamps are relative to the first record of the batch (the step: a batch starts after a resolve
+// or clear), so their float32 resolution follows the step's length, not the process's age.
 class StreamTimer {
  public:
   StreamTimer(const py::object& capacity, const std::string& clock, const py::object& device) {
@@ -258,7 +260,7 @@ class StreamTimer {
     }
     Record& slot = records_[count_];
     if (rt_ != nullptr) {
-      cudaError_t err = rt_->event_record(events_[count_], reinterpret_cast<cudaStream_t>(handle));
+      cudaError_t err = record_on_device(events_[count_], reinterpret_cast<cudaStream_t>(handle));
       if (err != kCudaSuccess) throw std::runtime_error("cudaEventRecord failed: " + rt_->describe(err));
     } else {
       slot.host = std::chrono::steady_clock::now();
@@ -308,6 +310,19 @@ class StreamTimer {
       lock.lock();
     }
     return lock;
+  }
+
+  // cudaEventRecord with the events' device current (the calling thread may have another one current:
+  // the legacy default stream and the event's context are those of the current device).
+  cudaError_t record_on_device(cudaEvent_t event, cudaStream_t stream) {
+    int current = 0;
+    cudaError_t err = rt_->get_device(&current);
+    if (err != kCudaSuccess) return err;
+    if (current == device_) return rt_->event_record(event, stream);
+    if ((err = rt_->set_device(device_)) != kCudaSuccess) return err;
+    err = rt_->event_record(event, stream);
+    cudaError_t restore = rt_->set_device(current);
+    return err != kCudaSuccess ? err : restore;
   }
 
   void create_events(std::int64_t dev) {

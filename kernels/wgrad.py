@@ -8,32 +8,60 @@ Products are accumulated in fp32 for fp32/fp16/bf16 inputs.
 
 Backends: ``"triton"`` (a Triton kernel launched over the active tiles only; CUDA tensors, or CPU tensors
 when ``TRITON_INTERPRET=1`` is set before the kernel module is imported), ``"torch"`` (one GEMM per run
-of active rows; any device) and ``"auto"`` (triton for CUDA tensors when available, torch otherwise).
-``TFZ_DISABLE_TRITON=1`` makes "auto" use torch. An explicit ``backend="triton"`` that cannot run raises.
+of active rows, or one gathered GEMM; any device) and ``"auto"``: triton for CUDA tensors with bf16/fp16
+operands, and for fp32 operands when ``torch.backends.cuda.matmul.allow_tf32`` is set (the kernel then
+multiplies in TF32); torch (cuBLAS) for fp32 without TF32, where a Triton kernel would run on FMA
+units, and on every other device. ``TFZ_DISABLE_TRITON=1`` makes "auto" use torch. An explicit
+``backend="triton"`` that cannot run raises; with fp32 operands and TF32 off it runs the exact-fp32
+(FMA) kernel, which is slow.
 
-Entry points: :func:`wgrad`, :func:`wgrad_gemm_accum_fp32` (call-compatible with apex's
-``fused_weight_gradient_mlp_cuda.wgrad_gemm_accum_fp32``), :func:`has_triton`, :func:`resolve_backend`.
+Masks: ``active_rows`` is an :class:`~tfz.kernels.ActiveRows` (prepared once per mask: the call then
+needs no host synchronisation) or a bool tensor, prepared on every call (one device-to-host copy for a
+CUDA tensor; prepare it once instead when it is reused).
+
+Reproducibility (bitwise, same inputs, mask, destination and device):
+
+- Triton: each dW element is made by one program adding the token tiles in a fixed order, so a call
+  repeats bit for bit given the same launch config. The config follows the GPU, the dtype, the layer's
+  in_features bucket, BLOCK_M (64 or 128, chosen from the mask) and any :func:`~tfz.kernels.tune`
+  result (load a tuning cache to get the same config in every process). Split-K and the bias
+  kernel's token split add with fp32 atomics in a varying order; they are used only for launches that
+  fill less than half of the GPU and never while ``torch.are_deterministic_algorithms_enabled()``.
+- torch: one GEMM per run of active rows, or one gathered GEMM when the runs are many and short; a
+  given mask always takes the same path, with the reproducibility of torch's GEMMs (set
+  ``CUBLAS_WORKSPACE_CONFIG`` as torch's deterministic mode asks).
+- Different masks may compute a row's value with a different tile shape or GEMM, so the last bits of
+  an active row can differ between masks; frozen rows are never written.
+
+Entry points: :func:`wgrad`, :func:`wgrad_gemm_accum_fp32` / :func:`wgrad_gemm_accum_fp16`
+(call-compatible with apex's ``fused_weight_gradient_mlp_cuda``), :func:`has_triton`,
+:func:`resolve_backend`.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib.util
-import os
 
 import torch
 
-from ._wgrad_torch import wgrad_torch
+from tfz._validate import env_flag
 
-__all__ = ["wgrad", "wgrad_gemm_accum_fp32", "has_triton", "resolve_backend", "BACKENDS"]
+from ._wgrad_torch import wgrad_torch
+from .rows import ActiveRows
+
+__all__ = [
+    "wgrad",
+    "wgrad_gemm_accum_fp32",
+    "wgrad_gemm_accum_fp16",
+    "has_triton",
+    "resolve_backend",
+    "BACKENDS",
+]
 
 BACKENDS = ("auto", "torch", "triton")
 _INPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_TRUE = ("1", "true", "yes", "on", "y")
-
-
-def _env_flag(name: str) -> bool:
-    return os.environ.get(name, "0").strip().lower() in _TRUE
+_OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @functools.cache
@@ -43,11 +71,12 @@ def has_triton() -> bool:
 
 
 def _interpreting() -> bool:
-    return _env_flag("TRITON_INTERPRET")
+    return env_flag("TRITON_INTERPRET")
 
 
-def resolve_backend(backend: str, device: torch.device | str) -> str:
-    """The backend ("torch" or "triton") that ``backend`` selects for tensors on ``device``.
+def resolve_backend(backend: str, device: torch.device | str, dtype: torch.dtype | None = None) -> str:
+    """The backend ("torch" or "triton") that ``backend`` selects for ``dtype`` operands on ``device``
+    (``dtype`` None: 16-bit operands).
 
     Raises:
         ValueError: ``backend`` is not one of :data:`BACKENDS`.
@@ -58,9 +87,10 @@ def resolve_backend(backend: str, device: torch.device | str) -> str:
     device = torch.device(device)
     if backend == "torch":
         return "torch"
-    disabled = _env_flag("TFZ_DISABLE_TRITON")
+    disabled = env_flag("TFZ_DISABLE_TRITON")
     if backend == "auto":
-        return "triton" if (device.type == "cuda" and not disabled and has_triton()) else "torch"
+        fma = dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
+        return "triton" if (device.type == "cuda" and not disabled and not fma and has_triton()) else "torch"
     if disabled:
         raise RuntimeError("backend='triton' was requested but TFZ_DISABLE_TRITON=1 is set")
     if not has_triton():
@@ -127,7 +157,7 @@ def wgrad(
     input: torch.Tensor,
     grad_output: torch.Tensor,
     *,
-    active_rows: torch.Tensor | None = None,
+    active_rows: torch.Tensor | ActiveRows | None = None,
     out: torch.Tensor | None = None,
     accumulate: bool = True,
     bias_grad: torch.Tensor | None = None,
@@ -139,8 +169,11 @@ def wgrad(
         input: X [..., in], fp32/fp16/bf16.
         grad_output: dY [..., out], same dtype and device as ``input``, same number of tokens
             (leading dims are collapsed: T = prod(leading dims)).
-        active_rows: bool [out] on the same device; True = row o of W trains. None = all rows.
-        out: fp32 contiguous [out, in] destination (e.g. ``weight.main_grad``) or None.
+        active_rows: :class:`~tfz.kernels.ActiveRows` with ``n_rows`` = out (its device is used as
+            is), or a bool tensor [out] on the same device; True = row o of W trains. None = all rows.
+        out: contiguous [out, in] destination (e.g. ``weight.main_grad`` or ``weight.grad``), fp32,
+            bf16 or fp16 (products accumulate in fp32; a 16-bit ``out`` is rounded once per call), or
+            None.
         accumulate: with ``out`` given, True adds (``out[o] += dY[:, o]ᵀ X``, beta = 1) and False
             overwrites the active rows. Also selects add/overwrite for ``bias_grad``.
         bias_grad: optional fp32 contiguous [out]; its active entries get ``sum_t dY[t, o]`` added
@@ -154,43 +187,63 @@ def wgrad(
     x, dy = _as_tokens(input, grad_output)
     device = x.device
     n_out, n_in = dy.shape[1], x.shape[1]
-    if active_rows is not None:
-        _check_tensor("active_rows", active_rows, dtypes=(torch.bool,), shape=(n_out,), device=device)
+    rows = _prepared(active_rows, n_out, device)
     if out is not None:
         _check_tensor(
-            "out (main_grad)",
-            out,
-            dtypes=(torch.float32,),
-            shape=(n_out, n_in),
-            device=device,
-            contiguous=True,
+            "out (main_grad)", out, dtypes=_OUT_DTYPES, shape=(n_out, n_in), device=device, contiguous=True
         )
     if bias_grad is not None:
         _check_tensor(
             "bias_grad", bias_grad, dtypes=(torch.float32,), shape=(n_out,), device=device, contiguous=True
         )
-    chosen = resolve_backend(backend, device)
+    chosen = resolve_backend(backend, device, x.dtype)
     if out is None:
-        alloc = torch.empty if active_rows is None else torch.zeros
+        alloc = torch.empty if rows is None else torch.zeros
         out = alloc(n_out, n_in, dtype=torch.float32, device=device)
         dw_accumulate = False
     else:
         dw_accumulate = bool(accumulate)
     if n_out == 0 or n_in == 0:
         return out
-    with torch.no_grad():
-        if chosen == "triton":
-            try:
-                from ._wgrad_triton import wgrad_triton
-            except ImportError:
-                if backend == "triton":
-                    raise
-                chosen = "torch"
-        if chosen == "triton":
-            wgrad_triton(x, dy, out, active_rows, dw_accumulate, bias_grad, bool(accumulate))
-        else:
-            wgrad_torch(x, dy, out, active_rows, dw_accumulate, bias_grad, bool(accumulate))
+    launch = _triton_launcher(backend == "triton") if chosen == "triton" else None
+    if launch is not None:  # a kernel launch records nothing for autograd
+        launch(x, dy, out, rows, dw_accumulate, bias_grad, bool(accumulate))
+    else:
+        with torch.no_grad():
+            wgrad_torch(x, dy, out, rows, dw_accumulate, bias_grad, bool(accumulate))
     return out
+
+
+_launcher = None
+
+
+def _triton_launcher(required: bool):
+    """The Triton launcher (imports triton on first use), or None when it cannot be imported and the
+    Triton backend was not asked for by name."""
+    global _launcher
+    if _launcher is None:
+        try:
+            from ._wgrad_triton import wgrad_triton
+        except ImportError:
+            if required:
+                raise
+            return None
+        _launcher = wgrad_triton
+    return _launcher
+
+
+def _prepared(active_rows, n_out: int, device: torch.device) -> ActiveRows | None:
+    """``active_rows`` as ActiveRows on ``device`` (None: every row active)."""
+    if active_rows is None:
+        return None
+    if isinstance(active_rows, ActiveRows):
+        if active_rows.n_rows != n_out:
+            raise ValueError(f"active_rows has {active_rows.n_rows} rows, expected {n_out} ({active_rows!r})")
+        if active_rows.device != device:
+            raise ValueError(f"active_rows must be on device {device}, got {active_rows!r}")
+        return active_rows
+    _check_tensor("active_rows", active_rows, dtypes=(torch.bool,), shape=(n_out,), device=device)
+    return ActiveRows(active_rows, device)
 
 
 def wgrad_gemm_accum_fp32(
@@ -198,7 +251,7 @@ def wgrad_gemm_accum_fp32(
     grad_output: torch.Tensor,
     main_grad: torch.Tensor,
     *,
-    active_rows: torch.Tensor | None = None,
+    active_rows: torch.Tensor | ActiveRows | None = None,
     backend: str = "auto",
 ) -> None:
     """``main_grad[o] += dY[:, o]ᵀ X`` for active rows o, in place; frozen rows untouched.
@@ -207,4 +260,19 @@ def wgrad_gemm_accum_fp32(
     d_weight)``: ``input`` X [..., in] and ``grad_output`` dY [..., out] (fp32/fp16/bf16, leading dims
     collapsed), ``main_grad`` fp32 contiguous [out, in]. Runs on the current stream; returns None.
     """
+    _check_tensor("main_grad", main_grad, dtypes=(torch.float32,))
+    wgrad(input, grad_output, active_rows=active_rows, out=main_grad, accumulate=True, backend=backend)
+
+
+def wgrad_gemm_accum_fp16(
+    input: torch.Tensor,
+    grad_output: torch.Tensor,
+    main_grad: torch.Tensor,
+    *,
+    active_rows: torch.Tensor | ActiveRows | None = None,
+    backend: str = "auto",
+) -> None:
+    """As :func:`wgrad_gemm_accum_fp32` for a 16-bit ``main_grad`` (bf16 or fp16, like apex's
+    ``wgrad_gemm_accum_fp16``): products accumulate in fp32 and each active element is rounded once."""
+    _check_tensor("main_grad", main_grad, dtypes=(torch.bfloat16, torch.float16))
     wgrad(input, grad_output, active_rows=active_rows, out=main_grad, accumulate=True, backend=backend)

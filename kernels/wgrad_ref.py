@@ -21,7 +21,7 @@ def wgrad_ref(
     Args:
         input: X [..., in].
         grad_output: dY [..., out] (same number of tokens as ``input``).
-        active_rows: bool [out] or None (all rows active).
+        active_rows: bool [out], :class:`~tfz.kernels.ActiveRows`, or None (all rows active).
         out: previous dW [out, in] or None (zeros).
         accumulate: add to ``out`` (True) or replace its active rows (False).
         bias_grad: previous bias gradient [out], or None for no bias gradient.
@@ -33,9 +33,12 @@ def wgrad_ref(
     x = input.detach().reshape(-1, input.shape[-1]).to("cpu", torch.float64)
     dy = grad_output.detach().reshape(-1, grad_output.shape[-1]).to("cpu", torch.float64)
     n_out, n_in = dy.shape[1], x.shape[1]
-    mask = (
-        torch.ones(n_out, dtype=torch.bool) if active_rows is None else active_rows.detach().to("cpu").bool()
-    )
+    if active_rows is None:
+        mask = torch.ones(n_out, dtype=torch.bool)
+    elif isinstance(active_rows, torch.Tensor):
+        mask = active_rows.detach().to("cpu").bool()
+    else:  # ActiveRows
+        mask = torch.from_numpy(active_rows.host.copy())
     prod = torch.einsum("to,ti->oi", dy, x)
     base = torch.zeros(n_out, n_in, dtype=torch.float64) if out is None else out.detach().to("cpu").double()
     new_rows = base + prod if (accumulate and out is not None) else prod

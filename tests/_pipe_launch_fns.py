@@ -59,3 +59,42 @@ def torchrun_main() -> None:
 
     info = run_from_env(rank_info, "torchrun")
     print(f"RESULT {info['rank']} {info['world']} {info['sum']}", flush=True)
+
+
+class _SleepingProvider:
+    """Freezes nothing; its ``call``-th mask request (counting from 0) sleeps for an hour, inside
+    the backward action that asked."""
+
+    def __init__(self, call: int):
+        self.call, self.calls = call, 0
+
+    def masks_for(self, stage, mb):
+        self.calls += 1
+        if self.calls - 1 == self.call:
+            time.sleep(3600)
+        return None
+
+
+def run_hanging(rank: int, world: int, hang_rank: int, where: str, steps: int = 3) -> str:
+    """1F1B over 2 ranks for ``steps`` steps; ``hang_rank`` sleeps for an hour ``where``: "action"
+    (in its backward of microbatch 2 of step 1) or "between" (after step 1, outside any action)."""
+    import torch
+    import torch.nn.functional as F
+    from _pipe_workers import MICROBATCHES, make_batch, make_stage_module
+    from torch.distributed.pipelining import Schedule1F1B
+
+    import tfz.nn
+    from tfz.pipeline import FreezeAwareStage
+
+    torch.set_num_threads(1)
+    module = tfz.nn.convert_to_freezable(make_stage_module(rank))
+    asleep = rank == hang_rank and where == "action"
+    provider = _SleepingProvider(MICROBATCHES + 2 if asleep else -1)  # step 1, microbatch 2
+    stage = FreezeAwareStage(module, rank, world, torch.device("cpu"), provider=provider)
+    schedule = Schedule1F1B(stage, MICROBATCHES, loss_fn=lambda o, t: F.mse_loss(o, t))
+    x, y = make_batch()
+    for step in range(steps):
+        schedule.step(*((x,) if rank == 0 else ()), **({"target": y} if rank == world - 1 else {}))
+        if step == 1 and rank == hang_rank and where == "between":
+            time.sleep(3600)
+    return "finished"

@@ -1,31 +1,24 @@
 """Test setup shared by every test module.
 
-Triton kernels run under the interpreter on machines without a GPU, so ``TRITON_INTERPRET`` must be
-set before any module that defines a ``@triton.jit`` function is imported.
+Without a CUDA device (``torch.cuda.is_available()`` is False) Triton kernels run under the
+interpreter, so ``TRITON_INTERPRET`` is set here, before any module that defines a ``@triton.jit``
+function is imported. Tests marked ``gpu`` skip without a CUDA device.
 """
 
 import os
-import shutil
 
-if shutil.which("nvidia-smi") is None:
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-
-
-def _has_cuda() -> bool:
-    try:
-        import torch
-
-        return torch.cuda.is_available()
-    except Exception:  # noqa: BLE001
-        return False
 
 
 def pytest_collection_modifyitems(config, items):
-    if _has_cuda():
+    if HAS_CUDA:
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU (none visible)")
     for item in items:
-        if "gpu" in item.keywords:
+        if item.get_closest_marker("gpu") is not None:
             item.add_marker(skip)

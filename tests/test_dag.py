@@ -161,3 +161,36 @@ def test_all_permutations_of_tiny_gpipe_rank_orders():
         np.testing.assert_allclose(sim.end, [ref[a] for a in dag.actions])
         ok += 1
     assert ok >= 2
+
+
+# -- extreme scales ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name,P,M", [("1f1b", 4, 8), ("zbh1", 3, 5), ("gpipe", 2, 3)])
+@pytest.mark.parametrize("exponent", [-1070, -1000, 900, 1000])
+def test_critical_path_is_the_same_at_any_scale(name, P, M, exponent):
+    """Integer durations times 2**exponent are exact (down to subnormals: multiples of 2**-1074), so
+    start and end times are those at scale 1 times 2**exponent, and so is the critical path."""
+    dag = build_dag(build_schedule(name, P, M))
+    d = np.random.default_rng(P * M).integers(1, 9, dag.num_actions).astype(np.float64)
+    ref = simulate(dag, d)
+    scaled = simulate(dag, np.ldexp(d, exponent))
+    np.testing.assert_array_equal(scaled.end, np.ldexp(ref.end, exponent))
+    assert scaled.critical_path == ref.critical_path
+    assert len(ref.critical_path) > 1
+
+
+def test_critical_path_of_subnormal_uniform_times():
+    """The issue's case: F = I = W = 1e-320 ms; 1F1B(4, 8) has M + P - 1 = 11 F/B pairs on its path."""
+    dag = build_dag(build_schedule("1f1b", 4, 8))
+    sim = simulate(dag, _uniform(dag, 1e-320, 1e-320, 1e-320))
+    assert len(sim.critical_path) == 22
+    assert sim.critical_path == simulate(dag, _uniform(dag, 1, 1, 1)).critical_path
+
+
+def test_overflowing_makespan_is_refused():
+    dag = build_dag(build_schedule("1f1b", 4, 8))
+    with pytest.raises(ValueError, match=r"makespan overflows float64 \(largest duration 1e\+308, of 0F0\)"):
+        simulate(dag, _uniform(dag, 1e308, 1.0, 1.0))
+    sim = simulate(dag, _uniform(dag, 1e306, 1.0, 1.0))  # 11 forwards on the path: 1.1e307, finite
+    assert sim.makespan == pytest.approx(11e306, rel=1e-12) and np.all(np.isfinite(sim.bubble_ratio))

@@ -177,7 +177,9 @@ def test_config_errors():
         DemoConfig(task="pretrain", base="b.pt")
     with pytest.raises(ValueError, match="--ranks 1000000000: .* 292,968,750 GB .* limit is 64 ranks"):
         DemoConfig(ranks=1_000_000_000, steps=1)
-    with pytest.raises(ValueError, match="--microbatches 100000000: up to"):
+    with pytest.raises(
+        ValueError, match="--microbatches 100000000 has 800,000,000 actions .* limit is 100,000 actions"
+    ):
         DemoConfig(microbatches=100_000_000)
     with pytest.raises(ValueError, match="monitoring must be 'partial' or 'frozen', got 'none'"):
         DemoConfig(monitoring="none")

@@ -12,11 +12,12 @@ import time
 from pathlib import Path
 
 import pytest
-from _pipe_launch_fns import raise_on, rank_info, sleep_forever, unpicklable_result
+from _pipe_launch_fns import raise_on, rank_info, run_hanging, sleep_forever, unpicklable_result
 
 pytest.importorskip("torch")
 
 from tfz.pipeline import RankError, launch, run_from_env  # noqa: E402
+from tfz.pipeline.launch import RankHangError  # noqa: E402
 
 pytestmark = pytest.mark.distributed
 
@@ -76,9 +77,14 @@ def test_unpicklable_result_is_reported():
     [
         ({"world_size": 0}, "world_size must be an integer >= 1, got 0"),
         ({"world_size": 2.0}, "world_size must be an integer >= 1, got 2.0"),
-        ({"world_size": 2, "timeout": -1}, "timeout must be a number of seconds > 0, got -1"),
-        ({"world_size": 2, "init_timeout": 0}, "init_timeout must be a number of seconds > 0, got 0"),
+        ({"world_size": 2, "timeout": -1}, "timeout must be a finite number of seconds > 0, got -1"),
+        ({"world_size": 2, "init_timeout": 0}, "init_timeout must be a finite number of seconds > 0, got 0"),
         ({"world_size": 2, "backend": ""}, "backend must be a process-group backend name"),
+        (
+            {"world_size": 2, "progress_timeout": 0},
+            "progress_timeout must be None or a finite number of seconds > 0, got 0",
+        ),
+        ({"world_size": True}, "world_size must be an integer >= 1, got True"),
     ],
 )
 def test_bad_arguments(kwargs, match):
@@ -147,3 +153,104 @@ def test_a_failed_start_raises_its_own_error(monkeypatch):
     with pytest.raises(RuntimeError, match="start failed on purpose"):
         launch(sleep_forever, 3, timeout=60)
     assert not started[0].is_alive()
+
+
+# -- hangs -------------------------------------------------------------------------------------------
+
+
+def test_a_rank_hanging_in_an_action_is_named_within_the_timeout():
+    """Rank 1 sleeps inside its backward of microbatch 2 in step 1; rank 0 then waits for its
+    gradient. The watchdog (5 s without progress) names rank 1 and that action, long before gloo's
+    60 s timeout would have blamed rank 0."""
+    start = time.monotonic()
+    with pytest.raises(RankHangError) as info:
+        launch(run_hanging, 2, 1, "action", timeout=240, progress_timeout=5)
+    elapsed = time.monotonic() - start
+    err = info.value
+    assert (err.rank, err.action, err.step, err.inside) == (1, "1B2", 1, True)
+    assert 5 <= err.idle_s < 8
+    first = str(err).splitlines()[0]
+    assert first.startswith("rank 1 stopped making progress in action 1B2 of step 1;"), first
+    assert "rank 0 was after action" in first
+    assert elapsed < 60  # start-up of two spawned ranks, 2 steps, 5 s
+
+
+def test_a_rank_hanging_between_steps_is_named():
+    """Rank 1 sleeps after step 1, outside any action: its last report is the oldest (rank 0 goes on
+    with step 2's forwards before it waits)."""
+    with pytest.raises(RankHangError) as info:
+        launch(run_hanging, 2, 1, "between", timeout=240, progress_timeout=5)
+    err = info.value
+    assert (err.rank, err.action, err.step, err.inside) == (1, "1B3", 1, False)
+    assert "rank 1 stopped making progress after action 1B3 of step 1" in str(err)
+
+
+def test_the_hang_wins_over_the_timeout_it_causes():
+    """No watchdog: gloo times out rank 0's wait after init_timeout (8 s). That error is a
+    consequence of rank 1's hang, which is reported, with rank 0's error after it."""
+    with pytest.raises(RankHangError) as info:
+        launch(run_hanging, 2, 1, "action", timeout=240, init_timeout=8, progress_timeout=None)
+    err = info.value
+    assert (err.rank, err.action, err.inside) == (1, "1B2", True)
+    assert "then rank 0 raised" in str(err) and err.idle_s >= 4
+
+
+def test_without_progress_reports_only_the_run_timeout_applies():
+    """Functions that report no progress are never stopped by the watchdog."""
+    with pytest.raises(TimeoutError, match=r"ranks \[0, 1\] still running after 4 s; all ranks"):
+        launch(sleep_forever, 2, timeout=4, progress_timeout=1)
+
+
+def test_heartbeat_is_a_no_op_outside_launch():
+    from contextlib import nullcontext
+
+    from tfz.pipeline.launch import heartbeat, in_action
+
+    inner = nullcontext()
+    assert in_action("0F0", 0, inner) is inner
+    heartbeat("anything", step=3)  # nothing to report to
+
+
+def test_blame_rules():
+    """The watchdog's choice from the shared arrays: a rank inside an action (the earliest entered),
+    else the oldest last report; a rank that never reported counts from the start."""
+    import importlib
+    from multiprocessing.sharedctypes import RawArray
+
+    lm = importlib.import_module("tfz.pipeline.launch")  # the module, not the function of that name
+
+    values, names = RawArray("d", 3 * lm._FIELDS), RawArray("c", 3 * lm._NAME_BYTES)
+    watch = lm._Watch(values, names, 3, 5.0, started=100.0)
+    hearts = [lm._Heart(values, names, r) for r in range(3)]
+    assert not watch.armed() and watch.last_progress([0, 1, 2]) == 100.0
+
+    def at(t, rank, name, step, inside):
+        real = lm.time.monotonic
+        lm.time.monotonic = lambda: t
+        try:
+            hearts[rank].report(name, step, inside)
+        finally:
+            lm.time.monotonic = real
+
+    at(101.0, 0, "0F0", 0, 1.0)
+    at(101.5, 0, None, None, 0.0)
+    assert watch.armed() and watch.stalled([0, 1, 2]) == 1  # never reported: stopped first
+    at(102.0, 1, "1F0", 0, 1.0)
+    at(102.5, 1, None, None, 0.0)
+    at(103.0, 2, "2F0", 0, 1.0)
+    assert watch.stalled([0, 1, 2]) == 2 and watch.where(2) == "in action 2F0 of step 0"
+    at(104.0, 0, "0F1", 0, 1.0)  # entered later than rank 2
+    assert watch.stalled([0, 1, 2]) == 2
+    at(105.0, 2, None, None, 0.0)
+    at(105.5, 0, None, None, 0.0)
+    assert watch.stalled([0, 1, 2]) == 1 and watch.where(1) == "after action 1F0 of step 0"
+    assert watch.last_progress([0, 1, 2]) == 105.5
+    err = watch.error(1, 6.0, watch.others([0, 1, 2], 1))
+    assert str(err) == (
+        "rank 1 stopped making progress after action 1F0 of step 0; no rank progressed for 6.0 s; "
+        "rank 0 was after action 0F1 of step 0, rank 2 was after action 2F0 of step 0"
+    )
+    import pickle
+
+    again = pickle.loads(pickle.dumps(err))
+    assert str(again) == str(err) and (again.rank, again.action, again.step) == (1, "1F0", 0)

@@ -6,6 +6,7 @@ import threading
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import tfz.nn as tnn
 from tfz.nn import FreezableLinear, WeightGradStore, convert_to_freezable, use_row_masks
@@ -527,3 +528,127 @@ def test_convert_a_bare_linear_and_from_linear():
         FreezableLinear.from_linear(hooked)
     with pytest.raises(TypeError, match="Conv1d"):
         FreezableLinear.from_linear(nn.Conv1d(1, 1, 1))
+
+
+# ---------------------------------------------------------------- in-place accumulation (no dense dW)
+
+
+def test_in_place_immediate_equals_reference_and_hooks_see_the_sum():
+    """use_row_masks(in_place=True): masked layers add into .grad themselves; a post-accumulate-grad
+    hook still runs after that add and sees the updated .grad."""
+    ref, model = make_pair(dtype=torch.float32)
+    xs, ts = make_batches(4, lead=(3,), dtype=torch.float32)
+    masks = random_masks(4, seed=21)
+    seen = {}
+    for name, p in model.named_parameters():
+        p.register_post_accumulate_grad_hook(
+            lambda p, name=name: seen.__setitem__(name, None if p.grad is None else p.grad.clone())
+        )
+    for m, (x, t) in enumerate(zip(xs, ts)):
+        seen.clear()
+        with use_row_masks(by_layer(model, masks[m]), in_place=True):
+            loss_fn(model(x), t).backward()
+        for name, p in model.named_parameters():
+            if p.grad is not None and name in seen:
+                assert torch.equal(seen[name], p.grad), (m, name)
+    assert_grads(model, reference_grads(ref, xs, ts, masks), atol=1e-5, rtol=1e-5)
+
+
+def _sequential_rounded(weight_grads, dtype):
+    """What an accumulation rounded to ``dtype`` after every microbatch holds (float64 sums), and a
+    bound on how far one whose sums carry fp32 error can be: one ulp of every rounded partial sum."""
+    acc, bound = None, 0.0
+    eps = torch.finfo(dtype).eps
+    for g in weight_grads:
+        total = g if acc is None else acc.double() + g
+        acc = total.to(dtype)
+        bound = bound + eps * total.abs() + 1e-6
+    return acc, bound
+
+
+@pytest.mark.parametrize("mode", ["split", "in_place"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_16bit_grads_accumulate_active_rows_in_place(mode, dtype):
+    """A 16-bit .grad gets each microbatch's active rows added in fp32 and rounded once; frozen rows
+    keep their bits."""
+    torch.manual_seed(0)
+    layer = FreezableLinear(32, 256, dtype=dtype)
+    g = torch.Generator().manual_seed(1)
+    xs = [torch.randn(24, 32, generator=g).to(dtype) for _ in range(3)]
+    dys = [torch.randn(24, 256, generator=g).to(dtype) for _ in range(3)]
+    masks = [(torch.rand(4, generator=g) < 0.5).repeat_interleave(64) for _ in range(3)]
+    masks[0][:64] = True
+    store = WeightGradStore()
+    per_mb = []
+    for m, (x, dy, mask) in enumerate(zip(xs, dys, masks)):
+        before = None if layer.weight.grad is None else layer.weight.grad.clone()
+        if mode == "split":
+            with store.capture(0, m):
+                layer(x).backward(dy)
+            store.flush(0, m, masks={layer: mask})
+        else:
+            with use_row_masks({layer: mask}, in_place=True):
+                layer(x).backward(dy)
+        prod = dy.double().t() @ x.double()
+        per_mb.append(torch.where(mask[:, None], prod, torch.zeros(())))
+        if before is not None:
+            frozen = ~mask
+            assert torch.equal(layer.weight.grad[frozen].view(torch.int16), before[frozen].view(torch.int16))
+    want, bound = _sequential_rounded(per_mb, dtype)
+    got = layer.weight.grad
+    assert got.dtype == dtype
+    assert bool(((got.double() - want.double()).abs() <= bound).all())
+
+
+class _Fp32Traffic(TorchDispatchMode):
+    """Elements of the fp32 tensors that ops create (views, and ops writing into a given tensor such as
+    ``index_add_`` or ``mm(out=...)``, are not counted: they create nothing)."""
+
+    def __init__(self):
+        super().__init__()
+        self.elements = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if not func.is_view and not func._schema.is_mutable:
+            for t in torch.utils._pytree.tree_leaves(out):
+                if isinstance(t, torch.Tensor) and t.dtype == torch.float32:
+                    self.elements += t.numel()
+        return out
+
+
+@pytest.mark.parametrize("param_dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("mode", ["split", "in_place", "main_grad"])
+def test_no_dense_fp32_buffer_per_microbatch(mode, param_dtype):
+    """With 3/4 of the rows frozen, a microbatch's dW accumulation makes fp32 data in proportion to the
+    active rows (and the microbatch's inputs), never a dense [out, in] fp32 buffer."""
+    n_in, n_out, tokens = 64, 1024, 16
+    torch.manual_seed(0)
+    layer = FreezableLinear(n_in, n_out, bias=True, dtype=param_dtype)
+    if mode == "main_grad":
+        layer.weight.main_grad = torch.zeros(n_out, n_in, dtype=param_dtype)
+    g = torch.Generator().manual_seed(2)
+    mask = torch.zeros(n_out // 64, dtype=torch.bool)
+    mask[torch.randperm(n_out // 64, generator=g)[: n_out // 256]] = True
+    mask = mask.repeat_interleave(64)
+    n_active = int(mask.sum())
+    prepared = tnn.prepare_row_masks({layer: mask})
+    store = WeightGradStore()
+    traffic = []
+    for m in range(3):
+        x = torch.randn(tokens, n_in, generator=g).to(param_dtype)
+        dy = torch.randn(tokens, n_out, generator=g).to(param_dtype)
+        y = layer(x)
+        counter = _Fp32Traffic()
+        if mode == "split":
+            with store.capture(0, m):
+                y.backward(dy)
+            with counter:
+                store.flush(0, m, masks=prepared)
+        else:
+            with counter, use_row_masks(prepared, in_place=True):
+                y.backward(dy)
+        traffic.append(counter.elements)
+    budget = 2 * n_active * n_in + tokens * (n_in + n_active) + 2 * n_out
+    assert n_out * n_in > budget  # a dense buffer alone would break it
+    assert max(traffic[1:]) <= budget, (traffic, budget)

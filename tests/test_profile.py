@@ -257,3 +257,74 @@ def test_override_names_are_canonical():
     assert list(p.actions) == ["1F0"]
     up, _ = p.durations(_dag(*MIXED))
     assert up[_dag(*MIXED).index["1F0"]] == 4.0
+
+
+# -- hostile files -----------------------------------------------------------------------------------
+
+
+def _load_text(tmp_path, text):
+    path = tmp_path / "p.json"
+    path.write_text(text)
+    with pytest.raises(ValueError) as err:
+        Profile.load(path)
+    msg = str(err.value)
+    assert msg.startswith(str(path)) and "\n" not in msg and len(msg) < 400, msg
+    return msg
+
+
+def test_a_time_of_400_digits_is_named(tmp_path):
+    text = '{"format": "tfz-profile", "version": 1, "default": {"F": 1%s, "I": 1, "W": 1}}' % ("0" * 399)
+    msg = _load_text(tmp_path, text)
+    assert "default.F: time must be finite and >= 0, got 1000" in msg and "(400 characters)" in msg
+
+
+def test_deeply_nested_meta_is_refused(tmp_path):
+    depth = 100_000
+    text = '{"format": "tfz-profile", "version": 1, "default": {"F": 1, "B": 2, "B_frozen": 1}, "meta": '
+    text += '{"a": ' * depth + "1" + "}" * depth + "}"
+    assert "invalid JSON: nested too deeply" in _load_text(tmp_path, text)
+
+
+def test_file_size_limit(tmp_path, monkeypatch):
+    import tfz.profile
+
+    path = tmp_path / "p.json"
+    Profile.uniform(1, 1, 1).save(path)
+    size = path.stat().st_size
+    monkeypatch.setattr(tfz.profile, "MAX_BYTES", size - 1)
+    with pytest.raises(ValueError, match=rf"{size:,} bytes is larger than a profile may be"):
+        Profile.load(path)
+    monkeypatch.setattr(tfz.profile, "MAX_BYTES", size)
+    assert Profile.load(path) == Profile.uniform(1, 1, 1)
+
+
+def test_stage_keys_and_action_names_are_bounded(tmp_path):
+    base = '{"format": "tfz-profile", "version": 1, '
+    msg = _load_text(tmp_path, base + '"stages": {"%s": {"F": 1, "B": 1, "B_frozen": 1}}}' % ("9" * 5000))
+    assert "stage key must be a decimal index such as '0' (at most 9 digits)" in msg
+    actions = '"actions": {"0F%s": {"unfrozen": 1}}}' % ("1" * 5000)
+    msg = _load_text(tmp_path, base + '"default": {"F": 1, "I": 1, "W": 1}, ' + actions)
+    assert "malformed action '0F1111" in msg and "(5004 characters)" in msg
+    with pytest.raises(ValueError, match="malformed action 7"):
+        Profile(default=StageTimes(1.0, 1.0, 1.0), actions={7: ActionTimes(1.0)})
+
+
+@pytest.mark.parametrize(
+    "stages,message",
+    [
+        (
+            {0: 1, 1: 1, 2: 1, 3: 1, 4: 1},
+            "stage 4 (5 stages listed, up to 4), but the schedule has 4 stages (0-3)",
+        ),
+        ({0: 1, 7: 1}, "stage 7 (2 stages listed, up to 7), but the schedule has 4 stages (0-3)"),
+    ],
+)
+def test_profile_of_more_stages_than_the_schedule_is_refused(stages, message):
+    dag = build_dag(build_schedule("1f1b", 4, 4))
+    default = StageTimes(1.0, 1.0, 1.0)
+    profile = Profile(stages={s: StageTimes(float(t), 1.0, 1.0) for s, t in stages.items()}, default=default)
+    with pytest.raises(ValueError) as err:
+        profile.durations(dag)
+    assert message in str(err.value)
+    fewer = Profile(stages={0: StageTimes(2.0, 1.0, 1.0)}, default=default)  # the default fills in
+    assert fewer.durations(dag)[0].max() == 2.0

@@ -4,13 +4,13 @@ counting GEMM FLOPs per measured action against closed forms); one-line errors w
 from __future__ import annotations
 
 import pytest
+from _cli import run_cli
 
 torch = pytest.importorskip("torch")
 
 import torch.nn.functional as F  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
-from tfz.cli import main  # noqa: E402
 from tfz.cli.profile import MODELS  # noqa: E402
 from tfz.measure import ProfileConfig, measure_stage, profile_model, stage_layers  # noqa: E402
 from tfz.models import PRESETS, build_stages  # noqa: E402
@@ -18,14 +18,7 @@ from tfz.nn import convert_to_freezable  # noqa: E402
 from tfz.profile import Profile  # noqa: E402
 from tfz.timing import ActionSpan  # noqa: E402
 
-
-def _run(capsys, *argv):
-    try:
-        code = main(list(argv))
-    except SystemExit as exc:  # argparse's own errors
-        code = exc.code
-    out, err = capsys.readouterr()
-    return code, out, err
+_run = run_cli
 
 
 def test_tiny_profile_is_read_by_plan(tmp_path, capsys):
@@ -156,7 +149,7 @@ def test_stage_layers():
             "--stages 4 x --layers-per-stage 5 = 20 layers exceeds llama-1b's 16 layers",
         ),
         (["--stages", "2", "--seq-len", "600"], "seq_len 600 exceeds tiny's max_seq_len 512"),
-        (["--stages", "2", "--device", "tpu"], "--device must be cpu or cuda[:N], got 'tpu'"),
+        (["--stages", "2", "--device", "tpu"], "device must be cpu or cuda[:N], got 'tpu'"),
     ],
 )
 def test_errors_exit_2_with_one_line(tmp_path, capsys, argv, message):

@@ -372,3 +372,142 @@ def test_dump_csv_rejects_bad_input(tmp_path):
     strings = make_schedule("s", [["0F0"]], 1)
     with pytest.raises(TypeError, match="'0F0', not an Action"):
         dump_csv(strings, tmp_path / "c.csv")
+
+
+# -- size limits -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", SCHEDULES)
+@pytest.mark.parametrize("P,M", [(1, 2), (2, 4), (3, 6), (4, 8), (4, 11)])
+def test_estimate_counts_the_actions_built(name, P, M):
+    from tfz.schedule import estimate_size
+    from tfz.schedule.builders import min_microbatches
+
+    M = max(M, min_microbatches(name, P))
+    try:
+        sched = build_schedule(name, P, M)
+    except ValueError:  # the interleaved rounds rule
+        pytest.skip("count not accepted by this schedule")
+    est = estimate_size(name, P, M, sched.stages_per_rank)
+    if name == "dualpipev":  # some backwards are full B (2 actions), some I + W (3): an upper bound
+        assert 2 * sched.num_stages * M <= sched.num_actions <= est.actions
+    else:
+        assert est.actions == sched.num_actions
+    assert est.bytes == est.actions * 600
+
+
+@pytest.mark.parametrize(
+    "name,P,M,shown",
+    [
+        ("1f1b", 10**9, 10**9, "2e+18 actions"),
+        ("1f1b", 10**6, 10**6, "2e+12 actions"),
+        ("gpipe", 1, 10**9, "2e+09 actions"),
+        ("zbv", 1000, 1000, "6,000,000 actions"),
+    ],
+)
+def test_oversized_schedules_are_refused_before_building(name, P, M, shown):
+    import tracemalloc
+
+    tracemalloc.start()
+    with pytest.raises(ValueError) as err:
+        build_schedule(name, P, M)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    msg = str(err.value)
+    assert f"{P} ranks" in msg and f"{M} microbatches" in msg and shown in msg, msg
+    assert "the limit is 2,000,000 actions (tfz.schedule.MAX_ACTIONS)" in msg and " GB" in msg
+    assert peak < 1e6  # nothing was built
+
+
+def test_size_limit_boundary_and_custom_limit():
+    from tfz.schedule import MAX_ACTIONS, check_size
+
+    assert MAX_ACTIONS == 2_000_000
+    assert check_size("1f1b", 4, 250_000).actions == MAX_ACTIONS  # exactly at the limit: accepted
+    with pytest.raises(ValueError, match="2,000,002 actions"):
+        check_size("1f1b", 1, 1_000_001)
+    with pytest.raises(ValueError, match=r"has 16 actions .*the limit is 15 actions"):
+        build_schedule("1f1b", 2, 4, max_actions=15)
+    assert build_schedule("1f1b", 2, 4, max_actions=16).num_actions == 16
+
+
+def test_numpy_counts_are_accepted_and_bools_refused():
+    assert build_schedule("1f1b", np.int64(2), np.int32(4)) == build_schedule("1f1b", 2, 4)
+    with pytest.raises(ValueError, match="microbatches must be an integer >= 1, got True"):
+        build_schedule("1f1b", 1, True)
+
+
+def test_csv_with_a_huge_microbatch_allocates_nothing(tmp_path):
+    import tracemalloc
+
+    path = tmp_path / "huge.csv"
+    path.write_text("0F0,0F999999999,0B0\n")
+    sched = load_csv(path)
+    assert sched.num_microbatches == 10**9
+    tracemalloc.start()
+    with pytest.raises(ValueError, match=r"^stage 0 is missing microbatch 1: no forward 0F1$"):
+        build_dag(sched)
+    assert tracemalloc.get_traced_memory()[1] < 1e6
+    tracemalloc.stop()
+
+
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ("0F0,0F0,0B0,0F7\n", "duplicate action 0F0"),
+        ("0F0,0B0,0F5\n", "stage 0 is missing microbatch 1: no forward 0F1"),
+        ("0F0,0F1,0B0,0B1\n1F0,1B0,1F9\n", "stage 0 is missing microbatch 2: no forward 0F2"),
+        (
+            "0F0,0F1,0F2,0F3,0F4,0B0,0B1,0B2,0B3,0B4\n1F0,1F4\n2F0\n",
+            "stage 1 is missing microbatch 1: no forward 1F1",
+        ),
+    ],
+)
+def test_sparse_and_dense_checks_give_the_same_error(tmp_path, monkeypatch, text, message):
+    """A schedule with fewer actions than (stage, microbatch) pairs is checked without the dense
+    table; the error is the one the dense check gives for the same schedule."""
+    import tfz.dag
+
+    path = tmp_path / "s.csv"
+    path.write_text(text)
+    sched = load_csv(path)
+    assert sched.num_stages * sched.num_microbatches > sched.num_actions
+    with pytest.raises(ValueError) as err:
+        build_dag(sched)
+    assert str(err.value) == message
+    monkeypatch.setattr(tfz.dag, "_check_complete_sparse", lambda *a: None)  # the dense path
+    with pytest.raises(ValueError) as err:
+        build_dag(sched)
+    assert str(err.value) == message
+
+
+def test_csv_stage_gap_far_away_is_named_fast(tmp_path):
+    path = tmp_path / "gap.csv"
+    path.write_text("0F0,0B0\n999999999F0,999999999B0\n")
+    with pytest.raises(ValueError, match="stage 1 appears in no row, but stages up to 999999999 are used"):
+        load_csv(path)
+
+
+def test_csv_size_limits(tmp_path, monkeypatch):
+    import tfz.schedule.csv_io as csv_io
+
+    path = tmp_path / "big.csv"
+    path.write_text("".join(f"{r}F0,{r}B0\n" for r in range(100)))  # 100 ranks, 200 actions
+    size = path.stat().st_size
+    monkeypatch.setattr(csv_io, "MAX_CSV_BYTES", size - 1)
+    with pytest.raises(ValueError, match=rf"{size:,} bytes is larger than a schedule CSV may be"):
+        load_csv(path)
+    monkeypatch.setattr(csv_io, "MAX_CSV_BYTES", size)
+    assert load_csv(path).num_actions == 200
+    monkeypatch.setattr(csv_io, "MAX_ACTIONS", 150)
+    with pytest.raises(ValueError, match=r"big.csv \(after row 76\) has 152 actions .*limit is 150"):
+        load_csv(path)
+
+
+def test_long_cells_are_cut_in_messages(tmp_path):
+    path = tmp_path / "long.csv"
+    path.write_text("0F" + "9" * 5000 + "\n")
+    with pytest.raises(ValueError) as err:
+        load_csv(path)
+    msg = str(err.value)
+    assert "malformed action" in msg and "(5004 characters)" in msg and len(msg) < 400

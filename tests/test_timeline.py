@@ -182,3 +182,36 @@ def test_png_many_ranks_and_actions(tmp_path):
     img, colors = _pixels(path)
     assert img.shape[:2] == (1600, 1200)
     assert _rgb("#4C72B0") in colors and _rgb("#f2f2f2") in colors
+
+
+def test_chrome_trace_refuses_times_that_overflow_in_microseconds():
+    dag = build_dag(build_schedule("1f1b", 2, 2))
+    sim = simulate(dag, np.full(dag.num_actions, 1e306))
+    with pytest.raises(ValueError, match="too long for a Chrome trace"):
+        chrome_trace(sim)
+    assert chrome_trace(sim, unit_ms=1e-6)["otherData"]["makespan_ms"] == pytest.approx(6e300)
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/dev/full"), reason="needs /dev/full")
+@pytest.mark.parametrize("write", [write_chrome_trace, write_gantt_png])
+def test_write_errors_name_the_path(write):
+    with pytest.raises(OSError) as err:
+        write("/dev/full", _sim("1f1b", 2, 2))
+    assert err.value.filename == "/dev/full" and "/dev/full" in str(err.value)
+
+
+@pytest.mark.parametrize("exponent", [-1064, -40, 30, 1000])
+def test_png_draws_tiny_and_huge_times(tmp_path, exponent):
+    """Times of 1e-319 ms (which matplotlib's axes collapse to nothing) or 1e301 ms draw the same
+    blocks as at 1 ms: the same share of forward and backward pixels."""
+    sim = _sim("gpipe", 3, 4)
+    scaled = type(sim)(sim.dag, *(np.ldexp(a, exponent) for a in (sim.durations, sim.start, sim.end)))
+    shares = []
+    for i, s in enumerate((sim, scaled)):
+        path = tmp_path / f"{i}.png"
+        write_gantt_png(path, s, size=(8.0, 3.0), dpi=50, title="same title")
+        img, _ = _pixels(path)
+        rgb = np.round(img[..., :3] * 255).astype(int)
+        shares.append([np.mean(np.all(rgb == _rgb(c), axis=-1)) for c in ("#4C72B0", "#DD8452")])
+    assert min(shares[0]) > 0.02
+    np.testing.assert_allclose(shares[1], shares[0], rtol=0.1)

@@ -338,6 +338,56 @@ except ValueError as exc:
 
 
 @needs_native
+def test_fake_cudart_records_with_the_events_device_current(fake_cudart):
+    """A timer on device 1 records while device 0 is current: it makes device 1 current for the record
+    (the fake refuses a record on another device, as the runtime does) and restores device 0."""
+    out = _run(
+        """
+lib = fake(os.environ["TFZ_CUDART_PATH"])
+timer = _C.StreamTimer(4, device=1)
+s0 = counter(lib, "set_device")
+timer.record("a", 7)
+timer.record("b", 7)
+out["switches"] = counter(lib, "set_device") - s0
+out["current"], out["wrong"] = counter(lib, "device"), counter(lib, "wrong_device")
+out["resolved"] = [tag for tag, _ in timer.resolve()]
+same = _C.StreamTimer(4, device=0)
+s0 = counter(lib, "set_device")
+same.record("c", 7)
+out["switches_same"] = counter(lib, "set_device") - s0
+""",
+        TFZ_CUDART_PATH=fake_cudart["full"],
+        FAKE_CUDART_DEVICES="2",
+    )
+    assert out["wrong"] == 0 and out["current"] == 0 and out["resolved"] == ["a", "b"]
+    assert out["switches"] == 4 and out["switches_same"] == 0  # switch and restore per record
+
+
+@needs_native
+def test_fake_cudart_times_are_relative_to_the_batch(fake_cudart):
+    """After 20,000 records the fake clock reads 2e8 ms, where float32 steps by 16 ms; the batch's
+    times stay exact because they are measured from the batch's first record."""
+    out = _run(
+        """
+timer = _C.StreamTimer(4096)
+for _ in range(5):
+    for i in range(4000):
+        timer.record(i, 3)
+    timer.resolve()
+lib = fake(os.environ["TFZ_CUDART_PATH"])
+out["k0"] = counter(lib, "records")
+for i in range(3):
+    timer.record(i, 3)
+out["resolved"] = timer.resolve()
+""",
+        TFZ_CUDART_PATH=fake_cudart["full"],
+    )
+    k0 = out["k0"]
+    assert k0 == 20000
+    assert out["resolved"] == [[i, 0.5 * (k0 + i) ** 2 - 0.5 * k0**2] for i in range(3)]
+
+
+@needs_native
 def test_fake_cudart_missing_symbol_falls_back(fake_cudart):
     out = _run(
         """
@@ -577,17 +627,39 @@ def test_collect_with_open_action_raises(host_backend):
     assert set(timer.collect()) == {"0F0"}
 
 
-def test_action_overflow_raises_and_drops_the_broken_action(host_backend):
+def test_full_pool_drops_counts_and_warns_once(host_backend):
     timer = ActionTimer("cpu", capacity=3)
     with timer.action("ok"):
         pass
-    with pytest.raises(OverflowError):
-        with timer.action("broken"):  # start takes the last slot, the end overflows
+    with pytest.warns(RuntimeWarning, match="dropped") as caught:
+        with timer.action("broken"):  # start takes the last slot, the end finds the pool full
             pass
+        with timer.action("no-slot"):  # no slot for the start
+            pass
+    assert len(caught) == 1 and timer.dropped == 2
     assert set(timer.collect()) == {"ok"}
-    with timer.action("after"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with timer.action("after"):
+            pass
+        assert set(timer.collect()) == {"after"}
+        for _ in range(3):  # the second finds no slot for its end, the third none for its start
+            with timer.action("x"):
+                pass
+    assert timer.dropped == 4 and set(timer.collect()) == {"x"}
+
+
+def test_times_restart_at_every_batch(host_backend):
+    """Span times are relative to the batch (step), not to the first record ever."""
+    timer = ActionTimer("cpu")
+    with timer.action("first"):
         pass
-    assert set(timer.collect()) == {"after"}
+    timer.collect()
+    time.sleep(0.05)
+    with timer.action("second"):
+        time.sleep(0.002)
+    (span,) = timer.collect_spans()
+    assert span.start_ms == 0.0 and 2.0 - TOL_MS <= span.end_ms < 50.0
 
 
 def test_exception_in_action_is_timed_and_propagates(host_backend):
@@ -646,3 +718,24 @@ def test_gpu_action_timer_matches_torch_events(monkeypatch, skip_cpp):
     for name, ms in reference.items():
         assert measured[name] == pytest.approx(ms, rel=0.1, abs=0.05), name
     assert measured["mm16"] > measured["mm1"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    not _cuda_visible() or sys.modules["torch"].cuda.device_count() < 2, reason="needs two GPUs"
+)
+def test_gpu_timer_on_another_device_than_the_current_one():
+    """A timer on cuda:1 records and resolves while cuda:0 is current, and leaves cuda:0 current."""
+    import torch
+
+    if _C is None:
+        pytest.skip("tfz._C not built")
+    timer = ActionTimer("cuda:1")
+    x = torch.randn(1024, 1024, device="cuda:1")
+    with torch.cuda.device(0):
+        with timer.action("mm"):
+            with torch.cuda.device(1):
+                for _ in range(8):
+                    x = torch.tanh(x @ x * 1e-3)
+        assert torch.cuda.current_device() == 0
+    assert timer.collect()["mm"] > 0

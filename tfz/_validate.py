@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["check_int", "check_number", "check_ratio", "env_flag", "is_int", "is_number"]
+__all__ = ["check_int", "check_number", "check_ratio", "env_flag", "is_int", "is_number", "short_repr"]
 
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("", "0", "false", "no", "off")
@@ -42,7 +42,7 @@ def check_int(
         or (maximum is not None and value > maximum)
     ):
         kind = "None or an integer" if optional else "an integer"
-        raise ValueError(f"{name} must be {kind}{_range(minimum, maximum)}, got {value!r}")
+        raise ValueError(f"{name} must be {kind}{_range(minimum, maximum)}, got {short_repr(value)}")
     return int(value)
 
 
@@ -62,7 +62,7 @@ def check_number(
     """
     if optional and value is None:
         return None
-    ok = is_number(value) and math.isfinite(value)
+    ok = is_number(value) and math.isfinite(_as_float(value))
     ok = (
         ok
         and (low is None or (value > low if low_open else value >= low))
@@ -72,13 +72,21 @@ def check_number(
         kind = "None or a finite number" if optional else "a finite number"
         if unit:
             kind += f" of {unit}"
-        raise ValueError(f"{name} must be {kind}{_range(low, high, low_open)}, got {value!r}")
+        raise ValueError(f"{name} must be {kind}{_range(low, high, low_open)}, got {short_repr(value)}")
     return float(value)
 
 
 def check_ratio(name: str, value: Any, *, optional: bool = False) -> float | None:
     """``value`` as a float in [0, 1], else ValueError."""
     return check_number(name, value, low=0.0, high=1.0, optional=optional)
+
+
+def short_repr(value: Any, limit: int = 60) -> str:
+    """``repr(value)`` for a one-line message: cut to ``limit`` characters, its full length named."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    return f"{text[: limit - 10]}...{text[-6:]} ({len(text)} characters)"
 
 
 def env_flag(name: str, default: bool = False) -> bool:
@@ -91,7 +99,17 @@ def env_flag(name: str, default: bool = False) -> bool:
         return True
     if word in _FALSE:
         return False
-    raise ValueError(f"environment variable {name} must be 1/true/yes/on or 0/false/no/off, got {text!r}")
+    raise ValueError(
+        f"environment variable {name} must be 1/true/yes/on or 0/false/no/off, got {short_repr(text)}"
+    )
+
+
+def _as_float(value) -> float:
+    """``float(value)``, infinite for an integer too large for a float (instead of OverflowError)."""
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf
 
 
 def _range(low, high, low_open: bool = False) -> str:

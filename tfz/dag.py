@@ -22,6 +22,7 @@ from functools import cached_property
 import numpy as np
 
 from tfz.schedule import KINDS, Action, Schedule
+from tfz.schedule.limits import check_actions
 
 __all__ = ["DAG", "Simulation", "build_dag", "simulate"]
 
@@ -124,7 +125,7 @@ class Simulation:
             return []
         ptr, idx = dag.preds
         end, start = self.end, self.start
-        tol = 1e-9 * max(1.0, self.makespan)
+        tol = 1e-9 * self.makespan  # relative: times of 1e-320 or 1e300 ms have their whole path
         v = int(np.argmax(end))
         path = [v]
         while start[v] > tol:
@@ -153,10 +154,11 @@ def build_dag(schedule: Schedule) -> DAG:
     cross-rank deadlock where ranks wait on each other).
     """
     S, M, P = schedule.num_stages, schedule.num_microbatches, schedule.num_ranks
-    actions = tuple(a for order in schedule.orders for a in order)
-    n = len(actions)
+    n = schedule.num_actions
     if n == 0:
         raise ValueError("empty schedule: no actions")
+    check_actions(n, f"schedule {schedule.name!r}", limit_name="tfz.schedule.MAX_ACTIONS")
+    actions = tuple(a for order in schedule.orders for a in order)
     ranks = np.repeat(np.arange(P, dtype=np.int32), [len(o) for o in schedule.orders])
 
     for r, order in enumerate(schedule.orders):
@@ -170,6 +172,9 @@ def build_dag(schedule: Schedule) -> DAG:
             home = schedule.stage_to_rank[a.stage]
             if home != r:
                 raise ValueError(f"action {a} is on rank {r}, but stage {a.stage} lives on rank {home}")
+
+    if S * M > n:  # fewer actions than (stage, microbatch) pairs: some forward is missing
+        _check_complete_sparse(actions, S, M)  # raises, without a dense S x M table
 
     stage = np.fromiter((a.stage for a in actions), dtype=np.int32, count=n)
     kind = np.fromiter((KINDS.index(a.kind) for a in actions), dtype=np.int8, count=n)
@@ -239,6 +244,26 @@ def _check_complete(table: np.ndarray, S: int, M: int) -> None:
         raise ValueError(f"stage {s} is missing microbatch {m}: no backward ({Action(s, 'B', m)} or I/W)")
 
 
+def _check_complete_sparse(actions: tuple[Action, ...], S: int, M: int) -> None:
+    """The first error of the dense checks (a duplicate, else the first missing forward) for a schedule
+    with fewer actions than (stage, microbatch) pairs, found from the actions alone: a schedule that
+    claims 10^9 microbatches in a few actions allocates nothing."""
+    seen: dict[tuple[int, int], set[str]] = {}
+    for a in actions:
+        kinds = seen.setdefault((a.stage, a.microbatch), set())
+        if a.kind in kinds:
+            raise ValueError(f"duplicate action {a}")
+        kinds.add(a.kind)
+    for s in range(S):
+        # the first microbatch without a forward: at most (forwards of stage s) + 1 tries
+        m = 0
+        while m < M and "F" in seen.get((s, m), ()):
+            m += 1
+        if m < M:
+            raise ValueError(f"stage {s} is missing microbatch {m}: no forward {Action(s, 'F', m)}")
+    raise AssertionError("fewer actions than (stage, microbatch) pairs, yet every forward is there")
+
+
 def _toposort(actions: tuple[Action, ...], src: np.ndarray, dst: np.ndarray, n: int) -> np.ndarray:
     """Kahn's algorithm; on a cycle, raise naming the actions on it."""
     ptr, idx = _csr(src, dst, n)
@@ -301,7 +326,10 @@ def _as_durations(dag: DAG, durations) -> np.ndarray:
 
 def simulate(dag: DAG, durations) -> Simulation:
     """List-schedule ``dag`` with ``durations`` (array aligned with ``dag.actions`` or a mapping
-    from action name to time). Any time unit works; results use the same unit."""
+    from action name to time). Any time unit works; results use the same unit.
+
+    ValueError when the durations are not finite and >= 0, or so large that the makespan overflows
+    float64 (naming the largest duration)."""
     d = _as_durations(dag, durations)
     ptr, idx = dag.preds
     ptr_l, idx_l = ptr.tolist(), idx.tolist()
@@ -316,4 +344,11 @@ def simulate(dag: DAG, durations) -> Simulation:
                 t = e
         start[v] = t
         end[v] = t + d_l[v]
-    return Simulation(dag, d, np.asarray(start), np.asarray(end))
+    end_arr = np.asarray(end)
+    if len(end_arr) and not np.isfinite(end_arr.max()):
+        i = int(np.argmax(d))
+        raise ValueError(
+            f"durations too large: the makespan overflows float64 (largest duration {d[i]:.6g}, of "
+            f"{dag.actions[i]}); give the times in a larger unit"
+        )
+    return Simulation(dag, d, np.asarray(start), end_arr)

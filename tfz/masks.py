@@ -145,6 +145,8 @@ class StageUnits:
                 specs.append(LayerSpec(name, sub.out_features, sub.in_features))
             elif include_tensors and param.requires_grad and id(param) not in owned:
                 specs.append(TensorSpec(pname, param.numel()))
+        if not specs:
+            raise ValueError(_no_units_message(module, include_tensors))
         return cls(tuple(specs), block_rows=block_rows)
 
     @property
@@ -158,6 +160,24 @@ class StageUnits:
 
     def __len__(self) -> int:
         return len(self.units)
+
+
+def _no_units_message(module: Any, include_tensors: bool) -> str:
+    """The error of a stage module without freezable units: what it holds and how to convert it."""
+    holders = [
+        f"{name or '<module>'} ({type(sub).__module__}.{type(sub).__qualname__})"
+        for name, sub in module.named_modules()
+        if any(True for _ in sub.parameters(recurse=False))
+    ]
+    shown = ", ".join(holders[:8]) + (f", ... ({len(holders)} in all)" if len(holders) > 8 else "")
+    what = "no trainable parameter" if include_tensors else "no FreezableLinear with a trainable weight"
+    return (
+        f"a stage needs at least one freezable unit, but the stage module has {what}. Modules with "
+        f"parameters: {shown or 'none'}. Convert its linear layers first with "
+        "tfz.nn.convert_to_freezable(module) (nn.Linear and subclasses that keep nn.Linear.forward; "
+        "pass filter_fn=lambda module, fqn: ... to choose, and report=True to see what was skipped "
+        "and why), or count whole tensors as units with include_tensors=True"
+    )
 
 
 @runtime_checkable

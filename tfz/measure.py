@@ -24,6 +24,7 @@ their unfrozen time (timer noise), as the profile format requires. CUDA work is 
 
 from __future__ import annotations
 
+import re
 import statistics
 import sys
 from collections.abc import Callable
@@ -35,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tfz._validate import check_int, short_repr
 from tfz.masks import StageMasks, StageUnits
 from tfz.models import PRESETS, build_stages
 from tfz.nn import WeightGradStore, convert_to_freezable
@@ -42,10 +44,23 @@ from tfz.pipeline.engine import MaskPlan, StageParams, full_backward, input_back
 from tfz.profile import Profile, StageTimes
 from tfz.timing import ActionTimer
 
-__all__ = ["DTYPES", "ProfileConfig", "measure_stage", "profile_model", "stage_layers"]
+__all__ = [
+    "DTYPES",
+    "MAX_REPEATS",
+    "ProfileConfig",
+    "check_memory",
+    "device_memory",
+    "estimate_bytes",
+    "measure_stage",
+    "profile_model",
+    "stage_layers",
+]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _KINDS = ("F", "I", "W", "W_frozen", "B", "B_frozen")
+MAX_REPEATS = 10_000
+"""Most timed (and most warm-up) repeats per action."""
+_DEVICE = re.compile(r"cpu|cuda(:\d{1,4})?")
 
 
 @dataclass(frozen=True)
@@ -66,26 +81,26 @@ class ProfileConfig:
     warmup: int = 2
     repeats: int = 5
     seed: int = 0
+    """In [0, 2^32)."""
 
     def __post_init__(self):
-        if self.model not in PRESETS:
-            raise ValueError(f"unknown model {self.model!r}; choose one of: {', '.join(PRESETS)}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"unknown dtype {self.dtype!r}; choose one of: {', '.join(DTYPES)}")
-        for name, low in (
-            ("stages", 1),
-            ("microbatch_size", 1),
-            ("seq_len", 1),
-            ("warmup", 0),
-            ("repeats", 1),
+        if not isinstance(self.model, str) or self.model not in PRESETS:
+            raise ValueError(f"unknown model {short_repr(self.model)}; choose one of: {', '.join(PRESETS)}")
+        if not isinstance(self.dtype, str) or self.dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {short_repr(self.dtype)}; choose one of: {', '.join(DTYPES)}")
+        if not isinstance(self.device, str) or not _DEVICE.fullmatch(self.device):
+            raise ValueError(f"device must be cpu or cuda[:N], got {short_repr(self.device)}")
+        for name, low, high in (
+            ("stages", 1, None),
+            ("microbatch_size", 1, None),
+            ("seq_len", 1, None),
+            ("warmup", 0, MAX_REPEATS),
+            ("repeats", 1, MAX_REPEATS),
+            ("seed", 0, 2**32 - 1),
         ):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+            object.__setattr__(self, name, check_int(name, getattr(self, name), low, maximum=high))
         for name in ("layers_per_stage", "vocab_size"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+            object.__setattr__(self, name, check_int(name, getattr(self, name), 1, optional=True))
         preset = PRESETS[self.model]
         if self.seq_len > preset.max_seq_len:
             raise ValueError(
@@ -112,6 +127,58 @@ def stage_layers(config: ProfileConfig) -> list[list[int]]:
             f"{config.model}'s {n_layers} layers"
         )
     return [list(range(s * k, (s + 1) * k)) for s in range(config.stages)]
+
+
+def _stage_shapes(config: ProfileConfig):
+    """(model shape, layer ids per stage) that :func:`profile_model` builds."""
+    layers = stage_layers(config)
+    cfg = PRESETS[config.model]
+    cfg = cfg.with_(n_layers=sum(len(ids) for ids in layers), vocab_size=config.vocab_size or cfg.vocab_size)
+    return cfg, layers
+
+
+def estimate_bytes(config: ProfileConfig) -> tuple[int, int, int]:
+    """(host bytes, device bytes, parameters) of the largest stage :func:`profile_model` measures: a
+    lower bound from the shapes alone, so a configuration over it cannot fit. The stage is built in
+    float32 on the host; on the device it holds its weights and their gradients in ``dtype``, ten
+    [B, L, dim] tensors and three [B, L, ffn_dim] tensors per layer saved by a forward, and, on the
+    last stage, the logits with their float32 loss and gradient."""
+    cfg, layers = _stage_shapes(config)
+    size = DTYPES[config.dtype].itemsize
+    B, L, D = config.microbatch_size, config.seq_len, cfg.dim
+    kv = cfg.n_kv_heads * cfg.head_dim
+    per_layer = 2 * D * D + 2 * D * kv + 3 * D * cfg.ffn_dim + 2 * D
+    act_layer = B * L * (10 * D + 3 * cfg.ffn_dim) * size
+    host = device = largest = 0
+    for s, ids in enumerate(layers):
+        first, last = s == 0, s == len(layers) - 1
+        embed = cfg.vocab_size * D
+        params = len(ids) * per_layer + (embed if first else 0) + (embed + D if last else 0)
+        acts = len(ids) * act_layer + (B * L * cfg.vocab_size * (size + 8) if last else 0)
+        host = max(host, params * 4)
+        device = max(device, params * 2 * size + acts)
+        largest = max(largest, params)
+    return host, device, largest
+
+
+def check_memory(config: ProfileConfig, host: int, device: int | None = None, where: str = "cpu") -> None:
+    """ValueError naming the sizes when :func:`estimate_bytes` exceeds ``host`` bytes of host memory
+    or ``device`` bytes of ``where``'s memory (None: the device is the host)."""
+    need_host, need_device, params = estimate_bytes(config)
+    if device is None:
+        need_host, device = max(need_host, need_device), host
+    for need, have, name in ((need_host, host, "host"), (need_device, device, where)):
+        if need > have:
+            vocab = config.vocab_size or PRESETS[config.model].vocab_size
+            raise ValueError(
+                f"{config.model} with {config.stages} stages, microbatch {config.microbatch_size} x "
+                f"{config.seq_len} tokens, vocab {vocab:,}: the largest stage ({params:.3g} parameters) "
+                f"needs at least {_gb(need)} of {name} memory, which has {_gb(have)}"
+            )
+
+
+def _gb(nbytes: int) -> str:
+    return f"{nbytes / 1e9:.3g} GB"
 
 
 def _all_frozen(module: nn.Module) -> StageMasks:
@@ -196,13 +263,25 @@ def measure_stage(
     return times
 
 
-def _device(name: str) -> torch.device:
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
+def device_memory(name: str) -> int | None:
+    """Bytes of memory of device ``name`` ("cuda[:N]"; None for "cpu", the host); ValueError when
+    the device does not exist here."""
+    if not isinstance(name, str) or not _DEVICE.fullmatch(name):
+        raise ValueError(f"device must be cpu or cuda[:N], got {short_repr(name)}")
+    if name == "cpu":
+        return None
+    if not torch.cuda.is_available():
         raise ValueError(f"--device {name} requested but CUDA is not available on this machine")
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"device must be cpu or cuda[:N], got {name!r}")
-    return device
+    index = int(name.partition(":")[2] or torch.cuda.current_device())
+    count = torch.cuda.device_count()
+    if index >= count:
+        raise ValueError(f"--device {name}: this machine has {count} CUDA device(s), 0-{count - 1}")
+    return torch.cuda.get_device_properties(index).total_memory
+
+
+def _device(name: str) -> torch.device:
+    device_memory(name)
+    return torch.device(name)
 
 
 def _device_name(device: torch.device) -> str:
@@ -221,9 +300,7 @@ def profile_model(config: ProfileConfig, progress: Callable[[str], None] | None 
     if not isinstance(config, ProfileConfig):
         raise TypeError(f"config must be a ProfileConfig, got {type(config).__name__}")
     device = _device(config.device)
-    layers = stage_layers(config)
-    cfg = PRESETS[config.model]
-    cfg = cfg.with_(n_layers=sum(len(ids) for ids in layers), vocab_size=config.vocab_size or cfg.vocab_size)
+    cfg, layers = _stage_shapes(config)
     dtype = DTYPES[config.dtype]
     timer = ActionTimer(device if device.type == "cuda" else "cpu")
     gen = torch.Generator().manual_seed(config.seed)

@@ -54,12 +54,17 @@ from typing import Any
 
 import numpy as np
 
+from tfz._validate import check_int, is_number, short_repr
 from tfz.schedule import KINDS, Action
+from tfz.schedule.limits import read_capped
 
-__all__ = ["FORMAT", "VERSION", "ActionTimes", "Profile", "StageTimes"]
+__all__ = ["FORMAT", "MAX_BYTES", "VERSION", "ActionTimes", "Profile", "StageTimes"]
 
 FORMAT = "tfz-profile"
 VERSION = 1
+MAX_BYTES = 128 * 2**20
+"""Largest profile file :meth:`Profile.load` reads (128 MiB: per-action times for more than
+:data:`tfz.schedule.MAX_ACTIONS` actions)."""
 _UNITS = {"ms": 1.0, "us": 1e-3, "s": 1e3}
 _TOP_KEYS = ("format", "version", "unit", "stages", "default", "actions", "meta")
 _STAGE_KEYS = ("F", "I", "W", "W_frozen", "B", "B_frozen")
@@ -67,11 +72,14 @@ _ACTION_KEYS = ("unfrozen", "frozen")
 
 
 def _time(value: Any, where: str, scale: float = 1.0) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{where}: expected a number, got {value!r}")
-    t = float(value) * scale
+    if not is_number(value):
+        raise ValueError(f"{where}: expected a number, got {short_repr(value)}")
+    try:
+        t = float(value) * scale
+    except OverflowError:  # an integer of hundreds of digits
+        t = math.inf
     if not math.isfinite(t) or t < 0:
-        raise ValueError(f"{where}: time must be finite and >= 0, got {value!r}")
+        raise ValueError(f"{where}: time must be finite and >= 0, got {short_repr(value)}")
     return t
 
 
@@ -144,7 +152,9 @@ class StageTimes:
     @classmethod
     def from_dict(cls, d: Any, where: str = "stage", scale: float = 1.0) -> StageTimes:
         if not isinstance(d, Mapping):
-            raise ValueError(f"{where}: expected an object with keys {', '.join(_STAGE_KEYS)}, got {d!r}")
+            raise ValueError(
+                f"{where}: expected an object with keys {', '.join(_STAGE_KEYS)}, got {short_repr(d)}"
+            )
         _check_keys(d, _STAGE_KEYS, where)
         if "F" not in d:
             raise ValueError(f"{where}.F: missing (forward time is required)")
@@ -166,7 +176,7 @@ class ActionTimes:
 def _check_keys(d: Mapping, allowed: tuple[str, ...], where: str) -> None:
     for key in d:
         if key not in allowed:
-            raise ValueError(f"{where}: unknown key {key!r}; allowed: {', '.join(allowed)}")
+            raise ValueError(f"{where}: unknown key {short_repr(key)}; allowed: {', '.join(allowed)}")
 
 
 def _parse_action_override(name: Any, d: Any, where: str, scale: float) -> tuple[str, ActionTimes]:
@@ -175,7 +185,7 @@ def _parse_action_override(name: Any, d: Any, where: str, scale: float) -> tuple
     except ValueError as exc:
         raise ValueError(f"{where}: {exc}") from None
     if not isinstance(d, Mapping) or not d:
-        raise ValueError(f"{where}: expected an object with 'unfrozen' and/or 'frozen', got {d!r}")
+        raise ValueError(f"{where}: expected an object with 'unfrozen' and/or 'frozen', got {short_repr(d)}")
     _check_keys(d, _ACTION_KEYS, where)
     times = ActionTimes(**{k: _time(d[k], f"{where}.{k}", scale) for k in _ACTION_KEYS if k in d})
     if action.kind in ("F", "I") and times.frozen is not None and times.frozen != times.unfrozen:
@@ -202,8 +212,7 @@ class Profile:
         if not self.stages and self.default is None:
             raise ValueError("profile has no times: give 'stages' or 'default'")
         for s, times in self.stages.items():
-            if isinstance(s, bool) or not isinstance(s, int) or s < 0:
-                raise ValueError(f"stages: stage index must be an integer >= 0, got {s!r}")
+            check_int("stages: stage index", s, 0)
             if not isinstance(times, StageTimes):
                 raise TypeError(f"stages.{s}: expected StageTimes, got {type(times).__name__}")
         actions = {}
@@ -234,10 +243,17 @@ class Profile:
 
         F, I: frozen == unfrozen. W: ``W`` / ``W_frozen``. B: ``I + W`` / ``I + W_frozen`` unless
         the stage gives ``B`` / ``B_frozen``. Per-action overrides win. ValueError if the profile
-        lacks a stage or a time the DAG needs, overrides an action the DAG does not have, or a
-        frozen time exceeds its unfrozen one.
+        lacks a stage or a time the DAG needs, lists a stage the DAG does not have, overrides an
+        action the DAG does not have, or a frozen time exceeds its unfrozen one.
         """
         S = dag.num_stages
+        extra = sorted(s for s in self.stages if s >= S)
+        if extra:
+            raise ValueError(
+                f"profile has times for stage {extra[0]} ({len(self.stages)} stages listed, up to "
+                f"{max(self.stages)}), but the schedule has {S} stages (0-{S - 1}); a profile of "
+                "another model split would be misread"
+            )
         up = np.empty((S, len(KINDS)))
         low = np.empty((S, len(KINDS)))
         for s in np.unique(dag.stage).tolist():
@@ -252,7 +268,9 @@ class Profile:
         for name, times in self.actions.items():
             v = dag.index.get(name)
             if v is None:
-                raise ValueError(f"profile overrides action {name!r}, which the schedule does not have")
+                raise ValueError(
+                    f"profile overrides action {short_repr(name)}, which the schedule does not have"
+                )
             if times.unfrozen is not None:
                 unfrozen[v] = times.unfrozen
                 if dag.actions[v].kind in ("F", "I"):
@@ -294,18 +312,21 @@ class Profile:
             if key not in d:
                 raise ValueError(f"{key}: missing (expected {expected!r})")
             if d[key] != expected or isinstance(d[key], bool):
-                raise ValueError(f"{key}: expected {expected!r}, got {d[key]!r}")
+                raise ValueError(f"{key}: expected {expected!r}, got {short_repr(d[key])}")
         unit = d.get("unit", "ms")
         if unit not in _UNITS:
-            raise ValueError(f"unit: expected one of {', '.join(_UNITS)}, got {unit!r}")
+            raise ValueError(f"unit: expected one of {', '.join(_UNITS)}, got {short_repr(unit)}")
         scale = _UNITS[unit]
         stages_in = d.get("stages", {})
         if not isinstance(stages_in, Mapping):
-            raise ValueError(f"stages: expected an object keyed by stage index, got {stages_in!r}")
+            raise ValueError(f"stages: expected an object keyed by stage index, got {short_repr(stages_in)}")
         stages = {}
         for key, value in stages_in.items():
-            if not (isinstance(key, str) and key.isascii() and key.isdecimal()):
-                raise ValueError(f"stages: stage key must be a decimal index such as '0', got {key!r}")
+            if not (isinstance(key, str) and key.isascii() and key.isdecimal() and len(key) <= 9):
+                raise ValueError(
+                    f"stages: stage key must be a decimal index such as '0' (at most 9 digits), "
+                    f"got {short_repr(key)}"
+                )
             if int(key) in stages:
                 raise ValueError(f"stages.{key}: stage {int(key)} is listed twice")
             stages[int(key)] = StageTimes.from_dict(value, f"stages.{key}", scale)
@@ -316,16 +337,19 @@ class Profile:
             raise ValueError("stages: no stage times (give 'stages' or 'default')")
         actions_in = d.get("actions", {})
         if not isinstance(actions_in, Mapping):
-            raise ValueError(f"actions: expected an object keyed by action name, got {actions_in!r}")
+            raise ValueError(
+                f"actions: expected an object keyed by action name, got {short_repr(actions_in)}"
+            )
         actions = {}
         for key, value in actions_in.items():
-            name, times = _parse_action_override(key, value, f"actions.{key}", scale)
+            where = f"actions.{key}" if len(key) <= 40 else f"actions.{key[:30]}..."
+            name, times = _parse_action_override(key, value, where, scale)
             if name in actions:
-                raise ValueError(f"actions.{key}: action {name} is listed twice")
+                raise ValueError(f"{where}: action {name} is listed twice")
             actions[name] = times
         meta = d.get("meta", {})
         if not isinstance(meta, Mapping):
-            raise ValueError(f"meta: expected an object, got {meta!r}")
+            raise ValueError(f"meta: expected an object, got {short_repr(meta)}")
         return cls(stages=stages, default=default, actions=actions, meta=dict(meta))
 
     def save(self, path: str | os.PathLike) -> None:
@@ -335,10 +359,17 @@ class Profile:
     @classmethod
     def load(cls, path: str | os.PathLike) -> Profile:
         """Read a profile file. OSError if unreadable; ValueError naming the file and field if
-        malformed."""
-        raw = Path(path).read_bytes()
+        malformed, nested too deeply or larger than :data:`MAX_BYTES`."""
+        raw = read_capped(path, MAX_BYTES, "a profile", "tfz.profile.MAX_BYTES")
         try:
-            d = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys, parse_constant=_no_constant)
+            d = json.loads(
+                raw.decode("utf-8"),
+                object_pairs_hook=_unique_keys,
+                parse_constant=_no_constant,
+                parse_float=_finite_float,
+            )
+        except RecursionError:
+            raise ValueError(f"{path}: invalid JSON: nested too deeply") from None
         except UnicodeDecodeError:
             raise ValueError(f"{path}: not a UTF-8 text file") from None
         except json.JSONDecodeError as exc:
@@ -354,10 +385,27 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
     out = {}
     for key, value in pairs:
         if key in out:
-            raise ValueError(f"duplicate key {key!r}")
+            raise ValueError(f"duplicate key {short_repr(key)}")
         out[key] = value
     return out
 
 
 def _no_constant(name: str):
     raise ValueError(f"{name} is not a valid time")
+
+
+class _Overflow(float):
+    """A JSON number beyond float64 (``1e400``): infinite, but shown as written in messages."""
+
+    def __new__(cls, text: str):
+        self = super().__new__(cls, text)
+        self.text = text
+        return self
+
+    def __repr__(self) -> str:
+        return self.text
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    return value if math.isfinite(value) else _Overflow(text)

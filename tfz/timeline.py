@@ -18,10 +18,12 @@ from __future__ import annotations
 import gzip
 import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
+from tfz._validate import check_number
 from tfz.schedule import FREEZABLE_KINDS, KINDS
 
 __all__ = ["chrome_trace", "write_chrome_trace", "write_gantt_png"]
@@ -58,12 +60,16 @@ def chrome_trace(sim, ratios=None, *, unit_ms: float = 1.0) -> dict:
     ``rank r (bubble x%)``. Event ``args`` hold stage, microbatch, kind and, with ``ratios``, the
     freeze ratio of B/W actions. ``otherData`` holds the makespan (ms) and per-rank bubble ratios.
     """
-    if not (isinstance(unit_ms, (int, float)) and np.isfinite(unit_ms) and unit_ms > 0):
-        raise ValueError(f"unit_ms must be a finite number > 0, got {unit_ms!r}")
+    unit_ms = check_number("unit_ms", unit_ms, low=0, low_open=True)
     dag = sim.dag
     r = _check_ratios(dag, ratios)
     sched = dag.schedule
     scale = 1000.0 * unit_ms
+    if not np.isfinite(sim.makespan * scale):
+        raise ValueError(
+            f"makespan {sim.makespan:.6g} x {unit_ms:g} ms is too long for a Chrome trace: its times in "
+            "microseconds overflow float64"
+        )
     ts = (sim.start * scale).tolist()
     dur = (sim.end * scale - sim.start * scale).tolist()
     rank, stage, kind, mb = (a.tolist() for a in (dag.rank, dag.stage, dag.kind, dag.microbatch))
@@ -122,14 +128,28 @@ def chrome_trace(sim, ratios=None, *, unit_ms: float = 1.0) -> dict:
     }
 
 
+@contextmanager
+def _naming(path):
+    """OSError raised inside names ``path`` (a full disk reports only "No space left on device")."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is not None or exc.errno is None:
+            raise
+        raise OSError(exc.errno, exc.strerror, os.fspath(path)) from None
+
+
 def write_chrome_trace(path: str | os.PathLike, sim, ratios=None, **kw) -> None:
-    """Write :func:`chrome_trace` as JSON to ``path`` (gzip-compressed if it ends in ``.gz``)."""
-    text = json.dumps(chrome_trace(sim, ratios, **kw), separators=(",", ":"))
-    if str(path).endswith(".gz"):
-        with gzip.open(path, "wt", encoding="utf-8") as fh:
-            fh.write(text)
-    else:
-        Path(path).write_text(text, encoding="utf-8")
+    """Write :func:`chrome_trace` as JSON to ``path`` (gzip-compressed if it ends in ``.gz``).
+
+    An OSError names ``path``."""
+    text = json.dumps(chrome_trace(sim, ratios, **kw), separators=(",", ":"), allow_nan=False)
+    with _naming(path):
+        if str(path).endswith(".gz"):
+            with gzip.open(path, "wt", encoding="utf-8") as fh:
+                fh.write(text)
+        else:
+            Path(path).write_text(text, encoding="utf-8")
 
 
 def default_png_size(num_ranks: int) -> tuple[float, float]:
@@ -158,6 +178,17 @@ def _idle_intervals(sim) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     g_rank, g_lo, g_hi = (np.concatenate(x) for x in (gap_rank, gap_lo, gap_hi))
     keep = g_hi - g_lo > 1e-9 * max(span, 1e-300)
     return g_rank[keep], g_lo[keep], g_hi[keep]
+
+
+def _readable_scale(sim, unit: str):
+    """(sim, axis unit): times outside [1e-3, 1e6] are drawn in a power-of-ten multiple of ``unit``
+    (``"1e-318 ms"``), which matplotlib's axes can place (they collapse spans of 1e-319 to nothing)."""
+    span = sim.makespan
+    if span <= 0 or 1e-3 <= span < 1e6:
+        return sim, unit
+    exp = int(np.floor(np.log10(span)))
+    step = 10.0**exp
+    return type(sim)(sim.dag, sim.durations / step, sim.start / step, sim.end / step), f"1e{exp} {unit}"
 
 
 def _boxes(rank: np.ndarray, lo: np.ndarray, hi: np.ndarray, height: float) -> np.ndarray:
@@ -191,6 +222,8 @@ def write_gantt_png(
     ``size`` is (width, height) in inches (default :func:`default_png_size`); the image is
     ``size * dpi`` pixels. Blocks are drawn as one PolyCollection per kind, so a few hundred
     thousand actions stay cheap; microbatch numbers are written into blocks only for small DAGs.
+    Times outside [1e-3, 1e6] ``unit`` are drawn in a power-of-ten multiple of it. The file is PNG
+    whatever its name; an OSError names ``path``.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.cm import ScalarMappable
@@ -201,6 +234,8 @@ def write_gantt_png(
 
     dag = sim.dag
     r = _check_ratios(dag, ratios)
+    makespan = sim.makespan
+    sim, axis_unit = _readable_scale(sim, unit)
     P, n, span = dag.num_ranks, dag.num_actions, sim.makespan
     width, height = default_png_size(P) if size is None else size
     fig = Figure(figsize=(width, height), dpi=dpi, layout="constrained")
@@ -269,18 +304,19 @@ def write_gantt_png(
         labels = [f"r{p}  {100 * bubble[p]:.1f}%" for p in range(P)]
     points_per_rank = max(height - 1.2, 0.5) * 72 / P
     ax.set_yticklabels(labels, fontsize=float(np.clip(0.45 * points_per_rank, 4.0, 9.0)))
-    ax.set_xlabel(f"time ({unit})")
+    ax.set_xlabel(f"time ({axis_unit})")
     ax.grid(axis="x", color="#dddddd", linewidth=0.5)
     ax.set_axisbelow(True)
     if title is None:
         sched = dag.schedule
         title = (
             f"{sched.name}: {P} ranks, {dag.num_stages} stages, {sched.num_microbatches} microbatches, "
-            f"{n} actions | makespan {span:.4g} {unit}, mean bubble {100 * float(bubble.mean()):.1f}%"
+            f"{n} actions | makespan {makespan:.4g} {unit}, mean bubble {100 * float(bubble.mean()):.1f}%"
         )
     ax.set_title(title, fontsize=10)
     fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), fontsize=8, frameon=False)
     if cmap is not None:
         sm = ScalarMappable(norm=Normalize(0.0, 1.0), cmap=cmap)
         fig.colorbar(sm, ax=ax, label="freeze ratio (B/W)", fraction=0.03, pad=0.01)
-    fig.savefig(path, format="png", dpi=dpi)
+    with _naming(path):
+        fig.savefig(path, format="png", dpi=dpi)

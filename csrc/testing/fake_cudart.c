@@ -5,8 +5,10 @@
  *
  * Model: the k-th cudaEventRecord in the process (k = 0, 1, ...) stamps its event at 0.5 * k * k ms.
  * An event is complete only after cudaEventSynchronize was called on an event of the same stream recorded
- * at or after it; cudaEventElapsedTime returns cudaErrorNotReady (600) otherwise.
- * Devices: FAKE_CUDART_DEVICES (default 1); events remember the device current at creation.
+ * at or after it; cudaEventElapsedTime returns cudaErrorNotReady (600) otherwise, and computes in double
+ * like the real runtime (64-bit nanosecond clocks), returning float milliseconds.
+ * Devices: FAKE_CUDART_DEVICES (default 1); events remember the device current at creation and can be
+ * recorded only while that device is current (cudaErrorInvalidResourceHandle otherwise).
  * Counters for the tests: fake_cudart_counter(name), fake_cudart_record_stream(k). */
 
 #include <pthread.h>
@@ -38,6 +40,7 @@ typedef struct {
 static pthread_mutex_t g_mutex = PTHREAD_MUTEX_INITIALIZER;
 static int g_device = 0;
 static int64_t g_records = 0, g_syncs = 0, g_created = 0, g_destroyed = 0, g_elapsed = 0, g_set_device = 0;
+static int64_t g_wrong_device = 0;
 static int64_t g_last_flags = -1, g_last_event_device = -1;
 static uintptr_t g_record_stream[MAX_RECORDS];
 static uintptr_t g_stream_ids[MAX_STREAMS];
@@ -107,6 +110,11 @@ cudaError_t cudaEventRecord(void* event, void* stream) {
   FakeEvent* e = event;
   if (!valid(e)) return kInvalidHandle;
   pthread_mutex_lock(&g_mutex);
+  if (e->device != g_device) {
+    g_wrong_device++;
+    pthread_mutex_unlock(&g_mutex);
+    return kInvalidHandle;
+  }
   e->seq = g_records;
   e->stream = (uintptr_t)stream;
   e->recorded = 1;
@@ -139,7 +147,7 @@ cudaError_t cudaEventElapsedTime(float* ms, void* start, void* end) {
   if (!complete(a) || !complete(b)) {
     err = kNotReady;
   } else {
-    *ms = 0.5f * (float)b->seq * (float)b->seq - 0.5f * (float)a->seq * (float)a->seq;
+    *ms = (float)(0.5 * (double)b->seq * (double)b->seq - 0.5 * (double)a->seq * (double)a->seq);
   }
   pthread_mutex_unlock(&g_mutex);
   return err;
@@ -182,6 +190,7 @@ int64_t fake_cudart_counter(const char* name) {
   if (strcmp(name, "destroyed") == 0) value = g_destroyed;
   if (strcmp(name, "elapsed") == 0) value = g_elapsed;
   if (strcmp(name, "set_device") == 0) value = g_set_device;
+  if (strcmp(name, "wrong_device") == 0) value = g_wrong_device;
   if (strcmp(name, "device") == 0) value = g_device;
   if (strcmp(name, "last_flags") == 0) value = g_last_flags;
   if (strcmp(name, "last_event_device") == 0) value = g_last_event_device;

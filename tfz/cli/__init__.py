@@ -1,19 +1,21 @@
 """The ``tfz`` command: ``simulate``, ``plan``, ``profile``, ``demo``.
 
 Each subcommand lives in ``tfz/cli/<name>.py`` and defines ``add_arguments(parser)`` and
-``run(args) -> int``; heavy imports happen inside ``run``. User errors (ValueError, OSError,
-:class:`UsageError`) end with exit status 2 and one line on stderr, without a traceback
-(``TFZ_DEBUG=1`` shows it).
+``run(args) -> int``; heavy imports happen inside ``run``. Every error ends with exit status 2 and
+one line on stderr, without a traceback: user errors (ValueError, OSError, :class:`UsageError`, a
+failed rank) as their message, anything else (a bug, MemoryError, RecursionError) with its type
+named. ``TFZ_DEBUG=1`` (see :func:`tfz._validate.env_flag`) raises instead, with the traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import sys
 
-__all__ = ["UsageError", "main"]
+from tfz._validate import env_flag
+
+__all__ = ["UsageError", "error_line", "main"]
 
 COMMANDS = {
     "simulate": "simulate a schedule: makespan, bubbles, critical path, timeline",
@@ -56,20 +58,50 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _first_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[0] if lines else ""
+
+
+def error_line(exc: BaseException) -> str:
+    """The one line an exception is reported as: the message of a user error (ValueError, OSError,
+    UsageError, a rank's error), else the exception's type and message."""
+    launch = sys.modules.get("tfz.pipeline.launch")  # loaded whenever a RankError can exist
+    user = (UsageError, ValueError, OSError) + ((launch.RankError,) if launch else ())
+    msg = _first_line(exc)
+    if isinstance(exc, user) and msg:
+        return msg
+    if isinstance(exc, MemoryError):
+        return f"out of memory (MemoryError{': ' + msg if msg else ''})"
+    if isinstance(exc, RecursionError):
+        return f"input nested too deeply (RecursionError: {msg})"
+    name = type(exc).__qualname__
+    return f"{name}: {msg}" if msg else name
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if getattr(args, "_run", None) is None:
-        parser.print_help(sys.stderr)
-        return 2
     try:
-        return int(args._run(args) or 0)
-    except (UsageError, ValueError, OSError) as exc:
-        if os.environ.get("TFZ_DEBUG") == "1":
-            raise
-        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        print(f"tfz {args.command}: error: {msg}", file=sys.stderr)
+        debug = env_flag("TFZ_DEBUG")
+    except ValueError as exc:
+        print(f"tfz: error: {exc}", file=sys.stderr)
         return 2
+    command = "tfz"
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if getattr(args, "_run", None) is None:
+            print(
+                f"tfz: error: give a command: {', '.join(COMMANDS)} (tfz --help describes them)",
+                file=sys.stderr,
+            )
+            return 2
+        command = f"tfz {args.command}"
+        return int(args._run(args) or 0)
     except KeyboardInterrupt:
-        print("tfz: interrupted", file=sys.stderr)
+        print(f"{command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # noqa: BLE001 - every error is one line (TFZ_DEBUG=1: the traceback)
+        if debug:
+            raise
+        print(f"{command}: error: {error_line(exc)}", file=sys.stderr)
+        return 2

@@ -1,30 +1,42 @@
-"""Command-line flags shared by ``tfz simulate`` and ``tfz plan``.
+"""Command-line flags shared by ``tfz simulate``, ``tfz plan`` and ``tfz profile``.
 
 Schedule flags: ``--schedule``, ``--ranks``, ``--microbatches``, ``--stages-per-rank``.
 Time flags: ``--f``, ``--i``, ``--w`` (and ``--w-frozen`` where asked for) in milliseconds, or
 ``--profile FILE`` (tfz-profile JSON, see :mod:`tfz.profile`); the two exclude each other. Times
 that are not given default to :data:`DEFAULT_TIMES` (F = I = W = 1 ms, frozen W = 0 ms).
+Output files (``--trace``, ``--png``, ``--out``) are checked before any work: :func:`check_output`.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
+from pathlib import Path
 
+from tfz._validate import short_repr
 from tfz.cli import UsageError
 from tfz.schedule import SCHEDULES
 
 __all__ = [
-    "write_timelines",
     "DEFAULT_TIMES",
+    "TIMELINE_SUFFIXES",
     "add_schedule_arguments",
     "add_time_arguments",
+    "bounded_int",
+    "check_output",
+    "check_timeline_outputs",
     "nonnegative_float",
+    "normalised",
     "positive_float",
     "positive_int",
     "profile_from_args",
     "schedule_from_args",
+    "write_timelines",
 ]
+
+TIMELINE_SUFFIXES = {"trace": (".json", ".json.gz"), "png": (".png",)}
+"""File name endings ``--trace`` and ``--png`` accept."""
 
 DEFAULT_TIMES = {"f": 1.0, "i": 1.0, "w": 1.0, "w_frozen": 0.0}
 """Milliseconds used for time flags that are not given."""
@@ -32,12 +44,18 @@ DEFAULT_TIMES = {"f": 1.0, "i": 1.0, "w": 1.0, "w_frozen": 0.0}
 
 def positive_int(text: str) -> int:
     """argparse type: an integer >= 1."""
+    return bounded_int(text, 1)
+
+
+def bounded_int(text: str, low: int, high: int | None = None) -> int:
+    """An integer in [low, high] from ``text``, else ArgumentTypeError naming it."""
+    what = f"an integer >= {low}" if high is None else f"an integer in [{low}, {high:,}]"
     try:
         value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    except ValueError:  # also more than 4300 digits
+        raise argparse.ArgumentTypeError(f"expected {what}, got {short_repr(text)}") from None
+    if value < low or (high is not None and value > high):
+        raise argparse.ArgumentTypeError(f"expected {what}, got {short_repr(text)}")
     return value
 
 
@@ -45,9 +63,9 @@ def _float(text: str, ok, what: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected {what}, got {short_repr(text)}") from None
     if not (math.isfinite(value) and ok(value)):
-        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected {what}, got {short_repr(text)}")
     return value
 
 
@@ -118,11 +136,15 @@ def add_time_arguments(parser: argparse.ArgumentParser, *, frozen: bool = False)
     )
 
 
-def schedule_from_args(args: argparse.Namespace):
-    """The :class:`tfz.schedule.Schedule` the schedule flags describe (ValueError if invalid)."""
-    from tfz.schedule import build_schedule
+def schedule_from_args(args: argparse.Namespace, max_actions: int | None = None):
+    """The :class:`tfz.schedule.Schedule` the schedule flags describe (ValueError if invalid, or over
+    ``max_actions``, default :data:`tfz.schedule.MAX_ACTIONS`, before anything is built)."""
+    from tfz.schedule import MAX_ACTIONS, build_schedule
 
-    return build_schedule(args.schedule, args.ranks, args.microbatches, args.stages_per_rank)
+    limit = MAX_ACTIONS if max_actions is None else max_actions
+    return build_schedule(
+        args.schedule, args.ranks, args.microbatches, args.stages_per_rank, max_actions=limit
+    )
 
 
 def profile_from_args(args: argparse.Namespace):
@@ -149,6 +171,49 @@ def profile_from_args(args: argparse.Namespace):
     if times["w_frozen"] > times["w"]:
         raise UsageError(f"--w-frozen {times['w_frozen']} exceeds --w {times['w']}")
     return Profile.uniform(times["f"], times["i"], times["w"], times["w_frozen"])
+
+
+def check_output(path: str, flag: str, suffixes: tuple[str, ...]) -> None:
+    """UsageError naming ``flag`` and ``path`` unless a file can be written there: a name ending in
+    one of ``suffixes``, not a directory, in an existing directory that is writable (or an existing
+    writable file). Called before any work, so a long run never fails at its end."""
+    name = os.fspath(path)
+    if not name.lower().endswith(suffixes):
+        raise UsageError(f"{flag} {name}: the file name must end in {' or '.join(suffixes)}")
+    target = Path(name)
+    if target.is_dir():
+        raise UsageError(f"{flag} {name} is a directory; give a file name ending in {suffixes[0]}")
+    folder = target.parent
+    if not folder.exists():
+        raise UsageError(f"{flag} {name}: directory {str(folder)!r} does not exist")
+    if not folder.is_dir():
+        raise UsageError(f"{flag} {name}: {str(folder)!r} is not a directory")
+    if target.exists():
+        if not os.access(target, os.W_OK):
+            raise UsageError(f"{flag} {name}: the file is not writable")
+    elif not os.access(folder, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag} {name}: directory {str(folder)!r} is not writable")
+
+
+def check_timeline_outputs(args: argparse.Namespace) -> None:
+    """:func:`check_output` for ``--trace`` and ``--png`` when given."""
+    for key, suffixes in TIMELINE_SUFFIXES.items():
+        path = getattr(args, key, None)
+        if path is not None:
+            check_output(path, f"--{key}", suffixes)
+
+
+def normalised(unfrozen, frozen):
+    """(unfrozen, frozen, e): both divided by 2**e, which brings the largest unfrozen time into
+    [1, 2). Exact (a power of two), so results computed at that scale and multiplied by 2**e are
+    what the same computation gives at any unit, from 1e-320 ms to 1e300 ms."""
+    import numpy as np
+
+    top = float(np.max(unfrozen)) if len(unfrozen) else 0.0
+    if not top > 0:
+        return unfrozen, frozen, 0
+    e = math.frexp(top)[1] - 1
+    return np.ldexp(unfrozen, -e), np.ldexp(frozen, -e), e
 
 
 def write_timelines(args: argparse.Namespace, sim, ratios=None, *, title: str | None = None) -> list[str]:

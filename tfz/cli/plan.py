@@ -12,9 +12,12 @@ import argparse
 import json
 import sys
 
+from tfz.cli import UsageError
 from tfz.cli._common import (
     add_schedule_arguments,
     add_time_arguments,
+    check_timeline_outputs,
+    normalised,
     profile_from_args,
     schedule_from_args,
     write_timelines,
@@ -81,15 +84,49 @@ def _format(plan, dag) -> str:
     )
 
 
+def _solve(args, dag, unfrozen, frozen):
+    """The plan, solved with times scaled by a power of two into [1, 2) ms (so the solver's
+    tolerances see one scale whatever the unit) and its makespans scaled back; UsageError naming
+    the times when the planner fails or a result is not finite."""
+    import dataclasses
+
+    import numpy as np
+
+    from tfz.plan import PlanConfig, PlanSolveError, solve, solve_generic
+
+    config = PlanConfig(args.max_freeze_ratio, args.action_cap, args.weighting)
+    up, low, e = normalised(unfrozen, frozen)
+    times = f"action times {float(np.min(unfrozen)):.6g} to {float(np.max(unfrozen)):.6g} ms"
+    try:
+        with np.errstate(all="ignore"):  # results are checked below; no warnings beside the one line
+            plan = (solve if args.solver == "structured" else solve_generic)(dag, up, low, config)
+    except PlanSolveError as exc:
+        raise UsageError(f"the {args.solver} planner failed for {times}: {exc}") from exc
+    with np.errstate(over="ignore"):
+        spans = {k: float(np.ldexp(getattr(plan, k), e)) for k in _MAKESPANS}
+    if not all(np.isfinite(v) for v in spans.values()):
+        raise UsageError(
+            f"{times}: the step takes longer than float64 can hold; give the times in a larger unit"
+        )
+    plan = dataclasses.replace(plan, **spans)
+    numbers = [plan.speedup, plan.total_ratio, *plan.stage_mean_ratio]
+    if not (np.all(np.isfinite(numbers)) and np.all((plan.ratios >= 0) & (plan.ratios <= 1))):
+        raise UsageError(f"the {args.solver} planner returned a plan that is not finite for {times}")
+    return plan
+
+
+_MAKESPANS = ("makespan_planned", "makespan_unfrozen", "makespan_all_frozen")
+
+
 def run(args: argparse.Namespace) -> int:
     from tfz.dag import build_dag, simulate
-    from tfz.plan import PlanConfig, solve, solve_generic
+    from tfz.schedule.limits import MAX_PLAN_ACTIONS
 
+    check_timeline_outputs(args)
     profile = profile_from_args(args)
-    dag = build_dag(schedule_from_args(args))
+    dag = build_dag(schedule_from_args(args, MAX_PLAN_ACTIONS[args.solver]))
     unfrozen, frozen = profile.durations(dag)
-    config = PlanConfig(args.max_freeze_ratio, args.action_cap, args.weighting)
-    plan = (solve if args.solver == "structured" else solve_generic)(dag, unfrozen, frozen, config)
+    plan = _solve(args, dag, unfrozen, frozen)
     written = []
     if args.trace or args.png:
         sim = simulate(dag, plan.durations(unfrozen, frozen))

@@ -14,25 +14,30 @@ smaller one if they do not fit in memory).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
-from tfz.cli import UsageError
-from tfz.cli._common import positive_int
+from tfz.cli._common import bounded_int, check_output, positive_int
 
 __all__ = ["add_arguments", "run"]
 
 MODELS = ("tiny", "llama-1b", "llama-8b")
 DTYPE_CHOICES = ("float32", "bfloat16", "float16")
+MAX_REPEATS = 10_000
+"""Most --repeats and --warmup (``tfz.measure.MAX_REPEATS``; not imported here: it needs torch)."""
 
 
-def _nonnegative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return value
+def _repeats(low: int):
+    return lambda text: bounded_int(text, low, MAX_REPEATS)
+
+
+def _seed(text: str) -> int:
+    return bounded_int(text, 0, 2**32 - 1)
+
+
+def _host_memory() -> int:
+    """Bytes of physical memory of this machine."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -58,27 +63,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     r.add_argument(
         "--dtype", default="float32", choices=DTYPE_CHOICES, help="parameter dtype (default float32)"
     )
-    r.add_argument("--repeats", type=positive_int, default=5, metavar="N", help="timed repeats (median; 5)")
     r.add_argument(
-        "--warmup", type=_nonnegative_int, default=2, metavar="N", help="untimed repeats first (2)"
+        "--repeats",
+        type=_repeats(1),
+        default=5,
+        metavar="N",
+        help="timed repeats, at most 10,000 (median; 5)",
     )
-    r.add_argument("--seed", type=_nonnegative_int, default=0, help="weights and inputs seed (0)")
+    r.add_argument(
+        "--warmup", type=_repeats(0), default=2, metavar="N", help="untimed repeats first, at most 10,000 (2)"
+    )
+    r.add_argument("--seed", type=_seed, default=0, help="weights and inputs seed, < 2^32 (0)")
     out = parser.add_argument_group("output")
-    out.add_argument("--out", required=True, metavar="FILE", help="profile JSON to write")
+    out.add_argument(
+        "--out", required=True, metavar="FILE", help="profile JSON to write (checked before measuring)"
+    )
     out.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
 
 
 def run(args: argparse.Namespace) -> int:
+    check_output(args.out, "--out", (".json",))
+    from tfz.measure import ProfileConfig, check_memory, device_memory, profile_model
+
     device = str(args.device)
-    if device.split(":")[0] not in ("cpu", "cuda") or (device.startswith("cpu") and device != "cpu"):
-        raise UsageError(f"--device must be cpu or cuda[:N], got {device!r}")
-    import torch
-
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"--device {device} requested but CUDA is not available on this machine")
-
-    from tfz.measure import ProfileConfig, profile_model
-
     config = ProfileConfig(
         model=args.model,
         stages=args.stages,
@@ -92,9 +99,8 @@ def run(args: argparse.Namespace) -> int:
         repeats=args.repeats,
         seed=args.seed,
     )
-    from tfz.measure import stage_layers
-
-    stage_layers(config)  # layer-count errors before anything is built
+    # layer counts, the device and the memory the largest stage needs, before anything is built
+    check_memory(config, _host_memory(), device_memory(device), device)
 
     def progress(line: str) -> None:
         if not args.quiet:

@@ -14,6 +14,7 @@ import sys
 from tfz.cli._common import (
     add_schedule_arguments,
     add_time_arguments,
+    check_timeline_outputs,
     profile_from_args,
     schedule_from_args,
     write_timelines,
@@ -69,6 +70,7 @@ def _format(s: dict) -> str:
 def run(args: argparse.Namespace) -> int:
     from tfz.dag import build_dag, simulate
 
+    check_timeline_outputs(args)
     profile = profile_from_args(args)
     dag = build_dag(schedule_from_args(args))
     unfrozen, _ = profile.durations(dag)

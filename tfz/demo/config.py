@@ -21,7 +21,7 @@ rate, as in the paper's experiments; ``pretrain``: every method trains from scra
 MAX_RANKS = 64
 """The demo starts one process per rank (each about 300 MB: torch and the model)."""
 MAX_ACTIONS = 100_000
-"""Pipeline actions per step (ranks x stages per rank x microbatches x kinds) the demo accepts."""
+"""Pipeline actions per step the demo accepts (every rank builds the whole schedule and its DAG)."""
 _PROCESS_MB = 300
 
 _TF_METHODS = ("timelyfreeze", "timelyfreeze+apf", "timelyfreeze+autofreeze")
@@ -176,12 +176,11 @@ class DemoConfig:
                 f"--ranks {self.ranks}: the demo starts one process per rank, about {gb:,.0f} GB of memory; "
                 f"the limit is {MAX_RANKS} ranks"
             )
-        actions = self.ranks * 2 * self.microbatches * 3
-        if actions > MAX_ACTIONS:
-            raise ValueError(
-                f"--ranks {self.ranks} x --microbatches {self.microbatches}: up to {actions:,} pipeline "
-                f"actions per step; the limit is {MAX_ACTIONS:,}"
-            )
+        from tfz.schedule.limits import check_actions, estimate_size
+
+        most = estimate_size(self.schedule, self.ranks, self.microbatches, stages_per_rank=2).actions
+        what = f"{self.schedule} with --ranks {self.ranks} and --microbatches {self.microbatches}"
+        check_actions(most, what, MAX_ACTIONS, limit_name="tfz demo's")
 
     # ------------------------------------------------------------------ derived settings
 

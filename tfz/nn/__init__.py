@@ -5,11 +5,12 @@ Entry points: :class:`FreezableLinear` / :func:`convert_to_freezable` (model sur
 """
 
 from tfz.nn.context import RowMask, RowUsage, prepare_row_masks, reset_row_usage, use_row_masks
-from tfz.nn.freezable_linear import FreezableLinear, convert_to_freezable
+from tfz.nn.freezable_linear import ConversionReport, FreezableLinear, convert_to_freezable
 from tfz.nn.function import FreezableLinearFunction, freezable_linear
 from tfz.nn.store import WeightGradStore
 
 __all__ = [
+    "ConversionReport",
     "FreezableLinear",
     "FreezableLinearFunction",
     "RowMask",

@@ -22,63 +22,102 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
+
+from tfz import _torch_compat
+from tfz.kernels import ActiveRows
 
 __all__ = ["RowMask", "RowUsage", "prepare_row_masks", "reset_row_usage", "use_row_masks"]
 
 _TLS_KEY = "tfz.nn.state"
-_HAS_TORCH_TLS = all(
-    hasattr(torch._C, name)
-    for name in ("_stash_obj_in_tls", "_get_obj_in_tls", "_is_key_in_tls", "_remove_obj_from_tls")
-)
+_HAS_TORCH_TLS = _torch_compat.tls_supported()
 _local = threading.local()
 
 
 class RowMask:
     """A validated row mask of one layer with its all-active / all-frozen status decided once.
 
-    ``active`` is a bool tensor [out_features] (True = the row receives weight gradient) or None when
-    every row is active. Device copies are cached, so a prepared mask can be reused every step.
+    ``rows`` is the :class:`tfz.kernels.ActiveRows` of a partly frozen layer (its bool mask
+    ``rows.mask``, True = the row receives weight gradient, plus row runs and row-block lists, built
+    once on the mask's device), or None when every row is active (``all_active``) or every row is
+    frozen (``all_frozen``). Copies for other devices are cached, so a prepared mask can be reused
+    every step without a host synchronisation.
     """
 
-    __slots__ = ("active", "n_active", "out_features", "_by_device")
+    __slots__ = ("rows", "n_active", "out_features", "_by_device")
 
-    def __init__(self, mask: torch.Tensor | None, out_features: int):
-        if mask is None:
-            self.active, self.n_active = None, out_features
-        else:
-            if not isinstance(mask, torch.Tensor):
-                raise TypeError(f"row mask must be a bool tensor or None, got {type(mask).__name__}")
-            if mask.dtype != torch.bool:
-                raise TypeError(f"row mask must have dtype torch.bool, got {mask.dtype}")
-            if tuple(mask.shape) != (out_features,):
-                raise ValueError(f"row mask has shape {tuple(mask.shape)}, expected ({out_features},)")
-            self.n_active = int(mask.sum())  # one host sync per prepared mask, not per backward
-            self.active = None if self.n_active == out_features else mask.detach()
-        self.out_features = out_features
-        self._by_device: dict[torch.device, torch.Tensor] = {}
+    def __init__(self, mask, out_features: int, *, device=None):
+        (prepared,) = _prepare([mask], [out_features], device)
+        self.rows, self.n_active, self.out_features = prepared.rows, prepared.n_active, out_features
+        self._by_device: dict[torch.device, ActiveRows] = {}
+
+    @classmethod
+    def _make(cls, rows: ActiveRows | None, n_active: int, out_features: int) -> RowMask:
+        mask = cls.__new__(cls)
+        mask.rows, mask.n_active, mask.out_features = rows, n_active, out_features
+        mask._by_device = {}
+        return mask
 
     @property
     def all_active(self) -> bool:
-        return self.active is None
+        return self.n_active == self.out_features
 
     @property
     def all_frozen(self) -> bool:
         return self.n_active == 0
 
-    def on(self, device: torch.device) -> torch.Tensor | None:
-        """The active-row mask on ``device`` (None when every row is active)."""
-        if self.active is None:
-            return None
-        if self.active.device == device:
-            return self.active
+    def on(self, device: torch.device) -> ActiveRows | None:
+        """The prepared mask on ``device`` (None when every row is active, or every row is frozen)."""
+        rows = self.rows
+        if rows is None or rows.device == device:
+            return rows
         cached = self._by_device.get(device)
         if cached is None:
-            cached = self._by_device[device] = self.active.to(device)
+            cached = self._by_device[device] = rows.to(device)
         return cached
 
     def __repr__(self) -> str:
         return f"RowMask(active={self.n_active}/{self.out_features})"
+
+
+def _host_mask(mask, out_features: int) -> np.ndarray | None:
+    """``mask`` validated, as a numpy bool array (None: every row active)."""
+    if mask is None:
+        return None
+    if isinstance(mask, torch.Tensor):
+        if mask.dtype != torch.bool:
+            raise TypeError(f"row mask must have dtype torch.bool, got {mask.dtype}")
+        shape = tuple(mask.shape)
+    elif isinstance(mask, np.ndarray):
+        if mask.dtype != np.bool_:
+            raise TypeError(f"row mask must have dtype bool, got {mask.dtype}")
+        shape = mask.shape
+    else:
+        raise TypeError(
+            f"row mask must be a bool tensor, a bool numpy array or None, got {type(mask).__name__}"
+        )
+    if shape != (out_features,):
+        raise ValueError(f"row mask has shape {shape}, expected ({out_features},)")
+    if isinstance(mask, torch.Tensor):
+        mask = mask.detach().cpu().numpy()  # a CUDA mask: one device-to-host copy, here, once
+    return mask
+
+
+def _prepare(masks: list, out_features: list[int], device) -> list[RowMask]:
+    """RowMasks of ``masks`` (bool tensors, numpy bool arrays or None); the partly frozen ones are
+    prepared on ``device`` (default: a tensor mask's own device, else the CPU) with one upload."""
+    hosts = [_host_mask(m, n) for m, n in zip(masks, out_features)]
+    counts = [n if h is None else int(h.sum()) for h, n in zip(hosts, out_features)]
+    partial = [i for i, (c, n) in enumerate(zip(counts, out_features)) if 0 < c < n]
+    by_device: dict[torch.device, list[int]] = {}
+    for i in partial:
+        where = device if device is not None else getattr(masks[i], "device", torch.device("cpu"))
+        by_device.setdefault(torch.device(where), []).append(i)
+    rows: dict[int, ActiveRows] = {}
+    for where, idx in by_device.items():
+        rows.update(zip(idx, ActiveRows.build_many([hosts[i] for i in idx], where)))
+    return [RowMask._make(rows.get(i), c, n) for i, (c, n) in enumerate(zip(counts, out_features))]
 
 
 _ALL_ACTIVE: dict[int, RowMask] = {}
@@ -96,14 +135,20 @@ def _check_layer(layer: Any) -> None:
         raise TypeError(f"row masks apply to FreezableLinear layers, got {type(layer).__name__}")
 
 
-def prepare_row_masks(masks: Mapping[Any, torch.Tensor | RowMask | None]) -> dict[Any, RowMask]:
-    """Validate ``{layer: mask}`` once (mask: bool [out_features], True = active; None = all active).
+def prepare_row_masks(masks: Mapping[Any, Any], *, device=None) -> dict[Any, RowMask]:
+    """Validate and prepare ``{layer: mask}`` once; the result can be passed to :func:`use_row_masks`
+    every step without re-validating, and its dW calls need no host synchronisation.
 
-    The result can be passed to :func:`use_row_masks` every step without re-validating.
+    Args:
+        masks: layer -> bool tensor or numpy bool array [out_features] (True = active), a
+            :class:`RowMask`, or None (all active).
+        device: where the partly frozen masks are prepared (their row-block lists live there; default:
+            a tensor mask's device, else the CPU). Preparing costs one upload for all of them, and one
+            device-to-host copy per mask given as a CUDA tensor.
     """
     if not isinstance(masks, Mapping):
         raise TypeError(f"masks must be a mapping layer -> mask, got {type(masks).__name__}")
-    prepared = {}
+    prepared, todo = {}, []
     for layer, mask in masks.items():
         _check_layer(layer)
         if isinstance(mask, RowMask):
@@ -113,8 +158,11 @@ def prepare_row_masks(masks: Mapping[Any, torch.Tensor | RowMask | None]) -> dic
                 )
             prepared[layer] = mask
         else:
-            prepared[layer] = RowMask(mask, layer.out_features)
-    return prepared
+            todo.append((layer, mask))
+    if todo:
+        made = _prepare([m for _, m in todo], [layer.out_features for layer, _ in todo], device)
+        prepared.update(zip([layer for layer, _ in todo], made))
+    return {layer: prepared[layer] for layer in masks}
 
 
 @dataclass(frozen=True)
@@ -129,11 +177,13 @@ class _State:
 
     masks: tuple[dict[Any, RowMask], ...] = ()
     capture: _Capture | None = None
+    in_place: bool = False
+    """Masked layers add dW into ``.grad`` themselves in immediate mode (see :func:`use_row_masks`)."""
 
 
 def _current_state() -> _State | None:
-    if _HAS_TORCH_TLS and torch._C._is_key_in_tls(_TLS_KEY):
-        return torch._C._get_obj_in_tls(_TLS_KEY)
+    if _HAS_TORCH_TLS and _torch_compat.tls_has(_TLS_KEY):
+        return _torch_compat.tls_get(_TLS_KEY)
     return getattr(_local, "state", None)
 
 
@@ -142,10 +192,10 @@ def _set_state(state: _State | None) -> None:
     if _HAS_TORCH_TLS:
         if state is None:
             # erase rather than store None: a Python object left in C++ TLS at thread exit can deadlock
-            if torch._C._is_key_in_tls(_TLS_KEY):
-                torch._C._remove_obj_from_tls(_TLS_KEY)
+            if _torch_compat.tls_has(_TLS_KEY):
+                _torch_compat.tls_remove(_TLS_KEY)
         else:
-            torch._C._stash_obj_in_tls(_TLS_KEY, state)
+            _torch_compat.tls_stash(_TLS_KEY, state)
 
 
 @contextmanager
@@ -159,17 +209,24 @@ def _push(state: _State) -> Iterator[None]:
 
 
 @contextmanager
-def use_row_masks(masks: Mapping[Any, torch.Tensor | RowMask | None]) -> Iterator[None]:
+def use_row_masks(masks: Mapping[Any, Any], *, in_place: bool = False) -> Iterator[None]:
     """Make ``{layer: mask}`` the row masks of this thread (and of the backwards it starts).
 
     Args:
-        masks: FreezableLinear -> bool tensor [out_features] (True = active), a :class:`RowMask`, or
+        masks: FreezableLinear -> bool tensor or numpy bool array [out_features] (True = active), a
+            :class:`RowMask` (prepared once with :func:`prepare_row_masks`: no work per step), or
             None (all rows active). An all-False mask freezes the whole layer. Contexts nest; the
             innermost one that names a layer decides for it. Layers named by no context are all active.
+        in_place: in immediate mode, a layer with frozen rows adds its dW for the active rows into
+            ``weight.grad`` itself (allocated, zero, when None) and gives autograd no weight
+            gradient, so no dense [out, in] gradient is made per backward. Post-accumulate-grad
+            hooks still run, after the add; hooks on the gradient value (``register_hook``) do not
+            see it. Layers with every row active always return their gradient to autograd.
     """
     prepared = prepare_row_masks(masks)
     state = getattr(_local, "state", None) or _State()
-    with _push(_State(masks=(*state.masks, prepared), capture=state.capture)):
+    in_place = bool(in_place) or state.in_place
+    with _push(_State(masks=(*state.masks, prepared), capture=state.capture, in_place=in_place)):
         yield
 
 
@@ -181,7 +238,7 @@ def _capture(store: Any, key: tuple[int, int]) -> Iterator[None]:
             f"a W capture for (stage, microbatch) {state.capture.key} is already active in this thread; "
             f"cannot start one for {key}"
         )
-    with _push(_State(masks=state.masks, capture=_Capture(store, key))):
+    with _push(_State(masks=state.masks, capture=_Capture(store, key), in_place=state.in_place)):
         yield
 
 
@@ -217,13 +274,13 @@ class RowUsage:
         self.device = device
         if mask.all_frozen:
             return
-        active = mask.on(device)
-        if active is None:
+        rows = mask.on(device)
+        if rows is None:
             self.full_calls += 1
             return
         if self.partial is None or self.partial.device != device:
             self.partial = torch.zeros(mask.out_features, dtype=torch.int32, device=device)
-        self.partial.add_(active)
+        self.partial.add_(rows.mask)
 
     @property
     def counts(self) -> torch.Tensor | None:

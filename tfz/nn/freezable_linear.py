@@ -6,15 +6,20 @@ only the backward differs, see :mod:`tfz.nn.function`.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from tfz.nn.context import RowUsage
 from tfz.nn.function import freezable_linear
 
-__all__ = ["FreezableLinear", "convert_to_freezable"]
+__all__ = ["ConversionReport", "FreezableLinear", "convert_to_freezable"]
+
+logger = logging.getLogger("tfz.nn")
 
 
 class FreezableLinear(nn.Linear):
@@ -62,44 +67,126 @@ class FreezableLinear(nn.Linear):
         return f"{super().extra_repr()}, row_freezing=True"
 
 
-def _is_plain_linear(module: nn.Module, fqn: str) -> bool:
-    return type(module) is nn.Linear
+@dataclass(frozen=True)
+class ConversionReport:
+    """What :func:`convert_to_freezable` did: the linear layers it made freezable and the ``nn.Linear``
+    instances it left alone, each with the reason."""
+
+    converted: tuple[str, ...]
+    """Qualified names of the converted layers ("" for the model itself)."""
+    skipped: tuple[tuple[str, str], ...]
+    """(qualified name, reason) of the ``nn.Linear`` instances left alone."""
+
+    def __str__(self) -> str:
+        lines = [f"converted {len(self.converted)} linear layer(s) to FreezableLinear"]
+        if self.skipped:
+            lines.append(f"skipped {len(self.skipped)}:")
+            lines += [f"  {fqn or '<model>'}: {why}" for fqn, why in self.skipped]
+        return "\n".join(lines)
+
+
+_FREEZABLE_SUBCLASSES: dict[type, type] = {}
+
+
+def _freezable_subclass(cls: type) -> type:
+    """``Freezable<cls>``: FreezableLinear's forward on an nn.Linear subclass (its other methods kept)."""
+    new = _FREEZABLE_SUBCLASSES.get(cls)
+    if new is None:
+        name = f"Freezable{cls.__name__}"
+        new = type(name, (FreezableLinear, cls), {"__module__": __name__, "__qualname__": name})
+        _FREEZABLE_SUBCLASSES[cls] = new
+    return new
+
+
+def _unconvertible(module: nn.Module, parent: nn.Module | None) -> str | None:
+    """Why a selected ``nn.Linear`` cannot become freezable (None: it can)."""
+    if isinstance(parent, nn.MultiheadAttention):
+        return "nn.MultiheadAttention reads this layer's weight directly, not through its forward"
+    if parametrize.is_parametrized(module):
+        return "parametrized (torch.nn.utils.parametrize): its weight is computed on access"
+    if type(module).forward is not nn.Linear.forward:
+        return f"{type(module).__qualname__} overrides nn.Linear.forward"
+    return None
+
+
+def _swap_class(module: nn.Linear) -> None:
+    """Make an nn.Linear subclass instance freezable in place (same object, hooks and attributes)."""
+    module.__class__ = _freezable_subclass(type(module))
+    module.row_usage = RowUsage(module.out_features)
 
 
 def convert_to_freezable(
-    model: nn.Module, filter_fn: Callable[[nn.Module, str], bool] | None = None
-) -> nn.Module:
-    """Swap ``nn.Linear`` modules of ``model`` for FreezableLinear in place; returns the model.
+    model: nn.Module,
+    filter_fn: Callable[[nn.Module, str], bool] | None = None,
+    *,
+    report: bool = False,
+) -> nn.Module | tuple[nn.Module, ConversionReport]:
+    """Make the linear layers of ``model`` freezable (FreezableLinear) in place; returns the model.
 
     Args:
-        model: any module; if it is itself a selected Linear, the new module is returned.
-        filter_fn: ``(module, fqn) -> bool`` picks the modules to swap (they must be ``nn.Linear``
-            instances). Default: modules whose type is exactly ``nn.Linear`` (subclasses such as
-            MultiheadAttention's ``out_proj`` and parametrized Linears are left alone).
+        model: any module; if it is itself a selected plain Linear, the new module is returned.
+        filter_fn: ``(module, fqn) -> bool`` picks the modules to convert (they must be ``nn.Linear``
+            instances that can be converted, else TypeError / ValueError naming them). Default: every
+            ``nn.Linear`` instance that can be converted; the others are skipped with a warning.
+        report: also return a :class:`ConversionReport` (converted and skipped layers, with reasons).
 
-    Parameters are shared, not copied, so optimizers built before the swap stay valid. A Linear
-    reachable under several names is swapped once and stays shared.
+    A plain ``nn.Linear`` is replaced by a FreezableLinear sharing its Parameters (no copy), so
+    optimizers built before stay valid. A subclass that keeps ``nn.Linear.forward`` (torchtitan's
+    ``Linear``, ``NonDynamicallyQuantizableLinear``) keeps its object, attributes and methods: its class
+    becomes a generated ``Freezable<Name>`` subclass of it and of FreezableLinear. Left alone (a
+    selected one of these raises ValueError): subclasses that override ``forward``, parametrized
+    Linears, and the ``out_proj`` of ``nn.MultiheadAttention`` (which never calls its forward). A
+    Linear reachable under several names is converted once and stays shared. Logs the report at INFO.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if filter_fn is not None and not callable(filter_fn):
         raise TypeError(f"filter_fn must be callable (module, fqn) -> bool, got {type(filter_fn).__name__}")
-    select = filter_fn or _is_plain_linear
-    swapped: dict[int, nn.Module] = {}
+    converted: list[str] = []
+    skipped: list[tuple[str, str]] = []
+    done: dict[int, nn.Module] = {}
 
-    def convert(module: nn.Module, fqn: str) -> nn.Module:
-        if id(module) in swapped:
-            return swapped[id(module)]
+    def convert(module: nn.Module, fqn: str, parent: nn.Module | None) -> nn.Module:
+        if id(module) in done:
+            return done[id(module)]
         for name, child in list(module.named_children()):
-            new_child = convert(child, f"{fqn}.{name}" if fqn else name)
+            new_child = convert(child, f"{fqn}.{name}" if fqn else name, module)
             if new_child is not child:
                 setattr(module, name, new_child)
         result = module
-        if not isinstance(module, FreezableLinear) and select(module, fqn):
-            if not isinstance(module, nn.Linear):
-                raise TypeError(f"filter_fn selected {fqn or 'the model'} of type {type(module).__name__}")
-            result = FreezableLinear.from_linear(module)
-        swapped[id(module)] = result
+        if not isinstance(module, FreezableLinear):
+            result = convert_one(module, fqn, parent)
+        done[id(module)] = result
         return result
 
-    return convert(model, "")
+    def convert_one(module: nn.Module, fqn: str, parent: nn.Module | None) -> nn.Module:
+        where = fqn or "the model"
+        if filter_fn is not None:
+            if not filter_fn(module, fqn):
+                if isinstance(module, nn.Linear):
+                    skipped.append((fqn, "filter_fn returned False"))
+                return module
+            if not isinstance(module, nn.Linear):
+                raise TypeError(f"filter_fn selected {where} of type {type(module).__name__}")
+        elif not isinstance(module, nn.Linear):
+            return module
+        why = _unconvertible(module, parent)
+        if why is not None:
+            if filter_fn is not None:
+                raise ValueError(f"filter_fn selected {where}, which cannot be made freezable: {why}")
+            skipped.append((fqn, why))
+            return module
+        converted.append(fqn)
+        if type(module) is nn.Linear:
+            return FreezableLinear.from_linear(module)
+        _swap_class(module)
+        return module
+
+    result = convert(model, "", None)
+    summary = ConversionReport(tuple(converted), tuple(skipped))
+    logger.info("tfz.nn.convert_to_freezable: %s", summary)
+    unexpected = [(fqn, why) for fqn, why in skipped if why != "filter_fn returned False"]
+    if unexpected:
+        listed = "; ".join(f"{fqn or '<model>'}: {why}" for fqn, why in unexpected)
+        logger.warning("tfz.nn.convert_to_freezable left %d nn.Linear alone: %s", len(unexpected), listed)
+    return (result, summary) if report else result

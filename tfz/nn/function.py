@@ -11,35 +11,35 @@ Backward, given dY [..., O]:
   torch GEMM in float64 (the kernels do not take float64), so float64 models stay exact.
 - Immediate mode (no W capture active): dW goes to ``weight.main_grad`` in place when the weight has
   one (Megatron style; ``weight.grad_added_to_main_grad`` is set), else it is returned to autograd
-  (hooks keep working). A fully frozen layer returns None, so ``.grad`` stays None.
+  (hooks keep working) as a fresh tensor of the weight's dtype, or, for a layer with frozen rows
+  under ``use_row_masks(..., in_place=True)``, added into ``.grad`` for the active rows only. A fully
+  frozen layer returns None, so ``.grad`` stays None.
 - Split mode (inside ``WeightGradStore.capture``): the dW work is queued with its saved operands and
   runs at ``WeightGradStore.flush``, accumulating into ``.grad`` / ``main_grad`` directly.
 
+Accumulating into an existing ``.grad`` or ``main_grad`` (fp32, bf16 or fp16, contiguous) touches the
+active rows only: the kernel adds in fp32 and rounds a 16-bit destination once, so no dense fp32
+buffer is made per microbatch, whatever the freeze ratio. A ``.grad`` that does not exist yet is
+allocated once, in the weight's dtype.
+
 dW is skipped when the engine will not use it (``autograd.grad(out, inputs=[x])``,
 ``backward(inputs=...)`` without this weight): the weight and bias enter the Function through a view,
-so their graph node is not a leaf and ``torch._C._will_engine_execute_node`` can answer.
+so their graph node is not a leaf and torch's ``_will_engine_execute_node`` can answer.
 """
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from tfz import kernels
+from tfz._torch_compat import will_engine_execute_node
+from tfz.kernels import ActiveRows
 from tfz.nn.context import RowMask, _current_state, _resolve_mask
 
 __all__ = ["FreezableLinearFunction", "freezable_linear"]
-
-_kernels_module = None
-
-
-def _kernels():
-    global _kernels_module
-    if _kernels_module is None:
-        _kernels_module = importlib.import_module("tfz.kernels")
-    return _kernels_module
 
 
 def _will_run(ctx: Any, index: int) -> bool:
@@ -47,7 +47,7 @@ def _will_run(ctx: Any, index: int) -> bool:
     if node is None:
         return False
     try:
-        return torch._C._will_engine_execute_node(node)
+        return will_engine_execute_node(node)
     except RuntimeError:  # a leaf under autograd.grad: the engine cannot tell, assume it is needed
         return True
 
@@ -57,39 +57,56 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
 
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-"""Input dtypes tfz.kernels.wgrad takes (it accumulates in fp32)."""
+"""Operand and destination dtypes tfz.kernels.wgrad takes (it accumulates in fp32)."""
 
 
-def _dense_dw(x_NI: torch.Tensor, dy_NO: torch.Tensor, active_O: torch.Tensor | None) -> torch.Tensor:
-    """dW [O, I] with frozen rows 0: fp32 from tfz.kernels, or float64 for float64 operands."""
+def _kernel_target(t: torch.Tensor, x_NI: torch.Tensor) -> bool:
+    return (
+        t.dtype in _KERNEL_DTYPES
+        and x_NI.dtype in _KERNEL_DTYPES
+        and t.is_contiguous()
+        and t.device == x_NI.device
+    )
+
+
+def _dense_dw(x_NI: torch.Tensor, dy_NO: torch.Tensor, rows: ActiveRows | None) -> torch.Tensor:
+    """dW [O, I] with frozen rows 0, for destinations the kernels do not take (float64 operands keep
+    one float64 GEMM: exactness tests, reference runs)."""
     if x_NI.dtype in _KERNEL_DTYPES:
-        return _kernels().wgrad(x_NI, dy_NO, active_rows=active_O)
-    # float64 (exactness tests, reference runs): the kernels accumulate in fp32 only
+        return kernels.wgrad(x_NI, dy_NO, active_rows=rows)
     dw_OI = dy_NO.t().matmul(x_NI)
-    return dw_OI if active_O is None else dw_OI.masked_fill_(~active_O[:, None], 0)
+    return dw_OI if rows is None else dw_OI.masked_fill_(~rows.mask[:, None], 0)
 
 
-def _weight_grad(param, x_NI, dy_NO, active_O, into_grad):
+def _weight_grad(param, x_NI, dy_NO, rows, into_grad):
     main_grad = getattr(param, "main_grad", None)
     target = main_grad if main_grad is not None else (param.grad if into_grad else None)
-    if target is None:
-        grad = _dense_dw(x_NI, dy_NO, active_O).to(param.dtype)
+    if target is None and _kernel_target(param, x_NI):
+        # a fresh gradient in the weight's dtype: the active rows written, the frozen ones 0
+        alloc = torch.empty if rows is None else torch.zeros
+        grad = alloc(param.shape, dtype=param.dtype, device=param.device)
+        kernels.wgrad(x_NI, dy_NO, active_rows=rows, out=grad, accumulate=False)
+    elif target is None:
+        grad = _dense_dw(x_NI, dy_NO, rows).to(param.dtype)
+    elif _kernel_target(target, x_NI):
+        kernels.wgrad(x_NI, dy_NO, active_rows=rows, out=target, accumulate=True)
+        grad = None
+    else:
+        target.add_(_dense_dw(x_NI, dy_NO, rows).to(target.dtype))
+        grad = None
+    if grad is not None:
         if not into_grad:
             return grad
         param.grad = grad
-    elif target.dtype == torch.float32 and target.is_contiguous() and x_NI.dtype in _KERNEL_DTYPES:
-        _kernels().wgrad(x_NI, dy_NO, active_rows=active_O, out=target, accumulate=True)
-    else:
-        target.add_(_dense_dw(x_NI, dy_NO, active_O).to(target.dtype))
     if main_grad is not None:
         param.grad_added_to_main_grad = True
     return None
 
 
-def _bias_grad(param, dy_NO, active_O, into_grad):
+def _bias_grad(param, dy_NO, rows, into_grad):
     grad = dy_NO.sum(0, dtype=torch.promote_types(dy_NO.dtype, torch.float32))
-    if active_O is not None:
-        grad.masked_fill_(~active_O, 0)
+    if rows is not None:
+        grad.masked_fill_(~rows.mask, 0)
     main_grad = getattr(param, "main_grad", None)
     target = main_grad if main_grad is not None else (param.grad if into_grad else None)
     if target is None:
@@ -122,10 +139,10 @@ def apply_weight_grads(
     layer.row_usage.record(mask, dy.device)
     if mask.all_frozen:
         return None, None
-    active = mask.on(dy.device)
+    rows = mask.on(dy.device)
     x_NI, dy_NO = _flat(x), _flat(dy)
-    grad_w = _weight_grad(layer.weight, x_NI, dy_NO, active, into_grad) if weight else None
-    grad_b = _bias_grad(layer.bias, dy_NO, active, into_grad) if bias else None
+    grad_w = _weight_grad(layer.weight, x_NI, dy_NO, rows, into_grad) if weight else None
+    grad_b = _bias_grad(layer.bias, dy_NO, rows, into_grad) if bias else None
     return grad_w, grad_b
 
 
@@ -161,14 +178,10 @@ class FreezableLinearFunction(torch.autograd.Function):
             if state is not None and state.capture is not None:
                 state.capture.store._enqueue(state.capture.key, ctx.layer, x, dy, want_w, want_b)
             else:
+                mask = _resolve_mask(state, ctx.layer)
+                in_place = state is not None and state.in_place and not mask.all_active
                 grad_w, grad_b = apply_weight_grads(
-                    ctx.layer,
-                    x,
-                    dy,
-                    _resolve_mask(state, ctx.layer),
-                    weight=want_w,
-                    bias=want_b,
-                    into_grad=False,
+                    ctx.layer, x, dy, mask, weight=want_w, bias=want_b, into_grad=in_place
                 )
         return dx, grad_w, grad_b, None
 

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from tfz.nn.context import RowMask, _capture, _current_state, _resolve_mask, use_row_masks
+from tfz.nn.context import _capture, _current_state, _resolve_mask, use_row_masks
 from tfz.nn.function import apply_weight_grads
 
 __all__ = ["WeightGradStore"]
@@ -78,9 +78,7 @@ class WeightGradStore:
                 raise RuntimeError(f"W queue for (stage, microbatch) {key} was cleared during its capture")
             queue.append(_Work(layer, x, dy, weight, bias))
 
-    def flush(
-        self, stage: int, microbatch: int, *, masks: Mapping[Any, torch.Tensor | RowMask | None] | None = None
-    ) -> int:
+    def flush(self, stage: int, microbatch: int, *, masks: Mapping[Any, Any] | None = None) -> int:
         """Run the queued dW work of (stage, microbatch); returns how many layer calls it ran.
 
         Masks come from the row-mask context active now; ``masks`` is a shortcut for wrapping this

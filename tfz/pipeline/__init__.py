@@ -4,8 +4,10 @@
   freezing per (stage, microbatch), time every F/B/I/W action and count skipped W FLOPs
   (:mod:`tfz.pipeline.stage`, :mod:`tfz.pipeline.engine`);
 - :class:`FixedMasks`, :class:`RatioMasks`: simple mask providers;
-- :func:`launch`, :func:`run_from_env`: spawn ranks with failure propagation, or run under torchrun;
-- :func:`build_torch_schedule`: torch's schedule object for a tfz schedule (CSV runtime for zbh1).
+- :func:`launch`, :func:`run_from_env`: spawn ranks with failure propagation and a watchdog that
+  names a rank that hangs (:func:`heartbeat`, :class:`RankHangError`), or run under torchrun;
+- :func:`build_torch_schedule`: torch's schedule object for a tfz schedule (CSV runtime for zbh1);
+  :func:`torch_schedule_stages`: the stages of a torch schedule someone else built.
 
 The stage names load on first access (they import ``torch.distributed.pipelining``).
 """
@@ -15,7 +17,7 @@ from __future__ import annotations
 import importlib
 
 from tfz.pipeline.counters import MicrobatchStats, StageStats
-from tfz.pipeline.launch import RankError, launch, run_from_env
+from tfz.pipeline.launch import RankError, RankHangError, heartbeat, launch, run_from_env
 from tfz.pipeline.providers import FixedMasks, RatioMasks
 
 __all__ = [
@@ -24,12 +26,15 @@ __all__ = [
     "FreezeState",
     "MicrobatchStats",
     "RankError",
+    "RankHangError",
     "RatioMasks",
     "StageStats",
     "build_torch_schedule",
+    "heartbeat",
     "launch",
     "make_freeze_aware",
     "run_from_env",
+    "torch_schedule_stages",
 ]
 
 _LAZY = {
@@ -37,6 +42,7 @@ _LAZY = {
     "FreezeState": "tfz.pipeline.stage",
     "make_freeze_aware": "tfz.pipeline.stage",
     "build_torch_schedule": "tfz.pipeline.schedules",
+    "torch_schedule_stages": "tfz.pipeline.schedules",
 }
 
 

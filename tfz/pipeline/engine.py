@@ -16,8 +16,9 @@ stays None. The three kinds:
 
 - :func:`full_backward` (B, and stage 0's W, which torch runs as a full backward):
   ``torch.autograd.backward(outputs, grads, inputs=[stage inputs needing grad] + [trainable params])``
-  under the row masks (FreezableLinear computes masked dW at once). Skipped when nothing needs a
-  gradient (a fully frozen stage-0 microbatch).
+  under the row masks (FreezableLinear computes masked dW at once and adds it into ``.grad`` for the
+  active rows only, ``use_row_masks(..., in_place=True)``; DDP's last backward returns it to
+  autograd instead). Skipped when nothing needs a gradient (a fully frozen stage-0 microbatch).
 - :func:`input_backward` (I on stages > 0): the same backward inside ``WeightGradStore.capture``:
   input grads now, FreezableLinear dW queued (dX only is computed). Other trainable parameters (norms,
   plain ``nn.Linear``) get their gradient here, at I, not at W; this deviates from torch's exact I/W
@@ -32,7 +33,7 @@ the backward as a call with every row frozen, as if the layer had run its masked
 from __future__ import annotations
 
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from contextlib import nullcontext
 from typing import Any
 
@@ -129,7 +130,11 @@ class StageParams:
 class MaskPlan:
     """A :class:`StageMasks` prepared for one stage module (built once per masks object, reused).
 
-    ``masks`` None gives the empty plan: nothing frozen.
+    Preparing builds, for every partly frozen FreezableLinear, its :class:`tfz.kernels.ActiveRows`
+    (row runs and row-block lists) from the masks' numpy arrays, uploaded to the stage's device in
+    one copy that does not wait for the device: the masked dW calls of every later backward with
+    these masks do no host synchronisation and build nothing. ``masks`` None gives the empty plan:
+    nothing frozen.
     """
 
     __slots__ = (
@@ -159,11 +164,15 @@ class MaskPlan:
         if not isinstance(masks, StageMasks):
             raise TypeError(f"a mask provider must return StageMasks or None, got {type(masks).__name__}")
         module = params.module
-        try:
-            by_layer = masks.for_module(module, device=params.device)
-        except AttributeError as exc:
-            raise ValueError(f"masks name a layer that is not in the stage module: {exc}") from None
-        prepared = prepare_row_masks(by_layer)
+        by_layer = {}
+        for name, active in masks.active_rows.items():
+            try:
+                layer = module.get_submodule(name)
+            except AttributeError as exc:
+                raise ValueError(f"masks name a layer that is not in the stage module: {exc}") from None
+            by_layer[layer] = None if active.all() else active
+        # the row-block lists of every partly frozen layer, built from the host masks in one upload
+        prepared = prepare_row_masks(by_layer, device=params.device)
         self.row_masks = {layer: m for layer, m in prepared.items() if not m.all_active}
         self.frozen_layers = frozenset(layer for layer, m in self.row_masks.items() if m.all_frozen)
         self.frozen_names = masks.frozen_tensors
@@ -206,6 +215,12 @@ class PlanCache:
         self._plans: weakref.WeakKeyDictionary[StageMasks, MaskPlan] = weakref.WeakKeyDictionary()
         self._empty: MaskPlan | None = None
         self._params: StageParams | None = None
+
+    def prepare(self, masks: Iterable[StageMasks | None], params: StageParams) -> None:
+        """Build the plans of ``masks`` now (e.g. right after a decision step drew them), so the
+        first backward that uses them finds them ready."""
+        for m in masks:
+            self.get(m, params)
 
     def get(self, masks: StageMasks | None, params: StageParams) -> MaskPlan:
         if params is not self._params:  # parameters re-resolved: plans hold layer objects, rebuild
@@ -268,8 +283,8 @@ def _pop_input_grads(input_values: Sequence[Any]) -> tuple[torch.Tensor | None, 
     return tuple(out)
 
 
-def _run(outputs: list, grads: list, targets: list, row_masks: dict) -> None:
-    with use_row_masks(row_masks) if row_masks else nullcontext():
+def _run(outputs: list, grads: list, targets: list, row_masks: dict, in_place: bool) -> None:
+    with use_row_masks(row_masks, in_place=in_place) if row_masks else nullcontext():
         torch.autograd.backward(outputs, grad_tensors=grads, inputs=targets)
 
 
@@ -307,7 +322,9 @@ def full_backward(
     targets = _input_targets(input_values) + trainable
     try:
         if outs and targets:
-            _run(outs, grads, targets, row_masks)
+            # masked layers add into .grad for their active rows (no dense gradient per microbatch),
+            # except in DDP's last backward, whose reducer waits for autograd's accumulation hooks
+            _run(outs, grads, targets, row_masks, in_place=not every_param)
     finally:
         for h in handles:
             h.remove()

@@ -11,6 +11,17 @@ its exit code. When several ranks fail, the one that failed first is reported: a
 the earliest exception (the others are usually its consequences, e.g. gloo's "Connection closed by
 peer"). If the whole run exceeds ``timeout`` seconds, every rank is killed and TimeoutError is raised.
 
+A hang names the rank that stopped. Each rank reports its progress through a heartbeat in shared
+memory: :class:`tfz.pipeline.FreezeAwareStage` reports every F/B/I/W action it enters and leaves
+with its step (:func:`in_action`), and any code can call :func:`heartbeat` (both cost a few
+microseconds, and nothing outside :func:`launch`). Once some rank has reported, a run in which no
+rank reports anything for ``progress_timeout`` seconds is stopped with :class:`RankHangError`
+naming the rank that stopped and the action it was in: a rank inside an action (the one that
+entered its action first), else the rank that reported last the longest ago (ranks waiting for it
+reported later). A rank that then fails because of the hang (gloo's "Timed out waiting ... for
+recv" after ``init_timeout``) does not hide it: an error raised between actions after the run had
+made no progress for half of ``init_timeout`` or more is reported as that hang.
+
 ``fn`` and ``args`` must be picklable (``fn`` defined at module level of an importable module).
 
 :func:`run_from_env` is the same contract under ``torchrun`` (which does the spawning and failure
@@ -29,7 +40,9 @@ from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
-__all__ = ["RankError", "launch", "run_from_env"]
+from tfz._validate import check_int, check_number
+
+__all__ = ["RankError", "RankHangError", "heartbeat", "in_action", "launch", "run_from_env"]
 
 _GRACE_S = 2.0
 """Seconds a terminated rank gets before SIGKILL."""
@@ -74,6 +87,156 @@ class RankError(RuntimeError):
         return (type(self), args)
 
 
+class RankHangError(RankError):
+    """A rank of :func:`launch` stopped making progress (see the module docstring).
+
+    Attributes (besides :class:`RankError`'s, with ``exc_type`` None):
+        action: the action it was in (``"1F3"``), or the last one it reported when ``inside`` is
+            False; None when it reported none.
+        step: that action's step (as counted by its stage), or None.
+        inside: whether it was inside ``action`` (else between actions, or not started).
+        idle_s: seconds the whole run had made no progress.
+    """
+
+    def __init__(self, rank: int, action: str | None, step: int | None, inside: bool, idle_s: float, more=""):
+        self.action, self.step, self.inside, self.idle_s, self._more = action, step, inside, idle_s, more
+        self.rank, self.exc_type, self.remote_traceback, self.exitcode = rank, None, "", None
+        where = _describe(action, step, inside)
+        self.exc_message = (
+            f"rank {rank} stopped making progress {where}; no rank progressed for {idle_s:.1f} s"
+        )
+        RuntimeError.__init__(self, self.exc_message + more)
+
+    def __reduce__(self):
+        return (type(self), (self.rank, self.action, self.step, self.inside, self.idle_s, self._more))
+
+
+def _describe(action: str | None, step: int | None, inside: bool) -> str:
+    """ "in action 1F3 of step 2", "after action 1B0", "before reporting any action"."""
+    if action is None:
+        return "before reporting any action"
+    at = action + ("" if step is None else f" of step {step}")
+    return f"in action {at}" if inside else f"after action {at}"
+
+
+# -- heartbeat ---------------------------------------------------------------------------------------
+
+_FIELDS = 5
+"""Doubles per rank in the heartbeat array: last report (time.monotonic), step (-1: none), inside an
+action (1/0), when that action started, number of reports."""
+_NAME_BYTES = 32
+"""Bytes per rank for the name of its current (or last) action."""
+_BEAT: _Heart | None = None
+"""This process's heartbeat slot; set in ranks started by :func:`launch`."""
+
+
+class _Heart:
+    """One rank's slot in the shared heartbeat arrays."""
+
+    __slots__ = ("values", "names", "base", "name_base")
+
+    def __init__(self, values, names, rank: int):
+        self.values, self.names = memoryview(values).cast("B").cast("d"), memoryview(names).cast("B")
+        self.base, self.name_base = rank * _FIELDS, rank * _NAME_BYTES
+
+    def report(self, name: str | None, step: int | None, inside: float | None) -> None:
+        v, b, now = self.values, self.base, time.monotonic()
+        if name is not None:
+            raw = name.encode("utf-8", "replace")[:_NAME_BYTES]
+            self.names[self.name_base : self.name_base + _NAME_BYTES] = raw.ljust(_NAME_BYTES, b"\0")
+        if step is not None:
+            v[b + 1] = step
+        if inside is not None:
+            v[b + 2] = inside
+            if inside:
+                v[b + 3] = now
+        v[b + 4] += 1
+        v[b] = now
+
+
+def heartbeat(label: str | None = None, *, step: int | None = None) -> None:
+    """Tell :func:`launch`'s watchdog that this rank is making progress (outside an action);
+    ``label`` names what it did last (at most 32 bytes are kept). Does nothing outside launch."""
+    heart = _BEAT
+    if heart is not None:
+        heart.report(label, step, 0.0 if label is not None else None)
+
+
+class _InAction:
+    """Context of one action: reports entering and leaving it around ``inner``."""
+
+    __slots__ = ("heart", "name", "step", "inner")
+
+    def __init__(self, heart: _Heart, name: str, step: int | None, inner):
+        self.heart, self.name, self.step, self.inner = heart, name, step, inner
+
+    def __enter__(self):
+        self.heart.report(self.name, self.step, 1.0)
+        return self.inner.__enter__()
+
+    def __exit__(self, *exc):
+        try:
+            return self.inner.__exit__(*exc)
+        finally:
+            self.heart.report(None, None, 0.0)
+
+
+def in_action(name: str, step: int | None, inner):
+    """``inner`` (a context manager), reporting to :func:`launch`'s watchdog that this rank is in
+    action ``name`` of ``step`` while it runs; ``inner`` itself outside launch."""
+    heart = _BEAT
+    return inner if heart is None else _InAction(heart, name, step, inner)
+
+
+class _Watch:
+    """The parent's view of the heartbeat arrays."""
+
+    def __init__(self, values, names, world_size: int, timeout: float | None, started: float):
+        self.values, self.names, self.world, self.timeout, self.started = (
+            values,
+            names,
+            world_size,
+            timeout,
+            started,
+        )
+
+    def slot(self, rank: int) -> tuple[float, int | None, bool, float, str | None]:
+        """(last report or 0, step, inside, action start, action name) of ``rank``."""
+        v = self.values[rank * _FIELDS : (rank + 1) * _FIELDS]
+        raw = bytes(self.names[rank * _NAME_BYTES : (rank + 1) * _NAME_BYTES]).rstrip(b"\0")
+        name = raw.decode("utf-8", "replace") or None
+        return v[0], (None if v[1] < 0 else int(v[1])), v[2] > 0, v[3], name
+
+    def armed(self) -> bool:
+        return any(self.values[r * _FIELDS + 4] > 0 for r in range(self.world))
+
+    def last_progress(self, running) -> float:
+        """When the newest report of the ``running`` ranks came (the start time before any)."""
+        return max([self.slot(r)[0] for r in running] + [self.started])
+
+    def stalled(self, running) -> int:
+        """The rank that stopped: inside an action (the earliest entered), else the one whose last
+        report is the oldest (never reported: oldest of all)."""
+        slots = {r: self.slot(r) for r in running}
+        inside = [r for r in running if slots[r][2]]
+        if inside:
+            return min(inside, key=lambda r: (slots[r][3], r))
+        return min(running, key=lambda r: (slots[r][0], r))
+
+    def where(self, rank: int) -> str:
+        _, step, inside, _, name = self.slot(rank)
+        return _describe(name, step, inside)
+
+    def error(self, rank: int, idle_s: float, more: str = "") -> RankHangError:
+        _, step, inside, _, name = self.slot(rank)
+        return RankHangError(rank, name, step, inside, idle_s, more)
+
+    def others(self, running, rank: int) -> str:
+        """ "; rank 0 was after action 0B1 of step 2" for the running ranks besides ``rank``."""
+        parts = [f"rank {r} was {self.where(r)}" for r in running if r != rank]
+        return ("; " + ", ".join(parts)) if parts else ""
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -85,8 +248,10 @@ def _type_name(exc: BaseException) -> str:
     return cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
 
 
-def _child(fn, rank, world_size, args, port, backend, init_timeout, results) -> None:
+def _child(fn, rank, world_size, args, port, backend, init_timeout, results, beats) -> None:
     """Process entry of one rank: report ("ok", rank, pickled result) or ("error", rank, ...)."""
+    global _BEAT
+    _BEAT = _Heart(*beats, rank)
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
@@ -108,7 +273,7 @@ def _child(fn, rank, world_size, args, port, backend, init_timeout, results) -> 
             exc_bytes = pickle.dumps(exc)
         except Exception:  # noqa: BLE001
             exc_bytes = None
-        report = (rank, _type_name(exc), str(exc), traceback.format_exc(), exc_bytes, time.time())
+        report = (rank, _type_name(exc), str(exc), traceback.format_exc(), exc_bytes, time.monotonic())
         results.put(("error", *report))
         results.close()
         results.join_thread()
@@ -149,12 +314,30 @@ def _raise_first(reported: dict[int, tuple], died: dict[int, int]) -> None:
     raise RankError(rank, type_name, message, tb) from cause
 
 
-def _check_args(world_size, timeout, init_timeout, backend) -> None:
-    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
-        raise ValueError(f"world_size must be an integer >= 1, got {world_size!r}")
+def _hang_behind(watch: _Watch | None, reported: dict[int, tuple], running, init_timeout: float):
+    """The hang that the first reported error is a consequence of, or None: the error came from a
+    rank between actions after the run had made no progress for half of ``init_timeout`` (the
+    collectives' timeout) or more, while a still running rank had stopped earlier."""
+    if watch is None or not watch.armed() or not running:
+        return None
+    rank, type_name, message, _, _, when = min(reported.values(), key=lambda rep: (rep[5], rep[0]))
+    last, _, inside, _, _ = watch.slot(rank)
+    idle = when - watch.last_progress([*running, rank])
+    if inside or idle < init_timeout / 2:
+        return None
+    culprit = watch.stalled(running)
+    culprit_last, _, culprit_inside, _, _ = watch.slot(culprit)
+    if not culprit_inside and culprit_last >= last:  # it was waiting too, and reported later
+        return None
+    first = message.strip().splitlines()[0] if message.strip() else ""
+    return watch.error(culprit, idle, f"; then rank {rank} raised {type_name}: {first}")
+
+
+def _check_args(world_size, timeout, init_timeout, backend, progress_timeout=None) -> None:
+    check_int("world_size", world_size, 1)
     for name, value in (("timeout", timeout), ("init_timeout", init_timeout)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-            raise ValueError(f"{name} must be a number of seconds > 0, got {value!r}")
+        check_number(name, value, low=0, low_open=True, unit="seconds")
+    check_number("progress_timeout", progress_timeout, low=0, low_open=True, unit="seconds", optional=True)
     if not isinstance(backend, str) or not backend:
         raise ValueError(f"backend must be a process-group backend name such as 'gloo', got {backend!r}")
 
@@ -166,6 +349,7 @@ def launch(
     timeout: float = 300.0,
     backend: str = "gloo",
     init_timeout: float = 60.0,
+    progress_timeout: float | None = 60.0,
 ) -> list[Any]:
     """Run ``fn(rank, world_size, *args)`` on ``world_size`` spawned ranks; returns results by rank.
 
@@ -175,28 +359,36 @@ def launch(
         timeout: seconds for the whole run (start-up included) before every rank is killed.
         backend: process-group backend ("gloo", "nccl").
         init_timeout: ``init_process_group`` timeout in seconds (also the collectives' timeout).
+        progress_timeout: seconds without a heartbeat from any rank (once one has reported; see the
+            module docstring) before the run is stopped as hung; None: no watchdog.
 
     Raises:
         RankError: a rank raised (or died); the others were stopped.
+        RankHangError: the run stopped making progress; it names the rank and its action.
         TimeoutError: the run took longer than ``timeout``; every rank was killed.
     """
     if not callable(fn):
         raise TypeError(f"fn must be callable, got {fn!r}")
-    _check_args(world_size, timeout, init_timeout, backend)
+    _check_args(world_size, timeout, init_timeout, backend, progress_timeout)
     import multiprocessing as mp
 
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = _free_port()
+    beats = (ctx.RawArray("d", world_size * _FIELDS), ctx.RawArray("c", world_size * _NAME_BYTES))
+    for r in range(world_size):
+        beats[0][r * _FIELDS + 1] = -1.0
     procs = [
         ctx.Process(
             target=_child,
-            args=(fn, r, world_size, args, port, backend, float(init_timeout), results),
+            args=(fn, r, world_size, args, port, backend, float(init_timeout), results, beats),
             name=f"tfz-rank{r}",
         )
         for r in range(world_size)
     ]
-    deadline = time.monotonic() + timeout
+    start = time.monotonic()
+    deadline = start + timeout
+    watch = _Watch(*beats, world_size, progress_timeout, start)
     values: dict[int, Any] = {}
     try:
         for p in procs:
@@ -209,14 +401,25 @@ def launch(
             now = time.monotonic()
             if first_failure is not None and now - first_failure > _FAILURE_WINDOW_S:
                 break
+            running = [
+                r for r in range(world_size) if r not in values and r not in reported and r not in died
+            ]
             remaining = deadline - now
             if remaining <= 0:
                 if first_failure is not None:
                     break
-                running = [r for r in range(world_size) if r not in values]
+                where = ""
+                if watch.armed():
+                    rank = watch.stalled(running)
+                    where = f"; rank {rank} is {watch.where(rank)}"
                 raise TimeoutError(
-                    f"launch: ranks {running} still running after {timeout:g} s; all ranks were killed"
+                    f"launch: ranks {running} still running after {timeout:g} s{where}; all ranks were killed"
                 )
+            if first_failure is None and progress_timeout is not None and watch.armed():
+                idle = now - watch.last_progress(running)
+                if idle > progress_timeout:
+                    rank = watch.stalled(running)
+                    raise watch.error(rank, idle, watch.others(running, rank))
             try:
                 msg = results.get(timeout=min(0.05, remaining))
             except queue.Empty:
@@ -233,6 +436,11 @@ def launch(
                 first_failure = first_failure or time.monotonic()
             else:
                 values[msg[1]] = pickle.loads(msg[2])
+        if reported and not died:
+            running = [r for r in range(world_size) if r not in values and r not in reported]
+            hang = _hang_behind(watch, reported, running, float(init_timeout))
+            if hang is not None:
+                raise hang
         if reported or died:
             _raise_first(reported, died)
         for p in procs:

@@ -7,10 +7,11 @@ import tempfile
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from tfz import _torch_compat
 from tfz.schedule import SCHEDULES, Schedule, dump_csv
 from tfz.schedule.torch_io import TORCH_NAMES
 
-__all__ = ["TORCH_SCHEDULE_CLASSES", "build_torch_schedule"]
+__all__ = ["TORCH_SCHEDULE_CLASSES", "build_torch_schedule", "torch_schedule_stages"]
 
 TORCH_SCHEDULE_CLASSES = {tfz_name: cls for cls, tfz_name in TORCH_NAMES.items()}
 """tfz schedule name -> torch schedule class name. ``zbh1`` has no torch class: it runs on
@@ -51,6 +52,13 @@ def build_torch_schedule(
     folder = csv_dir if csv_dir is not None else tempfile.mkdtemp(prefix="tfz-schedule-")
     path = os.path.join(folder, f"{schedule.name}_rank{rank}.csv")
     dump_csv(schedule, path)
-    runtime = schedules._PipelineScheduleRuntime(list(stages), n, loss_fn=loss_fn, scale_grads=scale_grads)
-    runtime._load_csv(path)
+    runtime_class = _torch_compat.runtime_schedule_class()
+    runtime = runtime_class(list(stages), n, loss_fn=loss_fn, scale_grads=scale_grads)
+    _torch_compat.load_schedule_csv(runtime, path)
     return runtime
+
+
+def torch_schedule_stages(schedule) -> list:
+    """This rank's stages of a torch schedule object (e.g. the one torchtitan's ``pipeline_llm``
+    returns), in the schedule's order: ``[make_freeze_aware(s, ...) for s in torch_schedule_stages(pp)]``."""
+    return _torch_compat.schedule_stages(schedule)

@@ -73,10 +73,9 @@ from typing import Any
 
 import torch
 from torch.distributed.pipelining import PipelineStage
-from torch.distributed.pipelining import stage as _torch_stage
-from torch.distributed.pipelining.stage import _PipelineStageBase
 from torch.nn.parallel import DistributedDataParallel
 
+from tfz import _torch_compat
 from tfz.nn import WeightGradStore
 from tfz.pipeline.counters import StageStats
 from tfz.pipeline.engine import (
@@ -89,9 +88,12 @@ from tfz.pipeline.engine import (
     w_flops,
     weight_backward,
 )
+from tfz.pipeline.launch import in_action
 
 __all__ = ["FreezeAwareStage", "FreezeState", "make_freeze_aware"]
 
+_StageBase = _torch_compat.stage_base_class()
+"""torch's ``_PipelineStageBase`` (of PipelineStage and the tracer's _PipelineStage)."""
 _WRAPPED = {"stage_backward": "full", "stage_backward_input": "input", "stage_backward_weight": "weight"}
 """torch.distributed.pipelining.stage function -> backward type it implements."""
 _tls = threading.local()
@@ -130,8 +132,8 @@ class _Job:
         return ()
 
 
-_FULL_ARGS = ("stage_output", "output_grads", "input_values")
-_INPUT_ARGS = ("stage_outputs_or_loss", "output_grads", "input_values")
+_FULL_ARGS = _torch_compat.STAGE_BACKWARD_FUNCTIONS["stage_backward"]
+_INPUT_ARGS = _torch_compat.STAGE_BACKWARD_FUNCTIONS["stage_backward_input"]
 """Leading parameters of torch's ``stage_backward`` / ``stage_backward_input``."""
 
 
@@ -162,14 +164,9 @@ def _install_backward_wrappers() -> None:
     """Wrap torch's stage_backward* names in ``torch.distributed.pipelining.stage`` (once)."""
     with _install_lock:
         for name in _WRAPPED:
-            current = getattr(_torch_stage, name, None)
-            if current is None:
-                raise RuntimeError(
-                    f"torch.distributed.pipelining.stage has no {name!r} (torch {torch.__version__}); "
-                    "tfz.pipeline needs torch 2.11 or newer"
-                )
+            current = _torch_compat.stage_backward(name)
             if getattr(current, "_tfz_original", None) is None:
-                setattr(_torch_stage, name, _wrapper(name, current))
+                _torch_compat.set_stage_backward(name, _wrapper(name, current))
 
 
 class FreezeState:
@@ -181,9 +178,11 @@ class FreezeState:
         timer: a :class:`tfz.timing.ActionTimer` (or anything with ``action(name)``), or None.
         store: the stage's W queue (:class:`tfz.nn.WeightGradStore`).
         stats: counters of the current (or last finished) step.
+        step: index of the current step (-1 before the first), reported with each action to
+            :func:`tfz.pipeline.launch`'s watchdog.
     """
 
-    def __init__(self, stage: _PipelineStageBase, provider=None, timer=None, count_flops: bool | str = True):
+    def __init__(self, stage: _StageBase, provider=None, timer=None, count_flops: bool | str = True):
         if count_flops not in (True, False, "exact"):
             raise ValueError(f"count_flops must be True, False or 'exact', got {count_flops!r}")
         self.stage_index: int = stage.stage_index
@@ -192,6 +191,7 @@ class FreezeState:
         self.timer = timer
         self.store = WeightGradStore()
         self.stats = StageStats(self.stage_index)
+        self.step = -1
         self.count_flops = count_flops
         self._plans = PlanCache()
         self._params: StageParams | None = None
@@ -243,6 +243,7 @@ class FreezeState:
         """Start a step: fresh counters, forget unfinished microbatches (and their queued dW); the
         stage's parameters are resolved again if some ``requires_grad`` changed."""
         self.stats = StageStats(self.stage_index)
+        self.step += 1
         self._split.clear()
         self._trained.clear()
         self._tokens.clear()
@@ -326,7 +327,7 @@ class FreezeState:
 
     def timed(self, name: str):
         timer = self._timer
-        return nullcontext() if timer is None else timer.action(name)
+        return in_action(name, self.step, nullcontext() if timer is None else timer.action(name))
 
     def _count(self, mb: int, plan: MaskPlan | None, params: StageParams) -> None:
         """W FLOPs of microbatch ``mb`` (at the action that computes its dW)."""
@@ -408,14 +409,13 @@ def torch_split_handles_functions() -> bool:
             x, w = ctx.saved_tensors
             return g * w, (g * x).sum(0)
 
-    from torch.distributed.pipelining import _backward
-
+    backward_input, backward_weight = _torch_compat.split_backward_functions()
     x = torch.ones(2, 1, requires_grad=True)
     w = torch.nn.Parameter(torch.ones(1))
     y = _Scale.apply(x, w)
     try:
-        _, groups = _backward.stage_backward_input([y], [torch.ones_like(y)], [x], iter([w]))
-        _backward.stage_backward_weight(iter([w]), groups)
+        _, groups = backward_input([y], [torch.ones_like(y)], [x], iter([w]))
+        backward_weight(iter([w]), groups)
     except RuntimeError:
         return False
     return w.grad is not None
@@ -607,7 +607,7 @@ def make_freeze_aware(stage, *, provider=None, timer=None, count_flops: bool | s
     replaces ``provider`` / ``timer`` when they are given (use ``stage.tfz.provider = None`` to remove
     one).
     """
-    if not isinstance(stage, _PipelineStageBase):
+    if not isinstance(stage, _StageBase):
         raise TypeError(f"expected a torch pipeline stage (PipelineStage), got {type(stage).__name__}")
     if _is_freeze_aware(stage):
         if provider is not None:

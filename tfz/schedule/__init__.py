@@ -11,19 +11,24 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import NamedTuple
 
+from tfz._validate import check_int
 from tfz.schedule import builders
 from tfz.schedule.action import FREEZABLE_KINDS, KINDS, Action
 from tfz.schedule.csv_io import dump_csv, load_csv
+from tfz.schedule.limits import MAX_ACTIONS, check_size, estimate_size
 from tfz.schedule.schedule import Schedule, make_schedule, stage_ranks
 
 __all__ = [
     "Action",
     "FREEZABLE_KINDS",
     "KINDS",
+    "MAX_ACTIONS",
     "SCHEDULES",
     "Schedule",
     "build_schedule",
+    "check_size",
     "dump_csv",
+    "estimate_size",
     "load_csv",
     "make_schedule",
     "stage_ranks",
@@ -62,27 +67,32 @@ SCHEDULES = ("gpipe", "1f1b", "interleaved1f1b", "interleavedzb", "zbh1", "zbv",
 """Schedule names accepted by :func:`build_schedule` and the CLI."""
 
 
-def _positive_int(what: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{what} must be an integer >= 1, got {value!r}")
-    return value
-
-
-def build_schedule(name: str, ranks: int, microbatches: int, stages_per_rank: int | None = None) -> Schedule:
+def build_schedule(
+    name: str,
+    ranks: int,
+    microbatches: int,
+    stages_per_rank: int | None = None,
+    *,
+    max_actions: int = MAX_ACTIONS,
+) -> Schedule:
     """Per-rank orders of schedule ``name`` for ``ranks`` ranks and ``microbatches`` microbatches.
 
     ``stages_per_rank`` defaults to the schedule's own (1, or 2 for interleaved and V schedules).
     Raises ValueError for an unknown name (listing the choices), counts < 1, a stages-per-rank value
-    the schedule does not support, or too few microbatches (naming the minimum).
+    the schedule does not support, more than ``max_actions`` actions (default :data:`MAX_ACTIONS`;
+    refused with the estimate before anything is built, see :mod:`tfz.schedule.limits`), or too few
+    microbatches (naming the minimum).
     """
     key = str(name).lower()
     key = _ALIASES.get(key, key)
     if key not in _BUILDERS:
         raise ValueError(f"unknown schedule {name!r}; choose one of: {', '.join(SCHEDULES)}")
     entry = _BUILDERS[key]
-    _positive_int("ranks", ranks)
-    _positive_int("microbatches", microbatches)
-    v = entry.default_v if stages_per_rank is None else _positive_int("stages per rank", stages_per_rank)
+    ranks = check_int("ranks", ranks, 1)
+    microbatches = check_int("microbatches", microbatches, 1)
+    v = entry.default_v if stages_per_rank is None else check_int("stages per rank", stages_per_rank, 1)
     if v < entry.min_v or (entry.max_v is not None and v > entry.max_v):
         raise ValueError(f"{key} supports stages per rank {entry.allowed()}, got {v}")
+    named = "tfz.schedule.MAX_ACTIONS" if max_actions == MAX_ACTIONS else ""
+    check_size(key, ranks, microbatches, v, limit=max_actions, limit_name=named)
     return entry.builder(ranks, microbatches) if entry.max_v == 1 else entry.builder(ranks, microbatches, v)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from typing import NamedTuple
 
+from tfz._validate import short_repr
+
 KINDS = ("F", "B", "I", "W")
 """F forward, B full backward (dX and dW), I backward for inputs (dX), W backward for weights (dW)."""
 
@@ -26,10 +28,12 @@ class Action(NamedTuple):
 
     @classmethod
     def parse(cls, text: str) -> Action:
-        """Parse ``"<stage><F|B|I|W><microbatch>"``; raises ValueError naming the bad text."""
-        m = _ACTION_RE.match(text)
-        if m is None:
+        """Parse ``"<stage><F|B|I|W><microbatch>"`` (numbers of at most 18 digits); raises ValueError
+        naming the bad text."""
+        m = _ACTION_RE.match(text) if isinstance(text, str) else None
+        if m is None or len(m.group(1)) > 18 or len(m.group(3)) > 18:
             raise ValueError(
-                f"malformed action {text!r}: expected <stage><F|B|I|W><microbatch>, e.g. '2F0' or '3W1'"
+                f"malformed action {short_repr(text)}: expected <stage><F|B|I|W><microbatch> with numbers "
+                "of at most 18 digits, e.g. '2F0' or '3W1'"
             )
         return cls(int(m.group(1)), m.group(2), int(m.group(3)))

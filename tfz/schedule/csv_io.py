@@ -14,14 +14,21 @@ and the orders are deadlock-free is checked by ``tfz.dag.build_dag``.
 from __future__ import annotations
 
 import csv
+import io
 import os
 import re
 from pathlib import Path
 
+from tfz._validate import short_repr
 from tfz.schedule.action import Action
+from tfz.schedule.limits import MAX_ACTIONS, check_actions, read_capped
 from tfz.schedule.schedule import Schedule, stage_ranks
 
-__all__ = ["dump_csv", "load_csv", "parse_rows"]
+__all__ = ["MAX_CSV_BYTES", "dump_csv", "load_csv", "parse_rows"]
+
+MAX_CSV_BYTES = 64 * 2**20
+"""Largest schedule CSV :func:`load_csv` reads (64 MiB: more than :data:`MAX_ACTIONS` cells of up to
+32 characters each)."""
 
 _NON_COMPUTE = re.compile(r"^\d+(UNSHARD|RESHARD|REDUCE_GRAD|SEND_F|RECV_F|SEND_B|RECV_B)\d*$")
 _OVERLAP = re.compile(r"^\((.*)\)\s*OVERLAP_F_B$")
@@ -43,7 +50,7 @@ def _cell_actions(text: str, where: str) -> list[Action]:
                     "holds F, B, I and W actions only"
                 ) from None
             raise ValueError(
-                f"{where}: malformed action {text!r}: expected <stage><F|B|I|W><microbatch> "
+                f"{where}: malformed action {short_repr(text)}: expected <stage><F|B|I|W><microbatch> "
                 "(e.g. '2F0', '3W1') or '(<F action>;<B action>)OVERLAP_F_B'"
             ) from None
     if m and not out:
@@ -61,11 +68,15 @@ def _placement(stage_to_rank: tuple[int, ...], num_ranks: int) -> str:
 
 
 def parse_rows(rows: list[list[str]], source: str = "<rows>", name: str = "csv") -> Schedule:
-    """A schedule from CSV rows (one list of cell texts per rank); ``source`` names the input in errors."""
+    """A schedule from CSV rows (one list of cell texts per rank); ``source`` names the input in errors.
+
+    More than :data:`tfz.schedule.MAX_ACTIONS` actions are refused.
+    """
     if not rows:
         raise ValueError(f"{source}: empty schedule file: no rows (expected one row per rank)")
     orders: list[list[Action]] = []
     first_seen: dict[int, tuple[int, str]] = {}  # stage -> (rank, where it was first seen)
+    count = 0
     for r, row in enumerate(rows):
         order: list[Action] = []
         for c, cell in enumerate(row):
@@ -81,16 +92,20 @@ def parse_rows(rows: list[list[str]], source: str = "<rows>", name: str = "csv")
                         f"({where}: {text!r})"
                     )
                 order.append(a)
+        count += len(order)
+        check_actions(
+            count, f"{source} (after row {r + 1})", MAX_ACTIONS, limit_name="tfz.schedule.MAX_ACTIONS"
+        )
         if not order:
             raise ValueError(
                 f"{source}: row {r + 1} (rank {r}) has no actions; every rank needs a row of actions"
             )
         orders.append(order)
     num_stages = max(first_seen) + 1
-    missing = [s for s in range(num_stages) if s not in first_seen]
-    if missing:
+    if len(first_seen) < num_stages:
+        missing = next(s for s in range(num_stages) if s not in first_seen)
         raise ValueError(
-            f"{source}: stage {missing[0]} appears in no row, but stages up to {num_stages - 1} are used; "
+            f"{source}: stage {missing} appears in no row, but stages up to {num_stages - 1} are used; "
             "every stage needs its actions"
         )
     stage_to_rank = tuple(first_seen[s][0] for s in range(num_stages))
@@ -107,15 +122,18 @@ def parse_rows(rows: list[list[str]], source: str = "<rows>", name: str = "csv")
 def load_csv(path: str | os.PathLike, name: str | None = None) -> Schedule:
     """Read torch's compute-only schedule CSV; ``name`` defaults to the file's stem.
 
-    Raises ValueError for an empty file, a row without actions, a malformed or non-compute cell
-    (naming row, column and text), a stage on two ranks, or a stage that appears nowhere.
+    Raises ValueError for an empty file, a file over :data:`MAX_CSV_BYTES`, a row without actions, a
+    malformed or non-compute cell (naming row, column and text), a stage on two ranks, a stage that
+    appears nowhere, or more than :data:`tfz.schedule.MAX_ACTIONS` actions.
     """
     path = Path(path)
-    with open(path, newline="") as f:
-        try:
-            rows = list(csv.reader(f))
-        except csv.Error as err:
-            raise ValueError(f"{path}: not a readable CSV file: {err}") from None
+    raw = read_capped(path, MAX_CSV_BYTES, "a schedule CSV", "tfz.schedule.csv_io.MAX_CSV_BYTES")
+    try:
+        rows = list(csv.reader(io.StringIO(raw.decode("utf-8"), newline="")))
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not a UTF-8 text file") from None
+    except csv.Error as err:
+        raise ValueError(f"{path}: not a readable CSV file: {err}") from None
     return parse_rows(rows, str(path), name or path.stem)
 
 

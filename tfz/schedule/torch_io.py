@@ -19,8 +19,11 @@ import os
 import tempfile
 from pathlib import Path
 
+from tfz import _torch_compat
+from tfz._validate import check_int
 from tfz.schedule.action import KINDS, Action
 from tfz.schedule.csv_io import _placement, dump_csv, load_csv
+from tfz.schedule.limits import check_size
 from tfz.schedule.schedule import Schedule
 
 __all__ = ["TORCH_NAMES", "dump_csv", "from_torch", "instantiate_torch", "load_csv", "replay_on_torch"]
@@ -70,27 +73,21 @@ class _RecordingStage:
     def backward_weight_one_chunk(self, bwd_chunk_id, last_backward=False):
         self._log.append(Action(self.stage_index, "W", bwd_chunk_id))
 
-    # communication and bookkeeping: nothing to do
-    def _no_ops(self, *args, **kwargs):
-        return []
 
-    get_fwd_recv_ops = get_fwd_send_ops = get_bwd_recv_ops = get_bwd_send_ops = _no_ops
-    _get_init_p2p_neighbors_ops = _no_ops
+def _comm_stand_in(name: str):
+    """A recording stage's ``name``: communicates nothing (``*_ops`` methods return no ops)."""
+    returns_ops = name.endswith("_ops")
 
-    def set_local_fwd_input(self, *args, **kwargs) -> None:
-        pass
+    def method(self, *args, **kwargs):
+        return [] if returns_ops else None
 
-    def set_local_bwd_input(self, *args, **kwargs) -> None:
-        pass
+    method.__name__ = name
+    return method
 
-    def get_local_bwd_output(self, mb_index):
-        return None
 
-    def perform_reduce_grad(self, grad_scale_factor) -> None:
-        pass
-
-    def clear_runtime_states(self) -> None:
-        pass
+for _name in _torch_compat.STAGE_COMM_METHODS:  # communication and bookkeeping: nothing to do
+    setattr(_RecordingStage, _name, _comm_stand_in(_name))
+del _name
 
 
 def _schedule_class(schedule):
@@ -98,17 +95,12 @@ def _schedule_class(schedule):
 
     if isinstance(schedule, str):
         cls = getattr(ts, schedule, None)  # a class name such as "ScheduleZBVZeroBubble"
-        if isinstance(cls, type) and issubclass(cls, ts._PipelineSchedule):
+        if isinstance(cls, type) and issubclass(cls, _torch_compat.schedule_base_class()):
             return cls
         return ts.get_schedule_class(schedule)  # "ZBVZeroBubble"; ValueError listing torch's names
-    if isinstance(schedule, type) and issubclass(schedule, ts._PipelineSchedule):
+    if isinstance(schedule, type) and issubclass(schedule, _torch_compat.schedule_base_class()):
         return schedule
     raise TypeError(f"expected a torch schedule class or name, got {schedule!r}")
-
-
-def _check_int(what: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{what} must be an integer >= 1, got {value!r}")
 
 
 def _instantiate(cls, stages, microbatches: int, what: str):
@@ -141,9 +133,7 @@ def _compute_actions(row) -> list[Action]:
 
 def _run_step(sched) -> None:
     """Run ``sched``'s per-step loop once with stages marked as initialized (no metadata exchange)."""
-    sched._stage_forward_initialized = True
-    sched._stages_forward_initialized = True
-    sched._step_microbatches()
+    _torch_compat.run_schedule_loop(sched)
 
 
 def _schedule(name, num_microbatches, stage_to_rank, orders) -> Schedule:
@@ -162,12 +152,12 @@ def _resolve(schedule, ranks, microbatches, stages_per_rank):
 
     cls = _schedule_class(schedule)
     single = issubclass(cls, PipelineScheduleSingle)
-    _check_int("ranks", ranks)
-    _check_int("microbatches", microbatches)
-    v = (1 if single else 2) if stages_per_rank is None else stages_per_rank
-    _check_int("stages per rank", v)
+    ranks = check_int("ranks", ranks, 1)
+    microbatches = check_int("microbatches", microbatches, 1)
+    v = check_int("stages per rank", (1 if single else 2) if stages_per_rank is None else stages_per_rank, 1)
     if single and v != 1:
         raise ValueError(f"{cls.__name__} runs one stage per rank, got stages per rank {v}")
+    check_size(TORCH_NAMES.get(cls.__name__, cls.__name__), ranks, microbatches, v)
     return cls, single, v, f"ranks={ranks}, microbatches={microbatches}, stages per rank={v}"
 
 
@@ -228,8 +218,7 @@ def replay_on_torch(schedule: Schedule, csv_path: str | os.PathLike | None = Non
     recording stages. The placement of the result is the one torch infers from the file. Raises
     ValueError when torch rejects the file.
     """
-    from torch.distributed.pipelining.schedules import _PipelineScheduleRuntime
-
+    runtime_class = _torch_compat.runtime_schedule_class()
     P, S, M = schedule.num_ranks, schedule.num_stages, schedule.num_microbatches
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(csv_path) if csv_path is not None else Path(tmp) / "schedule.csv"
@@ -239,9 +228,9 @@ def replay_on_torch(schedule: Schedule, csv_path: str | os.PathLike | None = Non
         for r in range(P):
             log: list[Action] = []
             stages = [_RecordingStage(s, S, r, P, log) for s in schedule.stages_of(r)]
-            runtime = _instantiate(_PipelineScheduleRuntime, stages, M, f"ranks={P}, microbatches={M}")
+            runtime = _instantiate(runtime_class, stages, M, f"ranks={P}, microbatches={M}")
             try:
-                runtime._load_csv(str(path))
+                _torch_compat.load_schedule_csv(runtime, path)
             except (ValueError, AssertionError, RuntimeError) as err:
                 raise ValueError(
                     f"torch's _PipelineScheduleRuntime rejects schedule {schedule.name!r}: {err}"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import threading
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -14,7 +15,8 @@ __all__ = ["ActionSpan", "ActionTimer"]
 
 @dataclass(frozen=True)
 class ActionSpan:
-    """One occurrence of an action; times in ms since the first record of its batch."""
+    """One occurrence of an action; times in ms since the first record of its batch (the step: a batch
+    starts after the previous ``collect()`` / ``reset()``)."""
 
     name: str
     start_ms: float
@@ -52,7 +54,11 @@ class ActionTimer:
     is active ("cuda-events", "native-host" or "python"; see ``tfz.timing.backend``).
 
     CUDA times are measured on the stream current at entry/exit of the ``with`` block, so they cover the
-    GPU work queued on that stream in between.
+    GPU work queued on that stream in between; events are recorded with the timer's device current.
+
+    When the pool is full (more than ``capacity`` records since the last collect), an action is dropped
+    instead of raising: it is missing from ``collect()``, counted in :attr:`dropped`, and the first drop
+    warns (RuntimeWarning).
     """
 
     def __init__(self, device=None, capacity: int = 4096):
@@ -63,6 +69,8 @@ class ActionTimer:
         self._open: dict[int, tuple[str, int]] = {}
         self._ended: dict[int, tuple[str, int]] = {}
         self._aborted: set[int] = set()
+        self.dropped = 0
+        """Actions dropped because the pool was full (since this timer was made)."""
 
     @property
     def capacity(self) -> int:
@@ -75,7 +83,9 @@ class ActionTimer:
 
         index = self.device
         if self.backend == "cuda-events":
-            raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+            from tfz._torch_compat import cuda_raw_stream_getter
+
+            raw = cuda_raw_stream_getter()
             if raw is not None:
                 return lambda: raw(index)
             return lambda: torch.cuda.current_stream(index).cuda_stream
@@ -89,20 +99,41 @@ class ActionTimer:
             raise ValueError("action name must be a non-empty str, got ''")
         return _Scope(self, name)
 
-    def _start(self, name: str) -> int:
+    def _drop(self, name: str) -> None:
+        self.dropped += 1
+        if self.dropped == 1:
+            warnings.warn(
+                f"ActionTimer: all {self.capacity} records of the pool hold unresolved samples; action "
+                f"{name!r} and later ones are dropped until collect() (count in .dropped). Collect every "
+                "step or raise capacity.",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+
+    def _start(self, name: str) -> int | None:
         occurrence = next(self._ids)
         with self._lock:
-            self._timer.record(2 * occurrence, self._stream())
+            try:
+                self._timer.record(2 * occurrence, self._stream())
+            except OverflowError:
+                self._drop(name)
+                return None
             self._open[occurrence] = (name, threading.get_ident())
         return occurrence
 
-    def _end(self, occurrence: int) -> None:
+    def _end(self, occurrence: int | None) -> None:
+        if occurrence is None:  # dropped at its start
+            return
         with self._lock:
             entry = self._open.pop(occurrence, None)
             if entry is None:  # dropped by reset() while running
                 return
             try:
                 self._timer.record(2 * occurrence + 1, self._stream())
+            except OverflowError:
+                self._aborted.add(occurrence)
+                self._drop(entry[0])
+                return
             except BaseException:
                 self._aborted.add(occurrence)
                 raise
