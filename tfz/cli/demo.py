@@ -86,6 +86,7 @@ def _flags():
         ),
         ("--seeds", "seeds", _seeds, "comma list: one comparison per seed, reported as mean and spread"),
         ("--max-freeze-ratio", "max_freeze_ratio", float, "TimelyFreeze cap"),
+        ("--lr", "lr", float, "peak learning rate (default: the task's, see tfz.demo.DemoConfig.lr)"),
         (
             "--data",
             "data",
