@@ -1,4 +1,4 @@
-"""tfz demo: the report's arithmetic on hand-made records, and a shortened run of every method."""
+"""tfz demo: the report's arithmetic on hand-made records, config checks, and shortened runs."""
 
 import json
 
@@ -7,11 +7,10 @@ import pytest
 from _pipe_workers import skip_unrunnable
 
 from tfz.demo import METHODS, DemoConfig, run_demo
-from tfz.demo.report import build_report
+from tfz.demo.report import build_report, combine, paired_difference, time_to_target, value_at
 
 TINY = dict(
     dim=32,
-    layers_per_stage=1,
     n_heads=2,
     ffn_dim=64,
     seq_len=16,
@@ -21,8 +20,9 @@ TINY = dict(
     check_every=1,
     block_rows=8,
     eval_every=4,
-    eval_batches=1,
+    val_sequences=8,
     lr_warmup=2,
+    base_steps=4,
 )
 
 
@@ -52,31 +52,36 @@ def _rank(method_records, evals):
             "history": [],
             "plan": None,
             "timeline_durations": None,
+            "estimates": None,
         }
         for m, recs in method_records.items()
     }
 
 
-def test_report_arithmetic_against_hand_values():
-    cfg = DemoConfig(steps=4, ranks=2, methods=("none", "timelyfreeze"), **TINY)
+def _eval(step, loss, seq=None):
+    return {"step": step, "val_loss": loss, "val_acc": 0.1, **({"seq_loss": seq} if seq else {})}
+
+
+def _two_methods(tf_final=2.52, tf_seq=(2.50, 2.54)):
     phases = ["warmup", "ramp", "stable", "stable"]
     none0 = _records([100, 100, 100, 110], ["-"] * 4, [None] * 4, {0: [0, 0, 0, 0]})
     tf0 = _records([100, 90, 80, 80], phases, [None] * 4, {0: [0, 0.2, 0.8, 0.6]})
     none1 = _records([101, 99, 100, 108], ["-"] * 4, [3.0, 2.8, 2.6, 2.4], {1: [0, 0, 0, 0]})
     tf1 = _records([99, 91, 81, 79], phases, [3.0, 2.9, 2.7, 2.5], {1: [0, 0.1, 0.4, 0.2]})
     evals = {
-        "none": [{"step": 2, "val_loss": 2.9, "val_acc": 0.1}, {"step": 4, "val_loss": 2.5, "val_acc": 0.2}],
-        "timelyfreeze": [
-            {"step": 2, "val_loss": 2.95, "val_acc": 0.1},
-            {"step": 4, "val_loss": 2.52, "val_acc": 0.2},
-        ],
+        "none": [_eval(0, 3.0), _eval(2, 2.9), _eval(4, 2.5, [2.4, 2.6])],
+        "timelyfreeze": [_eval(0, 3.0), _eval(2, 2.95), _eval(4, tf_final, list(tf_seq))],
     }
-    results = [
+    return [
         _rank({"none": none0, "timelyfreeze": tf0}, {}),
         _rank({"none": none1, "timelyfreeze": tf1}, evals),
     ]
-    report, _ = build_report(results, cfg)
-    assert report["config"]["window_steps"] == [2, 4]  # both stable steps
+
+
+def test_report_arithmetic_against_hand_values():
+    cfg = DemoConfig(steps=18, ranks=2, methods=("none", "timelyfreeze"), task="pretrain", **TINY)
+    report, _ = build_report(_two_methods(), cfg, seed=0)
+    assert report["window_steps"] == [2, 4]  # both stable steps
     none, tf = report["methods"]["none"], report["methods"]["timelyfreeze"]
     tokens = cfg.tokens_per_step
     assert none["tokens_per_s"] == pytest.approx(2 * tokens / ((100 + 110) / 1e3))  # max over ranks per step
@@ -86,21 +91,73 @@ def test_report_arithmetic_against_hand_values():
     assert tf["val_loss"] == 2.52 and tf["batch_time_predicted_ms"] == 40.0
     assert tf["batch_time_measured_ms"] == pytest.approx(np.median([81 * 0.9, 80 * 0.9]))
     assert tf["train_loss"] == pytest.approx(np.mean([3.0, 2.9, 2.7, 2.5]))
+    # wall time of a step is the slowest rank's; evaluation at step 0 is at 0 s
+    assert [e["wall_time_s"] for e in none["evals"]] == pytest.approx([0.0, 0.201, 0.411])
+    assert [e["wall_time_s"] for e in tf["evals"]] == pytest.approx([0.0, 0.191, 0.352])
+    # no freezing's curve at TimelyFreeze's end (0.352 s), between its points (0.201, 2.9) and (0.411, 2.5)
+    assert tf["none_val_loss_at_equal_time"] == pytest.approx(2.9 - (0.352 - 0.201) / (0.411 - 0.201) * 0.4)
+    assert none["none_val_loss_at_equal_time"] is None
     # none reaches its own final loss at its last eval; timelyfreeze never goes below 2.5
-    assert none["time_to_target_s"] == pytest.approx((101 + 100 + 100 + 110) / 1e3)
+    assert none["time_to_target_s"] == pytest.approx(0.411)
     assert tf["time_to_target_s"] is None
+    # paired over the two validation sequences: differences 0.10 and -0.06
+    paired = tf["val_loss_vs_none"]
+    assert paired["diff"] == pytest.approx(0.02) and paired["rel"] == pytest.approx(0.02 / 2.5)
+    assert paired["se"] == pytest.approx(np.sqrt(2 * 0.08**2) / np.sqrt(2))
     goals = report["goals"]
     assert goals["val_loss_vs_none"]["value"] == pytest.approx(2.52 / 2.5 - 1)
     assert goals["val_loss_vs_none"]["met"] is True
+    equal = goals["val_loss_vs_none_at_equal_time"]
+    assert equal["value"] == pytest.approx(2.52 / tf["none_val_loss_at_equal_time"] - 1) and equal["met"]
     assert goals["throughput_gain"]["met"] is ((100 + 110) / (81 + 80) >= 1.25)
     assert none["batch_time_ms_per_step"] == pytest.approx([0.9 * v for v in (101, 100, 100, 110)])
     assert tf["predicted_ms_per_step"] == [None, None, 40.0, 40.0]
     assert "none_batch_time_shift" not in goals["prediction_vs_measured"]  # no unfrozen monitoring here
-    # with a monitored step: no freezing's own batch time over the window vs during the monitoring
-    tf0[0]["phase"] = "monitor_upper"
-    report, _ = build_report(results, cfg)
-    shift = report["goals"]["prediction_vs_measured"]["none_batch_time_shift"]
-    assert shift == pytest.approx(np.median([0.9 * 100, 0.9 * 110]) / (0.9 * 101) - 1)
+
+
+def test_time_to_target_interpolates_the_crossing():
+    cfg = DemoConfig(steps=18, ranks=2, methods=("none", "timelyfreeze"), task="pretrain", **TINY)
+    report, _ = build_report(_two_methods(tf_final=2.45, tf_seq=(2.40, 2.50)), cfg, seed=0)
+    tf = report["methods"]["timelyfreeze"]
+    # crosses 2.5 between (0.191 s, 2.95) and (0.352 s, 2.45): 0.9 of the way
+    assert tf["time_to_target_s"] == pytest.approx(0.191 + (2.95 - 2.5) / (2.95 - 2.45) * (0.352 - 0.191))
+    assert tf["time_to_target_speedup"] == pytest.approx(0.411 / tf["time_to_target_s"])
+
+
+def test_curve_helpers_by_hand():
+    times, values = [0.0, 10.0, 30.0], [4.0, 3.0, 2.0]
+    assert value_at(times, values, 20.0) == pytest.approx(2.5)
+    assert value_at(times, values, 0.0) == 4.0 and value_at(times, values, 30.0) == 2.0
+    assert value_at(times, values, 30.5) is None and value_at([], [], 1.0) is None
+    assert time_to_target(times, values, 3.5) == pytest.approx(5.0)
+    assert time_to_target(times, values, 2.25) == pytest.approx(25.0)
+    assert time_to_target(times, values, 4.5) == 0.0 and time_to_target(times, values, 1.9) is None
+    p = paired_difference([1.0, 2.0, 3.0, 5.0], [1.0, 1.0, 2.0, 4.0])  # differences 0, 1, 1, 1
+    assert p["diff"] == pytest.approx(0.75) and p["rel"] == pytest.approx(0.75 / 2.0)
+    assert p["se"] == pytest.approx(0.5 / 2.0)  # sd 0.5 over 4 sequences
+    with pytest.raises(ValueError, match="same >= 2 sequences"):
+        paired_difference([1.0, 2.0], [1.0])
+
+
+def test_seeds_combine_into_mean_and_spread():
+    cfg = DemoConfig(
+        steps=18, ranks=2, methods=("none", "timelyfreeze"), task="pretrain", seeds=(0, 1), **TINY
+    )
+    a, _ = build_report(_two_methods(), cfg, seed=0)
+    b, _ = build_report(_two_methods(tf_final=2.45, tf_seq=(2.40, 2.50)), cfg, seed=1)
+    report = combine([a, b], cfg)
+    assert [r["seed"] for r in report["per_seed"]] == report["seeds"] == [0, 1]
+    tf, spread = report["methods"]["timelyfreeze"], report["spread"]["timelyfreeze"]
+    assert tf["val_loss"] == pytest.approx((2.52 + 2.45) / 2)
+    assert spread["val_loss"]["sd"] == pytest.approx(np.std([2.52, 2.45], ddof=1))
+    assert spread["val_loss"]["min"] == 2.45 and spread["val_loss"]["max"] == 2.52
+    rel = [0.02 / 2.5, -0.05 / 2.5]
+    assert tf["val_loss_vs_none"] == pytest.approx(np.mean(rel))
+    se = [0.08 / 2.5, 0.05 / 2.5]  # differences (0.10, -0.06) and (0.0, -0.10): standard errors 0.08, 0.05
+    assert spread["val_loss_vs_none"]["se_validation"] == pytest.approx(np.sqrt(se[0] ** 2 + se[1] ** 2) / 2)
+    # time to target: reached in one seed only, the mean is over the seeds that reached it
+    assert tf["time_to_target_s"] == pytest.approx(b["methods"]["timelyfreeze"]["time_to_target_s"])
+    assert spread["time_to_target_s"]["seeds"] == 1
 
 
 def test_config_errors():
@@ -110,11 +167,84 @@ def test_config_errors():
         DemoConfig(schedule="x")
     with pytest.raises(ValueError, match="steps must be an integer >= 1"):
         DemoConfig(steps=0)
+    with pytest.raises(ValueError, match="unknown task 'finetuning'"):
+        DemoConfig(task="finetuning")
+    with pytest.raises(ValueError, match=r"seeds must be integers >= 0, got \(-1,\)"):
+        DemoConfig(seeds=(-1,))
+    with pytest.raises(ValueError, match="seeds repeat"):
+        DemoConfig(seeds=(1, 1))
+    with pytest.raises(ValueError, match="--base b.pt applies to --task finetune"):
+        DemoConfig(task="pretrain", base="b.pt")
+    with pytest.raises(ValueError, match="--ranks 1000000000: .* 292,968,750 GB .* limit is 64 ranks"):
+        DemoConfig(ranks=1_000_000_000, steps=1)
+    with pytest.raises(
+        ValueError, match="--microbatches 100000000 has 800,000,000 actions .* limit is 100,000 actions"
+    ):
+        DemoConfig(microbatches=100_000_000)
+    with pytest.raises(ValueError, match="monitoring must be 'partial' or 'frozen', got 'none'"):
+        DemoConfig(monitoring="none")
+    with pytest.raises(ValueError, match="unknown corpus 'x'"):
+        DemoConfig(corpus="x")
+    with pytest.raises(ValueError, match="n_layers 2 is fewer than the 4 pipeline stages"):
+        DemoConfig(schedule="zbv", n_layers=2)
+
+
+def test_short_runs_scale_their_phases_or_are_refused_with_the_minimum():
+    cfg = DemoConfig(steps=40, methods=METHODS)
+    tf = cfg.timelyfreeze_config(seed=0)
+    # learning-rate warm-up 4 (a tenth), then monitoring 2 x 4, the plan fully applied by step 20
+    assert cfg.warmup_steps == tf.warmup == 4 and tf.phase_unit == 4
+    assert 2 * tf.full_plan_step <= 40 and cfg.decision_interval == tf.check_every
+    with pytest.raises(
+        ValueError, match=r"TimelyFreeze settings: a run of 12 steps is too short .* needs total_steps >= \d+"
+    ):
+        DemoConfig(steps=12, methods=METHODS)
+    DemoConfig(steps=12, methods=("none", "apf", "autofreeze"))  # no TimelyFreeze: nothing to wait for
+
+
+def test_phase_unit_too_short_for_timelyfreeze():
+    with pytest.raises(ValueError, match=r"TimelyFreeze settings: discard_steps \(1\)"):
+        DemoConfig(phase_unit=1)
+    assert DemoConfig(phase_unit=1, methods=("none", "apf")).phase_unit == 1
+
+
+@pytest.mark.distributed
+def test_finetune_builds_the_base_once_then_hits_the_cache(tmp_path):
+    """The fine-tune path end to end at tiny size: base built on the first run (progress shown), taken
+    from the cache on the second, every method starting from it."""
+    seen = []
+    cfg = DemoConfig(
+        steps=18, out=str(tmp_path / "a"), cache_dir=str(tmp_path / "cache"), timeout=300, **TINY
+    )
+    report = run_demo(cfg, progress=seen.append)
+    assert any("building the base model" in line for line in seen)
+    assert len(list((tmp_path / "cache").glob("base-*.pt"))) == 1
+    saved = json.loads((tmp_path / "a" / "report.json").read_text())
+    assert saved["config"]["task"] == "finetune" and saved["task"]["corpus"] == "torch-python"
+    assert saved["task"]["validation"]["sequences"] == 8
+    for name in ("none", "timelyfreeze"):
+        m = saved["methods"][name]
+        for key in ("val_loss", "none_val_loss_at_equal_time", "time_to_target_s", "val_loss_vs_none"):
+            assert key in m, (name, key)
+        evals = saved["per_seed"][0]["methods"][name]["evals"]
+        assert evals[0]["step"] == 0 and evals[0]["wall_time_s"] == 0.0
+    first = [
+        r["methods"][n]["evals"][0]["val_loss"] for r in saved["per_seed"] for n in ("none", "timelyfreeze")
+    ]
+    assert first[0] == pytest.approx(first[1], rel=1e-6)  # both start from the same base
+    assert saved["task"]["base_val_loss"] == pytest.approx(first[0])
+    seen.clear()
+    again = cfg.replace(steps=2, methods=("none",), seeds=(0, 1), out=str(tmp_path / "b"))
+    report = run_demo(again, progress=seen.append)
+    assert not any("building the base model" in line for line in seen)
+    assert len(report["per_seed"]) == 2 and report["task"]["base"] == saved["task"]["base"]
+    assert report["spread"]["none"]["val_loss"]["seeds"] == 2
+    assert "± " in (tmp_path / "b" / "report.md").read_text()
 
 
 @pytest.mark.distributed
 def test_shortened_demo_runs_every_method(tmp_path):
-    cfg = DemoConfig(steps=18, methods=METHODS, out=str(tmp_path), timeout=300, **TINY)
+    cfg = DemoConfig(steps=18, methods=METHODS, task="pretrain", out=str(tmp_path), timeout=300, **TINY)
     report = run_demo(cfg)
     saved = json.loads((tmp_path / "report.json").read_text())
     assert saved["methods"].keys() == set(METHODS) and report["config"]["steps"] == 18
@@ -127,6 +257,7 @@ def test_shortened_demo_runs_every_method(tmp_path):
             "val_loss",
             "val_acc",
             "time_to_target_s",
+            "none_val_loss_at_equal_time",
             "batch_time_measured_ms",
             "batch_time_predicted_ms",
         ):
@@ -137,14 +268,16 @@ def test_shortened_demo_runs_every_method(tmp_path):
     assert saved["methods"]["none"]["mean_freeze_ratio"] == [0.0, 0.0]
     assert saved["methods"]["none"]["throughput_gain"] == pytest.approx(1.0)
     assert saved["methods"]["none"]["batch_time_predicted_ms"] is None
-    tf = saved["methods"]["timelyfreeze"]
-    assert tf["batch_time_predicted_ms"] > 0
+    tf = saved["per_seed"][0]["methods"]["timelyfreeze"]
+    assert tf["batch_time_predicted_ms"] > 0 and tf["plan"] is not None
     # the lower-bound window freezes part of every stage: microbatches take turns over the monitoring
     # ratios (0.4, 0.8), so each stage's mean is about 0.6 and every step still trains
     lower = [i for i, p in enumerate(tf["phase_per_step"]) if p == "monitor_lower"]
     assert lower and all(abs(r - 0.6) < 0.1 for i in lower for r in tf["freeze_ratio_per_step"][i])
+    # nothing freezes before the end of the learning-rate warm-up (2 steps here)
     for name in METHODS:
-        assert len(saved["methods"][name]["freeze_ratio_per_step"]) == 18
+        per_step = saved["per_seed"][0]["methods"][name]["freeze_ratio_per_step"]
+        assert len(per_step) == 18 and all(r == 0 for step in per_step[:2] for r in step)
     assert [p[1] for p in tf["phases"]][:3] == ["monitor_upper", "monitor_lower", "solving"]
     for f in (
         "report.md",
@@ -168,16 +301,17 @@ def test_validation_agrees_across_stage_placements(tmp_path):
     evals = {}
     for name in ("interleaved1f1b", "zbv"):
         cfg = DemoConfig(
-            schedule=name, steps=2, methods=("none",), out=str(tmp_path / name), timeout=300, **TINY
+            schedule=name,
+            task="pretrain",
+            steps=2,
+            methods=("none",),
+            out=str(tmp_path / name),
+            timeout=300,
+            **TINY,
         )
-        evals[name] = run_demo(cfg)["methods"]["none"]["evals"]
+        evals[name] = run_demo(cfg)["per_seed"][0]["methods"]["none"]["evals"]
     a, b = evals["interleaved1f1b"], evals["zbv"]
-    assert [e["step"] for e in a] == [e["step"] for e in b] == [2]
-    assert a[0]["val_loss"] == pytest.approx(b[0]["val_loss"], rel=1e-5)
-    assert a[0]["val_acc"] == pytest.approx(b[0]["val_acc"], abs=1e-3)
-
-
-def test_phase_unit_too_short_for_timelyfreeze():
-    with pytest.raises(ValueError, match=r"TimelyFreeze settings \(phase_unit 1\): discard_steps \(1\)"):
-        DemoConfig(phase_unit=1)
-    assert DemoConfig(phase_unit=1, methods=("none", "apf")).phase_unit == 1
+    assert [e["step"] for e in a] == [e["step"] for e in b] == [0, 2]
+    for ea, eb in zip(a, b):
+        assert ea["val_loss"] == pytest.approx(eb["val_loss"], rel=1e-5)
+        assert ea["val_acc"] == pytest.approx(eb["val_acc"], abs=1e-3)

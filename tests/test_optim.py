@@ -218,3 +218,40 @@ def test_bad_arguments_raise():
         attach_row_freezing(opt, object())
     with pytest.raises(TypeError, match="rescale"):
         attach_row_freezing(opt, model, rescale=1)
+
+
+def test_scale_updates_moves_partly_frozen_rows_by_their_active_fraction():
+    """Against plain AdamW on the same gradients: a row active in k of the 4 microbatches ends at
+    before + k/4 (plain after - before), with the plain step's moments; rows frozen all step keep
+    weight and state; rows active throughout match plain torch."""
+    model = make_model(seed=5).double()
+    gen = torch.Generator().manual_seed(6)
+    masks = step_masks(0, 4, gen)
+    for per in masks:
+        x = torch.randn(3, 4, generator=gen, dtype=torch.float64)
+        with use_row_masks({model.get_submodule(k): v for k, v in per.items()}):
+            (model(x) ** 2).sum().backward()
+    plain = copy.deepcopy(model)
+    for p, q in zip(model.parameters(), plain.parameters()):
+        q.grad = p.grad.clone()
+    make = OPTIMIZERS["adamw"]
+    plain_opt = make(plain.parameters())
+    plain_opt.step()
+    opt = make(model.parameters())
+    handle = attach_row_freezing(opt, model, scale_updates=True)
+    assert "scale_updates=True" in repr(handle)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt.step()
+    after_plain = dict(plain.named_parameters())
+    for name, layer in tracked(model):
+        active = torch.stack([per[layer] for per in masks]).sum(0).double()  # microbatches per row
+        fraction = (active / len(masks)).view(-1, *([1] * (before[name].dim() - 1)))
+        expected = before[name] + fraction * (after_plain[name].detach() - before[name])
+        torch.testing.assert_close(dict(model.named_parameters())[name], expected, msg=name)
+        p, q = dict(model.named_parameters())[name], after_plain[name]
+        moved = active > 0
+        torch.testing.assert_close(opt.state[p]["exp_avg"][moved], plain_opt.state[q]["exp_avg"][moved])
+        assert torch.count_nonzero(opt.state[p]["exp_avg"][~moved]) == 0  # fresh state: frozen rows 0
+    assert any(
+        ((0 < c) & (c < 4)).any() for c in (torch.stack([per[k] for per in masks]).sum(0) for k in ROWS)
+    )

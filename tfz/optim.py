@@ -12,6 +12,12 @@ the last step) and guarantees:
   which they were active: no rescaling by default (the TimelyFreeze choice). With ``rescale=True`` each
   row's gradient is multiplied by ``calls / active_calls`` (microbatches through the layer / those in
   which the row was active), making it an unbiased estimate of the full sum.
+- With ``scale_updates=True`` the step a partly frozen row takes is scaled by the fraction of the
+  step's microbatches it was active in (``active_calls / calls``): after the optimizer's step the row
+  is set to ``before + fraction * (after - before)``, its optimizer state as the step left it. Adam's
+  step size does not shrink with the data a row saw (it normalises the gradient), so without this a
+  row trained on one microbatch of eight moves as far as one trained on all eight, on a much noisier
+  gradient.
 - Per-tensor scalar state advances whenever some row of the tensor is active, e.g. Adam's ``step``:
   a row that wakes up after being frozen uses the tensor's bias correction with its own (older)
   moments.
@@ -70,18 +76,39 @@ def _row_aligned_state(optimizer: torch.optim.Optimizer, param: torch.Tensor) ->
     return aligned
 
 
+@dataclass
+class _Partial:
+    param: torch.Tensor
+    rows: torch.Tensor
+    """int64 [k]: partly frozen row indices."""
+    weight: torch.Tensor
+    """[k, ...] those rows before the step."""
+    fraction: torch.Tensor
+    """[k, 1, ...] active calls / calls, broadcastable to ``weight``."""
+
+
 class RowFreezing:
     """Hooks that give ``optimizer`` the row-freezing semantics above; ``remove()`` detaches them."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, model: nn.Module, *, rescale: bool = False):
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        model: nn.Module,
+        *,
+        rescale: bool = False,
+        scale_updates: bool = False,
+    ):
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-        if not isinstance(rescale, bool):
-            raise TypeError(f"rescale must be a bool, got {rescale!r}")
+        for name, value in (("rescale", rescale), ("scale_updates", scale_updates)):
+            if not isinstance(value, bool):
+                raise TypeError(f"{name} must be a bool, got {value!r}")
         self.optimizer = optimizer
         self.rescale = rescale
+        self.scale_updates = scale_updates
+        self._partial: list[_Partial] = []
         self.layers = [m for m in model.modules() if isinstance(m, FreezableLinear)]
         self._snapshots: list[_Snapshot] = []
         self._rescaled = False
@@ -110,10 +137,25 @@ class RowFreezing:
                     p.grad.mul_(scale_O.to(p.grad.dtype).view(-1, *([1] * (p.dim() - 1))))
         self._rescaled = True
 
+    def _snapshot_partial(self, layer: FreezableLinear, params: list[torch.Tensor]) -> None:
+        """Remember the rows active in some but not all calls, and their fractions (``scale_updates``)."""
+        usage = layer.row_usage
+        counts = usage.counts
+        if counts is None:
+            return
+        rows = ((counts > 0) & (counts < usage.calls)).nonzero().squeeze(1)
+        if rows.numel() == 0:
+            return
+        fraction = counts.index_select(0, rows).double() / usage.calls
+        for p in params:
+            shape = (-1,) + (1,) * (p.dim() - 1)
+            self._partial.append(_Partial(p, rows, p.index_select(0, rows), fraction.to(p.dtype).view(shape)))
+
     @torch.no_grad()
     def _before_step(self, optimizer, args, kwargs) -> None:
         self.rescale_grads()
         self._snapshots = []
+        self._partial = []
         for layer in self.layers:
             usage = layer.row_usage
             if usage.calls == 0:
@@ -121,6 +163,8 @@ class RowFreezing:
             params = [p for p in self._params(layer) if p.grad is not None]
             if not params:
                 continue
+            if self.scale_updates:
+                self._snapshot_partial(layer, params)
             if usage.full_calls == 0 and usage.partial is None:  # frozen in every call
                 rows = torch.arange(layer.out_features, device=params[0].device)
             elif usage.partial is None:  # every row was active in the unmasked calls
@@ -143,6 +187,10 @@ class RowFreezing:
 
     @torch.no_grad()
     def _after_step(self, optimizer, args, kwargs) -> None:
+        partial, self._partial = self._partial, []
+        for part in partial:
+            after = part.param.index_select(0, part.rows)
+            part.param.index_copy_(0, part.rows, part.weight + part.fraction * (after - part.weight))
         snapshots, self._snapshots = self._snapshots, []
         for snap in snapshots:
             snap.param.index_copy_(0, snap.rows, snap.weight)
@@ -158,6 +206,7 @@ class RowFreezing:
     def reset(self) -> None:
         """Forget this step's row usage and snapshots (called after every step)."""
         self._snapshots = []
+        self._partial = []
         self._rescaled = False
         for layer in self.layers:
             layer.row_usage.reset()
@@ -170,14 +219,21 @@ class RowFreezing:
 
     def __repr__(self) -> str:
         name = type(self.optimizer).__name__
-        return f"RowFreezing({name}, layers={len(self.layers)}, rescale={self.rescale})"
+        return (
+            f"RowFreezing({name}, layers={len(self.layers)}, rescale={self.rescale}, "
+            f"scale_updates={self.scale_updates})"
+        )
 
 
 def attach_row_freezing(
-    optimizer: torch.optim.Optimizer, model: nn.Module, *, rescale: bool = False
+    optimizer: torch.optim.Optimizer,
+    model: nn.Module,
+    *,
+    rescale: bool = False,
+    scale_updates: bool = False,
 ) -> RowFreezing:
     """Give ``optimizer`` the row-freezing semantics of this module for the FreezableLinears of ``model``.
 
     The optimizer object is unchanged (LR schedulers, checkpoints and GradScaler keep working).
     """
-    return RowFreezing(optimizer, model, rescale=rescale)
+    return RowFreezing(optimizer, model, rescale=rescale, scale_updates=scale_updates)

@@ -1,11 +1,16 @@
-"""Train a small LLaMA-style decoder byte-level on text that needs no download (the Python standard
-library's sources), pipelined over CPU ranks with torch.distributed.pipelining and gloo, with no
-freezing and with TimelyFreeze (or every method), and write report.json, report.md, timelines, Chrome
-traces and a loss-vs-wall-time plot. Under torchrun the same command uses torchrun's processes."""
+"""Train a small LLaMA-style decoder byte-level, pipelined over CPU ranks with
+torch.distributed.pipelining and gloo, with no freezing and with TimelyFreeze (or every method), and
+write report.json, report.md, timelines, Chrome traces and a validation-loss-vs-wall-time plot. By
+default every method fine-tunes the same base model (pretrained without freezing on the Python
+standard library's sources; built once on first use and cached) on torch's own Python sources, as in
+the paper's experiments; --task pretrain trains from scratch. No download is needed. Under torchrun
+the same command uses torchrun's processes."""
 
 from __future__ import annotations
 
 import argparse
+import os
+from pathlib import Path
 
 from tfz.cli import UsageError
 
@@ -24,78 +29,114 @@ def _methods(text: str) -> tuple[str, ...]:
     return names
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    from tfz.demo import DemoConfig
+def _seeds(text: str) -> tuple[int, ...]:
+    """argparse type: comma-separated distinct integers >= 0 ("0,1,2")."""
+    parts = [p.strip() for p in text.split(",")]
+    try:
+        seeds = tuple(int(p) for p in parts)
+    except ValueError:
+        seeds = ()
+    if not seeds or any(s < 0 for s in seeds):
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 0, got {text!r}")
+    if len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"seeds repeat in {text!r}")
+    return seeds
+
+
+def check_out(path: str) -> Path:
+    """``--out`` before any work: an existing writable folder, or one that can be created (it is)."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {path} exists and is not a folder")
+    parent = out
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UsageError(f"--out {path}: {parent} is not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"--out {path}: {parent} is not writable")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"--out {path}: cannot create it ({exc.strerror or exc})") from None
+    return out
+
+
+def _flags():
+    """(flag, DemoConfig field, argparse type, help) of every ``tfz demo`` flag."""
+    from tfz.demo import TASKS
     from tfz.schedule import SCHEDULES
 
-    d = DemoConfig()
-    p.add_argument(
-        "--schedule", choices=SCHEDULES, default=d.schedule, help="pipeline schedule (default %(default)s)"
+    return (
+        (
+            "--task",
+            "task",
+            TASKS,
+            "finetune: every method fine-tunes one pretrained base; pretrain: from scratch",
+        ),
+        ("--schedule", "schedule", SCHEDULES, "pipeline schedule"),
+        ("--ranks", "ranks", int, "pipeline ranks"),
+        ("--steps", "steps", int, "optimizer steps per method"),
+        (
+            "--methods",
+            "methods",
+            _methods,
+            "comma list of none, timelyfreeze, apf, autofreeze, timelyfreeze+apf, "
+            "timelyfreeze+autofreeze, or all",
+        ),
+        ("--seeds", "seeds", _seeds, "comma list: one comparison per seed, reported as mean and spread"),
+        ("--max-freeze-ratio", "max_freeze_ratio", float, "TimelyFreeze cap"),
+        ("--lr", "lr", float, "peak learning rate (default: the task's, see tfz.demo.DemoConfig.lr)"),
+        (
+            "--data",
+            "data",
+            str,
+            "text file or folder to train on (finetune: the fine-tuning corpus; default: torch's Python "
+            "sources for finetune, the standard library's sources for pretrain)",
+        ),
+        ("--base", "base", str, "base model file to fine-tune (default: the demo's own, built once)"),
+        ("--out", "out", str, "output folder"),
+        ("--microbatches", "microbatches", int, "microbatches per step"),
+        ("--phase-unit", "phase_unit", int, "TimelyFreeze phase unit in steps (default: a tenth of --steps)"),
+        (
+            "--monitoring",
+            "monitoring",
+            ("partial", "frozen"),
+            "TimelyFreeze's second monitoring half: every action partly frozen, or all frozen (no learning)",
+        ),
+        ("--eval-every", "eval_every", int, "validation interval in steps"),
     )
-    p.add_argument("--ranks", type=int, default=d.ranks, help="pipeline ranks (default %(default)s)")
-    p.add_argument(
-        "--steps", type=int, default=d.steps, help="optimizer steps per method (default %(default)s)"
-    )
-    p.add_argument(
-        "--methods",
-        type=_methods,
-        default=d.methods,
-        help="comma list of none, timelyfreeze, apf, autofreeze, timelyfreeze+apf, timelyfreeze+autofreeze, "
-        "or all (default none,timelyfreeze)",
-    )
-    p.add_argument(
-        "--max-freeze-ratio",
-        type=float,
-        default=d.max_freeze_ratio,
-        help="TimelyFreeze cap (default %(default)s)",
-    )
-    p.add_argument(
-        "--data", default=None, help="text file or folder (default: the standard library's sources)"
-    )
-    p.add_argument("--out", default=d.out, help="output folder (default %(default)s)")
-    p.add_argument("--seed", type=int, default=d.seed, help="seed (default %(default)s)")
-    p.add_argument(
-        "--microbatches", type=int, default=d.microbatches, help="microbatches per step (default %(default)s)"
-    )
-    p.add_argument(
-        "--phase-unit",
-        type=int,
-        default=d.phase_unit,
-        help="TimelyFreeze phase unit in steps (default %(default)s)",
-    )
-    p.add_argument(
-        "--eval-every", type=int, default=d.eval_every, help="validation interval (default %(default)s)"
-    )
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from tfz.demo import DemoConfig
+
+    fields = DemoConfig.__dataclass_fields__
+    for flag, name, kind, text in _flags():
+        default = fields[name].default
+        shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+        extra = {"choices": kind} if isinstance(kind, tuple) else {"type": kind}
+        suffix = "" if default is None else f" (default {shown})"
+        p.add_argument(flag, dest=name, default=default, help=text + suffix, **extra)
 
 
 def run(args) -> int:
     from tfz.demo import DemoConfig, run_demo
     from tfz.demo.report import markdown
 
-    cfg = DemoConfig(
-        schedule=args.schedule,
-        ranks=args.ranks,
-        steps=args.steps,
-        methods=args.methods,
-        max_freeze_ratio=args.max_freeze_ratio,
-        data=args.data,
-        out=args.out,
-        seed=args.seed,
-        microbatches=args.microbatches,
-        phase_unit=args.phase_unit,
-        eval_every=args.eval_every,
-    )
-    if args.data is not None:
-        from pathlib import Path
-
-        if not Path(args.data).exists():
-            raise UsageError(f"--data {args.data} does not exist")
+    cfg = DemoConfig(**{name: getattr(args, name) for _, name, _, _ in _flags()})
+    if args.data is not None and not Path(args.data).exists():
+        raise UsageError(f"--data {args.data} does not exist")
+    if args.base is not None and not Path(args.base).is_file():
+        raise UsageError(f"--base {args.base} is not a file")
+    check_out(cfg.out)
+    seeds = ", ".join(map(str, cfg.seeds))
     print(
-        f"tfz demo: {cfg.schedule} over {cfg.ranks} ranks, {cfg.steps} steps, "
-        f"methods {', '.join(cfg.methods)} -> {cfg.out}/",
+        f"tfz demo: {cfg.task}, {cfg.schedule} over {cfg.ranks} ranks, {cfg.steps} steps, "
+        f"methods {', '.join(cfg.methods)}, seed{'s' if len(cfg.seeds) > 1 else ''} {seeds} -> {cfg.out}/",
         flush=True,
     )
-    report = run_demo(cfg)
+    report = run_demo(cfg)  # an error in a rank is one line too (tfz.cli.error_line)
     if report is None:
         return 0
     print()

@@ -1,48 +1,106 @@
 """``tfz demo``: train a small LLaMA-style model pipelined over CPU ranks, with and without freezing.
 
-:func:`run_demo` spawns ``config.ranks`` processes (gloo), trains every method in lockstep
-(:mod:`tfz.demo.worker`) and writes the report (:mod:`tfz.demo.report`). Under ``torchrun`` the same
-entry point uses the processes torchrun started.
+:func:`run_demo` makes sure the base model exists (``--task finetune``; :mod:`tfz.demo.base`), then,
+once per seed, spawns ``config.ranks`` processes (gloo), trains every method in lockstep
+(:mod:`tfz.demo.worker`) and finally writes the report of all seeds (:mod:`tfz.demo.report`). Under
+``torchrun`` the same entry point uses the processes torchrun started.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tfz.demo.config import METHODS, DemoConfig
+from tfz.demo.config import METHODS, TASKS, DemoConfig
 
-__all__ = ["METHODS", "DemoConfig", "run_demo"]
+__all__ = ["METHODS", "TASKS", "DemoConfig", "prepare", "run_demo"]
 
 
-def _gathering_rank(rank: int, world: int, cfg: DemoConfig):
+def _gathering_rank(rank: int, world: int, cfg: DemoConfig, seed: int):
     import torch.distributed as dist
 
     from tfz.demo.worker import run_rank
 
-    result = run_rank(rank, world, cfg)
+    result = run_rank(rank, world, cfg, seed)
     everything: list[Any] = [None] * world
     dist.all_gather_object(everything, result)
     return everything if rank == 0 else None
 
 
-def run_demo(cfg: DemoConfig) -> dict[str, Any] | None:
-    """Train, then write the report into ``cfg.out``; returns the report (None on non-zero torchrun ranks)."""
-    from tfz.demo.report import build_report, write_outputs
+def prepare(cfg: DemoConfig, progress: Callable[[str], None] = print) -> tuple[DemoConfig, dict[str, Any]]:
+    """Check the data and the base before any rank starts, building the default base on first use.
+
+    Returns the config with ``base`` set to the base file (finetune) and what the report says about
+    the task: the corpus, the base and the validation set. Bad data or a bad base raise ValueError /
+    OSError naming it.
+    """
+    import numpy as np
+
+    from tfz.demo.worker import load_data
+
+    corpus = load_data(cfg)
+    corpus.sequences("val", cfg.val_sequences, cfg.seq_len)  # enough text in both splits
+    corpus.batch("train", 1, cfg.seq_len, np.random.default_rng(0))
+    info: dict[str, Any] = {
+        "task": cfg.task,
+        "corpus": corpus.source,
+        "validation": {
+            "sequences": cfg.val_sequences,
+            "bytes": cfg.val_sequences * cfg.seq_len,
+            "split_bytes": int(len(corpus.val)),
+        },
+    }
+    if cfg.task == "finetune":
+        from tfz.demo.base import ensure_base, load_base
+
+        if cfg.base is None:
+            spec = cfg.base_spec(cfg.build_schedule().num_stages)
+            path, _ = ensure_base(
+                spec, None if cfg.cache_dir is None else Path(cfg.cache_dir), progress=progress
+            )
+            cfg = cfg.replace(base=str(path))
+        base = load_base(cfg.base)
+        base.check_fits(cfg.build_schedule().num_stages, cfg.seq_len)
+        info["base"] = cfg.base
+        info["base_metrics"] = base.metrics
+    return cfg, info
+
+
+def run_demo(cfg: DemoConfig, progress: Callable[[str], None] = print) -> dict[str, Any] | None:
+    """Train every seed, then write the report into ``cfg.out``; returns the report (None on non-zero
+    torchrun ranks)."""
+    from tfz.demo.report import build_report, combine, write_outputs
     from tfz.pipeline import launch, run_from_env
 
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+    torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    if torchrun:
         world = int(os.environ["WORLD_SIZE"])
         if world != cfg.ranks:
-            cfg = DemoConfig(**{**cfg.__dict__, "ranks": world})
-        results = run_from_env(_gathering_rank, cfg, backend="gloo")
-        if results is None:
-            return None
-    else:
-        from tfz.demo.worker import run_rank
+            cfg = cfg.replace(ranks=world)
+    cfg, info = prepare(cfg, progress if not torchrun or os.environ.get("RANK") == "0" else lambda _: None)
+    per_seed, first_merged = [], None
+    for seed in cfg.seeds:
+        if len(cfg.seeds) > 1:
+            progress(f"seed {seed}:")
+        if torchrun:
+            results = run_from_env(_gathering_rank, cfg, seed, backend="gloo")
+            if results is None:
+                continue
+        else:
+            from tfz.demo.worker import run_rank
 
-        results = launch(run_rank, cfg.ranks, cfg, timeout=cfg.timeout)
-    report, merged = build_report(results, cfg)
-    write_outputs(report, merged, cfg, Path(cfg.out))
+            results = launch(run_rank, cfg.ranks, cfg, seed, timeout=cfg.timeout)
+        seed_report, merged = build_report(results, cfg, seed)
+        per_seed.append(seed_report)
+        first_merged = first_merged or merged
+    if not per_seed:
+        return None
+    none_first = [r["methods"].get("none", {}).get("evals") for r in per_seed]
+    starts = [e[0]["val_loss"] for e in none_first if e and e[0]["step"] == 0]
+    if starts:
+        info["base_val_loss" if cfg.task == "finetune" else "initial_val_loss"] = sum(starts) / len(starts)
+    report = combine(per_seed, cfg, {"task": info})
+    write_outputs(report, first_merged, cfg, Path(cfg.out))
     return report

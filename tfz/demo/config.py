@@ -2,20 +2,37 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
+from tfz._validate import check_int, check_number, check_ratio, is_int
 from tfz.schedule import SCHEDULES
 
-__all__ = ["METHODS", "DemoConfig"]
+__all__ = ["MAX_ACTIONS", "MAX_RANKS", "METHODS", "TASKS", "DemoConfig"]
 
 METHODS = ("none", "timelyfreeze", "apf", "autofreeze", "timelyfreeze+apf", "timelyfreeze+autofreeze")
 """Methods the demo compares; ``none`` trains without freezing."""
 
+TASKS = ("finetune", "pretrain")
+"""``finetune``: every method starts from the same base model (pretrained without freezing on the
+standard library's sources) and fine-tunes on another corpus (torch's own Python sources) at a lower learning
+rate, as in the paper's experiments; ``pretrain``: every method trains from scratch."""
+
+MAX_RANKS = 64
+"""The demo starts one process per rank (each about 300 MB: torch and the model)."""
+MAX_ACTIONS = 100_000
+"""Pipeline actions per step the demo accepts (every rank builds the whole schedule and its DAG)."""
+_PROCESS_MB = 300
+
+_TF_METHODS = ("timelyfreeze", "timelyfreeze+apf", "timelyfreeze+autofreeze")
+
 
 @dataclass(frozen=True, kw_only=True)
 class DemoConfig:
-    """A pipelined training run of every method in ``methods`` on the same data, steps and seed."""
+    """A pipelined training run of every method in ``methods`` on the same data and steps, once per seed."""
 
+    task: str = "finetune"
+    """``finetune`` or ``pretrain`` (:data:`TASKS`)."""
     schedule: str = "1f1b"
     """Pipeline schedule (``tfz.schedule.SCHEDULES``)."""
     ranks: int = 2
@@ -27,47 +44,78 @@ class DemoConfig:
     max_freeze_ratio: float = 0.8
     """TimelyFreeze's cap on each stage's mean freeze ratio."""
     data: str | None = None
-    """A text file or folder; default: the running interpreter's standard library sources."""
+    """A text file or folder to train on (finetune: the fine-tuning corpus); default: ``corpus``."""
+    corpus: str | None = None
+    """Built-in corpus (``tfz.data.CORPORA``) to train on when ``data`` is not given; default
+    ``torch-python`` (finetune: the same language as the base's corpus in another style, as instruction
+    data is to a language model) or ``python-stdlib`` (pretrain)."""
+    base: str | None = None
+    """Base model file (``tfz.demo.base``) for ``finetune``; default: the demo's own base, built once
+    on first use and cached."""
     out: str = "tfz-demo"
     """Output folder."""
-    seed: int = 0
-    """Model initialisation, data order and mask draws."""
+    seeds: tuple[int, ...] = (0,)
+    """One comparison per seed (data order, mask draws; pretrain: also the initial weights)."""
 
     microbatches: int = 8
     microbatch_size: int = 4
     """Sequences per microbatch."""
     seq_len: int = 64
     dim: int = 384
-    layers_per_stage: int = 2
+    n_layers: int | None = None
+    """Decoder layers of the model (pretrain, and the default base); default 4, or one per stage when
+    the pipeline has more stages. The stages split them as evenly as they can."""
     n_heads: int = 6
     ffn_dim: int = 1536
-    lr: float = 2e-3
-    """AdamW peak learning rate (linear warm-up over ``lr_warmup`` steps, then cosine to 10%)."""
-    lr_warmup: int = 20
+    lr: float | None = None
+    """AdamW peak learning rate (linear warm-up over ``lr_warmup`` steps, then cosine to 10%);
+    default 1e-3 (finetune: half the base's pretraining peak, the best of 1e-4, 3e-4 and 1e-3 for no
+    freezing on held-out files) or 2e-3 (pretrain)."""
+    lr_warmup: int | None = None
+    """Learning-rate warm-up steps (nothing freezes before it ends); default a tenth of the steps."""
     weight_decay: float = 0.1
     rescale_grads: bool = True
     """Scale each partly frozen row's gradient by microbatches / active microbatches (``tfz.optim``), so
-    it is the mean over the microbatches that trained it; measured to halve the loss cost of freezing
-    here (tfz.optim's own default is off)."""
-    phase_unit: int = 8
-    """TimelyFreeze phase unit (steps): warm-up, each monitoring half = 1 unit, ramp = 3 units."""
-    check_every: int = 5
-    """Decision interval (steps) of TimelyFreeze and of the APF / AutoFreeze checks."""
+    it is the mean over the microbatches that trained it (tfz.optim's own default is off)."""
+    scale_updates: bool = False
+    """Scale each partly frozen row's optimizer step by the fraction of microbatches it trained in
+    (``tfz.optim``'s ``scale_updates``)."""
+    phase_unit: int | None = None
+    """TimelyFreeze phase unit (steps): each monitoring half is one unit; its warm-up is the
+    learning-rate warm-up. Default: scaled to the run by ``TimelyFreezeConfig.for_run`` (a tenth of
+    the steps, at most 50)."""
+    check_every: int | None = None
+    """Decision interval (steps) of TimelyFreeze and of the APF / AutoFreeze checks; default a third of
+    the phase unit (``for_run``)."""
+    ramp_steps: int | None = None
+    """Steps over which TimelyFreeze ramps its plan in; default one phase unit (``for_run``)."""
+    monitoring: str = "partial"
+    """TimelyFreeze's second monitoring half: ``partial`` (every action partly frozen, every step
+    trains) or ``frozen`` (the paper's all-frozen window) (``TimelyFreezeConfig.monitoring``)."""
     block_rows: int = 32
     """Rows per freezing unit of a linear layer."""
     apf_threshold: float = 0.05
     autofreeze_percentile: float = 80.0
-    eval_every: int = 25
-    """Validation every this many steps (and after the last)."""
-    eval_batches: int = 2
-    """Validation batches (each ``microbatches * microbatch_size`` sequences)."""
+    eval_every: int = 10
+    """Validation every this many steps (and before the first and after the last)."""
+    val_sequences: int = 256
+    """Sequences of the fixed validation set (evenly spaced windows of the validation files; the same
+    for every method and seed)."""
+    base_steps: int = 150
+    """Pretraining steps of the default base."""
+    base_seed: int = 0
+    """Seed of the default base (its initial weights and data order)."""
+    cache_dir: str | None = None
+    """Where the default base is cached (default ``tfz.demo.base.cache_dir()``)."""
     threads_per_rank: int = 1
     timeout: float = 3600.0
-    """Seconds before the whole run is stopped."""
+    """Seconds before one seed's run is stopped."""
     trace_steps: tuple[int, ...] = field(default=())
     """Steps whose measured timelines are drawn; default: one before freezing starts, the last step."""
 
     def __post_init__(self):
+        if self.task not in TASKS:
+            raise ValueError(f"unknown task {self.task!r}; choose one of: {', '.join(TASKS)}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"unknown schedule {self.schedule!r}; choose one of: {', '.join(SCHEDULES)}")
         unknown = [m for m in self.methods if m not in METHODS]
@@ -84,44 +132,144 @@ class DemoConfig:
             "microbatch_size",
             "seq_len",
             "dim",
-            "layers_per_stage",
             "n_heads",
             "ffn_dim",
-            "phase_unit",
-            "check_every",
             "block_rows",
             "eval_every",
-            "eval_batches",
+            "val_sequences",
+            "base_steps",
             "threads_per_rank",
         ):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        if not 0.0 <= self.max_freeze_ratio <= 1.0:
-            raise ValueError(f"max_freeze_ratio must be in [0, 1], got {self.max_freeze_ratio}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        if any(m.startswith("timelyfreeze") for m in self.methods):
-            try:
-                self.timelyfreeze_config()
-            except ValueError as exc:
-                raise ValueError(f"TimelyFreeze settings (phase_unit {self.phase_unit}): {exc}") from None
+            check_int(name, getattr(self, name), 1)
+        check_int("base_seed", self.base_seed, 0)
+        check_int("n_layers", self.n_layers, 1, optional=True)
+        check_int("phase_unit", self.phase_unit, 1, optional=True)
+        check_int("check_every", self.check_every, 1, optional=True)
+        check_int("ramp_steps", self.ramp_steps, 0, optional=True)
+        check_int("lr_warmup", self.lr_warmup, 1, optional=True)
+        check_number("lr", self.lr, low=0.0, low_open=True, optional=True)
+        check_number("weight_decay", self.weight_decay, low=0.0)
+        check_number("timeout", self.timeout, low=0.0, low_open=True, unit="seconds")
+        check_ratio("max_freeze_ratio", self.max_freeze_ratio)
+        if not self.seeds or not all(is_int(s) and s >= 0 for s in self.seeds):
+            raise ValueError(f"seeds must be integers >= 0, got {self.seeds!r}")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds repeat: {self.seeds!r}")
+        from tfz.data import CORPORA
+
+        if self.corpus is not None and self.corpus not in CORPORA:
+            raise ValueError(f"unknown corpus {self.corpus!r}; choose one of: {', '.join(CORPORA)}")
+        if self.base is not None and self.task != "finetune":
+            raise ValueError(f"--base {self.base} applies to --task finetune, not {self.task}")
         if self.dim % self.n_heads:
             raise ValueError(f"dim {self.dim} is not divisible by n_heads {self.n_heads}")
+        self._check_size()
+        self.model_layers(self.build_schedule().num_stages)  # before any rank starts
+        if any(m in _TF_METHODS for m in self.methods):
+            self.timelyfreeze_config(seed=0)  # phases that fit the run, or the minimum --steps
 
-    def timelyfreeze_config(self):
-        """The controller config the TimelyFreeze methods run with (validated by its own checks)."""
-        from tfz.controller import TimelyFreezeConfig
-        from tfz.plan import PlanConfig
+    def _check_size(self) -> None:
+        """Refuse sizes the demo cannot run before anything is built (one line, with the estimate)."""
+        if self.ranks > MAX_RANKS:
+            gb = self.ranks * _PROCESS_MB / 1024
+            raise ValueError(
+                f"--ranks {self.ranks}: the demo starts one process per rank, about {gb:,.0f} GB of memory; "
+                f"the limit is {MAX_RANKS} ranks"
+            )
+        from tfz.schedule.limits import check_actions, estimate_size
 
-        return TimelyFreezeConfig(
-            plan=PlanConfig(max_freeze_ratio=self.max_freeze_ratio),
-            phase_unit=self.phase_unit,
-            check_every=self.check_every,
-            block_rows=self.block_rows,
-            seed=self.seed,
-        )
+        most = estimate_size(self.schedule, self.ranks, self.microbatches, stages_per_rank=2).actions
+        what = f"{self.schedule} with --ranks {self.ranks} and --microbatches {self.microbatches}"
+        check_actions(most, what, MAX_ACTIONS, limit_name="tfz demo's")
+
+    # ------------------------------------------------------------------ derived settings
+
+    @property
+    def peak_lr(self) -> float:
+        """The learning rate in use (``lr`` or the task's default)."""
+        if self.lr is not None:
+            return self.lr
+        return 1e-3 if self.task == "finetune" else 2e-3
+
+    @property
+    def warmup_steps(self) -> int:
+        """Learning-rate warm-up in use (``lr_warmup`` or the task's default)."""
+        if self.lr_warmup is not None:
+            return self.lr_warmup
+        return max(1, self.steps // 10)
+
+    @property
+    def decision_interval(self) -> int:
+        """Steps between the decisions of every freezing method (``check_every`` or TimelyFreeze's)."""
+        if self.check_every is not None:
+            return self.check_every
+        try:
+            return self.timelyfreeze_config(seed=0).check_every
+        except ValueError:  # too short for TimelyFreeze (only the baselines run): a tenth of the steps / 3
+            return max(1, min(10, self.steps // 30))
+
+    @property
+    def train_corpus(self) -> str:
+        """The built-in corpus trained on when ``data`` is not given."""
+        if self.corpus is not None:
+            return self.corpus
+        return "torch-python" if self.task == "finetune" else "python-stdlib"
 
     @property
     def tokens_per_step(self) -> int:
         return self.microbatches * self.microbatch_size * self.seq_len
+
+    def build_schedule(self):
+        """The pipeline schedule (ValueError for impossible ranks / microbatches)."""
+        from tfz.schedule import build_schedule
+
+        return build_schedule(self.schedule, self.ranks, self.microbatches)
+
+    def model_layers(self, num_stages: int) -> int:
+        """Decoder layers of a ``num_stages``-stage pipeline's model (ValueError: fewer than stages)."""
+        layers = max(4, num_stages) if self.n_layers is None else self.n_layers
+        if layers < num_stages:
+            raise ValueError(f"n_layers {layers} is fewer than the {num_stages} pipeline stages")
+        return layers
+
+    def base_spec(self, num_stages: int):
+        """The default base's :class:`tfz.demo.base.BaseSpec` for a ``num_stages``-stage pipeline."""
+        from tfz.demo.base import BaseSpec
+
+        return BaseSpec(
+            dim=self.dim,
+            n_layers=self.model_layers(num_stages),
+            n_heads=self.n_heads,
+            ffn_dim=self.ffn_dim,
+            seq_len=self.seq_len,
+            steps=self.base_steps,
+            seed=self.base_seed,
+        )
+
+    def timelyfreeze_config(self, seed: int):
+        """The controller config the TimelyFreeze methods run with: phases scaled to ``steps`` by
+        ``TimelyFreezeConfig.for_run`` unless given (ValueError naming the minimum ``--steps`` when
+        the plan could not be fully applied by the middle of the run, or a bad setting)."""
+        from tfz.controller import TimelyFreezeConfig
+        from tfz.plan import PlanConfig
+
+        given = {
+            "phase_unit": self.phase_unit,
+            "check_every": self.check_every,
+            "ramp_steps": self.ramp_steps,
+            "warmup_steps": self.warmup_steps,
+        }
+        try:
+            return TimelyFreezeConfig.for_run(
+                self.steps,
+                plan=PlanConfig(max_freeze_ratio=self.max_freeze_ratio),
+                block_rows=self.block_rows,
+                seed=seed,
+                monitoring=self.monitoring,
+                **{k: v for k, v in given.items() if v is not None},
+            )
+        except ValueError as exc:
+            raise ValueError(f"TimelyFreeze settings: {exc}") from None
+
+    def replace(self, **changes) -> DemoConfig:
+        return dataclasses.replace(self, **changes)

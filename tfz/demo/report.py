@@ -48,6 +48,7 @@ def _merge(results: list[dict], method: str, cfg: DemoConfig, last_rank: int) ->
         "history": per_rank[0]["history"],
         "plan": per_rank[0]["plan"],
         "timeline_durations": per_rank[0].get("timeline_durations"),
+        "estimates": per_rank[0].get("estimates"),
         "spans": [pr["spans"] for pr in per_rank],
         "span_ratios": per_rank[0]["span_ratios"],
     }
@@ -69,8 +70,39 @@ def _window_start(merged: dict[str, dict], cfg: DemoConfig) -> int:
         for m in merged.values()
         if m["frozen"]
     ]
-    freezing = [f for f in firsts if f < cfg.steps]
-    return min(freezing) if freezing else min(cfg.lr_warmup, cfg.steps - 1)
+    steps = next(iter(merged.values()))["steps"]
+    freezing = [f for f in firsts if f < steps]
+    return min(freezing) if freezing else min(cfg.warmup_steps, steps - 1)
+
+
+def value_at(times: list[float], values: list[float], t: float) -> float | None:
+    """The curve (``times`` ascending, ``values``) linearly interpolated at ``t``; None outside it."""
+    if not times or t < times[0] or t > times[-1]:
+        return None
+    return float(np.interp(t, times, values))
+
+
+def time_to_target(times: list[float], values: list[float], target: float) -> float | None:
+    """First time the curve reaches ``target`` or below, linearly interpolated between the two points
+    around the crossing; None if it never does."""
+    for k, (t, v) in enumerate(zip(times, values)):
+        if v <= target:
+            if k == 0:
+                return float(t)
+            t0, v0 = times[k - 1], values[k - 1]
+            return float(t0 + (v0 - target) / (v0 - v) * (t - t0))
+    return None
+
+
+def paired_difference(losses: list[float], reference: list[float]) -> dict[str, float]:
+    """Mean per-sequence loss difference to ``reference`` (same sequences), its standard error, and both
+    relative to the reference's mean loss."""
+    a, b = np.asarray(losses, dtype=np.float64), np.asarray(reference, dtype=np.float64)
+    if a.shape != b.shape or a.size < 2:
+        raise ValueError(f"paired losses need the same >= 2 sequences, got {a.size} and {b.size}")
+    d = a - b
+    mean, se, ref = float(d.mean()), float(d.std(ddof=1) / np.sqrt(d.size)), float(b.mean())
+    return {"diff": mean, "se": se, "rel": mean / ref, "se_rel": se / ref, "sequences": int(d.size)}
 
 
 def _method_report(m: dict, cfg: DemoConfig, w0: int) -> dict[str, Any]:
@@ -92,7 +124,11 @@ def _method_report(m: dict, cfg: DemoConfig, w0: int) -> dict[str, Any]:
         "batch_time_predicted_ms": float(np.median(predicted)) if predicted else None,
         "step_time_ms": float(np.median(m["step_ms"][window])) if n > 0 else None,
         "wall_time_s": float(wall[-1]),
-        "evals": [{**e, "wall_time_s": float(wall[e["step"] - 1])} for e in m["evals"]],
+        "evals": [
+            {k: v for k, v in e.items() if k != "seq_loss"}
+            | {"wall_time_s": float(wall[e["step"] - 1]) if e["step"] > 0 else 0.0}
+            for e in m["evals"]
+        ],
         "freeze_ratio_per_step": [
             [round(float(f[i]), 4) for f in m["frozen"].values()] for i in range(m["steps"])
         ],
@@ -100,11 +136,18 @@ def _method_report(m: dict, cfg: DemoConfig, w0: int) -> dict[str, Any]:
         "batch_time_ms_per_step": [round(float(v), 2) for v in m["pipeline_ms"]],
         "predicted_ms_per_step": [None if p is None else round(float(p), 2) for p in m["predicted_ms"]],
         "phases": [list(h) for h in m["history"]],
+        "plan": m["plan"],
+        "estimates_ms": m["estimates"],
     }
 
 
-def build_report(results: list[dict], cfg: DemoConfig) -> tuple[dict[str, Any], dict[str, dict]]:
-    """(report, merged per-method records). ``results[rank][method]`` as returned by the ranks."""
+def _curve(rep: dict) -> tuple[list[float], list[float]]:
+    return [e["wall_time_s"] for e in rep["evals"]], [e["val_loss"] for e in rep["evals"]]
+
+
+def build_report(results: list[dict], cfg: DemoConfig, seed: int) -> tuple[dict[str, Any], dict[str, dict]]:
+    """(report of one seed, merged per-method records). ``results[rank][method]`` as returned by the
+    ranks."""
     schedule = build_schedule(cfg.schedule, cfg.ranks, cfg.microbatches)
     last_rank = schedule.stage_to_rank[-1]
     merged = {m: _merge(results, m, cfg, last_rank) for m in cfg.methods}
@@ -112,25 +155,110 @@ def build_report(results: list[dict], cfg: DemoConfig) -> tuple[dict[str, Any], 
     methods = {name: _method_report(m, cfg, w0) for name, m in merged.items()}
     base = methods.get("none")
     target = base["val_loss"] if base else None
-    for rep in methods.values():
+    finals = {name: m["evals"][-1].get("seq_loss") if m["evals"] else None for name, m in merged.items()}
+    for name, rep in methods.items():
         rep["throughput_gain"] = (
             rep["tokens_per_s"] / base["tokens_per_s"]
             if base and rep["tokens_per_s"] and base["tokens_per_s"]
             else None
         )
-        rep["time_to_target_s"] = (
-            next((e["wall_time_s"] for e in rep["evals"] if e["val_loss"] <= target * (1 + 1e-12)), None)
-            if target is not None
+        rep["time_to_target_s"] = None if target is None else time_to_target(*_curve(rep), target)
+        at = None
+        if base is not None and name != "none":
+            at = value_at(*_curve(base), rep["wall_time_s"])
+        rep["none_val_loss_at_equal_time"] = at
+        rep["val_loss_vs_none"] = (
+            paired_difference(finals[name], finals["none"])
+            if base is not None and name != "none" and finals.get(name) and finals.get("none")
             else None
         )
+        rep["time_to_target_speedup"] = (
+            base["time_to_target_s"] / rep["time_to_target_s"]
+            if base and rep["time_to_target_s"] and base.get("time_to_target_s")
+            else None
+        )
+    if base is not None:
+        base["time_to_target_speedup"] = 1.0
+    steps = next(iter(merged.values()))["steps"]
+    report = {"seed": seed, "window_steps": [w0, steps], "methods": methods, "goals": _goals(methods)}
+    return report, merged
+
+
+def _spread(values: list) -> Any:
+    """Mean of per-seed values (element-wise for lists; None ignored) and their spread."""
+    present = [v for v in values if v is not None]
+    if not present:
+        return None, None
+    if isinstance(present[0], list):
+        arr = np.asarray(present, dtype=np.float64)
+        return arr.mean(0).tolist(), {"sd": arr.std(0, ddof=1).tolist() if len(arr) > 1 else None}
+    arr = np.asarray(present, dtype=np.float64)
+    return float(arr.mean()), {
+        "sd": float(arr.std(ddof=1)) if len(arr) > 1 else None,
+        "min": float(arr.min()),
+        "max": float(arr.max()),
+        "seeds": len(arr),
+    }
+
+
+_SUMMARY_KEYS = (
+    "tokens_per_s",
+    "throughput_gain",
+    "mean_freeze_ratio",
+    "train_loss",
+    "val_loss",
+    "val_acc",
+    "none_val_loss_at_equal_time",
+    "time_to_target_s",
+    "time_to_target_speedup",
+    "batch_time_measured_ms",
+    "batch_time_predicted_ms",
+    "step_time_ms",
+    "wall_time_s",
+    "tokens_per_s_whole_run",
+)
+
+
+def combine(per_seed: list[dict], cfg: DemoConfig, extra: dict | None = None) -> dict[str, Any]:
+    """The report of every seed: ``methods`` holds the mean over seeds of each metric, ``spread`` its
+    standard deviation, minimum and maximum, ``per_seed`` the per-seed reports."""
+    methods, spread = {}, {}
+    for name in cfg.methods:
+        reps = [r["methods"][name] for r in per_seed]
+        methods[name], spread[name] = {}, {}
+        for key in _SUMMARY_KEYS:
+            methods[name][key], spread[name][key] = _spread([r.get(key) for r in reps])
+        paired = [r["val_loss_vs_none"] for r in reps if r.get("val_loss_vs_none")]
+        if paired:
+            rel = [p["rel"] for p in paired]
+            methods[name]["val_loss_vs_none"] = float(np.mean(rel))
+            spread[name]["val_loss_vs_none"] = {
+                "sd": float(np.std(rel, ddof=1)) if len(rel) > 1 else None,
+                "min": float(np.min(rel)),
+                "max": float(np.max(rel)),
+                "se_validation": float(np.sqrt(np.sum(np.square([p["se_rel"] for p in paired]))))
+                / len(paired),
+                "seeds": len(rel),
+            }
     config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.__dict__.items()}
+    schedule = build_schedule(cfg.schedule, cfg.ranks, cfg.microbatches)
     config.update(
         tokens_per_step=cfg.tokens_per_step,
         num_stages=schedule.num_stages,
-        window_steps=[w0, cfg.steps],
+        peak_lr=cfg.peak_lr,
+        warmup_steps=cfg.warmup_steps,
+        window_steps=per_seed[0]["window_steps"],
     )
-    report = {"config": config, "methods": methods, "goals": _goals(methods)}
-    return report, merged
+    report = {
+        "config": config,
+        **(extra or {}),
+        "seeds": [r["seed"] for r in per_seed],
+        "methods": methods,
+        "spread": spread,
+        "goals": _goals(methods),
+        "per_seed": per_seed,
+    }
+    return report
 
 
 def _goals(methods: dict[str, dict]) -> dict[str, Any]:
@@ -151,6 +279,10 @@ def _goals(methods: dict[str, dict]) -> dict[str, Any]:
             "goal": f"<= {GOALS['val_loss_rel']:+.0%}",
             "met": rel <= GOALS["val_loss_rel"],
         }
+    at = tf.get("none_val_loss_at_equal_time")
+    if tf["val_loss"] is not None and at is not None:
+        rel = tf["val_loss"] / at - 1
+        out["val_loss_vs_none_at_equal_time"] = {"value": rel, "goal": "<= +0%", "met": rel <= 0}
     pred, meas = tf["batch_time_predicted_ms"], tf["batch_time_measured_ms"]
     if pred is not None and meas:
         rel = pred / meas - 1
@@ -168,7 +300,9 @@ def _goals(methods: dict[str, dict]) -> dict[str, Any]:
 def _machine_shift(base: dict, tf: dict) -> float | None:
     """Relative change of no freezing's own batch time (constant work) from the steps where TimelyFreeze
     measured the unfrozen bound to the measurement window: how far the machine's speed moved between
-    the measurements a plan is built on and the steps it is judged on."""
+    the measurements a plan is built on and the steps it is judged on (None without per-step data)."""
+    if "phase_per_step" not in tf or "batch_time_ms_per_step" not in base:
+        return None
     phases = tf["phase_per_step"]
     monitored = [i for i, p in enumerate(phases) if p == "monitor_upper"]
     window = [i for i, p in enumerate(phases) if p == "stable"]
@@ -203,15 +337,17 @@ def measured_simulation(dag: DAG, spans_by_rank: list[dict], step: int) -> Simul
 
 
 def write_outputs(report: dict, merged: dict[str, dict], cfg: DemoConfig, out: Path) -> list[Path]:
-    """Write report.json, report.md, loss_vs_time.png, timelines and traces into ``out``."""
+    """Write report.json, report.md, loss_vs_time.png, timelines and traces into ``out``; ``merged`` is
+    the first seed's merged records (timelines, batch times and freeze ratios show that seed)."""
     from tfz.timeline import write_chrome_trace, write_gantt_png
 
     out.mkdir(parents=True, exist_ok=True)
     written = [out / "report.json"]
     (out / "report.json").write_text(json.dumps(report, indent=2))
+    first = report["per_seed"][0]
     written.append(_plot_losses(report, merged, out / "loss_vs_time.png"))
-    written.append(_plot_freezing(report, out / "freeze_ratio.png"))
-    written.append(_plot_batch_times(report, out / "batch_time.png"))
+    written.append(_plot_freezing(first, out / "freeze_ratio.png"))
+    written.append(_plot_batch_times(first, out / "batch_time.png"))
     dag = build_dag(build_schedule(cfg.schedule, cfg.ranks, cfg.microbatches))
     figures = []
     method = next((m for m in _TF_METHODS if m in merged), None)
@@ -247,35 +383,59 @@ def write_outputs(report: dict, merged: dict[str, dict], cfg: DemoConfig, out: P
 
 
 def _plot_losses(report: dict, merged: dict[str, dict], path: Path) -> Path:
+    """Validation loss against training wall time for every seed (left: the whole run, with the first
+    seed's training loss; right: the end of the run, where no freezing's curve at each method's end
+    time is marked)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(9, 4.5), dpi=110)
+    fig = Figure(figsize=(11, 4.6), dpi=110)
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
-    for i, (name, m) in enumerate(merged.items()):
+    whole, end = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    styles = ("-", "--", ":", "-.")
+    first_seed = report["per_seed"][0]["seed"]
+    last_times, end_values = [], []
+    for i, name in enumerate(report["methods"]):
         color = f"C{i}"
+        m = merged[name]
         wall = np.cumsum(m["step_ms"]) / 1e3
-        loss = m["loss"]
-        k = min(10, len(loss))
-        smooth = np.convolve(loss, np.ones(k) / k, mode="valid")
-        ax.plot(wall[k - 1 :], smooth, color=color, lw=1.2, label=f"{name} (train, mean of {k})")
-        evals = report["methods"][name]["evals"]
-        if evals:
-            ax.plot(
-                [e["wall_time_s"] for e in evals],
-                [e["val_loss"] for e in evals],
-                "o--",
-                color=color,
-                ms=4,
-                lw=0.8,
-                label=f"{name} (validation)",
-            )
-    ax.set_xlabel("training wall time of the method (s)")
-    ax.set_ylabel("loss (nats per byte)")
-    ax.set_title("loss vs wall time")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+        k = min(10, len(m["loss"]))
+        smooth = np.convolve(m["loss"], np.ones(k) / k, mode="valid")
+        whole.plot(
+            wall[k - 1 :], smooth, color=color, lw=0.8, alpha=0.3, label=f"{name}, train (seed {first_seed})"
+        )
+        for j, seed_report in enumerate(report["per_seed"]):
+            times, values = _curve(seed_report["methods"][name])
+            style = dict(marker="o", ls=styles[j % len(styles)], color=color, ms=3, lw=1.2)
+            label = f"{name}, validation (seed {seed_report['seed']})"
+            whole.plot(times, values, label=label, **style)
+            end.plot(times, values, **style)
+            last_times.append(times[-1])
+            end_values.append(values[-1])
+            at = seed_report["methods"][name].get("none_val_loss_at_equal_time")
+            if at is not None:
+                end.plot([times[-1]], [at], marker="x", color="C0", ms=8, ls="none")
+                end_values.append(at)
+    if last_times:
+        lo_t = 0.5 * min(last_times)
+        end.set_xlim(lo_t, 1.02 * max(last_times))
+        inside = [
+            v
+            for r in report["per_seed"]
+            for m in r["methods"].values()
+            for t, v in zip(*_curve(m))
+            if t >= lo_t
+        ]
+        top, bottom = max(inside + end_values), min(inside + end_values)
+        pad = 0.05 * (top - bottom + 1e-9)
+        end.set_ylim(bottom - pad, top + pad)
+    whole.set_title("validation loss vs training wall time")
+    end.set_title("end of the run (x: no freezing at the same time)")
+    for ax in (whole, end):
+        ax.set_xlabel("training wall time of the method (s; evaluation excluded)")
+        ax.grid(alpha=0.3)
+    whole.set_ylabel("loss (nats per byte)")
+    whole.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path)
     return path
@@ -288,7 +448,7 @@ def _plot_batch_times(report: dict, path: Path) -> Path:
     fig = Figure(figsize=(9, 3.5), dpi=110)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
-    w0, w1 = report["config"]["window_steps"]
+    w0, w1 = report["window_steps"]
     ax.axvspan(w0 + 1, w1, color="0.92", label="measurement window")
     for i, (name, m) in enumerate(report["methods"].items()):
         steps = np.arange(1, len(m["batch_time_ms_per_step"]) + 1)
@@ -343,29 +503,79 @@ def _fmt(value, spec: str, none: str = "-") -> str:
     return none if value is None else format(value, spec)
 
 
-def markdown(report: dict, figures: list[str]) -> str:
-    cfg = report["config"]
-    lines = [
-        "# tfz demo",
-        "",
+def _cell(report: dict, name: str, key: str, spec: str, none: str = "-") -> str:
+    """``mean`` or ``mean ± sd`` (over seeds) of one metric of one method."""
+    value = report["methods"][name].get(key)
+    if value is None:
+        return none
+    if isinstance(value, list):
+        return " ".join(format(v, spec) for v in value)
+    sd = (report["spread"][name].get(key) or {}).get("sd")
+    return format(value, spec) + ("" if sd is None else f" ± {format(sd, spec.lstrip('+'))}")
+
+
+def _intro(report: dict) -> list[str]:
+    cfg, task = report["config"], report.get("task", {})
+    seeds = report["seeds"]
+    run = (
         f"{cfg['schedule']} over {cfg['ranks']} ranks ({cfg['num_stages']} stages), {cfg['microbatches']} "
         f"microbatches of {cfg['microbatch_size']} x {cfg['seq_len']} bytes, {cfg['steps']} steps per "
-        f"method, seed {cfg['seed']}. Throughput and batch times over steps "
-        f"{cfg['window_steps'][0] + 1}-{cfg['window_steps'][1]} (every method's freezing in force).",
+        f"method, AdamW at peak lr {cfg['peak_lr']:g} (warm-up {cfg['warmup_steps']} steps, no freezing "
+        f"before it), {'seed' if len(seeds) == 1 else 'mean ± sd over seeds'} {', '.join(map(str, seeds))}."
+    )
+    if cfg["task"] == "finetune":
+        what = (
+            f"Fine-tuning on {task.get('corpus')} from the base model {task.get('base')} (pretrained "
+            "without freezing; its validation loss here before fine-tuning: "
+            f"{_fmt(task.get('base_val_loss'), '.4f')})."
+        )
+    else:
+        what = f"Training from scratch on {task.get('corpus')}."
+    val = task.get("validation", {})
+    w0, w1 = report["per_seed"][0]["window_steps"]
+    return [
+        "# tfz demo",
         "",
-        "| method | tokens/s | gain | mean freeze ratio per stage | train loss | val loss | val acc | "
-        "time to target (s) | batch ms measured | batch ms predicted |",
+        what,
+        run,
+        f"Validation: the same {val.get('sequences')} sequences ({val.get('bytes'):,} bytes) of held-out "
+        "files "
+        "for every method and seed; evaluation time is not training time. Throughput and batch times over "
+        f"steps {w0 + 1}-{w1} (every method's freezing in force).",
+    ]
+
+
+def markdown(report: dict, figures: list[str]) -> str:
+    lines = _intro(report) + [
+        "",
+        "| method | tokens/s | gain | mean freeze ratio per stage | val loss | vs none | "
+        "none's val loss at equal time | time to target (s) | batch ms measured | batch ms predicted |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for name, m in report["methods"].items():
-        ratios = " ".join(f"{r:.2f}" for r in m["mean_freeze_ratio"])
+    for name in report["methods"]:
         lines.append(
-            f"| {name} | {_fmt(m['tokens_per_s'], ',.0f')} | {_fmt(m['throughput_gain'], '.3f')}x | "
-            f"{ratios} | "
-            f"{m['train_loss']:.4f} | {_fmt(m['val_loss'], '.4f')} | {_fmt(m['val_acc'], '.4f')} | "
-            f"{_fmt(m['time_to_target_s'], '.1f', 'never')} | {_fmt(m['batch_time_measured_ms'], '.1f')} | "
-            f"{_fmt(m['batch_time_predicted_ms'], '.1f')} |"
+            f"| {name} | {_cell(report, name, 'tokens_per_s', ',.0f')} | "
+            f"{_cell(report, name, 'throughput_gain', '.3f')}x | "
+            f"{_cell(report, name, 'mean_freeze_ratio', '.2f')} | {_cell(report, name, 'val_loss', '.4f')} | "
+            f"{_cell(report, name, 'val_loss_vs_none', '+.2%')} | "
+            f"{_cell(report, name, 'none_val_loss_at_equal_time', '.4f')} | "
+            f"{_cell(report, name, 'time_to_target_s', '.1f', 'never')} | "
+            f"{_cell(report, name, 'batch_time_measured_ms', '.1f')} | "
+            f"{_cell(report, name, 'batch_time_predicted_ms', '.1f')} |"
         )
+    ses = [
+        sp["val_loss_vs_none"]["se_validation"]
+        for sp in report["spread"].values()
+        if sp.get("val_loss_vs_none") is not None
+    ]
+    if ses:
+        lines += [
+            "",
+            f'"vs none": final validation loss relative to no freezing\'s, paired over the same sequences; '
+            f"the validation set's own standard error of that difference is {max(ses):.2%} or less "
+            f'({"per seed" if len(report["seeds"]) == 1 else "of the mean over seeds"}). "Time to target": '
+            "training time to reach no freezing's final validation loss (interpolated between evaluations).",
+        ]
     if report.get("goals"):
         lines += ["", "Goals (TimelyFreeze vs no freezing):", ""]
         for key, g in report["goals"].items():
@@ -380,6 +590,28 @@ def markdown(report: dict, figures: list[str]) -> str:
                     "TimelyFreeze's unfrozen monitoring and the window: the machine's speed drift)"
                 )
             lines.append(line)
+    if len(report["per_seed"]) > 1:
+        lines += [
+            "",
+            "Per seed:",
+            "",
+            "| seed | method | gain | val loss | vs none (± SE) | at equal time vs none "
+            "| prediction vs measured |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for r in report["per_seed"]:
+            for name, m in r["methods"].items():
+                paired = m.get("val_loss_vs_none")
+                vs = "-" if not paired else f"{paired['rel']:+.2%} ± {paired['se_rel']:.2%}"
+                at = m.get("none_val_loss_at_equal_time")
+                eq = "-" if at is None or m["val_loss"] is None else f"{m['val_loss'] / at - 1:+.2%}"
+                pred = m.get("batch_time_predicted_ms")
+                meas = m.get("batch_time_measured_ms")
+                pm = "-" if pred is None or not meas else f"{pred / meas - 1:+.1%}"
+                lines.append(
+                    f"| {r['seed']} | {name} | {_fmt(m['throughput_gain'], '.3f')}x | "
+                    f"{_fmt(m['val_loss'], '.4f')} | {vs} | {eq} | {pm} |"
+                )
     if figures:
         lines += ["", *[f"![{f}]({f})" for f in figures]]
     lines += [

@@ -8,7 +8,7 @@ methods' steps are not part of a method's wall time.
 
 from __future__ import annotations
 
-import math
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,25 +37,40 @@ def _mean_loss(losses: list) -> float:
 
 
 def _lr_lambda(cfg: DemoConfig):
-    def factor(step: int) -> float:
-        if step < cfg.lr_warmup:
-            return (step + 1) / cfg.lr_warmup
-        progress = min(1.0, (step - cfg.lr_warmup) / max(1, cfg.steps - cfg.lr_warmup))
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+    from tfz.demo.base import lr_factor
 
-    return factor
+    return lambda step: lr_factor(step, cfg.warmup_steps, cfg.steps)
 
 
-def make_provider(method: str, cfg: DemoConfig, schedule: Schedule, modules: dict[int, nn.Module]):
-    """The mask provider of ``method`` for this rank's stage modules (None for ``none``)."""
+def sequence_losses(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean next-byte cross-entropy of each sequence: float64 [batch] (logits [batch, L, V])."""
+    per_token = F.cross_entropy(logits.flatten(0, 1).float(), target.flatten(), reduction="none")
+    return per_token.view(target.shape).double().mean(1)
+
+
+def make_provider(
+    method: str,
+    cfg: DemoConfig,
+    schedule: Schedule,
+    modules: dict[int, nn.Module],
+    seed: int,
+    **controller: Any,
+):
+    """The mask provider of ``method`` for this rank's stage modules (None for ``none``); without an
+    initialised process group, one provider for every stage in ``modules``. ``controller``: fields of
+    the TimelyFreeze config to change (e.g. ``async_solve=False``)."""
     if method == "none":
         return None
     from tfz.metrics import APFFreezer, AutoFreezeFreezer, MetricGuidedPolicy
 
-    apf = {"threshold": cfg.apf_threshold, "check_interval": cfg.check_every, "block_rows": cfg.block_rows}
+    apf = {
+        "threshold": cfg.apf_threshold,
+        "check_interval": cfg.decision_interval,
+        "block_rows": cfg.block_rows,
+    }
     auto = {
         "percentile": cfg.autofreeze_percentile,
-        "interval": cfg.check_every,
+        "interval": cfg.decision_interval,
         "block_rows": cfg.block_rows,
     }
     if method == "apf":
@@ -70,7 +85,8 @@ def make_provider(method: str, cfg: DemoConfig, schedule: Schedule, modules: dic
     elif method == "timelyfreeze+autofreeze":
         policy = MetricGuidedPolicy.autofreeze(include_tensors=False, **auto)
     group = dist.group.WORLD if dist.is_initialized() else None
-    return TimelyFreeze(cfg.timelyfreeze_config(), schedule, modules, group=group, policy=policy)
+    config = dataclasses.replace(cfg.timelyfreeze_config(seed), **controller)
+    return TimelyFreeze(config, schedule, modules, group=group, policy=policy)
 
 
 @dataclass
@@ -90,6 +106,51 @@ class StepRecord:
     predicted_ms: float | None = None
 
 
+def build_model(cfg: DemoConfig, num_stages: int, stage_ids, seed: int, base=None) -> dict[int, nn.Module]:
+    """Stages ``stage_ids`` of the demo's model with FreezableLinear layers: the ``base``'s weights
+    (a :class:`tfz.demo.base.BaseModel`, finetune) or fresh ones from ``seed`` (pretrain)."""
+    from tfz.models import build_stages, split_layers
+    from tfz.nn import convert_to_freezable
+
+    if base is not None:
+        base.check_fits(num_stages, cfg.seq_len)
+        model_cfg = base.config
+    else:
+        model_cfg = cfg.base_spec(num_stages).model_config()  # the shape the default base has
+    layers = split_layers(model_cfg.n_layers, num_stages)
+    built = build_stages(model_cfg, num_stages, stage_ids=list(stage_ids), layers=layers, seed=seed)
+    if base is not None:
+        for stage in built.values():
+            base.load_into(stage)
+    return {s: convert_to_freezable(m) for s, m in built.items()}
+
+
+def attach_optimizer(cfg: DemoConfig, modules: dict[int, nn.Module]):
+    """(AdamW, its row-freezing hooks, its learning-rate schedule) for ``modules``."""
+    from tfz.optim import attach_row_freezing
+
+    params = nn.ModuleDict({str(s): m for s, m in modules.items()})
+    optimizer = torch.optim.AdamW(
+        params.parameters(), lr=cfg.peak_lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay
+    )
+    row_freezing = attach_row_freezing(
+        optimizer, params, rescale=cfg.rescale_grads, scale_updates=cfg.scale_updates
+    )
+    return optimizer, row_freezing, torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg))
+
+
+def observe(provider, method: str, step: int, modules: dict[int, nn.Module], cfg: DemoConfig) -> None:
+    """Forward a finished optimizer step to the provider's metric, from the end of the learning-rate
+    warm-up on (before it nothing may freeze)."""
+    hook = getattr(provider, "observe", None)
+    if hook is None or step < cfg.warmup_steps:
+        return
+    if method in ("apf", "autofreeze"):
+        hook(step, modules)
+    else:
+        hook(step)
+
+
 @dataclass
 class MethodRun:
     """One method's copy of this rank's part of the pipeline."""
@@ -98,34 +159,24 @@ class MethodRun:
     cfg: DemoConfig
     schedule: Schedule
     rank: int
+    seed: int
+    base: Any = None
+    """:class:`tfz.demo.base.BaseModel` (finetune) or None (pretrain)."""
     records: list[StepRecord] = field(default_factory=list)
     evals: list[dict] = field(default_factory=list)
     spans: dict[int, list] = field(default_factory=dict)
     span_ratios: dict[int, list[float]] = field(default_factory=dict)
     """Step -> freeze ratio the controller asked for every action in that step (kept-span steps only)."""
-    history: list = field(default_factory=list)
 
     def __post_init__(self):
-        from tfz.models import LlamaConfig, build_stages
-        from tfz.nn import convert_to_freezable
-        from tfz.optim import attach_row_freezing
         from tfz.pipeline import FreezeAwareStage, build_torch_schedule
         from tfz.timing import ActionTimer
 
         cfg, sched = self.cfg, self.schedule
         n_stages = sched.num_stages
-        model_cfg = LlamaConfig(
-            dim=cfg.dim,
-            n_layers=cfg.layers_per_stage * n_stages,
-            n_heads=cfg.n_heads,
-            n_kv_heads=cfg.n_heads,
-            ffn_dim=cfg.ffn_dim,
-            max_seq_len=cfg.seq_len,
-        )
         self.local = sched.stages_of(self.rank)
-        built = build_stages(model_cfg, n_stages, stage_ids=list(self.local), seed=cfg.seed)
-        self.modules = {s: convert_to_freezable(m) for s, m in built.items()}
-        self.provider = make_provider(self.method, cfg, sched, self.modules)
+        self.modules = build_model(cfg, n_stages, self.local, self.seed, self.base)
+        self.provider = make_provider(self.method, cfg, sched, self.modules, self.seed)
         self.timer = ActionTimer(device="cpu")
         cpu = torch.device("cpu")
         self.stages = [
@@ -133,12 +184,7 @@ class MethodRun:
             for s in self.local
         ]
         self.torch_schedule = build_torch_schedule(sched, self.stages, _loss_fn)
-        params = nn.ModuleDict({str(s): m for s, m in self.modules.items()})
-        self.optimizer = torch.optim.AdamW(
-            params.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay
-        )
-        self.row_freezing = attach_row_freezing(self.optimizer, params, rescale=cfg.rescale_grads)
-        self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(cfg))
+        self.optimizer, self.row_freezing, self.lr_schedule = attach_optimizer(cfg, self.modules)
         self.first = 0 in self.local
         self.last = n_stages - 1 in self.local
 
@@ -159,12 +205,7 @@ class MethodRun:
         t1 = time.perf_counter()
         self.optimizer.step()
         self.lr_schedule.step()
-        observe = getattr(self.provider, "observe", None)
-        if observe is not None:
-            if self.method in ("apf", "autofreeze"):
-                observe(step, self.modules)
-            else:
-                observe(step)
+        observe(self.provider, self.method, step, self.modules, self.cfg)
         self.optimizer.zero_grad(set_to_none=True)
         spans = self.timer.collect_spans()
         timings: dict[str, float] = {}
@@ -208,30 +249,41 @@ class MethodRun:
         return record
 
     @torch.no_grad()
-    def evaluate(self, step: int, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """Validation loss and next-byte accuracy: the stages run one after another over the whole batch,
-        activations sent point to point between ranks (torch's ``schedule.eval`` cannot run V schedules,
-        whose ranks hand a backward to their own next stage)."""
-        total_loss, correct, count = 0.0, 0, 0
+    def evaluate(self, step: int, x_val: torch.Tensor, y_val: torch.Tensor, chunk: int) -> None:
+        """Loss of every validation sequence and next-byte accuracy. Each rank runs its stages in model
+        order, each over every chunk of ``chunk`` sequences, and hands activations on with
+        non-blocking sends, so the ranks overlap like a pipeline (torch's ``schedule.eval`` cannot run
+        V schedules, whose ranks hand a backward to their own next stage). The last stage's rank
+        records the result."""
         owner = self.schedule.stage_to_rank
         n_stages = self.schedule.num_stages
-        for x, y in batches:
-            h = x
-            for s in range(n_stages):
-                if owner[s] != self.rank:
-                    continue
+        chunks = [(lo, min(lo + chunk, len(x_val))) for lo in range(0, len(x_val), chunk)]
+        acts: list[torch.Tensor] = [x_val[lo:hi] for lo, hi in chunks]
+        sends = []
+        for s in range(n_stages):
+            if owner[s] != self.rank:
+                continue
+            for k, (lo, hi) in enumerate(chunks):
                 if s > 0 and owner[s - 1] != self.rank:
-                    h = torch.empty(x.shape + (self.cfg.dim,))
-                    dist.recv(h, owner[s - 1])
-                h = self.modules[s](h)
+                    acts[k] = torch.empty((hi - lo, x_val.shape[1], self.modules[s].cfg.dim))
+                    dist.recv(acts[k], owner[s - 1])
+                acts[k] = self.modules[s](acts[k])
                 if s < n_stages - 1 and owner[s + 1] != self.rank:
-                    dist.send(h.contiguous(), owner[s + 1])
-            if self.last:
-                total_loss += float(_loss_fn(h, y)) * y.numel()
-                correct += int((h.argmax(-1) == y).sum())
-                count += y.numel()
+                    out = acts[k].contiguous()
+                    sends.append((dist.isend(out, owner[s + 1]), out))
+        for work, _ in sends:
+            work.wait()
         if self.last:
-            self.evals.append({"step": step, "val_loss": total_loss / count, "val_acc": correct / count})
+            seq = torch.cat([sequence_losses(h, y_val[lo:hi]) for h, (lo, hi) in zip(acts, chunks)])
+            correct = sum(int((h.argmax(-1) == y_val[lo:hi]).sum()) for h, (lo, hi) in zip(acts, chunks))
+            self.evals.append(
+                {
+                    "step": step,
+                    "val_loss": float(seq.mean()),
+                    "val_acc": correct / y_val.numel(),
+                    "seq_loss": seq.tolist(),
+                }
+            )
 
     def result(self) -> dict[str, Any]:
         history = getattr(self.provider, "history", None)
@@ -246,32 +298,47 @@ class MethodRun:
         }
         durations = self.provider.timeline_durations() if plan is not None else None
         out["timeline_durations"] = None if durations is None else durations.tolist()
+        estimates = self.provider.estimates if plan is not None else None
+        out["estimates"] = None if estimates is None else [e.tolist() for e in estimates]
         return out
 
 
-def _batches(cfg: DemoConfig, corpus, split: str, rng: np.random.Generator):
-    x, y = corpus.batch(split, cfg.microbatches * cfg.microbatch_size, cfg.seq_len, rng)
+def _batches(cfg: DemoConfig, corpus, rng: np.random.Generator):
+    x, y = corpus.batch("train", cfg.microbatches * cfg.microbatch_size, cfg.seq_len, rng)
     return torch.from_numpy(x), torch.from_numpy(y)
 
 
-def run_rank(rank: int, world: int, cfg: DemoConfig) -> dict[str, Any]:
-    """Train every method of ``cfg`` on this rank; returns per-method records (see :class:`MethodRun`)."""
+def load_data(cfg: DemoConfig):
+    """The training corpus of ``cfg.task`` (``cfg.data`` or the task's built-in corpus), split by file
+    with a fixed seed: the same validation files for every seed."""
     from tfz.data import load_corpus
 
+    return load_corpus(cfg.data, corpus=cfg.train_corpus, seed=0)
+
+
+def run_rank(rank: int, world: int, cfg: DemoConfig, seed: int) -> dict[str, Any]:
+    """Train every method of ``cfg`` with ``seed`` on this rank; returns per-method records (see
+    :class:`MethodRun`). Finetune runs start from the base file ``cfg.base``."""
     torch.set_num_threads(cfg.threads_per_rank)
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(seed)
     schedule = build_schedule(cfg.schedule, world, cfg.microbatches)
-    corpus = load_corpus(cfg.data, seed=cfg.seed)
-    runs = {m: MethodRun(m, cfg, schedule, rank) for m in cfg.methods}
-    train_rng = np.random.default_rng([cfg.seed, 1])
-    val = [
-        _batches(cfg, corpus, "val", np.random.default_rng([cfg.seed, 2, i])) for i in range(cfg.eval_batches)
-    ]
+    corpus = load_data(cfg)
+    base = None
+    if cfg.task == "finetune":
+        from tfz.demo.base import load_base
+
+        base = load_base(cfg.base)
+    runs = {m: MethodRun(m, cfg, schedule, rank, seed, base) for m in cfg.methods}
+    train_rng = np.random.default_rng([seed, 1])
+    x_val, y_val = (torch.from_numpy(a) for a in corpus.sequences("val", cfg.val_sequences, cfg.seq_len))
+    chunk = cfg.microbatches * cfg.microbatch_size
     last_rank = schedule.stage_to_rank[-1]
     trace_steps = set(cfg.trace_steps) | {cfg.steps - 1}
     started = time.perf_counter()
+    for method in cfg.methods:
+        runs[method].evaluate(0, x_val, y_val, chunk)
     for step in range(cfg.steps):
-        x, y = _batches(cfg, corpus, "train", train_rng)
+        x, y = _batches(cfg, corpus, train_rng)
         order = list(cfg.methods)
         k = step % len(order)
         for method in order[k:] + order[:k]:
@@ -280,7 +347,7 @@ def run_rank(rank: int, world: int, cfg: DemoConfig) -> dict[str, Any]:
             )
         if (step + 1) % cfg.eval_every == 0 or step == cfg.steps - 1:
             for method in cfg.methods:
-                runs[method].evaluate(step + 1, val)
+                runs[method].evaluate(step + 1, x_val, y_val, chunk)
         if rank == last_rank:
             _progress(cfg, runs, step, time.perf_counter() - started)
     return {m: r.result() for m, r in runs.items()}

@@ -1,0 +1,386 @@
+"""Quality of freezing settings without a pipeline: a single-process simulation of ``tfz demo``'s masks.
+
+Model quality does not depend on timing, so one process can train what the demo trains: the same
+model (base weights for finetune), data, optimizer, learning-rate schedule and mask providers
+(``tfz.demo.worker.make_provider``: TimelyFreeze with one controller for every stage, APF,
+AutoFreeze). Each microbatch runs the stages one after another with the runtime's own backward
+(``tfz.pipeline.engine.full_backward`` under the provider's masks), so a unit frozen for a
+(stage, microbatch) gets no gradient there, exactly as in the pipeline. The controller is fed
+synthetic action times from a fixed per-stage profile (F, B unfrozen, B with every unit frozen;
+measured once with ``profile``), linear in the realised frozen fraction: the plan is the same for
+every setting and seed, and the simulated batch time of each step (``tfz.dag.simulate``) gives a
+simulated wall time.
+
+    python bench/quality_sim.py profile --out bench/quality_profile.json
+    python bench/quality_sim.py run --task finetune --seeds 10,11,12 --split tune \\
+        --variant cover --variant "rescale_off:rescale_grads=False" --out runs.jsonl
+    python bench/quality_sim.py table runs.jsonl
+
+A variant is ``NAME[:key=value,...]``: DemoConfig fields (``max_freeze_ratio=0.7``, ``block_rows=64``,
+``rescale_grads=False``), ``method=`` (a demo method, default timelyfreeze) and ``layout=`` (cover,
+independent, nested: TimelyFreeze's masks within a step). ``none`` (no freezing) runs once per seed as
+the reference. Evaluation is on fixed sequences of ``--split`` (``tune``: files held out of both
+training and the demo's validation set, for choosing settings; ``val``: the demo's validation set).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tfz.dag import build_dag, simulate
+from tfz.demo import DemoConfig
+from tfz.demo.worker import _loss_fn, attach_optimizer, build_model, make_provider, observe, sequence_losses
+from tfz.masks import StageMasks, select
+from tfz.pipeline.engine import MaskPlan, PlanCache, StageParams, full_backward
+from tfz.schedule import KINDS
+
+TUNE_FRACTION = 0.1
+
+
+@functools.lru_cache(maxsize=4)
+def _load(data, corpus):
+    from tfz.data import load_corpus
+
+    # the demo's validation files are the same (same seed, same first files); tune files come next
+    return load_corpus(data, corpus=corpus, seed=0, tune_fraction=TUNE_FRACTION)
+
+
+def _corpus(cfg: DemoConfig):
+    return _load(cfg.data, cfg.train_corpus)
+
+
+def _base(cfg: DemoConfig):
+    if cfg.task != "finetune":
+        return None
+    from tfz.demo.base import ensure_base, load_base
+
+    path, _ = ensure_base(cfg.base_spec(2), progress=lambda m: print(m, file=sys.stderr, flush=True))
+    return load_base(path)
+
+
+class NestedMasks:
+    """A TimelyFreeze controller whose masks within a step are nested: one random order per stage and
+    decision, microbatch m freezes a first-fit prefix of it for its ratio (the rows a microbatch trains
+    are a superset of those of every microbatch with a higher ratio)."""
+
+    def __init__(self, controller):
+        self.c = controller
+        self._key = None
+        self._masks: dict = {}
+
+    def __getattr__(self, name):
+        return getattr(self.c, name)
+
+    def masks_for(self, stage: int, mb: int):
+        key = (self.c.decision, self.c.phase)
+        if key != self._key:
+            self._key, self._masks = key, {}
+        if (stage, mb) not in self._masks:
+            m = self.c.masks_for(stage, mb)
+            if m is not None and self.c.phase.value in ("ramp", "stable"):
+                ratio = min(1.0, float(self.c.requested_ratios()[self.c._bw[stage, mb]]))
+                units = self.c.units[stage]
+                # microbatch 0's draw for every microbatch: the same order, a prefix per ratio
+                m = select(
+                    units, ratio, stage=stage, microbatch=0, step=self.c.decision, seed=self.c.config.seed
+                )
+                m = m if m.frozen.any() else None
+            self._masks[stage, mb] = m
+        return self._masks[stage, mb]
+
+
+def _synthetic_times(dag, profile, provider) -> tuple[dict[str, float], float]:
+    """Action times (ms) linear in each B's realised frozen fraction, and the simulated batch time."""
+    times = np.zeros(dag.num_actions)
+    named = {}
+    for i, name in enumerate(dag.names):
+        s, mb = int(dag.stage[i]), int(dag.microbatch[i])
+        st = profile[s]
+        if KINDS[dag.kind[i]] == "F":
+            t = st["F"]
+        else:
+            m = provider.masks_for(s, mb) if provider is not None else None
+            frac = 0.0 if m is None else m.frozen_fraction
+            t = st["B"] - (st["B"] - st["B_frozen"]) * frac
+        times[i] = t
+        named[name] = t
+    return named, float(simulate(dag, times).makespan)
+
+
+def train(cfg: DemoConfig, method: str, layout: str, seed: int, split: str, profile, corpus, base):
+    torch.manual_seed(seed)
+    schedule = cfg.build_schedule()
+    dag = build_dag(schedule)
+    S, M, mbs = schedule.num_stages, cfg.microbatches, cfg.microbatch_size
+    modules = build_model(cfg, S, range(S), seed, base)
+    controller = {}
+    if method.startswith("timelyfreeze"):
+        controller = {"async_solve": False}  # the plan takes effect at the same step in every run
+        if layout == "independent":
+            controller["mask_layout"] = "independent"
+    provider = make_provider(method, cfg, schedule, modules, seed, **controller)
+    if layout == "nested":
+        provider = NestedMasks(provider)
+    params = {s: StageParams(m) for s, m in modules.items()}
+    optimizer, _, lr_schedule = attach_optimizer(cfg, modules)
+    rng = np.random.default_rng([seed, 1])
+    xv, yv = (torch.from_numpy(a) for a in corpus.sequences(split, cfg.val_sequences, cfg.seq_len))
+
+    @torch.no_grad()
+    def evaluate():
+        out = []
+        for lo in range(0, len(xv), 64):
+            h = xv[lo : lo + 64]
+            for s in range(S):
+                h = modules[s](h)
+            out.append(sequence_losses(h, yv[lo : lo + 64]))
+        return torch.cat(out)
+
+    curve = [(0, 0.0, float(evaluate().mean()))]
+    wall, frozen_log, batch_log = 0.0, [], []
+    caches = {s: PlanCache() for s in range(S)}  # keyed by the masks object itself (weakly)
+    stale = 0
+    for step in range(cfg.steps):
+        x, y = (torch.from_numpy(a) for a in corpus.batch("train", M * mbs, cfg.seq_len, rng))
+        fr = np.zeros(S)
+        for mb in range(M):
+            xs, ys = x[mb * mbs : (mb + 1) * mbs], y[mb * mbs : (mb + 1) * mbs]
+            inputs, outputs = [], []
+            h = xs
+            for s in range(S):
+                inp = h if s == 0 else h.detach().requires_grad_(True)
+                h = modules[s](inp)
+                inputs.append(inp)
+                outputs.append(h)
+            loss = _loss_fn(h, ys) / M
+            grad = None
+            for s in reversed(range(S)):
+                m = provider.masks_for(s, mb) if provider is not None else None
+                if m is not None:
+                    fr[s] += m.frozen_fraction / M
+                plan = caches[s].get(m, params[s])
+                if plan.frozen_fraction != (0.0 if m is None else m.frozen_fraction):
+                    stale += 1
+                out = loss if s == S - 1 else outputs[s]
+                (g,) = full_backward(out, None if s == S - 1 else grad, [inputs[s]], plan, params[s])
+                grad = g
+        optimizer.step()
+        lr_schedule.step()
+        observe(provider, method, step, modules, cfg)
+        optimizer.zero_grad(set_to_none=True)
+        timings, batch = _synthetic_times(dag, profile, provider)
+        if hasattr(provider, "step_end"):
+            provider.step_end(step, timings)
+        wall += batch / 1e3
+        frozen_log.append(fr.tolist())
+        batch_log.append(batch)
+        if (step + 1) % cfg.eval_every == 0 or step == cfg.steps - 1:
+            curve.append((step + 1, wall, float(evaluate().mean())))
+    seq = evaluate()
+    plan = getattr(provider, "plan", None)
+    return {
+        "val_loss": float(seq.mean()),
+        "seq_loss": seq.tolist(),
+        "curve": curve,
+        "wall_s": wall,
+        "frozen_per_step": frozen_log,
+        "batch_ms_per_step": batch_log,
+        "plan_stage_means": None if plan is None else list(plan.stage_mean_ratio),
+        "plan_speedup": None if plan is None else plan.speedup,
+        "stale_plans": stale,
+    }
+
+
+def _parse_variant(text: str) -> tuple[str, dict]:
+    name, _, rest = text.partition(":")
+    out = {}
+    for item in filter(None, rest.split(",")):
+        key, _, value = item.partition("=")
+        try:
+            out[key] = json.loads(value.replace("False", "false").replace("True", "true"))
+        except json.JSONDecodeError:
+            out[key] = value
+    return name, out
+
+
+def cmd_profile(args):
+    """Median F, B and B with every unit of the controller (row blocks only) frozen, per stage."""
+    import statistics
+
+    from tfz.masks import StageUnits
+
+    torch.set_num_threads(1)
+    cfg = DemoConfig(task="pretrain")
+    modules = build_model(cfg, 2, range(2), 0)
+    params = {s: StageParams(m) for s, m in modules.items()}
+    frozen = {}
+    for s, m in modules.items():
+        units = StageUnits.from_module(m, block_rows=cfg.block_rows)
+        frozen[s] = MaskPlan(StageMasks(units, 1.0, np.ones(len(units), dtype=bool)), params[s])
+    x = torch.randint(0, 256, (cfg.microbatch_size, cfg.seq_len))
+    y = torch.randint(0, 256, (cfg.microbatch_size, cfg.seq_len))
+    samples = {(s, k): [] for s in range(2) for k in ("F", "B", "B_frozen")}
+    for rep in range(2 + args.repeats):
+        for kind in ("B", "B_frozen"):
+            t0 = time.perf_counter()
+            h0 = modules[0](x)
+            t1 = time.perf_counter()
+            inp = h0.detach().requires_grad_(True)
+            loss = _loss_fn(modules[1](inp), y)
+            t2 = time.perf_counter()
+            plan = {s: frozen[s] if kind == "B_frozen" else MaskPlan(None, params[s]) for s in range(2)}
+            (g,) = full_backward(loss, None, [inp], plan[1], params[1])
+            t3 = time.perf_counter()
+            full_backward(h0, g, [x], plan[0], params[0])
+            t4 = time.perf_counter()
+            if rep >= 2:
+                samples[0, kind].append((t4 - t3) * 1e3)
+                samples[1, kind].append((t3 - t2) * 1e3)
+                samples[0, "F"].append((t1 - t0) * 1e3)
+                samples[1, "F"].append((t2 - t1) * 1e3)
+            for m in modules.values():
+                m.zero_grad(set_to_none=True)
+    profile = [{k: statistics.median(samples[s, k]) for k in ("F", "B", "B_frozen")} for s in range(2)]
+    Path(args.out).write_text(json.dumps(profile, indent=1) + "\n")
+    print(json.dumps(profile))
+
+
+def cmd_run(args):
+    torch.set_num_threads(args.threads)
+    profile = json.loads(Path(args.profile).read_text())
+    seeds = [int(s) for s in args.seeds.split(",")]
+    variants = [_parse_variant(v) for v in args.variant]
+    common = dict(task=args.task, steps=args.steps, val_sequences=args.val_sequences)
+    common.update(_parse_variant("common:" + ",".join(args.set))[1])
+    base_cfg = DemoConfig(**common)
+    base = _base(base_cfg)
+    done = set()
+    if Path(args.out).exists():
+        for line in Path(args.out).read_text().splitlines():
+            r = json.loads(line)
+            done.add((r["task"], r["variant"], r["seed"], r["split"], r["steps"]))
+    for seed in seeds:
+        jobs = ([("none", {})] if not args.no_none else []) + variants
+        for name, overrides in jobs:
+            if (args.task, name, seed, args.split, args.steps) in done:
+                continue
+            over = dict(overrides)
+            method = over.pop("method", "none" if name == "none" else "timelyfreeze")
+            layout = over.pop("layout", "cover")
+            methods = ("none", method) if method != "none" else ("none",)
+            cfg = DemoConfig(**{**common, "methods": methods, **over})
+            t = time.perf_counter()
+            res = train(cfg, method, layout, seed, args.split, profile, _corpus(cfg), base)
+            row = {
+                "config": {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.__dict__.items()},
+                "task": args.task,
+                "variant": name,
+                "overrides": overrides,
+                "seed": seed,
+                "split": args.split,
+                "steps": args.steps,
+                "seconds": time.perf_counter() - t,
+                **res,
+            }
+            with open(args.out, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            print(
+                f"{args.task} {name} seed {seed}: val {res['val_loss']:.4f}, "
+                f"wall {res['wall_s']:.1f} s (sim), "
+                f"plan {res['plan_stage_means']}, {row['seconds']:.0f} s",
+                flush=True,
+            )
+
+
+def _interp(curve, t):
+    ts = [c[1] for c in curve]
+    vs = [c[2] for c in curve]
+    if t > ts[-1]:
+        return None
+    return float(np.interp(t, ts, vs))
+
+
+def cmd_table(args):
+    groups: dict = {}
+    for f in args.files:  # one table per file and setting: a file holds one study
+        for line in Path(f).read_text().splitlines():
+            r = json.loads(line)
+            groups.setdefault((f, r["task"], r["split"], r["steps"]), []).append(r)
+    pairs = dict(p.split("=", 1) for p in args.pair)
+    for (_, task, split, steps), rs in groups.items():
+        refs = {}
+        for r in rs:
+            refs.setdefault(r["variant"], {})[r["seed"]] = r
+        print(f"\n{task}, {steps} steps, evaluated on {split}, seeds {sorted(refs.get('none', {}))}")
+        print(
+            "| variant | val loss vs none (mean, per seed) | paired SE | vs none at equal sim. time "
+            "| sim. speedup | plan stage means |"
+        )
+        print("|---|---|---|---|---|---|")
+        names = list(dict.fromkeys(r["variant"] for r in rs))
+        for name in names:
+            ref = refs.get(pairs.get(name, "none"), {})
+            mine = sorted(
+                (r for r in rs if r["variant"] == name and r["seed"] in ref), key=lambda r: r["seed"]
+            )
+            if not mine:
+                continue
+            rel, se, eq, speed = [], [], [], []
+            for r in mine:
+                base = ref[r["seed"]]
+                d = np.array(r["seq_loss"]) - np.array(base["seq_loss"])
+                rel.append(d.mean() / np.mean(base["seq_loss"]))
+                se.append(d.std(ddof=1) / np.sqrt(len(d)) / np.mean(base["seq_loss"]))
+                at = _interp(base["curve"], r["wall_s"])
+                eq.append(None if at is None else r["val_loss"] / at - 1)
+                speed.append(base["wall_s"] / r["wall_s"])
+            eqs = [e for e in eq if e is not None]
+            plan = mine[0]["plan_stage_means"]
+            print(
+                f"| {name} | {np.mean(rel):+.2%} ({', '.join(f'{v:+.2%}' for v in rel)}) | "
+                f"{np.sqrt(np.sum(np.square(se))) / len(se):.2%} | "
+                f"{(f'{np.mean(eqs):+.2%}' if eqs else '-')} | {np.mean(speed):.3f}x | "
+                f"{'-' if plan is None else ' '.join(f'{p:.2f}' for p in plan)} |"
+            )
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    pr = sub.add_parser("profile")
+    pr.add_argument("--out", default="bench/quality_profile.json")
+    pr.add_argument("--repeats", type=int, default=7)
+    r = sub.add_parser("run")
+    r.add_argument("--task", choices=("finetune", "pretrain"), default="finetune")
+    r.add_argument("--seeds", default="10,11,12")
+    r.add_argument("--split", choices=("tune", "val"), default="tune")
+    r.add_argument("--steps", type=int, default=100)
+    r.add_argument("--val-sequences", type=int, default=256)
+    r.add_argument("--variant", action="append", default=[])
+    r.add_argument("--set", action="append", default=[], help="KEY=VALUE: DemoConfig field for every run")
+    r.add_argument("--no-none", action="store_true")
+    r.add_argument("--profile", default="bench/quality_profile.json")
+    r.add_argument("--threads", type=int, default=1)
+    r.add_argument("--out", required=True)
+    t = sub.add_parser("table")
+    t.add_argument("files", nargs="+")
+    t.add_argument(
+        "--pair",
+        action="append",
+        default=[],
+        help="VARIANT=REFERENCE: compare VARIANT with REFERENCE, not none",
+    )
+    args = p.parse_args(argv)
+    {"profile": cmd_profile, "run": cmd_run, "table": cmd_table}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    main()

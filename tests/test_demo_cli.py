@@ -1,0 +1,108 @@
+"""tfz demo's command line: bad input ends at once with exit status 2 and one line naming it."""
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tfz.cli import main
+
+
+def _run(capsys, *argv):
+    code = main(["demo", *argv])
+    err = capsys.readouterr().err
+    return code, err
+
+
+def _refused(capsys, *argv, match):
+    try:
+        code, err = _run(capsys, *argv)
+    except SystemExit as exc:  # argparse's own errors
+        code, err = exc.code, capsys.readouterr().err
+    assert code == 2, (argv, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert match in lines[0], lines[0]
+    return lines[0]
+
+
+def test_huge_ranks_end_at_once_with_the_estimate():
+    """In a fresh process, as a user runs it: no rank is started, nothing is built."""
+    t0 = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-m", "tfz", "demo", "--ranks", "1000000000", "--steps", "1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2 and proc.stdout == ""
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--ranks 1000000000" in lines[0] and "GB" in lines[0], proc.stderr
+    assert time.perf_counter() - t0 < 60
+
+
+def test_bad_sizes_and_schedules_are_refused_before_ranks_start(capsys):
+    _refused(
+        capsys, "--ranks", "4", "--microbatches", "2", "--steps", "1", match="needs at least 4 microbatches"
+    )
+    _refused(capsys, "--microbatches", "1000000000", match="--microbatches 1000000000")
+    _refused(
+        capsys,
+        "--methods",
+        "all",
+        "--steps",
+        "12",
+        match="TimelyFreeze settings: a run of 12 steps is too short",
+    )
+
+
+def test_bad_seeds_and_task_name_the_value(capsys):
+    _refused(capsys, "--seeds", "x", match="'x'")
+    _refused(capsys, "--seeds", "0,-1", match="'0,-1'")
+    _refused(capsys, "--seeds", "1,1", match="seeds repeat in '1,1'")
+    _refused(capsys, "--seeds", "", match="''")
+    _refused(capsys, "--task", "finetuning", match="'finetuning'")
+    _refused(capsys, "--task", "pretrain", "--base", "x.pt", match="--base x.pt")
+
+
+def test_empty_data_is_refused(capsys, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_bytes(b"")
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    out = str(tmp_path / "out")
+    _refused(capsys, "--data", str(empty), "--out", out, match=f"data file {empty} is empty")
+    _refused(capsys, "--data", str(folder), "--out", out, match="needs at least 2 non-empty files")
+    _refused(capsys, "--data", str(tmp_path / "missing"), "--out", out, match="does not exist")
+    _refused(capsys, "--task", "pretrain", "--data", str(empty), "--out", out, match="is empty")
+
+
+def test_out_is_checked_before_the_work(capsys, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    _refused(capsys, "--out", str(blocker), match="exists and is not a folder")
+    _refused(capsys, "--out", str(blocker / "sub"), match="is not a folder")
+    if os.geteuid() != 0:  # root may write anywhere
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        _refused(capsys, "--out", str(locked / "sub"), match="is not writable")
+
+
+def test_bad_base_file_is_refused(capsys, tmp_path):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    out = str(tmp_path / "out")
+    _refused(capsys, "--base", str(bad), "--out", out, match="is not a readable checkpoint")
+    _refused(capsys, "--base", str(tmp_path / "none.pt"), "--out", out, match="is not a file")
+    import torch
+
+    other = tmp_path / "other.pt"
+    torch.save({"weights": 1}, other)
+    _refused(capsys, "--base", str(other), "--out", out, match="is not a tfz-demo-base file")
+
+
+@pytest.mark.parametrize("flag", ["--steps", "--ranks", "--eval-every"])
+def test_non_positive_integers(capsys, flag):
+    _refused(capsys, flag, "0", match=f"{flag.lstrip('-').replace('-', '_')} must be an integer >= 1, got 0")

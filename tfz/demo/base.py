@@ -1,0 +1,266 @@
+"""The base model ``tfz demo --task finetune`` starts from: pretrained without freezing, built once, cached.
+
+:func:`ensure_base` returns the path of the base for a :class:`BaseSpec`, building it on first use
+(one process, every core, progress printed) into the cache folder (``$TFZ_CACHE_DIR``, else
+``$XDG_CACHE_HOME/tfz``, else ``~/.cache/tfz``). The file name carries a hash of the spec and of the
+training text, so a changed spec or corpus builds a new base, and a build is reproducible from the
+spec's seed. Files are written atomically (a failed build leaves nothing behind).
+
+A base file (``torch.save``, loadable with ``weights_only=True``) holds::
+
+    {"format": "tfz-demo-base", "version": 1, "model": {LlamaConfig fields}, "state_dict": {...},
+     "spec": {BaseSpec fields} or None, "metrics": {"train_loss": ..., "val_loss": ...}}
+
+``state_dict`` is the whole model as one :class:`tfz.models.LlamaStage` (``tok_embeddings.*``,
+``layers.<i>.*``, ``norm.*``, ``output.*``): any split into stages loads its part by key.
+:func:`save_base` writes one from your own weights (``tfz demo --base PATH``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import math
+import os
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tfz._validate import check_int, check_number
+
+__all__ = ["BaseModel", "BaseSpec", "base_path", "cache_dir", "ensure_base", "load_base", "save_base"]
+
+FORMAT = "tfz-demo-base"
+VERSION = 1
+
+
+@dataclass(frozen=True, kw_only=True)
+class BaseSpec:
+    """How the default base model is pretrained (no freezing, one process)."""
+
+    dim: int = 384
+    n_layers: int = 4
+    n_heads: int = 6
+    ffn_dim: int = 1536
+    seq_len: int = 64
+    corpus: str = "python-stdlib"
+    """Built-in corpus it is pretrained on (``tfz.data.CORPORA``)."""
+    steps: int = 150
+    batch_size: int = 32
+    """Sequences per step."""
+    lr: float = 2e-3
+    """AdamW peak learning rate: linear warm-up over ``warmup`` steps, then cosine to 10%."""
+    warmup: int = 15
+    weight_decay: float = 0.1
+    seed: int = 0
+    """Initial weights and data order."""
+
+    def __post_init__(self):
+        for name in ("dim", "n_layers", "n_heads", "ffn_dim", "seq_len", "steps", "batch_size", "warmup"):
+            check_int(name, getattr(self, name), 1)
+        check_int("seed", self.seed, 0)
+        check_number("lr", self.lr, low=0.0, low_open=True)
+        check_number("weight_decay", self.weight_decay, low=0.0)
+        if self.dim % self.n_heads:
+            raise ValueError(f"dim {self.dim} is not divisible by n_heads {self.n_heads}")
+        from tfz.data import CORPORA
+
+        if self.corpus not in CORPORA:
+            raise ValueError(f"unknown corpus {self.corpus!r}; choose one of: {', '.join(CORPORA)}")
+
+    def model_config(self):
+        from tfz.models import LlamaConfig
+
+        return LlamaConfig(
+            dim=self.dim,
+            n_layers=self.n_layers,
+            n_heads=self.n_heads,
+            n_kv_heads=self.n_heads,
+            ffn_dim=self.ffn_dim,
+            max_seq_len=self.seq_len,
+        )
+
+
+@dataclass(frozen=True)
+class BaseModel:
+    """A loaded base: the model shape and the whole model's weights."""
+
+    config: Any
+    """:class:`tfz.models.LlamaConfig`."""
+    state_dict: dict[str, Any]
+    path: Path
+    metrics: dict[str, Any]
+
+    def check_fits(self, num_stages: int, seq_len: int) -> None:
+        """ValueError unless this base splits into ``num_stages`` stages and takes ``seq_len`` bytes."""
+        if self.config.n_layers < num_stages:
+            raise ValueError(
+                f"base model {self.path} has {self.config.n_layers} layers, fewer than the {num_stages} "
+                "pipeline stages"
+            )
+        if seq_len > self.config.max_seq_len:
+            raise ValueError(
+                f"seq_len {seq_len} exceeds the base model's max_seq_len {self.config.max_seq_len}"
+            )
+
+    def load_into(self, stage) -> None:
+        """Copy this base's weights into ``stage`` (a :class:`tfz.models.LlamaStage` of any split)."""
+        wanted = stage.state_dict().keys()
+        missing = [k for k in wanted if k not in self.state_dict]
+        if missing:
+            raise ValueError(f"base {self.path}: no weights for {missing[0]!r} ({len(missing)} missing)")
+        stage.load_state_dict({k: self.state_dict[k] for k in wanted})
+
+
+def cache_dir() -> Path:
+    """``$TFZ_CACHE_DIR``, else ``$XDG_CACHE_HOME/tfz``, else ``~/.cache/tfz``."""
+    if os.environ.get("TFZ_CACHE_DIR"):
+        return Path(os.environ["TFZ_CACHE_DIR"])
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "tfz"
+
+
+@functools.lru_cache(maxsize=2)
+def _corpus_named(name: str):
+    from tfz.data import load_corpus
+
+    return load_corpus(corpus=name, seed=0)
+
+
+def _corpus(spec: BaseSpec):
+    return _corpus_named(spec.corpus)
+
+
+def base_path(spec: BaseSpec, folder: Path | None = None, *, corpus=None) -> Path:
+    """Where the base of ``spec`` is cached: ``base-<hash of spec and training text>.pt``."""
+    corpus = _corpus(spec) if corpus is None else corpus
+    digest = hashlib.sha256(json.dumps(dataclasses.asdict(spec), sort_keys=True).encode())
+    digest.update(hashlib.sha256(corpus.train.tobytes()).digest())
+    return (cache_dir() if folder is None else Path(folder)) / f"base-{digest.hexdigest()[:16]}.pt"
+
+
+def lr_factor(step: int, warmup: int, steps: int) -> float:
+    """Linear warm-up over ``warmup`` steps, then cosine from 1 to 0.1 at ``steps``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, steps - warmup))
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _pretrain(spec: BaseSpec, corpus, progress: Callable[[str], None]) -> tuple[dict, dict]:
+    import torch
+    import torch.nn.functional as F
+
+    from tfz.models import build_stages
+
+    model = build_stages(spec.model_config(), 1, seed=spec.seed)[0]
+    opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, betas=(0.9, 0.95), weight_decay=spec.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, spec.warmup, spec.steps))
+    rng = np.random.default_rng([spec.seed, 7])
+    started, losses = time.perf_counter(), []
+    every = max(1, spec.steps // 10)
+    for step in range(spec.steps):
+        x, y = (torch.from_numpy(a) for a in corpus.batch("train", spec.batch_size, spec.seq_len, rng))
+        loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+        loss.backward()
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        if (step + 1) % every == 0 or step + 1 == spec.steps:
+            elapsed = time.perf_counter() - started
+            eta = elapsed / (step + 1) * (spec.steps - step - 1)
+            progress(
+                f"  base model: step {step + 1}/{spec.steps}, train loss {np.mean(losses[-every:]):.3f} "
+                f"({elapsed:.0f} s, about {eta:.0f} s left)"
+            )
+    x, y = (torch.from_numpy(a) for a in corpus.sequences("val", 64, spec.seq_len))
+    with torch.no_grad():
+        val = float(F.cross_entropy(model(x).flatten(0, 1), y.flatten()))
+    metrics = {"train_loss": float(np.mean(losses[-every:])), "val_loss": val, "seconds": elapsed}
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}, metrics
+
+
+def save_base(
+    path: str | Path,
+    model_config,
+    state_dict: Mapping[str, Any],
+    *,
+    spec: BaseSpec | None = None,
+    metrics: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write a base file (atomically): ``model_config`` a :class:`tfz.models.LlamaConfig`,
+    ``state_dict`` the whole model's weights as one LlamaStage's."""
+    import torch
+
+    path = Path(path)
+    payload = {
+        "format": FORMAT,
+        "version": VERSION,
+        "model": dataclasses.asdict(model_config),
+        "state_dict": dict(state_dict),
+        "spec": None if spec is None else dataclasses.asdict(spec),
+        "metrics": dict(metrics or {}),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_base(path: str | Path) -> BaseModel:
+    """Read a base file; ValueError naming the file and the field when it is not one."""
+    import torch
+
+    from tfz.models import LlamaConfig
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"base model {path} does not exist")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many kinds for a file that is not a checkpoint
+        raise ValueError(f"base model {path} is not a readable checkpoint ({type(exc).__name__})") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise ValueError(f"base model {path} is not a {FORMAT} file (no format: {FORMAT!r} entry)")
+    if payload.get("version") != VERSION:
+        raise ValueError(f"base model {path}: version {payload.get('version')!r}, expected {VERSION}")
+    try:
+        config = LlamaConfig(**payload["model"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"base model {path}: bad 'model' entry ({exc})") from None
+    weights = payload.get("state_dict")
+    if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
+        raise ValueError(f"base model {path}: 'state_dict' must map names to tensors")
+    return BaseModel(config, weights, path, dict(payload.get("metrics") or {}))
+
+
+def ensure_base(
+    spec: BaseSpec, folder: Path | None = None, *, progress: Callable[[str], None] = print
+) -> tuple[Path, bool]:
+    """(path of the base of ``spec``, whether it was built now). Built on first use, then cached."""
+    corpus = _corpus(spec)
+    path = base_path(spec, folder, corpus=corpus)
+    if path.is_file():
+        return path, False
+    progress(
+        f"building the base model once: {spec.n_layers} layers, dim {spec.dim}, pretrained without "
+        f"freezing on {spec.corpus} for {spec.steps} steps (seed {spec.seed}); cached as {path}"
+    )
+    weights, metrics = _pretrain(spec, corpus, progress)
+    save_base(path, spec.model_config(), weights, spec=spec, metrics=metrics)
+    progress(f"  base model ready: validation loss {metrics['val_loss']:.3f} on {spec.corpus}")
+    return path, True
