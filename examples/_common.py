@@ -6,8 +6,6 @@
 - :func:`train` is the training loop of README's pipeline snippet, plus, with ``--check-grads``, a
   gradient check at every step against plain float64 autograd on the whole model, with each
   (stage, microbatch)'s gradient masked exactly like the freezing TimelyFreeze applied there.
-- :func:`warm_planner` runs one tiny solve before training and says how long it took: the first solve
-  after an install compiles the planner, which would otherwise run in the middle of a short run.
 """
 
 from __future__ import annotations
@@ -57,29 +55,11 @@ def main(run: Callable, args: argparse.Namespace, world: int = 2) -> dict:
     return result
 
 
-def warm_planner() -> float:
-    """Solve a tiny freeze-ratio LP once (rank 0 solves for every rank); returns the seconds it took."""
-    from tfz.dag import build_dag
-    from tfz.plan import PlanConfig, solve
-    from tfz.profile import Profile
-    from tfz.schedule import build_schedule
-
-    start = time.perf_counter()
-    dag = build_dag(build_schedule("1f1b", 2, 2))
-    unfrozen, frozen = Profile.uniform(f=1.0, i=1.0, w=1.0, w_frozen=0.1).durations(dag)
-    solve(dag, unfrozen, frozen, PlanConfig(max_freeze_ratio=0.8))
-    return time.perf_counter() - start
-
-
 def timelyfreeze(args, schedule, modules: dict[int, nn.Module], **overrides) -> TimelyFreeze | None:
     """README's one line for a short run (rows frozen in blocks of 16 unless ``overrides`` say
-    otherwise), None with ``--no-freeze``; warms the planner on rank 0 first."""
+    otherwise), None with ``--no-freeze``."""
     if args.no_freeze:
         return None
-    if dist.get_rank() == 0:
-        took = warm_planner()
-        note = " (the first solve after an install compiles the planner)" if took > 2 else ""
-        print(f"planner ready in {took:.1f} s{note}", flush=True)
     config = TimelyFreezeConfig.for_run(total_steps=args.steps, **{"block_rows": 16, **overrides})
     return TimelyFreeze(config, schedule, modules, group=dist.group.WORLD)
 

@@ -860,3 +860,29 @@ def test_metric_guided_policy_through_the_controller():
 def test_replica_group_needs_a_pipeline_group():
     with pytest.raises(ValueError, match="replica_group needs a pipeline group"):
         make(small(), build_schedule("1f1b", 2, 2), replica_group=object())
+
+
+def test_plan_broadcast_keeps_every_field_the_solver_returned():
+    """The packed plan rank 0 broadcasts unpacks to the solver's plan, the actions that cannot gain
+    from freezing included (a quarter of the B/W actions run as long frozen)."""
+    from tfz.controller._solve import pack_plan, packed_size, unpack_plan
+
+    dag = build_dag(build_schedule("zbv", 2, 4))
+    rng = np.random.default_rng(0)
+    up = rng.uniform(1.0, 2.0, dag.num_actions)
+    stuck = dag.kind_mask("B", "W") & (rng.random(dag.num_actions) < 0.25)
+    low = np.where(dag.kind_mask("B", "W") & ~stuck, 0.4 * up, up)
+    config = PlanConfig(max_freeze_ratio=0.6)
+    plan = solve(dag, up, low, config)
+    assert plan.cannot_gain
+    packed = pack_plan(plan, dag.num_stages)
+    assert packed.shape == (packed_size(dag),)
+    back = unpack_plan(packed, dag, config)
+    for field in dataclasses.fields(plan):
+        if field.name in ("_warm_state", "status"):
+            continue
+        mine, theirs = getattr(back, field.name), getattr(plan, field.name)
+        if isinstance(theirs, np.ndarray):
+            np.testing.assert_array_equal(mine, theirs)
+        else:
+            assert mine == theirs, field.name

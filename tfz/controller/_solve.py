@@ -92,7 +92,8 @@ def solve_with_retry(
 
 
 def pack_plan(plan: Plan, num_stages: int) -> np.ndarray:
-    """float64 [9 + S + n]: makespans, totals, timings, warm flag, solver code, stage means, ratios."""
+    """float64 [9 + S + 2n]: makespans, totals, timings, warm flag, solver code, stage means, ratios,
+    then 1.0 for each action that cannot gain from freezing."""
     code = _SOLVERS.index(plan.solver) if plan.solver in _SOLVERS else -1
     means = np.zeros(num_stages)
     means[: len(plan.stage_mean_ratio)] = plan.stage_mean_ratio
@@ -107,11 +108,12 @@ def pack_plan(plan: Plan, num_stages: int) -> np.ndarray:
         float(plan.warm),
         float(code),
     ]
-    return np.concatenate([np.asarray(head, dtype=np.float64), means, plan.ratios])
+    cannot_gain = np.isin(np.asarray(plan.names, dtype=object), plan.cannot_gain).astype(np.float64)
+    return np.concatenate([np.asarray(head, dtype=np.float64), means, plan.ratios, cannot_gain])
 
 
 def packed_size(dag: DAG) -> int:
-    return _HEADER + dag.num_stages + dag.num_actions
+    return _HEADER + dag.num_stages + 2 * dag.num_actions
 
 
 def unpack_plan(values: np.ndarray, dag: DAG, config: PlanConfig) -> Plan:
@@ -119,9 +121,12 @@ def unpack_plan(values: np.ndarray, dag: DAG, config: PlanConfig) -> Plan:
     S = dag.num_stages
     head = values[:_HEADER].tolist()
     code = int(head[8])
+    n = dag.num_actions
+    ratios = values[_HEADER + S : _HEADER + S + n]
+    cannot_gain = tuple(name for name, flag in zip(dag.names, values[_HEADER + S + n :]) if flag)
     return Plan(
         names=dag.names,
-        ratios=np.array(values[_HEADER + S :], dtype=np.float64),
+        ratios=np.array(ratios, dtype=np.float64),
         makespan_planned=head[0],
         makespan_unfrozen=head[1],
         makespan_all_frozen=head[2],
@@ -135,4 +140,5 @@ def unpack_plan(values: np.ndarray, dag: DAG, config: PlanConfig) -> Plan:
         schedule=dag.schedule.name,
         phase_seconds=(head[5], head[6]),
         warm=bool(head[7]),
+        cannot_gain=cannot_gain,
     )
