@@ -229,6 +229,7 @@ def combine(per_seed: list[dict], cfg: DemoConfig, extra: dict | None = None) ->
         for key in _SUMMARY_KEYS:
             methods[name][key], spread[name][key] = _spread([r.get(key) for r in reps])
         paired = [r["val_loss_vs_none"] for r in reps if r.get("val_loss_vs_none")]
+        methods[name]["val_loss_vs_none"] = None  # none itself, or no final evaluation
         if paired:
             rel = [p["rel"] for p in paired]
             methods[name]["val_loss_vs_none"] = float(np.mean(rel))
