@@ -160,6 +160,14 @@ def test_seeds_combine_into_mean_and_spread():
     assert spread["time_to_target_s"]["seeds"] == 1
 
 
+def test_default_cap_is_the_planners():
+    """The demo's cap is written out (its config module stays free of numpy); it must not drift from
+    the planner's default."""
+    from tfz.plan import PlanConfig
+
+    assert DemoConfig().max_freeze_ratio == PlanConfig().max_freeze_ratio
+
+
 def test_config_errors():
     with pytest.raises(ValueError, match="unknown method"):
         DemoConfig(methods=("none", "magic"))
