@@ -512,6 +512,8 @@ API_CASES = [
     Api("masks.RandomPolicy(first_weight=float('nan'))", "got nan"),
     Api("masks.RandomPolicy(last_weight=-1)", "got -1"),
     Api("masks.RandomPolicy(first_weight=True)", "first_weight must be a finite number > 0, got True"),
+    Api("masks.RandomPolicy(front_bias_stages=5)", "front_bias_stages must be a tuple of stage indices, got 5"),
+    Api("masks.RandomPolicy(front_bias_stages=(0, np.int64(-1)))", "got np.int64(-1)"),
     Api("masks.RandomPolicy(last_weight=np.float32('inf'))", "got np.float32(inf)"),
     Api("masks.select(units, np.float32('nan'), stage=0, microbatch=0)", "ratio must be a finite number in [0, 1], got np.float32(nan)"),
     Api("masks.select(units, np.int64(2), stage=0, microbatch=0)", "got np.int64(2)"),

@@ -251,6 +251,15 @@ def test_numpy_scalars_are_numbers():
             select(units, bad, stage=0, microbatch=0)
     with pytest.raises(ValueError, match=r"stage must be an integer >= 0, got np.True_"):
         select(units, 0.5, stage=np.bool_(True), microbatch=0)
+    biased = RandomPolicy(front_bias_stages=[np.int64(1)], first_weight=2.0)
+    assert biased.front_bias_stages == (1,) and type(biased.front_bias_stages[0]) is int
+    got = select(units, 0.5, stage=1, microbatch=0, policy=biased)
+    plain_policy = RandomPolicy(front_bias_stages=(1,), first_weight=2.0)
+    plain = select(units, 0.5, stage=1, microbatch=0, policy=plain_policy)
+    assert np.array_equal(got.frozen, plain.frozen)
+    for bad, shown in ((0, "0"), ("0", "'0'"), ((0, -1), "-1"), ((True,), "True")):
+        with pytest.raises(ValueError, match=f"front_bias_stages.* got {shown}"):
+            RandomPolicy(front_bias_stages=bad)
 
 
 def test_for_module_feeds_use_row_masks():

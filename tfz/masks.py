@@ -195,12 +195,18 @@ class RandomPolicy:
     """Uniform random order; on ``front_bias_stages``, weighted towards the front of the model."""
 
     front_bias_stages: tuple[int, ...] = (0,)
+    """Stages whose order is biased (any iterable of stage indices; kept as a tuple of ints)."""
     first_weight: float = 1.0
     """Sampling weight of the first unit in model order on biased stages."""
     last_weight: float = 0.1
     """Sampling weight of the last unit; weights in between are linear in model order."""
 
     def __post_init__(self):
+        stages = self.front_bias_stages
+        if isinstance(stages, (str, bytes)) or not isinstance(stages, Iterable):
+            raise ValueError(f"front_bias_stages must be a tuple of stage indices, got {stages!r:.80}")
+        stages = tuple(check_int("front_bias_stages entry", s, 0) for s in stages)
+        object.__setattr__(self, "front_bias_stages", stages)
         for name in ("first_weight", "last_weight"):
             object.__setattr__(self, name, check_number(name, getattr(self, name), low=0.0, low_open=True))
 
