@@ -130,7 +130,7 @@ def _plan_json(capsys, *times):
 @pytest.mark.parametrize("scale", [1e-320, 1e-12, 1e-9, 1e15, 1e300])
 def test_plan_is_the_same_at_any_unit(capsys, scale):
     """The issue's cases: at 1e-9 ms the planner gave 1.000x (1.295x at 1 ms), at 1e-12 and 1e15 it
-    raised. The CLI solves at one scale: the speedup and freezing are those of the 1 ms problem."""
+    raised. The planner normalises the scale: the speedup and freezing are those of the 1 ms problem."""
     ref = _plan_json(capsys, "--f", "1", "--i", "1", "--w", "1", "--w-frozen", "0.2")
     times = [f"{v * scale:.17g}" for v in (1, 1, 1, 0.2)]
     got = _plan_json(capsys, "--f", times[0], "--i", times[1], "--w", times[2], "--w-frozen", times[3])
@@ -143,8 +143,26 @@ def test_plan_is_the_same_at_any_unit(capsys, scale):
 
 
 def test_plan_that_overflows_is_refused(capsys):
+    """Refusals name the times as given (once they named times rescaled into [1, 2) ms: 1e308 ms
+    was reported as 1.11)."""
     line = _one_line_error(capsys, "plan", *BASE, "--f", "1e307", "--i", "1e307", "--w", "1e307")
-    assert "action times 1e+307 to 2e+307 ms: the step takes longer than float64 can hold" in line
+    assert "makespan overflows float64 (largest duration 2e+307, of 0B3)" in line
+    line = _one_line_error(capsys, "plan", *BASE, "--f", "1e308")
+    assert "largest duration (1e+308, 0F0)" in line
+
+
+@pytest.mark.parametrize("solver", ["structured", "generic"])
+def test_plan_ratios_are_the_same_at_1e_9_ms(capsys, solver):
+    """Every action's ratio at 1e-9 ms is its ratio at 1 ms, on a schedule with unequal F, I, W."""
+    args = ("--schedule", "zbv", "--ranks", "4", "--microbatches", "8", "--solver", solver, "--json")
+    ref = _run(capsys, "plan", *args, "--f", "1", "--i", "0.7", "--w", "1.3", "--w-frozen", "0.2")
+    got = _run(capsys, "plan", *args, "--f", "1e-9", "--i", "7e-10", "--w", "1.3e-9", "--w-frozen", "2e-10")
+    assert ref[0] == got[0] == 0, (ref[2], got[2])
+    ref, got = json.loads(ref[1]), json.loads(got[1])
+    assert got["ratios"].keys() == ref["ratios"].keys()
+    for name, r in ref["ratios"].items():
+        assert got["ratios"][name] == pytest.approx(r, abs=1e-9), name
+    assert got["speedup"] == pytest.approx(ref["speedup"], rel=1e-12) and ref["speedup"] > 1.2
 
 
 def test_simulate_extremes(capsys):

@@ -1,8 +1,8 @@
 """Bad input, table-driven: every row is one bad input to the ``tfz`` command or to the Python API.
 
 - ``Cli(argv, names)``: ``tfz argv`` ends with exit status 2 and exactly one line on stderr that
-  contains ``names`` (the bad value), nothing on stdout, no traceback, no inf or nan (unless the input
-  has them), within the time and memory limits.
+  contains ``names`` (the bad value), nothing on stdout (``banner``: only ``tfz demo``'s banner), no
+  traceback, no inf or nan (unless the input has them), within the time and memory limits.
 - ``Ok(argv, shows)``: an input that once failed and is now computed correctly: exit 0, stdout
   contains ``shows``, no inf or nan.
 - ``Api(expr, names)``: the Python expression raises ValueError or TypeError (``raises`` to name
@@ -49,6 +49,9 @@ class Cli:
     argv: str
     names: str
     env: tuple[tuple[str, str], ...] = ()
+    banner: bool = False
+    """stdout may hold ``tfz demo``'s one-line banner (data and base model are read after it, before
+    any rank starts)."""
 
 
 @dataclass(frozen=True)
@@ -135,12 +138,17 @@ FILES: dict[str, str | bytes | None] = {
     "dir.png/": None,
     "dir.json/": None,
     "file.txt": "",
+    # demo inputs
+    "empty.txt": "",
+    "empty-dir/": None,
+    "bad.pt": "not a checkpoint",
 }
 
 # The tables keep one row per line (not formatted, long lines allowed).
 # fmt: off
 S = "simulate --schedule 1f1b --ranks 4 --microbatches 8"
 P = "plan --schedule 1f1b --ranks 4 --microbatches 8"
+D = "demo --out {demo-out}"
 
 CLI_CASES = [
     # -- the command line itself
@@ -256,13 +264,16 @@ CLI_CASES = [
     Cli(P + " --w-frozen 2", "--w-frozen 2.0 exceeds --w 1.0"),
     Cli(P + " --w-frozen=-1", "'-1'"),
     Cli(P + " --w-frozen nan", "'nan'"),
-    Cli(P + " --f 1e307 --i 1e307 --w 1e307", "1e+307"),
+    Cli(P + " --f 1e307 --i 1e307 --w 1e307", "2e+307"),  # B = I + W is the largest
     Cli(P + " --f 1e308", "1e+308"),
     Cli(P + " --profile {f-400digits.json}", "(400 characters)"),
     Cli(P + " --profile {meta-deep.json}", "nested too deeply"),
     Cli(P + " --profile {stages-5.json}", "4 stages (0-3)"),
     Cli(P + " --png {out.xyz}", "{out.xyz}"),
     Cli(P + " --trace {out.txt}", "{out.txt}"),
+    Cli(P + " --solver generic --f 1e307 --i 1e307 --w 1e307", "2e+307"),
+    Cli(P + " --solver generic --f 1e308", "1e+308"),
+    Cli(P + " --f 1e307 --i 1e307 --w 1e307 --w-frozen 1e306", "2e+307"),
     # -- profile
     Cli("profile --stages 0 --out {p.json}", "'0'"),
     Cli("profile --stages 9 --out {p.json}", "--stages 9"),
@@ -291,6 +302,43 @@ CLI_CASES = [
     Cli("profile --stages 2 --out {dir.json}", "{dir.json}"),
     Cli("profile --stages 2 --out ''", "--out"),
     Cli("profile --stages 2", "--out"),
+    # -- demo (every row is refused before a rank starts; --out is a fresh folder of the fixtures)
+    Cli("demo --ranks 1000000000 --steps 1", "--ranks 1000000000"),
+    Cli(D + " --ranks 4 --microbatches 2 --steps 1", "needs at least 4 microbatches"),
+    Cli(D + " --task finetuning", "'finetuning'"),
+    Cli(D + " --task ''", "invalid choice: ''"),
+    Cli(D + " --task pretrain --base {bad.pt}", "--base {bad.pt}"),
+    Cli(D + " --seeds x", "'x'"),
+    Cli(D + " --seeds 1.5", "'1.5'"),
+    Cli(D + " --seeds 0,-1", "'0,-1'"),
+    Cli(D + " --seeds 0,,1", "'0,,1'"),
+    Cli(D + " --seeds 1,1", "'1,1'"),
+    Cli(D + " --seeds ''", "''"),
+    Cli(D + " --seeds 4294967296", "'4294967296'"),
+    Cli(D + " --seeds 99999999999999999999", "'99999999999999999999'"),
+    Cli(D + " --seeds " + "9" * 5000, "(5002 characters)"),
+    Cli(D + " --monitoring none", "'none'"),
+    Cli(D + " --monitoring Frozen", "'Frozen'"),
+    Cli(D + " --phase-unit 0", "got 0"),
+    Cli(D + " --phase-unit=-1", "got -1"),
+    Cli(D + " --phase-unit 1.5", "'1.5'"),
+    Cli(D + " --phase-unit 1000000000000", "phase_unit 1000000000000"),
+    Cli(D + " --lr 0", "'0'"),
+    Cli(D + " --lr=-0.1", "'-0.1'"),
+    Cli(D + " --lr nan", "'nan'"),
+    Cli(D + " --lr inf", "'inf'"),
+    Cli(D + " --lr 1e400", "'1e400'"),
+    Cli(D + " --lr abc", "'abc'"),
+    Cli(D + " --max-freeze-ratio 1.5", "'1.5'"),
+    Cli(D + " --max-freeze-ratio nan", "'nan'"),
+    Cli(D + " --max-freeze-ratio 1e400", "'1e400'"),
+    Cli(D + " --base {missing.pt}", "{missing.pt}"),
+    Cli(D + " --base {empty-dir}", "{empty-dir}"),
+    Cli(D + " --base {bad.pt}", "{bad.pt} is not a readable checkpoint", banner=True),
+    Cli(D + " --data {missing-data}", "{missing-data}"),
+    Cli(D + " --data {empty.txt}", "{empty.txt} is empty", banner=True),
+    Cli(D + " --data {empty-dir}", "{empty-dir} needs at least 2 non-empty files", banner=True),
+    Cli(D + " --task pretrain --data {empty.txt}", "{empty.txt} is empty", banner=True),
 ]
 if HAS_DEV:
     CLI_CASES += [
@@ -306,8 +354,11 @@ OK_CASES = [
     Ok(S + " --f 1e300 --png {big.png}", "wrote"),
     Ok(S + " --f 1e-320 --png {tiny.png}", "wrote"),
     Ok(P + " --f 1e-9 --i 1e-9 --w 1e-9 --w-frozen 2e-10", "1.295x"),
-    Ok(P + " --f 1e-12 --i 1e-12 --w 1e-12", "x faster"),
-    Ok(P + " --f 1e15 --i 1e15 --w 1e15", "x faster"),
+    Ok(P + " --f 1e-12 --i 1e-12 --w 1e-12", "(1.398x faster"),  # 1 ms, W_frozen 0: 1.398x
+    Ok(P + " --f 1e15 --i 1e15 --w 1e15", "(1.398x faster"),
+    Ok(P + " --solver generic --f 1e-9 --i 1e-9 --w 1e-9 --w-frozen 2e-10", "(1.295x faster"),
+    Ok(P + " --solver generic --f 1e-12 --i 1e-12 --w 1e-12", "(1.398x faster"),
+    Ok(P + " --f 1e-300 --i 1e-300 --w 1e-300 --w-frozen 2e-301", "(1.295x faster"),
     Ok(P + " --profile {all-1e300.json}", "1.295x"),
     Ok("simulate --schedule 1F1B --ranks 4 --microbatches 8", "critical path"),
 ]
@@ -460,6 +511,19 @@ API_CASES = [
     Api("masks.StageUnits.from_module(torch.nn.Sequential(torch.nn.ReLU()))", "no FreezableLinear"),
     Api("masks.RandomPolicy(first_weight=float('nan'))", "got nan"),
     Api("masks.RandomPolicy(last_weight=-1)", "got -1"),
+    Api("masks.RandomPolicy(first_weight=True)", "first_weight must be a finite number > 0, got True"),
+    Api("masks.RandomPolicy(front_bias_stages=5)", "front_bias_stages must be a tuple of stage indices, got 5"),
+    Api("masks.RandomPolicy(front_bias_stages=(0, np.int64(-1)))", "got np.int64(-1)"),
+    Api("masks.RandomPolicy(last_weight=np.float32('inf'))", "got np.float32(inf)"),
+    Api("masks.select(units, np.float32('nan'), stage=0, microbatch=0)", "ratio must be a finite number in [0, 1], got np.float32(nan)"),
+    Api("masks.select(units, np.int64(2), stage=0, microbatch=0)", "got np.int64(2)"),
+    Api("masks.select(units, 0.5, stage=np.bool_(True), microbatch=0)", "stage must be an integer >= 0, got np.True_"),
+    Api("masks.select(units, 0.5, stage=np.float64(1), microbatch=0)", "got np.float64(1.0)"),
+    Api("masks.select(units, 0.5, stage=0, microbatch=np.int64(-1))", "microbatch must be an integer >= 0, got np.int64(-1)"),
+    Api("masks.select_covering(units, [0.5, np.float32(1.5)], stage=0)", "ratios[1] must be"),
+    Api("masks.LayerSpec('a', np.int64(0), 64)", "out_features of 'a' must be an integer >= 1, got np.int64(0)"),
+    Api("masks.TensorSpec('t', np.bool_(True))", "numel of 't' must be an integer >= 1, got np.True_"),
+    Api("tnn.use_row_masks({lin: torch.ones(32, dtype=torch.bool, device='meta')}).__enter__()", "meta device"),
     # -- tfz.nn
     Api("tnn.FreezableLinear(-1, 8)", "got -1"),
     Api("tnn.FreezableLinear(8.5, 8)", "got 8.5"),
@@ -524,6 +588,8 @@ API_CASES = [
     Api("optim.attach_row_freezing('opt', mod)", "got str"),
     Api("optim.attach_row_freezing(torch.optim.SGD(mod.parameters(), lr=0.1), 'model')", "got str"),
     Api("optim.attach_row_freezing(torch.optim.SGD(mod.parameters(), lr=0.1), mod, rescale='yes')", "'yes'"),
+    Api("optim.attach_row_freezing(torch.optim.SGD(mod.parameters(), lr=0.1), mod, rescale=1)", "rescale must be a bool, got 1"),
+    Api("optim.attach_row_freezing(torch.optim.SGD(mod.parameters(), lr=0.1), mod, scale_updates=np.int64(0))", "scale_updates must be a bool, got np.int64(0)"),
     # -- tfz.pipeline
     Api("pipe.FixedMasks({(0, -1): None})", "(0, -1)"),
     Api("pipe.FixedMasks({(0,): None})", "(0,)"),
@@ -601,6 +667,23 @@ API_CASES = [
     Api("metrics.MetricGuidedPolicy(metrics.APFMetric(), other_weight=-1)", "got -1"),
     Api("metrics.APFFreezer().masks_for(-1, 0)", "got -1"),
     Api("metrics.APFMetric().observe(-1, {0: mod})", "got -1"),
+    Api("metrics.APFMetric().observe(np.float64(1), {0: mod})", "step must be an integer >= 0, got np.float64(1.0)"),
+    Api("metrics.APFMetric().observe(0, {np.bool_(False): mod})", "stage must be an integer >= 0, got np.False_"),
+    Api("metrics.APFFreezer().masks_for(0, np.int64(-1))", "microbatch must be an integer >= 0, got np.int64(-1)"),
+    Api("metrics.APFConfig(alpha=True)", "alpha must be a number in (0, 1), got True"),
+    Api("metrics.APFConfig(alpha=np.float32(1))", "got np.float32(1.0)"),
+    Api("metrics.APFConfig(threshold=np.float64('inf'))", "threshold must be a finite number > 0, got np.float64(inf)"),
+    Api("metrics.APFConfig(check_interval=True)", "check_interval must be an integer >= 1, got True"),
+    Api("metrics.APFConfig(block_rows=np.float32(64))", "block_rows must be an integer >= 1, got np.float32(64.0)"),
+    Api("metrics.APFConfig(tighten_ratio=np.bool_(False))", "tighten_ratio must be None or a number in [0, 1), got np.False_"),
+    Api("metrics.APFConfig(include_tensors=1)", "include_tensors must be a bool, got 1"),
+    Api("metrics.AutoFreezeConfig(percentile=True)", "percentile must be a finite number in [0, 100], got True"),
+    Api("metrics.AutoFreezeConfig(percentile=np.float64('inf'))", "got np.float64(inf)"),
+    Api("metrics.AutoFreezeConfig(interval=np.bool_(True))", "interval must be an integer >= 1, got np.True_"),
+    Api("metrics.AutoFreezeConfig(block_rows=2.0)", "block_rows must be an integer >= 1, got 2.0"),
+    Api("metrics.AutoFreezeConfig(include_tensors='yes')", "include_tensors must be a bool, got 'yes'"),
+    Api("metrics.MetricGuidedPolicy(metrics.APFMetric(), other_weight=True)", "other_weight must be a finite number in (0, 1], got True"),
+    Api("metrics.MetricGuidedPolicy(metrics.APFMetric(), other_weight=np.float32('nan'))", "got np.float32(nan)"),
     # -- tfz.timing
     Api("timing.ActionTimer(capacity=0)", "got 0"),
     Api("timing.ActionTimer(capacity=1.5)", "got float"),
@@ -627,6 +710,11 @@ API_CASES = [
     Api("plan.solve('dag', unfrozen, frozen)", "got str"),
     Api("plan.solve_generic(dag, -unfrozen, frozen)", "got -1.0"),
     Api("plan.Plan.from_dict(5)", "got int"),
+    Api("plan.Plan.from_dict(dict(plan.solve(dag, unfrozen, frozen).to_dict(), total_ratio=True))", "plan.total_ratio must be a finite number, got True"),
+    Api("plan.Plan.from_dict(dict(plan.solve(dag, unfrozen, frozen).to_dict(), solve_seconds=np.float64('nan')))", "plan.solve_seconds must be a finite number, got np.float64(nan)"),
+    Api("plan.Plan.from_dict(dict(plan.solve(dag, unfrozen, frozen).to_dict(), ratios={'0F0': 0.0, '0B0': np.float32(2)}))", "plan.ratios.0B0 must be a finite number in [0, 1], got np.float32(2.0)"),
+    Api("timing.PythonHostTimer(4).record(np.int64(3))", "tag must be a str or an int, got int64"),
+    Api("timing.PythonHostTimer(4).record(True)", "tag must be a str or an int, got bool"),
 ]
 if not HAS_CUDA:
     API_CASES += [
@@ -730,7 +818,10 @@ def test_cli_bad_input(worker, case):
     res = worker.run(kind="cli", argv=argv, env=dict(case.env))
     _check_bounded(res)
     lines = res["err"].strip().splitlines()
-    assert res["rc"] == 2 and res["out"] == "", res
+    out = res["out"].splitlines()
+    assert res["rc"] == 2 and (
+        out == [] or (case.banner and len(out) == 1 and out[0].startswith("tfz demo: "))
+    ), res
     assert len(lines) == 1, res["err"]
     line = lines[0]
     assert "Traceback" not in line and line.startswith("tfz"), line

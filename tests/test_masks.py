@@ -226,6 +226,42 @@ def test_bad_input_raises():
         select([LayerSpec("a", 4, 1)], 0.5, stage=0, microbatch=0)
 
 
+def test_numpy_scalars_are_numbers():
+    """numpy integers and floats give what the same plain Python numbers give; bools and
+    non-finite numbers are refused naming the argument."""
+    units = StageUnits((LayerSpec("a", np.int64(8), np.int32(3)), TensorSpec("n", np.int64(5))), block_rows=2)
+    assert units.units == StageUnits((LayerSpec("a", 8, 3), TensorSpec("n", 5)), block_rows=2).units
+    assert type(units.specs[0].out_features) is int and type(units.block_rows) is int
+    plain = select(units, 1, stage=1, microbatch=2, step=3, seed=4)
+    got = select(
+        units, np.int64(1), stage=np.int64(1), microbatch=np.int32(2), step=np.uint8(3), seed=np.int16(4)
+    )
+    assert np.array_equal(got.frozen, plain.frozen) and type(got.ratio) is float
+    half = select(units, 0.5, stage=0, microbatch=0, policy=RandomPolicy(first_weight=2.0))
+    got = select(units, np.float32(0.5), stage=0, microbatch=0, policy=RandomPolicy(first_weight=np.int64(2)))
+    assert np.array_equal(got.frozen, half.frozen)
+    covering = select_covering(units, [np.float64(0.5), np.int64(0)], stage=np.int64(0))
+    assert [c.frozen.tolist() for c in covering] == [
+        c.frozen.tolist() for c in select_covering(units, [0.5, 0], stage=0)
+    ]
+    for bad in (True, np.bool_(True), float("inf"), np.float32("nan")):
+        with pytest.raises(ValueError, match=r"first_weight must be a finite number > 0, got"):
+            RandomPolicy(first_weight=bad)
+        with pytest.raises(ValueError, match=r"ratio must be a finite number in \[0, 1\], got"):
+            select(units, bad, stage=0, microbatch=0)
+    with pytest.raises(ValueError, match=r"stage must be an integer >= 0, got np.True_"):
+        select(units, 0.5, stage=np.bool_(True), microbatch=0)
+    biased = RandomPolicy(front_bias_stages=[np.int64(1)], first_weight=2.0)
+    assert biased.front_bias_stages == (1,) and type(biased.front_bias_stages[0]) is int
+    got = select(units, 0.5, stage=1, microbatch=0, policy=biased)
+    plain_policy = RandomPolicy(front_bias_stages=(1,), first_weight=2.0)
+    plain = select(units, 0.5, stage=1, microbatch=0, policy=plain_policy)
+    assert np.array_equal(got.frozen, plain.frozen)
+    for bad, shown in ((0, "0"), ("0", "'0'"), ((0, -1), "-1"), ((True,), "True")):
+        with pytest.raises(ValueError, match=f"front_bias_stages.* got {shown}"):
+            RandomPolicy(front_bias_stages=bad)
+
+
 def test_for_module_feeds_use_row_masks():
     torch.manual_seed(0)
     stage = nn.Sequential(FreezableLinear(3, 8), nn.ReLU(), FreezableLinear(8, 4))
@@ -291,7 +327,7 @@ def test_covering_is_deterministic_and_follows_the_policy_order():
     c = select_covering(units, [0.5, 0.7], stage=0, policy=Fixed())
     assert np.flatnonzero(~c[0].frozen).tolist() == [5, 6, 7, 8, 9]
     assert np.flatnonzero(~c[1].frozen).tolist() == [2, 3, 4]
-    with pytest.raises(ValueError, match=r"ratio must be a number in \[0, 1\], got 1.5"):
+    with pytest.raises(ValueError, match=r"ratios\[1\] must be a finite number in \[0, 1\], got 1.5"):
         select_covering(units, [0.5, 1.5], stage=0)
     with pytest.raises(ValueError, match="step must be an integer >= 0, got -1"):
         select_covering(units, [0.5], stage=0, step=-1)

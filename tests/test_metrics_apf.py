@@ -1,6 +1,8 @@
 """tfz.metrics.apf: hand-computed values, a float64 per-scalar reference, AIMD periods, the > 80% rule."""
 
+import dataclasses
 import io
+import re
 
 import numpy as np
 import pytest
@@ -358,6 +360,40 @@ def test_load_state_checks():
 def test_bad_config(kwargs, match):
     with pytest.raises(ValueError, match=match):
         APFMetric(**kwargs)
+
+
+def test_numpy_scalars_configure_like_python_numbers():
+    """A config of numpy scalars is the config of the same Python numbers (plain types, so its
+    state loads into a metric configured either way); bools and non-finite numbers are refused."""
+    plain = APFConfig(alpha=0.5, threshold=0.25, check_interval=2, tighten_ratio=0.75, block_rows=2)
+    numpy = APFConfig(
+        alpha=np.float32(0.5),
+        threshold=np.float16(0.25),
+        check_interval=np.int64(2),
+        tighten_ratio=np.float32(0.75),
+        block_rows=np.int32(2),
+        include_tensors=np.bool_(True),
+    )
+    assert dataclasses.asdict(numpy) == dataclasses.asdict(plain)
+    assert [type(v) for v in dataclasses.asdict(numpy).values()] == [
+        type(v) for v in dataclasses.asdict(plain).values()
+    ]
+    stage = scalar_stage()
+    first = APFMetric(plain)
+    first.observe(0, {0: stage})
+    APFMetric(numpy).load_state_dict(first.state_dict())
+    for name, bad in [
+        ("alpha", True),
+        ("alpha", np.float32("nan")),
+        ("threshold", np.float64("inf")),
+        ("check_interval", True),
+        ("check_interval", np.float32(2)),
+        ("tighten_ratio", np.bool_(False)),
+        ("block_rows", np.bool_(True)),
+        ("include_tensors", 1),
+    ]:
+        with pytest.raises(ValueError, match=f"{name} must be .*got {re.escape(repr(bad))}"):
+            APFConfig(**{name: bad})
 
 
 def test_bad_calls():

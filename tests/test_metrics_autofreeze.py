@@ -1,6 +1,8 @@
 """tfz.metrics.autofreeze: hand-computed change rates and percentiles, the monotonic prefix, a reference."""
 
+import dataclasses
 import io
+import re
 
 import numpy as np
 import pytest
@@ -257,6 +259,29 @@ def test_load_checks_layers():
 def test_bad_config(kwargs, match):
     with pytest.raises(ValueError, match=match):
         AutoFreezeMetric(**kwargs)
+
+
+def test_numpy_scalars_configure_like_python_numbers():
+    plain = AutoFreezeConfig(percentile=50, interval=3, block_rows=2)
+    numpy = AutoFreezeConfig(
+        percentile=np.float32(50),
+        interval=np.int64(3),
+        block_rows=np.uint8(2),
+        include_tensors=np.bool_(True),
+    )
+    assert dataclasses.asdict(numpy) == dataclasses.asdict(plain)
+    assert [type(v) for v in dataclasses.asdict(numpy).values()] == [
+        type(v) for v in dataclasses.asdict(plain).values()
+    ]
+    for name, bad in [
+        ("percentile", True),
+        ("percentile", np.float64("inf")),
+        ("interval", np.bool_(True)),
+        ("block_rows", 2.0),
+        ("include_tensors", "yes"),
+    ]:
+        with pytest.raises(ValueError, match=f"{name} must be .*got {re.escape(repr(bad))}"):
+            AutoFreezeConfig(**{name: bad})
 
 
 def test_layer_index_parsing():

@@ -2,6 +2,7 @@
 
 import io
 import math
+import re
 
 import numpy as np
 import pytest
@@ -245,8 +246,14 @@ def test_policy_forwards_observe_and_validates():
     assert metric.observed == [5]
     with pytest.raises(ValueError, match="mode must be"):
         MetricGuidedPolicy(metric, mode="top")
-    with pytest.raises(ValueError, match="other_weight must be"):
-        MetricGuidedPolicy(metric, mode="sample", other_weight=0.0)
+    for bad in (0.0, 1.5, True, np.float32("nan")):
+        message = r"other_weight must be a finite number in \(0, 1\], got " + re.escape(repr(bad))
+        with pytest.raises(ValueError, match=message):
+            MetricGuidedPolicy(metric, mode="sample", other_weight=bad)
+    weight = MetricGuidedPolicy(metric, mode="sample", other_weight=np.float32(0.5)).other_weight
+    assert weight == 0.5 and type(weight) is float
+    with pytest.raises(ValueError, match="microbatch must be an integer >= 0, got np.True_"):
+        MetricFreezer(metric).masks_for(0, np.bool_(True))
     with pytest.raises(TypeError, match="FreezeMetric"):
         MetricGuidedPolicy(object())
 

@@ -2,6 +2,7 @@
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -216,8 +217,12 @@ def test_bad_arguments_raise():
         attach_row_freezing(object(), model)
     with pytest.raises(TypeError, match="model"):
         attach_row_freezing(opt, object())
-    with pytest.raises(TypeError, match="rescale"):
-        attach_row_freezing(opt, model, rescale=1)
+    for name, bad in (("rescale", 1), ("scale_updates", "yes"), ("rescale", None)):
+        with pytest.raises(ValueError, match=f"{name} must be a bool, got {bad!r}"):
+            attach_row_freezing(opt, model, **{name: bad})
+    hooks = attach_row_freezing(opt, model, rescale=np.bool_(True), scale_updates=np.bool_(False))
+    assert (hooks.rescale, hooks.scale_updates) == (True, False) and type(hooks.rescale) is bool
+    hooks.remove()
 
 
 def test_scale_updates_moves_partly_frozen_rows_by_their_active_fraction():

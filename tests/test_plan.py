@@ -1,6 +1,7 @@
 """tfz.plan against independent references: path enumeration, the generic LP, closed forms."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -287,6 +288,14 @@ def test_json_round_trip():
         Plan.from_dict(bad)
     with pytest.raises(ValueError, match="format"):
         Plan.from_dict(dict(d, format="x"))
+    numpy = dict(d, total_ratio=np.float32(0.5), ratios=dict(d["ratios"], **{"0B0": np.float32(0.25)}))
+    back = Plan.from_dict(numpy)
+    assert back.total_ratio == 0.5 and type(back.total_ratio) is float and back.ratio_by_action["0B0"] == 0.25
+    bads = (("total_ratio", True), ("solve_seconds", np.float64("inf")), ("max_freeze_ratio", "0.8"))
+    for key, bad in bads:
+        message = f"plan.{key} must be a finite number, got {re.escape(repr(bad))}"
+        with pytest.raises(ValueError, match=message):
+            Plan.from_dict(dict(d, **{key: bad}))
     with pytest.raises(ValueError, match="invalid JSON"):
         Plan.from_json("{")
 

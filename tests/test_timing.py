@@ -143,6 +143,7 @@ def test_native_bad_constructor_arguments(kwargs, error, match):
         (1.5, None, TypeError, "tag"),
         (None, None, TypeError, "tag"),
         (True, None, TypeError, "tag"),
+        (np.int64(3), None, TypeError, "tag"),  # as the native timer's PyLong_Check
         (2**63, None, ValueError, "tag"),
         ("a", -1, ValueError, "stream"),
         ("a", "s", TypeError, "stream"),

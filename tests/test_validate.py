@@ -9,7 +9,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tfz._validate import SWITCHES, check_int, check_number, check_ratio, env_flag, is_int, is_number
+from tfz._validate import (
+    SWITCHES,
+    check_bool,
+    check_int,
+    check_number,
+    check_ratio,
+    env_flag,
+    is_int,
+    is_number,
+)
 
 
 @pytest.mark.parametrize("value", [0, 7, np.int64(3), np.int32(-2), np.uint8(5)])
@@ -26,6 +35,15 @@ def test_is_int_rejects_bools_floats_and_others(value):
 @pytest.mark.parametrize("value", [True, np.bool_(False), "0.5", None, complex(1, 0)])
 def test_is_number_rejects_bools_and_non_numbers(value):
     assert not is_number(value)
+
+
+def test_check_bool_takes_python_and_numpy_bools_only():
+    for value in (True, False, np.bool_(True), np.bool_(False)):
+        out = check_bool("flag", value)
+        assert out == bool(value) and type(out) is bool
+    for bad in (1, 0, np.int64(1), 1.0, "true", None):
+        with pytest.raises(ValueError, match=r"^flag must be a bool, got " + re.escape(repr(bad)) + "$"):
+            check_bool("flag", bad)
 
 
 def test_check_int_returns_plain_int_and_names_the_value():

@@ -19,6 +19,7 @@ from typing import Any
 
 __all__ = [
     "SWITCHES",
+    "check_bool",
     "check_int",
     "check_number",
     "check_ratio",
@@ -50,6 +51,14 @@ def is_number(value: Any) -> bool:
         return True
     np = sys.modules.get("numpy")
     return np is not None and isinstance(value, np.floating)
+
+
+def check_bool(name: str, value: Any) -> bool:
+    """``value`` as a plain ``bool`` (``bool`` or numpy's bool; not 0/1 nor a string), else ValueError."""
+    np = sys.modules.get("numpy")
+    if isinstance(value, bool) or (np is not None and isinstance(value, np.bool_)):
+        return bool(value)
+    raise ValueError(f"{name} must be a bool, got {short_repr(value)}")
 
 
 def check_int(

@@ -27,12 +27,13 @@ This module does not import ``tfz.nn``: row-freezable layers are found by their
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
+
+from tfz._validate import check_int, check_number, check_ratio
 
 __all__ = [
     "LayerSpec",
@@ -48,12 +49,6 @@ __all__ = [
 ]
 
 
-def _check_int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
-
-
 @dataclass(frozen=True)
 class LayerSpec:
     """A row-freezable linear layer: weight [out_features, in_features]."""
@@ -63,8 +58,12 @@ class LayerSpec:
     in_features: int
 
     def __post_init__(self):
-        _check_int(f"out_features of {self.name!r}", self.out_features, 1)
-        _check_int(f"in_features of {self.name!r}", self.in_features, 1)
+        object.__setattr__(
+            self, "out_features", check_int(f"out_features of {self.name!r}", self.out_features, 1)
+        )
+        object.__setattr__(
+            self, "in_features", check_int(f"in_features of {self.name!r}", self.in_features, 1)
+        )
 
 
 @dataclass(frozen=True)
@@ -75,7 +74,7 @@ class TensorSpec:
     numel: int
 
     def __post_init__(self):
-        _check_int(f"numel of {self.name!r}", self.numel, 1)
+        object.__setattr__(self, "numel", check_int(f"numel of {self.name!r}", self.numel, 1))
 
 
 @dataclass(frozen=True)
@@ -105,7 +104,7 @@ class StageUnits:
     """int64 [n_units]."""
 
     def __post_init__(self):
-        _check_int("block_rows", self.block_rows, 1)
+        object.__setattr__(self, "block_rows", check_int("block_rows", self.block_rows, 1))
         names = [s.name for s in self.specs]
         for spec in self.specs:
             if not isinstance(spec, (LayerSpec, TensorSpec)):
@@ -196,16 +195,20 @@ class RandomPolicy:
     """Uniform random order; on ``front_bias_stages``, weighted towards the front of the model."""
 
     front_bias_stages: tuple[int, ...] = (0,)
+    """Stages whose order is biased (any iterable of stage indices; kept as a tuple of ints)."""
     first_weight: float = 1.0
     """Sampling weight of the first unit in model order on biased stages."""
     last_weight: float = 0.1
     """Sampling weight of the last unit; weights in between are linear in model order."""
 
     def __post_init__(self):
+        stages = self.front_bias_stages
+        if isinstance(stages, (str, bytes)) or not isinstance(stages, Iterable):
+            raise ValueError(f"front_bias_stages must be a tuple of stage indices, got {stages!r:.80}")
+        stages = tuple(check_int("front_bias_stages entry", s, 0) for s in stages)
+        object.__setattr__(self, "front_bias_stages", stages)
         for name in ("first_weight", "last_weight"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-                raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+            object.__setattr__(self, name, check_number(name, getattr(self, name), low=0.0, low_open=True))
 
     def rank(
         self, units: Sequence[Unit], *, stage: int, microbatch: int, rng: np.random.Generator
@@ -298,12 +301,6 @@ def _fill(weights: np.ndarray, order: Iterable[int], target: float) -> np.ndarra
     return frozen
 
 
-def _check_ratio(ratio: Any) -> float:
-    if isinstance(ratio, bool) or not isinstance(ratio, (int, float, np.floating)) or not 0 <= ratio <= 1:
-        raise ValueError(f"ratio must be a number in [0, 1], got {ratio!r}")
-    return float(ratio)
-
-
 def _order(
     units: StageUnits, policy: SelectionPolicy | None, entropy: list[int], stage: int, microbatch: int
 ) -> np.ndarray:
@@ -344,9 +341,9 @@ def select(
     """
     if not isinstance(units, StageUnits):
         raise TypeError(f"units must be StageUnits, got {type(units).__name__}")
-    ratio = _check_ratio(ratio)
-    entropy = [_check_int(n, v, 0) for n, v in (("seed", seed), ("stage", stage), ("microbatch", microbatch))]
-    entropy.append(_check_int("step", step, 0))
+    ratio = check_ratio("ratio", ratio)
+    entropy = [check_int(n, v, 0) for n, v in (("seed", seed), ("stage", stage), ("microbatch", microbatch))]
+    entropy.append(check_int("step", step, 0))
     order = _order(units, policy, entropy, stage, microbatch)
     frozen = _fill(units.weights, order.tolist(), ratio * units.total)
     return StageMasks(units=units, ratio=ratio, frozen=frozen)
@@ -374,8 +371,8 @@ def select_covering(
     """
     if not isinstance(units, StageUnits):
         raise TypeError(f"units must be StageUnits, got {type(units).__name__}")
-    targets = [_check_ratio(r) for r in ratios]
-    entropy = [_check_int(n, v, 0) for n, v in (("seed", seed), ("stage", stage), ("step", step))]
+    targets = [check_ratio(f"ratios[{i}]", r) for i, r in enumerate(ratios)]
+    entropy = [check_int(n, v, 0) for n, v in (("seed", seed), ("stage", stage), ("step", step))]
     circle = _order(units, policy, [*entropy, 1], stage, 0)
     w = units.weights[circle]
     n, total = len(w), units.total

@@ -42,6 +42,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from tfz._validate import check_bool
 from tfz.nn import FreezableLinear
 
 __all__ = ["RowFreezing", "attach_row_freezing"]
@@ -102,12 +103,9 @@ class RowFreezing:
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-        for name, value in (("rescale", rescale), ("scale_updates", scale_updates)):
-            if not isinstance(value, bool):
-                raise TypeError(f"{name} must be a bool, got {value!r}")
         self.optimizer = optimizer
-        self.rescale = rescale
-        self.scale_updates = scale_updates
+        self.rescale = check_bool("rescale", rescale)
+        self.scale_updates = check_bool("scale_updates", scale_updates)
         self._partial: list[_Partial] = []
         self.layers = [m for m in model.modules() if isinstance(m, FreezableLinear)]
         self._snapshots: list[_Snapshot] = []

@@ -27,10 +27,10 @@ __all__ = [
     "check_output",
     "check_timeline_outputs",
     "nonnegative_float",
-    "normalised",
     "positive_float",
     "positive_int",
     "profile_from_args",
+    "ratio",
     "schedule_from_args",
     "write_timelines",
 ]
@@ -77,6 +77,11 @@ def positive_float(text: str) -> float:
 def nonnegative_float(text: str) -> float:
     """argparse type: a finite number >= 0."""
     return _float(text, lambda v: v >= 0, "a finite number >= 0")
+
+
+def ratio(text: str) -> float:
+    """argparse type: a number in [0, 1]."""
+    return _float(text, lambda v: 0 <= v <= 1, "a number in [0, 1]")
 
 
 def _schedule_name(text: str) -> str:
@@ -201,19 +206,6 @@ def check_timeline_outputs(args: argparse.Namespace) -> None:
         path = getattr(args, key, None)
         if path is not None:
             check_output(path, f"--{key}", suffixes)
-
-
-def normalised(unfrozen, frozen):
-    """(unfrozen, frozen, e): both divided by 2**e, which brings the largest unfrozen time into
-    [1, 2). Exact (a power of two), so results computed at that scale and multiplied by 2**e are
-    what the same computation gives at any unit, from 1e-320 ms to 1e300 ms."""
-    import numpy as np
-
-    top = float(np.max(unfrozen)) if len(unfrozen) else 0.0
-    if not top > 0:
-        return unfrozen, frozen, 0
-    e = math.frexp(top)[1] - 1
-    return np.ldexp(unfrozen, -e), np.ldexp(frozen, -e), e
 
 
 def write_timelines(args: argparse.Namespace, sim, ratios=None, *, title: str | None = None) -> list[str]:

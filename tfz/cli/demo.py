@@ -12,7 +12,9 @@ import argparse
 import os
 from pathlib import Path
 
+from tfz._validate import short_repr
 from tfz.cli import UsageError
+from tfz.cli._common import positive_float, ratio
 
 
 def _methods(text: str) -> tuple[str, ...]:
@@ -30,16 +32,18 @@ def _methods(text: str) -> tuple[str, ...]:
 
 
 def _seeds(text: str) -> tuple[int, ...]:
-    """argparse type: comma-separated distinct integers >= 0 ("0,1,2")."""
+    """argparse type: comma-separated distinct integers in [0, 2**32) ("0,1,2"), as ``tfz profile --seed``."""
     parts = [p.strip() for p in text.split(",")]
     try:
         seeds = tuple(int(p) for p in parts)
-    except ValueError:
+    except ValueError:  # also more than 4300 digits
         seeds = ()
-    if not seeds or any(s < 0 for s in seeds):
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 0, got {text!r}")
+    if not seeds or any(not 0 <= s < 2**32 for s in seeds):
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers in [0, 4,294,967,295], got {short_repr(text)}"
+        )
     if len(set(seeds)) != len(seeds):
-        raise argparse.ArgumentTypeError(f"seeds repeat in {text!r}")
+        raise argparse.ArgumentTypeError(f"seeds repeat in {short_repr(text)}")
     return seeds
 
 
@@ -85,8 +89,13 @@ def _flags():
             "timelyfreeze+autofreeze, or all",
         ),
         ("--seeds", "seeds", _seeds, "comma list: one comparison per seed, reported as mean and spread"),
-        ("--max-freeze-ratio", "max_freeze_ratio", float, "TimelyFreeze cap"),
-        ("--lr", "lr", float, "peak learning rate (default: the task's, see tfz.demo.DemoConfig.lr)"),
+        ("--max-freeze-ratio", "max_freeze_ratio", ratio, "TimelyFreeze cap"),
+        (
+            "--lr",
+            "lr",
+            positive_float,
+            "peak learning rate (default: the task's, see tfz.demo.DemoConfig.lr)",
+        ),
         (
             "--data",
             "data",

@@ -17,23 +17,13 @@ from tfz.cli._common import (
     add_schedule_arguments,
     add_time_arguments,
     check_timeline_outputs,
-    normalised,
     profile_from_args,
+    ratio,
     schedule_from_args,
     write_timelines,
 )
 
 __all__ = ["add_arguments", "run"]
-
-
-def _ratio(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
-    if not 0.0 <= value <= 1.0:  # also rejects NaN
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}")
-    return value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -42,13 +32,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     lp = parser.add_argument_group("freezing")
     lp.add_argument(
         "--max-freeze-ratio",
-        type=_ratio,
+        type=ratio,
         default=0.8,
         metavar="X",
         help="cap on each stage's mean freeze ratio, in [0, 1] (default 0.8)",
     )
     lp.add_argument(
-        "--action-cap", type=_ratio, default=None, metavar="X", help="cap on every single ratio (default 1)"
+        "--action-cap", type=ratio, default=None, metavar="X", help="cap on every single ratio (default 1)"
     )
     lp.add_argument(
         "--weighting",
@@ -90,37 +80,28 @@ def _format(plan, dag) -> str:
 
 
 def _solve(args, dag, unfrozen, frozen):
-    """The plan, solved with times scaled by a power of two into [1, 2) ms (so the solver's
-    tolerances see one scale whatever the unit) and its makespans scaled back; UsageError naming
-    the times when the planner fails or a result is not finite."""
-    import dataclasses
-
+    """The plan for the times as given (the planner normalises its own scale); UsageError naming the
+    times when the planner fails or a result is not finite."""
     import numpy as np
 
     from tfz.plan import PlanConfig, PlanSolveError, solve, solve_generic
 
     config = PlanConfig(args.max_freeze_ratio, args.action_cap, args.weighting)
-    up, low, e = normalised(unfrozen, frozen)
     times = f"action times {float(np.min(unfrozen)):.6g} to {float(np.max(unfrozen)):.6g} ms"
     try:
         with np.errstate(all="ignore"):  # results are checked below; no warnings beside the one line
-            plan = (solve if args.solver == "structured" else solve_generic)(dag, up, low, config)
+            plan = (solve if args.solver == "structured" else solve_generic)(dag, unfrozen, frozen, config)
     except PlanSolveError as exc:
         raise UsageError(f"the {args.solver} planner failed for {times}: {exc}") from exc
-    with np.errstate(over="ignore"):
-        spans = {k: float(np.ldexp(getattr(plan, k), e)) for k in _MAKESPANS}
-    if not all(np.isfinite(v) for v in spans.values()):
+    spans = [getattr(plan, k) for k in ("makespan_planned", "makespan_unfrozen", "makespan_all_frozen")]
+    if not np.all(np.isfinite(spans)):
         raise UsageError(
             f"{times}: the step takes longer than float64 can hold; give the times in a larger unit"
         )
-    plan = dataclasses.replace(plan, **spans)
     numbers = [plan.speedup, plan.total_ratio, *plan.stage_mean_ratio]
     if not (np.all(np.isfinite(numbers)) and np.all((plan.ratios >= 0) & (plan.ratios <= 1))):
         raise UsageError(f"the {args.solver} planner returned a plan that is not finite for {times}")
     return plan
-
-
-_MAKESPANS = ("makespan_planned", "makespan_unfrozen", "makespan_all_frozen")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -61,7 +61,6 @@ per-scalar arrays. Per stage: the round r, the threshold T, the step of the last
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -69,6 +68,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from tfz._validate import check_bool, check_int, check_number, is_number, short_repr
 from tfz.masks import LayerSpec, StageUnits
 from tfz.metrics.base import MetricBase, StageBinding
 
@@ -95,29 +95,23 @@ class APFConfig:
     """Judge other parameter tensors (norms, embeddings) as whole units too."""
 
     def __post_init__(self):
-        if not _finite(self.alpha) or not 0 < self.alpha < 1:
-            raise ValueError(f"alpha must be a number in (0, 1), got {self.alpha!r}")
-        if not _finite(self.threshold) or self.threshold <= 0:
-            raise ValueError(f"threshold must be a finite number > 0, got {self.threshold!r}")
-        _check_positive_int("check_interval", self.check_interval)
-        _check_positive_int("block_rows", self.block_rows)
-        if self.tighten_ratio is not None and (
-            not _finite(self.tighten_ratio) or not 0 <= self.tighten_ratio < 1
-        ):
-            raise ValueError(f"tighten_ratio must be None or a number in [0, 1), got {self.tighten_ratio!r}")
+        if not (is_number(self.alpha) and 0 < self.alpha < 1):
+            raise ValueError(f"alpha must be a number in (0, 1), got {short_repr(self.alpha)}")
+        tighten = self.tighten_ratio
+        if not (tighten is None or (is_number(tighten) and 0 <= tighten < 1)):
+            raise ValueError(f"tighten_ratio must be None or a number in [0, 1), got {short_repr(tighten)}")
+        checked = {
+            "alpha": float(self.alpha),
+            "threshold": check_number("threshold", self.threshold, low=0.0, low_open=True),
+            "check_interval": check_int("check_interval", self.check_interval, 1),
+            "tighten_ratio": None if tighten is None else float(tighten),
+            "block_rows": check_int("block_rows", self.block_rows, 1),
+        }
+        for name, value in checked.items():  # plain Python numbers (the config goes into state_dict)
+            object.__setattr__(self, name, value)
         if self.aggregate not in ("scalar", "block"):
             raise ValueError(f"aggregate must be 'scalar' or 'block', got {self.aggregate!r}")
-        if not isinstance(self.include_tensors, bool):
-            raise TypeError(f"include_tensors must be a bool, got {self.include_tensors!r}")
-
-
-def _finite(value: Any) -> bool:
-    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
-
-
-def _check_positive_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        object.__setattr__(self, "include_tensors", check_bool("include_tensors", self.include_tensors))
 
 
 @dataclass(frozen=True)

@@ -66,6 +66,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from tfz._validate import check_bool, check_int, check_number
 from tfz.masks import StageUnits
 from tfz.metrics.base import MetricBase, StageBinding
 
@@ -95,22 +96,16 @@ class AutoFreezeConfig:
     """Units for other parameter tensors (norms, embeddings) too."""
 
     def __post_init__(self):
-        p = self.percentile
-        if (
-            isinstance(p, bool)
-            or not isinstance(p, (int, float))
-            or not math.isfinite(p)
-            or not 0 <= p <= 100
-        ):
-            raise ValueError(f"percentile must be a number in [0, 100], got {p!r}")
-        if isinstance(self.interval, bool) or not isinstance(self.interval, int) or self.interval < 1:
-            raise ValueError(f"interval must be an integer >= 1, got {self.interval!r}")
-        if isinstance(self.block_rows, bool) or not isinstance(self.block_rows, int) or self.block_rows < 1:
-            raise ValueError(f"block_rows must be an integer >= 1, got {self.block_rows!r}")
+        checked = {
+            "percentile": check_number("percentile", self.percentile, low=0.0, high=100.0),
+            "interval": check_int("interval", self.interval, 1),
+            "block_rows": check_int("block_rows", self.block_rows, 1),
+        }
+        for name, value in checked.items():  # plain Python numbers (the config goes into state_dict)
+            object.__setattr__(self, name, value)
         if self.accumulate not in ("grad", "norm"):
             raise ValueError(f"accumulate must be 'grad' or 'norm', got {self.accumulate!r}")
-        if not isinstance(self.include_tensors, bool):
-            raise TypeError(f"include_tensors must be a bool, got {self.include_tensors!r}")
+        object.__setattr__(self, "include_tensors", check_bool("include_tensors", self.include_tensors))
         for name in ("layer_pattern", "embedding_pattern"):
             try:
                 compiled = re.compile(getattr(self, name))

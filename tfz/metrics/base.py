@@ -43,6 +43,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from tfz._validate import check_int
 from tfz.masks import LayerSpec, SelectionPolicy, StageUnits, TensorSpec, Unit
 
 __all__ = [
@@ -87,9 +88,7 @@ class FreezePolicy(SelectionPolicy, Protocol):
 
 def check_stage(stage: Any) -> int:
     """``stage`` as an int >= 0, else ValueError naming it."""
-    if isinstance(stage, bool) or not isinstance(stage, (int, np.integer)) or stage < 0:
-        raise ValueError(f"stage must be an integer >= 0, got {stage!r}")
-    return int(stage)
+    return check_int("stage", stage, 0)
 
 
 def _unit_key(unit: Unit) -> tuple[str, str, int, int]:
@@ -215,9 +214,7 @@ class MetricBase:
     # -- protocol ---------------------------------------------------------------------------------
     def observe(self, step: int, stage_modules: Mapping[int, Any]) -> None:
         """Record one optimizer step of the stages in ``stage_modules`` (see the module docstring)."""
-        if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
-            raise ValueError(f"step must be an integer >= 0, got {step!r}")
-        step = int(step)
+        step = check_int("step", step, 0)
         if self._last_step is not None and step <= self._last_step:
             raise ValueError(f"step must increase between observe calls: got {step} after {self._last_step}")
         if not isinstance(stage_modules, Mapping):

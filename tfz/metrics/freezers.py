@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from tfz._validate import check_int
 from tfz.masks import StageMasks
 from tfz.metrics.apf import APFConfig, APFMetric
 from tfz.metrics.autofreeze import AutoFreezeConfig, AutoFreezeMetric
@@ -40,8 +41,7 @@ class MetricFreezer:
     def masks_for(self, stage: int, microbatch: int) -> StageMasks | None:
         """The stage's masks (the same object for every microbatch), None before it is observed."""
         stage = check_stage(stage)
-        if isinstance(microbatch, bool) or not isinstance(microbatch, (int, np.integer)) or microbatch < 0:
-            raise ValueError(f"microbatch must be an integer >= 0, got {microbatch!r}")
+        check_int("microbatch", microbatch, 0)
         units = self.metric.units(stage)
         if units is None:
             return None

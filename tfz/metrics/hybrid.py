@@ -33,12 +33,12 @@ metric's state.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
+from tfz._validate import check_number
 from tfz.masks import Unit
 from tfz.metrics.apf import APFConfig, APFMetric
 from tfz.metrics.autofreeze import AutoFreezeConfig, AutoFreezeMetric
@@ -57,16 +57,9 @@ class MetricGuidedPolicy:
             raise TypeError(f"metric must implement tfz.metrics.FreezeMetric, got {type(metric).__name__}")
         if mode not in _MODES:
             raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
-        if (
-            isinstance(other_weight, bool)
-            or not isinstance(other_weight, (int, float))
-            or not math.isfinite(other_weight)
-            or not 0 < other_weight <= 1
-        ):
-            raise ValueError(f"other_weight must be a number in (0, 1], got {other_weight!r}")
         self.metric = metric
         self.mode = mode
-        self.other_weight = float(other_weight)
+        self.other_weight = check_number("other_weight", other_weight, low=0.0, high=1.0, low_open=True)
         self._positions: dict[int, tuple[Any, Any, np.ndarray]] = {}
 
     @classmethod

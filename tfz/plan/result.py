@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from tfz._validate import check_number, check_ratio
 from tfz.plan.warm import WarmState
 
 __all__ = ["FORMAT", "VERSION", "Plan"]
@@ -116,11 +116,7 @@ class Plan:
         ratios = d.get("ratios")
         if not isinstance(ratios, dict):
             raise ValueError("plan.ratios: expected an object keyed by action name")
-        values = np.array([_num(v, f"plan.ratios.{k}") for k, v in ratios.items()], dtype=np.float64)
-        bad = np.flatnonzero(~((values >= 0) & (values <= 1)))
-        if len(bad):
-            name = list(ratios)[bad[0]]
-            raise ValueError(f"plan.ratios.{name}: must be in [0, 1], got {values[bad[0]]}")
+        values = np.array([check_ratio(f"plan.ratios.{k}", v) for k, v in ratios.items()], dtype=np.float64)
 
         cannot_gain = d.get("cannot_gain", [])
         if not isinstance(cannot_gain, list) or any(name not in ratios for name in cannot_gain):
@@ -129,7 +125,7 @@ class Plan:
         def num(key):
             if key not in d:
                 raise ValueError(f"plan.{key}: missing")
-            return _num(d[key], f"plan.{key}")
+            return check_number(f"plan.{key}", d[key])
 
         return cls(
             names=tuple(ratios),
@@ -137,7 +133,10 @@ class Plan:
             makespan_planned=num("makespan_planned"),
             makespan_unfrozen=num("makespan_unfrozen"),
             makespan_all_frozen=num("makespan_all_frozen"),
-            stage_mean_ratio=tuple(_num(v, "plan.stage_mean_ratio") for v in d.get("stage_mean_ratio", [])),
+            stage_mean_ratio=tuple(
+                check_number(f"plan.stage_mean_ratio[{i}]", v)
+                for i, v in enumerate(d.get("stage_mean_ratio", []))
+            ),
             total_ratio=num("total_ratio"),
             solve_seconds=num("solve_seconds"),
             status=str(d.get("status", "")),
@@ -145,7 +144,10 @@ class Plan:
             weighting=str(d.get("weighting", "count")),
             solver=str(d.get("solver", "")),
             schedule=str(d.get("schedule", "")),
-            phase_seconds=tuple(_num(v, "plan.phase_seconds") for v in d.get("phase_seconds", [0.0, 0.0])),
+            phase_seconds=tuple(
+                check_number(f"plan.phase_seconds[{i}]", v)
+                for i, v in enumerate(d.get("phase_seconds", [0.0, 0.0]))
+            ),
             warm=bool(d.get("warm", False)),
             cannot_gain=tuple(cannot_gain),
         )
@@ -157,9 +159,3 @@ class Plan:
         except json.JSONDecodeError as exc:
             raise ValueError(f"plan: invalid JSON ({exc.msg} at line {exc.lineno})") from None
         return cls.from_dict(d)
-
-
-def _num(value: Any, where: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{where}: expected a finite number, got {value!r}")
-    return float(value)

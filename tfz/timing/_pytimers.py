@@ -32,8 +32,8 @@ def check_tag(tag) -> None:
     """Tags are str or int64 (as in the native timer)."""
     if isinstance(tag, str):
         return
-    # a Python int exactly, as the native timer's PyLong_Check (no bool, no numpy integer)
-    if not isinstance(tag, int) or isinstance(tag, bool):
+    # a Python int, as the native timer's PyLong_Check (is_int refuses bool; numpy integers are no int)
+    if not (isinstance(tag, int) and is_int(tag)):
         raise TypeError(f"tag must be a str or an int, got {type(tag).__name__}")
     if not _INT64[0] <= tag <= _INT64[1]:
         raise ValueError(f"tag out of int64 range: {tag!r}")
@@ -125,7 +125,7 @@ class TorchEventTimer:
         cuda = self._torch.cuda
         if stream is None:
             return cuda.current_stream(self.device)
-        if isinstance(stream, int) and not isinstance(stream, bool):
+        if isinstance(stream, int) and is_int(stream):  # a Python int, as the native timer
             if stream < 0:
                 raise ValueError(f"stream must be a non-negative CUDA stream handle, got {stream}")
             return cuda.ExternalStream(stream, device=self.device)
