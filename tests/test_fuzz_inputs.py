@@ -1,8 +1,8 @@
 """Bad input, table-driven: every row is one bad input to the ``tfz`` command or to the Python API.
 
 - ``Cli(argv, names)``: ``tfz argv`` ends with exit status 2 and exactly one line on stderr that
-  contains ``names`` (the bad value), nothing on stdout (``banner``: only ``tfz demo``'s banner), no
-  traceback, no inf or nan (unless the input has them), within the time and memory limits.
+  contains ``names`` (the bad value), nothing on stdout, no traceback, no inf or nan (unless the
+  input has them), within the time and memory limits.
 - ``Ok(argv, shows)``: an input that once failed and is now computed correctly: exit 0, stdout
   contains ``shows``, no inf or nan.
 - ``Api(expr, names)``: the Python expression raises ValueError or TypeError (``raises`` to name
@@ -49,9 +49,6 @@ class Cli:
     argv: str
     names: str
     env: tuple[tuple[str, str], ...] = ()
-    banner: bool = False
-    """stdout may hold ``tfz demo``'s one-line banner (data and base model are read after it, before
-    any rank starts)."""
 
 
 @dataclass(frozen=True)
@@ -334,11 +331,11 @@ CLI_CASES = [
     Cli(D + " --max-freeze-ratio 1e400", "'1e400'"),
     Cli(D + " --base {missing.pt}", "{missing.pt}"),
     Cli(D + " --base {empty-dir}", "{empty-dir}"),
-    Cli(D + " --base {bad.pt}", "{bad.pt} is not a readable checkpoint", banner=True),
+    Cli(D + " --base {bad.pt}", "{bad.pt} is not a readable checkpoint"),
     Cli(D + " --data {missing-data}", "{missing-data}"),
-    Cli(D + " --data {empty.txt}", "{empty.txt} is empty", banner=True),
-    Cli(D + " --data {empty-dir}", "{empty-dir} needs at least 2 non-empty files", banner=True),
-    Cli(D + " --task pretrain --data {empty.txt}", "{empty.txt} is empty", banner=True),
+    Cli(D + " --data {empty.txt}", "{empty.txt} is empty"),
+    Cli(D + " --data {empty-dir}", "{empty-dir} needs at least 2 non-empty files"),
+    Cli(D + " --task pretrain --data {empty.txt}", "{empty.txt} is empty"),
 ]
 if HAS_DEV:
     CLI_CASES += [
@@ -819,9 +816,7 @@ def test_cli_bad_input(worker, case):
     _check_bounded(res)
     lines = res["err"].strip().splitlines()
     out = res["out"].splitlines()
-    assert res["rc"] == 2 and (
-        out == [] or (case.banner and len(out) == 1 and out[0].startswith("tfz demo: "))
-    ), res
+    assert res["rc"] == 2 and out == [], res
     assert len(lines) == 1, res["err"]
     line = lines[0]
     assert "Traceback" not in line and line.startswith("tfz"), line

@@ -140,12 +140,12 @@ def run(args) -> int:
         raise UsageError(f"--base {args.base} is not a file")
     check_out(cfg.out)
     seeds = ", ".join(map(str, cfg.seeds))
-    print(
+    banner = (
         f"tfz demo: {cfg.task}, {cfg.schedule} over {cfg.ranks} ranks, {cfg.steps} steps, "
-        f"methods {', '.join(cfg.methods)}, seed{'s' if len(cfg.seeds) > 1 else ''} {seeds} -> {cfg.out}/",
-        flush=True,
+        f"methods {', '.join(cfg.methods)}, seed{'s' if len(cfg.seeds) > 1 else ''} {seeds} -> {cfg.out}/"
     )
-    report = run_demo(cfg)  # an error in a rank is one line too (tfz.cli.error_line)
+    # the banner once data and base passed their checks; an error in a rank is one line too
+    report = run_demo(cfg, announce=lambda: print(banner, flush=True))
     if report is None:
         return 0
     print()

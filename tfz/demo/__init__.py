@@ -29,12 +29,23 @@ def _gathering_rank(rank: int, world: int, cfg: DemoConfig, seed: int):
     return everything if rank == 0 else None
 
 
-def prepare(cfg: DemoConfig, progress: Callable[[str], None] = print) -> tuple[DemoConfig, dict[str, Any]]:
+def _checked_base(cfg: DemoConfig):
+    """The base model of ``cfg.base``, refused (ValueError naming it) if it cannot run this demo."""
+    from tfz.demo.base import load_base
+
+    base = load_base(cfg.base)
+    base.check_fits(cfg.build_schedule().num_stages, cfg.seq_len)
+    return base
+
+
+def prepare(
+    cfg: DemoConfig, progress: Callable[[str], None] = print, announce: Callable[[], None] | None = None
+) -> tuple[DemoConfig, dict[str, Any]]:
     """Check the data and the base before any rank starts, building the default base on first use.
 
     Returns the config with ``base`` set to the base file (finetune) and what the report says about
     the task: the corpus, the base and the validation set. Bad data or a bad base raise ValueError /
-    OSError naming it.
+    OSError naming it; ``announce`` is called once both passed, before the default base is built.
     """
     import numpy as np
 
@@ -52,25 +63,29 @@ def prepare(cfg: DemoConfig, progress: Callable[[str], None] = print) -> tuple[D
             "split_bytes": int(len(corpus.val)),
         },
     }
+    base = _checked_base(cfg) if cfg.task == "finetune" and cfg.base is not None else None
+    if announce is not None:
+        announce()
     if cfg.task == "finetune":
-        from tfz.demo.base import ensure_base, load_base
-
         if cfg.base is None:
+            from tfz.demo.base import ensure_base
+
             spec = cfg.base_spec(cfg.build_schedule().num_stages)
             path, _ = ensure_base(
                 spec, None if cfg.cache_dir is None else Path(cfg.cache_dir), progress=progress
             )
             cfg = cfg.replace(base=str(path))
-        base = load_base(cfg.base)
-        base.check_fits(cfg.build_schedule().num_stages, cfg.seq_len)
+            base = _checked_base(cfg)
         info["base"] = cfg.base
         info["base_metrics"] = base.metrics
     return cfg, info
 
 
-def run_demo(cfg: DemoConfig, progress: Callable[[str], None] = print) -> dict[str, Any] | None:
+def run_demo(
+    cfg: DemoConfig, progress: Callable[[str], None] = print, announce: Callable[[], None] | None = None
+) -> dict[str, Any] | None:
     """Train every seed, then write the report into ``cfg.out``; returns the report (None on non-zero
-    torchrun ranks)."""
+    torchrun ranks). ``announce`` is called once the data and a given base passed their checks."""
     from tfz.demo.report import build_report, combine, write_outputs
     from tfz.pipeline import launch, run_from_env
 
@@ -79,7 +94,8 @@ def run_demo(cfg: DemoConfig, progress: Callable[[str], None] = print) -> dict[s
         world = int(os.environ["WORLD_SIZE"])
         if world != cfg.ranks:
             cfg = cfg.replace(ranks=world)
-    cfg, info = prepare(cfg, progress if not torchrun or os.environ.get("RANK") == "0" else lambda _: None)
+    leader = not torchrun or os.environ.get("RANK") == "0"
+    cfg, info = prepare(cfg, progress if leader else lambda _: None, announce if leader else None)
     per_seed, first_merged = [], None
     for seed in cfg.seeds:
         if len(cfg.seeds) > 1:
