@@ -177,8 +177,10 @@ def test_config_errors():
         DemoConfig(steps=0)
     with pytest.raises(ValueError, match="unknown task 'finetuning'"):
         DemoConfig(task="finetuning")
-    with pytest.raises(ValueError, match=r"seeds must be integers >= 0, got \(-1,\)"):
+    with pytest.raises(ValueError, match=r"seeds must be integers in \[0, 4294967295\], got \(-1,\)"):
         DemoConfig(seeds=(-1,))
+    with pytest.raises(ValueError, match=r"got \(18446744073709551616,\)"):  # torch's seeds end below
+        DemoConfig(seeds=(2**64,))
     with pytest.raises(ValueError, match="seeds repeat"):
         DemoConfig(seeds=(1, 1))
     with pytest.raises(ValueError, match="--base b.pt applies to --task finetune"):

@@ -37,6 +37,10 @@ _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("", "0", "false", "no", "off")
 
 
+MAX_SEED = 2**32 - 1
+"""Largest seed tfz takes (numpy's legacy and torch's generators both take it)."""
+
+
 def is_int(value: Any) -> bool:
     """``value`` is an ``int`` or numpy integer, and not a ``bool`` (numpy's bool is no integer)."""
     if isinstance(value, int):

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tfz._validate import check_int, short_repr
+from tfz._validate import MAX_SEED, check_int, short_repr
 from tfz.masks import StageMasks, StageUnits
 from tfz.models import PRESETS, build_stages
 from tfz.nn import WeightGradStore, convert_to_freezable
@@ -96,7 +96,7 @@ class ProfileConfig:
             ("seq_len", 1, None),
             ("warmup", 0, MAX_REPEATS),
             ("repeats", 1, MAX_REPEATS),
-            ("seed", 0, 2**32 - 1),
+            ("seed", 0, MAX_SEED),
         ):
             object.__setattr__(self, name, check_int(name, getattr(self, name), low, maximum=high))
         for name in ("layers_per_stage", "vocab_size"):

@@ -12,7 +12,7 @@ import argparse
 import os
 from pathlib import Path
 
-from tfz._validate import short_repr
+from tfz._validate import MAX_SEED, short_repr
 from tfz.cli import UsageError
 from tfz.cli._common import positive_float, ratio
 
@@ -32,15 +32,15 @@ def _methods(text: str) -> tuple[str, ...]:
 
 
 def _seeds(text: str) -> tuple[int, ...]:
-    """argparse type: comma-separated distinct integers in [0, 2**32) ("0,1,2"), as ``tfz profile --seed``."""
+    """argparse type: comma-separated distinct integers in [0, MAX_SEED] ("0,1,2"), as tfz profile --seed."""
     parts = [p.strip() for p in text.split(",")]
     try:
         seeds = tuple(int(p) for p in parts)
     except ValueError:  # also more than 4300 digits
         seeds = ()
-    if not seeds or any(not 0 <= s < 2**32 for s in seeds):
+    if not seeds or any(not 0 <= s <= MAX_SEED for s in seeds):
         raise argparse.ArgumentTypeError(
-            f"expected comma-separated integers in [0, 4,294,967,295], got {short_repr(text)}"
+            f"expected comma-separated integers in [0, {MAX_SEED:,}], got {short_repr(text)}"
         )
     if len(set(seeds)) != len(seeds):
         raise argparse.ArgumentTypeError(f"seeds repeat in {short_repr(text)}")

@@ -17,6 +17,7 @@ import argparse
 import os
 import sys
 
+from tfz._validate import MAX_SEED
 from tfz.cli._common import bounded_int, check_output, positive_int
 
 __all__ = ["add_arguments", "run"]
@@ -32,7 +33,7 @@ def _repeats(low: int):
 
 
 def _seed(text: str) -> int:
-    return bounded_int(text, 0, 2**32 - 1)
+    return bounded_int(text, 0, MAX_SEED)
 
 
 def _host_memory() -> int:

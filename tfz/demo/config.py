@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from tfz._validate import check_int, check_number, check_ratio, is_int
+from tfz._validate import MAX_SEED, check_int, check_number, check_ratio, is_int, short_repr
 from tfz.schedule import SCHEDULES
 
 __all__ = ["MAX_ACTIONS", "MAX_RANKS", "METHODS", "TASKS", "DemoConfig"]
@@ -141,7 +141,7 @@ class DemoConfig:
             "threads_per_rank",
         ):
             check_int(name, getattr(self, name), 1)
-        check_int("base_seed", self.base_seed, 0)
+        check_int("base_seed", self.base_seed, 0, maximum=MAX_SEED)
         check_int("n_layers", self.n_layers, 1, optional=True)
         check_int("phase_unit", self.phase_unit, 1, optional=True)
         check_int("check_every", self.check_every, 1, optional=True)
@@ -151,8 +151,8 @@ class DemoConfig:
         check_number("weight_decay", self.weight_decay, low=0.0)
         check_number("timeout", self.timeout, low=0.0, low_open=True, unit="seconds")
         check_ratio("max_freeze_ratio", self.max_freeze_ratio)
-        if not self.seeds or not all(is_int(s) and s >= 0 for s in self.seeds):
-            raise ValueError(f"seeds must be integers >= 0, got {self.seeds!r}")
+        if not self.seeds or not all(is_int(s) and 0 <= s <= MAX_SEED for s in self.seeds):
+            raise ValueError(f"seeds must be integers in [0, {MAX_SEED}], got {short_repr(self.seeds)}")
         if len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds repeat: {self.seeds!r}")
         from tfz.data import CORPORA
