@@ -111,3 +111,24 @@ def test_engine_snippet_on_two_ranks():
     r0, r1 = launch(run_snippet, 2, TORCHTITAN_PRELUDE, code, timeout=300)
     assert r0["freeze_aware"] and r1["freeze_aware"]
     assert r0["schedule"] == "1f1b" and (r0["local"], r1["local"]) == ([0], [1])
+
+
+def _table_rows(text: str) -> dict[str, list[str]]:
+    """Method name -> cells of each markdown table row that starts with a demo method."""
+    rows = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("| ") and cells[0] in ("none", "timelyfreeze"):
+            rows.setdefault(cells[0], cells)
+    return rows
+
+
+def test_demo_table_is_the_reported_run():
+    """README's demo table is copied from docs/demo/report.md (the run whose plots it shows): every cell
+    of its rows is a cell of the report's row for the same method."""
+    readme = _table_rows((ROOT / "README.md").read_text())
+    report = _table_rows((ROOT / "docs" / "demo" / "report.md").read_text())
+    assert set(readme) == {"none", "timelyfreeze"}
+    for name, cells in readme.items():
+        missing = [c for c in cells if c not in report[name]]
+        assert not missing, f"README's {name} row has cells the report lacks: {missing}"

@@ -8,6 +8,8 @@ tensors: the host-read entry points are patched and the data-dependent ops are s
 ``TorchDispatchMode``. The first test shows that it sees every one of them.
 """
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -212,4 +214,30 @@ def test_plans_prepared_at_the_decision_are_reused():
     before = ActiveRows.builds
     for mb, x in enumerate(torch.randn(4, 8, 48).unbind()):
         full_backward(model(x).sum(), None, [], cache.get(drawn[mb], params), params)
+    assert ActiveRows.builds == before
+
+
+def test_a_step_prepares_its_masks_when_it_starts():
+    """A freeze-aware stage whose provider says how many microbatches a step has (TimelyFreeze) builds
+    every plan of the step when the step starts; its backwards then build nothing."""
+    from tfz.pipeline.stage import FreezeState
+
+    model = _stage(2)
+    units = tfz.masks.StageUnits.from_module(model, block_rows=64)
+    drawn = _draw(units, [0.5, 0.5, 0.8, 0.2], decision=0)
+
+    class Provider:
+        num_microbatches = len(drawn)
+
+        def masks_for(self, stage, microbatch):
+            return drawn[microbatch]
+
+    state = FreezeState(SimpleNamespace(stage_index=0, submod=model), Provider(), count_flops=False)
+    before = ActiveRows.builds
+    state.new_step()
+    assert ActiveRows.builds - before == _partial_layer_masks(drawn)
+    before = ActiveRows.builds
+    params = state.params()
+    for mb, x in enumerate(torch.randn(4, 8, 48).unbind()):
+        full_backward(model(x).sum(), None, [], state._plan(mb, params), params)
     assert ActiveRows.builds == before

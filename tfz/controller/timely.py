@@ -196,6 +196,11 @@ class TimelyFreeze:
         return tuple(self._layout.units)
 
     @property
+    def num_microbatches(self) -> int:
+        """Microbatches per step: freeze-aware stages prepare every mask of a step when it starts."""
+        return self.dag.schedule.num_microbatches
+
+    @property
     def units(self) -> dict[int, StageUnits]:
         """Freezable units per local stage."""
         return dict(self._layout.units)

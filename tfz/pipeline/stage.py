@@ -174,7 +174,8 @@ class FreezeState:
 
     Attributes:
         provider: ``masks_for(stage, microbatch) -> StageMasks | None`` (:class:`tfz.masks.MaskProvider`),
-            or None; may be replaced between steps.
+            or None; may be replaced between steps. One with ``num_microbatches`` (TimelyFreeze) has
+            a step's masks prepared when the step starts.
         timer: a :class:`tfz.timing.ActionTimer` (or anything with ``action(name)``), or None.
         store: the stage's W queue (:class:`tfz.nn.WeightGradStore`).
         stats: counters of the current (or last finished) step.
@@ -251,6 +252,17 @@ class FreezeState:
         self.store.clear(self.stage_index)
         if self._params is not None and self._params.stale():
             self.refresh()
+        self._prepare_masks()
+
+    def _prepare_masks(self) -> None:
+        """Build the step's mask plans (row-block lists, one upload) before its first forward, when the
+        provider says how many microbatches a step has (TimelyFreeze does); else the first backward
+        that meets a new mask builds its plan. FSDP2 stages resolve their parameters per action."""
+        count = getattr(self._provider, "num_microbatches", None)
+        if count is None or self._fsdp:
+            return
+        masks = [self._provider.masks_for(self.stage_index, mb) for mb in range(count)]
+        self._plans.prepare(masks, self.params())
 
     def refresh(self) -> None:
         """Resolve the stage's parameters again at the next action (call it after replacing Parameter
