@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from tfz._validate import check_number, check_ratio
+from tfz._validate import check_bool, check_number, check_ratio, short_repr
 from tfz.plan.warm import WarmState
 
 __all__ = ["FORMAT", "VERSION", "Plan"]
@@ -119,7 +119,9 @@ class Plan:
         values = np.array([check_ratio(f"plan.ratios.{k}", v) for k, v in ratios.items()], dtype=np.float64)
 
         cannot_gain = d.get("cannot_gain", [])
-        if not isinstance(cannot_gain, list) or any(name not in ratios for name in cannot_gain):
+        if not isinstance(cannot_gain, list) or any(
+            not isinstance(name, str) or name not in ratios for name in cannot_gain
+        ):
             raise ValueError("plan.cannot_gain: expected a list of action names of plan.ratios")
 
         def num(key):
@@ -127,16 +129,20 @@ class Plan:
                 raise ValueError(f"plan.{key}: missing")
             return check_number(f"plan.{key}", d[key])
 
+        def nums(key, default, length=None):
+            values = d.get(key, default)
+            if not isinstance(values, list) or (length is not None and len(values) != length):
+                size = "a list of numbers" if length is None else f"a list of {length} numbers"
+                raise ValueError(f"plan.{key}: expected {size}, got {short_repr(values)}")
+            return tuple(check_number(f"plan.{key}[{i}]", v) for i, v in enumerate(values))
+
         return cls(
             names=tuple(ratios),
             ratios=values,
             makespan_planned=num("makespan_planned"),
             makespan_unfrozen=num("makespan_unfrozen"),
             makespan_all_frozen=num("makespan_all_frozen"),
-            stage_mean_ratio=tuple(
-                check_number(f"plan.stage_mean_ratio[{i}]", v)
-                for i, v in enumerate(d.get("stage_mean_ratio", []))
-            ),
+            stage_mean_ratio=nums("stage_mean_ratio", []),
             total_ratio=num("total_ratio"),
             solve_seconds=num("solve_seconds"),
             status=str(d.get("status", "")),
@@ -144,11 +150,8 @@ class Plan:
             weighting=str(d.get("weighting", "count")),
             solver=str(d.get("solver", "")),
             schedule=str(d.get("schedule", "")),
-            phase_seconds=tuple(
-                check_number(f"plan.phase_seconds[{i}]", v)
-                for i, v in enumerate(d.get("phase_seconds", [0.0, 0.0]))
-            ),
-            warm=bool(d.get("warm", False)),
+            phase_seconds=nums("phase_seconds", [0.0, 0.0], length=2),
+            warm=check_bool("plan.warm", d.get("warm", False)),
             cannot_gain=tuple(cannot_gain),
         )
 
