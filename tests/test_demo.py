@@ -325,3 +325,16 @@ def test_validation_agrees_across_stage_placements(tmp_path):
     for ea, eb in zip(a, b):
         assert ea["val_loss"] == pytest.approx(eb["val_loss"], rel=1e-5)
         assert ea["val_acc"] == pytest.approx(eb["val_acc"], abs=1e-3)
+
+
+def test_a_diverging_run_stops_naming_the_learning_rate(tmp_path):
+    """A learning rate that turns the loss into nan stops the demo at that step instead of training on
+    nan and failing in the plots (seen with --lr 1e10); nothing is written."""
+    from tfz.pipeline.launch import RankError
+
+    cfg = DemoConfig(
+        steps=6, methods=("none",), task="pretrain", out=str(tmp_path), timeout=300, **{**TINY, "lr": 1e10}
+    )
+    with pytest.raises(RankError, match=r"none's training loss is nan at step \d: .*learning rate 1e\+10"):
+        run_demo(cfg)
+    assert not (tmp_path / "report.json").exists()

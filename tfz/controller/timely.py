@@ -274,7 +274,7 @@ class TimelyFreeze:
         """Masks of a local (stage, microbatch) for the current step; None when nothing is frozen."""
         if stage not in self._layout.units:
             raise ValueError(f"stage {stage} is not a stage of {self._where} (local: {self.local_stages})")
-        M = self.dag.schedule.num_microbatches
+        M = self.num_microbatches
         if not is_int(microbatch) or not 0 <= microbatch < M:
             raise ValueError(f"microbatch must be an integer in [0, {M}), got {microbatch!r}")
         return self._s.masks.get((int(stage), int(microbatch)))
@@ -324,7 +324,7 @@ class TimelyFreeze:
         s.decision += 1
         masks: dict[tuple[int, int], StageMasks | None] = {}
         if s.phase not in NO_MASKS:
-            M = self.dag.schedule.num_microbatches
+            M = self.num_microbatches
             frozen_window = s.phase is Phase.MONITOR_LOWER and not self._partial
             for stage in self._layout.units:
                 if frozen_window:
@@ -343,7 +343,7 @@ class TimelyFreeze:
         return layout == "cover" or (layout == "auto" and type(self.policy) is RandomPolicy)
 
     def _draw_covering(self, stage: int) -> list[StageMasks | None]:
-        M = self.dag.schedule.num_microbatches
+        M = self.num_microbatches
         ratios = [self._ratio_now(stage, mb) for mb in range(M)]
         if not any(r > 0.0 for r in ratios):
             return [None] * M
@@ -375,7 +375,7 @@ class TimelyFreeze:
 
     def stage_freeze_ratio(self) -> dict[int, float]:
         """Mean realised frozen fraction over the microbatches of each local stage, for this step."""
-        M = self.dag.schedule.num_microbatches
+        M = self.num_microbatches
         out = {}
         for s in self._layout.units:
             masks = [self.masks_for(s, mb) for mb in range(M)]

@@ -9,6 +9,7 @@ methods' steps are not part of a method's wall time.
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -349,8 +350,20 @@ def run_rank(rank: int, world: int, cfg: DemoConfig, seed: int) -> dict[str, Any
             for method in cfg.methods:
                 runs[method].evaluate(step + 1, x_val, y_val, chunk)
         if rank == last_rank:
+            _check_finite(cfg, runs, step)
             _progress(cfg, runs, step, time.perf_counter() - started)
     return {m: r.result() for m, r in runs.items()}
+
+
+def _check_finite(cfg: DemoConfig, runs: dict[str, MethodRun], step: int) -> None:
+    """Stop at the first step whose training loss is not finite (ValueError naming the learning rate)."""
+    for method, run in runs.items():
+        loss = run.records[-1].loss
+        if loss is not None and not math.isfinite(loss):
+            raise ValueError(
+                f"{method}'s training loss is {loss} at step {step + 1}: training diverged at learning rate "
+                f"{cfg.peak_lr:g}; try a lower --lr"
+            )
 
 
 def _keep_early(run: MethodRun, step: int) -> bool:
