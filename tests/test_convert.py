@@ -123,3 +123,28 @@ def test_a_stage_without_freezable_units_names_filter_fn_and_its_modules():
         StageUnits.from_module(many)
     with pytest.raises(ValueError, match="no trainable parameter"):
         StageUnits.from_module(nn.Sequential(nn.ReLU()), include_tensors=True)
+
+
+def test_a_model_with_a_converted_subclass_pickles_whole():
+    """torch.save(model) pickles modules by class; the generated Freezable<cls> is rebuilt from cls."""
+    import io
+    import pickle
+
+    torch.manual_seed(0)
+    model = convert_to_freezable(Model())
+    x = torch.randn(3, 6)
+    for load in (lambda m: pickle.loads(pickle.dumps(m)), lambda m: _torch_round_trip(m, io.BytesIO())):
+        back = load(model)
+        assert type(back.wq) is type(model.wq) and back.wq.config == {"in": 6, "out": 5}
+        assert isinstance(back.w2, FreezableLinear) and back.wq.row_usage is not model.wq.row_usage
+        torch.testing.assert_close(back(x), model(x), rtol=0, atol=0)
+        active = torch.tensor([True, False, True, True, False])
+        with use_row_masks({back.wq: active}):
+            back(x).sum().backward()
+        assert back.wq.weight.grad[~active].abs().max() == 0 and back.wq.weight.grad[active].abs().max() > 0
+
+
+def _torch_round_trip(model, buffer):
+    torch.save(model, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=False)

@@ -96,9 +96,21 @@ def _freezable_subclass(cls: type) -> type:
     new = _FREEZABLE_SUBCLASSES.get(cls)
     if new is None:
         name = f"Freezable{cls.__name__}"
-        new = type(name, (FreezableLinear, cls), {"__module__": __name__, "__qualname__": name})
+        body = {"__module__": __name__, "__qualname__": name, "_converted_from": cls}
+        new = type(name, (FreezableLinear, cls), {**body, "__reduce_ex__": _reduce_freezable})
         _FREEZABLE_SUBCLASSES[cls] = new
     return new
+
+
+def _reduce_freezable(module: nn.Module, protocol: int):
+    """Pickle a converted subclass instance by its original class (the generated one has no import path)."""
+    return _new_freezable, (type(module)._converted_from,), module.__dict__.copy()
+
+
+def _new_freezable(cls: type) -> nn.Module:
+    """An empty ``Freezable<cls>`` instance for unpickling; its state is set after."""
+    new = _freezable_subclass(cls)
+    return new.__new__(new)
 
 
 def _unconvertible(module: nn.Module, parent: nn.Module | None) -> str | None:
