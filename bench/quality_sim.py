@@ -21,6 +21,8 @@ A variant is ``NAME[:key=value,...]``: DemoConfig fields (``max_freeze_ratio=0.7
 independent, nested: TimelyFreeze's masks within a step). ``none`` (no freezing) runs once per seed as
 the reference. Evaluation is on fixed sequences of ``--split`` (``tune``: files held out of both
 training and the demo's validation set, for choosing settings; ``val``: the demo's validation set).
+Fine-tune rows also record the loss on the base's own corpus (``base_corpus_curve``: what the
+fine-tune forgets).
 """
 
 from __future__ import annotations
@@ -144,7 +146,22 @@ def train(cfg: DemoConfig, method: str, layout: str, seed: int, split: str, prof
             out.append(sequence_losses(h, yv[lo : lo + 64]))
         return torch.cat(out)
 
+    base_xy = None
+    if base is not None:  # the base's own corpus: what fine-tuning forgets
+        from tfz.demo.base import BaseSpec
+
+        held = _load(None, BaseSpec.corpus).sequences("val", cfg.val_sequences, cfg.seq_len)
+        base_xy = tuple(torch.from_numpy(a) for a in held)
+
+    @torch.no_grad()
+    def evaluate_base():
+        h = base_xy[0]
+        for s in range(S):
+            h = modules[s](h)
+        return float(sequence_losses(h, base_xy[1]).mean())
+
     curve = [(0, 0.0, float(evaluate().mean()))]
+    base_curve = [] if base_xy is None else [(0, evaluate_base())]
     wall, frozen_log, batch_log = 0.0, [], []
     caches = {s: PlanCache() for s in range(S)}  # keyed by the masks object itself (weakly)
     stale = 0
@@ -184,12 +201,15 @@ def train(cfg: DemoConfig, method: str, layout: str, seed: int, split: str, prof
         batch_log.append(batch)
         if (step + 1) % cfg.eval_every == 0 or step == cfg.steps - 1:
             curve.append((step + 1, wall, float(evaluate().mean())))
+            if base_xy is not None:
+                base_curve.append((step + 1, evaluate_base()))
     seq = evaluate()
     plan = getattr(provider, "plan", None)
     return {
         "val_loss": float(seq.mean()),
         "seq_loss": seq.tolist(),
         "curve": curve,
+        "base_corpus_curve": base_curve,
         "wall_s": wall,
         "frozen_per_step": frozen_log,
         "batch_ms_per_step": batch_log,
