@@ -28,7 +28,9 @@
 // order of the forest, up to where they cancel. Splitting and joining trees relabels the smaller
 // part. The cold capped stage follows the cap columns' costs from values at which the uncapped
 // optimum is optimal to their real ones (homotopy), so only arcs between two trees and cap columns can
-// enter (bench/RESULTS.md has the measurements behind each choice).
+// enter; what enters on a pivot degenerate in the first two components has its third component
+// raised, else it leaves again on the next one (bench/RESULTS.md has the measurements behind each
+// choice).
 //
 // Plain C++17 and pybind11: no torch, no CUDA. The solve runs without the GIL.
 
@@ -85,7 +87,8 @@ enum Stat : int {
   kSwapped = 7,     // basic variables swapped for their partners (warm starts)
   kHomotopy = 8,    // pivots of the homotopy
   kMoved = 9,       // nodes whose potentials or trees pivots changed
-  kNumStats = 10,
+  kLifted = 10,     // arcs entering on degenerate homotopy pivots whose third component was raised
+  kNumStats = 11,
 };
 
 struct Triple {
@@ -107,27 +110,26 @@ struct Candidate {
 // within f1 of 0 bound t2 with their second components; those whose second component also ends within
 // f2 of 0 bound t3. A later component may decrease (a negative ratio) while an earlier one is
 // positive. The leaving candidate is the one that sets t3 (largest rate on ties, else the last one
-// listed). Returns its index, or -1 when nothing bounds the step.
-int leaving(const std::vector<Candidate>& cand, double f1, double f2, Triple& t,
-            std::vector<int>& tied) {
-  const int n = static_cast<int>(cand.size());
+// listed). Returns its index, or -1 when nothing bounds the step. `tied` holds room for n indices.
+int leaving(const Candidate* cand, int n, double f1, double f2, Triple& t, int* tied) {
   if (n == 0) return -1;
   double t1 = kInf;
-  for (const Candidate& c : cand) t1 = std::min(t1, c.v[0] > f1 ? c.v[0] / c.d : 0.0);
+  for (int i = 0; i < n; ++i) t1 = std::min(t1, cand[i].v[0] > f1 ? cand[i].v[0] / cand[i].d : 0.0);
   // the candidates whose first component ends within f1 of 0 (when t1 > 0 every candidate's first
   // component is above f1, else t1 would be 0)
-  tied.clear();
+  int n_tied = 0;
   double t2 = kInf;
   for (int i = 0; i < n; ++i) {
     const Candidate& c = cand[i];
     if (c.v[0] - t1 * c.d > f1) continue;
-    tied.push_back(i);
+    tied[n_tied++] = i;
     t2 = std::min(t2, (t1 > 0.0 || c.v[1] > f2) ? c.v[1] / c.d : 0.0);
   }
   double t3 = kInf, best_d = 0.0;
   int best = -1;
   const bool zero12 = t1 == 0.0 && t2 <= 0.0;
-  for (const int i : tied) {
+  for (int k = 0; k < n_tied; ++k) {
+    const int i = tied[k];
     const Candidate& c = cand[i];
     if (c.v[1] - t2 * c.d > f2) continue;
     const double r = (zero12 && c.v[1] <= f2) ? std::max(c.v[2], 0.0) / c.d : c.v[2] / c.d;
@@ -137,6 +139,20 @@ int leaving(const std::vector<Candidate>& cand, double f1, double f2, Triple& t,
   t.v[1] = t2;
   t.v[2] = t3;
   return best;
+}
+
+// A fraction in [0, 1) per arc that breaks ties between equal perturbation values.
+inline double arc_fraction(i64 a) { return std::fmod(static_cast<double>(a) * 0.6180339887498949, 1.0); }
+
+// Index of the highest set bit of a nonzero word.
+inline int highest_bit(std::uint64_t w) {
+#if defined(__GNUC__) || defined(__clang__)
+  return 63 - __builtin_clzll(w);
+#else
+  int b = 0;
+  while (w >>= 1) ++b;
+  return b;
+#endif
 }
 
 inline bool lex_negative(const double* v, double f1, double f2) {
@@ -316,6 +332,7 @@ class SideSimplex {
   void clear_touched();
   int pivot_in_tree(i64 enter);
   int pivot_through_sides(i64 enter);
+  void lift(i64 enter, double size);  // an entering arc's third component
   int homotopy();
 
   const Input& in_;
@@ -346,6 +363,15 @@ class SideSimplex {
   std::vector<char> pup_;
   std::vector<double> dpos_;
   i64 cap_ord_ = 0, ord_len_ = 0;
+  // one bit per position whose entry of dpos_ was written, and the highest word with a bit set: the
+  // backward scan visits only those (a parent comes before its children, so it never goes back up)
+  std::vector<std::uint64_t> written_;
+  i64 top_word_ = -1;
+  void add_at(i64 p, double value) {
+    dpos_[p] += value;
+    written_[p >> 6] |= std::uint64_t{1} << (p & 63);
+    top_word_ = std::max(top_word_, p >> 6);
+  }
   bool order_valid_ = false;
   // tree slots; the root slot holds node 0
   std::vector<i64> slot_size_, slot_root_, free_slots_, slots_, slot_pos_, basic_, side_pos_;
@@ -358,15 +384,21 @@ class SideSimplex {
   std::vector<i64> touched_list_, local_list_;
   // side-column matrices
   std::vector<double> Qfull_, Q_, Qinv_, c0_, theta_, agg_, dmu_, vec_;
+  // the ratio test's candidates (at most one per node and basic side column) and the tied ones
   std::vector<Candidate> cand_;
   std::vector<int> tied_;
+  i64 n_cand_ = 0;
+  void add_candidate(const double* v, double d, i64 who) { cand_[n_cand_++] = {v, d, who}; }
+  int ratio_test(Triple& t) {
+    return leaving(cand_.data(), static_cast<int>(n_cand_), in_.f1, in_.f2, t, tied_.data());
+  }
   // homotopy: cap column costs at its start, their slope, theta's slope; arcs between two trees
   std::vector<double> target_, start_, slope_, dtheta_;
   std::vector<i64> adj_ptr_, adj_arc_, cross_list_, cross_pos_;
   // iteration state
   i64 it_ = 0, since_opt_ = 0, flip_rounds_ = 0, next_arc_ = 0, since_refresh_ = 0;
   bool reperturb_ = false, perturbed_ = false, fresh_ = false, need_refresh_ = true;
-  bool first_perturb_ = true, check_third_ = false;
+  bool first_perturb_ = true, check_third_ = false, lifting_ = false;
 };
 
 // Preorder of every tree into buf_: parents before children. Returns its length (N).
@@ -579,7 +611,7 @@ void SideSimplex::perturb() {
   for (i64 u = 0; u < N_; ++u) {
     if (parent_[u] < 0) continue;
     const i64 a = pred_[u];
-    const double v = size[u] + std::fmod(static_cast<double>(a) * 0.6180339887498949, 1.0);
+    const double v = size[u] + arc_fraction(a);
     b_[3 * tail_[a] + 2] += v;
     b_[3 * head_[a] + 2] -= v;
   }
@@ -661,7 +693,8 @@ bool SideSimplex::setup() {
   dlocal_.assign(N, 0.0);
   local_.assign(N, 0);
   touched_list_.reserve(N);
-  cand_.reserve(N);
+  cand_.assign(N + S + 2, Candidate{});
+  tied_.assign(N + S + 2, 0);
   cap_ord_ = N + std::max<i64>(N / 4, 1024);
   order_.assign(cap_ord_, -1);
   pos_.assign(N, -1);
@@ -669,6 +702,8 @@ bool SideSimplex::setup() {
   parc_.assign(cap_ord_, -1);
   pup_.assign(cap_ord_, 0);
   dpos_.assign(cap_ord_, 0.0);
+  written_.assign(cap_ord_ / 64 + 1, 0);
+  top_word_ = -1;
   order_valid_ = false;
   slots_.assign(S + 2, 0);
   slot_pos_.assign(S + 2, -1);
@@ -888,24 +923,23 @@ i64 SideSimplex::price() {
 
 // A pivot inside one tree: the cycle of the entering arc.
 int SideSimplex::pivot_in_tree(i64 enter) {
-  const double f1 = in_.f1, f2 = in_.f2;
   const i64 first = tail_[enter], second = head_[enter];
   const i64 join = find_join(first, second);
   if (join < 0) return kInconsistentForest;
   // flow decreases on arcs against the cycle (entering arc: first -> second)
-  cand_.clear();
+  n_cand_ = 0;
   for (i64 u = first; u != join; u = parent_[u]) {
-    if (up_[u]) cand_.push_back({&X_[3 * pred_[u]], 1.0, u});
+    if (up_[u]) add_candidate(&X_[3 * pred_[u]], 1.0, u);
   }
-  const size_t n_first = cand_.size();
+  const i64 n_first = n_cand_;
   for (i64 u = second; u != join; u = parent_[u]) {
-    if (!up_[u]) cand_.push_back({&X_[3 * pred_[u]], 1.0, u});
+    if (!up_[u]) add_candidate(&X_[3 * pred_[u]], 1.0, u);
   }
   Triple t;
-  const int out = leaving(cand_, f1, f2, t, tied_);
+  const int out = ratio_test(t);
   if (out < 0) return kUnbounded;
   const i64 u_out = cand_[out].who;
-  const bool side_first = static_cast<size_t>(out) < n_first;
+  const bool side_first = out < n_first;
   if (t.v[0] == 0.0 && t.v[1] == 0.0) {
     stats_[kDegenerate] += 1;
     if (t.v[2] == 0.0 && !perturbed_) {
@@ -966,7 +1000,7 @@ int SideSimplex::pivot_in_tree(i64 enter) {
 }
 
 // Add value to node u's entry of the vector whose subtree sums are being taken.
-void SideSimplex::push(i64 u, double value) { dpos_[pos_[u]] += value; }
+void SideSimplex::push(i64 u, double value) { add_at(pos_[u], value); }
 
 void SideSimplex::clear_touched() {
   for (const i64 p : touched_list_) dpos_[p] = 0.0;
@@ -981,7 +1015,6 @@ void SideSimplex::clear_touched() {
 // A pivot through the side columns: its direction is the subtree sums of the entering column's and
 // the basic side columns' entries.
 int SideSimplex::pivot_through_sides(i64 enter) {
-  const double f1 = in_.f1, f2 = in_.f2;
   const i64 m = m_;
   stats_[kSidePivots] += 1;
   if (!order_valid_) rebuild_order();
@@ -1029,42 +1062,48 @@ int SideSimplex::pivot_through_sides(i64 enter) {
   }
   // subtree sums in reverse topological order; arcs whose flow falls are candidates to leave. A sum
   // below kNoise is the rounding residue of entries that cancel (a pair below it): it stops there.
-  cand_.clear();
-  for (i64 p = ord_len_ - 1; p >= 0; --p) {
-    double d = dpos_[p];
-    if (d == 0.0) continue;
-    touched_list_.push_back(p);
-    if (std::abs(d) < kNoise) d = dpos_[p] = 0.0;
-    const i64 q = ppar_[p];
-    if (q < 0) continue;
-    dpos_[q] += d;
-    const i64 u = order_[p];
-    double rate = d;
-    if (local_[u]) {
-      rate += dlocal_[u];
-      local_[u] = 2;  // taken here
+  n_cand_ = 0;
+  for (i64 w = top_word_; w >= 0; --w) {
+    while (written_[w] != 0) {
+      const int bit = highest_bit(written_[w]);
+      written_[w] &= ~(std::uint64_t{1} << bit);
+      const i64 p = (w << 6) + bit;
+      double d = dpos_[p];
+      if (d == 0.0) continue;
+      touched_list_.push_back(p);
+      if (std::abs(d) < kNoise) d = dpos_[p] = 0.0;
+      const i64 q = ppar_[p];
+      if (q < 0) continue;
+      add_at(q, d);
+      const i64 u = order_[p];
+      double rate = d;
+      if (local_[u]) {
+        rate += dlocal_[u];
+        local_[u] = 2;  // taken here
+      }
+      if (pup_[p]) rate = -rate;
+      if (rate > kPivotTol) add_candidate(&X_[3 * parc_[p]], rate, u);
     }
-    if (pup_[p]) rate = -rate;
-    if (rate > kPivotTol) cand_.push_back({&X_[3 * parc_[p]], rate, u});
   }
+  top_word_ = -1;
   for (const i64 c : local_list_) {
     if (local_[c] == 2) continue;  // taken with its subtree sum above
     const double rate = up_[c] ? -dlocal_[c] : dlocal_[c];
-    if (rate > kPivotTol) cand_.push_back({&X_[3 * pred_[c]], rate, c});
+    if (rate > kPivotTol) add_candidate(&X_[3 * pred_[c]], rate, c);
   }
   for (i64 i = 0; i < K; ++i) {
     const double d = -dmu_[i];
-    if (d > kPivotTol) cand_.push_back({&MU_[3 * basic_[i]], d, -(i + 1)});
+    if (d > kPivotTol) add_candidate(&MU_[3 * basic_[i]], d, -(i + 1));
   }
   Triple t;
-  const int out = leaving(cand_, f1, f2, t, tied_);
+  const int out = ratio_test(t);
   if (out < 0) {
     clear_touched();
     return kUnbounded;
   }
   const i64 leave_node = cand_[out].who;
   double largest = 0.0;
-  for (const Candidate& c : cand_) largest = std::max(largest, c.d);
+  for (i64 i = 0; i < n_cand_; ++i) largest = std::max(largest, cand_[i].d);
   // a small pivot makes a long step: the rounding of every rate it multiplies shows; recompute after
   if (cand_[out].d < kSmallPivot * largest && (t.v[0] > 0.0 || t.v[1] > 0.0)) need_refresh_ = true;
   if (t.v[0] == 0.0 && t.v[1] == 0.0) {
@@ -1079,25 +1118,27 @@ int SideSimplex::pivot_through_sides(i64 enter) {
   }
   perturbed_ = false;
   stats_[kTouched] += static_cast<i64>(touched_list_.size() + local_list_.size());
-  // apply the step: the arcs with a nonzero direction, the basic side columns, the entering one
-  auto step = [&](i64 u, double d) {
-    if (d == 0.0 || parent_[u] < 0) return;
-    const i64 a = pred_[u];
-    if (!up_[u]) d = -d;
-    for (int q = 0; q < 3; ++q) X_[3 * a + q] += t.v[q] * d;
+  // apply the step: the arcs with a nonzero direction (components the step leaves at 0 stay as they
+  // are), the basic side columns, the entering one
+  const int q0 = t.v[0] != 0.0 ? 0 : (t.v[1] != 0.0 ? 1 : 2);
+  auto step = [&](i64 a, bool up, double d) {
+    if (!up) d = -d;
+    for (int q = q0; q < 3; ++q) X_[3 * a + q] += t.v[q] * d;
   };
   for (const i64 p : touched_list_) {
     const i64 u = order_[p];
-    step(u, dpos_[p] + (local_[u] ? dlocal_[u] : 0.0));
+    const double d = dpos_[p] + (local_[u] ? dlocal_[u] : 0.0);
+    if (d != 0.0 && ppar_[p] >= 0) step(parc_[p], pup_[p], d);
   }
   for (const i64 c : local_list_) {
-    if (local_[c] != 2) step(c, dlocal_[c]);
+    if (local_[c] != 2 && dlocal_[c] != 0.0 && parent_[c] >= 0) step(pred_[c], up_[c], dlocal_[c]);
   }
   clear_touched();
   for (i64 i = 0; i < K; ++i) {
     const i64 s = basic_[i];
     for (int q = 0; q < 3; ++q) MU_[3 * s + q] += t.v[q] * dmu_[i];
   }
+  const bool lift_entering = lifting_ && enter < m && t.v[0] == 0.0 && t.v[1] == 0.0;
   i64 s_in = -1;
   if (enter < m) {
     for (int q = 0; q < 3; ++q) X_[3 * enter + q] = t.v[q];
@@ -1182,6 +1223,7 @@ int SideSimplex::pivot_through_sides(i64 enter) {
     const i64 cnt = collect(z, buf_.data());
     append(cnt);
     relabel(cnt, tz, tw, sigma);
+    if (lift_entering) lift(enter, static_cast<double>(cnt));
     slot_size_[tw] += cnt;
     slot_size_[tz] = 0;
     slot_root_[tz] = -1;
@@ -1199,6 +1241,23 @@ int SideSimplex::pivot_through_sides(i64 enter) {
   }
   if (!compact()) return kSingular;
   return kDone;
+}
+
+// The arc that enters on a homotopy pivot degenerate in the first two components takes the step's
+// third component, often tiny: it is then the first to leave on the next degenerate pivot that
+// lowers it, and re-enters soon after (arcs went in and out up to 11 times within a few hundred
+// pivots, per-stage times on interleaved1f1b). Its third component is raised above every value the
+// perturbation gives (N plus the `size` nodes it carries plus a fraction, where perturb gives the
+// size plus a fraction): b3 moves along the arc's own column, which changes no other basic value, so
+// the basis stays lexicographically feasible. Cap columns entering the same way keep their value
+// (raising them too doubled the pivots of uniform times on interleaved1f1b).
+void SideSimplex::lift(i64 enter, double size) {
+  const double delta = static_cast<double>(N_) + size + arc_fraction(enter) - X_[3 * enter + 2];
+  if (!(delta > 0.0)) return;
+  X_[3 * enter + 2] += delta;
+  b_[3 * tail_[enter] + 2] += delta;
+  b_[3 * head_[enter] + 2] -= delta;
+  stats_[kLifted] += 1;
 }
 
 // The cap columns' costs move from values at which the start basis is optimal (every nonbasic cap
@@ -1286,7 +1345,11 @@ int SideSimplex::run() {
   if (!compact()) return kSingular;
   perturb();
   int status = -1;
-  if (in_.start != nullptr && in_.price_sides && K_ == 0) status = homotopy();
+  if (in_.start != nullptr && in_.price_sides && K_ == 0) {
+    lifting_ = true;
+    status = homotopy();
+    lifting_ = false;
+  }
   while (status < 0) {
     if (need_refresh_) {
       const int r = refresh();

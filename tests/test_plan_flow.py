@@ -243,6 +243,26 @@ def test_homotopy_and_plain_simplex_agree(kind):
 
 
 @needs_native
+@pytest.mark.parametrize("name", ["1f1b", "interleaved1f1b", "zbv"])
+def test_degenerate_homotopy_lifts_entering_arcs(name):
+    """Per-stage times: nearly every homotopy pivot is degenerate in makespan and total ratio; the
+    arcs those pivots bring in are lifted, and the optimum is still the generic LP's."""
+    dag = build_dag(schedule(name, 8, 32))
+    up, low = times(dag, "stage", np.random.default_rng(6))
+    config = PlanConfig(max_freeze_ratio=0.3)
+    fp = FlowProblem.build(PlanProblem.create(dag, up, low, config))
+    basis = fp.cold_basis()
+    pi, _ = fp.optimize(basis, price_sides=False)
+    pi, stats = fp.optimize(basis, start=fp.capped_start(pi))
+    assert stats.degenerate > stats.homotopy // 2
+    assert 0 < stats.lifted <= stats.degenerate
+    r, T = fp.ratios(pi)
+    ref = solve_generic(dag, up, low, config)
+    assert T == pytest.approx(ref.makespan_planned, rel=REL)
+    assert r.sum() == pytest.approx(ref.total_ratio, rel=REL)
+
+
+@needs_native
 def test_bad_bases_are_refused():
     dag = build_dag(build_schedule("1f1b", 2, 4))
     up, low = random_times(dag, np.random.default_rng(1))

@@ -79,6 +79,9 @@ class FlowStats:
     """Pivots of the homotopy (all among ``side_pivots``)."""
     moved: int
     """Nodes whose potentials or trees the pivots changed."""
+    lifted: int
+    """Arcs entering on homotopy pivots degenerate in the first two components whose third component
+    was raised above the perturbation's values (else they leave again on the next such pivot)."""
 
     @classmethod
     def from_array(cls, values: np.ndarray) -> FlowStats:

@@ -16,7 +16,7 @@ all-frozen durations, then the capped one from that optimum along a homotopy in 
 them descend together from the largest stage mean to ``max_freeze_ratio``,
 :meth:`~tfz.plan.flow.FlowProblem.capped_start`); should that stop without an optimum, the plain
 simplex redoes the capped stage from the uncapped optimum. Warm (``warm_start=plan``) after a small drift
-(no duration moved by more than 0.5%, :data:`FINAL_START_DRIFT`), it restarts from the plan's final
+(no duration moved by more than 0.2%, :data:`FINAL_START_DRIFT`), it restarts from the plan's final
 optimal basis under the new durations (arcs and cap columns whose value turned negative are swapped
 for their reverses), which takes few pivots. After a larger drift the optimum has moved too far for
 that (2% changes 15% of the optimal basis): the uncapped stage restarts from the plan's uncapped
