@@ -168,6 +168,12 @@ def test_default_cap_is_the_planners():
     assert DemoConfig().max_freeze_ratio == PlanConfig().max_freeze_ratio
 
 
+def test_each_microbatch_is_capped_at_the_stage_cap_unless_told():
+    plan = lambda **kw: DemoConfig(**kw).timelyfreeze_config(seed=0).plan  # noqa: E731
+    assert plan().action_cap == 0.8 and plan(max_freeze_ratio=0.6).action_cap == 0.6
+    assert plan(action_cap=1.0).action_cap == 1.0 and plan(action_cap=0.9).max_freeze_ratio == 0.8
+
+
 def test_config_errors():
     with pytest.raises(ValueError, match="unknown method"):
         DemoConfig(methods=("none", "magic"))
@@ -191,6 +197,8 @@ def test_config_errors():
         ValueError, match="--microbatches 100000000 has 800,000,000 actions .* limit is 100,000 actions"
     ):
         DemoConfig(microbatches=100_000_000)
+    with pytest.raises(ValueError, match=r"action_cap must be None or a finite number in \[0, 1\], got 1.5"):
+        DemoConfig(action_cap=1.5)
     with pytest.raises(ValueError, match="monitoring must be 'partial' or 'frozen', got 'none'"):
         DemoConfig(monitoring="none")
     with pytest.raises(ValueError, match="unknown corpus 'x'"):
@@ -280,6 +288,8 @@ def test_shortened_demo_runs_every_method(tmp_path):
     assert saved["methods"]["none"]["batch_time_predicted_ms"] is None
     tf = saved["per_seed"][0]["methods"]["timelyfreeze"]
     assert tf["batch_time_predicted_ms"] > 0 and tf["plan"] is not None
+    assert max(_plan_ratios(tf["plan"])) <= cfg.max_freeze_ratio + 1e-9  # each microbatch capped
+    assert "each microbatch's at 0.8" in (tmp_path / "report.md").read_text()
     # the lower-bound window freezes part of every stage: microbatches take turns over the monitoring
     # ratios (0.4, 0.8), so each stage's mean is about 0.6 and every step still trains
     lower = [i for i, p in enumerate(tf["phase_per_step"]) if p == "monitor_lower"]
@@ -338,3 +348,8 @@ def test_a_diverging_run_stops_naming_the_learning_rate(tmp_path):
     with pytest.raises(RankError, match=r"none's training loss is nan at step \d: .*learning rate 1e\+10"):
         run_demo(cfg)
     assert not (tmp_path / "report.json").exists()
+
+
+def _plan_ratios(plan: dict) -> list[float]:
+    ratios = plan["ratios"]
+    return list(ratios.values()) if isinstance(ratios, dict) else list(ratios)

@@ -89,7 +89,13 @@ def _flags():
             "timelyfreeze+autofreeze, or all",
         ),
         ("--seeds", "seeds", _seeds, "comma list: one comparison per seed, reported as mean and spread"),
-        ("--max-freeze-ratio", "max_freeze_ratio", ratio, "TimelyFreeze cap"),
+        ("--max-freeze-ratio", "max_freeze_ratio", ratio, "TimelyFreeze cap on each stage's mean ratio"),
+        (
+            "--action-cap",
+            "action_cap",
+            ratio,
+            "TimelyFreeze cap on each microbatch's ratio (default: --max-freeze-ratio; 1: the paper's LP)",
+        ),
         (
             "--lr",
             "lr",

@@ -524,6 +524,12 @@ def _intro(report: dict) -> list[str]:
         f"method, AdamW at peak lr {cfg['peak_lr']:g} (warm-up {cfg['warmup_steps']} steps, no freezing "
         f"before it), {'seed' if len(seeds) == 1 else 'mean ± sd over seeds'} {', '.join(map(str, seeds))}."
     )
+    if any(m.startswith("timelyfreeze") for m in cfg["methods"]):
+        cap = cfg["max_freeze_ratio"]
+        each = cfg.get("action_cap")
+        run += f" TimelyFreeze caps each stage's mean freeze ratio at {cap:g} and each microbatch's at " + (
+            f"{cap if each is None else each:g}."
+        )
     if cfg["task"] == "finetune":
         what = (
             f"Fine-tuning on {task.get('corpus')} from the base model {task.get('base')} (pretrained "
