@@ -137,13 +137,13 @@ def train(cfg: DemoConfig, method: str, layout: str, seed: int, split: str, prof
     xv, yv = (torch.from_numpy(a) for a in corpus.sequences(split, cfg.val_sequences, cfg.seq_len))
 
     @torch.no_grad()
-    def evaluate():
+    def evaluate(x=xv, y=yv):
         out = []
-        for lo in range(0, len(xv), 64):
-            h = xv[lo : lo + 64]
+        for lo in range(0, len(x), 64):
+            h = x[lo : lo + 64]
             for s in range(S):
                 h = modules[s](h)
-            out.append(sequence_losses(h, yv[lo : lo + 64]))
+            out.append(sequence_losses(h, y[lo : lo + 64]))
         return torch.cat(out)
 
     base_xy = None
@@ -153,12 +153,8 @@ def train(cfg: DemoConfig, method: str, layout: str, seed: int, split: str, prof
         held = _load(None, BaseSpec.corpus).sequences("val", cfg.val_sequences, cfg.seq_len)
         base_xy = tuple(torch.from_numpy(a) for a in held)
 
-    @torch.no_grad()
     def evaluate_base():
-        h = base_xy[0]
-        for s in range(S):
-            h = modules[s](h)
-        return float(sequence_losses(h, base_xy[1]).mean())
+        return float(evaluate(*base_xy).mean())
 
     curve = [(0, 0.0, float(evaluate().mean()))]
     base_curve = [] if base_xy is None else [(0, evaluate_base())]

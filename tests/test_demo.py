@@ -288,7 +288,7 @@ def test_shortened_demo_runs_every_method(tmp_path):
     assert saved["methods"]["none"]["batch_time_predicted_ms"] is None
     tf = saved["per_seed"][0]["methods"]["timelyfreeze"]
     assert tf["batch_time_predicted_ms"] > 0 and tf["plan"] is not None
-    assert max(_plan_ratios(tf["plan"])) <= cfg.max_freeze_ratio + 1e-9  # each microbatch capped
+    assert max(tf["plan"]["ratios"].values()) <= cfg.max_freeze_ratio + 1e-9  # each microbatch capped
     assert "each microbatch's at 0.8" in (tmp_path / "report.md").read_text()
     # the lower-bound window freezes part of every stage: microbatches take turns over the monitoring
     # ratios (0.4, 0.8), so each stage's mean is about 0.6 and every step still trains
@@ -348,8 +348,3 @@ def test_a_diverging_run_stops_naming_the_learning_rate(tmp_path):
     with pytest.raises(RankError, match=r"none's training loss is nan at step \d: .*learning rate 1e\+10"):
         run_demo(cfg)
     assert not (tmp_path / "report.json").exists()
-
-
-def _plan_ratios(plan: dict) -> list[float]:
-    ratios = plan["ratios"]
-    return list(ratios.values()) if isinstance(ratios, dict) else list(ratios)

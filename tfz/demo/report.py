@@ -247,6 +247,7 @@ def combine(per_seed: list[dict], cfg: DemoConfig, extra: dict | None = None) ->
         tokens_per_step=cfg.tokens_per_step,
         num_stages=schedule.num_stages,
         peak_lr=cfg.peak_lr,
+        freeze_action_cap=cfg.freeze_action_cap,
         warmup_steps=cfg.warmup_steps,
         window_steps=per_seed[0]["window_steps"],
     )
@@ -525,10 +526,9 @@ def _intro(report: dict) -> list[str]:
         f"before it), {'seed' if len(seeds) == 1 else 'mean ± sd over seeds'} {', '.join(map(str, seeds))}."
     )
     if any(m.startswith("timelyfreeze") for m in cfg["methods"]):
-        cap = cfg["max_freeze_ratio"]
-        each = cfg.get("action_cap")
-        run += f" TimelyFreeze caps each stage's mean freeze ratio at {cap:g} and each microbatch's at " + (
-            f"{cap if each is None else each:g}."
+        run += (
+            f" TimelyFreeze caps each stage's mean freeze ratio at {cfg['max_freeze_ratio']:g} and each "
+            f"microbatch's at {cfg['freeze_action_cap']:g}."
         )
     if cfg["task"] == "finetune":
         what = (

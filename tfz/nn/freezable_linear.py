@@ -96,8 +96,13 @@ def _freezable_subclass(cls: type) -> type:
     new = _FREEZABLE_SUBCLASSES.get(cls)
     if new is None:
         name = f"Freezable{cls.__name__}"
-        body = {"__module__": __name__, "__qualname__": name, "_converted_from": cls}
-        new = type(name, (FreezableLinear, cls), {**body, "__reduce_ex__": _reduce_freezable})
+        body = {
+            "__module__": __name__,
+            "__qualname__": name,
+            "_converted_from": cls,
+            "__reduce_ex__": _reduce_freezable,
+        }
+        new = type(name, (FreezableLinear, cls), body)
         _FREEZABLE_SUBCLASSES[cls] = new
     return new
 
