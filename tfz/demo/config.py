@@ -206,9 +206,10 @@ class DemoConfig:
     @property
     def warmup_steps(self) -> int:
         """Learning-rate warm-up in use (``lr_warmup`` or the task's default)."""
-        if self.lr_warmup is not None:
-            return self.lr_warmup
-        return max(1, self.steps // 10)
+        return self._warmup_for(self.steps)
+
+    def _warmup_for(self, steps: int) -> int:
+        return self.lr_warmup if self.lr_warmup is not None else max(1, steps // 10)
 
     @property
     def decision_interval(self) -> int:
@@ -262,6 +263,16 @@ class DemoConfig:
         """The controller config the TimelyFreeze methods run with: phases scaled to ``steps`` by
         ``TimelyFreezeConfig.for_run`` unless given (ValueError naming the minimum ``--steps`` when
         the plan could not be fully applied by the middle of the run, or a bad setting)."""
+        try:
+            return self._timelyfreeze_for(self.steps, seed)
+        except ValueError as exc:
+            text, marker, _ = str(exc).partition("; for_run needs")
+            need = self._shortest_run() if marker else None
+            if need is not None:
+                text += f"; the demo needs --steps >= {need}"  # its warm-up grows with the run
+            raise ValueError(f"TimelyFreeze settings: {text if need is not None else exc}") from None
+
+    def _timelyfreeze_for(self, steps: int, seed: int = 0):
         from tfz.controller import TimelyFreezeConfig
         from tfz.plan import PlanConfig
 
@@ -269,19 +280,38 @@ class DemoConfig:
             "phase_unit": self.phase_unit,
             "check_every": self.check_every,
             "ramp_steps": self.ramp_steps,
-            "warmup_steps": self.warmup_steps,
+            "warmup_steps": self._warmup_for(steps),
         }
-        try:
-            return TimelyFreezeConfig.for_run(
-                self.steps,
-                plan=PlanConfig(max_freeze_ratio=self.max_freeze_ratio, action_cap=self.freeze_action_cap),
-                block_rows=self.block_rows,
-                seed=seed,
-                monitoring=self.monitoring,
-                **{k: v for k, v in given.items() if v is not None},
-            )
-        except ValueError as exc:
-            raise ValueError(f"TimelyFreeze settings: {exc}") from None
+        return TimelyFreezeConfig.for_run(
+            steps,
+            plan=PlanConfig(max_freeze_ratio=self.max_freeze_ratio, action_cap=self.freeze_action_cap),
+            block_rows=self.block_rows,
+            seed=seed,
+            monitoring=self.monitoring,
+            **{k: v for k, v in given.items() if v is not None},
+        )
+
+    def _shortest_run(self) -> int | None:
+        """The fewest steps, more than ``steps``, whose TimelyFreeze config applies the plan by the middle
+        of the run (None if none up to 2**40): doubling, then bisection between a failing and a working
+        length."""
+
+        def fits(steps: int) -> bool:
+            try:
+                self._timelyfreeze_for(steps)
+            except ValueError:
+                return False
+            return True
+
+        low, high = self.steps, self.steps + 1
+        while not fits(high):
+            if high > 2**40:
+                return None
+            low, high = high, 2 * high
+        while high - low > 1:
+            mid = (low + high) // 2
+            low, high = (low, mid) if fits(mid) else (mid, high)
+        return high
 
     def replace(self, **changes) -> DemoConfig:
         return dataclasses.replace(self, **changes)
