@@ -50,7 +50,7 @@ from tfz.schedule import build_schedule
 def test_config_defaults_are_the_papers():
     cfg = TimelyFreezeConfig()
     assert (cfg.max_freeze_ratio, cfg.phase_unit, cfg.check_every) == (0.8, 50, 10)
-    assert cfg.plan == PlanConfig() and cfg.plan.max_freeze_ratio == 0.8 and cfg.plan.weighting == "count"
+    assert cfg.plan == PlanConfig(action_cap=0.8) and cfg.plan.weighting == "count"
     assert (cfg.warmup, cfg.monitor, cfg.ramp) == (50, 50, 150)
     assert cfg.median_window == 50 - cfg.discard_steps
     assert cfg.keep_trainable_units == 1
@@ -60,6 +60,12 @@ def test_config_defaults_are_the_papers():
     assert (over.warmup, over.monitor, over.ramp, over.median_window) == (0, 6, 0, 2)
     nested = TimelyFreezeConfig(plan=PlanConfig(max_freeze_ratio=0.5, weighting="duration"))
     assert nested.max_freeze_ratio == 0.5 and nested.to_dict()["plan"]["weighting"] == "duration"
+    assert nested.plan.action_cap == 0.5  # each microbatch capped at the stage cap
+    assert TimelyFreezeConfig(plan=PlanConfig(action_cap=0.9)).plan.action_cap == 0.9
+    assert TimelyFreezeConfig(cap_each_microbatch=False).plan == PlanConfig()  # the paper's LP
+    assert TimelyFreezeConfig(**{**cfg.to_dict(), "plan": PlanConfig(**cfg.to_dict()["plan"])}) == cfg
+    with pytest.raises(ValueError, match="cap_each_microbatch must be a bool, got 1"):
+        TimelyFreezeConfig(cap_each_microbatch=1)
     with pytest.raises(TypeError):
         TimelyFreezeConfig(0.5)  # keyword only
     with pytest.raises(TypeError):
@@ -315,7 +321,7 @@ def test_plan_matches_the_lp_on_the_true_times(name, P, M, monitoring):
     assert np.array_equal(lower[~freezable], upper[~freezable])  # F and I: fixed at up
     # float32 gather: every estimate is a float32 number
     assert np.array_equal(upper.astype(np.float32).astype(np.float64), upper)
-    ref = solve(c.dag, up, lo, PlanConfig(max_freeze_ratio=0.8))
+    ref = solve(c.dag, up, lo, PlanConfig(max_freeze_ratio=0.8, action_cap=0.8))
     assert c.plan.makespan_planned == pytest.approx(ref.makespan_planned, rel=2e-3)
     # the controller's ratios run as fast on the true times as the reference plan
     true_span = simulate(c.dag, up - c.plan.ratios * (up - lo)).makespan
@@ -331,7 +337,7 @@ def test_plan_equals_reference_ratios_without_noise(monitoring):
     run_to_stable(c, syn)
     np.testing.assert_allclose(c.estimates[0], syn.u, rtol=1e-6)
     np.testing.assert_allclose(c.estimates[1], syn.l, rtol=1e-6, atol=1e-6)
-    ref = solve(c.dag, syn.u, syn.l, PlanConfig(max_freeze_ratio=0.8))
+    ref = solve(c.dag, syn.u, syn.l, PlanConfig(max_freeze_ratio=0.8, action_cap=0.8))
     np.testing.assert_allclose(c.plan.ratios, ref.ratios, atol=1e-5)
 
 
@@ -450,7 +456,7 @@ def test_drift_triggers_one_warm_replan():
     # the refitted estimates track the new times, and the new plan is the LP's on them
     upper, lower = c.estimates
     np.testing.assert_allclose(upper, syn.u, rtol=0.05)
-    ref = solve(c.dag, syn.u, syn.l, PlanConfig(max_freeze_ratio=0.8))
+    ref = solve(c.dag, syn.u, syn.l, PlanConfig(max_freeze_ratio=0.8, action_cap=0.8))
     true_span = simulate(c.dag, syn.u - c.plan.ratios * (syn.u - syn.l)).makespan
     assert true_span == pytest.approx(ref.makespan_planned, rel=0.03)
     old_span = simulate(c.dag, syn.u - first.ratios * (syn.u - syn.l)).makespan
@@ -750,7 +756,7 @@ def test_one_rank_schedules(name):
     assert int((~c.masks_for(last, 0).frozen).sum()) == 1
     assert all(c.masks_for(s, 0).frozen.all() for s in range(last))
     run_to_stable(c, syn, k=k)
-    ref = solve(c.dag, syn.u, syn.l, PlanConfig(max_freeze_ratio=0.8))
+    ref = solve(c.dag, syn.u, syn.l, PlanConfig(max_freeze_ratio=0.8, action_cap=0.8))
     assert c.plan.makespan_planned == pytest.approx(ref.makespan_planned, rel=1e-6)
 
 

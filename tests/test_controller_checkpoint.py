@@ -155,7 +155,7 @@ def test_resume_during_async_solve_reruns_it():
     while d.phase is Phase.SOLVING:
         d.step_end(k, syn.times(k, d))
         k += 1
-    ref = solve(d.dag, syn.u, syn.l, PlanConfig(max_freeze_ratio=0.8))
+    ref = solve(d.dag, syn.u, syn.l, PlanConfig(max_freeze_ratio=0.8, action_cap=0.8))
     np.testing.assert_allclose(d.plan.ratios, ref.ratios, atol=1e-5)
 
 

@@ -187,7 +187,7 @@ def test_two_ranks_agree_and_the_solve_never_blocks():
     # the first plan is the LP's plan on the true times
     first = next(x["ratios"] for x in a if x["ratios"] is not None)
     up, lo = true_times(dag)
-    ref = solve(dag, up, lo, PlanConfig(max_freeze_ratio=0.8))
+    ref = solve(dag, up, lo, PlanConfig(max_freeze_ratio=0.8, action_cap=0.8))
     from tfz.dag import simulate
 
     span = simulate(dag, up - np.asarray(first) * (up - lo)).makespan
@@ -219,5 +219,5 @@ def test_replicas_run_one_plan():
     dag = build_dag(build_schedule("1f1b", 2, 4))
     first = np.asarray(next(x["ratios"] for x in records[0] if x["ratios"] is not None))
     up, lo = true_times(dag)
-    ref = solve(dag, up, lo, PlanConfig(max_freeze_ratio=0.8))
+    ref = solve(dag, up, lo, PlanConfig(max_freeze_ratio=0.8, action_cap=0.8))
     assert simulate(dag, up - first * (up - lo)).makespan == pytest.approx(ref.makespan_planned, rel=5e-3)

@@ -26,19 +26,25 @@ class TimelyFreezeConfig:
     resolved values are the properties ``warmup``, ``monitor``, ``ramp`` and ``median_window``.
 
     With the defaults (the paper's experiment settings: ``phase_unit`` 50, a decision every 10 steps,
-    the LP's cap 0.8 in ``plan``) a run goes: steps 0-49 warm-up, 50-99 monitoring unfrozen, 100-149
-    monitoring with part of every stage frozen (``monitoring``; every step still trains), the LP
-    solves beside training from step 150, the plan takes effect at step 160 (``first_plan_step``, if
-    the solve is done by then) and ramps in until it is fully applied at step 310
-    (``full_plan_step``). A run of a few dozen steps never gets there: use :meth:`for_run`
-    (``TimelyFreezeConfig.for_run(total_steps=60)``), which scales the phases to
+    the LP's cap 0.8, here on each stage's mean and each microbatch's ratio) a run goes: steps 0-49
+    warm-up, 50-99 monitoring unfrozen, 100-149 monitoring with part of every stage frozen
+    (``monitoring``; every step still trains), the LP solves beside training from step 150, the plan
+    takes effect at step 160 (``first_plan_step``, if the solve is done by then) and ramps in until it
+    is fully applied at step 310 (``full_plan_step``). A run of a few dozen steps never gets there:
+    use :meth:`for_run` (``TimelyFreezeConfig.for_run(total_steps=60)``), which scales the phases to
     the run. Small values (``phase_unit=2, check_every=1``) suit tests.
     """
 
     plan: PlanConfig = field(default_factory=PlanConfig)
     """The freeze-ratio LP's options (:class:`tfz.plan.PlanConfig`): ``max_freeze_ratio``, the cap on
     each stage's mean freeze ratio over its microbatches (default 0.8), ``weighting`` and
-    ``action_cap``."""
+    ``action_cap`` (see ``cap_each_microbatch``)."""
+    cap_each_microbatch: bool = True
+    """Where ``plan.action_cap`` is None, cap each (stage, microbatch) ratio at ``max_freeze_ratio``
+    (``plan`` then holds that cap). The LP alone caps only each stage's mean and its optimum may
+    freeze a stage whole in most microbatches, so every row learns from the same few; the cap spreads
+    the freezing over every microbatch for a 1-2% longer planned step (bench/RESULTS.md, "Settings
+    chosen by measurement"). False: the paper's LP."""
     phase_unit: int = 50
     """Unit of the phase lengths below (warm-up, each monitoring half, ramp = 3 units)."""
     warmup_steps: int | None = None
@@ -109,9 +115,12 @@ class TimelyFreezeConfig:
             object.__setattr__(self, name, check_int(name, getattr(self, name), minimum, optional=optional))
         threshold = check_number("drift_threshold", self.drift_threshold, low=0.0, low_open=True)
         object.__setattr__(self, "drift_threshold", threshold)
-        for name in ("replan", "include_tensors", "async_solve"):
+        for name in ("replan", "include_tensors", "async_solve", "cap_each_microbatch"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if self.cap_each_microbatch and self.plan.action_cap is None:
+            capped = dataclasses.replace(self.plan, action_cap=self.plan.max_freeze_ratio)
+            object.__setattr__(self, "plan", capped)
         if self.monitoring not in ("partial", "frozen"):
             raise ValueError(f"monitoring must be 'partial' or 'frozen', got {self.monitoring!r}")
         levels = self.monitor_ratios
