@@ -324,6 +324,32 @@ def _interp(curve, t):
     return float(np.interp(t, ts, vs))
 
 
+def _variant_rows(rs, pairs):
+    """Per variant of one study: (name, per-seed rows) of the seeds its reference also ran."""
+    refs: dict = {}
+    for r in rs:
+        refs.setdefault(r["variant"], {})[r["seed"]] = r
+    for name in dict.fromkeys(r["variant"] for r in rs):
+        ref = refs.get(pairs.get(name, "none"), {})
+        mine = sorted((r for r in rs if r["variant"] == name and r["seed"] in ref), key=lambda r: r["seed"])
+        if mine:
+            yield name, [(r, ref[r["seed"]]) for r in mine]
+
+
+def _compare(r, base) -> dict:
+    """One seed against its reference: relative loss, its paired SE, the loss against the reference's
+    at equal simulated time (None past the reference's run), the simulated speedup."""
+    d = np.array(r["seq_loss"]) - np.array(base["seq_loss"])
+    mean = np.mean(base["seq_loss"])
+    at = _interp(base["curve"], r["wall_s"])
+    return {
+        "rel": d.mean() / mean,
+        "se": d.std(ddof=1) / np.sqrt(len(d)) / mean,
+        "equal_time": None if at is None else r["val_loss"] / at - 1,
+        "speedup": base["wall_s"] / r["wall_s"],
+    }
+
+
 def cmd_table(args):
     groups: dict = {}
     for f in args.files:  # one table per file and setting: a file holds one study
@@ -331,41 +357,60 @@ def cmd_table(args):
             r = json.loads(line)
             groups.setdefault((f, r["task"], r["split"], r["steps"]), []).append(r)
     pairs = dict(p.split("=", 1) for p in args.pair)
+    studies = []
     for (_, task, split, steps), rs in groups.items():
-        refs = {}
-        for r in rs:
-            refs.setdefault(r["variant"], {})[r["seed"]] = r
-        print(f"\n{task}, {steps} steps, evaluated on {split}, seeds {sorted(refs.get('none', {}))}")
+        seeds = sorted({r["seed"] for r in rs if r["variant"] == "none"})
+        title = f"{task}, {steps} steps, evaluated on {split}, seeds {seeds}"
+        print(f"\n{title}")
         print(
             "| variant | val loss vs none (mean, per seed) | paired SE | vs none at equal sim. time "
             "| sim. speedup | plan stage means |"
         )
         print("|---|---|---|---|---|---|")
-        names = list(dict.fromkeys(r["variant"] for r in rs))
-        for name in names:
-            ref = refs.get(pairs.get(name, "none"), {})
-            mine = sorted(
-                (r for r in rs if r["variant"] == name and r["seed"] in ref), key=lambda r: r["seed"]
-            )
-            if not mine:
-                continue
-            rel, se, eq, speed = [], [], [], []
-            for r in mine:
-                base = ref[r["seed"]]
-                d = np.array(r["seq_loss"]) - np.array(base["seq_loss"])
-                rel.append(d.mean() / np.mean(base["seq_loss"]))
-                se.append(d.std(ddof=1) / np.sqrt(len(d)) / np.mean(base["seq_loss"]))
-                at = _interp(base["curve"], r["wall_s"])
-                eq.append(None if at is None else r["val_loss"] / at - 1)
-                speed.append(base["wall_s"] / r["wall_s"])
-            eqs = [e for e in eq if e is not None]
-            plan = mine[0]["plan_stage_means"]
+        points = []
+        for name, runs in _variant_rows(rs, pairs):
+            cs = [_compare(r, base) for r, base in runs]
+            rel = [c["rel"] for c in cs]
+            eqs = [c["equal_time"] for c in cs if c["equal_time"] is not None]
+            plan = runs[0][0]["plan_stage_means"]
             print(
                 f"| {name} | {np.mean(rel):+.2%} ({', '.join(f'{v:+.2%}' for v in rel)}) | "
-                f"{np.sqrt(np.sum(np.square(se))) / len(se):.2%} | "
-                f"{(f'{np.mean(eqs):+.2%}' if eqs else '-')} | {np.mean(speed):.3f}x | "
+                f"{np.sqrt(np.sum(np.square([c['se'] for c in cs]))) / len(cs):.2%} | "
+                f"{(f'{np.mean(eqs):+.2%}' if eqs else '-')} | {np.mean([c['speedup'] for c in cs]):.3f}x | "
                 f"{'-' if plan is None else ' '.join(f'{p:.2f}' for p in plan)} |"
             )
+            points.append((name, cs))
+        studies.append((title, points))
+    if args.png:
+        _tradeoff_png(args.png, studies)
+        print(f"\nwrote {args.png}")
+
+
+def _tradeoff_png(path, studies):
+    """Speedup against the loss behind the reference at equal simulated time, one panel per study:
+    a dot per seed, a ring at each variant's mean."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.4 * len(studies), 4.8))
+    FigureCanvasAgg(fig)
+    for i, (title, points) in enumerate(studies):
+        ax = fig.add_subplot(1, len(studies), i + 1)
+        for name, cs in points:
+            seeds = [(c["speedup"], 100 * c["equal_time"]) for c in cs if c["equal_time"] is not None]
+            if not seeds:
+                continue
+            xs, ys = zip(*seeds)
+            dots = ax.scatter(xs, ys, s=12, alpha=0.5)
+            mean = (np.mean(xs), np.mean(ys))
+            ax.scatter(*mean, s=70, facecolors="none", edgecolors=dots.get_facecolor())
+            ax.annotate(name, mean, textcoords="offset points", xytext=(6, 4), fontsize=8)
+        ax.axhline(0, color="grey", lw=0.8, ls="--")
+        ax.set_xlabel("simulated speedup over the reference")
+        ax.set_ylabel("val loss vs reference at equal simulated time (%)")
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 def main(argv=None):
@@ -394,6 +439,7 @@ def main(argv=None):
         default=[],
         help="VARIANT=REFERENCE: compare VARIANT with REFERENCE, not none",
     )
+    t.add_argument("--png", help="also draw speedup against the loss at equal time (one panel per study)")
     args = p.parse_args(argv)
     {"profile": cmd_profile, "run": cmd_run, "table": cmd_table}[args.cmd](args)
 
