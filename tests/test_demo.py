@@ -189,6 +189,10 @@ def test_config_errors():
         DemoConfig(seeds=(2**64,))
     with pytest.raises(ValueError, match="seeds repeat"):
         DemoConfig(seeds=(1, 1))
+    with pytest.raises(ValueError, match=r"step_scale must be a finite number in \[-4, 4\], got nan"):
+        DemoConfig(step_scale=float("nan"))
+    with pytest.raises(ValueError, match="rescale_grads must be a bool, got 'no'"):
+        DemoConfig(rescale_grads="no")
     with pytest.raises(ValueError, match="--base b.pt applies to --task finetune"):
         DemoConfig(task="pretrain", base="b.pt")
     with pytest.raises(ValueError, match="--ranks 1000000000: .* 292,968,750 GB .* limit is 64 ranks"):

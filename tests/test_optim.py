@@ -217,18 +217,23 @@ def test_bad_arguments_raise():
         attach_row_freezing(object(), model)
     with pytest.raises(TypeError, match="model"):
         attach_row_freezing(opt, object())
-    for name, bad in (("rescale", 1), ("scale_updates", "yes"), ("rescale", None)):
+    for name, bad in (("rescale", 1), ("rescale", None)):
         with pytest.raises(ValueError, match=f"{name} must be a bool, got {bad!r}"):
             attach_row_freezing(opt, model, **{name: bad})
-    hooks = attach_row_freezing(opt, model, rescale=np.bool_(True), scale_updates=np.bool_(False))
-    assert (hooks.rescale, hooks.scale_updates) == (True, False) and type(hooks.rescale) is bool
+    for bad in ("yes", float("nan"), 5, True):
+        message = f"step_scale must be a finite number in \\[-4, 4\\], got {bad!r}"
+        with pytest.raises(ValueError, match=message):
+            attach_row_freezing(opt, model, step_scale=bad)
+    hooks = attach_row_freezing(opt, model, rescale=np.bool_(True), step_scale=np.float32(0.5))
+    assert (hooks.rescale, hooks.step_scale) == (True, 0.5) and type(hooks.rescale) is bool
     hooks.remove()
 
 
-def test_scale_updates_moves_partly_frozen_rows_by_their_active_fraction():
+@pytest.mark.parametrize("step_scale", [-1.0, 0.5])
+def test_step_scale_moves_partly_frozen_rows_by_their_data_share(step_scale):
     """Against plain AdamW on the same gradients: a row active in k of the 4 microbatches ends at
-    before + k/4 (plain after - before), with the plain step's moments; rows frozen all step keep
-    weight and state; rows active throughout match plain torch."""
+    before + (4/k) ** step_scale (plain after - before), with the plain step's moments; rows frozen all
+    step keep weight and state; rows active throughout match plain torch."""
     model = make_model(seed=5).double()
     gen = torch.Generator().manual_seed(6)
     masks = step_masks(0, 4, gen)
@@ -243,15 +248,16 @@ def test_scale_updates_moves_partly_frozen_rows_by_their_active_fraction():
     plain_opt = make(plain.parameters())
     plain_opt.step()
     opt = make(model.parameters())
-    handle = attach_row_freezing(opt, model, scale_updates=True)
-    assert "scale_updates=True" in repr(handle)
+    handle = attach_row_freezing(opt, model, step_scale=step_scale)
+    assert f"step_scale={step_scale:g}" in repr(handle)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     opt.step()
     after_plain = dict(plain.named_parameters())
     for name, layer in tracked(model):
         active = torch.stack([per[layer] for per in masks]).sum(0).double()  # microbatches per row
-        fraction = (active / len(masks)).view(-1, *([1] * (before[name].dim() - 1)))
-        expected = before[name] + fraction * (after_plain[name].detach() - before[name])
+        factor = torch.where(active > 0, (len(masks) / active.clamp(min=1)) ** step_scale, 0.0)
+        factor = factor.view(-1, *([1] * (before[name].dim() - 1)))
+        expected = before[name] + factor * (after_plain[name].detach() - before[name])
         torch.testing.assert_close(dict(model.named_parameters())[name], expected, msg=name)
         p, q = dict(model.named_parameters())[name], after_plain[name]
         moved = active > 0

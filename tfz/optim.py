@@ -12,12 +12,13 @@ the last step) and guarantees:
   which they were active: no rescaling by default (the TimelyFreeze choice). With ``rescale=True`` each
   row's gradient is multiplied by ``calls / active_calls`` (microbatches through the layer / those in
   which the row was active), making it an unbiased estimate of the full sum.
-- With ``scale_updates=True`` the step a partly frozen row takes is scaled by the fraction of the
-  step's microbatches it was active in (``active_calls / calls``): after the optimizer's step the row
-  is set to ``before + fraction * (after - before)``, its optimizer state as the step left it. Adam's
-  step size does not shrink with the data a row saw (it normalises the gradient), so without this a
-  row trained on one microbatch of eight moves as far as one trained on all eight, on a much noisier
-  gradient.
+- ``step_scale`` (s) scales the step a partly frozen row takes by ``(calls / active_calls) ** s``:
+  after the optimizer's step the row is set to ``before + factor * (after - before)``, its optimizer
+  state as the step left it. Adam normalises each gradient by its running RMS, and a row's gradient
+  from k of n microbatches carries about n/k times the noise variance of one from all n, so where
+  noise dominates the row moves about sqrt(k/n) as far along the signal per step: ``s = 0.5`` gives
+  that back (``tfz demo``'s setting, chosen by measurement: bench/RESULTS.md). ``s = -1`` scales the
+  step by the row's share of the data. 0 (default) leaves the optimizer's step.
 - Per-tensor scalar state advances whenever some row of the tensor is active, e.g. Adam's ``step``:
   a row that wakes up after being frozen uses the tensor's bias correction with its own (older)
   moments.
@@ -42,7 +43,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from tfz._validate import check_bool
+from tfz._validate import check_bool, check_number
 from tfz.nn import FreezableLinear
 
 __all__ = ["RowFreezing", "attach_row_freezing"]
@@ -84,8 +85,8 @@ class _Partial:
     """int64 [k]: partly frozen row indices."""
     weight: torch.Tensor
     """[k, ...] those rows before the step."""
-    fraction: torch.Tensor
-    """[k, 1, ...] active calls / calls, broadcastable to ``weight``."""
+    factor: torch.Tensor
+    """[k, 1, ...] (calls / active calls) ** step_scale, broadcastable to ``weight``."""
 
 
 class RowFreezing:
@@ -97,7 +98,7 @@ class RowFreezing:
         model: nn.Module,
         *,
         rescale: bool = False,
-        scale_updates: bool = False,
+        step_scale: float = 0.0,
     ):
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
@@ -105,7 +106,7 @@ class RowFreezing:
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         self.optimizer = optimizer
         self.rescale = check_bool("rescale", rescale)
-        self.scale_updates = check_bool("scale_updates", scale_updates)
+        self.step_scale = check_number("step_scale", step_scale, low=-4.0, high=4.0)
         self._partial: list[_Partial] = []
         self.layers = [m for m in model.modules() if isinstance(m, FreezableLinear)]
         self._snapshots: list[_Snapshot] = []
@@ -136,7 +137,7 @@ class RowFreezing:
         self._rescaled = True
 
     def _snapshot_partial(self, layer: FreezableLinear, params: list[torch.Tensor]) -> None:
-        """Remember the rows active in some but not all calls, and their fractions (``scale_updates``)."""
+        """Remember the rows active in some but not all calls, and their step factors (``step_scale``)."""
         usage = layer.row_usage
         counts = usage.counts
         if counts is None:
@@ -144,10 +145,10 @@ class RowFreezing:
         rows = ((counts > 0) & (counts < usage.calls)).nonzero().squeeze(1)
         if rows.numel() == 0:
             return
-        fraction = counts.index_select(0, rows).double() / usage.calls
+        factor = (usage.calls / counts.index_select(0, rows).double()) ** self.step_scale
         for p in params:
             shape = (-1,) + (1,) * (p.dim() - 1)
-            self._partial.append(_Partial(p, rows, p.index_select(0, rows), fraction.to(p.dtype).view(shape)))
+            self._partial.append(_Partial(p, rows, p.index_select(0, rows), factor.to(p.dtype).view(shape)))
 
     @torch.no_grad()
     def _before_step(self, optimizer, args, kwargs) -> None:
@@ -161,7 +162,7 @@ class RowFreezing:
             params = [p for p in self._params(layer) if p.grad is not None]
             if not params:
                 continue
-            if self.scale_updates:
+            if self.step_scale != 0.0:
                 self._snapshot_partial(layer, params)
             if usage.full_calls == 0 and usage.partial is None:  # frozen in every call
                 rows = torch.arange(layer.out_features, device=params[0].device)
@@ -188,7 +189,7 @@ class RowFreezing:
         partial, self._partial = self._partial, []
         for part in partial:
             after = part.param.index_select(0, part.rows)
-            part.param.index_copy_(0, part.rows, part.weight + part.fraction * (after - part.weight))
+            part.param.index_copy_(0, part.rows, part.weight + part.factor * (after - part.weight))
         snapshots, self._snapshots = self._snapshots, []
         for snap in snapshots:
             snap.param.index_copy_(0, snap.rows, snap.weight)
@@ -219,7 +220,7 @@ class RowFreezing:
         name = type(self.optimizer).__name__
         return (
             f"RowFreezing({name}, layers={len(self.layers)}, rescale={self.rescale}, "
-            f"scale_updates={self.scale_updates})"
+            f"step_scale={self.step_scale:g})"
         )
 
 
@@ -228,10 +229,10 @@ def attach_row_freezing(
     model: nn.Module,
     *,
     rescale: bool = False,
-    scale_updates: bool = False,
+    step_scale: float = 0.0,
 ) -> RowFreezing:
     """Give ``optimizer`` the row-freezing semantics of this module for the FreezableLinears of ``model``.
 
     The optimizer object is unchanged (LR schedulers, checkpoints and GradScaler keep working).
     """
-    return RowFreezing(optimizer, model, rescale=rescale, scale_updates=scale_updates)
+    return RowFreezing(optimizer, model, rescale=rescale, step_scale=step_scale)

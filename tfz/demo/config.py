@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from tfz._validate import MAX_SEED, check_int, check_number, check_ratio, is_int, short_repr
+from tfz._validate import MAX_SEED, check_bool, check_int, check_number, check_ratio, is_int, short_repr
 from tfz.schedule import SCHEDULES
 
 __all__ = ["MAX_ACTIONS", "MAX_RANKS", "METHODS", "TASKS", "DemoConfig"]
@@ -83,9 +83,10 @@ class DemoConfig:
     rescale_grads: bool = True
     """Scale each partly frozen row's gradient by microbatches / active microbatches (``tfz.optim``), so
     it is the mean over the microbatches that trained it (tfz.optim's own default is off)."""
-    scale_updates: bool = False
-    """Scale each partly frozen row's optimizer step by the fraction of microbatches it trained in
-    (``tfz.optim``'s ``scale_updates``)."""
+    step_scale: float = 0.5
+    """Scale each partly frozen row's AdamW step by (microbatches / active microbatches) ** step_scale
+    (``tfz.optim``'s ``step_scale``): 0.5 gives back the progress Adam's normalisation takes from a
+    row trained on part of the step's data; 0 is AdamW's own step (tfz.optim's default)."""
     phase_unit: int | None = None
     """TimelyFreeze phase unit (steps): each monitoring half is one unit; its warm-up is the
     learning-rate warm-up. Default: scaled to the run by ``TimelyFreezeConfig.for_run`` (a tenth of
@@ -155,6 +156,8 @@ class DemoConfig:
         check_int("lr_warmup", self.lr_warmup, 1, optional=True)
         check_number("lr", self.lr, low=0.0, low_open=True, optional=True)
         check_number("weight_decay", self.weight_decay, low=0.0)
+        check_number("step_scale", self.step_scale, low=-4.0, high=4.0)
+        check_bool("rescale_grads", self.rescale_grads)
         check_number("timeout", self.timeout, low=0.0, low_open=True, unit="seconds")
         check_ratio("max_freeze_ratio", self.max_freeze_ratio)
         check_ratio("action_cap", self.action_cap, optional=True)

@@ -135,7 +135,7 @@ def attach_optimizer(cfg: DemoConfig, modules: dict[int, nn.Module]):
         params.parameters(), lr=cfg.peak_lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay
     )
     row_freezing = attach_row_freezing(
-        optimizer, params, rescale=cfg.rescale_grads, scale_updates=cfg.scale_updates
+        optimizer, params, rescale=cfg.rescale_grads, step_scale=cfg.step_scale
     )
     return optimizer, row_freezing, torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg))
 
