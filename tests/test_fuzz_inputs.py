@@ -326,6 +326,8 @@ CLI_CASES = [
     Cli(D + " --lr inf", "'inf'"),
     Cli(D + " --lr 1e400", "'1e400'"),
     Cli(D + " --lr abc", "'abc'"),
+    Cli(D + " --step-scale 9", "'9'"),
+    Cli(D + " --step-scale nan", "'nan'"),
     Cli(D + " --max-freeze-ratio 1.5", "'1.5'"),
     Cli(D + " --max-freeze-ratio nan", "'nan'"),
     Cli(D + " --max-freeze-ratio 1e400", "'1e400'"),

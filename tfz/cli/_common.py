@@ -79,6 +79,11 @@ def nonnegative_float(text: str) -> float:
     return _float(text, lambda v: v >= 0, "a finite number >= 0")
 
 
+def step_exponent(text: str) -> float:
+    """argparse type: a number in [-4, 4] (``tfz.optim``'s ``step_scale``)."""
+    return _float(text, lambda v: -4 <= v <= 4, "a number in [-4, 4]")
+
+
 def ratio(text: str) -> float:
     """argparse type: a number in [0, 1]."""
     return _float(text, lambda v: 0 <= v <= 1, "a number in [0, 1]")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from tfz._validate import MAX_SEED, short_repr
 from tfz.cli import UsageError
-from tfz.cli._common import positive_float, ratio
+from tfz.cli._common import positive_float, ratio, step_exponent
 
 
 def _methods(text: str) -> tuple[str, ...]:
@@ -95,6 +95,13 @@ def _flags():
             "action_cap",
             ratio,
             "TimelyFreeze cap on each microbatch's ratio (default: --max-freeze-ratio; 1: the paper's LP)",
+        ),
+        (
+            "--step-scale",
+            "step_scale",
+            step_exponent,
+            "scale each partly frozen row's AdamW step by (microbatches / active microbatches) ** this "
+            "(0: AdamW's own step)",
         ),
         (
             "--lr",

@@ -530,6 +530,14 @@ def _intro(report: dict) -> list[str]:
             f" TimelyFreeze caps each stage's mean freeze ratio at {cfg['max_freeze_ratio']:g} and each "
             f"microbatch's at {cfg['freeze_action_cap']:g}."
         )
+    if any(m != "none" for m in cfg["methods"]):
+        rescaled = (
+            "rescaled to the mean over the microbatches that trained it" if cfg["rescale_grads"] else "summed"
+        )
+        run += (
+            f" A partly frozen row's gradient is {rescaled}, and its AdamW step is scaled by "
+            f"(microbatches / active microbatches) ^ {cfg.get('step_scale', 0):g}."
+        )
     if cfg["task"] == "finetune":
         what = (
             f"Fine-tuning on {task.get('corpus')} from the base model {task.get('base')} (pretrained "
