@@ -98,3 +98,20 @@ def run_hanging(rank: int, world: int, hang_rank: int, where: str, steps: int = 
         if step == 1 and rank == hang_rank and where == "between":
             time.sleep(3600)
     return "finished"
+
+
+class _Sentinel:
+    """Records, when it is freed, whether the process group still existed."""
+
+    freed_with_group: list[bool] = []
+
+    def __del__(self):
+        import torch.distributed as dist
+
+        _Sentinel.freed_with_group.append(dist.is_initialized())
+
+
+def leave_a_cycle(rank: int, world: int) -> None:
+    """Return leaving a reference cycle that holds a sentinel (as pipeline stages and works do)."""
+    cycle = [_Sentinel()]
+    cycle.append(cycle)
