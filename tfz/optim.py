@@ -81,12 +81,10 @@ def _row_aligned_state(optimizer: torch.optim.Optimizer, param: torch.Tensor) ->
 @dataclass
 class _Partial:
     param: torch.Tensor
-    rows: torch.Tensor
-    """int64 [k]: partly frozen row indices."""
-    weight: torch.Tensor
-    """[k, ...] those rows before the step."""
+    before: torch.Tensor
+    """The parameter before the step."""
     factor: torch.Tensor
-    """[k, 1, ...] (calls / active calls) ** step_scale, broadcastable to ``weight``."""
+    """[out, 1, ...] per row: (calls / active calls) ** step_scale where partly frozen, else 1."""
 
 
 class RowFreezing:
@@ -142,13 +140,14 @@ class RowFreezing:
         counts = usage.counts
         if counts is None:
             return
-        rows = ((counts > 0) & (counts < usage.calls)).nonzero().squeeze(1)
-        if rows.numel() == 0:
+        partly = (counts > 0) & (counts < usage.calls)
+        if not bool(partly.any()):
             return
-        factor = (usage.calls / counts.index_select(0, rows).double()) ** self.step_scale
+        scaled = (usage.calls / counts.clamp(min=1).double()) ** self.step_scale
+        factor = torch.where(partly, scaled, 1.0)
         for p in params:
             shape = (-1,) + (1,) * (p.dim() - 1)
-            self._partial.append(_Partial(p, rows, p.index_select(0, rows), factor.to(p.dtype).view(shape)))
+            self._partial.append(_Partial(p, p.detach().clone(), factor.to(p.dtype).view(shape)))
 
     @torch.no_grad()
     def _before_step(self, optimizer, args, kwargs) -> None:
@@ -187,9 +186,8 @@ class RowFreezing:
     @torch.no_grad()
     def _after_step(self, optimizer, args, kwargs) -> None:
         partial, self._partial = self._partial, []
-        for part in partial:
-            after = part.param.index_select(0, part.rows)
-            part.param.index_copy_(0, part.rows, part.weight + part.factor * (after - part.weight))
+        for part in partial:  # whole tensors: most rows are partly frozen under TimelyFreeze's plans
+            part.param.copy_(part.before.lerp_(part.param, part.factor))
         snapshots, self._snapshots = self._snapshots, []
         for snap in snapshots:
             snap.param.index_copy_(0, snap.rows, snap.weight)
