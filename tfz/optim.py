@@ -83,8 +83,9 @@ class _Partial:
     param: torch.Tensor
     before: torch.Tensor
     """The parameter before the step."""
-    factor: torch.Tensor
-    """[out, 1, ...] per row: (calls / active calls) ** step_scale where partly frozen, else 1."""
+    back: torch.Tensor
+    """[out, 1, ...] per row: 1 - (calls / active calls) ** step_scale where partly frozen, else 0
+    (the step's share taken back: ``after + back * (before - after)``)."""
 
 
 class RowFreezing:
@@ -144,10 +145,10 @@ class RowFreezing:
         if not bool(partly.any()):
             return
         scaled = (usage.calls / counts.clamp(min=1).double()) ** self.step_scale
-        factor = torch.where(partly, scaled, 1.0)
+        back = torch.where(partly, 1.0 - scaled, 0.0)
         for p in params:
             shape = (-1,) + (1,) * (p.dim() - 1)
-            self._partial.append(_Partial(p, p.detach().clone(), factor.to(p.dtype).view(shape)))
+            self._partial.append(_Partial(p, p.detach().clone(), back.to(p.dtype).view(shape)))
 
     @torch.no_grad()
     def _before_step(self, optimizer, args, kwargs) -> None:
@@ -187,7 +188,7 @@ class RowFreezing:
     def _after_step(self, optimizer, args, kwargs) -> None:
         partial, self._partial = self._partial, []
         for part in partial:  # whole tensors: most rows are partly frozen under TimelyFreeze's plans
-            part.param.copy_(part.before.lerp_(part.param, part.factor))
+            part.param.lerp_(part.before, part.back)
         snapshots, self._snapshots = self._snapshots, []
         for snap in snapshots:
             snap.param.index_copy_(0, snap.rows, snap.weight)
