@@ -78,6 +78,11 @@ def _row_aligned_state(optimizer: torch.optim.Optimizer, param: torch.Tensor) ->
     return aligned
 
 
+def _per_row(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``values`` [out] as ``like``'s dtype, shaped [out, 1, ...] to broadcast over ``like``'s rows."""
+    return values.to(like.dtype).view(-1, *([1] * (like.dim() - 1)))
+
+
 @dataclass
 class _Partial:
     param: torch.Tensor
@@ -132,7 +137,7 @@ class RowFreezing:
             scale_O = usage.calls / counts_O.clamp(min=1).double()
             for p in self._params(layer):
                 if p.grad is not None:
-                    p.grad.mul_(scale_O.to(p.grad.dtype).view(-1, *([1] * (p.dim() - 1))))
+                    p.grad.mul_(_per_row(scale_O, p.grad))
         self._rescaled = True
 
     def _snapshot_partial(self, layer: FreezableLinear, params: list[torch.Tensor]) -> None:
@@ -147,8 +152,7 @@ class RowFreezing:
         scaled = (usage.calls / counts.clamp(min=1).double()) ** self.step_scale
         back = torch.where(partly, 1.0 - scaled, 0.0)
         for p in params:
-            shape = (-1,) + (1,) * (p.dim() - 1)
-            self._partial.append(_Partial(p, p.detach().clone(), back.to(p.dtype).view(shape)))
+            self._partial.append(_Partial(p, p.detach().clone(), _per_row(back, p)))
 
     @torch.no_grad()
     def _before_step(self, optimizer, args, kwargs) -> None:
