@@ -6,8 +6,9 @@ One forward + backward of a stack of 4 Linear(D, D) layers over T tokens; varian
 FreezableLinear without masks, half the rows frozen, every row frozen, and the split mode (capture
 in B, flush in W). The microbatch group accumulates four microbatches into existing grads with 3/4 of
 the rows frozen, returning dW to autograd or adding it in place (``use_row_masks(in_place=True)``, what
-tfz.pipeline's B actions do). The optimizer group times AdamW.step without the row-freezing hooks,
-with them (``rescale=True``) and with ``step_scale=0.5`` as well.
+tfz.pipeline's B actions do). The optimizer group times AdamW.step: torch's own (for-loop and
+``fused=True``), with the row-freezing hooks (``rescale=True``, ``step_scale=0.5``, ``fused=False``)
+around either, and tfz's native pass (``tfz._row_adamw``, the default where it applies).
 """
 
 import copy
@@ -88,23 +89,31 @@ def test_microbatch_accumulation(benchmark, in_place):
     benchmark(microbatches)
 
 
+ADAMW = {  # name: (torch's fused=True, row freezing: None or attach_row_freezing's fused)
+    "torch": (False, None),
+    "torch_fused": (True, None),
+    "hooks": (False, False),
+    "hooks_torch_fused": (True, False),
+    "native": (False, True),
+}
+
+
 @pytest.mark.benchmark(group="adamw_step")
-@pytest.mark.parametrize("hooks", ["none", "freeze", "step_scale"])
-def test_adamw_step(benchmark, hooks):
+@pytest.mark.parametrize("variant", list(ADAMW))
+def test_adamw_step(benchmark, variant):
     """Four microbatches, each with a different quarter of the rows active (a covering plan at ratio
     0.75): every row is partly frozen in the step."""
+    torch_fused, row_fused = ADAMW[variant]
     torch.set_num_threads(1)
     model = convert_to_freezable(_stack())
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1, fused=torch_fused)
     quarters = [
         prepare_row_masks({layer: torch.arange(D) // (D // 4) == q for layer in model}) for q in range(4)
     ]
     x = torch.randn(T, D, requires_grad=True)
     handle = None
-    if hooks != "none":
-        handle = attach_row_freezing(
-            opt, model, rescale=True, step_scale=0.5 if hooks == "step_scale" else 0.0
-        )
+    if row_fused is not None:
+        handle = attach_row_freezing(opt, model, rescale=True, step_scale=0.5, fused=row_fused)
 
     def microbatches():  # not timed: grads and row usage are recorded afresh for every step
         model.zero_grad(set_to_none=True)
@@ -114,4 +123,5 @@ def test_adamw_step(benchmark, hooks):
 
     benchmark.pedantic(opt.step, setup=microbatches, rounds=60, warmup_rounds=5)
     if handle is not None:
+        assert (handle.fused_tensors > 0) == row_fused
         handle.remove()

@@ -357,3 +357,25 @@ def test_a_diverging_run_stops_naming_the_learning_rate(tmp_path):
     with pytest.raises(RankError, match=r"none's training loss is nan at step \d: .*learning rate 1e\+10"):
         run_demo(cfg)
     assert not (tmp_path / "report.json").exists()
+
+
+def test_demo_optimizer_is_fused_adamw_with_hooks_only_where_rows_freeze():
+    """No freezing steps plain torch (fused AdamW, no hooks); the freezing methods add the row
+    hooks, which step the FreezableLinears natively where tfz._row_adamw is built."""
+    import torch
+
+    import tfz.optim
+    from tfz.demo.worker import attach_optimizer
+    from tfz.nn import FreezableLinear
+
+    cfg = DemoConfig()
+    for freezing in (False, True):
+        modules = {0: torch.nn.Sequential(FreezableLinear(4, 3), torch.nn.LayerNorm(3))}
+        optimizer, hooks, _ = attach_optimizer(cfg, modules, freezing=freezing)
+        assert all(group["fused"] for group in optimizer.param_groups)
+        assert (hooks is not None) == freezing
+        modules[0](torch.randn(2, 4)).sum().backward()
+        optimizer.step()
+        if hooks is not None:
+            assert hooks.fused_tensors == (2 if tfz.optim.NATIVE else 0)
+            assert (hooks.rescale, hooks.step_scale) == (cfg.rescale_grads, cfg.step_scale)

@@ -589,6 +589,7 @@ API_CASES = [
     Api("optim.attach_row_freezing(torch.optim.SGD(mod.parameters(), lr=0.1), mod, rescale='yes')", "'yes'"),
     Api("optim.attach_row_freezing(torch.optim.SGD(mod.parameters(), lr=0.1), mod, rescale=1)", "rescale must be a bool, got 1"),
     Api("optim.attach_row_freezing(torch.optim.SGD(mod.parameters(), lr=0.1), mod, step_scale=float('inf'))", "step_scale must be a finite number in [-4, 4], got inf"),
+    Api("optim.attach_row_freezing(torch.optim.SGD(mod.parameters(), lr=0.1), mod, fused='yes')", "fused must be a bool, got 'yes'"),
     # -- tfz.pipeline
     Api("pipe.FixedMasks({(0, -1): None})", "(0, -1)"),
     Api("pipe.FixedMasks({(0,): None})", "(0,)"),

@@ -126,17 +126,21 @@ def build_model(cfg: DemoConfig, num_stages: int, stage_ids, seed: int, base=Non
     return {s: convert_to_freezable(m) for s, m in built.items()}
 
 
-def attach_optimizer(cfg: DemoConfig, modules: dict[int, nn.Module]):
-    """(AdamW, its row-freezing hooks, its learning-rate schedule) for ``modules``."""
+def attach_optimizer(cfg: DemoConfig, modules: dict[int, nn.Module], *, freezing: bool = True):
+    """(AdamW, its row-freezing hooks or None without ``freezing``, its learning-rate schedule) for
+    ``modules``. torch's fused AdamW steps what the hooks do not (tfz's native pass, where it applies,
+    steps the FreezableLinears)."""
     from tfz.optim import attach_row_freezing
 
     params = nn.ModuleDict({str(s): m for s, m in modules.items()})
     optimizer = torch.optim.AdamW(
-        params.parameters(), lr=cfg.peak_lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay
+        params.parameters(), lr=cfg.peak_lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay, fused=True
     )
-    row_freezing = attach_row_freezing(
-        optimizer, params, rescale=cfg.rescale_grads, step_scale=cfg.step_scale
-    )
+    row_freezing = None
+    if freezing:
+        row_freezing = attach_row_freezing(
+            optimizer, params, rescale=cfg.rescale_grads, step_scale=cfg.step_scale
+        )
     return optimizer, row_freezing, torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg))
 
 
@@ -185,7 +189,9 @@ class MethodRun:
             for s in self.local
         ]
         self.torch_schedule = build_torch_schedule(sched, self.stages, _loss_fn)
-        self.optimizer, self.row_freezing, self.lr_schedule = attach_optimizer(cfg, self.modules)
+        self.optimizer, self.row_freezing, self.lr_schedule = attach_optimizer(
+            cfg, self.modules, freezing=self.method != "none"
+        )
         self.first = 0 in self.local
         self.last = n_stages - 1 in self.local
 

@@ -1,40 +1,4 @@
-"""Optimizer semantics of row freezing, for torch's own optimizers (``tfz.optim``).
-
-:func:`attach_row_freezing` registers step pre/post hooks on an optimizer. Per FreezableLinear of the
-model it reads the layer's ``row_usage`` (which rows received a weight-gradient contribution since
-the last step) and guarantees:
-
-- **Rows frozen in every microbatch of the step** keep their weight and optimizer state bit for bit:
-  no momentum / moment update, no weight decay. The bias entry of such a row is treated the same way.
-  The rows are snapshotted before ``optimizer.step()`` and restored after it. A layer frozen in every
-  microbatch has ``.grad is None``, so torch skips it on its own (and does not advance its step).
-- **Rows frozen in only some microbatches** get the sum of their gradients over the microbatches in
-  which they were active: no rescaling by default (the TimelyFreeze choice). With ``rescale=True`` each
-  row's gradient is multiplied by ``calls / active_calls`` (microbatches through the layer / those in
-  which the row was active), making it an unbiased estimate of the full sum.
-- ``step_scale`` (s) scales the step a partly frozen row takes by ``(calls / active_calls) ** s``:
-  after the optimizer's step the row is set to ``before + factor * (after - before)``, its optimizer
-  state as the step left it. Adam normalises each gradient by its running RMS, and a row's gradient
-  from k of n microbatches carries about n/k times the noise variance of one from all n, so where
-  noise dominates the row moves about sqrt(k/n) as far along the signal per step: ``s = 0.5`` gives
-  that back (``tfz demo``'s setting, chosen by measurement: bench/RESULTS.md). ``s = -1`` scales the
-  step by the row's share of the data. 0 (default) leaves the optimizer's step.
-- Per-tensor scalar state advances whenever some row of the tensor is active, e.g. Adam's ``step``:
-  a row that wakes up after being frozen uses the tensor's bias correction with its own (older)
-  moments.
-- When a parameter's state is created by a step in which some of its rows are frozen, those rows of
-  its state tensors are set to zero: the initial value of Adam/AdamW/RMSprop moments; for SGD
-  momentum, a zero buffer then gives ``momentum * 0 + grad``, which equals torch's first-step
-  ``clone(grad)`` when ``dampening == 0``. (Optimizers with non-zero lazy initial state, such as
-  Rprop's ``step_size``, see zeros there.)
-- Layers with no backward through them since the last step (``row_usage.calls == 0``) are left to the
-  optimizer unchanged, as are all other parameters.
-
-Supported optimizers are those whose per-parameter state tensors are scalars or have the parameter's
-shape (SGD, Adam, AdamW, Adagrad, RMSprop, ...); other state layouts raise TypeError. Usage is reset
-after each step; call :meth:`RowFreezing.reset` (or ``tfz.nn.reset_row_usage``) when a step is skipped
-(e.g. by a GradScaler on overflow). Weights tied to other modules are not supported.
-"""
+"""The row-freezing hooks (:class:`RowFreezing`); semantics in :mod:`tfz.optim`."""
 
 from __future__ import annotations
 
@@ -45,6 +9,7 @@ from torch import nn
 
 from tfz._validate import check_bool, check_number
 from tfz.nn import FreezableLinear
+from tfz.optim import row_adamw
 
 __all__ = ["RowFreezing", "attach_row_freezing"]
 
@@ -94,7 +59,9 @@ class _Partial:
 
 
 class RowFreezing:
-    """Hooks that give ``optimizer`` the row-freezing semantics above; ``remove()`` detaches them."""
+    """Hooks that give ``optimizer`` the row-freezing semantics of :mod:`tfz.optim`; ``remove()``
+    detaches them. With ``fused`` (default) a plain AdamW steps FreezableLinears in one native pass
+    where :func:`tfz.optim.row_adamw.fusable` holds (``fused_tensors``: how many in the last step)."""
 
     def __init__(
         self,
@@ -103,6 +70,7 @@ class RowFreezing:
         *,
         rescale: bool = False,
         step_scale: float = 0.0,
+        fused: bool = True,
     ):
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
@@ -111,6 +79,11 @@ class RowFreezing:
         self.optimizer = optimizer
         self.rescale = check_bool("rescale", rescale)
         self.step_scale = check_number("step_scale", step_scale, low=-4.0, high=4.0)
+        self.fused = check_bool("fused", fused)
+        self.fused_tensors = 0
+        """Parameters stepped by the native pass in the last step (the rest went through torch's step)."""
+        self._held: list[tuple[torch.Tensor, torch.Tensor]] = []
+        """(parameter, gradient) stepped natively: the gradient is hidden from torch's step, then restored."""
         self._partial: list[_Partial] = []
         self.layers = [m for m in model.modules() if isinstance(m, FreezableLinear)]
         self._snapshots: list[_Snapshot] = []
@@ -130,15 +103,40 @@ class RowFreezing:
         if self._rescaled or not self.rescale:
             return
         for layer in self.layers:
-            usage = layer.row_usage
-            counts_O = usage.counts
-            if usage.calls == 0 or counts_O is None:
-                continue
-            scale_O = usage.calls / counts_O.clamp(min=1).double()
-            for p in self._params(layer):
-                if p.grad is not None:
-                    p.grad.mul_(_per_row(scale_O, p.grad))
+            self._rescale_layer(layer)
         self._rescaled = True
+
+    def _rescale_layer(self, layer: FreezableLinear) -> None:
+        usage = layer.row_usage
+        counts_O = usage.counts
+        if usage.calls == 0 or counts_O is None:
+            return
+        scale_O = usage.calls / counts_O.clamp(min=1).double()
+        for p in self._params(layer):
+            if p.grad is not None:
+                p.grad.mul_(_per_row(scale_O, p.grad))
+
+    def _step_natively(self, layer: FreezableLinear, params: list[torch.Tensor], groups: dict) -> bool:
+        """Step ``params`` of ``layer`` in the native pass if they all qualify; hide their gradients."""
+        state = self.optimizer.state
+        if not all(row_adamw.fusable(p, groups[id(p)], state.get(p)) for p in params):
+            return False
+        usage = layer.row_usage
+        if usage.partial is not None:
+            counts = usage.counts
+        elif usage.full_calls:  # every row in every call
+            counts = None
+        else:  # frozen in every call: only the step count advances
+            counts = torch.zeros(layer.out_features, dtype=torch.int32)
+        fold = self.rescale and not self._rescaled
+        for p in params:
+            row_adamw.step(
+                p, groups[id(p)], state[p], counts, usage.calls, rescale=fold, step_scale=self.step_scale
+            )
+            self._held.append((p, p.grad))
+            p.grad = None
+        self.fused_tensors += len(params)
+        return True
 
     def _snapshot_partial(self, layer: FreezableLinear, params: list[torch.Tensor]) -> None:
         """Remember the rows active in some but not all calls, and their step factors (``step_scale``)."""
@@ -156,16 +154,20 @@ class RowFreezing:
 
     @torch.no_grad()
     def _before_step(self, optimizer, args, kwargs) -> None:
-        self.rescale_grads()
         self._snapshots = []
         self._partial = []
+        self.fused_tensors = 0
+        native = self.fused and row_adamw.optimizer_fusable(optimizer, args, kwargs)
+        groups = {id(p): group for group in optimizer.param_groups for p in group["params"]}
         for layer in self.layers:
             usage = layer.row_usage
             if usage.calls == 0:
                 continue
             params = [p for p in self._params(layer) if p.grad is not None]
-            if not params:
+            if not params or (native and self._step_natively(layer, params, groups)):
                 continue
+            if self.rescale and not self._rescaled:
+                self._rescale_layer(layer)
             if self.step_scale != 0.0:
                 self._snapshot_partial(layer, params)
             if usage.full_calls == 0 and usage.partial is None:  # frozen in every call
@@ -187,9 +189,11 @@ class RowFreezing:
                         fresh=not optimizer.state.get(p),
                     )
                 )
+        self._rescaled = True
 
     @torch.no_grad()
     def _after_step(self, optimizer, args, kwargs) -> None:
+        self._restore_grads()
         partial, self._partial = self._partial, []
         for part in partial:  # whole tensors: most rows are partly frozen under TimelyFreeze's plans
             part.param.lerp_(part.before, part.back)
@@ -207,11 +211,17 @@ class RowFreezing:
 
     def reset(self) -> None:
         """Forget this step's row usage and snapshots (called after every step)."""
+        self._restore_grads()
         self._snapshots = []
         self._partial = []
         self._rescaled = False
         for layer in self.layers:
             layer.row_usage.reset()
+
+    def _restore_grads(self) -> None:
+        held, self._held = self._held, []
+        for p, grad in held:
+            p.grad = grad
 
     def remove(self) -> None:
         """Detach the hooks; the optimizer behaves like plain torch again."""
@@ -223,7 +233,7 @@ class RowFreezing:
         name = type(self.optimizer).__name__
         return (
             f"RowFreezing({name}, layers={len(self.layers)}, rescale={self.rescale}, "
-            f"step_scale={self.step_scale:g})"
+            f"step_scale={self.step_scale:g}, fused={self.fused})"
         )
 
 
@@ -233,9 +243,10 @@ def attach_row_freezing(
     *,
     rescale: bool = False,
     step_scale: float = 0.0,
+    fused: bool = True,
 ) -> RowFreezing:
     """Give ``optimizer`` the row-freezing semantics of this module for the FreezableLinears of ``model``.
 
     The optimizer object is unchanged (LR schedulers, checkpoints and GradScaler keep working).
     """
-    return RowFreezing(optimizer, model, rescale=rescale, step_scale=step_scale)
+    return RowFreezing(optimizer, model, rescale=rescale, step_scale=step_scale, fused=fused)
