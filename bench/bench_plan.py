@@ -39,7 +39,7 @@ import pytest
 
 from tfz.dag import build_dag
 from tfz.plan import PlanConfig, flow, solve, solve_generic
-from tfz.profile import Profile, StageTimes
+from tfz.profile import Profile
 from tfz.schedule import build_schedule
 
 CONFIG = PlanConfig(max_freeze_ratio=0.8)
@@ -53,13 +53,7 @@ def instance(name: str, P: int, M: int, kind: str, seed: int = 0):
     if kind == "uniform":
         return (dag, *Profile.uniform(f=1.0, i=1.0, w=1.0, w_frozen=0.0).durations(dag))
     if kind == "stage":
-        stages = {}
-        for s in range(dag.num_stages):
-            f, i, w = rng.uniform(0.8, 1.2, 3)
-            stages[s] = StageTimes(
-                f=float(f), i=float(i), w=float(w), w_frozen=float(w * rng.uniform(0.05, 0.3))
-            )
-        return (dag, *Profile(stages=stages).durations(dag))
+        return (dag, *Profile.random_stages(dag.num_stages, rng).durations(dag))
     n = dag.num_actions
     b = dag.kind_mask("B")
     bw = dag.kind_mask("B", "W")

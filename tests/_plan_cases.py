@@ -12,7 +12,7 @@ import re
 import numpy as np
 import pytest
 
-from tfz.profile import Profile, StageTimes
+from tfz.profile import Profile
 from tfz.schedule import build_schedule
 
 KINDS = ("uniform", "stage", "tied", "random")
@@ -51,13 +51,7 @@ def times(dag, kind, rng):
     if kind == "uniform":
         return Profile.uniform(f=1.0, i=1.0, w=1.0, w_frozen=0.0).durations(dag)
     if kind == "stage":
-        stages = {}
-        for s in range(dag.num_stages):
-            f, i, w = rng.uniform(0.8, 1.2, 3)
-            stages[s] = StageTimes(
-                f=float(f), i=float(i), w=float(w), w_frozen=float(w * rng.uniform(0.05, 0.3))
-            )
-        return Profile(stages=stages).durations(dag)
+        return Profile.random_stages(dag.num_stages, rng).durations(dag)
     if kind == "tied":
         return random_times(dag, rng, equal_share=0.0, grid=0.25)
     if kind == "random":

@@ -328,3 +328,18 @@ def test_profile_of_more_stages_than_the_schedule_is_refused(stages, message):
     assert message in str(err.value)
     fewer = Profile(stages={0: StageTimes(2.0, 1.0, 1.0)}, default=default)  # the default fills in
     assert fewer.durations(dag)[0].max() == 2.0
+
+
+def test_random_stages_draws_one_set_per_stage_in_range():
+    import numpy as np
+
+    from tfz.profile import Profile
+
+    a = Profile.random_stages(3, np.random.default_rng(5))
+    b = Profile.random_stages(3, np.random.default_rng(5))
+    assert a == b and sorted(a.stages) == [0, 1, 2]
+    for t in a.stages.values():
+        assert all(0.8 <= v <= 1.2 for v in (t.f, t.i, t.w))
+        assert 0.05 * t.w <= t.w_frozen <= 0.3 * t.w
+    with pytest.raises(ValueError, match="num_stages"):
+        Profile.random_stages(0, np.random.default_rng(0))

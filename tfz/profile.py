@@ -230,6 +230,17 @@ class Profile:
         times = {"F": f, "I": i, "W": w, "W_frozen": w_frozen}
         return cls(default=StageTimes.from_dict(times, "uniform"))
 
+    @classmethod
+    def random_stages(cls, num_stages: int, rng: np.random.Generator) -> Profile:
+        """One set of times per stage, as ``tfz profile`` writes them, drawn from ``rng``: F, I and W in
+        [0.8, 1.2], W frozen at 5-30% of W (planner tests and benchmarks)."""
+        stages = {}
+        for s in range(check_int("num_stages", num_stages, 1)):
+            f, i, w = rng.uniform(0.8, 1.2, 3)
+            frozen = w * rng.uniform(0.05, 0.3)
+            stages[s] = StageTimes(f=float(f), i=float(i), w=float(w), w_frozen=float(frozen))
+        return cls(stages=stages)
+
     def stage_times(self, stage: int) -> StageTimes:
         """Times of ``stage``; ValueError naming it if the profile has none."""
         times = self.stages.get(stage, self.default)
