@@ -1,4 +1,4 @@
-"""Ahead-of-time compilation of the wgrad kernels for sm_80 / sm_90, without a GPU.
+"""Ahead-of-time compilation of the wgrad and row-AdamW kernels for sm_80 / sm_90, without a GPU.
 
 The triton wheel ships ptxas, so ``triton.compile`` can target any NVIDIA architecture on a CPU-only
 machine. Each case is compiled with the specialisation a real launch gets: the arguments go through
@@ -52,7 +52,8 @@ DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 @dataclass(frozen=True)
 class Case:
-    """One kernel compile: ``kernel`` "wgrad" or "bias", operand dtype, dW dtype, flags, config."""
+    """One kernel compile: ``kernel`` "wgrad", "bias" or "row_adamw", operand dtype, dW dtype (the
+    parameter's for row_adamw), flags, config."""
 
     kernel: str
     arch: int
@@ -79,6 +80,8 @@ class Result:
     cp_async_bytes: tuple[int, ...]
     """Widths of the cp.async copies in the PTX (16 = full vectors)."""
     atomics: bool
+    vector_loads: bool
+    """16-byte global loads (``ld.global.v4``) in the PTX: what a memory-bound kernel needs."""
     triton: str
 
     @property
@@ -97,21 +100,49 @@ class _Ptr:
         return 1 << 20
 
 
-def _kernels():
+ROW_ADAMW_CONFIG = {"block": 1024, "num_warps": 4, "num_stages": 3}
+"""The row-AdamW launch: BLOCK of kernels/row_adamw.py and triton's default warps and stages."""
+
+
+def _kernel_module(name: str):
+    """``kernels/<name>.py`` (imports triton only), as a package module or loaded by path."""
     import triton  # noqa: F401 - before loading the kernels module
 
-    try:
-        from . import _triton_kernels
-    except ImportError:
-        spec = importlib.util.spec_from_file_location(
-            "_tfz_triton_kernels", Path(__file__).with_name("_triton_kernels.py")
-        )
-        _triton_kernels = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(_triton_kernels)
-    return _triton_kernels
+    if __package__:
+        with contextlib.suppress(ImportError):
+            return importlib.import_module(f".{name}", __package__)
+    spec = importlib.util.spec_from_file_location(f"_tfz{name}", Path(__file__).with_name(f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _kernel_fn(kind: str):
+    if kind == "row_adamw":
+        return _kernel_module("_row_adamw_triton").row_adamw_kernel
+    mod = _kernel_module("_triton_kernels")
+    return mod.wgrad_kernel if kind == "wgrad" else mod.bias_kernel
 
 
 def _launch_args(case: Case) -> tuple[list, dict]:
+    if case.kernel == "row_adamw":  # a 4096-column row, counts and step on the device, every flag
+        args = [_Ptr(case.dtype)] * 4 + [
+            _Ptr("int32"),
+            _Ptr("fp32"),
+            4096,
+            8,
+            1.0,
+            1e-3,
+            0.9,
+            0.95,
+            1e-8,
+            0.1,
+            0.5,
+        ]
+        meta = dict(
+            HAS_COUNTS=True, RESCALE=True, SCALE_STEP=True, STEP_ON_DEVICE=True, BLOCK=case.config["block"]
+        )
+        return args, dict(meta, num_warps=case.config["num_warps"], num_stages=case.config["num_stages"])
     cfg = configs.WgradConfig(**case.config)
     m, n, t = case.n_out, case.n_in, 4096
     dtype = case.dtype
@@ -154,8 +185,7 @@ def compile_case(case: Case, cache_dir: str | None = None) -> Result:
 
         knobs.cache.dir = os.environ["TRITON_CACHE_DIR"]
         knobs.nvidia.dump_ptxas_log = True
-        mod = _kernels()
-        fn = mod.wgrad_kernel if case.kernel == "wgrad" else mod.bias_kernel
+        fn = _kernel_fn(case.kernel)
         target = GPUTarget("cuda", case.arch, 32)
         backend = make_backend(target)
         args, kwargs = _launch_args(case)
@@ -192,6 +222,7 @@ def compile_case(case: Case, cache_dir: str | None = None) -> Result:
         mma=mma,
         cp_async_bytes=tuple(sorted({int(w, 0) for w in widths})),
         atomics=bool(re.search(r"^\s*(?:@%p\d+\s+)?(?:red|atom)\.", ptx, re.MULTILINE)),
+        vector_loads=bool(re.search(r"ld\.global(?:\.\w+)*\.v4\.", ptx)),
         triton=triton.__version__,
     )
 
@@ -199,7 +230,8 @@ def compile_case(case: Case, cache_dir: str | None = None) -> Result:
 def cases(archs=(90, 80)) -> list[Case]:
     """Every kernel a launch can use on these architectures: each config of the table (and its split-K
     twin and the fallback) for bf16 and fp32 (TF32) operands with the heaviest flags (row mask,
-    accumulate into fp32), the 16-bit-dW epilogue of every bf16 config, and the bias kernel."""
+    accumulate into fp32), the 16-bit-dW epilogue of every bf16 config, the bias kernel, and the
+    row-AdamW step for bf16 and fp32 parameters."""
     out = []
     for arch in archs:
         fam = configs.family((arch // 10, arch % 10))
@@ -210,6 +242,7 @@ def cases(archs=(90, 80)) -> list[Case]:
                     out.append(Case("wgrad", arch, dtype, asdict(cfg), dw_dtype="bf16"))
             out.append(Case("bias", arch, dtype, asdict(configs.BIAS_CONFIG)))
             out.append(Case("bias", arch, dtype, asdict(configs.BIAS_CONFIG.with_split(configs.SPLIT_K))))
+            out.append(Case("row_adamw", arch, dtype, ROW_ADAMW_CONFIG, dw_dtype=dtype))
     return out
 
 
@@ -222,6 +255,8 @@ def run_cases(todo: list[Case], jobs: int = 1) -> list[Result]:
 
 
 def _config_name(c: dict) -> str:
+    if "block" in c:
+        return f"{c['block']} w{c['num_warps']}"
     return f"{c['block_m']}x{c['block_n']}x{c['block_k']} w{c['num_warps']} s{c['num_stages']}" + (
         f" split{c['split_k']}" if c["split_k"] > 1 else ""
     )
@@ -236,7 +271,7 @@ def markdown(results: list[Result]) -> str:
     lines = [head, "|---|---|---|---|---|---:|---:|---:|---|---|"]
     for r in results:
         c = r.case
-        dw = f"{c.dtype} -> {c.dw_dtype}" if c.kernel == "wgrad" else f"{c.dtype} -> fp32"
+        dw = f"{c.dtype} -> {c.dw_dtype}" if c.kernel != "bias" else f"{c.dtype} -> fp32"
         lines.append(
             f"| {r.triton} | sm_{c.arch} | {c.kernel} | {dw} | {_config_name(c.config)} | {r.registers} | "
             f"{r.spill_stores}/{r.spill_loads} | {r.shared / 1024:.0f} | {r.mma} | "
@@ -247,7 +282,8 @@ def markdown(results: list[Result]) -> str:
 
 def problems(results: list[Result]) -> list[str]:
     """What the ahead-of-time check refuses: spills, shared memory over the architecture's limit,
-    wgrad kernels without tensor-core MMA, atomics in kernels that do not split."""
+    wgrad kernels without tensor-core MMA, atomics in kernels that do not split (row_adamw: none), a
+    row-AdamW kernel without 16-byte loads."""
     out = []
     for r in results:
         c = r.case
@@ -258,8 +294,11 @@ def problems(results: list[Result]) -> list[str]:
             out.append(f"{name}: {r.shared} bytes of shared memory > {SMEM_LIMIT[c.arch]}")
         if c.kernel == "wgrad" and r.mma != ("wgmma" if c.arch == 90 else "mma.sync"):
             out.append(f"{name}: MMA {r.mma}")
-        if r.atomics != (c.config["split_k"] > 1):
-            out.append(f"{name}: atomics {r.atomics} with split {c.config['split_k']}")
+        if c.kernel == "row_adamw" and not r.vector_loads:
+            out.append(f"{name}: no 16-byte global loads")
+        split = c.config.get("split_k", 1)
+        if r.atomics != (split > 1):
+            out.append(f"{name}: atomics {r.atomics} with split {split}")
     return out
 
 
@@ -268,7 +307,7 @@ def main(argv=None) -> int:
     parser.add_argument("--arch", type=int, action="append", choices=sorted(SMEM_LIMIT), help="repeatable")
     parser.add_argument("--jobs", type=int, default=1, help="compile in this many processes")
     parser.add_argument("--json", help="also write the results to this JSON file")
-    parser.add_argument("--kernel", choices=("wgrad", "bias"), help="only this kernel")
+    parser.add_argument("--kernel", choices=("wgrad", "bias", "row_adamw"), help="only this kernel")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="only these operands")
     ns = parser.parse_args(argv)
     todo = [

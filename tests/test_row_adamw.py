@@ -60,9 +60,23 @@ def sync(dst_model, dst_opt, src_model, src_opt):
                 }
 
 
+def use_kernel_on_cpu(monkeypatch):
+    """Route CPU tensors to the Triton kernel (the interpreter), as CUDA tensors are routed."""
+    from tfz.kernels import row_adamw as kernel
+
+    from tfz.optim import row_adamw
+
+    if not kernel.available(torch.device("cpu")):
+        pytest.skip("needs triton and TRITON_INTERPRET=1 (the compiled kernel runs on a GPU)")
+    monkeypatch.setattr(row_adamw, "path", lambda p: "triton" if p.dtype in kernel.DTYPES else None)
+
+
 @pytest.mark.parametrize("rescale", [False, True])
 @pytest.mark.parametrize("step_scale", [0.0, 0.5, -1.0])
-def test_row_adamw_matches_float64_hooks(rescale, step_scale):
+@pytest.mark.parametrize("path", ["native", "triton"])
+def test_row_adamw_matches_float64_hooks(rescale, step_scale, path, monkeypatch):
+    if path == "triton":
+        use_kernel_on_cpu(monkeypatch)
     model = make_model()
     ref = copy.deepcopy(model).double()
     kw = dict(lr=0.02, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
@@ -186,3 +200,116 @@ def test_bad_fused_argument_raises():
     with pytest.raises(ValueError, match="fused must be a bool, got 1"):
         attach_row_freezing(opt, model, fused=1)
     assert "fused=False" in repr(attach_row_freezing(opt, model, fused=False))
+
+
+def _reference(p, g, m, v, t, counts, calls, rescale, step_scale, lr, b1, b2, eps, wd):
+    """float64 AdamW with the row semantics of tfz.optim (module docstring), written out."""
+    p, g, m, v = (x.double().clone() for x in (p, g, m, v))
+    rows = p.shape[0]
+    c = torch.full((rows,), calls, dtype=torch.float64) if counts is None else counts.double()
+    share = calls / c.clamp(min=1)
+    shape = (-1,) + (1,) * (p.dim() - 1)
+    g = g * (share if rescale else torch.ones_like(share)).view(shape)
+    f = torch.where((c > 0) & (c < calls), share**step_scale, torch.ones_like(share)).view(shape)
+    m2 = m + (1 - b1) * (g - m)
+    v2 = b2 * v + (1 - b2) * g * g
+    denom = v2.sqrt() / (1 - b2**t) ** 0.5 + eps
+    p2 = p * (1 - lr * wd * f) - lr * f / (1 - b1**t) * m2 / denom
+    keep = (c == 0).view(shape)
+    return torch.where(keep, p, p2), torch.where(keep, m, m2), torch.where(keep, v, v2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(6, 40), (3, 1100), (5,)])
+@pytest.mark.parametrize(
+    "rescale,step_scale,on_device", [(False, 0.0, True), (True, 0.5, False), (True, -1.0, True)]
+)
+def test_triton_row_adamw_matches_float64(dtype, shape, rescale, step_scale, on_device):
+    from tfz.kernels import row_adamw as kernel
+
+    if not kernel.available(torch.device("cpu")):
+        pytest.skip("needs triton and TRITON_INTERPRET=1 (the compiled kernel runs on a GPU)")
+    gen = torch.Generator().manual_seed(7)
+    p, g = (torch.randn(shape, generator=gen) for _ in range(2))
+    m = torch.randn(shape, generator=gen) * 0.1
+    v = torch.rand(shape, generator=gen) * 0.01
+    counts = torch.tensor([0, 4, 1, 3, 2, 4][: shape[0]], dtype=torch.int32)
+    hyper = dict(lr=0.01, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1)
+    t = 3.0
+    tensors = [x.to(dtype) for x in (p, g, m, v)]
+    expected = _reference(*tensors, t, counts, 4, rescale, step_scale, *hyper.values())
+    before = tensors[0].clone()
+    step = torch.tensor(t) if on_device else t
+    kernel.row_adamw(*tensors, step, counts=counts, calls=4, rescale=rescale, step_scale=step_scale, **hyper)
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+    ref = [x.to(dtype).double() for x in expected]  # the reference rounded as the kernel stores
+    for name, got, want in zip(("param", "exp_avg", "exp_avg_sq"), (tensors[0], tensors[2], tensors[3]), ref):
+        torch.testing.assert_close(got.double(), want, **tol, msg=lambda s, n=name: f"{n}: {s}")
+    assert torch.equal(tensors[0][0], before[0]), "row 0 (active in no call) untouched"
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_device_path_reads_nothing_back_from_the_device(fused, monkeypatch):
+    """On the Triton path the hooks launch one kernel per tensor and read no device value (counted on
+    CPU tensors, as test_wgrad_sync does; the launch itself is recorded, not run: it is asynchronous
+    on a GPU). The hooks around torch's step read the masks back (the control)."""
+    from test_wgrad_sync import SyncCounter
+
+    from tfz.optim import row_adamw
+
+    launched = []
+    monkeypatch.setattr(row_adamw, "path", lambda p: "triton")
+    monkeypatch.setattr(row_adamw._kernel, "row_adamw", lambda *args, **kw: launched.append(kw["counts"]))
+    model = nn.Sequential(FreezableLinear(6, 8), nn.Tanh(), FreezableLinear(8, 5))
+    opt = torch.optim.AdamW(model.parameters(), lr=0.01, fused=True)
+    hooks = attach_row_freezing(opt, model, rescale=True, step_scale=0.5, fused=fused)
+    gen = torch.Generator().manual_seed(8)
+    for per in masks_for(0, gen, nn.Sequential(model[0], None, model[2], None, model[2]))[:2]:
+        with use_row_masks({model[0]: per[0], model[2]: per[2]}):
+            (model(torch.randn(3, 6, generator=gen)) ** 2).sum().backward()
+    with SyncCounter() as counter:
+        opt.step()
+    if fused:
+        assert counter.seen == [] and hooks.fused_tensors == 4 and len(launched) == 4
+        assert all(c is not None and c.dtype == torch.int32 for c in launched)
+    else:
+        assert counter.seen and not launched
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_kernel_on_gpu_matches_float64_and_never_syncs(dtype):
+    """The compiled kernel against the float64 formulas; then RowFreezing on a CUDA model steps every
+    FreezableLinear through it with torch's sync debug mode set to error."""
+    from tfz.kernels import row_adamw as kernel
+
+    dev = torch.device("cuda")
+    gen = torch.Generator().manual_seed(9)
+    shape = (96, 1500)  # two column blocks, the second partial
+    p, g = (torch.randn(shape, generator=gen) for _ in range(2))
+    m, v = torch.randn(shape, generator=gen) * 0.1, torch.rand(shape, generator=gen) * 0.01
+    counts = torch.randint(0, 5, (shape[0],), generator=gen, dtype=torch.int32)
+    hyper = dict(lr=0.01, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1)
+    expected = _reference(*(x.to(dtype) for x in (p, g, m, v)), 5.0, counts, 4, True, 0.5, *hyper.values())
+    for step in (torch.tensor(5.0, device=dev), 5.0):
+        t = [x.to(dev, dtype) for x in (p, g, m, v)]
+        kernel.row_adamw(*t, step, counts=counts.to(dev), calls=4, rescale=True, step_scale=0.5, **hyper)
+        tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+        for got, want in zip((t[0], t[2], t[3]), expected):
+            torch.testing.assert_close(got.double().cpu(), want.to(dtype).double(), **tol)
+    model = make_model().to(dev, dtype)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.01, fused=True)
+    hooks = attach_row_freezing(opt, model, rescale=True, step_scale=0.5)
+    gen = torch.Generator().manual_seed(10)
+    backward(
+        model,
+        [{i: r.to(dev) for i, r in per.items()} for per in masks_for(0, gen, model)],
+        [torch.randn(3, 6, generator=gen).to(dev) for _ in range(N_MB)],
+    )
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        opt.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert hooks.fused_tensors == 5

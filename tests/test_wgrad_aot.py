@@ -1,4 +1,5 @@
-"""Ahead-of-time compilation (no GPU) of every wgrad kernel the launcher can pick, for sm_80 and sm_90.
+"""Ahead-of-time compilation (no GPU) of every wgrad kernel the launcher can pick, and of the row-AdamW
+kernel, for sm_80 and sm_90.
 
 The launcher's own decision (``launch_config``) runs over a grid of calls on simulated A100 / H100
 devices; every config it returns must be among the kernels ``kernels/aot.py`` compiles with the real
@@ -107,3 +108,10 @@ def test_every_launchable_config_compiles_without_spills(tmp_path):
         assert mma == {"wgmma" if arch == 90 else "mma.sync"}
     bias = [r for r in results if r["case"]["kernel"] == "bias"]
     assert {r["case"]["arch"] for r in bias} == set(DEVICES)
+    from tfz.kernels.row_adamw import BLOCK
+
+    adamw = [r for r in results if r["case"]["kernel"] == "row_adamw"]
+    assert {(r["case"]["arch"], r["case"]["dtype"]) for r in adamw} == {
+        (a, d) for a in DEVICES for d in ("bf16", "fp32")
+    }
+    assert all(r["case"]["config"]["block"] == BLOCK and r["mma"] == "none" for r in adamw)

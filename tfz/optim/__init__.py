@@ -30,6 +30,10 @@ the last step) and guarantees:
 - Layers with no backward through them since the last step (``row_usage.calls == 0``) are left to the
   optimizer unchanged, as are all other parameters.
 
+For a plain ``torch.optim.AdamW`` all of this runs in one pass per FreezableLinear tensor
+(:mod:`tfz.optim.row_adamw`: C++ on CPU, a Triton kernel on CUDA without host synchronisation); the
+hooks around torch's step serve every other optimizer and setting (``fused=False`` forces them).
+
 Supported optimizers are those whose per-parameter state tensors are scalars or have the parameter's
 shape (SGD, Adam, AdamW, Adagrad, RMSprop, ...); other state layouts raise TypeError. Usage is reset
 after each step; call :meth:`RowFreezing.reset` (or ``tfz.nn.reset_row_usage``) when a step is skipped

@@ -60,8 +60,9 @@ class _Partial:
 
 class RowFreezing:
     """Hooks that give ``optimizer`` the row-freezing semantics of :mod:`tfz.optim`; ``remove()``
-    detaches them. With ``fused`` (default) a plain AdamW steps FreezableLinears in one native pass
-    where :func:`tfz.optim.row_adamw.fusable` holds (``fused_tensors``: how many in the last step)."""
+    detaches them. With ``fused`` (default) a plain AdamW steps FreezableLinears in one pass (C++ on
+    CPU, Triton on CUDA, no host synchronisation) where :func:`tfz.optim.row_adamw.fusable` holds
+    (``fused_tensors``: how many in the last step)."""
 
     def __init__(
         self,
@@ -81,7 +82,7 @@ class RowFreezing:
         self.step_scale = check_number("step_scale", step_scale, low=-4.0, high=4.0)
         self.fused = check_bool("fused", fused)
         self.fused_tensors = 0
-        """Parameters stepped by the native pass in the last step (the rest went through torch's step)."""
+        """Parameters stepped in one pass in the last step (the rest went through torch's step)."""
         self._held: list[tuple[torch.Tensor, torch.Tensor]] = []
         """(parameter, gradient) stepped natively: the gradient is hidden from torch's step, then restored."""
         self._partial: list[_Partial] = []
@@ -117,7 +118,7 @@ class RowFreezing:
                 p.grad.mul_(_per_row(scale_O, p.grad))
 
     def _step_natively(self, layer: FreezableLinear, params: list[torch.Tensor], groups: dict) -> bool:
-        """Step ``params`` of ``layer`` in the native pass if they all qualify; hide their gradients."""
+        """Step ``params`` of ``layer`` in one pass if they all qualify; hide their gradients."""
         state = self.optimizer.state
         if not all(row_adamw.fusable(p, groups[id(p)], state.get(p)) for p in params):
             return False
