@@ -45,6 +45,22 @@ def raise_on(rank: int, world: int, bad_rank: int, kind: str) -> None:
     dist.all_reduce(torch.ones(1))
 
 
+def pause_between_heartbeats(rank: int, world: int, pause_s: float, busy: bool) -> int:
+    """Report once, then compute (``busy``) or sleep for ``pause_s`` without reporting, then report."""
+    from tfz.pipeline import heartbeat
+
+    heartbeat("start", step=0)
+    end = time.monotonic() + pause_s
+    x = 0
+    while time.monotonic() < end:
+        if busy:
+            x = sum(i * i for i in range(20000)) + x % 7  # an evaluation or a checkpoint between actions
+        else:
+            time.sleep(0.05)
+    heartbeat("end", step=1)
+    return rank
+
+
 def sleep_forever(rank: int, world: int) -> None:
     time.sleep(3600)
 

@@ -15,6 +15,7 @@ import pytest
 from _pipe_launch_fns import (
     _Sentinel,
     leave_a_cycle,
+    pause_between_heartbeats,
     raise_on,
     rank_info,
     run_hanging,
@@ -238,6 +239,30 @@ def test_the_hang_wins_over_the_timeout_it_causes():
     err = info.value
     assert (err.rank, err.action, err.inside) == (1, "1B2", True)
     assert "then rank 0 raised" in str(err) and err.idle_s >= 4
+
+
+def test_a_rank_busy_on_the_cpu_between_heartbeats_is_not_a_hang():
+    """4 s without a heartbeat, with progress_timeout 1.5: computing counts as progress (gloo),
+    sleeping does not (the control)."""
+    assert launch(pause_between_heartbeats, 2, 4.0, True, timeout=120, progress_timeout=1.5) == [0, 1]
+    with pytest.raises(RankHangError) as info:
+        launch(pause_between_heartbeats, 2, 4.0, False, timeout=120, progress_timeout=1.5)
+    assert info.value.idle_s >= 1.5
+
+
+def test_cpu_seconds_reads_this_process_and_none_for_a_missing_one():
+    import os
+
+    from tfz.pipeline.launch import _cpu_seconds
+
+    before = _cpu_seconds(os.getpid())
+    if before is None:
+        pytest.skip("no /proc here")
+    end = time.process_time() + 0.3
+    while time.process_time() < end:
+        pass
+    assert _cpu_seconds(os.getpid()) - before >= 0.2
+    assert _cpu_seconds(2**22 + 12345) is None
 
 
 def test_without_progress_reports_only_the_run_timeout_applies():

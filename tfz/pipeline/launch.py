@@ -21,6 +21,9 @@ entered its action first), else the rank that reported last the longest ago (ran
 reported later). A rank that then fails because of the hang (gloo's "Timed out waiting ... for
 recv" after ``init_timeout``) does not hide it: an error raised between actions after the run had
 made no progress for half of ``init_timeout`` or more is reported as that hang.
+With gloo, a rank that keeps at least a tenth of a CPU core busy also counts as making progress
+(gloo's waits take no CPU; read from Linux's /proc), so an evaluation or a checkpoint between actions
+is not taken for a hang; with other backends, call :func:`heartbeat` during such work.
 
 ``fn`` and ``args`` must be picklable (``fn`` defined at module level of an importable module).
 
@@ -126,6 +129,24 @@ def _describe(action: str | None, step: int | None, inside: bool) -> str:
 
 # -- heartbeat ---------------------------------------------------------------------------------------
 
+_BUSY_SHARE = 0.1
+"""Share of one CPU core a gloo rank must use between two samples to count as making progress (one
+blocked in a gloo wait used 0.01 s of CPU in 4 s; a busy one uses a core, less on a loaded machine)."""
+_SAMPLE_S = 1.0
+"""Seconds between samples of the ranks' CPU time."""
+_CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def _cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of process ``pid`` (Linux ``/proc``); None where unreadable."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / _CLK_TCK
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 _FIELDS = 5
 """Doubles per rank in the heartbeat array: last report (time.monotonic), step (-1: none), inside an
 action (1/0), when that action started, number of reports."""
@@ -207,6 +228,25 @@ class _Watch:
             timeout,
             started,
         )
+        self.busy_at = started
+        """When a rank was last seen keeping a CPU core busy (:meth:`note_cpu`)."""
+        self._sampled = started
+        self._cpu: dict[int, float] = {}
+
+    def note_cpu(self, pids: dict[int, int], now: float) -> None:
+        """Sample the CPU time of the ranks ``pids`` (rank -> pid), at most every ``_SAMPLE_S``; a rank
+        that used ``_BUSY_SHARE`` of a core since the last sample counts as progress."""
+        if now - self._sampled < _SAMPLE_S:
+            return
+        for rank, pid in pids.items():
+            cpu = _cpu_seconds(pid)
+            if cpu is None:
+                continue
+            before = self._cpu.get(rank)
+            if before is not None and cpu - before >= _BUSY_SHARE * (now - self._sampled):
+                self.busy_at = now
+            self._cpu[rank] = cpu
+        self._sampled = now
 
     def slot(self, rank: int) -> tuple[float, int | None, bool, float, str | None]:
         """(last report or 0, step, inside, action start, action name) of ``rank``."""
@@ -219,8 +259,9 @@ class _Watch:
         return any(self.values[r * _FIELDS + 4] > 0 for r in range(self.world))
 
     def last_progress(self, running) -> float:
-        """When the newest report of the ``running`` ranks came (the start time before any)."""
-        return max([self.slot(r)[0] for r in running] + [self.started])
+        """When the newest report of the ``running`` ranks came, or a rank was last busy (the start
+        time before either)."""
+        return max([self.slot(r)[0] for r in running] + [self.started, self.busy_at])
 
     def stalled(self, running) -> int:
         """The rank that stopped: inside an action (the earliest entered), else the one whose last
@@ -402,8 +443,9 @@ def launch(
         timeout: seconds for the whole run (start-up included) before every rank is killed.
         backend: process-group backend ("gloo", "nccl"), available in this torch build.
         init_timeout: ``init_process_group`` timeout in seconds (also the collectives' timeout).
-        progress_timeout: seconds without a heartbeat from any rank (once one has reported; see the
-            module docstring) before the run is stopped as hung; None: no watchdog.
+        progress_timeout: seconds without a heartbeat from any rank (once one has reported), nor,
+            with gloo, a rank keeping a CPU core busy (see the module docstring), before the run is
+            stopped as hung; None: no watchdog.
 
     Raises:
         RankError: a rank raised (or died); the others were stopped.
@@ -460,6 +502,8 @@ def launch(
                     f"launch: ranks {running} still running after {timeout:g} s{where}; all ranks were killed"
                 )
             if first_failure is None and progress_timeout is not None and watch.armed():
+                if backend == "gloo":
+                    watch.note_cpu({r: procs[r].pid for r in running}, now)
                 idle = now - watch.last_progress(running)
                 if idle > progress_timeout:
                     rank = watch.stalled(running)
