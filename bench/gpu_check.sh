@@ -112,11 +112,12 @@ export -f gpu_env make_shim import_ok install_tfz
 export SHIM INSTALL_MODE FAKE
 
 PYTEST="\"\$PY\" -m pytest -q -rs -p no:cacheprovider"
+GPU_BENCH="bench/bench_wgrad.py bench/bench_timer.py bench/bench_nn.py"  # every file with GPU benchmarks, kernels first
 STAGES=(
     "gpu-env|60|gpu_env"
     "install|180|install_tfz"
     "gpu-smoke|90|$PYTEST -m gpu tests/test_wgrad_gpu.py -k smoke"
-    "gpu-bench|220|$PYTEST -m gpu bench --benchmark-enable --benchmark-json=\"\$BENCH_JSON\" --benchmark-columns=min,median,rounds --benchmark-time-unit=ms"
+    "gpu-bench|220|$PYTEST -m gpu $GPU_BENCH --benchmark-enable --benchmark-json=\"\$BENCH_JSON\" --benchmark-columns=min,median,rounds --benchmark-time-unit=ms"
     "gpu-tests|300|$PYTEST -m gpu tests"
 )
 
@@ -189,6 +190,14 @@ if calls:
     for r in calls:
         cells = [f"{fmt(r.get(p + '_ms'), 4)} / {fmt(r.get(p + '_host_us'), 1)}" for p in providers]
         print(f"| {r['n_in']} -> {r['n_out']} | {r['tokens']} | " + " | ".join(cells) + " |")
+steps = {r["variant"]: r for r in rows if r.get("group") == "adamw-step-gpu"}
+if steps:
+    base = steps.get("torch_fused", {}).get("ms")
+    print("\n### AdamW step with row freezing, LLaMA-8B MLP (4096 -> 14336 -> 4096, fp32), step + sync\n")
+    print("| variant | ms | / torch fused |")
+    print("|---|---:|---:|")
+    for name, r in steps.items():
+        print(f"| {name} | {fmt(r['ms'])} | {fmt(r['ms'] / base if base else None, 2, 'x')} |")
 EOF
     mv -f "$RESULTS.tmp" "$RESULTS" 2>/dev/null || true
 }

@@ -2,6 +2,7 @@
 after every stage and when the run is killed, per-stage time limits, the budget, no-GPU skipping."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -96,3 +97,11 @@ def test_without_a_gpu_only_the_environment_is_reported(tmp_path):
     status = _status((tmp_path / "results.md").read_text())
     assert status["gpu-env"] == "ok"
     assert all(status[s] == "skipped (no GPU)" for s in STAGES[1:])
+
+
+def test_the_bench_stage_lists_every_gpu_benchmark_file():
+    listed = re.search(r'^GPU_BENCH="([^"]+)"', SCRIPT.read_text(), re.MULTILINE).group(1).split()
+    with_gpu = sorted(
+        f"bench/{p.name}" for p in (SCRIPT.parent).glob("bench_*.py") if "mark.gpu" in p.read_text()
+    )
+    assert sorted(listed) == with_gpu
