@@ -74,7 +74,7 @@ def test_install_without_a_compiler_plans_with_highs(tmp_path):
     assert "WARNING: tfz.plan._sidesimplex not built" in output
     assert "WARNING: tfz._row_adamw not built" in output
     assert not list(target.rglob("_sidesimplex*")), "a native solver was installed"
-    assert not list(target.rglob("_row_adamw*")), "a native AdamW pass was installed"
+    assert not list((target / "tfz").glob("_row_adamw*")), "a native AdamW pass was installed"
     run_env = dict(os.environ, PYTHONPATH=str(target))
     check = subprocess.run(
         [sys.executable, "-c", CHECK], env=run_env, cwd=tmp_path, capture_output=True, text=True, timeout=300
