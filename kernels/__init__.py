@@ -12,6 +12,8 @@ Entry points:
 - :func:`tune` -- measure the Triton kernel's configs for a model's layer shapes once at start-up
   (cacheable); without it a fixed table is used and nothing is measured during training.
 - :func:`wgrad_ref` -- float64 reference used by tests and benchmarks.
+- :func:`tfz.kernels.row_adamw.row_adamw` -- AdamW's step with row freezing in one Triton launch
+  (tfz.optim's path on CUDA; not imported here).
 
 ``import tfz.kernels`` imports torch but never triton; the Triton kernel loads on its first launch.
 """
