@@ -313,3 +313,22 @@ def test_compiled_kernel_on_gpu_matches_float64_and_never_syncs(dtype):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert hooks.fused_tensors == 5
+
+
+def test_rescaled_before_the_step_is_not_rescaled_again():
+    """rescale_grads() before the step (e.g. for clipping): the one-pass step does not rescale again."""
+    results = []
+    for early in (False, True):
+        model = make_model()
+        opt = torch.optim.AdamW(model.parameters(), lr=0.01)
+        hooks = attach_row_freezing(opt, model, rescale=True, step_scale=0.5)
+        gen = torch.Generator().manual_seed(11)
+        backward(model, masks_for(0, gen, model), [torch.randn(3, 6, generator=gen) for _ in range(N_MB)])
+        if early:
+            hooks.rescale_grads()
+        opt.step()
+        assert hooks.fused_tensors == 5
+        # the moments, not only the weights: Adam's step hardly moves when a gradient is scaled twice
+        results.append([t.clone() for p in model.parameters() for t in (p.detach(), opt.state[p]["exp_avg"])])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
