@@ -5,47 +5,36 @@ import copy
 
 import pytest
 import torch
-from torch import nn
+from test_optim import (  # tfz.optim's own model and masks: layer "4" frozen on odd steps
+    make_model,
+    step_masks,
+)
 
 import tfz.optim
-from tfz.nn import FreezableLinear, use_row_masks
+from tfz.nn import use_row_masks
 from tfz.optim import attach_row_freezing
 
 pytestmark = pytest.mark.skipif(not tfz.optim.NATIVE, reason="tfz._row_adamw is not built")
 
 N_MB = 4
-
-
-def make_model():
-    torch.manual_seed(0)
-    return nn.Sequential(
-        FreezableLinear(6, 8),
-        nn.Tanh(),
-        FreezableLinear(8, 5, bias=False),
-        nn.LayerNorm(5),
-        FreezableLinear(5, 3),
-    )
-
-
-def masks_for(step, gen, model):
-    """Per microbatch {layer: bool [rows]}: random rows, row 0 never active, layer 2 frozen on step 1."""
-    out = []
-    for _ in range(N_MB):
-        per = {}
-        for i in (0, 2, 4):
-            m = torch.rand(model[i].out_features, generator=gen) > 0.5
-            m[0] = False
-            if i == 2 and step == 1:
-                m[:] = False
-            per[i] = m
-        out.append(per)
-    return out
+IN = 4
+"""Input width of test_optim's model."""
 
 
 def backward(model, masks, xs):
+    """Each microbatch's forward and backward under its masks ({layer name: bool [rows]})."""
+    weight = model[0].weight
     for per, x in zip(masks, xs):
-        with use_row_masks({model[i]: m for i, m in per.items()}):
-            (model(x.to(model[0].weight.dtype)) ** 2).sum().backward()
+        with use_row_masks({model.get_submodule(k): m.to(weight.device) for k, m in per.items()}):
+            (model(x.to(weight)) ** 2).sum().backward()
+
+
+def masked_microbatches(model, step, gen):
+    """step_masks(step) over N_MB microbatches of fresh inputs, their backward run; (masks, inputs)."""
+    masks = step_masks(step, N_MB, gen)
+    xs = [torch.randn(3, IN, generator=gen, dtype=torch.float64) for _ in range(N_MB)]
+    backward(model, masks, xs)
+    return masks, xs
 
 
 def sync(dst_model, dst_opt, src_model, src_opt):
@@ -88,15 +77,13 @@ def test_row_adamw_matches_float64_hooks(rescale, step_scale, path, monkeypatch)
         for group in (*opt.param_groups, *ref_opt.param_groups):
             group["lr"] = 0.02 / (step + 1)  # as a scheduler would set it
         sync(ref, ref_opt, model, opt)
-        masks = masks_for(step, gen, model)
-        xs = [torch.randn(3, 6, generator=gen, dtype=torch.float64) for _ in range(N_MB)]
-        backward(model, masks, xs)
+        masks, xs = masked_microbatches(model, step, gen)
         backward(ref, masks, xs)
         before = {n: p.detach().clone() for n, p in model.named_parameters()}
         grads = {n: p.grad for n, p in model.named_parameters()}
         opt.step()
         ref_opt.step()
-        assert hooks.fused_tensors == 5 - (step == 1) and ref_hooks.fused_tensors == 0
+        assert hooks.fused_tensors == (3 if step % 2 else 5) and ref_hooks.fused_tensors == 0
         for (n, p), q in zip(model.named_parameters(), ref.parameters()):
             assert p.grad is grads[n], "gradients are back after the step"
             torch.testing.assert_close(p.double(), q, rtol=1e-5, atol=1e-6, msg=f"{n} step {step}")
@@ -109,8 +96,8 @@ def test_row_adamw_matches_float64_hooks(rescale, step_scale, path, monkeypatch)
                     atol=1e-7,
                     msg=lambda m, key=key: f"{key}: {m}",
                 )
-            if n.split(".")[0] in ("0", "2", "4"):
-                layer = int(n.split(".")[0])
+            layer = n.split(".")[0]
+            if layer in ("0", "2", "4"):
                 never = ~torch.stack([per[layer] for per in masks]).any(0)
                 assert torch.equal(p[never], before[n][never]), "rows active in no call are kept bit for bit"
                 if step == 0:
@@ -125,17 +112,16 @@ def test_whole_layer_frozen_with_a_held_gradient_only_advances_the_step():
     opt = torch.optim.AdamW(model.parameters(), lr=0.01)
     hooks = attach_row_freezing(opt, model)
     gen = torch.Generator().manual_seed(2)
-    xs = [torch.randn(3, 6, generator=gen) for _ in range(N_MB)]
-    backward(model, masks_for(0, gen, model), xs)
+    masked_microbatches(model, 0, gen)
     opt.step()  # no zero_grad: .grad stays
-    state = {k: v.clone() for k, v in opt.state[model[2].weight].items()}
-    before = model[2].weight.detach().clone()
-    backward(model, masks_for(1, gen, model), xs)  # layer 2 frozen in every call
+    state = {k: v.clone() for k, v in opt.state[model[4].weight].items()}
+    before = model[4].weight.detach().clone()
+    masked_microbatches(model, 1, gen)  # layer 4 frozen in every call
     opt.step()
     assert hooks.fused_tensors == 5
-    assert torch.equal(model[2].weight, before)
-    assert torch.equal(opt.state[model[2].weight]["exp_avg"], state["exp_avg"])
-    assert opt.state[model[2].weight]["step"].item() == state["step"].item() + 1
+    assert torch.equal(model[4].weight, before)
+    assert torch.equal(opt.state[model[4].weight]["exp_avg"], state["exp_avg"])
+    assert opt.state[model[4].weight]["step"].item() == state["step"].item() + 1
 
 
 def test_checkpoint_continues_in_plain_torch():
@@ -145,15 +131,14 @@ def test_checkpoint_continues_in_plain_torch():
     opt = torch.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.1)
     hooks = attach_row_freezing(opt, model)
     gen = torch.Generator().manual_seed(3)
-    xs = [torch.randn(3, 6, generator=gen) for _ in range(N_MB)]
-    backward(model, masks_for(0, gen, model), xs)
+    _, xs = masked_microbatches(model, 0, gen)
     opt.step()
     opt.zero_grad()
     plain = copy.deepcopy(model)
     plain_opt = torch.optim.AdamW(plain.parameters(), lr=0.01, weight_decay=0.1)
     plain_opt.load_state_dict(copy.deepcopy(opt.state_dict()))
     for m in (model, plain):
-        (m(xs[0]) ** 2).sum().backward()  # no masks: every row active
+        (m(xs[0].float()) ** 2).sum().backward()  # no masks: every row active
     opt.step()
     plain_opt.step()
     assert hooks.fused_tensors == 5
@@ -164,8 +149,7 @@ def test_checkpoint_continues_in_plain_torch():
 
 def _fused_count(opt, model, fused=True, **step_kwargs):
     hooks = attach_row_freezing(opt, model, fused=fused)
-    gen = torch.Generator().manual_seed(4)
-    backward(model, masks_for(0, gen, model), [torch.randn(3, 6, generator=gen) for _ in range(N_MB)])
+    masked_microbatches(model, 0, torch.Generator().manual_seed(4))
     opt.step(**step_kwargs)
     hooks.remove()
     return hooks.fused_tensors
@@ -260,17 +244,14 @@ def test_device_path_reads_nothing_back_from_the_device(fused, monkeypatch):
     launched = []
     monkeypatch.setattr(row_adamw, "path", lambda p: "triton")
     monkeypatch.setattr(row_adamw._kernel, "row_adamw", lambda *args, **kw: launched.append(kw["counts"]))
-    model = nn.Sequential(FreezableLinear(6, 8), nn.Tanh(), FreezableLinear(8, 5))
+    model = make_model()
     opt = torch.optim.AdamW(model.parameters(), lr=0.01, fused=True)
     hooks = attach_row_freezing(opt, model, rescale=True, step_scale=0.5, fused=fused)
-    gen = torch.Generator().manual_seed(8)
-    for per in masks_for(0, gen, nn.Sequential(model[0], None, model[2], None, model[2]))[:2]:
-        with use_row_masks({model[0]: per[0], model[2]: per[2]}):
-            (model(torch.randn(3, 6, generator=gen)) ** 2).sum().backward()
+    masked_microbatches(model, 0, torch.Generator().manual_seed(8))
     with SyncCounter() as counter:
         opt.step()
     if fused:
-        assert counter.seen == [] and hooks.fused_tensors == 4 and len(launched) == 4
+        assert counter.seen == [] and hooks.fused_tensors == 5 and len(launched) == 5
         assert all(c is not None and c.dtype == torch.int32 for c in launched)
     else:
         assert counter.seen and not launched
@@ -300,12 +281,7 @@ def test_compiled_kernel_on_gpu_matches_float64_and_never_syncs(dtype):
     model = make_model().to(dev, dtype)
     opt = torch.optim.AdamW(model.parameters(), lr=0.01, fused=True)
     hooks = attach_row_freezing(opt, model, rescale=True, step_scale=0.5)
-    gen = torch.Generator().manual_seed(10)
-    backward(
-        model,
-        [{i: r.to(dev) for i, r in per.items()} for per in masks_for(0, gen, model)],
-        [torch.randn(3, 6, generator=gen).to(dev) for _ in range(N_MB)],
-    )
+    masked_microbatches(model, 0, torch.Generator().manual_seed(10))
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
@@ -322,8 +298,7 @@ def test_rescaled_before_the_step_is_not_rescaled_again():
         model = make_model()
         opt = torch.optim.AdamW(model.parameters(), lr=0.01)
         hooks = attach_row_freezing(opt, model, rescale=True, step_scale=0.5)
-        gen = torch.Generator().manual_seed(11)
-        backward(model, masks_for(0, gen, model), [torch.randn(3, 6, generator=gen) for _ in range(N_MB)])
+        masked_microbatches(model, 0, torch.Generator().manual_seed(11))
         if early:
             hooks.rescale_grads()
         opt.step()
