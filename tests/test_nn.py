@@ -205,6 +205,12 @@ def test_usage_counts_rows_per_microbatch():
     run_immediate(model, xs[:2], ts[:2], [{}, {"out": torch.zeros(3, dtype=torch.bool)}])
     assert model.inp.row_usage.counts.tolist() == [2] * 7
     assert model.out.row_usage.calls == 2 and model.out.row_usage.counts.tolist() == [1] * 3
+    assert not model.inp.row_usage.frozen_throughout and not model.out.row_usage.frozen_throughout
+    tnn.reset_row_usage(model)
+    assert model.out.row_usage.frozen_throughout  # no call yet
+    run_immediate(model, xs[:1], ts[:1], [{"out": torch.zeros(3, dtype=torch.bool)}])
+    assert model.out.row_usage.frozen_throughout and model.out.row_usage.calls == 1
+    assert not model.inp.row_usage.frozen_throughout
 
 
 def test_innermost_context_wins_and_unnamed_layers_are_active():

@@ -288,10 +288,15 @@ class RowUsage:
         self.partial.add_(rows.mask)
 
     @property
+    def frozen_throughout(self) -> bool:
+        """No row was active in any call (every call froze the whole layer, or there was none)."""
+        return self.partial is None and self.full_calls == 0
+
+    @property
     def counts(self) -> torch.Tensor | None:
         """int32 [out_features]: calls in which each row was active; None when no row ever was."""
         if self.partial is None:
-            if self.full_calls == 0:
+            if self.frozen_throughout:
                 return None
             return torch.full((self.out_features,), self.full_calls, dtype=torch.int32, device=self.device)
         return self.partial + self.full_calls if self.full_calls else self.partial

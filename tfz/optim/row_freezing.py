@@ -123,12 +123,12 @@ class RowFreezing:
         if not all(row_adamw.fusable(p, groups[id(p)], state.get(p)) for p in params):
             return False
         usage = layer.row_usage
-        if usage.partial is not None:
-            counts = usage.counts
-        elif usage.full_calls:  # every row in every call
-            counts = None
-        else:  # frozen in every call: only the step count advances
+        if usage.frozen_throughout:  # only the step count advances
             counts = torch.zeros(layer.out_features, dtype=torch.int32)
+        elif usage.partial is None:  # every row in every call
+            counts = None
+        else:
+            counts = usage.counts
         fold = self.rescale and not self._rescaled
         for p in params:
             row_adamw.step(
@@ -171,7 +171,7 @@ class RowFreezing:
                 self._rescale_layer(layer)
             if self.step_scale != 0.0:
                 self._snapshot_partial(layer, params)
-            if usage.full_calls == 0 and usage.partial is None:  # frozen in every call
+            if usage.frozen_throughout:
                 rows = torch.arange(layer.out_features, device=params[0].device)
             elif usage.partial is None:  # every row was active in the unmasked calls
                 continue
