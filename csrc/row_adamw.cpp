@@ -25,9 +25,8 @@ struct Hyper {
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 __attribute__((target_clones("avx2", "default")))  // 8 floats a vector where the CPU has AVX2
 #endif
-void step_row(float* __restrict p, const float* __restrict g, float* __restrict m,
-                     float* __restrict v, int64_t cols, float grad_scale, float factor,
-                     const Hyper& h) {
+void step_row(float* __restrict p, const float* __restrict g, float* __restrict m, float* __restrict v,
+              int64_t cols, float grad_scale, float factor, const Hyper& h) {
   const float decay = static_cast<float>(1.0 - h.lr * h.weight_decay * factor);
   const float size = static_cast<float>(h.step_size * factor);
   for (int64_t j = 0; j < cols; ++j) {
