@@ -81,9 +81,10 @@ def wgrad_torch(
     if rows is not None and _gather(rows, dy.device):
         _gathered(xf, dy, dw, rows.index, accumulate, db, bias_accumulate)
         return
+    whole = len(runs) == 1 and runs[0] == (0, dy.shape[1])
     for a, b in runs:
-        dy_r = _upcast(dy[:, a:b])
-        _add_rows(dw[a:b], dy_r.t(), xf, accumulate)
+        dy_r = _upcast(dy if whole else dy[:, a:b])
+        _add_rows(dw if whole else dw[a:b], dy_r.t(), xf, accumulate)
         if db is not None:
             s = dy_r.sum(dim=0)
             if bias_accumulate:

@@ -235,13 +235,31 @@ def wgrad(
         dw_accumulate = bool(accumulate)
     if n_out == 0 or n_in == 0:
         return out
-    launch = _triton_launcher(backend == "triton") if chosen == "triton" else None
+    _dispatch(x, dy, out, rows, dw_accumulate, bias_grad, bool(accumulate), chosen, backend == "triton")
+    return out
+
+
+def _dispatch(x, dy, out, rows, accumulate, bias_grad, bias_accumulate, chosen: str, required: bool) -> None:
+    launch = _triton_launcher(required) if chosen == "triton" else None
     if launch is not None:  # a kernel launch records nothing for autograd
-        launch(x, dy, out, rows, dw_accumulate, bias_grad, bool(accumulate))
+        launch(x, dy, out, rows, accumulate, bias_grad, bias_accumulate)
     else:
         with torch.no_grad():
-            wgrad_torch(x, dy, out, rows, dw_accumulate, bias_grad, bool(accumulate))
-    return out
+            wgrad_torch(x, dy, out, rows, accumulate, bias_grad, bias_accumulate)
+
+
+def wgrad_unchecked(
+    x: torch.Tensor, dy: torch.Tensor, out: torch.Tensor, rows: ActiveRows | None, accumulate: bool
+) -> None:
+    """:func:`wgrad` (backend "auto", no bias) without its checks, for callers that already hold what
+    they check: x [T, in] and dy [T, out] 2-D, of one dtype in fp32/fp16/bf16 and one device; ``out``
+    a contiguous [out, in] fp32/bf16/fp16 tensor there that shares no memory with them; ``rows``
+    prepared there or None. FreezableLinear's backward calls it for every layer and microbatch, where
+    the checks cost as much as a small layer's masked GEMM."""
+    if out.numel() == 0:
+        return
+    chosen = "torch" if x.device.type != "cuda" else resolve_backend("auto", x.device, x.dtype)
+    _dispatch(x, dy, out, rows, accumulate, None, accumulate, chosen, False)
 
 
 _launcher = None

@@ -668,3 +668,28 @@ def test_compiled_kernel_refuses_cpu_tensors():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert proc.stdout.strip() == "raised True", proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["none", "random", "blocks", "single"])
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_wgrad_unchecked_matches_the_float64_reference(dtype, kind, accumulate):
+    """The entry FreezableLinear's backward uses: the same result as the float64 reference, frozen rows
+    of the destination untouched (poisoned: any write shows)."""
+    from tfz.kernels.wgrad import wgrad_unchecked
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(24, 40, generator=g).to(dtype)
+    dy = torch.randn(24, 72, generator=g).to(dtype)
+    mask = make_mask(kind, 72, seed=5)
+    out = torch.randn(72, 40, generator=g).to(dtype)
+    if mask is not None:
+        out[~mask] = _poison((int((~mask).sum()), 40), dtype)
+    before = out.clone()
+    want, _ = wgrad_ref(x, dy, active_rows=mask, out=before.float(), accumulate=accumulate)
+    rows = None if mask is None else ActiveRows(mask, "cpu")
+    wgrad_unchecked(x, dy, out, rows, accumulate)
+    active = torch.ones(72, dtype=torch.bool) if mask is None else mask
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out[active].double(), want[active], rtol=tol, atol=tol)
+    assert _bitwise_equal(out[~active], before[~active])

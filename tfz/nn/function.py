@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from tfz import kernels
 from tfz._torch_compat import will_engine_execute_node
 from tfz.kernels import ActiveRows
+from tfz.kernels.wgrad import wgrad_unchecked
 from tfz.nn.context import RowMask, _current_state, _resolve_mask
 
 __all__ = ["FreezableLinearFunction", "freezable_linear"]
@@ -60,10 +61,12 @@ _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 """Operand and destination dtypes tfz.kernels.wgrad takes (it accumulates in fp32)."""
 
 
-def _kernel_target(t: torch.Tensor, x_NI: torch.Tensor) -> bool:
+def _kernel_target(t: torch.Tensor, x_NI: torch.Tensor, dy_NO: torch.Tensor) -> bool:
+    """Whether :func:`wgrad_unchecked` may write ``t`` from these operands (what it does not check)."""
     return (
         t.dtype in _KERNEL_DTYPES
         and x_NI.dtype in _KERNEL_DTYPES
+        and dy_NO.dtype == x_NI.dtype
         and t.is_contiguous()
         and t.device == x_NI.device
     )
@@ -81,15 +84,20 @@ def _dense_dw(x_NI: torch.Tensor, dy_NO: torch.Tensor, rows: ActiveRows | None) 
 def _weight_grad(param, x_NI, dy_NO, rows, into_grad):
     main_grad = getattr(param, "main_grad", None)
     target = main_grad if main_grad is not None else (param.grad if into_grad else None)
-    if target is None and _kernel_target(param, x_NI):
+    if target is None and rows is None and param.dtype == x_NI.dtype == dy_NO.dtype == torch.float32:
+        grad = dy_NO.t().mm(x_NI)  # every row, fp32: the GEMM the kernels' torch backend runs
+    elif target is None and _kernel_target(param, x_NI, dy_NO):
         # a fresh gradient in the weight's dtype: the active rows written, the frozen ones 0
         alloc = torch.empty if rows is None else torch.zeros
         grad = alloc(param.shape, dtype=param.dtype, device=param.device)
-        kernels.wgrad(x_NI, dy_NO, active_rows=rows, out=grad, accumulate=False)
+        wgrad_unchecked(x_NI, dy_NO, grad, rows, accumulate=False)
     elif target is None:
         grad = _dense_dw(x_NI, dy_NO, rows).to(param.dtype)
-    elif _kernel_target(target, x_NI):
-        kernels.wgrad(x_NI, dy_NO, active_rows=rows, out=target, accumulate=True)
+    elif _kernel_target(target, x_NI, dy_NO):
+        if target.shape == param.shape:
+            wgrad_unchecked(x_NI, dy_NO, target, rows, accumulate=True)
+        else:  # the checked entry names the bad shape
+            kernels.wgrad(x_NI, dy_NO, active_rows=rows, out=target, accumulate=True)
         grad = None
     else:
         target.add_(_dense_dw(x_NI, dy_NO, rows).to(target.dtype))
