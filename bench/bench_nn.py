@@ -6,7 +6,10 @@ One forward + backward of a stack of 4 Linear(D, D) layers over T tokens; varian
 FreezableLinear without masks, half the rows frozen, every row frozen, and the split mode (capture
 in B, flush in W). The microbatch group accumulates four microbatches into existing grads with 3/4 of
 the rows frozen, returning dW to autograd or adding it in place (``use_row_masks(in_place=True)``, what
-tfz.pipeline's B actions do). The optimizer group times AdamW.step: torch's own (for-loop and
+tfz.pipeline's B actions do). The stage group times the B of the demo's last stage (a LLaMA
+stage: attention, SwiGLU, LM head) with plain nn.Linear, FreezableLinear unmasked, a covering plan
+at ratio 0.8 (each microbatch's masks in turn) and every row frozen.
+The optimizer group times AdamW.step: torch's own (for-loop and
 ``fused=True``), with the row-freezing hooks (``rescale=True``, ``step_scale=0.5``, ``fused=False``)
 around either, and tfz's one-pass step (the default where it applies). The GPU group
 (``adamw-step-gpu``, ``-m gpu``) times the same variants on CUDA at LLaMA-8B's MLP shapes (up
@@ -16,6 +19,7 @@ each step with a synchronisation, so the hooks' host reads count.
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -90,6 +94,60 @@ def test_microbatch_accumulation(benchmark, in_place):
                 model(x).sum().backward()
 
     benchmark(microbatches)
+
+
+STAGE_B = {  # name: (FreezableLinear, freeze ratio)
+    "nn.Linear": (False, 0.0),
+    "freezable": (True, 0.0),
+    "cover_0.8": (True, 0.8),
+    "frozen_1.0": (True, 1.0),
+}
+
+
+@pytest.mark.benchmark(group="stage_backward")
+@pytest.mark.parametrize("variant", list(STAGE_B))
+def test_stage_backward(benchmark, variant):
+    """B of the demo's last stage (2 LLaMA layers at dim 384 and the LM head, 4 x 64 tokens), added
+    into existing grads as the pipeline does: plain nn.Linear layers, FreezableLinear unmasked, the
+    8 microbatch masks of a covering plan at ratio 0.8 (32-row blocks) taken in turn, and every row
+    frozen."""
+    from tfz.demo import DemoConfig
+    from tfz.demo.worker import _loss_fn, build_model
+    from tfz.masks import StageMasks, StageUnits, select_covering
+    from tfz.pipeline.engine import MaskPlan, StageParams, full_backward
+
+    freezable, ratio = STAGE_B[variant]
+    torch.set_num_threads(1)
+    cfg = DemoConfig(task="pretrain")
+    first, stage = build_model(cfg, 2, range(2), 0).values()
+    units = StageUnits.from_module(stage, block_rows=cfg.block_rows)
+    if not freezable:
+        for name, layer in list(stage.named_modules()):
+            if isinstance(layer, nn.Linear):
+                plain = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
+                plain.weight, plain.bias = layer.weight, layer.bias
+                stage.set_submodule(name, plain)
+    params = StageParams(stage)
+    if 0.0 < ratio < 1.0:
+        masks = select_covering(units, [ratio] * 8, stage=1)
+    elif ratio == 1.0:
+        masks = [StageMasks(units, 1.0, np.ones(len(units), dtype=bool))]
+    else:
+        masks = [None]
+    plans = [MaskPlan(m, params) for m in masks]
+    x = torch.randint(0, 256, (cfg.microbatch_size, cfg.seq_len))
+    h = first(x).detach()
+    turn = iter(range(1 << 30))
+
+    def forward():
+        inp = h.clone().requires_grad_(True)
+        return (_loss_fn(stage(inp), x), inp), {}
+
+    def backward(loss, inp):
+        full_backward(loss, None, [inp], plans[next(turn) % len(plans)], params)
+
+    backward(*forward()[0])  # grads exist from here on: every timed B adds into them
+    benchmark.pedantic(backward, setup=forward, rounds=40, warmup_rounds=4)
 
 
 ADAMW = {  # name: (torch's fused=True, row freezing: None or attach_row_freezing's fused)
