@@ -6,8 +6,10 @@ A parameter is a row-major [rows, cols] tensor (a Linear's weight, or its bias w
 calls in which each row was active out of ``calls``: a row active in none is neither read nor written;
 RESCALE multiplies its gradient by calls / count; SCALE_STEP multiplies a partly active row's step by
 (calls / count) ** step_scale. The step count (after its increment) is read from ``STEP_ptr`` on the
-device (STEP_ON_DEVICE, as torch's fused AdamW keeps it) or passed as ``step``, so nothing waits for
-the host. Arithmetic is fp32 whatever the storage dtype (fp32, bf16 or fp16), rounded once at the store:
+device (STEP_ON_DEVICE, as torch's fused AdamW keeps it) or passed as ``step``, and the learning rate
+from ``LR_ptr`` (LR_ON_DEVICE: a tensor lr, as torch's AdamW accepts) or passed as ``lr``, so nothing
+waits for the host. Arithmetic is fp32 whatever the storage dtype (fp32, bf16 or fp16), rounded once
+at the store:
 
     g = grad * scale; m += (1 - beta1) (g - m); v = beta2 v + (1 - beta2) g^2
     p = p (1 - lr wd f) - lr f / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
@@ -27,6 +29,7 @@ def row_adamw_kernel(
     V_ptr,
     COUNTS_ptr,
     STEP_ptr,
+    LR_ptr,
     cols,
     calls,
     step,
@@ -40,6 +43,7 @@ def row_adamw_kernel(
     RESCALE: tl.constexpr,
     SCALE_STEP: tl.constexpr,
     STEP_ON_DEVICE: tl.constexpr,
+    LR_ON_DEVICE: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0)
@@ -59,6 +63,8 @@ def row_adamw_kernel(
         t = tl.load(STEP_ptr).to(tl.float32)
     else:
         t = step
+    if LR_ON_DEVICE:
+        lr = tl.load(LR_ptr).to(tl.float32)
     bias1 = 1.0 - tl.exp2(t * tl.log2(beta1))
     bias2_sqrt = tl.sqrt(1.0 - tl.exp2(t * tl.log2(beta2)))
     mask = offs < limit

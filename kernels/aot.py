@@ -125,9 +125,10 @@ def _kernel_fn(kind: str):
 
 
 def _launch_args(case: Case) -> tuple[list, dict]:
-    if case.kernel == "row_adamw":  # a 4096-column row, counts and step on the device, every flag
+    if case.kernel == "row_adamw":  # a 4096-column row, counts, step and lr on the device, every flag
         args = [_Ptr(case.dtype)] * 4 + [
             _Ptr("int32"),
+            _Ptr("fp32"),
             _Ptr("fp32"),
             4096,
             8,
@@ -140,7 +141,12 @@ def _launch_args(case: Case) -> tuple[list, dict]:
             0.5,
         ]
         meta = dict(
-            HAS_COUNTS=True, RESCALE=True, SCALE_STEP=True, STEP_ON_DEVICE=True, BLOCK=case.config["block"]
+            HAS_COUNTS=True,
+            RESCALE=True,
+            SCALE_STEP=True,
+            STEP_ON_DEVICE=True,
+            LR_ON_DEVICE=True,
+            BLOCK=case.config["block"],
         )
         return args, dict(meta, num_warps=case.config["num_warps"], num_stages=case.config["num_stages"])
     cfg = configs.WgradConfig(**case.config)

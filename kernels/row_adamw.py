@@ -49,7 +49,7 @@ def row_adamw(
     exp_avg_sq: torch.Tensor,
     step: torch.Tensor | float,
     *,
-    lr: float,
+    lr: torch.Tensor | float,
     beta1: float,
     beta2: float,
     eps: float,
@@ -60,7 +60,8 @@ def row_adamw(
     step_scale: float = 0.0,
 ) -> None:
     """Step ``param`` [rows, ...] in place: AdamW at ``step`` (already incremented: a scalar tensor on
-    ``param``'s device, read there, or a number), rows active in ``counts`` [rows] int32 of
+    ``param``'s device, read there, or a number) and learning rate ``lr`` (likewise), rows active in
+    ``counts`` [rows] int32 of
     ``calls`` (None: every row in every call). ``rescale`` and ``step_scale`` as in
     :class:`tfz.optim.RowFreezing`. All tensors contiguous on one device, one dtype of :data:`DTYPES`.
     """
@@ -76,6 +77,9 @@ def row_adamw(
     on_device = isinstance(step, torch.Tensor)
     if on_device:
         _check_tensor("step", step, shape=(), device=dev)
+    lr_on_device = isinstance(lr, torch.Tensor)
+    if lr_on_device:
+        _check_tensor("lr", lr, shape=(), device=dev)
     block = min(BLOCK, max(16, 1 << (cols - 1).bit_length()))
     _load_kernel()[(rows, -(-cols // block))](
         param,
@@ -84,10 +88,11 @@ def row_adamw(
         exp_avg_sq,
         counts if counts is not None else param,  # not read without HAS_COUNTS
         step if on_device else param,
+        lr if lr_on_device else param,
         cols,
         calls,
         1.0 if on_device else float(step),
-        float(lr),
+        1.0 if lr_on_device else float(lr),
         float(beta1),
         float(beta2),
         float(eps),
@@ -97,5 +102,6 @@ def row_adamw(
         RESCALE=bool(rescale),
         SCALE_STEP=step_scale != 0.0,
         STEP_ON_DEVICE=on_device,
+        LR_ON_DEVICE=lr_on_device,
         BLOCK=block,
     )

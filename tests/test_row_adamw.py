@@ -206,9 +206,10 @@ def _reference(p, g, m, v, t, counts, calls, rescale, step_scale, lr, b1, b2, ep
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(6, 40), (3, 1100), (5,)])
 @pytest.mark.parametrize(
-    "rescale,step_scale,on_device", [(False, 0.0, True), (True, 0.5, False), (True, -1.0, True)]
+    "rescale,step_scale,on_device,lr_on_device",
+    [(False, 0.0, True, True), (True, 0.5, False, False), (True, -1.0, True, False)],
 )
-def test_triton_row_adamw_matches_float64(dtype, shape, rescale, step_scale, on_device):
+def test_triton_row_adamw_matches_float64(dtype, shape, rescale, step_scale, on_device, lr_on_device):
     from tfz.kernels import row_adamw as kernel
 
     if not kernel.available(torch.device("cpu")):
@@ -224,6 +225,8 @@ def test_triton_row_adamw_matches_float64(dtype, shape, rescale, step_scale, on_
     expected = _reference(*tensors, t, counts, 4, rescale, step_scale, *hyper.values())
     before = tensors[0].clone()
     step = torch.tensor(t) if on_device else t
+    if lr_on_device:
+        hyper = dict(hyper, lr=torch.tensor(hyper["lr"]))
     kernel.row_adamw(*tensors, step, counts=counts, calls=4, rescale=rescale, step_scale=step_scale, **hyper)
     tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
     ref = [x.to(dtype).double() for x in expected]  # the reference rounded as the kernel stores
@@ -232,11 +235,12 @@ def test_triton_row_adamw_matches_float64(dtype, shape, rescale, step_scale, on_
     assert torch.equal(tensors[0][0], before[0]), "row 0 (active in no call) untouched"
 
 
-@pytest.mark.parametrize("fused", [True, False])
-def test_device_path_reads_nothing_back_from_the_device(fused, monkeypatch):
-    """On the Triton path the hooks launch one kernel per tensor and read no device value (counted on
-    CPU tensors, as test_wgrad_sync does; the launch itself is recorded, not run: it is asynchronous
-    on a GPU). The hooks around torch's step read the masks back (the control)."""
+@pytest.mark.parametrize("fused,lr", [(True, 0.01), (True, "tensor"), (False, 0.01)])
+def test_device_path_reads_nothing_back_from_the_device(fused, lr, monkeypatch):
+    """On the Triton path the hooks launch one kernel per tensor and read no device value, a tensor
+    learning rate included (counted on CPU tensors, as test_wgrad_sync does; the launch itself is
+    recorded, not run: it is asynchronous on a GPU). The hooks around torch's step read the masks back
+    (the control)."""
     from test_wgrad_sync import SyncCounter
 
     from tfz.optim import row_adamw
@@ -245,7 +249,8 @@ def test_device_path_reads_nothing_back_from_the_device(fused, monkeypatch):
     monkeypatch.setattr(row_adamw, "path", lambda p: "triton")
     monkeypatch.setattr(row_adamw._kernel, "row_adamw", lambda *args, **kw: launched.append(kw["counts"]))
     model = make_model()
-    opt = torch.optim.AdamW(model.parameters(), lr=0.01, fused=True)
+    lr = torch.tensor(0.01) if lr == "tensor" else lr
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, fused=True)
     hooks = attach_row_freezing(opt, model, rescale=True, step_scale=0.5, fused=fused)
     masked_microbatches(model, 0, torch.Generator().manual_seed(8))
     with SyncCounter() as counter:

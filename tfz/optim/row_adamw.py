@@ -89,6 +89,14 @@ def _init_state(p: torch.Tensor, group: dict, state: dict) -> None:
     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
 
+def _scalar(value, p: torch.Tensor) -> torch.Tensor | float:
+    """A hyperparameter for the kernel: a tensor on ``p``'s device as is (read there), else a float
+    (a CPU tensor is read on the host, which does not wait for the device)."""
+    if isinstance(value, torch.Tensor) and value.device == p.device:
+        return value.reshape(())
+    return float(value)
+
+
 @torch.no_grad()
 def step(
     p: torch.Tensor,
@@ -116,7 +124,7 @@ def step(
             state["exp_avg"],
             state["exp_avg_sq"],
             step_t if step_t.device == p.device else float(step_t),  # a CPU scalar: no device wait
-            lr=float(group["lr"]),
+            lr=_scalar(group["lr"], p),
             beta1=float(beta1),
             beta2=float(beta2),
             eps=float(group["eps"]),
