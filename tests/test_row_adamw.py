@@ -266,7 +266,8 @@ def test_device_path_reads_nothing_back_from_the_device(fused, lr, monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_compiled_kernel_on_gpu_matches_float64_and_never_syncs(dtype):
     """The compiled kernel against the float64 formulas; then RowFreezing on a CUDA model steps every
-    FreezableLinear through it with torch's sync debug mode set to error."""
+    FreezableLinear through it with torch's sync debug mode set to error, with a float and with a
+    tensor learning rate on the device."""
     from tfz.kernels import row_adamw as kernel
 
     dev = torch.device("cuda")
@@ -283,17 +284,18 @@ def test_compiled_kernel_on_gpu_matches_float64_and_never_syncs(dtype):
         tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
         for got, want in zip((t[0], t[2], t[3]), expected):
             torch.testing.assert_close(got.double().cpu(), want.to(dtype).double(), **tol)
-    model = make_model().to(dev, dtype)
-    opt = torch.optim.AdamW(model.parameters(), lr=0.01, fused=True)
-    hooks = attach_row_freezing(opt, model, rescale=True, step_scale=0.5)
-    masked_microbatches(model, 0, torch.Generator().manual_seed(10))
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        opt.step()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    assert hooks.fused_tensors == 5
+    for lr in (0.01, torch.tensor(0.01, device=dev)):
+        model = make_model().to(dev, dtype)
+        opt = torch.optim.AdamW(model.parameters(), lr=lr, fused=True)
+        hooks = attach_row_freezing(opt, model, rescale=True, step_scale=0.5)
+        masked_microbatches(model, 0, torch.Generator().manual_seed(10))
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            opt.step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        assert hooks.fused_tensors == 5
 
 
 def test_rescaled_before_the_step_is_not_rescaled_again():
