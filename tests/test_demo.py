@@ -172,6 +172,7 @@ def test_each_microbatch_is_capped_at_the_stage_cap_unless_told():
     plan = lambda **kw: DemoConfig(**kw).timelyfreeze_config(seed=0).plan  # noqa: E731
     assert plan().action_cap == 0.8 and plan(max_freeze_ratio=0.6).action_cap == 0.6
     assert plan(action_cap=1.0).action_cap == 1.0 and plan(action_cap=0.9).max_freeze_ratio == 0.8
+    assert plan().makespan_slack == 0.0 and plan(makespan_slack=0.03).makespan_slack == 0.03
 
 
 def test_config_errors():
@@ -191,6 +192,8 @@ def test_config_errors():
         DemoConfig(seeds=(1, 1))
     with pytest.raises(ValueError, match=r"step_scale must be a finite number in \[-4, 4\], got nan"):
         DemoConfig(step_scale=float("nan"))
+    with pytest.raises(ValueError, match=r"makespan_slack must be .*got 2"):
+        DemoConfig(makespan_slack=2)
     with pytest.raises(ValueError, match="rescale_grads must be a bool, got 'no'"):
         DemoConfig(rescale_grads="no")
     with pytest.raises(ValueError, match="--base b.pt applies to --task finetune"):

@@ -700,6 +700,7 @@ API_CASES = [
     Api("plan.PlanConfig(max_freeze_ratio=float('nan'))", "got nan"),
     Api("plan.PlanConfig(action_cap=2)", "got 2"),
     Api("plan.PlanConfig(weighting='x')", "'x'"),
+    Api("plan.PlanConfig(makespan_slack=-0.1)", "got -0.1"),
     Api("plan.solve(dag, np.ones(3), np.zeros(3))", "(3,)"),
     Api("plan.solve(dag, np.full(dag.num_actions, np.nan), frozen)", "got nan"),
     Api("plan.solve(dag, -unfrozen, frozen)", "got -1.0"),

@@ -37,8 +37,9 @@ def _paths(dag):
     return out
 
 
-def _path_lp(dag, up, low, cap, weighting="count", action_cap=None):
-    """Both phases on the path formulation (no start times): T >= sum over each path."""
+def _path_lp(dag, up, low, cap, weighting="count", action_cap=None, slack=0.0):
+    """Both phases on the path formulation (no start times): T >= sum over each path; the second
+    phase allows T <= (1 + slack) T*."""
     n = dag.num_actions
     delta = up - low
     fr = dag.kind_mask("B", "W") & (delta > 0)
@@ -75,7 +76,7 @@ def _path_lp(dag, up, low, cap, weighting="count", action_cap=None):
     assert r1.status == 0
     t_star = r1.fun
     c2 = np.r_[np.ones(k), 0.0]
-    bounds[-1] = (0.0, t_star * (1 + 1e-12))
+    bounds[-1] = (0.0, t_star * (1 + slack) * (1 + 1e-12))
     r2 = linprog(c2, A_ub=A, b_ub=b, bounds=bounds, method="highs")
     assert r2.status == 0
     return t_star, r2.fun
@@ -125,6 +126,31 @@ def test_tiny_matches_path_enumeration(name, seed):
         _check_plan(plan, dag, up, low, cap, weighting)
         assert plan.makespan_planned == pytest.approx(t_ref, rel=REL)
         assert plan.total_ratio == pytest.approx(s_ref, rel=REL, abs=1e-9)
+
+
+@pytest.mark.parametrize("name", ["gpipe", "1f1b", "zbh1", "interleaved1f1b"])
+@pytest.mark.parametrize("slack", [0.01, 0.05, 0.3])
+def test_makespan_slack_matches_path_enumeration(name, slack):
+    """The second phase with a makespan budget (1 + slack) T*: both solvers against the path LP; the
+    plan uses the budget (or freezes nothing when the unfrozen batch fits it) and freezes no more
+    than the lexicographic optimum."""
+    P, M, V = TINY.get(name, (2, 2, None))
+    dag = build_dag(schedule(name, P, M, V))
+    rng = np.random.default_rng(int(slack * 1000) + len(name))
+    up, low = random_times(dag, rng)
+    t_ref, s_ref = _path_lp(dag, up, low, 0.8, slack=slack)
+    exact = solve(dag, up, low, PlanConfig())
+    config = PlanConfig(makespan_slack=slack)
+    for plan in (solve(dag, up, low, config), solve_generic(dag, up, low, config)):
+        _check_plan(plan, dag, up, low, 0.8, "count")
+        assert plan.makespan_slack == slack
+        assert plan.total_ratio == pytest.approx(s_ref, rel=REL, abs=1e-9)
+        budget = min((1 + slack) * t_ref, plan.makespan_unfrozen)
+        assert plan.makespan_planned == pytest.approx(budget, rel=REL)
+        assert plan.total_ratio <= exact.total_ratio + 1e-9
+        assert Plan.from_json(plan.to_json()).makespan_slack == slack
+    with pytest.raises(ValueError, match=r"makespan_slack must be .*got 1.5"):
+        PlanConfig(makespan_slack=1.5)
 
 
 def _sizes(name):

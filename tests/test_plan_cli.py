@@ -98,9 +98,23 @@ def test_actions_that_cannot_gain_are_named(capsys, tmp_path):
     assert d["stage_mean_ratio"][1] == 0.0 and all(d["ratios"][n] == 0.0 for n in stuck)
 
 
+def test_makespan_slack(capsys):
+    """The budget (1 + X) T* is used in full, with less freezing; the text says so."""
+    base = ["--schedule", "1f1b", "--ranks", "3", "--microbatches", "6", "--w", "2", "--w-frozen", "0.5"]
+    exact = json.loads(_run(capsys, *base, "--json")[1])
+    rc, out, _ = _run(capsys, *base, "--makespan-slack", "0.1", "--json")
+    slack = json.loads(out)
+    assert rc == 0 and slack["makespan_slack"] == 0.1 and exact["makespan_slack"] == 0.0
+    assert slack["makespan_planned"] == pytest.approx(1.1 * exact["makespan_planned"], rel=1e-9)
+    assert slack["total_ratio"] < exact["total_ratio"]
+    text = _run(capsys, *base, "--makespan-slack", "0.1")[1]
+    assert "makespan budget:     (1 + 0.1) x the shortest" in text
+
+
 @pytest.mark.parametrize(
     "argv,needle",
     [
+        (["--makespan-slack", "2"], "--makespan-slack"),
         (["--max-freeze-ratio", "1.5"], "--max-freeze-ratio"),
         (["--max-freeze-ratio", "nan"], "--max-freeze-ratio"),
         (["--w", "1", "--w-frozen", "2"], "--w-frozen"),

@@ -97,6 +97,12 @@ def _flags():
             "TimelyFreeze cap on each microbatch's ratio (default: --max-freeze-ratio; 1: the paper's LP)",
         ),
         (
+            "--makespan-slack",
+            "makespan_slack",
+            ratio,
+            "TimelyFreeze freezes as little as a step (1 + this) times the shortest allows",
+        ),
+        (
             "--step-scale",
             "step_scale",
             step_exponent,

@@ -41,6 +41,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--action-cap", type=ratio, default=None, metavar="X", help="cap on every single ratio (default 1)"
     )
     lp.add_argument(
+        "--makespan-slack",
+        type=ratio,
+        default=0.0,
+        metavar="X",
+        help="freeze as little as a step time (1 + X) times the shortest allows (default 0)",
+    )
+    lp.add_argument(
         "--weighting",
         choices=("count", "duration"),
         default="count",
@@ -69,6 +76,8 @@ def _format(plan, dag) -> str:
         f"makespan planned:    {plan.makespan_planned:.6g} ms ({plan.speedup:.3f}x faster than unfrozen)",
         f"mean freeze ratio per stage (cap {plan.max_freeze_ratio:g}): {shown}",
     ]
+    if plan.makespan_slack:
+        lines.insert(4, f"makespan budget:     (1 + {plan.makespan_slack:g}) x the shortest")
     if plan.cannot_gain:
         names = " ".join(plan.cannot_gain[:8]) + (" ..." if len(plan.cannot_gain) > 8 else "")
         lines.append(
@@ -86,7 +95,7 @@ def _solve(args, dag, unfrozen, frozen):
 
     from tfz.plan import PlanConfig, PlanSolveError, solve, solve_generic
 
-    config = PlanConfig(args.max_freeze_ratio, args.action_cap, args.weighting)
+    config = PlanConfig(args.max_freeze_ratio, args.action_cap, args.weighting, args.makespan_slack)
     times = f"action times {float(np.min(unfrozen)):.6g} to {float(np.max(unfrozen)):.6g} ms"
     try:
         with np.errstate(all="ignore"):  # results are checked below; no warnings beside the one line

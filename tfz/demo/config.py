@@ -87,6 +87,9 @@ class DemoConfig:
     """Scale each partly frozen row's AdamW step by (microbatches / active microbatches) ** step_scale
     (``tfz.optim``'s ``step_scale``): 0.5 gives back the progress Adam's normalisation takes from a
     row trained on part of the step's data; 0 is AdamW's own step (tfz.optim's default)."""
+    makespan_slack: float = 0.0
+    """TimelyFreeze's makespan budget above the minimum (``PlanConfig.makespan_slack``): the plan
+    freezes as little as a batch (1 + slack) times the shortest allows."""
     phase_unit: int | None = None
     """TimelyFreeze phase unit (steps): each monitoring half is one unit; its warm-up is the
     learning-rate warm-up. Default: scaled to the run by ``TimelyFreezeConfig.for_run`` (a tenth of
@@ -157,6 +160,7 @@ class DemoConfig:
         check_number("lr", self.lr, low=0.0, low_open=True, optional=True)
         check_number("weight_decay", self.weight_decay, low=0.0)
         check_number("step_scale", self.step_scale, low=-4.0, high=4.0)
+        check_ratio("makespan_slack", self.makespan_slack)
         check_bool("rescale_grads", self.rescale_grads)
         check_number("timeout", self.timeout, low=0.0, low_open=True, unit="seconds")
         check_ratio("max_freeze_ratio", self.max_freeze_ratio)
@@ -287,7 +291,11 @@ class DemoConfig:
         }
         return TimelyFreezeConfig.for_run(
             steps,
-            plan=PlanConfig(max_freeze_ratio=self.max_freeze_ratio, action_cap=self.freeze_action_cap),
+            plan=PlanConfig(
+                max_freeze_ratio=self.max_freeze_ratio,
+                action_cap=self.freeze_action_cap,
+                makespan_slack=self.makespan_slack,
+            ),
             block_rows=self.block_rows,
             seed=seed,
             monitoring=self.monitoring,

@@ -62,6 +62,7 @@ def finish_plan(
         status="optimal",
         max_freeze_ratio=problem.max_freeze_ratio,
         weighting=problem.config.weighting,
+        makespan_slack=problem.config.makespan_slack,
         solver=solver,
         schedule=problem.dag.schedule.name,
         phase_seconds=phase_seconds,

@@ -23,7 +23,8 @@ __all__ = ["solve_generic"]
 
 
 def solve_generic(dag: DAG, unfrozen, frozen, config: PlanConfig | None = None, *, action_cap=None) -> Plan:
-    """Lexicographic optimum (min makespan, then min total ratio) of the plain formulation."""
+    """Lexicographic optimum (min makespan, then min total ratio) of the plain formulation; with
+    ``config.makespan_slack``, the second phase allows the makespan (1 + slack) T*."""
     t0 = time.perf_counter()
     problem = PlanProblem.create(dag, unfrozen, frozen, config, action_cap)
     scaled, factor = problem.scaled()
@@ -31,8 +32,9 @@ def solve_generic(dag: DAG, unfrozen, frozen, config: PlanConfig | None = None, 
     h1 = make_highs(lp, lp.phase1_cost())
     t_star, _ = run_checked(h1, "phase 1 (makespan)")
     t1 = time.perf_counter()
+    budget = t_star * (1.0 + problem.config.makespan_slack)
     col_hi = lp.col_hi.copy()
-    col_hi[lp.t_col] = t_star
+    col_hi[lp.t_col] = budget
     lp2 = dataclasses.replace(lp, col_hi=col_hi)
     h2 = make_highs(lp2, lp2.phase2_cost())
     _, x = run_checked(h2, "phase 2 (total freezing)")
@@ -40,5 +42,5 @@ def solve_generic(dag: DAG, unfrozen, frozen, config: PlanConfig | None = None, 
     raw = np.zeros(dag.num_actions)
     raw[lp.ratio_actions] = x[lp.r_cols]
     return finish_plan(
-        problem, raw, t_star * factor, solver="generic", seconds=t2 - t0, phase_seconds=(t1 - t0, t2 - t1)
+        problem, raw, budget * factor, solver="generic", seconds=t2 - t0, phase_seconds=(t1 - t0, t2 - t1)
     )

@@ -52,6 +52,8 @@ class Plan:
     freezing)."""
     warm: bool = False
     """Whether the solve started from a previous plan's solver state."""
+    makespan_slack: float = 0.0
+    """``PlanConfig.makespan_slack`` of the solve: the makespan was allowed (1 + slack) T*."""
     cannot_gain: tuple[str, ...] = ()
     """B/W actions whose frozen time is not below their unfrozen time: freezing them gains nothing, so
     their ratio is 0, and they count at 0 in their stage's mean."""
@@ -88,6 +90,7 @@ class Plan:
             "status": self.status,
             "max_freeze_ratio": self.max_freeze_ratio,
             "weighting": self.weighting,
+            "makespan_slack": self.makespan_slack,
             "makespan_unfrozen": self.makespan_unfrozen,
             "makespan_all_frozen": self.makespan_all_frozen,
             "makespan_planned": self.makespan_planned,
@@ -152,6 +155,7 @@ class Plan:
             schedule=str(d.get("schedule", "")),
             phase_seconds=nums("phase_seconds", [0.0, 0.0], length=2),
             warm=check_bool("plan.warm", d.get("warm", False)),
+            makespan_slack=check_ratio("plan.makespan_slack", d.get("makespan_slack", 0.0)),
             cannot_gain=tuple(cannot_gain),
         )
 

@@ -81,7 +81,7 @@ def solve(
     problem = PlanProblem.create(dag, unfrozen, frozen, config, action_cap)
     scaled, factor = problem.scaled()
     state = None if warm_start is None else warm_start._warm_state
-    if flow.NATIVE:
+    if flow.NATIVE and problem.config.makespan_slack == 0.0:
         plan = _solve_flow(problem, scaled, factor, state, t0)
         if plan is not None:
             return plan
@@ -185,7 +185,8 @@ def _highs_signature(lp: LP) -> tuple:
 
 def _solve_highs(problem: PlanProblem, scaled: PlanProblem, factor: float, state, t0: float) -> Plan:
     """The reduced LP in HiGHS: minimise ``T + eps sum r`` (from the previous plan's basis when warm),
-    then re-optimise ``T`` (exact ``T*``) and, with ``T <= T*``, ``sum r`` from the same basis."""
+    then re-optimise ``T`` (exact ``T*``) and, with ``T <= (1 + makespan_slack) T*``, ``sum r`` from
+    the same basis."""
     lp = build_lp(scaled, reduced=True)
     sig = _highs_signature(lp)
     k = len(lp.ratio_actions)
@@ -201,7 +202,8 @@ def _solve_highs(problem: PlanProblem, scaled: PlanProblem, factor: float, state
     set_cost(h, lp.phase1_cost())
     t_star, _ = run_checked(h, "phase 1 (makespan)")
     t1 = time.perf_counter()
-    h.changeColBounds(lp.t_col, 0.0, t_star)
+    budget = t_star * (1.0 + problem.config.makespan_slack)
+    h.changeColBounds(lp.t_col, 0.0, budget)
     set_cost(h, lp.phase2_cost())
     _, x = run_checked(h, "phase 2 (total freezing)")
     t2 = time.perf_counter()
@@ -210,7 +212,7 @@ def _solve_highs(problem: PlanProblem, scaled: PlanProblem, factor: float, state
     return finish_plan(
         problem,
         raw,
-        t_star * factor,
+        budget * factor,
         solver="structured",
         seconds=t2 - t0,
         phase_seconds=(t1 - t0, t2 - t1),
