@@ -42,6 +42,15 @@ def available(device: torch.device) -> bool:
     return device.type == "cuda" or (device.type == "cpu" and env_flag("TRITON_INTERPRET"))
 
 
+def _device_scalar(name: str, value, param: torch.Tensor) -> tuple[torch.Tensor, float, bool]:
+    """(pointer, number, read on the device) for a kernel scalar given as a tensor on ``param``'s
+    device (the number is unused) or as a number (the pointer, ``param``, is not read)."""
+    if isinstance(value, torch.Tensor):
+        _check_tensor(name, value, shape=(), device=param.device)
+        return value, 1.0, True
+    return param, float(value), False
+
+
 def row_adamw(
     param: torch.Tensor,
     grad: torch.Tensor,
@@ -74,12 +83,8 @@ def row_adamw(
     if rows == 0 or param.numel() == 0:
         return
     cols = param.numel() // rows
-    on_device = isinstance(step, torch.Tensor)
-    if on_device:
-        _check_tensor("step", step, shape=(), device=dev)
-    lr_on_device = isinstance(lr, torch.Tensor)
-    if lr_on_device:
-        _check_tensor("lr", lr, shape=(), device=dev)
+    step_ptr, step, on_device = _device_scalar("step", step, param)
+    lr_ptr, lr, lr_on_device = _device_scalar("lr", lr, param)
     block = min(BLOCK, max(16, 1 << (cols - 1).bit_length()))
     _load_kernel()[(rows, -(-cols // block))](
         param,
@@ -87,12 +92,12 @@ def row_adamw(
         exp_avg,
         exp_avg_sq,
         counts if counts is not None else param,  # not read without HAS_COUNTS
-        step if on_device else param,
-        lr if lr_on_device else param,
+        step_ptr,
+        lr_ptr,
         cols,
         calls,
-        1.0 if on_device else float(step),
-        1.0 if lr_on_device else float(lr),
+        step,
+        lr,
         float(beta1),
         float(beta2),
         float(eps),

@@ -117,13 +117,12 @@ def step(
     state["step"] += 1
     beta1, beta2 = group["betas"]
     if path(p) == "triton":
-        step_t = state["step"]
         _kernel.row_adamw(
             p,
             p.grad,
             state["exp_avg"],
             state["exp_avg_sq"],
-            step_t if step_t.device == p.device else float(step_t),  # a CPU scalar: no device wait
+            _scalar(state["step"], p),
             lr=_scalar(group["lr"], p),
             beta1=float(beta1),
             beta2=float(beta2),

@@ -32,7 +32,7 @@ def solve_generic(dag: DAG, unfrozen, frozen, config: PlanConfig | None = None, 
     h1 = make_highs(lp, lp.phase1_cost())
     t_star, _ = run_checked(h1, "phase 1 (makespan)")
     t1 = time.perf_counter()
-    budget = t_star * (1.0 + problem.config.makespan_slack)
+    budget = problem.config.makespan_budget(t_star)
     col_hi = lp.col_hi.copy()
     col_hi[lp.t_col] = budget
     lp2 = dataclasses.replace(lp, col_hi=col_hi)

@@ -64,6 +64,10 @@ class PlanConfig:
     Near T* the frontier is steep: on the demo's plan 2% slack frees 12-17% of the freezing, where
     lowering ``max_freeze_ratio`` to give up the same speed frees less. Solved with HiGHS when > 0."""
 
+    def makespan_budget(self, t_star: float) -> float:
+        """The second phase's bound on the makespan, given the minimum ``t_star``."""
+        return t_star * (1.0 + self.makespan_slack)
+
     def __post_init__(self):
         check_ratio("max_freeze_ratio", self.max_freeze_ratio)
         check_ratio("action_cap", self.action_cap, optional=True)

@@ -202,7 +202,7 @@ def _solve_highs(problem: PlanProblem, scaled: PlanProblem, factor: float, state
     set_cost(h, lp.phase1_cost())
     t_star, _ = run_checked(h, "phase 1 (makespan)")
     t1 = time.perf_counter()
-    budget = t_star * (1.0 + problem.config.makespan_slack)
+    budget = problem.config.makespan_budget(t_star)
     h.changeColBounds(lp.t_col, 0.0, budget)
     set_cost(h, lp.phase2_cost())
     _, x = run_checked(h, "phase 2 (total freezing)")
