@@ -5,6 +5,7 @@ the controller unchanged (a table of known cases and a random-corruption propert
 """
 
 import copy
+import dataclasses
 import io
 import json
 import threading
@@ -24,9 +25,10 @@ from tfz.schedule import build_schedule
 SCHED = ("1f1b", 2, 4)
 
 
-def trace(policy_factory, resume_at=None, steps=46, drift_at=30, monitoring="partial"):
+def trace(policy_factory, resume_at=None, steps=46, drift_at=30, monitoring="partial", edit=None):
     """Run 46 steps (every phase and a drift re-plan), optionally saving at ``resume_at`` through JSON
-    and continuing in a new controller; per step, everything the controller exposes."""
+    and continuing in a new controller (from ``edit(state)`` if given); per step, everything the
+    controller exposes."""
     sched = build_schedule(*SCHED)
     cfg = small(ramp_steps=4, monitoring=monitoring)
     c = make(cfg, sched, policy=policy_factory())
@@ -39,7 +41,7 @@ def trace(policy_factory, resume_at=None, steps=46, drift_at=30, monitoring="par
         if k == resume_at:
             state = saved = json.loads(json.dumps(c.state_dict()))
             c = make(cfg, sched, policy=policy_factory())
-            c.load_state_dict(state)
+            c.load_state_dict(state if edit is None else edit(state))
         masks = [c.masks_for(s, mb) for s in (0, 1) for mb in range(4)]
         est = c.estimates
         out.append(
@@ -87,6 +89,27 @@ def test_resume_at_every_step_continues_identically(monitoring):
         covered.add((state["phase"], None if state["pending"] is None else state["pending"]["kind"]))
     assert {p for p, _ in covered} == {p.value for p in Phase}
     assert ("solving", "initial") in covered and ("stable", "replan") in covered
+
+
+def test_a_checkpoint_from_before_makespan_slack_resumes_under_slack_0_only():
+    """Checkpoints written before ``PlanConfig.makespan_slack`` existed ran with slack 0: one resumes
+    exactly under slack 0 and is refused, naming the key, under any other slack."""
+    reference, _, _ = trace(RotatingPolicy)
+
+    def older(state):
+        return with_(state, ["config", "plan", "makespan_slack"], DROP)
+
+    for resume_at in (5, 20, 35):
+        resumed, _, saved = trace(RotatingPolicy, resume_at=resume_at, edit=older)
+        assert "makespan_slack" in saved["config"]["plan"]
+        assert_same_trace(resumed, reference, f"resumed at step {resume_at}")
+    cfg = small(ramp_steps=4)
+    other = make(
+        dataclasses.replace(cfg, plan=dataclasses.replace(cfg.plan, makespan_slack=0.02)),
+        build_schedule(*SCHED),
+        policy=RotatingPolicy(),
+    )
+    assert_refused_unchanged(other, older(saved), r"state.config: .*plan.makespan_slack: 0.0 -> 0.02")
 
 
 def test_resume_without_policy_state_differs():

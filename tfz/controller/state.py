@@ -47,6 +47,9 @@ NO_MASKS = (Phase.WARMUP, Phase.MONITOR_UPPER, Phase.SOLVING)
 """Phases in which nothing is frozen."""
 
 _KINDS = ("initial", "replan")
+_ADDED_IN_V2 = {"plan.makespan_slack": 0.0}
+"""Pinned config keys added after version 2 was written, with the value checkpoints without them ran
+under: such a checkpoint resumes a run that pins this value, and is refused under any other."""
 
 
 @dataclass
@@ -370,6 +373,7 @@ def _check_identity(d: _Fields, layout: Layout) -> None:
         {**config, **{f"plan.{k}": v for k, v in plan.items()}} if isinstance(plan, Mapping) else dict(config)
     )
     pinned = layout.config.pinned()
+    saved = {**_ADDED_IN_V2, **saved}
     differ = [k for k in pinned if _plain(saved.get(k, "<missing>")) != pinned[k]]
     if differ:
         detail = ", ".join(f"{k}: {saved.get(k, '<missing>')!r} -> {pinned[k]!r}" for k in differ)
