@@ -150,6 +150,33 @@ def test_stage_backward(benchmark, variant):
     benchmark.pedantic(backward, setup=forward, rounds=40, warmup_rounds=4)
 
 
+@pytest.mark.benchmark(group="mask_plan")
+@pytest.mark.parametrize("stage_id", [0, 1])
+def test_mask_plan(benchmark, stage_id):
+    """What a freeze-aware stage prepares at the start of every step: the 8 MaskPlans of one covering
+    draw at ratio 0.8 for a stage of the demo's model (15 FreezableLinears, 32-row blocks), a fresh
+    draw per round as TimelyFreeze makes."""
+    from tfz.demo import DemoConfig
+    from tfz.demo.worker import build_model
+    from tfz.masks import StageUnits, select_covering
+    from tfz.pipeline.engine import MaskPlan, StageParams
+
+    cfg = DemoConfig(task="pretrain")
+    stage = build_model(cfg, 2, range(2), 0)[stage_id]
+    units = StageUnits.from_module(stage, block_rows=cfg.block_rows)
+    params = StageParams(stage)
+    draws = iter(range(1 << 30))
+
+    def draw():
+        return (select_covering(units, [0.8] * 8, stage=stage_id, step=next(draws)),), {}
+
+    def prepare(masks):
+        return [MaskPlan(m, params) for m in masks]
+
+    plans = benchmark.pedantic(prepare, setup=draw, rounds=100, warmup_rounds=5)
+    assert len(plans) == 8 and all(0 < len(p.row_masks) for p in plans)
+
+
 ADAMW = {  # name: (torch's fused=True, row freezing: None or attach_row_freezing's fused)
     "torch": (False, None),
     "torch_fused": (True, None),

@@ -157,26 +157,52 @@ class ActiveRows:
 
     @classmethod
     def _build(cls, hosts: list[np.ndarray], device: torch.device) -> list[ActiveRows]:
-        out, parts = [], []
-        for host in hosts:
+        """Every mask's fields from one concatenation of ``hosts`` (vectorised across masks), uploaded
+        as four tensors (masks, indices, and the two block lists) that each mask's fields slice."""
+        flat = np.concatenate(hosts) if hosts else np.zeros(0, dtype=bool)  # also the owned host copies
+        sizes = np.fromiter((h.size for h in hosts), dtype=np.int64, count=len(hosts))
+        bounds = np.zeros(len(hosts) + 1, dtype=np.int64)
+        np.cumsum(sizes, out=bounds[1:])
+        index = np.flatnonzero(flat)
+        cuts = np.searchsorted(index, bounds)
+        local = index - np.repeat(bounds[:-1], np.diff(cuts))
+        # runs: an active row starts one where the row before it (in the same mask) is inactive
+        before, after = np.zeros_like(flat), np.zeros_like(flat)
+        before[1:], after[:-1] = flat[:-1], flat[1:]
+        before[bounds[:-1][sizes > 0]] = False
+        after[bounds[1:][sizes > 0] - 1] = False
+        starts, stops = index[~before[index]], index[~after[index]] + 1
+        run_cuts = np.searchsorted(starts, bounds)
+        blocks, block_cuts = {}, {}
+        for b in GPU_BLOCKS:
+            if not (sizes % b).any():  # every mask a whole number of blocks: one reshape for all
+                found = np.flatnonzero(flat.reshape(-1, b).any(axis=1))
+                block_cuts[b] = np.searchsorted(found, bounds // b)
+                blocks[b] = (found - np.repeat(bounds[:-1] // b, np.diff(block_cuts[b]))).astype(np.int32)
+            else:
+                per = [_blocks(h, b) for h in hosts]
+                block_cuts[b] = np.zeros(len(hosts) + 1, dtype=np.int64)
+                np.cumsum([p.size for p in per], out=block_cuts[b][1:])
+                blocks[b] = np.concatenate(per) if per else np.zeros(0, dtype=np.int32)
+        mask_t, index_t, *block_t = _upload([flat, local, *blocks.values()], device)
+        out, lo, hi = [], bounds[:-1].tolist(), bounds[1:].tolist()
+        cut, run_cut = cuts.tolist(), run_cuts.tolist()
+        run_base = np.repeat(bounds[:-1], np.diff(run_cuts))
+        run_lo, run_hi = (starts - run_base).tolist(), (stops - run_base).tolist()
+        bcut = {b: c.tolist() for b, c in block_cuts.items()}
+        for i in range(len(hosts)):
             rows = cls.__new__(cls)
-            rows._host = host.copy()
-            rows.n_rows = int(host.size)
-            index = np.flatnonzero(host)
-            rows.n_active = int(index.size)
-            edges = np.diff(np.concatenate(([False], host, [False])).astype(np.int8))
-            rows.runs = list(zip(np.flatnonzero(edges == 1).tolist(), np.flatnonzero(edges == -1).tolist()))
+            rows._host = flat[lo[i] : hi[i]]
+            rows.n_rows = hi[i] - lo[i]
+            rows.n_active = cut[i + 1] - cut[i]
+            rows.runs = list(zip(run_lo[run_cut[i] : run_cut[i + 1]], run_hi[run_cut[i] : run_cut[i + 1]]))
             rows.device = device
-            blocks = {b: _blocks(host, b) for b in GPU_BLOCKS}
-            rows._counts = {b: int(v.size) for b, v in blocks.items()}
-            parts += [rows._host, index.astype(np.int64), *blocks.values()]
+            rows.mask = mask_t[lo[i] : hi[i]]
+            rows.mask_bytes = rows.mask.view(torch.uint8)
+            rows.index = index_t[cut[i] : cut[i + 1]]
+            rows._blocks = {b: t[bcut[b][i] : bcut[b][i + 1]] for b, t in zip(GPU_BLOCKS, block_t)}
+            rows._counts = {b: bcut[b][i + 1] - bcut[b][i] for b in GPU_BLOCKS}
             out.append(rows)
-        tensors = _upload(parts, device)
-        per = 2 + len(GPU_BLOCKS)
-        for i, rows in enumerate(out):
-            mask, index, *blocks = tensors[i * per : (i + 1) * per]
-            rows.mask, rows.mask_bytes, rows.index = mask, mask.view(torch.uint8), index
-            rows._blocks = dict(zip(GPU_BLOCKS, blocks))
         cls.builds += len(out)
         return out
 

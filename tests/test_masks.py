@@ -120,6 +120,7 @@ def test_extremes_and_mask_views():
     assert all(not rows.any() for rows in full.active_rows.values())
     some = select(units, 0.5, stage=2, microbatch=1)
     rows = some.active_rows
+    assert {name: r.shape for name, r in rows.items()} == {"a": (5,), "b": (3,)}
     for unit, frozen in zip(units.units, some.frozen):
         if unit.kind == "rows":
             assert (rows[unit.name][unit.start : unit.stop] == (not frozen)).all()

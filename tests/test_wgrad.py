@@ -280,6 +280,27 @@ def test_active_rows_built_together_equal_built_alone():
             assert torch.equal(a.blocks(bm), b.blocks(bm))
 
 
+@pytest.mark.parametrize("sizes", [(128, 384, 256, 128, 640), (64, 192, 128), (128, 70, 256)])
+def test_active_rows_built_together_match_brute_force(sizes):
+    """Masks built in one call (whole 64- and 128-row blocks take the reshaped path, others the
+    per-mask one): runs stop at each mask's edge even where the next mask starts active."""
+    g = torch.Generator().manual_seed(len(sizes))
+    masks = [torch.rand(n, generator=g) < p for n, p in zip(sizes, (0.5, 0.2, 0.9, 1.0, 0.0))]
+    masks[0][-3:] = True  # active up to the edge, and the next mask active from its first row
+    masks[1][:2] = True
+    built = ActiveRows.build_many([m.numpy() for m in masks], "cpu")
+    for mask, rows in zip(masks, built):
+        n = mask.numel()
+        assert rows.runs == _runs_brute(mask.tolist())
+        assert rows.n_rows == n and rows.n_active == int(mask.sum()) and torch.equal(rows.mask, mask)
+        assert rows.index.dtype == torch.int64 and rows.index.tolist() == mask.nonzero().flatten().tolist()
+        assert rows.host.tolist() == mask.tolist()
+        for bm in (64, 128):
+            want = [b for b in range(-(-n // bm)) if any(mask[b * bm : (b + 1) * bm].tolist())]
+            got = rows.blocks(bm)
+            assert got.dtype == torch.int32 and got.tolist() == want and rows.n_blocks(bm) == len(want)
+
+
 def test_active_rows_is_a_snapshot_and_raw_masks_are_read_per_call():
     """A prepared mask does not follow later edits of its source; a raw tensor is read at every call."""
     mask = torch.zeros(10, dtype=torch.bool)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -160,6 +161,25 @@ class StageUnits:
     def __len__(self) -> int:
         return len(self.units)
 
+    @cached_property
+    def _layout(self) -> tuple[np.ndarray, np.ndarray, list[tuple[str, int, int]], np.ndarray, list[str]]:
+        """(row units, their row counts, (layer, first, stop) over the rows of the row units in order,
+        tensor units, their names): what :class:`StageMasks` needs to turn unit flags into masks."""
+        rows = [u for u in self.units if u.kind == "rows"]
+        layers, at = [], 0
+        for spec in self.specs:
+            if isinstance(spec, LayerSpec):
+                layers.append((spec.name, at, at + spec.out_features))
+                at += spec.out_features
+        tensors = [u for u in self.units if u.kind == "tensor"]
+        return (
+            np.array([u.position for u in rows], dtype=np.int64),
+            np.array([u.stop - u.start for u in rows], dtype=np.int64),
+            layers,
+            np.array([u.position for u in tensors], dtype=np.int64),
+            [u.name for u in tensors],
+        )
+
 
 def _no_units_message(module: Any, include_tensors: bool) -> str:
     """The error of a stage module without freezable units: what it holds and how to convert it."""
@@ -250,17 +270,15 @@ class StageMasks:
     @property
     def active_rows(self) -> dict[str, np.ndarray]:
         """Layer name -> bool [out_features] (True = active), for every layer of the stage."""
-        layers = [s for s in self.units.specs if isinstance(s, LayerSpec)]
-        rows = {s.name: np.ones(s.out_features, dtype=bool) for s in layers}
-        for unit, frozen in zip(self.units.units, self.frozen):
-            if frozen and unit.kind == "rows":
-                rows[unit.name][unit.start : unit.stop] = False
-        return rows
+        row_units, sizes, layers, _, _ = self.units._layout
+        active = np.repeat(~self.frozen[row_units], sizes)  # every layer's rows, in model order
+        return {name: active[lo:hi] for name, lo, hi in layers}
 
     @property
     def frozen_tensors(self) -> frozenset[str]:
         """Names of the whole tensors frozen."""
-        return frozenset(u.name for u, f in zip(self.units.units, self.frozen) if f and u.kind == "tensor")
+        _, _, _, units, names = self.units._layout
+        return frozenset(names[i] for i in np.flatnonzero(self.frozen[units]))
 
     def for_module(self, module: Any, device: Any = None) -> dict[Any, Any]:
         """``{layer: bool tensor [out_features] or None}`` for ``tfz.nn.use_row_masks``.

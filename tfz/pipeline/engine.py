@@ -81,16 +81,17 @@ class StageParams:
     Resolve again when the parameter objects may change (FSDP2 swaps sharded and unsharded ones).
     """
 
-    __slots__ = ("module", "named", "layers", "layer_of", "weight_name", "_flags")
+    __slots__ = ("module", "named", "layers", "layer_of", "weight_name", "names", "_flags", "_submodules")
 
     def __init__(self, module: nn.Module):
         self.module = stage_module(module)
-        named, layers, layer_of, weight_name, flags = [], [], {}, {}, []
+        named, layers, layer_of, weight_name, flags, names_all = [], [], {}, {}, [], []
         for prefix, sub, params in _walk(self.module):
             for pname, p in params:
                 flags.append((p, p.requires_grad))
+                names_all.append(f"{prefix}.{pname}" if prefix else pname)
                 if p.requires_grad:
-                    named.append((f"{prefix}.{pname}" if prefix else pname, p))
+                    named.append((names_all[-1], p))
             if getattr(sub, "supports_row_masks", False) and sub.weight.requires_grad:
                 layers.append((prefix, sub))
                 for p in (sub.weight, sub.bias):
@@ -108,6 +109,16 @@ class StageParams:
         """id(weight or bias) -> its FreezableLinear."""
         self.weight_name: dict[nn.Module, str] = weight_name
         """FreezableLinear -> its weight's parameter name."""
+        self.names: frozenset[str] = frozenset(names_all)
+        """Every parameter name of the module, ``requires_grad`` or not."""
+        self._submodules: dict[str, nn.Module] = {name: sub for name, sub in layers}
+
+    def submodule(self, name: str) -> nn.Module:
+        """``module.get_submodule(name)``, without the walk for the trainable FreezableLinears."""
+        found = self._submodules.get(name)
+        if found is None:
+            found = self._submodules[name] = self.module.get_submodule(name)
+        return found
 
     @property
     def device(self) -> torch.device | None:
@@ -163,11 +174,10 @@ class MaskPlan:
             return
         if not isinstance(masks, StageMasks):
             raise TypeError(f"a mask provider must return StageMasks or None, got {type(masks).__name__}")
-        module = params.module
         by_layer = {}
         for name, active in masks.active_rows.items():
             try:
-                layer = module.get_submodule(name)
+                layer = params.submodule(name)
             except AttributeError as exc:
                 raise ValueError(f"masks name a layer that is not in the stage module: {exc}") from None
             by_layer[layer] = None if active.all() else active
@@ -176,8 +186,7 @@ class MaskPlan:
         self.row_masks = {layer: m for layer, m in prepared.items() if not m.all_active}
         self.frozen_layers = frozenset(layer for layer, m in self.row_masks.items() if m.all_frozen)
         self.frozen_names = masks.frozen_tensors
-        known = {n for n, _ in module.named_parameters()}
-        unknown = sorted(self.frozen_names - known)
+        unknown = sorted(self.frozen_names - params.names)
         if unknown:
             raise ValueError(f"masks freeze tensors that are not parameters of the stage module: {unknown}")
         self.frozen_fraction = masks.frozen_fraction
