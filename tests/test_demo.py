@@ -7,7 +7,15 @@ import pytest
 from _pipe_workers import skip_unrunnable
 
 from tfz.demo import METHODS, DemoConfig, run_demo
-from tfz.demo.report import build_report, combine, paired_difference, time_to_target, value_at
+from tfz.demo.report import (
+    build_report,
+    causal_offsets,
+    combine,
+    measured_simulation,
+    paired_difference,
+    time_to_target,
+    value_at,
+)
 
 TINY = dict(
     dim=32,
@@ -137,6 +145,55 @@ def test_curve_helpers_by_hand():
     assert p["se"] == pytest.approx(0.5 / 2.0)  # sd 0.5 over 4 sequences
     with pytest.raises(ValueError, match="same >= 2 sequences"):
         paired_difference([1.0, 2.0], [1.0])
+
+
+def _spans(sim, skews: list[float], latency: float = 0.0) -> list[dict]:
+    """Per-rank span records of step 0 as the demo keeps them, from a simulated timeline whose rank r
+    left the start barrier ``skews[r]`` ms late (its recorded times read early by that much)."""
+    out = []
+    for r, skew in enumerate(skews):
+        rows = [("step", skew, skew)]
+        for i in np.flatnonzero(sim.dag.rank == r):
+            rows.append((sim.dag.names[i], sim.start[i] + latency * i, sim.end[i] + latency * i))
+        out.append({0: rows})
+    return out
+
+
+@pytest.mark.parametrize("schedule, ranks", [("1f1b", 2), ("1f1b", 4), ("zbv", 2), ("interleaved1f1b", 2)])
+@pytest.mark.parametrize("skew", [3.0, -2.0])
+def test_measured_timelines_are_aligned_by_causality(schedule, ranks, skew):
+    """simulate() gives a timeline whose cross-rank edges are tight: a barrier skew on the last rank
+    is undone exactly (up to one shift of the whole timeline), and no action starts before an input
+    from another rank has ended."""
+    from tfz.dag import build_dag, simulate
+    from tfz.schedule import build_schedule
+
+    dag = build_dag(build_schedule(schedule, ranks, 4))
+    rng = np.random.default_rng(ranks)
+    sim = simulate(dag, rng.uniform(5.0, 20.0, dag.num_actions))
+    skews = [0.0] * (ranks - 1) + [skew]
+    barrier_only = _spans(sim, skews)
+    measured = measured_simulation(dag, barrier_only, 0)
+    moved = measured.start - sim.start
+    assert np.allclose(moved, moved[0]) and np.allclose(measured.end - sim.end, moved[0])
+    assert moved[0] == pytest.approx(max(0.0, -skew))
+    assert (measured.start[dag.dst] >= measured.end[dag.src] - 1e-9).all()
+
+
+def test_causal_alignment_leaves_causal_timelines_alone_and_refuses_inconsistent_ones():
+    from tfz.dag import build_dag, simulate
+    from tfz.schedule import build_schedule
+
+    dag = build_dag(build_schedule("1f1b", 2, 4))
+    sim = simulate(dag, np.full(dag.num_actions, 10.0))
+    late = measured_simulation(dag, _spans(sim, [0.0, 0.0], latency=0.01), 0)  # every hop has slack
+    assert np.array_equal(late.start, sim.start + 0.01 * np.arange(dag.num_actions))
+    start, end = sim.start.copy(), sim.end.copy()
+    f, b = dag.index["1F0"], dag.index["0B0"]
+    start[f] -= 5.0  # rank 1 must move 5 ms later, and rank 0 too: no shift satisfies both
+    start[b] -= 5.0 + (start[b] - sim.end[dag.index["1B0"]])
+    assert causal_offsets(dag, sim.start, sim.end).tolist() == [0.0, 0.0]
+    assert causal_offsets(dag, start, end).tolist() == [0.0, 0.0]
 
 
 def test_seeds_combine_into_mean_and_spread():

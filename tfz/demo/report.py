@@ -318,9 +318,33 @@ def _machine_shift(base: dict, tf: dict) -> float | None:
 # ---------------------------------------------------------------------- figures and traces
 
 
+def causal_offsets(dag: DAG, start: np.ndarray, end: np.ndarray) -> np.ndarray:
+    """Per-rank shifts (ms, float64 [ranks]) that make the measured timeline causal: the smallest
+    non-negative ones after which no action starts before an input from another rank has ended.
+
+    Ranks leave the start barrier a few ms apart, so timelines aligned on it can show, e.g., a
+    forward starting before the previous stage's forward it receives from has finished. Each
+    cross-rank edge u -> v asks ``shift[rank v] - shift[rank u] >= end[u] - start[v]``; a
+    longest-path relaxation (Bellman-Ford) finds the least shifts. Inconsistent spans (a cycle of
+    ranks that keeps gaining) keep the barrier alignment (zeros).
+    """
+    cross = dag.rank[dag.src] != dag.rank[dag.dst]
+    src, dst = dag.src[cross], dag.dst[cross]
+    a, b = dag.rank[src], dag.rank[dst]
+    need = end[src] - start[dst]
+    shift = np.zeros(dag.num_ranks)
+    for _ in range(dag.num_ranks):
+        lifted = shift.copy()
+        np.maximum.at(lifted, b, shift[a] + need)
+        if np.array_equal(lifted, shift):
+            return shift
+        shift = lifted
+    return np.zeros(dag.num_ranks)
+
+
 def measured_simulation(dag: DAG, spans_by_rank: list[dict], step: int) -> Simulation | None:
     """The measured timeline of ``step`` as a Simulation: each rank's spans shifted so that its
-    start-of-step mark (recorded right after a barrier) is time 0."""
+    start-of-step mark (recorded right after a barrier) is time 0, then by :func:`causal_offsets`."""
     start = np.zeros(dag.num_actions)
     end = np.zeros(dag.num_actions)
     seen = np.zeros(dag.num_actions, dtype=bool)
@@ -335,7 +359,8 @@ def measured_simulation(dag: DAG, spans_by_rank: list[dict], step: int) -> Simul
                 start[i], end[i], seen[i] = s - origin, e - origin, True
     if not seen.all():
         return None
-    return Simulation(dag, end - start, start, end)
+    shift = causal_offsets(dag, start, end)[dag.rank]
+    return Simulation(dag, end - start, start + shift, end + shift)
 
 
 def write_outputs(report: dict, merged: dict[str, dict], cfg: DemoConfig, out: Path) -> list[Path]:
