@@ -153,9 +153,9 @@ def test_stage_backward(benchmark, variant):
 @pytest.mark.benchmark(group="mask_plan")
 @pytest.mark.parametrize("stage_id", [0, 1])
 def test_mask_plan(benchmark, stage_id):
-    """What a freeze-aware stage prepares at the start of every step: the 8 MaskPlans of one covering
-    draw at ratio 0.8 for a stage of the demo's model (15 FreezableLinears, 32-row blocks), a fresh
-    draw per round as TimelyFreeze makes."""
+    """What a freeze-aware stage prepares at the start of a step whose masks were redrawn: the 8
+    MaskPlans of one covering draw at ratio 0.8 for a stage of the demo's model (15 FreezableLinears,
+    32-row blocks), a fresh draw per round."""
     from tfz.demo import DemoConfig
     from tfz.demo.worker import build_model
     from tfz.masks import StageUnits, select_covering
