@@ -28,7 +28,9 @@ __all__ = ["ActiveRows", "GPU_BLOCKS", "as_device", "host_copy", "parse_device"]
 
 GPU_BLOCKS = (64, 128)
 """Row-block heights whose lists are built with every mask (the Triton kernel's BLOCK_M choices)."""
-_ALIGN = 8
+_ALIGN = 16
+"""Byte alignment of every uploaded field: the pointers the kernels are specialised (and compiled
+ahead of time, ``kernels/aot.py``) for carry ``tt.divisibility=16``."""
 
 
 def host_copy(mask: torch.Tensor, name: str) -> np.ndarray:
@@ -94,6 +96,18 @@ def _blocks(host: np.ndarray, block: int) -> np.ndarray:
     return np.flatnonzero(padded.reshape(n_blocks, block).any(axis=1)).astype(np.int32)
 
 
+def _aligned(values: np.ndarray, cuts: np.ndarray) -> tuple[np.ndarray, list[int]]:
+    """``values`` with each segment ``[cuts[i], cuts[i + 1])`` moved to start on an ``_ALIGN``-byte
+    boundary (zeros in between), and the segments' new starts."""
+    per = _ALIGN // values.itemsize
+    lengths = np.diff(cuts)
+    starts = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(-(-lengths // per) * per, out=starts[1:])
+    out = np.zeros(starts[-1], dtype=values.dtype)
+    out[np.arange(values.size) + np.repeat(starts[:-1] - cuts[:-1], lengths)] = values
+    return out, starts[:-1].tolist()
+
+
 def _upload(parts: list[np.ndarray], device: torch.device) -> list[torch.Tensor]:
     """``parts`` as tensors on ``device``, from one buffer: one pinned, non-blocking copy on CUDA."""
     offsets, size = [], 0
@@ -156,9 +170,15 @@ class ActiveRows:
         return cls._build([_host_bool(m) for m in masks], as_device(device))
 
     @classmethod
-    def _build(cls, hosts: list[np.ndarray], device: torch.device) -> list[ActiveRows]:
+    def _build(
+        cls, hosts: list[np.ndarray], device: torch.device, align: bool | None = None
+    ) -> list[ActiveRows]:
         """Every mask's fields from one concatenation of ``hosts`` (vectorised across masks), uploaded
-        as four tensors (masks, indices, and the two block lists) that each mask's fields slice."""
+        as four tensors (masks, indices, and the two block lists) that each mask's fields slice. With
+        ``align`` (default: off the CPU, where kernels read these pointers) each slice starts on a
+        16-byte boundary."""
+        if align is None:
+            align = device.type != "cpu"
         flat = np.concatenate(hosts) if hosts else np.zeros(0, dtype=bool)  # also the owned host copies
         sizes = np.fromiter((h.size for h in hosts), dtype=np.int64, count=len(hosts))
         bounds = np.zeros(len(hosts) + 1, dtype=np.int64)
@@ -184,7 +204,10 @@ class ActiveRows:
                 block_cuts[b] = np.zeros(len(hosts) + 1, dtype=np.int64)
                 np.cumsum([p.size for p in per], out=block_cuts[b][1:])
                 blocks[b] = np.concatenate(per) if per else np.zeros(0, dtype=np.int32)
-        mask_t, index_t, *block_t = _upload([flat, local, *blocks.values()], device)
+        parts = [(flat, bounds), (local, cuts), *((blocks[b], block_cuts[b]) for b in GPU_BLOCKS)]
+        laid = [_aligned(v, c) if align else (v, c[:-1].tolist()) for v, c in parts]
+        mask_t, index_t, *block_t = _upload([values for values, _ in laid], device)
+        (mask_at, index_at, *block_at) = [at for _, at in laid]
         out, lo, hi = [], bounds[:-1].tolist(), bounds[1:].tolist()
         cut, run_cut = cuts.tolist(), run_cuts.tolist()
         run_base = np.repeat(bounds[:-1], np.diff(run_cuts))
@@ -197,11 +220,13 @@ class ActiveRows:
             rows.n_active = cut[i + 1] - cut[i]
             rows.runs = list(zip(run_lo[run_cut[i] : run_cut[i + 1]], run_hi[run_cut[i] : run_cut[i + 1]]))
             rows.device = device
-            rows.mask = mask_t[lo[i] : hi[i]]
+            rows.mask = mask_t[mask_at[i] : mask_at[i] + rows.n_rows]
             rows.mask_bytes = rows.mask.view(torch.uint8)
-            rows.index = index_t[cut[i] : cut[i + 1]]
-            rows._blocks = {b: t[bcut[b][i] : bcut[b][i + 1]] for b, t in zip(GPU_BLOCKS, block_t)}
+            rows.index = index_t[index_at[i] : index_at[i] + rows.n_active]
             rows._counts = {b: bcut[b][i + 1] - bcut[b][i] for b in GPU_BLOCKS}
+            rows._blocks = {
+                b: t[at[i] : at[i] + rows._counts[b]] for b, t, at in zip(GPU_BLOCKS, block_t, block_at)
+            }
             out.append(rows)
         cls.builds += len(out)
         return out

@@ -289,7 +289,15 @@ def test_active_rows_built_together_match_brute_force(sizes):
     masks[0][-3:] = True  # active up to the edge, and the next mask active from its first row
     masks[1][:2] = True
     built = ActiveRows.build_many([m.numpy() for m in masks], "cpu")
-    for mask, rows in zip(masks, built):
+    aligned = ActiveRows._build([m.numpy() for m in masks], torch.device("cpu"), align=True)  # as on GPUs
+    for mask, rows, rows_aligned in zip(masks, built, aligned):
+        assert torch.equal(rows_aligned.mask, mask) and torch.equal(rows_aligned.index, rows.index)
+        assert rows_aligned.runs == rows.runs and rows_aligned.n_active == rows.n_active
+        for bm in (64, 128):
+            assert torch.equal(rows.blocks(bm), rows_aligned.blocks(bm))
+            assert rows_aligned.blocks(bm).data_ptr() % 16 == 0
+        for field in (rows_aligned.mask_bytes, rows_aligned.index):
+            assert field.data_ptr() % 16 == 0  # what the kernels are specialised and compiled for
         n = mask.numel()
         assert rows.runs == _runs_brute(mask.tolist())
         assert rows.n_rows == n and rows.n_active == int(mask.sum()) and torch.equal(rows.mask, mask)
