@@ -96,6 +96,31 @@ def _blocks(host: np.ndarray, block: int) -> np.ndarray:
     return np.flatnonzero(padded.reshape(n_blocks, block).any(axis=1)).astype(np.int32)
 
 
+def _runs(flat: np.ndarray, index: np.ndarray, bounds: np.ndarray, sizes: np.ndarray):
+    """(starts, stops, cuts) of the maximal runs of active rows of masks concatenated in ``flat``
+    (``index``: its active rows; mask i spans ``bounds[i]:bounds[i + 1]``): a run starts at an active
+    row whose row before, in the same mask, is inactive; mask i's runs are ``cuts[i]:cuts[i + 1]``."""
+    before, after = np.zeros_like(flat), np.zeros_like(flat)
+    before[1:], after[:-1] = flat[:-1], flat[1:]
+    before[bounds[:-1][sizes > 0]] = False
+    after[bounds[1:][sizes > 0] - 1] = False
+    starts, stops = index[~before[index]], index[~after[index]] + 1
+    return starts, stops, np.searchsorted(starts, bounds)
+
+
+def _block_lists(flat, hosts, bounds, sizes, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """(int32 block indices, each local to its mask, concatenated; cuts per mask) of the ``block``-row
+    blocks holding an active row."""
+    if not (sizes % block).any():  # every mask a whole number of blocks: one reshape for all
+        found = np.flatnonzero(flat.reshape(-1, block).any(axis=1))
+        cuts = np.searchsorted(found, bounds // block)
+        return (found - np.repeat(bounds[:-1] // block, np.diff(cuts))).astype(np.int32), cuts
+    per_mask = [_blocks(h, block) for h in hosts]
+    cuts = np.zeros(len(hosts) + 1, dtype=np.int64)
+    np.cumsum([b.size for b in per_mask], out=cuts[1:])
+    return (np.concatenate(per_mask) if per_mask else np.zeros(0, dtype=np.int32)), cuts
+
+
 def _aligned(values: np.ndarray, cuts: np.ndarray) -> tuple[np.ndarray, list[int]]:
     """``values`` with each segment ``[cuts[i], cuts[i + 1])`` moved to start on an ``_ALIGN``-byte
     boundary (zeros in between), and the segments' new starts."""
@@ -186,25 +211,10 @@ class ActiveRows:
         index = np.flatnonzero(flat)
         cuts = np.searchsorted(index, bounds)
         local = index - np.repeat(bounds[:-1], np.diff(cuts))
-        # runs: an active row starts one where the row before it (in the same mask) is inactive
-        before, after = np.zeros_like(flat), np.zeros_like(flat)
-        before[1:], after[:-1] = flat[:-1], flat[1:]
-        before[bounds[:-1][sizes > 0]] = False
-        after[bounds[1:][sizes > 0] - 1] = False
-        starts, stops = index[~before[index]], index[~after[index]] + 1
-        run_cuts = np.searchsorted(starts, bounds)
-        blocks, block_cuts = {}, {}
-        for b in GPU_BLOCKS:
-            if not (sizes % b).any():  # every mask a whole number of blocks: one reshape for all
-                found = np.flatnonzero(flat.reshape(-1, b).any(axis=1))
-                block_cuts[b] = np.searchsorted(found, bounds // b)
-                blocks[b] = (found - np.repeat(bounds[:-1] // b, np.diff(block_cuts[b]))).astype(np.int32)
-            else:
-                per = [_blocks(h, b) for h in hosts]
-                block_cuts[b] = np.zeros(len(hosts) + 1, dtype=np.int64)
-                np.cumsum([p.size for p in per], out=block_cuts[b][1:])
-                blocks[b] = np.concatenate(per) if per else np.zeros(0, dtype=np.int32)
-        parts = [(flat, bounds), (local, cuts), *((blocks[b], block_cuts[b]) for b in GPU_BLOCKS)]
+        starts, stops, run_cuts = _runs(flat, index, bounds, sizes)
+        blocks = {b: _block_lists(flat, hosts, bounds, sizes, b) for b in GPU_BLOCKS}
+        block_cuts = {b: c for b, (_, c) in blocks.items()}
+        parts = [(flat, bounds), (local, cuts), *blocks.values()]
         laid = [_aligned(v, c) if align else (v, c[:-1].tolist()) for v, c in parts]
         mask_t, index_t, *block_t = _upload([values for values, _ in laid], device)
         (mask_at, index_at, *block_at) = [at for _, at in laid]
