@@ -11,6 +11,7 @@ from tfz.demo.report import (
     build_report,
     causal_offsets,
     combine,
+    markdown,
     measured_simulation,
     paired_difference,
     time_to_target,
@@ -121,6 +122,23 @@ def test_report_arithmetic_against_hand_values():
     assert none["batch_time_ms_per_step"] == pytest.approx([0.9 * v for v in (101, 100, 100, 110)])
     assert tf["predicted_ms_per_step"] == [None, None, 40.0, 40.0]
     assert "none_batch_time_shift" not in goals["prediction_vs_measured"]  # no unfrozen monitoring here
+
+
+def test_report_shows_the_plans_speedup_and_its_all_frozen_ceiling():
+    cfg = DemoConfig(steps=18, ranks=2, methods=("none", "timelyfreeze"), task="pretrain", **TINY)
+    ranks = _two_methods()
+    plan = {"speedup": 600 / 500, "makespan_unfrozen": 600.0, "makespan_all_frozen": 480.0}
+    ranks[0]["timelyfreeze"]["plan"] = plan
+    task = {"task": "pretrain", "corpus": "c", "validation": {"sequences": 8, "bytes": 128}}
+    report = combine([build_report(ranks, cfg, seed=s)[0] for s in (0, 1)], cfg, {"task": task})
+    tf = report["methods"]["timelyfreeze"]
+    assert tf["planned_speedup"] == pytest.approx(1.2) and tf["planned_ceiling"] == pytest.approx(1.25)
+    assert report["methods"]["none"]["planned_ceiling"] is None
+    goal = report["goals"]["throughput_gain"]
+    assert (goal["planned"], goal["ceiling"]) == (tf["planned_speedup"], tf["planned_ceiling"])
+    assert "plan's own batch speedup 1.200x; with every row of every backward frozen at most 1.250x" in (
+        markdown(report, [])
+    )
 
 
 def test_time_to_target_interpolates_the_crossing():
