@@ -30,7 +30,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -92,6 +92,18 @@ class Unit:
     """rows * in_features, or numel."""
     position: int
     """Index in model order."""
+
+
+class _UnitLayout(NamedTuple):
+    row_units: np.ndarray
+    """int64: positions of the row-block units, in model order."""
+    row_counts: np.ndarray
+    """int64: rows of each of them."""
+    layers: list[tuple[str, int, int]]
+    """(layer name, first, stop) over the row units' rows laid end to end."""
+    tensor_units: np.ndarray
+    """int64: positions of the whole-tensor units."""
+    tensor_names: list[str]
 
 
 @dataclass(frozen=True, eq=False)
@@ -162,9 +174,8 @@ class StageUnits:
         return len(self.units)
 
     @cached_property
-    def _layout(self) -> tuple[np.ndarray, np.ndarray, list[tuple[str, int, int]], np.ndarray, list[str]]:
-        """(row units, their row counts, (layer, first, stop) over the rows of the row units in order,
-        tensor units, their names): what :class:`StageMasks` needs to turn unit flags into masks."""
+    def _layout(self) -> _UnitLayout:
+        """Where each unit's flag goes in the masks of :class:`StageMasks` (built once per units)."""
         rows = [u for u in self.units if u.kind == "rows"]
         layers, at = [], 0
         for spec in self.specs:
@@ -172,12 +183,12 @@ class StageUnits:
                 layers.append((spec.name, at, at + spec.out_features))
                 at += spec.out_features
         tensors = [u for u in self.units if u.kind == "tensor"]
-        return (
-            np.array([u.position for u in rows], dtype=np.int64),
-            np.array([u.stop - u.start for u in rows], dtype=np.int64),
-            layers,
-            np.array([u.position for u in tensors], dtype=np.int64),
-            [u.name for u in tensors],
+        return _UnitLayout(
+            row_units=np.array([u.position for u in rows], dtype=np.int64),
+            row_counts=np.array([u.stop - u.start for u in rows], dtype=np.int64),
+            layers=layers,
+            tensor_units=np.array([u.position for u in tensors], dtype=np.int64),
+            tensor_names=[u.name for u in tensors],
         )
 
 
@@ -270,15 +281,15 @@ class StageMasks:
     @property
     def active_rows(self) -> dict[str, np.ndarray]:
         """Layer name -> bool [out_features] (True = active), for every layer of the stage."""
-        row_units, sizes, layers, _, _ = self.units._layout
-        active = np.repeat(~self.frozen[row_units], sizes)  # every layer's rows, in model order
-        return {name: active[lo:hi] for name, lo, hi in layers}
+        layout = self.units._layout
+        active = np.repeat(~self.frozen[layout.row_units], layout.row_counts)  # all layers' rows, in order
+        return {name: active[lo:hi] for name, lo, hi in layout.layers}
 
     @property
     def frozen_tensors(self) -> frozenset[str]:
         """Names of the whole tensors frozen."""
-        _, _, _, units, names = self.units._layout
-        return frozenset(names[i] for i in np.flatnonzero(self.frozen[units]))
+        layout = self.units._layout
+        return frozenset(layout.tensor_names[i] for i in np.flatnonzero(self.frozen[layout.tensor_units]))
 
     def for_module(self, module: Any, device: Any = None) -> dict[Any, Any]:
         """``{layer: bool tensor [out_features] or None}`` for ``tfz.nn.use_row_masks``.
