@@ -213,16 +213,15 @@ class ActiveRows:
         local = index - np.repeat(bounds[:-1], np.diff(cuts))
         starts, stops, run_cuts = _runs(flat, index, bounds, sizes)
         blocks = {b: _block_lists(flat, hosts, bounds, sizes, b) for b in GPU_BLOCKS}
-        block_cuts = {b: c for b, (_, c) in blocks.items()}
         parts = [(flat, bounds), (local, cuts), *blocks.values()]
         laid = [_aligned(v, c) if align else (v, c[:-1].tolist()) for v, c in parts]
         mask_t, index_t, *block_t = _upload([values for values, _ in laid], device)
-        (mask_at, index_at, *block_at) = [at for _, at in laid]
+        mask_at, index_at, *block_at = [at for _, at in laid]
         out, lo, hi = [], bounds[:-1].tolist(), bounds[1:].tolist()
         cut, run_cut = cuts.tolist(), run_cuts.tolist()
         run_base = np.repeat(bounds[:-1], np.diff(run_cuts))
         run_lo, run_hi = (starts - run_base).tolist(), (stops - run_base).tolist()
-        bcut = {b: c.tolist() for b, c in block_cuts.items()}
+        bcut = {b: c.tolist() for b, (_, c) in blocks.items()}
         for i in range(len(hosts)):
             rows = cls.__new__(cls)
             rows._host = flat[lo[i] : hi[i]]

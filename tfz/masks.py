@@ -280,7 +280,8 @@ class StageMasks:
 
     @property
     def active_rows(self) -> dict[str, np.ndarray]:
-        """Layer name -> bool [out_features] (True = active), for every layer of the stage."""
+        """Layer name -> bool [out_features] (True = active), for every layer of the stage (views of
+        one array, made afresh per call)."""
         layout = self.units._layout
         active = np.repeat(~self.frozen[layout.row_units], layout.row_counts)  # all layers' rows, in order
         return {name: active[lo:hi] for name, lo, hi in layout.layers}

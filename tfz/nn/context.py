@@ -115,9 +115,12 @@ def _prepare(masks: list, out_features: list[int], device) -> list[RowMask]:
     hosts = [_host_mask(m, n) for m, n in zip(masks, out_features)]
     counts = [n if h is None else int(h.sum()) for h, n in zip(hosts, out_features)]
     partial = [i for i, (c, n) in enumerate(zip(counts, out_features)) if 0 < c < n]
-    by_device: dict[torch.device, list[int]] = {device: partial} if device is not None and partial else {}
-    for i in partial if device is None else ():
-        by_device.setdefault(as_device(getattr(masks[i], "device", torch.device("cpu"))), []).append(i)
+    by_device: dict[torch.device, list[int]] = {}
+    if device is not None:
+        by_device = {device: partial} if partial else {}
+    else:  # each tensor mask on its own device, numpy masks on the CPU
+        for i in partial:
+            by_device.setdefault(as_device(getattr(masks[i], "device", torch.device("cpu"))), []).append(i)
     rows: dict[int, ActiveRows] = {}
     for where, idx in by_device.items():
         rows.update(zip(idx, ActiveRows.build_many([hosts[i] for i in idx], where)))
