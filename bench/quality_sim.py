@@ -228,63 +228,54 @@ def _parse_variant(text: str) -> tuple[str, dict]:
     return name, out
 
 
-def _fit_frozen_bound(samples: list[tuple[float, float]]) -> float:
-    """The least-squares line through (frozen fraction, B ms) at fraction 1: the frozen bound the
-    controller's partial monitoring fits (``tfz.controller.estimates.fit_linear``)."""
-    x, t = np.array(samples).T
-    slope, intercept = np.polyfit(x, t, 1)
-    return float(intercept + slope)
-
-
 def cmd_profile(args):
     """Median F, B and B with every unit of the controller (row blocks only) frozen, per stage, each B
     as a step's first microbatch (no ``.grad`` yet). With ``--masked``, every B adds into existing
-    grads, as a step's later microbatches do, and B_frozen is the line through B unfrozen and B under
-    covering masks at the ratios of ``--masked``, taken at fraction 1, as the demo's monitoring
-    estimates it (the masked path's fixed costs included); B with every layer left out is kept as
-    ``B_all_frozen``."""
+    grads, as a step's later microbatches do, and B_frozen is the frozen bound the demo's monitoring
+    estimates (``tfz.controller.estimates.fit_linear`` over B unfrozen and B under covering masks at
+    the ratios of ``--masked``: the masked path's fixed costs included); B with every layer left out
+    is kept as ``B_all_frozen``."""
     import statistics
 
+    from tfz.controller.estimates import fit_linear
     from tfz.masks import StageUnits, select_covering
 
     torch.set_num_threads(1)
     cfg = DemoConfig(task="pretrain")
     modules = build_model(cfg, 2, range(2), 0)
     params = {s: StageParams(m) for s, m in modules.items()}
-    frozen, masked = {}, {s: [] for s in modules}
+    plans = {"B": {s: MaskPlan(None, params[s]) for s in modules}, "B_frozen": {}}  # kind -> stage -> plan
+    level = {"B": 0.0}  # the ratio asked of each kind fitted by --masked
     for s, m in modules.items():
         units = StageUnits.from_module(m, block_rows=cfg.block_rows)
-        frozen[s] = MaskPlan(StageMasks(units, 1.0, np.ones(len(units), dtype=bool)), params[s])
+        plans["B_frozen"][s] = MaskPlan(StageMasks(units, 1.0, np.ones(len(units), dtype=bool)), params[s])
         for ratio in args.masked:
-            covering = select_covering(units, [ratio] * cfg.microbatches, stage=s)
-            masked[s] += [MaskPlan(mask, params[s]) for mask in covering]
-    kinds = ("B", "B_frozen", *(f"masked{i}" for i in range(len(masked[0]))))
-    fitted = {s: [] for s in modules}
+            for mb, mask in enumerate(select_covering(units, [ratio] * cfg.microbatches, stage=s)):
+                plans.setdefault(f"masked {ratio} {mb}", {})[s] = MaskPlan(mask, params[s])
+                level[f"masked {ratio} {mb}"] = ratio
     x = torch.randint(0, 256, (cfg.microbatch_size, cfg.seq_len))
     y = torch.randint(0, 256, (cfg.microbatch_size, cfg.seq_len))
     samples = {(s, k): [] for s in range(2) for k in ("F", "B", "B_frozen")}
+    fitted = {s: [] for s in modules}  # (ratio asked, active fraction, ms)
     for rep in range(2 + args.repeats):
-        for kind in kinds:
+        for kind, plan in plans.items():
             t0 = time.perf_counter()
             h0 = modules[0](x)
             t1 = time.perf_counter()
             inp = h0.detach().requires_grad_(True)
             loss = _loss_fn(modules[1](inp), y)
             t2 = time.perf_counter()
-            if kind.startswith("masked"):
-                plan = {s: masked[s][int(kind[6:])] for s in range(2)}
-            else:
-                plan = {s: frozen[s] if kind == "B_frozen" else MaskPlan(None, params[s]) for s in range(2)}
             (g,) = full_backward(loss, None, [inp], plan[1], params[1])
             t3 = time.perf_counter()
             full_backward(h0, g, [x], plan[0], params[0])
             t4 = time.perf_counter()
-            if rep >= 2 and kind.startswith("masked"):
-                fitted[0].append((plan[0].frozen_fraction, (t4 - t3) * 1e3))
-                fitted[1].append((plan[1].frozen_fraction, (t3 - t2) * 1e3))
-            elif rep >= 2:
-                samples[0, kind].append((t4 - t3) * 1e3)
-                samples[1, kind].append((t3 - t2) * 1e3)
+            b_ms = {0: (t4 - t3) * 1e3, 1: (t3 - t2) * 1e3}
+            if rep >= 2 and kind in level:
+                for st in range(2):
+                    fitted[st].append((level[kind], 1.0 - plan[st].frozen_fraction, b_ms[st]))
+            if rep >= 2 and kind in ("B", "B_frozen"):
+                for st in range(2):
+                    samples[st, kind].append(b_ms[st])
                 samples[0, "F"].append((t1 - t0) * 1e3)
                 samples[1, "F"].append((t2 - t1) * 1e3)
             if not args.masked:  # each B as a step's first microbatch; --masked: as the later ones
@@ -293,8 +284,9 @@ def cmd_profile(args):
     profile = [{k: statistics.median(samples[s, k]) for k in ("F", "B", "B_frozen")} for s in range(2)]
     if args.masked:
         for s, row in enumerate(profile):
+            lv, active, ms = (np.array(c)[:, None] for c in zip(*fitted[s]))
             row["B_all_frozen"] = row["B_frozen"]
-            row["B_frozen"] = _fit_frozen_bound([(0.0, t) for t in samples[s, "B"]] + fitted[s])
+            row["B_frozen"] = float(fit_linear(active, ms, lv)[0][0])  # t = a + b x at x = 0 active
     Path(args.out).write_text(json.dumps(profile, indent=1) + "\n")
     print(json.dumps(profile))
 
