@@ -12,6 +12,7 @@ import argparse
 import json
 import sys
 
+from tfz._defaults import MAX_FREEZE_RATIO
 from tfz.cli import UsageError
 from tfz.cli._common import (
     add_schedule_arguments,
@@ -33,9 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     lp.add_argument(
         "--max-freeze-ratio",
         type=ratio,
-        default=0.8,
+        default=MAX_FREEZE_RATIO,
         metavar="X",
-        help="cap on each stage's mean freeze ratio, in [0, 1] (default 0.8)",
+        help=f"cap on each stage's mean freeze ratio, in [0, 1] (default {MAX_FREEZE_RATIO:g})",
     )
     lp.add_argument(
         "--action-cap", type=ratio, default=None, metavar="X", help="cap on every single ratio (default 1)"

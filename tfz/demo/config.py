@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from tfz._defaults import MAX_FREEZE_RATIO
 from tfz._validate import MAX_SEED, check_bool, check_int, check_number, check_ratio, is_int, short_repr
 from tfz.schedule import SCHEDULES
 
@@ -41,7 +42,7 @@ class DemoConfig:
     """Optimizer steps per method."""
     methods: tuple[str, ...] = ("none", "timelyfreeze")
     """Methods to run, in lockstep (one step of each in turn), so machine noise hits all alike."""
-    max_freeze_ratio: float = 0.8
+    max_freeze_ratio: float = MAX_FREEZE_RATIO
     """TimelyFreeze's cap on each stage's mean freeze ratio."""
     action_cap: float | None = None
     """TimelyFreeze's cap on each (stage, microbatch) ratio (``PlanConfig.action_cap``); default

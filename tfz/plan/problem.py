@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
+from tfz._defaults import MAX_FREEZE_RATIO
 from tfz._validate import check_ratio
 from tfz.dag import DAG
 from tfz.schedule import FREEZABLE_KINDS
@@ -47,7 +48,7 @@ class PlanConfig:
     (at ratio 0): it is the share of the stage's weight-gradient work the masks skip.
     """
 
-    max_freeze_ratio: float = 0.8
+    max_freeze_ratio: float = MAX_FREEZE_RATIO
     """Cap on each stage's mean ratio, in [0, 1] (default 0.8, the paper's experiments)."""
     action_cap: float | None = None
     """Optional cap on every single ratio, in [0, 1] (``solve`` also takes a per-action array)."""
