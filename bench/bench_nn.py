@@ -7,8 +7,9 @@ FreezableLinear without masks, half the rows frozen, every row frozen, and the s
 in B, flush in W). The microbatch group accumulates four microbatches into existing grads with 3/4 of
 the rows frozen, returning dW to autograd or adding it in place (``use_row_masks(in_place=True)``, what
 tfz.pipeline's B actions do). The stage group times the B of the demo's last stage (a LLaMA
-stage: attention, SwiGLU, LM head) with plain nn.Linear, FreezableLinear unmasked, a covering plan
-at ratio 0.8 (each microbatch's masks in turn) and every row frozen.
+stage: attention, SwiGLU, LM head) with plain nn.Linear, FreezableLinear unmasked, the masks of a
+plan at ratio 0.8 (each microbatch's in turn; scattered blocks or row arcs) and every row frozen
+(``bench/mask_layout_backward.py`` compares the layouts with the variants alternating).
 The optimizer group times AdamW.step: torch's own (for-loop and
 ``fused=True``), with the row-freezing hooks (``rescale=True``, ``step_scale=0.5``, ``fused=False``)
 around either, and tfz's one-pass step (the default where it applies). The GPU group
@@ -96,11 +97,12 @@ def test_microbatch_accumulation(benchmark, in_place):
     benchmark(microbatches)
 
 
-STAGE_B = {  # name: (FreezableLinear, freeze ratio)
-    "nn.Linear": (False, 0.0),
-    "freezable": (True, 0.0),
-    "cover_0.8": (True, 0.8),
-    "frozen_1.0": (True, 1.0),
+STAGE_B = {  # name: (FreezableLinear, freeze ratio, tfz.masks layout of the 8 microbatch masks)
+    "nn.Linear": (False, 0.0, None),
+    "freezable": (True, 0.0, None),
+    "cover_0.8": (True, 0.8, "select_covering"),
+    "arcs_0.8": (True, 0.8, "select_row_arcs"),
+    "frozen_1.0": (True, 1.0, None),
 }
 
 
@@ -109,14 +111,15 @@ STAGE_B = {  # name: (FreezableLinear, freeze ratio)
 def test_stage_backward(benchmark, variant):
     """B of the demo's last stage (2 LLaMA layers at dim 384 and the LM head, 4 x 64 tokens), added
     into existing grads as the pipeline does: plain nn.Linear layers, FreezableLinear unmasked, the
-    8 microbatch masks of a covering plan at ratio 0.8 (32-row blocks) taken in turn, and every row
-    frozen."""
+    8 microbatch masks of a plan at ratio 0.8 (32-row blocks) taken in turn, scattered blocks
+    (cover) or one run of rows per layer (arcs), and every row frozen."""
+    from tfz import masks as tfz_masks
     from tfz.demo import DemoConfig
     from tfz.demo.worker import _loss_fn, build_model
-    from tfz.masks import StageMasks, StageUnits, select_covering
+    from tfz.masks import StageMasks, StageUnits
     from tfz.pipeline.engine import MaskPlan, StageParams, full_backward
 
-    freezable, ratio = STAGE_B[variant]
+    freezable, ratio, layout = STAGE_B[variant]
     torch.set_num_threads(1)
     cfg = DemoConfig(task="pretrain")
     first, stage = build_model(cfg, 2, range(2), 0).values()
@@ -129,7 +132,7 @@ def test_stage_backward(benchmark, variant):
                 stage.set_submodule(name, plain)
     params = StageParams(stage)
     if 0.0 < ratio < 1.0:
-        masks = select_covering(units, [ratio] * 8, stage=1)
+        masks = getattr(tfz_masks, layout)(units, [ratio] * 8, stage=1)
     elif ratio == 1.0:
         masks = [StageMasks(units, 1.0, np.ones(len(units), dtype=bool))]
     else:

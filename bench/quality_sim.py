@@ -18,8 +18,9 @@ simulated wall time.
     python bench/quality_sim.py table runs.jsonl
 
 A variant is ``NAME[:key=value,...]``: DemoConfig fields (``max_freeze_ratio=0.7``, ``block_rows=64``,
-``rescale_grads=False``), ``method=`` (a demo method, default timelyfreeze) and ``layout=`` (cover,
-independent, nested: TimelyFreeze's masks within a step). ``none`` (no freezing) runs once per seed as
+``rescale_grads=False``, ``mask_layout=cover``), ``method=`` (a demo method, default timelyfreeze)
+and ``layout=`` (arcs, cover, independent, nested: TimelyFreeze's masks within a step; default the
+config's ``mask_layout``). ``none`` (no freezing) runs once per seed as
 the reference. Evaluation is on fixed sequences of ``--split`` (``tune``: files held out of both
 training and the demo's validation set, for choosing settings; ``val``: the demo's validation set).
 Fine-tune rows also record the loss on the base's own corpus (``base_corpus_curve``: what the
@@ -118,7 +119,7 @@ def _synthetic_times(dag, profile, provider) -> tuple[dict[str, float], float]:
     return named, float(simulate(dag, times).makespan)
 
 
-def train(cfg: DemoConfig, method: str, layout: str, seed: int, split: str, profile, corpus, base):
+def train(cfg: DemoConfig, method: str, layout: str | None, seed: int, split: str, profile, corpus, base):
     torch.manual_seed(seed)
     schedule = cfg.build_schedule()
     dag = build_dag(schedule)
@@ -127,8 +128,8 @@ def train(cfg: DemoConfig, method: str, layout: str, seed: int, split: str, prof
     controller = {}
     if method.startswith("timelyfreeze"):
         controller = {"async_solve": False}  # the plan takes effect at the same step in every run
-        if layout == "independent":
-            controller["mask_layout"] = "independent"
+        if layout in ("arcs", "cover", "independent"):
+            controller["mask_layout"] = layout
     provider = make_provider(method, cfg, schedule, modules, seed, **controller)
     if layout == "nested":
         provider = NestedMasks(provider)
@@ -312,7 +313,7 @@ def cmd_run(args):
                 continue
             over = dict(overrides)
             method = over.pop("method", "none" if name == "none" else "timelyfreeze")
-            layout = over.pop("layout", "cover")
+            layout = over.pop("layout", None)
             methods = ("none", method) if method != "none" else ("none",)
             cfg = DemoConfig(**{**common, "methods": methods, **over})
             t = time.perf_counter()

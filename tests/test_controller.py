@@ -40,7 +40,7 @@ from tfz.controller.estimates import (
     stage_sums,
 )
 from tfz.dag import build_dag, simulate
-from tfz.masks import RandomPolicy, select, select_covering
+from tfz.masks import RandomPolicy, select, select_covering, select_row_arcs
 from tfz.plan import PlanConfig, PlanSolveError, solve
 from tfz.schedule import build_schedule
 
@@ -395,6 +395,22 @@ def test_masks_redrawn_at_decision_steps_and_cached_between():
     ratios = [float(c.plan.ratios[c.dag.index[f"1B{mb}"]]) for mb in range(4)]
     ref = select_covering(c.units[1], ratios, stage=1, step=d, seed=0)
     assert np.array_equal(m.frozen, ref[2].frozen)
+
+
+def test_arcs_layout_draws_every_microbatch_with_select_row_arcs():
+    c = make(small(ramp_steps=0, mask_layout="arcs"), build_schedule("1f1b", 2, 4))
+    syn = Synthetic(c.dag)
+    run_to_stable(c, syn)
+    for s in (0, 1):
+        ratios = [float(c.plan.ratios[c.dag.index[f"{s}B{mb}"]]) for mb in range(4)]
+        ref = select_row_arcs(c.units[s], ratios, stage=s, step=c.decision, seed=0)
+        for mb in range(4):
+            m = c.masks_for(s, mb)
+            assert (m is None) == (not ref[mb].frozen.any())
+            if m is not None:
+                assert np.array_equal(m.frozen, ref[mb].frozen)
+    with pytest.raises(ValueError, match="mask_layout='arcs' draws its arcs at random and takes no policy"):
+        make(small(mask_layout="arcs"), build_schedule("1f1b", 2, 4), policy=RandomPolicy())
 
 
 def test_independent_layout_draws_each_microbatch_with_select():

@@ -283,10 +283,25 @@ def test_config_errors():
         DemoConfig(action_cap=1.5)
     with pytest.raises(ValueError, match="monitoring must be 'partial' or 'frozen', got 'none'"):
         DemoConfig(monitoring="none")
+    with pytest.raises(ValueError, match="mask_layout must be one of .*, got 'rows'"):
+        DemoConfig(mask_layout="rows")
     with pytest.raises(ValueError, match="unknown corpus 'x'"):
         DemoConfig(corpus="x")
     with pytest.raises(ValueError, match="n_layers 2 is fewer than the 4 pipeline stages"):
         DemoConfig(schedule="zbv", n_layers=2)
+
+
+def test_timelyfreeze_takes_the_mask_layout_and_the_hybrids_keep_their_policy_s():
+    from tfz.demo.worker import build_model, make_provider
+
+    for layout in ("arcs", "cover"):
+        cfg = DemoConfig(task="pretrain", methods=METHODS, mask_layout=layout, **TINY)
+        sched = cfg.build_schedule()
+        modules = build_model(cfg, sched.num_stages, range(sched.num_stages), 0)
+        got = {
+            m: make_provider(m, cfg, sched, modules, 0).config.mask_layout for m in METHODS if "timely" in m
+        }
+        assert got == {"timelyfreeze": layout, "timelyfreeze+apf": "auto", "timelyfreeze+autofreeze": "auto"}
 
 
 def test_short_runs_scale_their_phases_or_are_refused_with_the_minimum():
@@ -376,7 +391,10 @@ def test_shortened_demo_runs_every_method(tmp_path):
     tf = saved["per_seed"][0]["methods"]["timelyfreeze"]
     assert tf["batch_time_predicted_ms"] > 0 and tf["plan"] is not None
     assert max(tf["plan"]["ratios"].values()) <= cfg.max_freeze_ratio + 1e-9  # each microbatch capped
-    assert "each microbatch's at 0.8" in (tmp_path / "report.md").read_text()
+    assert (
+        "each microbatch's at 0.8; its masks train one run of rows of every layer"
+        in (tmp_path / "report.md").read_text()
+    )
     # the lower-bound window freezes part of every stage: microbatches take turns over the monitoring
     # ratios (0.4, 0.8), so each stage's mean is about 0.6 and every step still trains
     lower = [i for i, p in enumerate(tf["phase_per_step"]) if p == "monitor_lower"]

@@ -65,6 +65,7 @@ def test_bad_seeds_and_task_name_the_value(capsys):
     _refused(capsys, "--seeds", "", match="''")
     _refused(capsys, "--task", "finetuning", match="'finetuning'")
     _refused(capsys, "--task", "pretrain", "--base", "x.pt", match="--base x.pt")
+    _refused(capsys, "--mask-layout", "rows", match="'rows'")
 
 
 def test_empty_data_is_refused(capsys, tmp_path):

@@ -11,7 +11,16 @@ import pytest
 import torch
 from torch import nn
 
-from tfz.masks import LayerSpec, RandomPolicy, StageMasks, StageUnits, TensorSpec, select, select_covering
+from tfz.masks import (
+    LayerSpec,
+    RandomPolicy,
+    StageMasks,
+    StageUnits,
+    TensorSpec,
+    select,
+    select_covering,
+    select_row_arcs,
+)
 from tfz.nn import FreezableLinear, use_row_masks
 
 
@@ -332,3 +341,103 @@ def test_covering_is_deterministic_and_follows_the_policy_order():
         select_covering(units, [0.5, 1.5], stage=0)
     with pytest.raises(ValueError, match="step must be an integer >= 0, got -1"):
         select_covering(units, [0.5], stage=0, step=-1)
+
+
+# ---------------------------------------------------------------- row arcs layout
+
+
+def _circles(units):
+    """{name: [positions of its units in row order]}: each layer's blocks and each whole tensor."""
+    out = {}
+    for u in units.units:
+        out.setdefault(u.name, []).append(u.position)
+    return out
+
+
+def _circular_runs(flags):
+    """Runs of True in ``flags`` read as a circle (a run through the end and the start counts once)."""
+    flags = np.asarray(flags, dtype=bool)
+    if flags.all():
+        return 1
+    return int((flags & ~np.roll(flags, 1)).sum())
+
+
+def test_row_arcs_train_one_run_of_every_layer_and_take_turns():
+    rng = np.random.default_rng(5)
+    for case in range(300):
+        units = random_units(rng)
+        M = int(rng.integers(1, 9))
+        ratios = [float(rng.choice([0.0, 1.0, rng.random()])) for _ in range(M)]
+        masks = select_row_arcs(units, ratios, stage=case % 3, step=case, seed=case)
+        assert len(masks) == M
+        circles = _circles(units)
+        # each layer is off its share by less than its largest block: the stage by less than their sum
+        slack = sum(units.weights[pos].max() for pos in circles.values()) / units.total
+        for r, m in zip(ratios, masks):
+            assert abs(m.frozen_fraction - r) < slack + 1e-12
+            for pos in circles.values():
+                trained = ~m.frozen[pos]
+                assert _circular_runs(trained) <= 1  # one arc per circle, possibly through its end
+                w = units.weights[pos]
+                assert abs(w[trained].sum() - (1 - r) * w.sum()) < w.max()
+        # per circle, the arcs laid end to end cover k = sum(1 - r) turns: every block trains floor(k)
+        # or ceil(k) times
+        k = sum(1 - r for r in ratios)
+        for pos in circles.values():
+            trained = np.sum([~m.frozen[pos] for m in masks], axis=0)
+            assert trained.min() >= np.floor(k - 1e-9) and trained.max() <= np.ceil(k + 1e-9)
+
+
+def test_row_arcs_follow_each_other_round_the_circle():
+    units = StageUnits((LayerSpec("a", 160, 8), LayerSpec("b", 96, 8)), block_rows=16)  # 10 + 6 blocks
+    masks = select_row_arcs(units, [0.5, 0.75, 0.0, 1.0], stage=0, step=3, seed=1)
+    for name, n in (("a", 10), ("b", 6)):
+        pos = np.array(_circles(units)[name])
+        arcs = [np.flatnonzero(~m.frozen[pos]) for m in masks]
+        assert [len(a) for a in arcs][2:] == [n, 0]  # ratio 0 trains the whole circle, ratio 1 nothing
+        # the second arc starts on the block after the first one's last (mod n)
+        first, second = (set(a.tolist()) for a in arcs[:2])
+        end = next(b for b in first if (b + 1) % n not in first)
+        assert (end + 1) % n in second and not first & second
+    assert masks[2].frozen_fraction == 0.0 and masks[3].frozen_fraction == 1.0
+
+
+def test_row_arcs_shares_are_unbiased_and_redrawn_per_step():
+    # blocks of 3, 3, 1 rows at ratio 0.6: every block trains with probability 0.4, whatever its size
+    units = StageUnits((LayerSpec("a", 7, 4), LayerSpec("b", 7, 4)), block_rows=3)
+    draws = [select_row_arcs(units, [0.6] * 3, stage=0, step=k) for k in range(3000)]
+    trained = np.array([[~m.frozen for m in masks] for masks in draws]).reshape(-1, len(units))
+    assert np.abs(trained.mean(axis=0) - 0.4).max() < 4 * np.sqrt(0.24 / 3000)  # 4 sigma per step
+    a = select_row_arcs(units, [0.5, 0.7], stage=1, step=2, seed=7)
+    b = select_row_arcs(units, [0.5, 0.7], stage=1, step=2, seed=7)
+    assert all(np.array_equal(x.frozen, y.frozen) for x, y in zip(a, b))
+    others = [select_row_arcs(units, [0.5, 0.7], stage=1, step=s, seed=7)[0].frozen for s in range(3, 9)]
+    assert any(not np.array_equal(a[0].frozen, o) for o in others)
+
+
+def test_row_arcs_masked_dw_needs_no_gather():
+    """Every layer's active rows form at most two runs (one arc, cut where it wraps), below the CPU
+    torch backend's gather threshold; scattered covering blocks do not."""
+    from tfz.kernels._wgrad_torch import GATHER_MIN_RUNS
+
+    layers = tuple(LayerSpec(f"l{i}", 384 if i % 2 else 1536, 64) for i in range(6))
+    units = StageUnits(layers, block_rows=32)
+    runs = {}
+    for name, draw in (("arcs", select_row_arcs), ("cover", select_covering)):
+        per_layer = []
+        for m in draw(units, [0.8] * 8, stage=1, step=4):
+            for rows in m.active_rows.values():
+                edges = np.diff(np.concatenate([[0], rows.astype(np.int8), [0]]))
+                per_layer.append(int((edges == 1).sum()))
+        runs[name] = max(per_layer)
+    assert runs["arcs"] <= 2 < GATHER_MIN_RUNS <= runs["cover"]
+
+
+def test_row_arcs_reject_bad_values():
+    units = StageUnits((LayerSpec("a", 64, 8),), block_rows=16)
+    with pytest.raises(ValueError, match=r"ratios\[1\] must be a finite number in \[0, 1\], got 1.5"):
+        select_row_arcs(units, [0.5, 1.5], stage=0)
+    with pytest.raises(ValueError, match="step must be an integer >= 0, got -1"):
+        select_row_arcs(units, [0.5], stage=0, step=-1)
+    with pytest.raises(TypeError, match="units must be StageUnits, got list"):
+        select_row_arcs([], [0.5], stage=0)

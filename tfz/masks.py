@@ -47,6 +47,7 @@ __all__ = [
     "Unit",
     "select",
     "select_covering",
+    "select_row_arcs",
 ]
 
 
@@ -172,6 +173,17 @@ class StageUnits:
 
     def __len__(self) -> int:
         return len(self.units)
+
+    @cached_property
+    def _circles(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(circle of each unit, the weight before it on its circle, each circle's weight): a circle
+        per layer (its row blocks in row order) and per whole tensor (one unit)."""
+        spec_of = {spec.name: i for i, spec in enumerate(self.specs)}
+        circle = np.array([spec_of[u.name] for u in self.units], dtype=np.int64)
+        weight = np.bincount(circle, weights=self.weights, minlength=len(self.specs))
+        before = np.cumsum(self.weights) - self.weights  # units of a spec are consecutive
+        first = np.concatenate([[0.0], np.cumsum(weight)[:-1]])
+        return circle, before - first[circle], weight
 
     @cached_property
     def _layout(self) -> _UnitLayout:
@@ -416,3 +428,35 @@ def select_covering(
         out.append(StageMasks(units=units, ratio=ratio, frozen=frozen))
         start = (start + k) % n
     return out
+
+
+def select_row_arcs(
+    units: StageUnits, ratios: Sequence[float], *, stage: int, step: int = 0, seed: int = 0
+) -> list[StageMasks]:
+    """Masks of every microbatch of one stage at once, each layer's row blocks taking turns on a
+    circle of their own.
+
+    A layer's blocks, in row order, lie end to end on a circle as long as the layer's weight, and a
+    random point on it is where the turns start; microbatch m trains the blocks that start on the next
+    ``1 - ratios[m]`` of the circle and freezes the rest. So every microbatch trains one contiguous
+    run of rows of every layer (two where it wraps): the masked dW of a layer is one GEMM per run,
+    written straight into dW's rows (the scattered blocks of :func:`select_covering` need a gather on
+    the CPU). Every block trains with probability ``1 - ratios[m]``, so the expected frozen fraction
+    is exact, and every layer is off its share by less than its largest block:
+    ``|realised - ratios[m]| < (sum of each layer's largest block) / total``. As with
+    :func:`select_covering`, when the trainable shares add up to at least 1, every block trains in
+    some microbatch of the step. A whole-tensor unit is a circle of one. Random (seeded with seed,
+    stage and step); it takes no policy.
+    """
+    if not isinstance(units, StageUnits):
+        raise TypeError(f"units must be StageUnits, got {type(units).__name__}")
+    targets = [check_ratio(f"ratios[{i}]", r) for i, r in enumerate(ratios)]
+    entropy = [check_int(n, v, 0) for n, v in (("seed", seed), ("stage", stage), ("step", step))]
+    circle, before, length = units._circles
+    start = np.random.default_rng([*entropy, 2]).random(len(length)) * length
+    share = 1.0 - np.array(targets, dtype=np.float64)[:, None]
+    turns = np.concatenate([[0.0], np.cumsum(share[:, 0])])[:-1, None]  # shares taken before m
+    # a unit trains in m when it starts within m's arc, [start + turns * length, + share * length)
+    offset = (before - start[circle] - turns * length[circle]) % length[circle]
+    trained = offset < share * length[circle]
+    return [StageMasks(units=units, ratio=r, frozen=~t) for r, t in zip(targets, trained)]

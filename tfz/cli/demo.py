@@ -132,6 +132,13 @@ def _flags():
             ("partial", "frozen"),
             "TimelyFreeze's second monitoring half: every action partly frozen, or all frozen (no learning)",
         ),
+        (
+            "--mask-layout",
+            "mask_layout",
+            ("arcs", "cover"),
+            "TimelyFreeze's masks: a contiguous run of every layer's rows per microbatch, or scattered "
+            "row blocks",
+        ),
         ("--eval-every", "eval_every", int, "validation interval in steps"),
     )
 

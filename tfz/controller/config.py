@@ -12,6 +12,7 @@ from tfz.plan import PlanConfig
 __all__ = ["TimelyFreezeConfig"]
 
 _RESUMABLE = {"resumable": True}
+MASK_LAYOUTS = ("auto", "cover", "arcs", "independent")
 """Field metadata: a resumed run may use another value than the checkpoint's."""
 
 _LONGEST_UNIT = 50
@@ -89,12 +90,14 @@ class TimelyFreezeConfig:
     other stages freeze everything); the measured lower bound is extrapolated to full freezing."""
     async_solve: bool = field(default=True, metadata=_RESUMABLE)
     """Solve in a background thread while training continues (False: solve at once, e.g. in tests)."""
-    mask_layout: Literal["auto", "cover", "independent"] = "auto"
+    mask_layout: Literal["auto", "cover", "arcs", "independent"] = "auto"
     """How a stage's microbatch masks relate within a step. ``cover``: trainable units take turns
     over one circle (``tfz.masks.select_covering``), so every unit trains in some microbatch when the
-    ratios allow; ``independent``: one draw per microbatch (``tfz.masks.select``). ``auto``: cover with
-    the default random policy, independent with other policies (a metric's preference would be lost
-    if every unit took a turn)."""
+    ratios allow; ``arcs``: the same turns on a circle per layer (``tfz.masks.select_row_arcs``), so
+    every microbatch trains one contiguous run of rows of every layer and the masked dW needs no
+    gather; ``independent``: one draw per microbatch (``tfz.masks.select``). ``auto``: cover with the
+    default random policy, independent with other policies (a metric's preference would be lost if
+    every unit took a turn). ``arcs`` draws at random and takes no policy."""
 
     def __post_init__(self):
         if not isinstance(self.plan, PlanConfig):
@@ -133,10 +136,9 @@ class TimelyFreezeConfig:
         if len(set(levels)) != len(levels):
             raise ValueError(f"monitor_ratios must not repeat a ratio, got {self.monitor_ratios!r}")
         object.__setattr__(self, "monitor_ratios", levels)
-        if self.mask_layout not in ("auto", "cover", "independent"):
-            raise ValueError(
-                f"mask_layout must be 'auto', 'cover' or 'independent', got {self.mask_layout!r}"
-            )
+        if self.mask_layout not in MASK_LAYOUTS:
+            names = ", ".join(map(repr, MASK_LAYOUTS))
+            raise ValueError(f"mask_layout must be one of {names}, got {self.mask_layout!r}")
         recorded = self.monitor - self.discard_steps
         if recorded < 1:
             raise ValueError(

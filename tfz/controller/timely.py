@@ -27,9 +27,10 @@ independent), redrawn every step. Every step trains; with the covering layout ev
 trains in some microbatch of every step.
 
 Masks: for a local (stage, microbatch) ``tfz.masks.select(units, r * progress, stage, mb,
-step=decision, seed, policy)`` with r the plan ratio of its B or W action (or ``select_covering``
-over the stage's microbatches). ``decision`` counts the redraws, which happen at every decision step,
-at every phase or plan change and at every step of partial monitoring; each redraw draws the masks
+step=decision, seed, policy)`` with r the plan ratio of its B or W action (or ``select_covering``,
+or ``select_row_arcs`` for ``mask_layout="arcs"``, over the stage's microbatches). ``decision``
+counts the redraws, which happen at every decision step, at every phase or plan change and at every
+step of partial monitoring; each redraw draws the masks
 of every local (stage, microbatch) at once (with the policy's state of that moment) and they hold
 until the next. Everything the masks depend on (seed, plan, decision, progress, and the policy's
 state for its own stages) is the same on every rank, so ranks agree without communication.
@@ -80,7 +81,15 @@ from tfz.controller.estimates import (
 from tfz.controller.policy import ObservingPolicy, StatefulPolicy
 from tfz.controller.state import NO_MASKS, ControllerState, Layout, Pending, Phase
 from tfz.dag import DAG, build_dag, simulate
-from tfz.masks import RandomPolicy, SelectionPolicy, StageMasks, StageUnits, select, select_covering
+from tfz.masks import (
+    RandomPolicy,
+    SelectionPolicy,
+    StageMasks,
+    StageUnits,
+    select,
+    select_covering,
+    select_row_arcs,
+)
 from tfz.plan import Plan, solve
 from tfz.schedule import FREEZABLE_KINDS, Schedule
 
@@ -168,6 +177,10 @@ class TimelyFreeze:
         self.policy = RandomPolicy() if policy is None else policy
         if not isinstance(self.policy, SelectionPolicy):
             raise TypeError(f"policy must have a rank(units, *, stage, microbatch, rng) method: {policy!r}")
+        if config.mask_layout == "arcs" and policy is not None:
+            raise ValueError(
+                f"mask_layout='arcs' draws its arcs at random and takes no policy, got {policy!r}"
+            )
         if solver is not None and not callable(solver):
             raise TypeError(f"solver must be a function like tfz.plan.solve, got {short_repr(solver)}")
         self._solver = solve if solver is None else solver
@@ -340,21 +353,18 @@ class TimelyFreeze:
     @property
     def _covering(self) -> bool:
         layout = self.config.mask_layout
-        return layout == "cover" or (layout == "auto" and type(self.policy) is RandomPolicy)
+        return layout in ("cover", "arcs") or (layout == "auto" and type(self.policy) is RandomPolicy)
 
     def _draw_covering(self, stage: int) -> list[StageMasks | None]:
         M = self.num_microbatches
         ratios = [self._ratio_now(stage, mb) for mb in range(M)]
         if not any(r > 0.0 for r in ratios):
             return [None] * M
-        drawn = select_covering(
-            self._layout.units[stage],
-            ratios,
-            stage=stage,
-            step=self._s.decision,
-            seed=self.config.seed,
-            policy=self.policy,
-        )
+        units, step, seed = self._layout.units[stage], self._s.decision, self.config.seed
+        if self.config.mask_layout == "arcs":
+            drawn = select_row_arcs(units, ratios, stage=stage, step=step, seed=seed)
+        else:
+            drawn = select_covering(units, ratios, stage=stage, step=step, seed=seed, policy=self.policy)
         return [m if r > 0.0 else None for m, r in zip(drawn, ratios)]
 
     def requested_ratios(self) -> np.ndarray:

@@ -105,6 +105,11 @@ class DemoConfig:
     trains) or ``frozen`` (the paper's all-frozen window) (``TimelyFreezeConfig.monitoring``)."""
     block_rows: int = 32
     """Rows per freezing unit of a linear layer."""
+    mask_layout: str = "arcs"
+    """How TimelyFreeze's masks of a stage's microbatches relate (``TimelyFreezeConfig.mask_layout``):
+    ``arcs`` (each microbatch trains a contiguous run of every layer's rows, the rows taking turns)
+    or ``cover`` (scattered row blocks taking turns). The hybrids with APF or AutoFreeze keep their
+    policy's own layout."""
     apf_threshold: float = 0.05
     autofreeze_percentile: float = 80.0
     eval_every: int = 10
@@ -300,6 +305,7 @@ class DemoConfig:
             block_rows=self.block_rows,
             seed=seed,
             monitoring=self.monitoring,
+            mask_layout=self.mask_layout,
             **{k: v for k, v in given.items() if v is not None},
         )
 

@@ -557,6 +557,12 @@ def _cell(report: dict, name: str, key: str, spec: str, none: str = "-") -> str:
     return format(value, spec) + ("" if sd is None else f" ± {format(sd, spec.lstrip('+'))}")
 
 
+_LAYOUT_TEXT = {
+    "arcs": "; its masks train one run of rows of every layer per microbatch, the runs taking turns (arcs)",
+    "cover": "; its masks train scattered row blocks per microbatch, the blocks taking turns (cover)",
+}
+
+
 def _intro(report: dict) -> list[str]:
     cfg, task = report["config"], report.get("task", {})
     seeds = report["seeds"]
@@ -569,7 +575,7 @@ def _intro(report: dict) -> list[str]:
     if any(m.startswith("timelyfreeze") for m in cfg["methods"]):
         run += (
             f" TimelyFreeze caps each stage's mean freeze ratio at {cfg['max_freeze_ratio']:g} and each "
-            f"microbatch's at {cfg['freeze_action_cap']:g}."
+            f"microbatch's at {cfg['freeze_action_cap']:g}{_LAYOUT_TEXT.get(cfg.get('mask_layout'), '')}."
         )
     if any(m != "none" for m in cfg["methods"]):
         rescaled = (

@@ -85,6 +85,8 @@ def make_provider(
         policy = MetricGuidedPolicy.apf(include_tensors=False, **apf)
     elif method == "timelyfreeze+autofreeze":
         policy = MetricGuidedPolicy.autofreeze(include_tensors=False, **auto)
+    if policy is not None:
+        controller.setdefault("mask_layout", "auto")  # the policy's own layout
     group = dist.group.WORLD if dist.is_initialized() else None
     config = dataclasses.replace(cfg.timelyfreeze_config(seed), **controller)
     return TimelyFreeze(config, schedule, modules, group=group, policy=policy)
