@@ -391,6 +391,17 @@ def select(
     return StageMasks(units=units, ratio=ratio, frozen=frozen)
 
 
+def _step_draw_args(
+    units: StageUnits, ratios: Sequence[float], *, seed: int, stage: int, step: int
+) -> tuple[list[float], list[int]]:
+    """The checked ratios and the (seed, stage, step) entropy of a draw of a whole step's masks."""
+    if not isinstance(units, StageUnits):
+        raise TypeError(f"units must be StageUnits, got {type(units).__name__}")
+    targets = [check_ratio(f"ratios[{i}]", r) for i, r in enumerate(ratios)]
+    entropy = [check_int(n, v, 0) for n, v in (("seed", seed), ("stage", stage), ("step", step))]
+    return targets, entropy
+
+
 def select_covering(
     units: StageUnits,
     ratios: Sequence[float],
@@ -411,10 +422,7 @@ def select_covering(
     the policy's order, so a policy's preference (e.g. stage 0's front bias) shows in the order of the
     turns, not in how often a unit trains.
     """
-    if not isinstance(units, StageUnits):
-        raise TypeError(f"units must be StageUnits, got {type(units).__name__}")
-    targets = [check_ratio(f"ratios[{i}]", r) for i, r in enumerate(ratios)]
-    entropy = [check_int(n, v, 0) for n, v in (("seed", seed), ("stage", stage), ("step", step))]
+    targets, entropy = _step_draw_args(units, ratios, seed=seed, stage=stage, step=step)
     circle = _order(units, policy, [*entropy, 1], stage, 0)
     w = units.weights[circle]
     n, total = len(w), units.total
@@ -448,10 +456,7 @@ def select_row_arcs(
     some microbatch of the step. A whole-tensor unit is a circle of one. Random (seeded with seed,
     stage and step); it takes no policy.
     """
-    if not isinstance(units, StageUnits):
-        raise TypeError(f"units must be StageUnits, got {type(units).__name__}")
-    targets = [check_ratio(f"ratios[{i}]", r) for i, r in enumerate(ratios)]
-    entropy = [check_int(n, v, 0) for n, v in (("seed", seed), ("stage", stage), ("step", step))]
+    targets, entropy = _step_draw_args(units, ratios, seed=seed, stage=stage, step=step)
     circle, before, length = units._circles
     start = np.random.default_rng([*entropy, 2]).random(len(length)) * length
     share = 1.0 - np.array(targets, dtype=np.float64)[:, None]

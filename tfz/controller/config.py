@@ -12,8 +12,10 @@ from tfz.plan import PlanConfig
 __all__ = ["TimelyFreezeConfig"]
 
 _RESUMABLE = {"resumable": True}
-MASK_LAYOUTS = ("auto", "cover", "arcs", "independent")
 """Field metadata: a resumed run may use another value than the checkpoint's."""
+
+MASK_LAYOUTS = ("auto", "cover", "arcs", "independent")
+"""Values of ``TimelyFreezeConfig.mask_layout``."""
 
 _LONGEST_UNIT = 50
 """``for_run`` never makes the phase unit longer than the paper's (long runs get its phases)."""
