@@ -106,51 +106,72 @@ STAGE_B = {  # name: (FreezableLinear, freeze ratio, tfz.masks layout of the 8 m
 }
 
 
-@pytest.mark.benchmark(group="stage_backward")
-@pytest.mark.parametrize("variant", list(STAGE_B))
-def test_stage_backward(benchmark, variant):
-    """B of the demo's last stage (2 LLaMA layers at dim 384 and the LM head, 4 x 64 tokens), added
-    into existing grads as the pipeline does: plain nn.Linear layers, FreezableLinear unmasked, the
-    8 microbatch masks of a plan at ratio 0.8 (32-row blocks) taken in turn, scattered blocks
-    (cover) or one run of rows per layer (arcs), and every row frozen."""
-    from tfz import masks as tfz_masks
+def demo_last_stage(*, plain: bool = False):
+    """The demo's last stage for timing its B (2 LLaMA layers at dim 384 and the LM head, 4 x 64
+    tokens, 1 thread): ``(units, plan, forward, backward)``. ``plan(masks)`` is the masks' MaskPlan,
+    ``forward()`` gives (loss, input), ``backward(loss, input, plan)`` runs the pipeline's B, adding
+    into the grads. ``plain``: nn.Linear layers in place of the FreezableLinears (sharing weights)."""
     from tfz.demo import DemoConfig
     from tfz.demo.worker import _loss_fn, build_model
-    from tfz.masks import StageMasks, StageUnits
+    from tfz.masks import StageUnits
     from tfz.pipeline.engine import MaskPlan, StageParams, full_backward
 
-    freezable, ratio, layout = STAGE_B[variant]
     torch.set_num_threads(1)
     cfg = DemoConfig(task="pretrain")
     first, stage = build_model(cfg, 2, range(2), 0).values()
     units = StageUnits.from_module(stage, block_rows=cfg.block_rows)
-    if not freezable:
+    if plain:
         for name, layer in list(stage.named_modules()):
             if isinstance(layer, nn.Linear):
-                plain = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
-                plain.weight, plain.bias = layer.weight, layer.bias
-                stage.set_submodule(name, plain)
+                linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
+                linear.weight, linear.bias = layer.weight, layer.bias
+                stage.set_submodule(name, linear)
     params = StageParams(stage)
-    if 0.0 < ratio < 1.0:
-        masks = getattr(tfz_masks, layout)(units, [ratio] * 8, stage=1)
-    elif ratio == 1.0:
-        masks = [StageMasks(units, 1.0, np.ones(len(units), dtype=bool))]
-    else:
-        masks = [None]
-    plans = [MaskPlan(m, params) for m in masks]
     x = torch.randint(0, 256, (cfg.microbatch_size, cfg.seq_len))
     h = first(x).detach()
-    turn = iter(range(1 << 30))
 
     def forward():
         inp = h.clone().requires_grad_(True)
-        return (_loss_fn(stage(inp), x), inp), {}
+        return _loss_fn(stage(inp), x), inp
 
-    def backward(loss, inp):
-        full_backward(loss, None, [inp], plans[next(turn) % len(plans)], params)
+    def backward(loss, inp, plan):
+        full_backward(loss, None, [inp], plan, params)
 
-    backward(*forward()[0])  # grads exist from here on: every timed B adds into them
-    benchmark.pedantic(backward, setup=forward, rounds=40, warmup_rounds=4)
+    return units, lambda masks: MaskPlan(masks, params), forward, backward
+
+
+def all_frozen(units):
+    """Masks freezing every unit of ``units``."""
+    from tfz.masks import StageMasks
+
+    return StageMasks(units, 1.0, np.ones(len(units), dtype=bool))
+
+
+@pytest.mark.benchmark(group="stage_backward")
+@pytest.mark.parametrize("variant", list(STAGE_B))
+def test_stage_backward(benchmark, variant):
+    """B of the demo's last stage (:func:`demo_last_stage`), added into existing grads as the pipeline
+    does: plain nn.Linear layers, FreezableLinear unmasked, the 8 microbatch masks of a plan at ratio
+    0.8 (32-row blocks) taken in turn, scattered blocks (cover) or one run of rows per layer (arcs),
+    and every row frozen."""
+    from tfz import masks as tfz_masks
+
+    freezable, ratio, layout = STAGE_B[variant]
+    units, plan, forward, backward = demo_last_stage(plain=not freezable)
+    if 0.0 < ratio < 1.0:
+        masks = getattr(tfz_masks, layout)(units, [ratio] * 8, stage=1)
+    elif ratio == 1.0:
+        masks = [all_frozen(units)]
+    else:
+        masks = [None]
+    plans = [plan(m) for m in masks]
+    turn = iter(range(1 << 30))
+
+    def timed(loss, inp):
+        backward(loss, inp, plans[next(turn) % len(plans)])
+
+    timed(*forward())  # grads exist from here on: every timed B adds into them
+    benchmark.pedantic(timed, setup=lambda: (forward(), {}), rounds=40, warmup_rounds=4)
 
 
 @pytest.mark.benchmark(group="mask_plan")

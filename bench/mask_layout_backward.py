@@ -2,25 +2,23 @@
 
 Run: ``python bench/mask_layout_backward.py [--rounds 40]``
 
-The demo's last stage (two LLaMA layers at dim 384 and the LM head: 15 FreezableLinears, 4 x 64
-tokens, 32-row blocks), 1 thread, grads accumulated as the pipeline's B actions do. Variants: no
-row frozen, every row frozen, and the masks of 4 steps x 8 microbatches at ratios 0.5 and 0.8 drawn
-by ``tfz.masks.select_covering`` (scattered blocks) and ``tfz.masks.select_row_arcs`` (one run of
-rows per layer), taken in turn. Each round runs every variant once, in an order reversed every other
-round, so the machine's drift falls on all of them. Prints each variant's median and its excess over
-the line through the unfrozen and all-frozen medians (what a B linear in its frozen fraction takes).
+The demo's last stage (``bench_nn.demo_last_stage``: two LLaMA layers at dim 384 and the LM head, 15
+FreezableLinears, 4 x 64 tokens, 32-row blocks), 1 thread, grads accumulated as the pipeline's B
+actions do. Variants: no row frozen, every row frozen, and the masks of 4 steps x 8 microbatches at
+ratios 0.5 and 0.8 drawn by ``tfz.masks.select_covering`` (scattered blocks) and
+``tfz.masks.select_row_arcs`` (one run of rows per layer), taken in turn. Each round runs every
+variant once, in an order reversed every other round, so the machine's drift falls on all of them.
+Prints each variant's median and its excess over the line through the unfrozen and all-frozen
+medians (what a B linear in its frozen fraction takes).
 """
 
 import argparse
 import time
 
 import numpy as np
-import torch
+from bench_nn import all_frozen, demo_last_stage
 
-from tfz.demo import DemoConfig
-from tfz.demo.worker import _loss_fn, build_model
-from tfz.masks import StageMasks, StageUnits, select_covering, select_row_arcs
-from tfz.pipeline.engine import MaskPlan, StageParams, full_backward
+from tfz.masks import select_covering, select_row_arcs
 
 LAYOUTS = {"cover": select_covering, "arcs": select_row_arcs}
 RATIOS = (0.5, 0.8)
@@ -30,26 +28,19 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=40)
     args = p.parse_args(argv)
-    torch.set_num_threads(1)
-    cfg = DemoConfig(task="pretrain")
-    first, stage = build_model(cfg, 2, range(2), 0).values()
-    units = StageUnits.from_module(stage, block_rows=cfg.block_rows)
-    params = StageParams(stage)
-    x = torch.randint(0, 256, (cfg.microbatch_size, cfg.seq_len))
-    h = first(x).detach()
-    masks = {0.0: [None], 1.0: [StageMasks(units, 1.0, np.ones(len(units), dtype=bool))]}
+    units, plan, forward, run_b = demo_last_stage()
+    masks = {0.0: [None], 1.0: [all_frozen(units)]}
     variants = {"unfrozen": 0.0, "all frozen": 1.0}
     for r in RATIOS:
         for name, draw in LAYOUTS.items():
             variants[f"{name} {r}"] = (name, r)
             masks[name, r] = [m for step in range(4) for m in draw(units, [r] * 8, stage=1, step=step)]
-    plans = {k: [MaskPlan(m, params) for m in masks[key]] for k, key in variants.items()}
+    plans = {k: [plan(m) for m in masks[key]] for k, key in variants.items()}
 
     def backward(name: str, i: int) -> float:
-        inp = h.clone().requires_grad_(True)
-        loss = _loss_fn(stage(inp), x)
+        loss, inp = forward()
         t = time.perf_counter()
-        full_backward(loss, None, [inp], plans[name][i % len(plans[name])], params)
+        run_b(loss, inp, plans[name][i % len(plans[name])])
         return time.perf_counter() - t
 
     names = list(plans)
