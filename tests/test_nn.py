@@ -712,3 +712,43 @@ def test_no_dense_fp32_buffer_per_microbatch(mode, param_dtype):
     budget = 2 * n_active * n_in + tokens * (n_in + n_active) + 2 * n_out
     assert n_out * n_in > budget  # a dense buffer alone would break it
     assert max(traffic[1:]) <= budget, (traffic, budget)
+
+
+@pytest.mark.parametrize("param_dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("in_place", [False, True])
+def test_all_active_layer_accumulates_into_its_grad_in_place(in_place, param_dtype):
+    """Under use_row_masks(in_place=True) an all-active layer's first backward hands autograd its dW,
+    and later ones add into that same .grad (fp32: with no fresh [out, in] tensor); the sum matches
+    the float64 sum of dY^T X (16 bits: to one rounding per microbatch). Without in_place autograd
+    makes a fresh dW every microbatch, which the traffic count sees."""
+    n_in, n_out, tokens = 48, 320, 16
+    torch.manual_seed(0)
+    layer = FreezableLinear(n_in, n_out, bias=True, dtype=param_dtype)
+    g = torch.Generator().manual_seed(3)
+    xs = [torch.randn(tokens, n_in, generator=g).to(param_dtype) for _ in range(3)]
+    dys = [torch.randn(tokens, n_out, generator=g).to(param_dtype) for _ in range(3)]
+    traffic = []
+    for x, dy in zip(xs, dys):
+        y = layer(x)
+        counter = _Fp32Traffic()
+        with counter, use_row_masks({}, in_place=in_place):
+            y.backward(dy)
+        traffic.append(counter.elements)
+    dense = n_out * n_in
+    if param_dtype == torch.float32:  # (a 16-bit .grad is added to in fp32: a dense fp32 product)
+        if in_place:
+            assert max(traffic[1:]) < dense, traffic
+        else:
+            assert min(traffic[1:]) >= dense, traffic  # the count sees autograd's fresh dW
+    # autograd's path rounds each fresh 16-bit dW and then the sum: twice per microbatch
+    roundings = 1 if in_place else 2
+    for got, parts in (
+        (layer.weight.grad, [dy.double().t() @ x.double() for x, dy in zip(xs, dys)]),
+        (layer.bias.grad, [dy.double().sum(0) for dy in dys]),
+    ):
+        assert got.dtype == param_dtype
+        if param_dtype == torch.float32:
+            torch.testing.assert_close(got.double(), sum(parts), atol=1e-4, rtol=1e-5)
+        else:
+            want, bound = _sequential_rounded(parts, param_dtype)
+            assert bool(((got.double() - want.double()).abs() <= roundings * bound).all())

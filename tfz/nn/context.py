@@ -226,9 +226,10 @@ def use_row_masks(masks: Mapping[Any, Any], *, in_place: bool = False) -> Iterat
             innermost one that names a layer decides for it. Layers named by no context are all active.
         in_place: in immediate mode, a layer with frozen rows adds its dW for the active rows into
             ``weight.grad`` itself (allocated, zero, when None) and gives autograd no weight
-            gradient, so no dense [out, in] gradient is made per backward. Post-accumulate-grad
-            hooks still run, after the add; hooks on the gradient value (``register_hook``) do not
-            see it. Layers with every row active always return their gradient to autograd.
+            gradient, so no dense [out, in] gradient is made per backward. A layer with every row
+            active does the same once its ``.grad`` exists (its first backward returns the fresh dW
+            to autograd, which keeps it without a copy). Post-accumulate-grad hooks still run, after
+            the add; hooks on the gradient value (``register_hook``) do not see it.
     """
     prepared = prepare_row_masks(masks)
     state = getattr(_local, "state", None) or _State()

@@ -11,9 +11,10 @@ Backward, given dY [..., O]:
   torch GEMM in float64 (the kernels do not take float64), so float64 models stay exact.
 - Immediate mode (no W capture active): dW goes to ``weight.main_grad`` in place when the weight has
   one (Megatron style; ``weight.grad_added_to_main_grad`` is set), else it is returned to autograd
-  (hooks keep working) as a fresh tensor of the weight's dtype, or, for a layer with frozen rows
-  under ``use_row_masks(..., in_place=True)``, added into ``.grad`` for the active rows only. A fully
-  frozen layer returns None, so ``.grad`` stays None.
+  (hooks keep working) as a fresh tensor of the weight's dtype. Under ``use_row_masks(...,
+  in_place=True)`` it is added into ``.grad`` instead, for the active rows only: always for a layer
+  with frozen rows, and for an all-active layer once its ``.grad`` exists (the GEMM accumulates into
+  it, where autograd would add a fresh dW). A fully frozen layer returns None, so ``.grad`` stays None.
 - Split mode (inside ``WeightGradStore.capture``): the dW work is queued with its saved operands and
   runs at ``WeightGradStore.flush``, accumulating into ``.grad`` / ``main_grad`` directly.
 
@@ -154,6 +155,15 @@ def apply_weight_grads(
     return grad_w, grad_b
 
 
+def _adds_in_place(state: Any, mask: RowMask, layer: Any) -> bool:
+    """Whether this immediate-mode backward adds its dW into ``.grad`` itself: under
+    ``use_row_masks(..., in_place=True)``, a layer with frozen rows always, an all-active one once its
+    ``.grad`` exists (one GEMM accumulating into it instead of a fresh dW that autograd then adds)."""
+    if state is None or not state.in_place:
+        return False
+    return not mask.all_active or layer.weight.grad is not None
+
+
 def _autocast_dtype(device_type: str) -> torch.dtype | None:
     """The autocast dtype in force for ``device_type`` (None: off, or a device without autocast,
     such as meta)."""
@@ -189,7 +199,7 @@ class FreezableLinearFunction(torch.autograd.Function):
                 state.capture.store._enqueue(state.capture.key, ctx.layer, x, dy, want_w, want_b)
             else:
                 mask = _resolve_mask(state, ctx.layer)
-                in_place = state is not None and state.in_place and not mask.all_active
+                in_place = _adds_in_place(state, mask, ctx.layer)
                 grad_w, grad_b = apply_weight_grads(
                     ctx.layer, x, dy, mask, weight=want_w, bias=want_b, into_grad=in_place
                 )

@@ -17,8 +17,9 @@ stays None. The three kinds:
 - :func:`full_backward` (B, and stage 0's W, which torch runs as a full backward):
   ``torch.autograd.backward(outputs, grads, inputs=[stage inputs needing grad] + [trainable params])``
   under the row masks (FreezableLinear computes masked dW at once and adds it into ``.grad`` for the
-  active rows only, ``use_row_masks(..., in_place=True)``; DDP's last backward returns it to
-  autograd instead). Skipped when nothing needs a gradient (a fully frozen stage-0 microbatch).
+  active rows only, ``use_row_masks(..., in_place=True)``, as an all-active layer does once its
+  ``.grad`` exists, masks or not; DDP's last backward returns it to autograd instead). Skipped
+  when nothing needs a gradient (a fully frozen stage-0 microbatch).
 - :func:`input_backward` (I on stages > 0): the same backward inside ``WeightGradStore.capture``:
   input grads now, FreezableLinear dW queued (dX only is computed). Other trainable parameters (norms,
   plain ``nn.Linear``) get their gradient here, at I, not at W; this deviates from torch's exact I/W
@@ -293,7 +294,7 @@ def _pop_input_grads(input_values: Sequence[Any]) -> tuple[torch.Tensor | None, 
 
 
 def _run(outputs: list, grads: list, targets: list, row_masks: dict, in_place: bool) -> None:
-    with use_row_masks(row_masks, in_place=in_place) if row_masks else nullcontext():
+    with use_row_masks(row_masks, in_place=in_place) if row_masks or in_place else nullcontext():
         torch.autograd.backward(outputs, grad_tensors=grads, inputs=targets)
 
 
@@ -331,8 +332,9 @@ def full_backward(
     targets = _input_targets(input_values) + trainable
     try:
         if outs and targets:
-            # masked layers add into .grad for their active rows (no dense gradient per microbatch),
-            # except in DDP's last backward, whose reducer waits for autograd's accumulation hooks
+            # FreezableLinears add into .grad themselves (masked: the active rows only, no dense
+            # gradient per microbatch), except in DDP's last backward, whose reducer waits for
+            # autograd's accumulation hooks
             _run(outs, grads, targets, row_masks, in_place=not every_param)
     finally:
         for h in handles:
