@@ -304,6 +304,26 @@ def test_timelyfreeze_takes_the_mask_layout_and_the_hybrids_keep_their_policy_s(
         assert got == {"timelyfreeze": layout, "timelyfreeze+apf": "auto", "timelyfreeze+autofreeze": "auto"}
 
 
+def test_only_freezing_methods_freeze_and_tfz_none_runs_tfz_s_stage():
+    """``tfz-none`` gives the stages a provider that freezes nothing (so they run tfz's backward, not
+    torch's, as ``none`` does); neither steps with the row-freezing optimizer."""
+    from tfz.demo.config import freezes
+    from tfz.demo.worker import attach_optimizer, build_model, make_provider
+
+    cfg = DemoConfig(task="pretrain", methods=METHODS, **TINY)
+    sched = cfg.build_schedule()
+    modules = build_model(cfg, sched.num_stages, range(sched.num_stages), 0)
+    assert [m for m in METHODS if not freezes(m)] == ["none", "tfz-none"]
+    assert make_provider("none", cfg, sched, modules, 0) is None
+    staged = make_provider("tfz-none", cfg, sched, modules, 0)
+    assert all(
+        staged.masks_for(s, m) is None for s in range(sched.num_stages) for m in range(sched.num_microbatches)
+    )
+    for method in ("none", "tfz-none", "timelyfreeze"):
+        hooks = attach_optimizer(cfg, modules, freezing=freezes(method))[1]
+        assert (hooks is None) == (method != "timelyfreeze"), method
+
+
 def test_short_runs_scale_their_phases_or_are_refused_with_the_minimum():
     cfg = DemoConfig(steps=40, methods=METHODS)
     tf = cfg.timelyfreeze_config(seed=0)
@@ -388,6 +408,12 @@ def test_shortened_demo_runs_every_method(tmp_path):
     assert saved["methods"]["none"]["mean_freeze_ratio"] == [0.0, 0.0]
     assert saved["methods"]["none"]["throughput_gain"] == pytest.approx(1.0)
     assert saved["methods"]["none"]["batch_time_predicted_ms"] is None
+    # no freezing through tfz's stage: nothing frozen, no plan, and the training of no freezing (the
+    # in-place dW sums can differ from autograd's in the last bits only)
+    plain, staged = saved["methods"]["none"], saved["methods"]["tfz-none"]
+    assert staged["mean_freeze_ratio"] == [0.0, 0.0] and staged["batch_time_predicted_ms"] is None
+    assert staged["val_loss"] == pytest.approx(plain["val_loss"], rel=1e-4)
+    assert staged["train_loss"] == pytest.approx(plain["train_loss"], rel=1e-4)
     tf = saved["per_seed"][0]["methods"]["timelyfreeze"]
     assert tf["batch_time_predicted_ms"] > 0 and tf["plan"] is not None
     assert max(tf["plan"]["ratios"].values()) <= cfg.max_freeze_ratio + 1e-9  # each microbatch capped

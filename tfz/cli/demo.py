@@ -85,8 +85,8 @@ def _flags():
             "--methods",
             "methods",
             _methods,
-            "comma list of none, timelyfreeze, apf, autofreeze, timelyfreeze+apf, "
-            "timelyfreeze+autofreeze, or all",
+            "comma list of none, tfz-none (no freezing through tfz's stage), timelyfreeze, apf, "
+            "autofreeze, timelyfreeze+apf, timelyfreeze+autofreeze, or all",
         ),
         ("--seeds", "seeds", _seeds, "comma list: one comparison per seed, reported as mean and spread"),
         ("--max-freeze-ratio", "max_freeze_ratio", ratio, "TimelyFreeze cap on each stage's mean ratio"),

@@ -9,10 +9,26 @@ from tfz._defaults import MAX_FREEZE_RATIO
 from tfz._validate import MAX_SEED, check_bool, check_int, check_number, check_ratio, is_int, short_repr
 from tfz.schedule import SCHEDULES
 
-__all__ = ["MAX_ACTIONS", "MAX_RANKS", "METHODS", "TASKS", "DemoConfig"]
+__all__ = ["MAX_ACTIONS", "MAX_RANKS", "METHODS", "TASKS", "DemoConfig", "freezes"]
 
-METHODS = ("none", "timelyfreeze", "apf", "autofreeze", "timelyfreeze+apf", "timelyfreeze+autofreeze")
-"""Methods the demo compares; ``none`` trains without freezing."""
+METHODS = (
+    "none",
+    "tfz-none",
+    "timelyfreeze",
+    "apf",
+    "autofreeze",
+    "timelyfreeze+apf",
+    "timelyfreeze+autofreeze",
+)
+"""Methods the demo compares. ``none`` trains without freezing on torch's own pipelining backward (the
+baseline of every gain); ``tfz-none`` trains without freezing through tfz's freeze-aware stage (its
+FreezableLinears add every dW into ``.grad`` in place), which shows what the stage alone changes."""
+
+
+def freezes(method: str) -> bool:
+    """Whether ``method`` freezes anything (``none`` and ``tfz-none`` do not: torch's AdamW steps them)."""
+    return method not in ("none", "tfz-none")
+
 
 TASKS = ("finetune", "pretrain")
 """``finetune``: every method starts from the same base model (pretrained without freezing on the

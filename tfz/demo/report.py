@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from tfz.dag import DAG, Simulation, build_dag, simulate
-from tfz.demo.config import DemoConfig
+from tfz.demo.config import _TF_METHODS, DemoConfig, freezes
 from tfz.schedule import build_schedule
 
 __all__ = ["GOALS", "build_report", "write_outputs"]
@@ -21,8 +21,6 @@ GOALS = {
 }
 """TimelyFreeze vs no freezing: throughput gain >= 1.25x, final validation loss within 1%, predicted
 batch time within 10% of the measured one."""
-
-_TF_METHODS = ("timelyfreeze", "timelyfreeze+apf", "timelyfreeze+autofreeze")
 
 
 def _merge(results: list[dict], method: str, cfg: DemoConfig, last_rank: int) -> dict[str, Any]:
@@ -577,7 +575,7 @@ def _intro(report: dict) -> list[str]:
             f" TimelyFreeze caps each stage's mean freeze ratio at {cfg['max_freeze_ratio']:g} and each "
             f"microbatch's at {cfg['freeze_action_cap']:g}{_LAYOUT_TEXT.get(cfg.get('mask_layout'), '')}."
         )
-    if any(m != "none" for m in cfg["methods"]):
+    if any(freezes(m) for m in cfg["methods"]):
         rescaled = (
             "rescaled to the mean over the microbatches that trained it" if cfg["rescale_grads"] else "summed"
         )

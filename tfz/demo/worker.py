@@ -20,7 +20,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from tfz.demo.config import DemoConfig
+from tfz.demo.config import DemoConfig, freezes
 from tfz.schedule import Schedule, build_schedule
 
 __all__ = ["MethodRun", "run_rank"]
@@ -49,6 +49,13 @@ def sequence_losses(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return per_token.view(target.shape).double().mean(1)
 
 
+class _NothingFrozen:
+    """A mask provider that freezes nothing: the freeze-aware stage still runs tfz's backward."""
+
+    def masks_for(self, stage: int, microbatch: int) -> None:
+        return None
+
+
 def make_provider(
     method: str,
     cfg: DemoConfig,
@@ -57,11 +64,13 @@ def make_provider(
     seed: int,
     **controller: Any,
 ):
-    """The mask provider of ``method`` for this rank's stage modules (None for ``none``); without an
-    initialised process group, one provider for every stage in ``modules``. ``controller``: fields of
-    the TimelyFreeze config to change (e.g. ``async_solve=False``)."""
+    """The mask provider of ``method`` for this rank's stage modules (None for ``none``: torch's own
+    backward); without an initialised process group, one provider for every stage in ``modules``.
+    ``controller``: fields of the TimelyFreeze config to change (e.g. ``async_solve=False``)."""
     if method == "none":
         return None
+    if method == "tfz-none":
+        return _NothingFrozen()
     from tfz.metrics import APFFreezer, AutoFreezeFreezer, MetricGuidedPolicy
 
     apf = {
@@ -192,7 +201,7 @@ class MethodRun:
         ]
         self.torch_schedule = build_torch_schedule(sched, self.stages, _loss_fn)
         self.optimizer, self.row_freezing, self.lr_schedule = attach_optimizer(
-            cfg, self.modules, freezing=self.method != "none"
+            cfg, self.modules, freezing=freezes(self.method)
         )
         self.first = 0 in self.local
         self.last = n_stages - 1 in self.local
