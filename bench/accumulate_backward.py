@@ -19,8 +19,7 @@ ratios to ``nn.Linear``.
 import argparse
 import time
 
-import numpy as np
-from bench_nn import demo_last_stage
+from bench_nn import alternating_medians, demo_last_stage
 
 
 def main(argv=None) -> None:
@@ -40,7 +39,7 @@ def main(argv=None) -> None:
         "FreezableLinear, tfz B": (forward, lambda loss, inp: tfz_b(loss, inp, unmasked)),
     }
 
-    def backward(name: str) -> float:
+    def backward(name: str, i: int = 0) -> float:
         fwd, run_b = variants[name]
         loss, inp = fwd()
         t = time.perf_counter()
@@ -50,11 +49,7 @@ def main(argv=None) -> None:
     names = list(variants)
     for name in names * 2:  # grads exist from here on
         backward(name)
-    times = {name: [] for name in names}
-    for i in range(args.rounds):
-        for name in names if i % 2 else names[::-1]:
-            times[name].append(backward(name))
-    med = {name: float(np.median(v)) * 1e3 for name, v in times.items()}
+    med, times = alternating_medians(backward, names, args.rounds)
     print(f"{'variant':<24} {'median ms':>10} {'min ms':>8} {'/ nn.Linear':>12}")
     for name, v in times.items():
         print(f"{name:<24} {med[name]:>10.2f} {min(v) * 1e3:>8.2f} {med[name] / med['nn.Linear']:>12.3f}")

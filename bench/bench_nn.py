@@ -140,6 +140,17 @@ def demo_last_stage(*, plain: bool = False):
     return units, lambda masks: MaskPlan(masks, params), forward, backward
 
 
+def alternating_medians(backward, names, rounds: int) -> tuple[dict, dict]:
+    """(median ms per name, every time in seconds per name) of ``backward(name, i)`` (seconds) over
+    ``rounds`` rounds that each run every name once, in an order reversed every other round, so the
+    machine's drift falls on all of them."""
+    times = {name: [] for name in names}
+    for i in range(rounds):
+        for name in names if i % 2 else names[::-1]:
+            times[name].append(backward(name, i))
+    return {name: float(np.median(v)) * 1e3 for name, v in times.items()}, times
+
+
 def all_frozen(units):
     """Masks freezing every unit of ``units``."""
     from tfz.masks import StageMasks

@@ -15,8 +15,7 @@ medians (what a B linear in its frozen fraction takes).
 import argparse
 import time
 
-import numpy as np
-from bench_nn import all_frozen, demo_last_stage
+from bench_nn import all_frozen, alternating_medians, demo_last_stage
 
 from tfz.masks import select_covering, select_row_arcs
 
@@ -46,11 +45,7 @@ def main(argv=None) -> None:
     names = list(plans)
     for name in names:  # grads exist from here on
         backward(name, 0)
-    times = {name: [] for name in names}
-    for i in range(args.rounds):
-        for name in names if i % 2 else names[::-1]:
-            times[name].append(backward(name, i))
-    med = {name: float(np.median(v)) * 1e3 for name, v in times.items()}
+    med, _ = alternating_medians(backward, names, args.rounds)
     lo, hi = med["all frozen"], med["unfrozen"]
     print(f"{'variant':<12} {'median ms':>10} {'linear ms':>10} {'excess ms':>10}")
     for name, key in variants.items():
