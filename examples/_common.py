@@ -208,7 +208,7 @@ def train(pipe: Pipeline, args, batch: Callable[[int], tuple], microbatches: int
             controller.observe(step)
         optimizer.zero_grad(set_to_none=True)
         if controller is not None:
-            controller.step_end(step, pipe.timer.collect())
+            controller.step_end(step, pipe.timer.collect(), batch_ms=step_ms)
         else:
             pipe.timer.collect()
         pipe.records.append(record)

@@ -3,6 +3,7 @@ step takes given the masks a controller handed out (``Synthetic``).
 
 Action times come from a (u, l) model of a tfz.profile.Profile: every B/W action runs in
 ``u - f (u - l)`` (times a little noise), f the realised frozen fraction of its masks for that step.
+A batch takes the simulated makespan of those times with ``gap`` ms added to every action.
 """
 
 import numpy as np
@@ -10,7 +11,7 @@ from torch import nn
 
 from tfz._validate import check_int
 from tfz.controller import Phase, TimelyFreeze, TimelyFreezeConfig
-from tfz.dag import build_dag
+from tfz.dag import build_dag, simulate
 from tfz.nn import FreezableLinear
 from tfz.profile import Profile, StageTimes
 
@@ -36,11 +37,12 @@ def true_times(dag, scale_stage=None, factor=1.0):
 class Synthetic:
     """Per-step times of every action of ``dag`` given a controller's masks (realised fractions)."""
 
-    def __init__(self, dag, noise=0.0, seed=0):
+    def __init__(self, dag, noise=0.0, seed=0, gap=0.0):
         self.dag = dag
         self.u, self.l = true_times(dag)
         self.noise = noise
         self.seed = seed
+        self.gap = gap
 
     def fractions(self, controllers):
         f = np.zeros(self.dag.num_actions)
@@ -58,6 +60,10 @@ class Synthetic:
             rng = np.random.default_rng([self.seed, step])
             d = d * (1 + self.noise * rng.standard_normal(len(d)))
         return {name: float(x) for name, x in zip(self.dag.names, d)}
+
+    def batch_ms(self, times):
+        """The batch's wall time for one step's ``times``: their makespan with the gap."""
+        return simulate(self.dag, np.array([times[n] for n in self.dag.names]) + self.gap).makespan
 
 
 def make(cfg, sched, **kw):

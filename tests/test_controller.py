@@ -35,6 +35,7 @@ from tfz.controller.estimates import (
     bound_estimates,
     drift_stats,
     drifting_stages,
+    fit_gap,
     fit_linear,
     refit,
     stage_sums,
@@ -592,6 +593,58 @@ def test_bad_timings_and_steps_raise():
     c.step_end(6, good)
 
 
+@pytest.mark.parametrize("name", ["1f1b", "zbv"])
+def test_batch_times_fit_the_gap_into_the_plan_and_the_prediction(name):
+    """Batches that take the makespan plus 0.4 ms per action: the controller fits that gap, solves the
+    LP on u + g and l + g, predicts the batch with it, and never mistakes it for drift (the drift
+    check compares action times alone). Without batch times nothing changes: g = 0."""
+    sched = build_schedule(name, 2, 4)
+    cfg = small(ramp_steps=2)
+    c, plain = make(cfg, sched), make(cfg, sched)
+    syn = Synthetic(c.dag, gap=0.4)
+    k = 0
+    while c.phase is not Phase.STABLE:
+        assert (c.gap == 0.0) == (c.phase in (Phase.WARMUP, Phase.MONITOR_UPPER, Phase.MONITOR_LOWER))
+        t = syn.times(k, c)
+        c.step_end(k, t, batch_ms=syn.batch_ms(t))
+        plain.step_end(k, syn.times(k, plain))
+        k += 1
+    assert any("0.4 ms between actions" in text for _, _, text in c.history)
+    assert c.gap == pytest.approx(0.4, rel=1e-4)  # the bounds are gathered as float32
+    assert plain.gap == 0.0 and plain.predicted_batch_time() == pytest.approx(plain.plan.makespan_planned)
+    up, lo = syn.u, syn.l
+    ref = solve(c.dag, up + c.gap, lo + c.gap, PlanConfig(max_freeze_ratio=0.8, action_cap=0.8))
+    assert c.plan.makespan_planned == pytest.approx(ref.makespan_planned, rel=1e-4)
+    assert c.plan.makespan_unfrozen == pytest.approx(simulate(c.dag, up + 0.4).makespan, rel=1e-4)
+    for _ in range(3 * cfg.median_window):
+        t = syn.times(k, c)
+        predicted, r = c.predicted_batch_time(), c.requested_ratios()
+        assert predicted == pytest.approx(simulate(c.dag, up - r * (up - lo) + 0.4).makespan, rel=1e-4)
+        assert predicted == pytest.approx(syn.batch_ms(t), rel=1e-2)  # the masks' realised fractions
+        c.step_end(k, t, batch_ms=syn.batch_ms(t))
+        k += 1
+    assert c.replans == 0
+    # the estimates are the actions alone
+    np.testing.assert_allclose(c.estimates[0], up, rtol=1e-4)
+
+
+def test_bad_batch_times_raise_naming_the_value_and_batches_divide_them():
+    sched = build_schedule("1f1b", 2, 4)
+    c = make(small(), sched)
+    good = Synthetic(c.dag).times(0, c)
+    for bad in (float("nan"), float("inf"), -1.0, 0.0, "3", True):
+        with pytest.raises(ValueError, match=r"batch_ms must be None or a finite number of ms > 0, got "):
+            c.step_end(0, good, batch_ms=bad)
+    assert c._s.done == 0  # a refused step changes nothing
+    a, b = make(small(), sched), make(small(), sched)
+    syn = Synthetic(a.dag, gap=0.25)
+    for k in range(12):
+        t = syn.times(k, a)
+        a.step_end(k, t, batch_ms=syn.batch_ms(t))
+        b.step_end(k, {n: 3 * v for n, v in t.items()}, batches=3, batch_ms=3 * syn.batch_ms(t))
+    assert a.gap == pytest.approx(0.25, rel=1e-4) and b.gap == pytest.approx(a.gap, rel=1e-6)
+
+
 def test_batches_divide_the_times():
     sched = build_schedule("1f1b", 2, 4)
     a, b = make(small(), sched), make(small(), sched)
@@ -697,6 +750,49 @@ def test_fit_linear_two_levels_is_the_extrapolation_and_flat_columns_keep_their_
     assert np.all(lo2 <= up2) and np.array_equal(lo2[~w], up2[~w])
     with pytest.raises(ValueError, match="three non-empty"):
         fit_linear(np.zeros((0, 3)), np.zeros((0, 3)), np.zeros((0, 3)))
+
+
+@pytest.mark.parametrize("P, M", [(2, 4), (4, 8), (3, 5)])
+def test_fit_gap_is_1f1bs_closed_form(P, M):
+    """1F1B with every F taking f and every B taking b lasts (M + P - 1)(f + b); a gap g on every
+    action adds 2g per slot, so g = (batch / (M + P - 1) - f - b) / 2."""
+    dag = build_dag(build_schedule("1f1b", P, M))
+    f, b = 1.5, 2.75
+    d = np.where(dag.kind_mask("F"), f, b)
+    slots = M + P - 1
+    assert simulate(dag, d).makespan == pytest.approx(slots * (f + b))
+    for batch in (slots * (f + b) * 1.07, slots * (f + b) * 3.0):
+        assert fit_gap(dag, d, batch) == pytest.approx((batch / slots - f - b) / 2, rel=1e-12)
+    # the actions alone already take the batch or longer: no gap
+    assert fit_gap(dag, d, slots * (f + b)) == 0.0
+    assert fit_gap(dag, d, 0.5 * slots * (f + b)) == 0.0
+
+
+@pytest.mark.parametrize("name", ["1f1b", "zbh1", "zbv", "interleaved1f1b", "gpipe"])
+def test_fit_gap_matches_bisection_on_random_times(name):
+    """Against plain bisection of the simulated makespan (float64, 200 halvings)."""
+    dag = build_dag(build_schedule(name, 3, 6))
+    rng = np.random.default_rng(len(name))
+    for _ in range(3):
+        d = rng.uniform(0.2, 4.0, dag.num_actions)
+        batch = simulate(dag, d).makespan * rng.uniform(1.01, 1.5)
+        lo, hi = 0.0, batch
+        for _ in range(200):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if simulate(dag, d + mid).makespan < batch else (lo, mid)
+        g = fit_gap(dag, d, batch)
+        assert g == pytest.approx(lo, rel=1e-9)
+        assert simulate(dag, d + g).makespan == pytest.approx(batch, rel=1e-12)
+
+
+def test_fit_gap_refuses_a_bad_batch_time():
+    dag = build_dag(build_schedule("1f1b", 2, 2))
+    d = np.ones(dag.num_actions)
+    for bad in (float("nan"), float("inf"), -1.0, "3", None):
+        with pytest.raises(
+            ValueError, match=r"batch_ms must be a finite number of ms >= 0, got " + repr(bad)[:3]
+        ):
+            fit_gap(dag, d, bad)
 
 
 def test_refit_recovers_separate_scales_and_falls_back_to_one():

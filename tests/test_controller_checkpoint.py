@@ -32,7 +32,7 @@ def trace(policy_factory, resume_at=None, steps=46, drift_at=30, monitoring="par
     sched = build_schedule(*SCHED)
     cfg = small(ramp_steps=4, monitoring=monitoring)
     c = make(cfg, sched, policy=policy_factory())
-    syn = Synthetic(c.dag, noise=0.01)
+    syn = Synthetic(c.dag, noise=0.01, gap=0.3)
     out = []
     saved = None
     for k in range(steps):
@@ -53,9 +53,11 @@ def trace(policy_factory, resume_at=None, steps=46, drift_at=30, monitoring="par
                 [None if m is None else m.frozen.tolist() for m in masks],
                 c.requested_ratios().tolist(),
                 None if est is None else [est[0].tolist(), est[1].tolist()],
+                c.gap,
             )
         )
-        c.step_end(k, syn.times(k, c))
+        t = syn.times(k, c)
+        c.step_end(k, t, batch_ms=syn.batch_ms(t))
         c.observe(k)
     return out, c, saved
 
@@ -66,7 +68,7 @@ def assert_same_trace(got, want, where):
     assert len(got) == len(want)
     for k, (a, b) in enumerate(zip(got, want)):
         assert (a[0], a[1], a[2], a[4], a[5]) == (b[0], b[1], b[2], b[4], b[5]), f"{where}: step {k}"
-        for i in (3, 6):
+        for i in (3, 6, 7):
             assert (a[i] is None) == (b[i] is None), f"{where}: step {k}"
             if a[i] is not None:
                 np.testing.assert_allclose(a[i], b[i], atol=1e-9, err_msg=f"{where}: step {k}")
@@ -84,7 +86,7 @@ def test_resume_at_every_step_continues_identically(monitoring):
         where = f"resumed at step {resume_at} ({phases[resume_at]})"
         assert_same_trace(resumed, reference, where)
         end = d.state_dict()
-        for key in ("windows", "masks", "upper", "lower", "done", "decision", "phase"):
+        for key in ("windows", "masks", "upper", "lower", "gap", "done", "decision", "phase"):
             assert end[key] == final[key], f"{where}: {key}"
         covered.add((state["phase"], None if state["pending"] is None else state["pending"]["kind"]))
     assert {p for p, _ in covered} == {p.value for p in Phase}
@@ -110,6 +112,43 @@ def test_a_checkpoint_from_before_makespan_slack_resumes_under_slack_0_only():
         policy=RotatingPolicy(),
     )
     assert_refused_unchanged(other, older(saved), r"state.config: .*plan.makespan_slack: 0.0 -> 0.02")
+
+
+def test_a_version_2_checkpoint_resumes_without_a_gap():
+    """Version 2 states had no batch times and planned without a gap: one resumes in every phase as
+    its run went on (no batch times: gap 0), and a version 3 state without them is refused."""
+
+    def run(resume_at=None):
+        sched, cfg = build_schedule(*SCHED), small(ramp_steps=4)
+        c = make(cfg, sched, policy=RotatingPolicy())
+        syn = Synthetic(c.dag, noise=0.01)
+        out = []
+        for k in range(40):
+            if k == resume_at:
+                state = json.loads(json.dumps(c.state_dict()))
+                for path in (["gap"], ["windows", "batch"]):
+                    state = with_(state, path, DROP)
+                c = make(cfg, sched, policy=RotatingPolicy())
+                c.load_state_dict({**state, "version": 2})
+            out.append((c.phase.value, c.decision, None if c.plan is None else c.plan.ratios.tolist(), c.gap))
+            c.step_end(k, syn.times(k, c))
+            c.observe(k)
+        return out
+
+    reference = run()
+    assert {p for p, *_ in reference} == {p.value for p in Phase}
+    for resume_at in (3, 7, 12, 20, 30):
+        assert run(resume_at) == reference, resume_at
+    stable = states_along_a_run()["stable"]
+    assert stable["gap"] == pytest.approx(0.3, rel=0.01)  # 1% noise on the times
+    c = target()
+    assert_refused_unchanged(c, with_(stable, ["gap"], DROP), r"state is missing key 'gap'")
+    assert_refused_unchanged(
+        c, with_(stable, ["windows", "batch"], DROP), r"state.windows is missing key 'batch'"
+    )
+    assert_refused_unchanged(
+        c, with_(stable, ["gap"], -0.5), r"state.gap must be a finite number of ms >= 0, got -0.5"
+    )
 
 
 def test_resume_without_policy_state_differs():
@@ -189,7 +228,7 @@ def states_along_a_run(monitoring="partial"):
     """JSON round-tripped states of a real run, one per phase, plus a re-plan in flight."""
     out = {}
     c = make(small(ramp_steps=4, monitoring=monitoring), build_schedule(*SCHED), policy=RotatingPolicy())
-    syn = Synthetic(c.dag, noise=0.01)
+    syn = Synthetic(c.dag, noise=0.01, gap=0.3)
     for k in range(46):
         if k == 30:
             syn.u, syn.l = true_times(c.dag, scale_stage=0, factor=1.4)
@@ -198,7 +237,8 @@ def states_along_a_run(monitoring="partial"):
         # the drift, whose windows hold rows
         if key not in out or key in ("monitor_upper", "monitor_lower") or (key == "stable" and k < 30):
             out[key] = json.loads(json.dumps(c.state_dict()))
-        c.step_end(k, syn.times(k, c))
+        t = syn.times(k, c)
+        c.step_end(k, t, batch_ms=syn.batch_ms(t))
         c.observe(k)
     assert set(out) == {p.value for p in Phase} | {"stable+replan"}
     return out
@@ -277,7 +317,10 @@ def test_issue_cases_are_refused_naming_the_key():
         (with_(stable, ["masks", i, 0], 5), rf"state.masks\[{i}\]: stage 5 is not a stage of this process"),
         (with_(stable, ["upper"], [1.0]), rf"state.upper must be a list of {n} numbers, got 1 values"),
         (with_(stable, ["lower", 3], -1.0), r"state.lower\[3\] must be a finite number >= 0, got -1.0"),
-        (with_(stable, ["version"], 1), r"state.version: expected 2, got 1 \(a checkpoint of an older tfz"),
+        (
+            with_(stable, ["version"], 1),
+            r"state.version: expected 3 or 2, got 1 \(a checkpoint of an older tfz",
+        ),
         (with_(stable, ["rank"], 1), r"state.rank: the state was saved by rank 1, this is rank 0"),
         (with_(stable, ["phase"], "frozen"), r"state.phase must be one of \['warmup'"),
         (with_(stable, ["plan"], None), r"state.plan and state.upper/lower must both be None"),

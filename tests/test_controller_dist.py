@@ -3,7 +3,8 @@
 Rank 0 solves with a slow solver (a sleep injected through the ``solver`` hook) while both ranks
 keep stepping. Checked: the same phases, decisions and plan on both ranks at every step (so they
 switch at the same step), rank 1 never solves and its ``step_end`` stays fast, masks equal
-``tfz.masks.select_covering`` recomputed from the shared state, a drift on rank 1's stage re-plans on both.
+``tfz.masks.select_covering`` recomputed from the shared state, a drift on rank 1's stage re-plans on both,
+and the gap between actions is fitted on the slowest rank's batch time, the same on every rank.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import numpy as np
 import pytest
 
 SOLVE_SLEEP = 1.5
+GAP = 0.3
+"""ms between actions in the batch times the ranks report (rank 1's batches last 2% longer)."""
 STEP_SLEEP = 0.02
 MAX_STEPS = 600
 
@@ -57,6 +60,7 @@ def _groups(world: int):
 
 def _run(world: int) -> dict:
     from tfz.controller import Phase, TimelyFreeze
+    from tfz.dag import simulate
     from tfz.plan import solve
     from tfz.schedule import build_schedule
 
@@ -75,7 +79,7 @@ def _run(world: int) -> dict:
     dag = c.dag
     up, lo = true_times(dag)
     mine = np.flatnonzero(dag.rank == rank)
-    records, durations = [], []
+    records, durations, first_upper = [], [], None
     stable_at = adopted_at = None
     for k in range(MAX_STEPS):
         if stable_at is not None and k == stable_at + 3:
@@ -99,9 +103,12 @@ def _run(world: int) -> dict:
             t = (up[i] - r * (up[i] - lo[i])) * speed * (1 + 0.005 * rng.standard_normal())
             times[dag.names[i]] = float(t)
         time.sleep(STEP_SLEEP)  # the step's training work
+        batch = simulate(dag, up + GAP).makespan * speed * (1 + 0.02 * rank)
         t0 = time.perf_counter()
-        c.step_end(k, times)
+        c.step_end(k, times, batch_ms=batch)
         durations.append(time.perf_counter() - t0)
+        if c.plan is not None and first_upper is None:
+            first_upper = c.estimates[0].tolist()  # behind the first plan
         if c.phase is Phase.STABLE and stable_at is None:
             stable_at = k + 1
         if c.replans == 1 and adopted_at is None:
@@ -115,6 +122,8 @@ def _run(world: int) -> dict:
         "history": [list(h) for h in c.history],
         "replans": c.replans,
         "units": c.units[rank].weights.tolist(),
+        "gap": c.gap,
+        "upper": first_upper,
     }
 
 
@@ -184,13 +193,22 @@ def test_two_ranks_agree_and_the_solve_never_blocks():
                     assert (frozen is None) == (not want.any())
                     if frozen is not None:
                         assert frozen == want.tolist()
-    # the first plan is the LP's plan on the true times
-    first = next(x["ratios"] for x in a if x["ratios"] is not None)
-    up, lo = true_times(dag)
-    ref = solve(dag, up, lo, PlanConfig(max_freeze_ratio=0.8, action_cap=0.8))
+    # the gap: fitted on rank 1's batch time (the slowest), the same on both ranks
+    from tfz.controller.estimates import fit_gap
     from tfz.dag import simulate
 
-    span = simulate(dag, up - np.asarray(first) * (up - lo)).makespan
+    up, lo = true_times(dag)
+    g = r0["gap"]
+    assert g == r1["gap"] and r0["upper"] == r1["upper"]
+    assert any(f"{g:.3g} ms between actions" in e for _, _, e in r0["history"])
+    slowest = simulate(dag, up + GAP).makespan * 1.02
+    assert g == pytest.approx(fit_gap(dag, np.asarray(r0["upper"]), slowest), rel=1e-9)
+    run = simulate(dag, up + GAP)
+    assert g == pytest.approx(GAP + 0.02 * run.makespan / len(run.critical_path), rel=0.02)
+    # the first plan is the LP's plan on the true times plus the gap
+    first = next(x["ratios"] for x in a if x["ratios"] is not None)
+    ref = solve(dag, up + g, lo + g, PlanConfig(max_freeze_ratio=0.8, action_cap=0.8))
+    span = simulate(dag, up + g - np.asarray(first) * (up - lo)).makespan
     assert span == pytest.approx(ref.makespan_planned, rel=5e-3)
 
 
@@ -211,6 +229,7 @@ def test_replicas_run_one_plan():
     assert [r["solver_calls"] for r in results] == [2, 0, 0, 0]
     assert all(r["history"] == results[0]["history"] for r in results)
     assert all(r["replans"] == 1 for r in results)
+    assert len({r["gap"] for r in results}) == 1 and results[0]["gap"] > 0
     # the plan is the LP's on the replicas' mean times (a uniform 5% scale of the true times)
     from tfz.dag import build_dag, simulate
     from tfz.plan import PlanConfig, solve
@@ -219,5 +238,7 @@ def test_replicas_run_one_plan():
     dag = build_dag(build_schedule("1f1b", 2, 4))
     first = np.asarray(next(x["ratios"] for x in records[0] if x["ratios"] is not None))
     up, lo = true_times(dag)
-    ref = solve(dag, up, lo, PlanConfig(max_freeze_ratio=0.8, action_cap=0.8))
-    assert simulate(dag, up - first * (up - lo)).makespan == pytest.approx(ref.makespan_planned, rel=5e-3)
+    g = results[0]["gap"]
+    ref = solve(dag, up + g, lo + g, PlanConfig(max_freeze_ratio=0.8, action_cap=0.8))
+    span = simulate(dag, up + g - first * (up - lo)).makespan
+    assert span == pytest.approx(ref.makespan_planned, rel=5e-3)

@@ -129,9 +129,13 @@ def test_report_shows_the_plans_speedup_and_its_all_frozen_ceiling():
     ranks = _two_methods()
     plan = {"speedup": 600 / 500, "makespan_unfrozen": 600.0, "makespan_all_frozen": 480.0}
     ranks[0]["timelyfreeze"]["plan"] = plan
+    ranks[0]["timelyfreeze"]["gap_ms"] = 2.5
     task = {"task": "pretrain", "corpus": "c", "validation": {"sequences": 8, "bytes": 128}}
     report = combine([build_report(ranks, cfg, seed=s)[0] for s in (0, 1)], cfg, {"task": task})
     tf = report["methods"]["timelyfreeze"]
+    assert tf["gap_ms"] == 2.5 and report["methods"]["none"]["gap_ms"] is None
+    assert report["goals"]["prediction_vs_measured"]["gap_ms"] == 2.5
+    assert "the plan adds 2.50 ms between actions" in markdown(report, [])
     assert tf["planned_speedup"] == pytest.approx(1.2) and tf["planned_ceiling"] == pytest.approx(1.25)
     assert report["methods"]["none"]["planned_ceiling"] is None
     goal = report["goals"]["throughput_gain"]
@@ -430,6 +434,8 @@ def test_shortened_demo_runs_every_method(tmp_path):
         per_step = saved["per_seed"][0]["methods"][name]["freeze_ratio_per_step"]
         assert len(per_step) == 18 and all(r == 0 for step in per_step[:2] for r in step)
     assert [p[1] for p in tf["phases"]][:3] == ["monitor_upper", "monitor_lower", "solving"]
+    # the workers hand their batch times to the controller: the plan carries the gap fitted on them
+    assert f"{tf['gap_ms']:.3g} ms between actions" in tf["phases"][2][2]
     for f in (
         "report.md",
         "loss_vs_time.png",

@@ -12,11 +12,13 @@ plug in through :mod:`tfz.controller.policy`.
 Training-loop protocol, per optimizer step::
 
     # the pipeline runtime calls controller.masks_for(stage, mb) before each backward
+    start = time.perf_counter()
     schedule.step(...)
+    batch_ms = (time.perf_counter() - start) * 1e3
     optimizer.step()
     controller.observe(step)                   # metric policies (APF, AutoFreeze) update here
     optimizer.zero_grad()
-    controller.step_end(step, timer.collect())  # this rank's action times (ms)
+    controller.step_end(step, timer.collect(), batch_ms=batch_ms)  # action and batch times (ms)
 """
 
 from tfz.controller.config import TimelyFreezeConfig

@@ -10,6 +10,11 @@ realised, FLOP-weighted fraction of its stage's units left trainable by the mask
 :func:`fit_linear` fits a and b per action from monitoring samples at a few levels of x (the
 unfrozen window at x = 1 and the partly frozen window's levels).
 
+Gap model. The DAG has no time between actions (communication, the runtime's own work), so its
+makespan falls short of the measured batch. :func:`fit_gap` fits one overhead ``g`` added to every
+action's duration so that the simulated unfrozen batch equals the measured one; the plan and its
+predictions use ``u + g`` and ``l + g``, the drift check the action times alone.
+
 Drift model. In the stable phase action v runs with ratio r_v and is predicted to take
 ``p_v = u_v (1 - r_v) + l_v r_v``. A stage drifts when its summed measured time is off the summed
 prediction by more than the threshold in most steps of a full window (:func:`drifting_stages`).
@@ -30,7 +35,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from tfz._validate import check_number
-from tfz.dag import DAG
+from tfz.dag import DAG, simulate
 from tfz.schedule import FREEZABLE_KINDS, KINDS
 
 __all__ = [
@@ -40,6 +45,7 @@ __all__ = [
     "drift_stats",
     "drifting_stages",
     "FitWindow",
+    "fit_gap",
     "fit_linear",
     "parse_timings",
     "refit",
@@ -202,6 +208,29 @@ def fit_linear(active: np.ndarray, times: np.ndarray, level: np.ndarray) -> tupl
     flat = sxx <= 1e-12
     b = np.where(flat, 0.0, sxt / np.where(flat, 1.0, sxx))
     return mt - b * mx, b
+
+
+def fit_gap(dag: DAG, durations: np.ndarray, batch_ms: float) -> float:
+    """The overhead g >= 0 (ms) that, added to every action of ``durations``, makes the simulated
+    makespan equal ``batch_ms``; 0 when the actions alone already take that long.
+
+    The makespan is the longest path, a maximum of lines ``length(p) + g * actions(p)``: convex and
+    increasing in g. Newton steps along the critical path's line start at or past the root and move
+    down to it, one line at a time, so they end after finitely many steps.
+    """
+    d = np.asarray(durations, dtype=np.float64)
+    batch = check_number("batch_ms", batch_ms, low=0.0, unit="ms")
+    run = simulate(dag, d)
+    if run.makespan >= batch or dag.num_actions == 0:
+        return 0.0
+    g = 0.0
+    for _ in range(4 * dag.num_actions + 8):
+        step = (run.makespan - batch) / len(run.critical_path)
+        if g > 0.0 and step <= 1e-12 * batch:
+            break
+        g = max(0.0, g - step)
+        run = simulate(dag, d + g)
+    return g
 
 
 def drift_stats(

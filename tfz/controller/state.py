@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from tfz._validate import check_int, check_ratio, is_int, is_number
+from tfz._validate import check_int, check_number, check_ratio, is_int, is_number
 from tfz.controller._solve import SolveJob
 from tfz.controller.config import TimelyFreezeConfig
 from tfz.controller.estimates import FitWindow, TimingWindow
@@ -28,8 +28,10 @@ from tfz.schedule import FREEZABLE_KINDS
 
 __all__ = ["STATE_VERSION", "ControllerState", "Layout", "Pending", "Phase"]
 
-STATE_VERSION = 2
-"""2: schedule identity, unit layouts and the partly frozen monitoring window (version 1 is refused)."""
+STATE_VERSION = 3
+"""2: schedule identity, unit layouts and the partly frozen monitoring window (version 1 is refused).
+3: the gap between actions and the unfrozen window's batch times; a version 2 state loads without
+them (no batch times, gap 0: what its run planned with)."""
 
 
 class Phase(str, enum.Enum):
@@ -114,6 +116,8 @@ class ControllerState:
     """Monitoring, partly (or fully) frozen: times, active fractions, levels (cleared likewise)."""
     drift_window: TimingWindow
     """Stable phase: per-step times since the plan took effect, for the drift check."""
+    batch_window: TimingWindow
+    """Monitoring, nothing frozen: measured batch times (ms, width 1) of the steps that gave one."""
     origin: int | None = None
     """The training loop's number of the first step (None before the first ``step_end``)."""
     done: int = 0
@@ -131,6 +135,9 @@ class ControllerState:
     """float64 [n] unfrozen bounds behind the plan (None before the first plan)."""
     lower: np.ndarray | None = None
     """float64 [n] frozen bounds behind the plan."""
+    gap: float = 0.0
+    """Time (ms) between actions, added to every action for the LP and the predicted batch
+    (:func:`~tfz.controller.estimates.fit_gap`); 0 until fitted, or when no batch time was given."""
     plan: Plan | None = None
     masks: dict[tuple[int, int], StageMasks | None] = field(default_factory=dict)
     """Masks of every local (stage, microbatch) for the current step (empty in ``NO_MASKS`` phases)."""
@@ -141,7 +148,12 @@ class ControllerState:
     @classmethod
     def initial(cls, layout: Layout) -> ControllerState:
         size, width = layout.config.median_window, len(layout.local)
-        return cls(TimingWindow(size, width), FitWindow(size, width), TimingWindow(size, width))
+        return cls(
+            TimingWindow(size, width),
+            FitWindow(size, width),
+            TimingWindow(size, width),
+            TimingWindow(size, 1),
+        )
 
     # ------------------------------------------------------------------ checkpoint form
 
@@ -175,9 +187,11 @@ class ControllerState:
                 "upper": self.upper_window.to_list(),
                 "lower": self.lower_window.to_dict(),
                 "drift": self.drift_window.to_list(),
+                "batch": self.batch_window.to_list(),
             },
             "upper": None if self.upper is None else self.upper.tolist(),
             "lower": None if self.lower is None else self.lower.tolist(),
+            "gap": self.gap,
             "plan": None if self.plan is None else self.plan.to_dict(),
             "masks": [
                 [
@@ -204,7 +218,7 @@ class ControllerState:
         if not isinstance(data, Mapping):
             raise TypeError(f"state must be a mapping, got {type(data).__name__}")
         d = _Fields(data, "state")
-        _check_identity(d, layout)
+        version = _check_identity(d, layout)
         dag, cfg = layout.dag, layout.config
         n, width, size = dag.num_actions, len(layout.local), cfg.median_window
 
@@ -237,6 +251,8 @@ class ControllerState:
             )
         st.lower_window.load_dict(dict(zip(FitWindow.CHANNELS, rows)))
         st.drift_window.load_list(w.rows("drift", width, size))
+        if version >= 3:  # version 2 had no batch times
+            st.batch_window.load_list(w.rows("batch", 1, size))
 
         st.upper = d.floats("upper", n, optional=True)
         st.lower = d.floats("lower", n, optional=True)
@@ -244,6 +260,8 @@ class ControllerState:
             raise ValueError("state.upper and state.lower must both be None or both be arrays")
         if st.upper is not None:
             _check_bounds("state", st.upper, st.lower, dag)
+        if version >= 3:  # version 2 planned without a gap
+            st.gap = check_number(d.name("gap"), d["gap"], low=0.0, unit="ms")
         st.plan = _plan(d, dag)
         if (st.plan is None) != (st.upper is None):
             raise ValueError("state.plan and state.upper/lower must both be None or both be present")
@@ -337,15 +355,16 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _check_identity(d: _Fields, layout: Layout) -> None:
+def _check_identity(d: _Fields, layout: Layout) -> int:
+    """The state's version, after checking that it was saved by this schedule, rank, config and units."""
     version = d["version"]
-    if version != STATE_VERSION:
+    if version not in (2, STATE_VERSION) or not is_int(version):
         old = (
             " (a checkpoint of an older tfz, before schedules and units were recorded)"
             if version == 1
             else ""
         )
-        raise ValueError(f"state.version: expected {STATE_VERSION}, got {version!r}{old}")
+        raise ValueError(f"state.version: expected {STATE_VERSION} or 2, got {version!r}{old}")
     saved, mine = _plain(d["schedule"]), layout.schedule()
     if saved != mine:
 
@@ -396,6 +415,7 @@ def _check_identity(d: _Fields, layout: Layout) -> None:
                 f"state.units: stage {mine['stage']}'s units differ from the state's "
                 f"({_unit_difference(theirs, mine)})"
             )
+    return int(version)
 
 
 def _unit_difference(theirs: Mapping, mine: dict) -> str:
@@ -531,6 +551,8 @@ def _check_phase(st: ControllerState, cfg: TimelyFreezeConfig) -> None:
     have = (len(st.upper_window), len(st.lower_window))
     need(have[0] == upper, f"state.windows.upper has {have[0]} rows, expected {upper}")
     need(have[1] == lower, f"state.windows.lower has {have[1]} rows, expected {lower}")
+    batch = len(st.batch_window)
+    need(batch <= have[0], f"state.windows.batch has {batch} rows, more than the {have[0]} of windows.upper")
     need(
         phase is Phase.STABLE or len(st.drift_window) == 0,
         "state.windows.drift: rows outside the stable phase",

@@ -21,6 +21,12 @@ of each level (:func:`~tfz.controller.estimates.fit_linear`, the unfrozen half a
 bound u = a + b, frozen bound l = a. F and I actions keep the median of both halves as their fixed
 time. The bounds of all ranks are gathered as float32.
 
+Gap: when ``step_end`` is given the measured batch time, the unfrozen half also records it; with
+the bounds, the ranks agree on the slowest rank's median and fit the time between actions that the
+DAG lacks, one overhead g per action (:func:`~tfz.controller.estimates.fit_gap`). The LP and
+:meth:`TimelyFreeze.predicted_batch_time` use ``u + g`` and ``l + g``; the drift check compares
+action times alone. Without batch times g = 0.
+
 Partial monitoring: in the k-th step of the half, microbatch m of a stage runs at ratio
 ``monitor_ratios[(k + m) % len(monitor_ratios)]``, masks drawn as in the plan's phases (covering or
 independent), redrawn every step. Every step trains; with the covering layout every unit of a stage
@@ -58,7 +64,7 @@ from typing import Any
 
 import numpy as np
 
-from tfz._validate import check_int, is_int, short_repr
+from tfz._validate import check_int, check_number, is_int, short_repr
 from tfz.controller._comm import Comm
 from tfz.controller._solve import (
     SolveJob,
@@ -73,6 +79,7 @@ from tfz.controller.estimates import (
     bound_estimates,
     drift_stats,
     drifting_stages,
+    fit_gap,
     fit_linear,
     parse_timings,
     refit,
@@ -249,10 +256,17 @@ class TimelyFreeze:
 
     @property
     def estimates(self) -> tuple[np.ndarray, np.ndarray] | None:
-        """(upper, lower) float64 [n] in ms behind the current plan, None before the first plan."""
+        """(upper, lower) float64 [n] in ms behind the current plan, None before the first plan; the
+        actions alone, without :attr:`gap`."""
         if self._s.upper is None:
             return None
         return self._s.upper.copy(), self._s.lower.copy()
+
+    @property
+    def gap(self) -> float:
+        """Time (ms) between actions that the plan adds to every action (0 until fitted at the end of
+        monitoring, and without batch times)."""
+        return self._s.gap
 
     @property
     def solving(self) -> bool:
@@ -394,7 +408,8 @@ class TimelyFreeze:
 
     def timeline_durations(self) -> np.ndarray | None:
         """float64 [n]: predicted durations (ms) of every action under the current ratios, from the
-        estimates behind the plan (None before the first plan); for ``tfz.timeline``."""
+        estimates behind the plan (None before the first plan), without :attr:`gap`; for
+        ``tfz.timeline``."""
         s = self._s
         if s.upper is None:
             return None
@@ -402,10 +417,11 @@ class TimelyFreeze:
         return s.upper - r * (s.upper - s.lower)
 
     def predicted_batch_time(self) -> float | None:
-        """Simulated batch time (ms) under the current ratios: ``plan.makespan_planned`` once stable,
-        the unfrozen makespan while solving; None before the first plan."""
+        """Simulated batch time (ms) under the current ratios, :attr:`gap` included:
+        ``plan.makespan_planned`` once stable, the unfrozen makespan while solving; None before the
+        first plan."""
         durations = self.timeline_durations()
-        return None if durations is None else simulate(self.dag, durations).makespan
+        return None if durations is None else simulate(self.dag, durations + self._s.gap).makespan
 
     # ------------------------------------------------------------------ training-loop hooks
 
@@ -417,7 +433,9 @@ class TimelyFreeze:
         if isinstance(self.policy, ObservingPolicy):
             self.policy.observe(step, self.stage_modules)
 
-    def step_end(self, step: int, timings: Mapping[str, float], *, batches: int = 1) -> None:
+    def step_end(
+        self, step: int, timings: Mapping[str, float], *, batches: int = 1, batch_ms: float | None = None
+    ) -> None:
         """End optimizer step ``step`` with this rank's action times.
 
         Args:
@@ -427,6 +445,10 @@ class TimelyFreeze:
                 without a group), e.g. ``ActionTimer.collect()``.
             batches: pipeline batches summed in ``timings`` (gradient accumulation); times are divided
                 by it.
+            batch_ms: this rank's wall time (ms) of the ``batches`` pipeline batches, from the step's
+                start (all ranks together) to the end of its last action, optimizer step excluded.
+                Optional; the unfrozen monitoring fits the time between actions from it (the
+                module docstring's gap).
         """
         if not is_int(step):
             raise TypeError(f"step must be an integer, got {step!r}")
@@ -437,11 +459,12 @@ class TimelyFreeze:
                 f"step_end: expected step {s.origin + s.done} (steps must be consecutive), got {step}"
             )
         values = parse_timings(timings, self._local_pos, self.dag, self._where) / batches
+        batch_ms = check_number("batch_ms", batch_ms, low=0.0, low_open=True, optional=True, unit="ms")
         if s.origin is None:
             s.origin = int(step)
             # events before the first step (warmup 0) were recorded relative to step 0
             s.history = [(h[0] + s.origin, h[1], h[2]) for h in s.history]
-        self._record(values)
+        self._record(values, None if batch_ms is None else batch_ms / batches)
         s.done += 1
         changed = self._transitions()
         check = s.done % self.config.check_every == 0
@@ -451,12 +474,14 @@ class TimelyFreeze:
         if changed or check or self._partial:
             self._redraw()
 
-    def _record(self, values: np.ndarray) -> None:
+    def _record(self, values: np.ndarray, batch_ms: float | None) -> None:
         s = self._s
         k = s.done  # relative index of the step that ended
         discard = self.config.discard_steps
         if s.phase is Phase.MONITOR_UPPER and k - s.phase_start >= discard:
             s.upper_window.append(values)
+            if batch_ms is not None:
+                s.batch_window.append(np.array([batch_ms]))
         elif s.phase is Phase.MONITOR_LOWER and k - s.phase_start >= discard:
             s.lower_window.append(values, *self._applied())
         elif s.phase is Phase.STABLE and self.config.replan and s.pending is None and k - s.anchor >= discard:
@@ -488,8 +513,11 @@ class TimelyFreeze:
                 self._enter(Phase.MONITOR_LOWER, f"monitoring the frozen bound ({what})")
             elif s.phase is Phase.MONITOR_LOWER and elapsed >= cfg.monitor:
                 upper, lower = self._fitted_bounds()
+                batch = self._measured_batch()
+                s.gap = 0.0 if batch is None else fit_gap(self.dag, upper, batch)
                 self._submit("initial", upper, lower, warm=None)
-                self._enter(Phase.SOLVING, "solving the freeze-ratio LP")
+                gap = "" if batch is None else f" ({s.gap:.3g} ms between actions, batch {batch:.4g} ms)"
+                self._enter(Phase.SOLVING, "solving the freeze-ratio LP" + gap)
             elif s.phase is Phase.RAMP and s.done - s.ramp_start >= cfg.ramp:
                 s.progress = 1.0
                 s.anchor = s.done
@@ -536,6 +564,17 @@ class TimelyFreeze:
         lower = self._comm.gather_actions(lower, self.dag.names)
         return bound_estimates(self.dag, upper, lower)
 
+    def _measured_batch(self) -> float | None:
+        """Collective: the slowest rank's median batch time of the unfrozen window, None unless every
+        rank recorded some; the window is emptied."""
+        s, comm = self._s, self._comm
+        packed = np.zeros((2, comm.size))
+        if len(s.batch_window):
+            packed[:, comm.rank] = float(s.batch_window.median()[0]), 1.0
+        s.batch_window.clear()
+        total = comm.all_reduce_sum(packed)
+        return float(total[0].max()) if np.all(total[1] == 1.0) else None
+
     def _check_drift(self) -> None:
         """Collective: sum the window's per-stage times and the refit sums over the ranks, re-plan if
         some stage drifted for the whole window."""
@@ -566,11 +605,12 @@ class TimelyFreeze:
         self._s.pending = self._job(Pending(kind, upper, lower, self._s.done), warm)
 
     def _job(self, pending: Pending, warm: Plan | None) -> Pending:
-        """``pending`` with its solve started on the leader."""
+        """``pending`` with its solve started on the leader, on the bounds plus the gap."""
+        gap = self._s.gap
         if self._comm.leader:
             pending.job = SolveJob(
                 solve_with_retry,
-                (self._solver, self.dag, pending.upper, pending.lower, self.config.plan, warm),
+                (self._solver, self.dag, pending.upper + gap, pending.lower + gap, self.config.plan, warm),
                 {},
                 background=self.config.async_solve,
             )

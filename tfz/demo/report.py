@@ -47,6 +47,7 @@ def _merge(results: list[dict], method: str, cfg: DemoConfig, last_rank: int) ->
         "plan": per_rank[0]["plan"],
         "timeline_durations": per_rank[0].get("timeline_durations"),
         "estimates": per_rank[0].get("estimates"),
+        "gap_ms": per_rank[0].get("gap_ms"),
         "spans": [pr["spans"] for pr in per_rank],
         "span_ratios": per_rank[0]["span_ratios"],
     }
@@ -136,6 +137,7 @@ def _method_report(m: dict, cfg: DemoConfig, w0: int) -> dict[str, Any]:
         "phases": [list(h) for h in m["history"]],
         "plan": m["plan"],
         "estimates_ms": m["estimates"],
+        "gap_ms": m["gap_ms"],
         **_planned(m["plan"]),
     }
 
@@ -228,6 +230,7 @@ _SUMMARY_KEYS = (
     "tokens_per_s_whole_run",
     "planned_speedup",
     "planned_ceiling",
+    "gap_ms",
 )
 
 
@@ -310,6 +313,8 @@ def _goals(methods: dict[str, dict]) -> dict[str, Any]:
         shift = _machine_shift(base, tf)
         if shift is not None:
             out["prediction_vs_measured"]["none_batch_time_shift"] = shift
+        if tf.get("gap_ms") is not None:
+            out["prediction_vs_measured"]["gap_ms"] = tf["gap_ms"]
     return out
 
 
@@ -649,6 +654,8 @@ def markdown(report: dict, figures: list[str]) -> str:
                     f" (the plan's own batch speedup {g['planned']:.3f}x; with every row of every "
                     f"backward frozen at most {g['ceiling']:.3f}x, on the times it measured)"
                 )
+            if g.get("gap_ms") is not None:
+                line += f" (the plan adds {g['gap_ms']:.2f} ms between actions, fitted to the unfrozen batch)"
             if g.get("none_batch_time_shift") is not None:
                 line += (
                     f" (no freezing's own batch time moved {g['none_batch_time_shift']:+.1%} between "

@@ -237,7 +237,7 @@ class MethodRun:
         if step_end is not None:
             phase = self.provider.phase.value  # the phase this step ran in
             predicted = self.provider.predicted_batch_time()
-            step_end(step, timings)
+            step_end(step, timings, batch_ms=(t1 - t0) * 1e3)
         elif self.provider is not None:
             phase = "metric"
         dist.barrier()
@@ -318,6 +318,7 @@ class MethodRun:
         out["timeline_durations"] = None if durations is None else durations.tolist()
         estimates = self.provider.estimates if plan is not None else None
         out["estimates"] = None if estimates is None else [e.tolist() for e in estimates]
+        out["gap_ms"] = self.provider.gap if plan is not None else None
         return out
 
 
