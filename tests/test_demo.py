@@ -145,6 +145,34 @@ def test_report_shows_the_plans_speedup_and_its_all_frozen_ceiling():
     )
 
 
+def test_report_shows_freezings_own_gain_over_tfz_none():
+    """With tfz-none in the run, each freezing method's tokens/s over tfz-none's (the stage without
+    freezing), by hand: window steps 2-3, the slowest rank's step time."""
+    cfg = DemoConfig(steps=18, ranks=2, methods=("none", "tfz-none", "timelyfreeze"), task="pretrain", **TINY)
+    ranks = _two_methods()
+    ranks[0]["tfz-none"] = ranks[0]["none"] | {
+        "records": _records([100, 96, 95, 97], ["-"] * 4, [None] * 4, {0: [0] * 4})
+    }
+    ranks[1]["tfz-none"] = ranks[1]["none"] | {
+        "records": _records([99, 97, 94, 98], ["-"] * 4, [3.0, 2.8, 2.6, 2.4], {1: [0] * 4})
+    }
+    per_seed = [build_report(ranks, cfg, seed=s)[0] for s in (0, 1)]
+    task = {"task": {"task": "pretrain", "corpus": "c", "validation": {"sequences": 8, "bytes": 128}}}
+    m = per_seed[0]["methods"]
+    assert m["timelyfreeze"]["gain_over_tfz_none"] == pytest.approx((95 + 98) / (81 + 80))
+    assert m["tfz-none"]["throughput_gain"] == pytest.approx((100 + 110) / (95 + 98))
+    assert m["tfz-none"]["gain_over_tfz_none"] is None and m["none"]["gain_over_tfz_none"] is None
+    report = combine(per_seed, cfg, task)
+    goal = report["goals"]["throughput_gain"]
+    assert goal["over_tfz_none"] == pytest.approx((95 + 98) / (81 + 80))
+    assert "over tfz-none, no freezing through the same stage: 1.199x" in markdown(report, [])
+    # without tfz-none in the run, nothing is claimed
+    two = DemoConfig(steps=18, ranks=2, methods=("none", "timelyfreeze"), task="pretrain", **TINY)
+    alone = combine([build_report(_two_methods(), two, seed=0)[0]], two, task)
+    assert alone["goals"]["throughput_gain"]["over_tfz_none"] is None
+    assert "over tfz-none" not in markdown(alone, [])
+
+
 def test_time_to_target_interpolates_the_crossing():
     cfg = DemoConfig(steps=18, ranks=2, methods=("none", "timelyfreeze"), task="pretrain", **TINY)
     report, _ = build_report(_two_methods(tf_final=2.45, tf_seq=(2.40, 2.50)), cfg, seed=0)

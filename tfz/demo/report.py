@@ -142,6 +142,13 @@ def _method_report(m: dict, cfg: DemoConfig, w0: int) -> dict[str, Any]:
     }
 
 
+def _gain(rep: dict, reference: dict | None) -> float | None:
+    """``rep``'s tokens/s over ``reference``'s (None when either is missing)."""
+    if not reference or not rep["tokens_per_s"] or not reference["tokens_per_s"]:
+        return None
+    return rep["tokens_per_s"] / reference["tokens_per_s"]
+
+
 def _planned(plan: dict | None) -> dict[str, float | None]:
     """The plan's own batch speedup, and its ceiling: no freezing's planned makespan over the one with
     every row of every backward frozen, on the times the plan was solved on (None without a plan)."""
@@ -169,11 +176,8 @@ def build_report(results: list[dict], cfg: DemoConfig, seed: int) -> tuple[dict[
     target = base["val_loss"] if base else None
     finals = {name: m["evals"][-1].get("seq_loss") if m["evals"] else None for name, m in merged.items()}
     for name, rep in methods.items():
-        rep["throughput_gain"] = (
-            rep["tokens_per_s"] / base["tokens_per_s"]
-            if base and rep["tokens_per_s"] and base["tokens_per_s"]
-            else None
-        )
+        rep["throughput_gain"] = _gain(rep, base)
+        rep["gain_over_tfz_none"] = _gain(rep, methods.get("tfz-none")) if freezes(name) else None
         rep["time_to_target_s"] = None if target is None else time_to_target(*_curve(rep), target)
         at = None
         if base is not None and name != "none":
@@ -216,6 +220,7 @@ def _spread(values: list) -> Any:
 _SUMMARY_KEYS = (
     "tokens_per_s",
     "throughput_gain",
+    "gain_over_tfz_none",
     "mean_freeze_ratio",
     "train_loss",
     "val_loss",
@@ -290,6 +295,7 @@ def _goals(methods: dict[str, dict]) -> dict[str, Any]:
         "met": gain is not None and gain >= GOALS["throughput_gain"],
         "planned": tf.get("planned_speedup"),
         "ceiling": tf.get("planned_ceiling"),
+        "over_tfz_none": tf.get("gain_over_tfz_none"),
     }
     if tf["val_loss"] is not None and base["val_loss"] is not None:
         rel = tf["val_loss"] / base["val_loss"] - 1
@@ -653,6 +659,11 @@ def markdown(report: dict, figures: list[str]) -> str:
                 line += (
                     f" (the plan's own batch speedup {g['planned']:.3f}x; with every row of every "
                     f"backward frozen at most {g['ceiling']:.3f}x, on the times it measured)"
+                )
+            if g.get("over_tfz_none") is not None:
+                line += (
+                    f" (over tfz-none, no freezing through the same stage: {g['over_tfz_none']:.3f}x, "
+                    "the gain of freezing itself)"
                 )
             if g.get("gap_ms") is not None:
                 line += f" (the plan adds {g['gap_ms']:.2f} ms between actions, fitted to the unfrozen batch)"
