@@ -45,6 +45,15 @@ def test_makespan_and_bubbles_closed_form(capsys, name, P, M, times):
     assert cp[0] == Action(0, "F", 0)
 
 
+@pytest.mark.parametrize("name", ["gpipe", "1f1b"])
+def test_gap_adds_two_per_slot(capsys, name):
+    """Each of the M + P - 1 slots holds one F and one B: a gap g on every action adds 2g per slot."""
+    base = ["--schedule", name, "--ranks", "3", "--microbatches", "5", "--f", "2"]
+    s = _json(capsys, *base, "--gap", "0.4")
+    assert s["gap_ms"] == 0.4 and _json(capsys, *base)["gap_ms"] == 0.0
+    assert s["makespan"] == pytest.approx(7 * (2 + 1 + 1 + 2 * 0.4), rel=1e-12)
+
+
 def test_profile_file(capsys, tmp_path):
     profile = {
         "format": "tfz-profile",
@@ -155,6 +164,7 @@ def test_every_schedule(capsys, name):
         ),
         (["--schedule", "1f1b", "--ranks", "2", "--microbatches", "4", "--profile", "SHORT"], "stage 1"),
         (["--ranks", "2", "--microbatches", "4"], "--schedule"),
+        (["--schedule", "1f1b", "--ranks", "2", "--microbatches", "4", "--gap", "nan"], "--gap"),
     ],
 )
 def test_bad_input_exit_2_one_line(capsys, tmp_path, argv, message):

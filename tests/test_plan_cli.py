@@ -45,6 +45,27 @@ def test_json_output(capsys):
     assert d["makespan_all_frozen"] <= d["makespan_planned"] < d["makespan_unfrozen"]
 
 
+def test_gap_is_added_to_every_action(capsys):
+    """1F1B with uniform times and a gap g: every one of the M + P - 1 slots of F and B gains 2g, and the
+    plan is the LP's on the times plus g."""
+    from tfz.plan import PlanConfig, solve
+
+    argv = ["--schedule", "1f1b", "--ranks", "3", "--microbatches", "6", "--w", "2", "--w-frozen", "0.5"]
+    rc, out, _ = _run(capsys, *argv, "--gap", "0.25", "--json")
+    d = json.loads(out)
+    assert rc == 0 and d["gap_ms"] == 0.25
+    assert d["makespan_unfrozen"] == pytest.approx(8 * (1 + 3 + 0.5))
+    assert d["makespan_all_frozen"] == pytest.approx(8 * (1 + 1.5 + 0.5))
+    dag = build_dag(build_schedule("1f1b", 3, 6))
+    up = np.where(dag.kind_mask("B"), 3.0, 1.0) + 0.25
+    low = np.where(dag.kind_mask("B"), 1.5, 1.0) + 0.25
+    ref = solve(dag, up, low, PlanConfig())
+    assert d["makespan_planned"] == pytest.approx(ref.makespan_planned, rel=1e-9)
+    assert json.loads(_run(capsys, *argv, "--json")[1])["gap_ms"] == 0.0
+    text = _run(capsys, *argv, "--gap", "0.25")[1]
+    assert "every time above includes 0.25 ms between actions (--gap)" in text
+
+
 def test_cap_zero_and_generic_solver(capsys):
     base = ["--schedule", "gpipe", "--ranks", "2", "--microbatches", "3", "--json"]
     rc, out, _ = _run(capsys, *base, "--max-freeze-ratio", "0")
@@ -119,6 +140,8 @@ def test_makespan_slack(capsys):
         (["--max-freeze-ratio", "nan"], "--max-freeze-ratio"),
         (["--w", "1", "--w-frozen", "2"], "--w-frozen"),
         (["--f", "-1"], "--f"),
+        (["--gap", "-0.5"], "--gap"),
+        (["--gap", "inf"], "--gap"),
         (["--profile", "/nonexistent/p.json"], "cannot read profile"),
     ],
 )

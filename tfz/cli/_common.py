@@ -26,6 +26,7 @@ __all__ = [
     "bounded_int",
     "check_output",
     "check_timeline_outputs",
+    "durations_from_args",
     "nonnegative_float",
     "positive_float",
     "positive_int",
@@ -144,6 +145,14 @@ def add_time_arguments(parser: argparse.ArgumentParser, *, frozen: bool = False)
     g.add_argument(
         "--profile", default=None, metavar="FILE", help="tfz-profile JSON with per-stage/per-action times"
     )
+    g.add_argument(
+        "--gap",
+        type=nonnegative_float,
+        default=0.0,
+        metavar="T",
+        help="time between actions (communication, the runtime's own work) added to every action, with "
+        "the flags above or --profile; a run's is TimelyFreeze's controller.gap (default 0)",
+    )
 
 
 def schedule_from_args(args: argparse.Namespace, max_actions: int | None = None):
@@ -181,6 +190,12 @@ def profile_from_args(args: argparse.Namespace):
     if times["w_frozen"] > times["w"]:
         raise UsageError(f"--w-frozen {times['w_frozen']} exceeds --w {times['w']}")
     return Profile.uniform(times["f"], times["i"], times["w"], times["w_frozen"])
+
+
+def durations_from_args(args: argparse.Namespace, profile, dag) -> tuple:
+    """(unfrozen, frozen) float64 [n] of ``dag``'s actions from ``profile``, ``--gap`` added to each."""
+    unfrozen, frozen = profile.durations(dag)
+    return unfrozen + args.gap, frozen + args.gap
 
 
 def check_output(path: str, flag: str, suffixes: tuple[str, ...]) -> None:

@@ -1,9 +1,10 @@
 """Solve the freeze-ratio LP for a schedule: how much to freeze each backward so the step is shortest.
 
 Times are uniform (--f/--i/--w/--w-frozen in ms; full backward B = I + W, frozen I + W_frozen) or
-read from a tfz-profile JSON (--profile). The plan minimises the step time, then the total freezing,
-with each stage's mean freeze ratio at most --max-freeze-ratio. --json prints the whole plan;
---trace and --png show the planned timeline with B/W coloured by freeze ratio.
+read from a tfz-profile JSON (--profile); --gap adds time between actions to every action. The plan
+minimises the step time, then the total freezing, with each stage's mean freeze ratio at most
+--max-freeze-ratio. --json prints the whole plan; --trace and --png show the planned timeline with
+B/W coloured by freeze ratio.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from tfz.cli._common import (
     add_schedule_arguments,
     add_time_arguments,
     check_timeline_outputs,
+    durations_from_args,
     profile_from_args,
     ratio,
     schedule_from_args,
@@ -121,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
     check_timeline_outputs(args)
     profile = profile_from_args(args)
     dag = build_dag(schedule_from_args(args, MAX_PLAN_ACTIONS[args.solver]))
-    unfrozen, frozen = profile.durations(dag)
+    unfrozen, frozen = durations_from_args(args, profile, dag)
     plan = _solve(args, dag, unfrozen, frozen)
     written = []
     if args.trace or args.png:
@@ -131,11 +133,17 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         d = plan.to_dict()
         d.update(
-            ranks=dag.num_ranks, stages=dag.num_stages, microbatches=dag.schedule.num_microbatches, unit="ms"
+            ranks=dag.num_ranks,
+            stages=dag.num_stages,
+            microbatches=dag.schedule.num_microbatches,
+            unit="ms",
+            gap_ms=args.gap,
         )
         print(json.dumps(d))
     else:
         lines = [_format(plan, dag)]
+        if args.gap:
+            lines.insert(1, f"every time above includes {args.gap:g} ms between actions (--gap)")
         lines += [f"wrote {path}" for path in written]
         print("\n".join(lines))
     sys.stdout.flush()

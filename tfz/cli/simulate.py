@@ -1,8 +1,8 @@
 """Simulate one training step of a pipeline schedule: makespan, per-rank bubbles, critical path.
 
 Times are uniform (--f/--i/--w, 1 ms each by default; full backward B = I + W) or read from a
-tfz-profile JSON (--profile). Nothing is frozen. --trace writes a Chrome trace (open it in
-https://ui.perfetto.dev), --png a Gantt chart.
+tfz-profile JSON (--profile); --gap adds time between actions to every action. Nothing is frozen.
+--trace writes a Chrome trace (open it in https://ui.perfetto.dev), --png a Gantt chart.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from tfz.cli._common import (
     add_schedule_arguments,
     add_time_arguments,
     check_timeline_outputs,
+    durations_from_args,
     profile_from_args,
     schedule_from_args,
     write_timelines,
@@ -73,10 +74,10 @@ def run(args: argparse.Namespace) -> int:
     check_timeline_outputs(args)
     profile = profile_from_args(args)
     dag = build_dag(schedule_from_args(args))
-    unfrozen, _ = profile.durations(dag)
+    unfrozen, _ = durations_from_args(args, profile, dag)
     sim = simulate(dag, unfrozen)
     written = write_timelines(args, sim)
-    s = summary(sim)
+    s = summary(sim) | {"gap_ms": args.gap}
     if args.json:
         print(json.dumps(s))
     else:
