@@ -22,6 +22,7 @@ import pytest
 from torch import nn
 
 from tfz.controller import Phase, TimelyFreeze, TimelyFreezeConfig
+from tfz.controller.estimates import fit_gap
 from tfz.dag import build_dag, simulate
 from tfz.nn import FreezableLinear
 from tfz.plan import PlanConfig, solve
@@ -155,6 +156,19 @@ def glue_slowdown(P: int, rounds: int = 20) -> tuple[float, float, float, int]:
     return seconds, alone, float(np.median(during)), len(during)
 
 
+def gap_fit_seconds(P: int, rounds: int = 5) -> tuple[float, int]:
+    """(median seconds of ``fit_gap`` on the 1F1B instance of ``solve_instance(P)``, its actions): the
+    one-off cost at the end of monitoring, on every rank."""
+    dag, up, _ = solve_instance(P)
+    batch = simulate(dag, up + 0.05).makespan
+    spent = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        fit_gap(dag, up, batch)
+        spent.append(time.perf_counter() - t0)
+    return float(np.median(spent)), dag.num_actions
+
+
 @pytest.fixture(scope="module")
 def stable():
     return stable_controller(4, 8)
@@ -238,6 +252,9 @@ def main(argv=None) -> None:
         f"M={8 * args.solve_ranks}, {seconds:.2f} s; {runs} runs) | {1e3 * alone:.2f} / {1e3 * during:.2f} "
         f"({during / alone:.2f}x) |"
     )
+    gap, n = gap_fit_seconds(args.solve_ranks)
+    where = f"1F1B P={args.solve_ranks}, {n} actions, once"
+    print(f"| fit_gap at the end of monitoring ({where}) | {1e3 * gap:.0f} |")
     monitoring_table(args.seeds)
 
 
