@@ -8,7 +8,8 @@ Nodes are the schedule's actions. An edge u -> v means v cannot start before u e
 - backward chain: ``(s+1)B|I m`` -> ``sB|I m``;
 - split backward: ``sI m`` -> ``sW m``.
 
-Communication is not modelled (edges carry no latency). Simulation is list scheduling: an action
+Communication is not modelled (edges carry no latency; ``tfz.controller`` adds a gap fitted to
+measured batches to every action's duration). Simulation is list scheduling: an action
 starts when its rank is free and its dependencies are done, which is the longest path through the
 DAG because program order is an edge. Everything is linear in the number of actions.
 """
