@@ -457,16 +457,21 @@ def drift_run(factor, steps_after=40, noise=0.01, **kw):
     c = make(cfg, build_schedule("1f1b", 2, 4))
     syn = Synthetic(c.dag, noise=noise)
     k = run_to_stable(c, syn, extra=6)
-    first = c.plan
+    first, before = c.plan, c.estimates
     syn.u, syn.l = true_times(c.dag, scale_stage=1, factor=factor)
     for _ in range(steps_after):
         c.step_end(k, syn.times(k, c))
         k += 1
-    return c, syn, first
+    return c, syn, first, before
 
 
 def test_drift_triggers_one_warm_replan():
-    c, syn, first = drift_run(1.3)
+    c, syn, first, before = drift_run(1.3)
+    # stage 0 kept its times, and the monitoring's estimates of them
+    kept = c.dag.stage == 0
+    for now, then in zip(c.estimates, before):
+        np.testing.assert_array_equal(now[kept], then[kept])
+        assert not np.allclose(now[~kept], then[~kept], rtol=0.1)
     assert c.replans == 1
     assert c.plan is not first and c.plan.warm
     assert sum("drift on stage 1" in e for _, _, e in c.history) == 1
@@ -481,15 +486,55 @@ def test_drift_triggers_one_warm_replan():
 
 
 def test_no_replan_without_drift_or_when_disabled():
-    c, _, first = drift_run(1.0, steps_after=60, noise=0.02)
+    c, _, first, _ = drift_run(1.0, steps_after=60, noise=0.02)
     assert c.replans == 0 and c.plan is first
-    c, _, first = drift_run(1.3, replan=False)
+    c, _, first, _ = drift_run(1.3, replan=False)
     assert c.replans == 0 and c.plan is first
 
 
 def test_small_drift_below_threshold_is_ignored():
-    c, _, first = drift_run(1.05, noise=0.0, drift_threshold=0.2)
+    c, *_ = drift_run(1.05, noise=0.0, drift_threshold=0.2)
     assert c.replans == 0
+
+
+@pytest.mark.parametrize("name", ["1f1b", "zbv"])
+def test_a_slower_time_between_actions_refits_the_gap_and_replans_once(name):
+    """The actions keep their times while the batches slow down (0.4 -> 1.2 ms between actions): one
+    drift between actions, g refitted to 1.2 ms on the frozen batches, the new plan the LP's on the
+    estimates plus the new g, and the prediction follows the batch again. 0.4 -> 0.45 ms (below the
+    threshold) changes nothing."""
+    sched = build_schedule(name, 2, 4)
+    cfg = small(ramp_steps=2)
+    c, calm = make(cfg, sched), make(cfg, sched)
+    syn, syn_calm = Synthetic(c.dag, noise=0.01, gap=0.4), Synthetic(c.dag, noise=0.01, gap=0.4)
+    k = 0
+    while c.phase is not Phase.STABLE or k < 40:
+        for ctl, sy in ((c, syn), (calm, syn_calm)):
+            t = sy.times(k, ctl)
+            ctl.step_end(k, t, batch_ms=sy.batch_ms(t))
+        k += 1
+    first, estimates = c.plan, c.estimates
+    assert c.replans == calm.replans == 0 and c.gap == pytest.approx(0.4, abs=0.01)
+    t = syn_calm.times(k, calm)
+    quiet = (syn_calm.batch_ms(t) + 0.05 * 10 - calm.predicted_batch_time()) / calm.predicted_batch_time()
+    syn.gap, syn_calm.gap = 1.2, 0.45
+    assert abs(quiet) < cfg.drift_threshold  # at most 10 actions on any path of 2 x 4 microbatches
+    for _ in range(30):
+        for ctl, sy in ((c, syn), (calm, syn_calm)):
+            t = sy.times(k, ctl)
+            ctl.step_end(k, t, batch_ms=sy.batch_ms(t))
+        k += 1
+    assert calm.replans == 0 and calm.gap == pytest.approx(0.4, abs=0.01)
+    assert c.replans == 1 and c.plan is not first and c.plan.warm
+    events = [e for _, _, e in c.history if "drift" in e]
+    assert len(events) == 1 and events[0].startswith("drift between actions: measured batch off")
+    assert c.gap == pytest.approx(1.2, abs=0.03) and f"-> {c.gap:.3g} ms between actions" in events[0]
+    up, lo = c.estimates
+    np.testing.assert_allclose(up, estimates[0], rtol=0.03)  # the actions did not drift
+    ref = solve(c.dag, up + c.gap, lo + c.gap, PlanConfig(max_freeze_ratio=0.8, action_cap=0.8))
+    assert c.plan.makespan_planned == pytest.approx(ref.makespan_planned, rel=1e-6)
+    t = syn.times(k, c)
+    assert c.predicted_batch_time() == pytest.approx(syn.batch_ms(t), rel=0.02)
 
 
 def test_observe_forwards_to_the_policy():
@@ -596,8 +641,8 @@ def test_bad_timings_and_steps_raise():
 @pytest.mark.parametrize("name", ["1f1b", "zbv"])
 def test_batch_times_fit_the_gap_into_the_plan_and_the_prediction(name):
     """Batches that take the makespan plus 0.4 ms per action: the controller fits that gap, solves the
-    LP on u + g and l + g, predicts the batch with it, and never mistakes it for drift (the drift
-    check compares action times alone). Without batch times nothing changes: g = 0."""
+    LP on u + g and l + g, predicts the batch with it, and never mistakes it for drift (the stable
+    batches match the prediction). Without batch times nothing changes: g = 0."""
     sched = build_schedule(name, 2, 4)
     cfg = small(ramp_steps=2)
     c, plain = make(cfg, sched), make(cfg, sched)

@@ -25,10 +25,10 @@ from tfz.schedule import build_schedule
 SCHED = ("1f1b", 2, 4)
 
 
-def trace(policy_factory, resume_at=None, steps=46, drift_at=30, monitoring="partial", edit=None):
-    """Run 46 steps (every phase and a drift re-plan), optionally saving at ``resume_at`` through JSON
-    and continuing in a new controller (from ``edit(state)`` if given); per step, everything the
-    controller exposes."""
+def trace(policy_factory, resume_at=None, steps=46, drift_at=30, gap_at=38, monitoring="partial", edit=None):
+    """Run 46 steps (every phase, a drift re-plan, then a drift between actions and its re-plan),
+    optionally saving at ``resume_at`` through JSON and continuing in a new controller (from
+    ``edit(state)`` if given); per step, everything the controller exposes."""
     sched = build_schedule(*SCHED)
     cfg = small(ramp_steps=4, monitoring=monitoring)
     c = make(cfg, sched, policy=policy_factory())
@@ -38,6 +38,8 @@ def trace(policy_factory, resume_at=None, steps=46, drift_at=30, monitoring="par
     for k in range(steps):
         if k == drift_at:
             syn.u, syn.l = true_times(c.dag, scale_stage=0, factor=1.4)
+        if k == gap_at:
+            syn.gap = 1.0
         if k == resume_at:
             state = saved = json.loads(json.dumps(c.state_dict()))
             c = make(cfg, sched, policy=policy_factory())
@@ -78,7 +80,11 @@ def assert_same_trace(got, want, where):
 def test_resume_at_every_step_continues_identically(monitoring):
     reference, c, _ = trace(RotatingPolicy, monitoring=monitoring)
     phases = [r[0] for r in reference]
-    assert c.replans == 1  # the run includes a re-plan
+    assert c.replans == 2  # the run includes both kinds of re-plan
+    assert [e.split(":")[0] for _, _, e in c.history if e.startswith("drift")] == [
+        "drift on stage 0",
+        "drift between actions",
+    ]
     final = c.state_dict()
     covered = set()
     for resume_at in range(1, len(reference)):
@@ -149,6 +155,28 @@ def test_a_version_2_checkpoint_resumes_without_a_gap():
     assert_refused_unchanged(
         c, with_(stable, ["gap"], -0.5), r"state.gap must be a finite number of ms >= 0, got -0.5"
     )
+
+
+def test_a_version_3_checkpoint_resumes_and_the_stable_batch_window_is_checked():
+    """Version 3 recorded no batch times in the stable phase: such a state (its batch window empty)
+    resumes, and the drift between actions is still found once the window has refilled. A stable
+    state with more batch rows than drift rows is refused, naming both."""
+    reference, _, _ = trace(RotatingPolicy)
+
+    def older(state):
+        return {**with_(state, ["windows", "batch"], []), "version": 3}
+
+    for resume_at in (20, 36):
+        resumed, c, saved = trace(RotatingPolicy, resume_at=resume_at, edit=older)
+        assert saved["phase"] == "stable" and saved["windows"]["batch"]
+        assert_same_trace(resumed[:resume_at], reference[:resume_at], f"before the resume at {resume_at}")
+        assert c.replans == 2 and any(e.startswith("drift between actions") for _, _, e in c.history)
+        assert c.gap == pytest.approx(1.0, abs=0.05)
+    stable = states_along_a_run()["stable"]
+    assert len(stable["windows"]["drift"]) == len(stable["windows"]["batch"]) == 2
+    extra = with_(stable, ["windows", "drift"], stable["windows"]["drift"][:1])
+    refused = r"state.windows.batch has 2 rows, more than the 1 of windows.drift"
+    assert_refused_unchanged(target(), extra, refused)
 
 
 def test_resume_without_policy_state_differs():
@@ -319,7 +347,7 @@ def test_issue_cases_are_refused_naming_the_key():
         (with_(stable, ["lower", 3], -1.0), r"state.lower\[3\] must be a finite number >= 0, got -1.0"),
         (
             with_(stable, ["version"], 1),
-            r"state.version: expected 3 or 2, got 1 \(a checkpoint of an older tfz",
+            r"state.version: expected one of \(2, 3, 4\), got 1 \(a checkpoint of an older tfz",
         ),
         (with_(stable, ["rank"], 1), r"state.rank: the state was saved by rank 1, this is rank 0"),
         (with_(stable, ["phase"], "frozen"), r"state.phase must be one of \['warmup'"),

@@ -463,7 +463,9 @@ def test_shortened_demo_runs_every_method(tmp_path):
         assert len(per_step) == 18 and all(r == 0 for step in per_step[:2] for r in step)
     assert [p[1] for p in tf["phases"]][:3] == ["monitor_upper", "monitor_lower", "solving"]
     # the workers hand their batch times to the controller: the plan carries the gap fitted on them
-    assert f"{tf['gap_ms']:.3g} ms between actions" in tf["phases"][2][2]
+    # (the last fit: the unfrozen monitoring's, or a re-plan's after the batch drifted)
+    fits = [text for _, _, text in tf["phases"] if "ms between actions" in text]
+    assert "ms between actions" in tf["phases"][2][2] and f"{tf['gap_ms']:.3g} ms between actions" in fits[-1]
     for f in (
         "report.md",
         "loss_vs_time.png",

@@ -66,8 +66,9 @@ class TimelyFreezeConfig:
     """Steps in the median window of a monitoring half and of the drift check (default: every
     recorded step of a half, ``monitor - discard_steps``)."""
     drift_threshold: float = field(default=0.1, metadata=_RESUMABLE)
-    """Re-plan when a stage's summed measured time differs from the plan's prediction by more than this
-    relative amount, on the same side, in at least 3/4 of the steps of a full window."""
+    """Re-plan when a stage's summed measured time, or the slowest rank's batch time (with batch times),
+    differs from the plan's prediction by more than this relative amount, on the same side, in at
+    least 3/4 of the steps of a full window."""
     replan: bool = field(default=True, metadata=_RESUMABLE)
     """Check for drift in the stable phase and re-plan (False: the plan is solved once)."""
     block_rows: int = 64

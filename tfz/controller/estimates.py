@@ -13,7 +13,8 @@ unfrozen window at x = 1 and the partly frozen window's levels).
 Gap model. The DAG has no time between actions (communication, the runtime's own work), so its
 makespan falls short of the measured batch. :func:`fit_gap` fits one overhead ``g`` added to every
 action's duration so that the simulated unfrozen batch equals the measured one; the plan and its
-predictions use ``u + g`` and ``l + g``, the drift check the action times alone.
+predictions use ``u + g`` and ``l + g``. The stable phase's drift check compares the action times
+alone, and the measured batch with the simulated one plus g (``tfz.controller.timely``).
 
 Drift model. In the stable phase action v runs with ratio r_v and is predicted to take
 ``p_v = u_v (1 - r_v) + l_v r_v``. A stage drifts when its summed measured time is off the summed

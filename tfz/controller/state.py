@@ -28,10 +28,13 @@ from tfz.schedule import FREEZABLE_KINDS
 
 __all__ = ["STATE_VERSION", "ControllerState", "Layout", "Pending", "Phase"]
 
-STATE_VERSION = 3
+STATE_VERSION = 4
 """2: schedule identity, unit layouts and the partly frozen monitoring window (version 1 is refused).
 3: the gap between actions and the unfrozen window's batch times; a version 2 state loads without
-them (no batch times, gap 0: what its run planned with)."""
+them (no batch times, gap 0: what its run planned with).
+4: the batch window also records the stable phase's steps (the drift check refits the gap); a
+version 3 state loads as it is (its stable batch window is empty)."""
+_VERSIONS = (2, 3, STATE_VERSION)
 
 
 class Phase(str, enum.Enum):
@@ -117,7 +120,8 @@ class ControllerState:
     drift_window: TimingWindow
     """Stable phase: per-step times since the plan took effect, for the drift check."""
     batch_window: TimingWindow
-    """Monitoring, nothing frozen: measured batch times (ms, width 1) of the steps that gave one."""
+    """Measured batch times (ms, width 1) of the steps that gave one: the unfrozen monitoring's, then
+    the stable phase's beside ``drift_window``."""
     origin: int | None = None
     """The training loop's number of the first step (None before the first ``step_end``)."""
     done: int = 0
@@ -358,13 +362,13 @@ def _plain(value: Any) -> Any:
 def _check_identity(d: _Fields, layout: Layout) -> int:
     """The state's version, after checking that it was saved by this schedule, rank, config and units."""
     version = d["version"]
-    if version not in (2, STATE_VERSION) or not is_int(version):
+    if version not in _VERSIONS or not is_int(version):
         old = (
             " (a checkpoint of an older tfz, before schedules and units were recorded)"
             if version == 1
             else ""
         )
-        raise ValueError(f"state.version: expected {STATE_VERSION} or 2, got {version!r}{old}")
+        raise ValueError(f"state.version: expected one of {_VERSIONS}, got {version!r}{old}")
     saved, mine = _plain(d["schedule"]), layout.schedule()
     if saved != mine:
 
@@ -552,7 +556,11 @@ def _check_phase(st: ControllerState, cfg: TimelyFreezeConfig) -> None:
     need(have[0] == upper, f"state.windows.upper has {have[0]} rows, expected {upper}")
     need(have[1] == lower, f"state.windows.lower has {have[1]} rows, expected {lower}")
     batch = len(st.batch_window)
-    need(batch <= have[0], f"state.windows.batch has {batch} rows, more than the {have[0]} of windows.upper")
+    beside = ("drift", len(st.drift_window)) if phase is Phase.STABLE else ("upper", have[0])
+    need(
+        batch <= beside[1],
+        f"state.windows.batch has {batch} rows, more than the {beside[1]} of windows.{beside[0]}",
+    )
     need(
         phase is Phase.STABLE or len(st.drift_window) == 0,
         "state.windows.drift: rows outside the stable phase",

@@ -24,8 +24,8 @@ time. The bounds of all ranks are gathered as float32.
 Gap: when ``step_end`` is given the measured batch time, the unfrozen half also records it; with
 the bounds, the ranks agree on the slowest rank's median and fit the time between actions that the
 DAG lacks, one overhead g per action (:func:`~tfz.controller.estimates.fit_gap`). The LP and
-:meth:`TimelyFreeze.predicted_batch_time` use ``u + g`` and ``l + g``; the drift check compares
-action times alone. Without batch times g = 0.
+:meth:`TimelyFreeze.predicted_batch_time` use ``u + g`` and ``l + g``. The stable phase records the
+batch times too: the drift check (below) refits g from them. Without batch times g = 0.
 
 Partial monitoring: in the k-th step of the half, microbatch m of a stage runs at ratio
 ``monitor_ratios[(k + m) % len(monitor_ratios)]``, masks drawn as in the plan's phases (covering or
@@ -45,9 +45,15 @@ Drift (STABLE, ``config.replan``): at each decision step with a full window of s
 the current plan, each rank sums its actions' times per stage for every step of the window, and its
 window medians against the prediction ``u (1 - r) + l r`` per (stage, kind); one all-reduce adds the
 sums of all ranks. When a stage's summed time is off the prediction by more than
-``drift_threshold`` in at least 3/4 of the window's steps, u and l are refitted from the medians
-(:mod:`tfz.controller.estimates`) and rank 0 re-solves warm-started from the current plan, in the
-background; the old plan stays in force until the new one is broadcast at a decision step.
+``drift_threshold`` in at least 3/4 of the window's steps, the u and l of the drifting stages are
+refitted from the medians (:mod:`tfz.controller.estimates`) and rank 0 re-solves warm-started from
+the current plan, in the background; the old plan stays in force until the new one is broadcast at
+a decision step. With batch times on every rank, the slowest rank's batch of each step is compared
+likewise with the simulated batch of the (refitted) times plus g: the time between actions drifted
+when the batch is off by more than the threshold in 3/4 of the steps (the actions alone may not have
+moved). Either drift re-plans, and g is refitted (:func:`~tfz.controller.estimates.fit_gap` on the
+current ratios' durations, to the slowest rank's median batch) before the solve starts: g measures
+the machine, so the prediction of the plan still in force uses it at once.
 
 All of this is one :class:`~tfz.controller.state.ControllerState`, checkpointed by
 :meth:`TimelyFreeze.state_dict`.
@@ -486,6 +492,8 @@ class TimelyFreeze:
             s.lower_window.append(values, *self._applied())
         elif s.phase is Phase.STABLE and self.config.replan and s.pending is None and k - s.anchor >= discard:
             s.drift_window.append(values)
+            if batch_ms is not None:
+                s.batch_window.append(np.array([batch_ms]))
 
     def _applied(self) -> tuple[np.ndarray, np.ndarray]:
         """(active fraction, asked ratio) [k] of the masks this step's local actions ran with (1 and 0
@@ -521,7 +529,7 @@ class TimelyFreeze:
             elif s.phase is Phase.RAMP and s.done - s.ramp_start >= cfg.ramp:
                 s.progress = 1.0
                 s.anchor = s.done
-                s.drift_window.clear()
+                self._restart_drift()
                 self._enter(Phase.STABLE, "plan fully applied")
             else:
                 return moved
@@ -575,28 +583,59 @@ class TimelyFreeze:
         total = comm.all_reduce_sum(packed)
         return float(total[0].max()) if np.all(total[1] == 1.0) else None
 
+    def _restart_drift(self) -> None:
+        """Empty the stable phase's windows (a plan took effect, or a drift was acted on)."""
+        self._s.drift_window.clear()
+        self._s.batch_window.clear()
+
+    def _window_batches(self, rows: int) -> np.ndarray | None:
+        """Collective: float64 [rows, ranks], every rank's last ``rows`` batch times; None unless every
+        rank has exactly that many."""
+        s, comm = self._s, self._comm
+        packed = np.zeros((rows + 1, comm.size))
+        if len(s.batch_window) == rows:
+            packed[:rows, comm.rank] = s.batch_window.rows()[:, 0]
+            packed[rows, comm.rank] = 1.0
+        total = comm.all_reduce_sum(packed)
+        return total[:rows] if np.all(total[rows] == 1.0) else None
+
     def _check_drift(self) -> None:
-        """Collective: sum the window's per-stage times and the refit sums over the ranks, re-plan if
-        some stage drifted for the whole window."""
+        """Collective: sum the window's per-stage times and the refit sums over the ranks, gather the
+        batch times, re-plan if some stage or the time between actions drifted for the window."""
         dag, s = self.dag, self._s
         local = self._layout.local
         rows = s.drift_window.rows()
+        batches = self._window_batches(len(rows))
+        threshold = self.config.drift_threshold
         stats = drift_stats(dag, local, np.median(rows, axis=0), s.upper, s.lower, self._ratios)
         sums = stage_sums(dag, local, rows)
         total = self._comm.all_reduce_sum(np.concatenate([stats.ravel(), sums.ravel()]))
         stats = total[: stats.size].reshape(stats.shape)
         deviation = assess_drift(total[stats.size :].reshape(sums.shape), stats)
-        drifting = drifting_stages(deviation, self.config.drift_threshold)
-        if not drifting.any():
-            return
-        typical = np.median(deviation, axis=0)
-        worst = int(np.flatnonzero(drifting)[np.argmax(np.abs(typical[drifting]))])
+        drifting = drifting_stages(deviation, threshold)
         upper, lower = refit(dag, stats, s.upper, s.lower)
-        self._event(
-            f"drift on stage {worst}: measured time off the prediction by {typical[worst]:+.1%} over "
-            f"a window of {len(rows)} step(s) (threshold {self.config.drift_threshold:.1%}); re-planning"
-        )
-        s.drift_window.clear()
+        kept = ~drifting[dag.stage]  # the monitoring's estimates stay where the stage kept its times
+        upper, lower = np.where(kept, s.upper, upper), np.where(kept, s.lower, lower)
+        durations = upper - self._ratios * (upper - lower)
+        between = None
+        if batches is not None:
+            predicted = simulate(dag, durations + s.gap).makespan
+            between = (batches.max(axis=1) - predicted) / predicted
+        gap_drift = between is not None and bool(drifting_stages(between[:, None], threshold)[0])
+        if not (drifting.any() or gap_drift):
+            return
+        if drifting.any():
+            typical = np.median(deviation, axis=0)
+            worst = int(np.flatnonzero(drifting)[np.argmax(np.abs(typical[drifting]))])
+            text = f"drift on stage {worst}: measured time off the prediction by {typical[worst]:+.1%}"
+        else:
+            text = f"drift between actions: measured batch off the prediction by {np.median(between):+.1%}"
+        text += f" over a window of {len(rows)} step(s) (threshold {threshold:.1%})"
+        if batches is not None:
+            old, s.gap = s.gap, fit_gap(dag, durations, float(np.median(batches, axis=0).max()))
+            text += f"; {old:.3g} -> {s.gap:.3g} ms between actions"
+        self._event(text + "; re-planning")
+        self._restart_drift()
         self._submit("replan", upper, lower, warm=s.plan)
 
     # ------------------------------------------------------------------ solving
@@ -660,7 +699,7 @@ class TimelyFreeze:
             if self.config.ramp == 0:
                 s.progress = 1.0
                 s.anchor = s.done
-                s.drift_window.clear()
+                self._restart_drift()
                 self._enter(Phase.STABLE, text)
             else:
                 s.ramp_start = s.done
@@ -669,7 +708,7 @@ class TimelyFreeze:
         else:
             s.replans += 1
             s.anchor = s.done
-            s.drift_window.clear()
+            self._restart_drift()
             self._event(f"re-{text} (warm start: {plan.warm})")
 
     def wait_for_solve(self, timeout: float | None = None) -> bool:

@@ -666,7 +666,9 @@ def markdown(report: dict, figures: list[str]) -> str:
                     "the gain of freezing itself)"
                 )
             if g.get("gap_ms") is not None:
-                line += f" (the plan adds {g['gap_ms']:.2f} ms between actions, fitted to the unfrozen batch)"
+                line += (
+                    f" (the plan adds {g['gap_ms']:.2f} ms between actions, fitted to the measured batches)"
+                )
             if g.get("none_batch_time_shift") is not None:
                 line += (
                     f" (no freezing's own batch time moved {g['none_batch_time_shift']:+.1%} between "
