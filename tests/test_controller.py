@@ -467,11 +467,8 @@ def drift_run(factor, steps_after=40, noise=0.01, **kw):
 
 def test_drift_triggers_one_warm_replan():
     c, syn, first, before = drift_run(1.3)
-    # stage 0 kept its times, and the monitoring's estimates of them
-    kept = c.dag.stage == 0
-    for now, then in zip(c.estimates, before):
-        np.testing.assert_array_equal(now[kept], then[kept])
-        assert not np.allclose(now[~kept], then[~kept], rtol=0.1)
+    moved = c.dag.stage == 1
+    assert not np.allclose(c.estimates[0][moved], before[0][moved], rtol=0.1)
     assert c.replans == 1
     assert c.plan is not first and c.plan.warm
     assert sum("drift on stage 1" in e for _, _, e in c.history) == 1
@@ -529,8 +526,9 @@ def test_a_slower_time_between_actions_refits_the_gap_and_replans_once(name):
     events = [e for _, _, e in c.history if "drift" in e]
     assert len(events) == 1 and events[0].startswith("drift between actions: measured batch off")
     assert c.gap == pytest.approx(1.2, abs=0.03) and f"-> {c.gap:.3g} ms between actions" in events[0]
-    up, lo = c.estimates
-    np.testing.assert_allclose(up, estimates[0], rtol=0.03)  # the actions did not drift
+    up, lo = c.estimates  # the actions did not drift: the monitoring's estimates stay
+    np.testing.assert_array_equal(up, estimates[0])
+    np.testing.assert_array_equal(lo, estimates[1])
     ref = solve(c.dag, up + c.gap, lo + c.gap, PlanConfig(max_freeze_ratio=0.8, action_cap=0.8))
     assert c.plan.makespan_planned == pytest.approx(ref.makespan_planned, rel=1e-6)
     t = syn.times(k, c)

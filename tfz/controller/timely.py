@@ -45,13 +45,13 @@ Drift (STABLE, ``config.replan``): at each decision step with a full window of s
 the current plan, each rank sums its actions' times per stage for every step of the window, and its
 window medians against the prediction ``u (1 - r) + l r`` per (stage, kind); one all-reduce adds the
 sums of all ranks. When a stage's summed time is off the prediction by more than
-``drift_threshold`` in at least 3/4 of the window's steps, the u and l of the drifting stages are
-refitted from the medians (:mod:`tfz.controller.estimates`) and rank 0 re-solves warm-started from
-the current plan, in the background; the old plan stays in force until the new one is broadcast at
-a decision step. With batch times on every rank, the slowest rank's batch of each step is compared
-likewise with the simulated batch of the (refitted) times plus g: the time between actions drifted
-when the batch is off by more than the threshold in 3/4 of the steps (the actions alone may not have
-moved). Either drift re-plans, and g is refitted (:func:`~tfz.controller.estimates.fit_gap` on the
+``drift_threshold`` in at least 3/4 of the window's steps, u and l are refitted from the medians
+(:mod:`tfz.controller.estimates`) and rank 0 re-solves warm-started from the current plan, in the
+background; the old plan stays in force until the new one is broadcast at a decision step. With
+batch times on every rank, the slowest rank's batch of each step is compared likewise with the
+simulated batch of the (refitted) times plus g: the time between actions drifted when the batch is
+off by more than the threshold in 3/4 of the steps while no stage did (u and l are kept). Either
+drift re-plans, and g is refitted (:func:`~tfz.controller.estimates.fit_gap` on the
 current ratios' durations, to the slowest rank's median batch) before the solve starts: g measures
 the machine, so the prediction of the plan still in force uses it at once.
 
@@ -613,9 +613,8 @@ class TimelyFreeze:
         stats = total[: stats.size].reshape(stats.shape)
         deviation = assess_drift(total[stats.size :].reshape(sums.shape), stats)
         drifting = drifting_stages(deviation, threshold)
-        upper, lower = refit(dag, stats, s.upper, s.lower)
-        kept = ~drifting[dag.stage]  # the monitoring's estimates stay where the stage kept its times
-        upper, lower = np.where(kept, s.upper, upper), np.where(kept, s.lower, lower)
+        # a stage's drift is often the machine's (every stage slower): then every stage is refitted
+        upper, lower = refit(dag, stats, s.upper, s.lower) if drifting.any() else (s.upper, s.lower)
         durations = upper - self._ratios * (upper - lower)
         between = None
         if batches is not None:
