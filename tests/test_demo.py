@@ -354,6 +354,16 @@ def test_only_freezing_methods_freeze_and_tfz_none_runs_tfz_s_stage():
     for method in ("none", "tfz-none", "timelyfreeze"):
         hooks = attach_optimizer(cfg, modules, freezing=freezes(method))[1]
         assert (hooks is None) == (method != "timelyfreeze"), method
+    # the one table of kinds agrees with the providers the methods get
+    from tfz.controller import TimelyFreeze
+    from tfz.demo.config import METHOD_KINDS, TIMELYFREEZE_METHODS
+
+    for method, kind in METHOD_KINDS.items():
+        provider = make_provider(method, cfg, sched, modules, 0)
+        plans = isinstance(provider, TimelyFreeze)
+        assert plans == (kind == "timelyfreeze") == (method in TIMELYFREEZE_METHODS), method
+        idle = provider is None or type(provider) is type(staged)
+        assert idle == (kind == "baseline") == (not freezes(method)), method
 
 
 def test_short_runs_scale_their_phases_or_are_refused_with_the_minimum():

@@ -9,25 +9,38 @@ from tfz._defaults import MAX_FREEZE_RATIO
 from tfz._validate import MAX_SEED, check_bool, check_int, check_number, check_ratio, is_int, short_repr
 from tfz.schedule import SCHEDULES
 
-__all__ = ["MAX_ACTIONS", "MAX_RANKS", "METHODS", "TASKS", "DemoConfig", "freezes"]
+__all__ = [
+    "MAX_ACTIONS",
+    "MAX_RANKS",
+    "METHODS",
+    "METHOD_KINDS",
+    "TASKS",
+    "TIMELYFREEZE_METHODS",
+    "DemoConfig",
+    "freezes",
+]
 
-METHODS = (
-    "none",
-    "tfz-none",
-    "timelyfreeze",
-    "apf",
-    "autofreeze",
-    "timelyfreeze+apf",
-    "timelyfreeze+autofreeze",
-)
-"""Methods the demo compares. ``none`` trains without freezing on torch's own pipelining backward (the
-baseline of every gain); ``tfz-none`` trains without freezing through tfz's freeze-aware stage (its
-FreezableLinears add every dW into ``.grad`` in place), which shows what the stage alone changes."""
+METHOD_KINDS = {
+    "none": "baseline",
+    "tfz-none": "baseline",
+    "timelyfreeze": "timelyfreeze",
+    "apf": "metric",
+    "autofreeze": "metric",
+    "timelyfreeze+apf": "timelyfreeze",
+    "timelyfreeze+autofreeze": "timelyfreeze",
+}
+"""Methods the demo compares, each with its kind: ``baseline`` freezes nothing (``none`` trains on torch's
+own pipelining backward and is the baseline of every gain; ``tfz-none`` trains through tfz's
+freeze-aware stage, whose FreezableLinears add every dW into ``.grad`` in place, and shows what the
+stage alone changes); ``timelyfreeze`` plans with the LP (with APF's or AutoFreeze's ranking for the
+hybrids); ``metric`` freezes by its metric alone."""
+METHODS = tuple(METHOD_KINDS)
+TIMELYFREEZE_METHODS = tuple(m for m, kind in METHOD_KINDS.items() if kind == "timelyfreeze")
 
 
 def freezes(method: str) -> bool:
-    """Whether ``method`` freezes anything (``none`` and ``tfz-none`` do not: torch's AdamW steps them)."""
-    return method not in ("none", "tfz-none")
+    """Whether ``method`` freezes anything (baselines do not: torch's AdamW steps them)."""
+    return METHOD_KINDS[method] != "baseline"
 
 
 TASKS = ("finetune", "pretrain")
@@ -40,8 +53,6 @@ MAX_RANKS = 64
 MAX_ACTIONS = 100_000
 """Pipeline actions per step the demo accepts (every rank builds the whole schedule and its DAG)."""
 _PROCESS_MB = 300
-
-_TF_METHODS = ("timelyfreeze", "timelyfreeze+apf", "timelyfreeze+autofreeze")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -201,7 +212,7 @@ class DemoConfig:
             raise ValueError(f"dim {self.dim} is not divisible by n_heads {self.n_heads}")
         self._check_size()
         self.model_layers(self.build_schedule().num_stages)  # before any rank starts
-        if any(m in _TF_METHODS for m in self.methods):
+        if any(m in TIMELYFREEZE_METHODS for m in self.methods):
             self.timelyfreeze_config(seed=0)  # phases that fit the run, or the minimum --steps
 
     def _check_size(self) -> None:

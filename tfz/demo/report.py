@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from tfz.dag import DAG, Simulation, build_dag, simulate
-from tfz.demo.config import _TF_METHODS, DemoConfig, freezes
+from tfz.demo.config import TIMELYFREEZE_METHODS, DemoConfig, freezes
 from tfz.schedule import build_schedule
 
 __all__ = ["GOALS", "build_report", "write_outputs"]
@@ -58,7 +58,7 @@ def _window_start(merged: dict[str, dict], cfg: DemoConfig) -> int:
     is in its stable phase (freezing in force after warm-up, monitoring and ramp); without one, the
     first step any method freezes; without freezing at all, the end of the learning-rate warm-up."""
     starts = []
-    for method in _TF_METHODS:
+    for method in TIMELYFREEZE_METHODS:
         if method in merged:
             phases = merged[method]["phase"]
             starts.append(next((i for i, p in enumerate(phases) if p == "stable"), len(phases)))
@@ -402,7 +402,7 @@ def write_outputs(report: dict, merged: dict[str, dict], cfg: DemoConfig, out: P
     written.append(_plot_batch_times(first, out / "batch_time.png"))
     dag = build_dag(build_schedule(cfg.schedule, cfg.ranks, cfg.microbatches))
     figures = []
-    method = next((m for m in _TF_METHODS if m in merged), None)
+    method = next((m for m in TIMELYFREEZE_METHODS if m in merged), None)
     if method is not None:
         m = merged[method]
         steps = sorted(set().union(*(s.keys() for s in m["spans"])))
@@ -581,7 +581,7 @@ def _intro(report: dict) -> list[str]:
         f"method, AdamW at peak lr {cfg['peak_lr']:g} (warm-up {cfg['warmup_steps']} steps, no freezing "
         f"before it), {'seed' if len(seeds) == 1 else 'mean ± sd over seeds'} {', '.join(map(str, seeds))}."
     )
-    if any(m.startswith("timelyfreeze") for m in cfg["methods"]):
+    if any(m in TIMELYFREEZE_METHODS for m in cfg["methods"]):
         run += (
             f" TimelyFreeze caps each stage's mean freeze ratio at {cfg['max_freeze_ratio']:g} and each "
             f"microbatch's at {cfg['freeze_action_cap']:g}{_LAYOUT_TEXT.get(cfg.get('mask_layout'), '')}."

@@ -20,7 +20,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from tfz.demo.config import DemoConfig, freezes
+from tfz.demo.config import METHOD_KINDS, DemoConfig, freezes
 from tfz.schedule import Schedule, build_schedule
 
 __all__ = ["MethodRun", "run_rank"]
@@ -161,7 +161,7 @@ def observe(provider, method: str, step: int, modules: dict[int, nn.Module], cfg
     hook = getattr(provider, "observe", None)
     if hook is None or step < cfg.warmup_steps:
         return
-    if method in ("apf", "autofreeze"):
+    if METHOD_KINDS[method] == "metric":
         hook(step, modules)
     else:
         hook(step)
