@@ -877,6 +877,34 @@ def test_refit_recovers_separate_scales_and_falls_back_to_one():
             assert dev[t, s] == pytest.approx(rows[t, m].sum() / pred[m].sum() - 1)
 
 
+def test_refit_keeps_one_scale_when_a_plan_cannot_tell_two_apart():
+    """A machine 1.2x slower under a plan that gives every microbatch 0.8 (one 0.79), with 5% noise in
+    the monitoring's estimates and 3% in the window's medians: two scales would fit the noise (alpha
+    of 0.6-3.2 before the F test); one scale recovers 1.2. Ratios that alternate 0.4 / 0.8 with 1%
+    noise still recover two different scales (1.3, 0.8)."""
+    dag = build_dag(build_schedule("1f1b", 2, 8))
+    b = dag.kind_mask("B")
+    local = np.arange(dag.num_actions)
+    up, lo = true_times(dag)
+    plan = np.where(b, np.where(dag.microbatch == 3, 0.79, 0.8), 0.0)
+    alternate = np.where(b, np.where(dag.microbatch % 2 == 0, 0.4, 0.8), 0.0)
+    for seed in range(50):
+        rng = np.random.default_rng(seed)
+        u_est = up * (1 + 0.05 * rng.standard_normal(dag.num_actions))
+        l_est = np.minimum(lo * (1 + 0.05 * rng.standard_normal(dag.num_actions)), u_est)
+        measured = 1.2 * (up * (1 - plan) + lo * plan) * (1 + 0.03 * rng.standard_normal(dag.num_actions))
+        new_up, new_lo = refit(dag, drift_stats(dag, local, measured, u_est, l_est, plan), u_est, l_est)
+        scale = new_up[b] / u_est[b]
+        np.testing.assert_allclose(new_lo[b] / l_est[b], scale)  # one scale per stage
+        assert np.all(np.abs(scale - 1.2) < 0.1), (seed, scale)
+        measured = (1.3 * up * (1 - alternate) + 0.8 * lo * alternate) * (
+            1 + 0.01 * rng.standard_normal(dag.num_actions)
+        )
+        new_up, new_lo = refit(dag, drift_stats(dag, local, measured, up, lo, alternate), up, lo)
+        np.testing.assert_allclose(new_up[b] / up[b], 1.3, rtol=0.06)
+        np.testing.assert_allclose(new_lo[b] / lo[b], 0.8, rtol=0.06)
+
+
 def test_drift_needs_three_quarters_of_the_window_on_one_side():
     # 0: over in every step; 1: under in 3 of 4; 2: over in 2 of 4; 3: one outlier; 4: mixed sides
     dev = np.array(
