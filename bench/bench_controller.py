@@ -265,10 +265,9 @@ def main(argv=None) -> None:
         f"({during / alone:.2f}x) |"
     )
     gap, n = gap_fit_seconds(args.solve_ranks)
-    where = f"1F1B P={args.solve_ranks}, {n} actions, once"
-    print(f"| fit_gap at the end of monitoring ({where}) | {1e3 * gap:.0f} |")
+    where = f"1F1B P={args.solve_ranks}, {n} actions"
+    print(f"| fit_gap at the end of monitoring ({where}, once) | {1e3 * gap:.0f} |")
     check = batch_check_seconds(args.solve_ranks)
-    where = where.removesuffix(", once")
     print(f"| the batch's drift check ({where}, each decision step) | {1e3 * check:.1f} |")
     monitoring_table(args.seeds)
 

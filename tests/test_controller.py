@@ -504,12 +504,16 @@ def test_a_slower_time_between_actions_refits_the_gap_and_replans_once(name):
     cfg = small(ramp_steps=2)
     c, calm = make(cfg, sched), make(cfg, sched)
     syn, syn_calm = Synthetic(c.dag, noise=0.01, gap=0.4), Synthetic(c.dag, noise=0.01, gap=0.4)
-    k = 0
-    while c.phase is not Phase.STABLE or k < 40:
+
+    def step_both(k):
         for ctl, sy in ((c, syn), (calm, syn_calm)):
             t = sy.times(k, ctl)
             ctl.step_end(k, t, batch_ms=sy.batch_ms(t))
-        k += 1
+        return k + 1
+
+    k = 0
+    while c.phase is not Phase.STABLE or k < 40:
+        k = step_both(k)
     first, estimates = c.plan, c.estimates
     assert c.replans == calm.replans == 0 and c.gap == pytest.approx(0.4, abs=0.01)
     t = syn_calm.times(k, calm)
@@ -517,10 +521,7 @@ def test_a_slower_time_between_actions_refits_the_gap_and_replans_once(name):
     syn.gap, syn_calm.gap = 1.2, 0.45
     assert abs(quiet) < cfg.drift_threshold  # at most 10 actions on any path of 2 x 4 microbatches
     for _ in range(30):
-        for ctl, sy in ((c, syn), (calm, syn_calm)):
-            t = sy.times(k, ctl)
-            ctl.step_end(k, t, batch_ms=sy.batch_ms(t))
-        k += 1
+        k = step_both(k)
     assert calm.replans == 0 and calm.gap == pytest.approx(0.4, abs=0.01)
     assert c.replans == 1 and c.plan is not first and c.plan.warm
     events = [e for _, _, e in c.history if "drift" in e]

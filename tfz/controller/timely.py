@@ -572,32 +572,30 @@ class TimelyFreeze:
         lower = self._comm.gather_actions(lower, self.dag.names)
         return bound_estimates(self.dag, upper, lower)
 
+    def _ranks_columns(self, column: np.ndarray | None, length: int) -> np.ndarray | None:
+        """Collective: float64 [length, ranks], every rank's ``column`` side by side; None unless every
+        rank gave one (``length`` values, the same on every rank)."""
+        comm = self._comm
+        packed = np.zeros((length + 1, comm.size))
+        if column is not None:
+            packed[:length, comm.rank] = column
+            packed[length, comm.rank] = 1.0
+        total = comm.all_reduce_sum(packed)
+        return total[:length] if np.all(total[length] == 1.0) else None
+
     def _measured_batch(self) -> float | None:
         """Collective: the slowest rank's median batch time of the unfrozen window, None unless every
         rank recorded some; the window is emptied."""
-        s, comm = self._s, self._comm
-        packed = np.zeros((2, comm.size))
-        if len(s.batch_window):
-            packed[:, comm.rank] = float(s.batch_window.median()[0]), 1.0
+        s = self._s
+        median = s.batch_window.median() if len(s.batch_window) else None
         s.batch_window.clear()
-        total = comm.all_reduce_sum(packed)
-        return float(total[0].max()) if np.all(total[1] == 1.0) else None
+        medians = self._ranks_columns(median, 1)
+        return None if medians is None else float(medians[0].max())
 
     def _restart_drift(self) -> None:
         """Empty the stable phase's windows (a plan took effect, or a drift was acted on)."""
         self._s.drift_window.clear()
         self._s.batch_window.clear()
-
-    def _window_batches(self, rows: int) -> np.ndarray | None:
-        """Collective: float64 [rows, ranks], every rank's last ``rows`` batch times; None unless every
-        rank has exactly that many."""
-        s, comm = self._s, self._comm
-        packed = np.zeros((rows + 1, comm.size))
-        if len(s.batch_window) == rows:
-            packed[:rows, comm.rank] = s.batch_window.rows()[:, 0]
-            packed[rows, comm.rank] = 1.0
-        total = comm.all_reduce_sum(packed)
-        return total[:rows] if np.all(total[rows] == 1.0) else None
 
     def _check_drift(self) -> None:
         """Collective: sum the window's per-stage times and the refit sums over the ranks, gather the
@@ -605,7 +603,9 @@ class TimelyFreeze:
         dag, s = self.dag, self._s
         local = self._layout.local
         rows = s.drift_window.rows()
-        batches = self._window_batches(len(rows))
+        window = s.batch_window
+        # every rank's batch of each step of the drift window, where every rank has them all
+        batches = self._ranks_columns(window.rows()[:, 0] if len(window) == len(rows) else None, len(rows))
         threshold = self.config.drift_threshold
         stats = drift_stats(dag, local, np.median(rows, axis=0), s.upper, s.lower, self._ratios)
         sums = stage_sums(dag, local, rows)
@@ -613,17 +613,18 @@ class TimelyFreeze:
         stats = total[: stats.size].reshape(stats.shape)
         deviation = assess_drift(total[stats.size :].reshape(sums.shape), stats)
         drifting = drifting_stages(deviation, threshold)
+        stage_drift = bool(drifting.any())
         # a stage's drift is often the machine's (every stage slower): then every stage is refitted
-        upper, lower = refit(dag, stats, s.upper, s.lower) if drifting.any() else (s.upper, s.lower)
+        upper, lower = refit(dag, stats, s.upper, s.lower) if stage_drift else (s.upper, s.lower)
         durations = upper - self._ratios * (upper - lower)
         between = None
         if batches is not None:
             predicted = simulate(dag, durations + s.gap).makespan
             between = (batches.max(axis=1) - predicted) / predicted
         gap_drift = between is not None and bool(drifting_stages(between[:, None], threshold)[0])
-        if not (drifting.any() or gap_drift):
+        if not (stage_drift or gap_drift):
             return
-        if drifting.any():
+        if stage_drift:
             typical = np.median(deviation, axis=0)
             worst = int(np.flatnonzero(drifting)[np.argmax(np.abs(typical[drifting]))])
             text = f"drift on stage {worst}: measured time off the prediction by {typical[worst]:+.1%}"
