@@ -2,10 +2,14 @@
 
 Without a CUDA device (``torch.cuda.is_available()`` is False) Triton kernels run under the
 interpreter, so ``TRITON_INTERPRET`` is set here, before any module that defines a ``@triton.jit``
-function is imported. Tests marked ``gpu`` skip without a CUDA device.
+function is imported. Tests marked ``gpu`` skip without a CUDA device. The demo's cache (learned
+vocabularies, encoded text, base models) goes to one temporary folder per session, not the user's.
 """
 
+import atexit
 import os
+import shutil
+import tempfile
 
 import pytest
 import torch
@@ -13,6 +17,8 @@ import torch
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ["TFZ_CACHE_DIR"] = tempfile.mkdtemp(prefix="tfz-test-cache-")
+atexit.register(shutil.rmtree, os.environ["TFZ_CACHE_DIR"], ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config, items):

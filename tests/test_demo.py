@@ -19,6 +19,7 @@ from tfz.demo.report import (
 )
 
 TINY = dict(
+    vocab_size=512,
     dim=32,
     n_heads=2,
     ffn_dim=64,
@@ -130,7 +131,7 @@ def test_report_shows_the_plans_speedup_and_its_all_frozen_ceiling():
     plan = {"speedup": 600 / 500, "makespan_unfrozen": 600.0, "makespan_all_frozen": 480.0}
     ranks[0]["timelyfreeze"]["plan"] = plan
     ranks[0]["timelyfreeze"]["gap_ms"] = 2.5
-    task = {"task": "pretrain", "corpus": "c", "validation": {"sequences": 8, "bytes": 128}}
+    task = {"task": "pretrain", "corpus": "c", "validation": {"sequences": 8, "tokens": 128}}
     report = combine([build_report(ranks, cfg, seed=s)[0] for s in (0, 1)], cfg, {"task": task})
     tf = report["methods"]["timelyfreeze"]
     assert tf["gap_ms"] == 2.5 and report["methods"]["none"]["gap_ms"] is None
@@ -157,7 +158,7 @@ def test_report_shows_freezings_own_gain_over_tfz_none():
         "records": _records([99, 97, 94, 98], ["-"] * 4, [3.0, 2.8, 2.6, 2.4], {1: [0] * 4})
     }
     per_seed = [build_report(ranks, cfg, seed=s)[0] for s in (0, 1)]
-    task = {"task": {"task": "pretrain", "corpus": "c", "validation": {"sequences": 8, "bytes": 128}}}
+    task = {"task": {"task": "pretrain", "corpus": "c", "validation": {"sequences": 8, "tokens": 128}}}
     m = per_seed[0]["methods"]
     assert m["timelyfreeze"]["gain_over_tfz_none"] == pytest.approx((95 + 98) / (81 + 80))
     assert m["tfz-none"]["throughput_gain"] == pytest.approx((100 + 110) / (95 + 98))
@@ -445,8 +446,8 @@ def test_shortened_demo_runs_every_method(tmp_path):
         ):
             assert key in m, (name, key)
         assert len(m["mean_freeze_ratio"]) == 2 and all(0 <= r <= 1 for r in m["mean_freeze_ratio"])
-        assert 0 < m["val_loss"] < np.log(256) + 0.5 and 0 <= m["val_acc"] <= 1
-        assert m["train_loss"] < np.log(256) + 0.5
+        assert 0 < m["val_loss"] < np.log(cfg.vocab_size) + 0.5 and 0 <= m["val_acc"] <= 1
+        assert m["train_loss"] < np.log(cfg.vocab_size) + 0.5
     assert saved["methods"]["none"]["mean_freeze_ratio"] == [0.0, 0.0]
     assert saved["methods"]["none"]["throughput_gain"] == pytest.approx(1.0)
     assert saved["methods"]["none"]["batch_time_predicted_ms"] is None

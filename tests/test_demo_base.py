@@ -1,12 +1,25 @@
 """The demo's base model: reproducible from its seed, cached by spec, loadable into any stage split."""
 
+import numpy as np
 import pytest
 import torch
 
-from tfz.demo.base import BaseSpec, base_path, ensure_base, load_base, save_base
+from tfz.data import load_corpus
+from tfz.demo.base import (
+    BaseSpec,
+    base_path,
+    encode_cached,
+    ensure_base,
+    ensure_tokenizer,
+    load_base,
+    save_base,
+)
 from tfz.models import build_stages
+from tfz.tokenizer import BytePairTokenizer
 
-SPEC = BaseSpec(dim=16, n_layers=3, n_heads=2, ffn_dim=32, seq_len=8, steps=3, batch_size=2, warmup=1)
+SPEC = BaseSpec(
+    vocab_size=320, dim=16, n_layers=3, n_heads=2, ffn_dim=32, seq_len=8, steps=3, batch_size=2, warmup=1
+)
 
 
 def test_build_is_reproducible_and_cached(tmp_path):
@@ -57,7 +70,8 @@ def test_bad_files_are_named(tmp_path):
     payload = torch.load(good, weights_only=True)
     for key, value, match in (
         ("format", "other", "is not a tfz-demo-base file"),
-        ("version", 99, "version 99, expected 1"),
+        ("version", 99, r"version 99, expected one of \(1, 2\)"),
+        ("tokenizer", [[97, 999]], "bad 'tokenizer' entry"),
         ("model", {"dim": -1}, "bad 'model' entry"),
         ("state_dict", {"w": 1}, "'state_dict' must map names to tensors"),
     ):
@@ -80,3 +94,48 @@ def test_spec_errors():
         BaseSpec(corpus="x")
     with pytest.raises(ValueError, match="dim 10 is not divisible by n_heads 3"):
         BaseSpec(dim=10, n_heads=3)
+
+
+def test_the_base_carries_its_tokenizer_and_encoded_text_is_cached(tmp_path):
+    lines = []
+    path, _ = ensure_base(SPEC, tmp_path, progress=lines.append)
+    assert any("learning a 320-token vocabulary" in line for line in lines)
+    tok = load_base(path).tokenizer
+    assert tok.vocab_size == 320 and tok == ensure_tokenizer(SPEC, tmp_path, progress=lines.append)
+    assert len([line for line in lines if "vocabulary" in line]) == 1  # learned once, then read back
+    assert len(list(tmp_path.glob("tokenizer-*.json"))) == 1
+    assert ensure_tokenizer(BaseSpec(**{**SPEC.__dict__, "vocab_size": 256}), tmp_path) is None
+    text = tmp_path / "text"
+    text.mkdir()
+    for i in range(4):
+        (text / f"{i}.py").write_text(f"def f{i}(x):\n    return x * {i}  # twice {i}\n" * 20)
+    corpus = load_corpus(text, val_fraction=0.25)
+    cached = set(tmp_path.glob("tokens-*.npz"))  # the base's corpus
+    fresh = encode_cached(corpus, tok, tmp_path)
+    again = encode_cached(corpus, tok, tmp_path)  # from tokens-<hash>.npz
+    assert len(set(tmp_path.glob("tokens-*.npz")) - cached) == 1
+    for split in ("train", "val", "tune"):
+        ids = getattr(again, split)
+        assert np.array_equal(ids, getattr(fresh, split)) and ids.dtype == np.uint16
+        assert tok.decode(ids) == getattr(corpus, split).tobytes()
+    assert again.tokenizer == tok and encode_cached(corpus, None, tmp_path) is corpus
+
+
+def test_version_1_bases_read_bytes_and_vocabularies_must_fit(tmp_path):
+    cfg = SPEC.model_config()
+    weights = build_stages(cfg, 1)[0].state_dict()
+    tok = BytePairTokenizer([(97, 98)] * 1 + [(256, 99)])
+    good = save_base(tmp_path / "good.pt", cfg, weights, tokenizer=tok)
+    assert load_base(good).tokenizer == tok
+    payload = torch.load(good, weights_only=True)
+    old = tmp_path / "v1.pt"
+    torch.save({k: v for k, v in payload.items() if k != "tokenizer"} | {"version": 1}, old)
+    assert load_base(old).tokenizer is None
+    big = BytePairTokenizer([(97, 98)] * 80)
+    with pytest.raises(ValueError, match="vocab_size 320 is too small for its tokenizer's 336 ids"):
+        save_base(tmp_path / "big.pt", cfg, weights, tokenizer=big)
+    torch.save({**payload, "tokenizer": [list(p) for p in big.merges]}, tmp_path / "big.pt")
+    with pytest.raises(ValueError, match="big.pt: vocab_size 320 is too small"):
+        load_base(tmp_path / "big.pt")
+    with pytest.raises(ValueError, match="vocab_size must be an integer in \\[256, 65536\\], got 100"):
+        BaseSpec(vocab_size=100)

@@ -1,4 +1,4 @@
-"""Byte-level text that needs no download: corpora every machine that runs tfz already has.
+"""Text that needs no download: corpora every machine that runs tfz already has.
 
 - ``python-stdlib``: the running interpreter's standard library sources (``.py``, tests excluded);
 - ``torch-headers``: the C/C++ headers installed with torch (``torch/include``), without the generated
@@ -6,18 +6,21 @@
 - ``torch-python``: torch's own Python sources (tests and testing utilities excluded).
 
 Files are split into train, validation and (optionally) a held-out "tune" part by file with a fixed
-seed, so no validation text is seen in training. :meth:`ByteCorpus.sequences` gives a fixed,
+seed, so no validation text is seen in training. :meth:`TextCorpus.sequences` gives a fixed,
 evenly spaced set of windows of a split: the same validation set for every method and every seed.
+:meth:`TextCorpus.encoded` turns the bytes into a tokenizer's ids (``tfz.tokenizer``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import random
 import sysconfig
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -25,7 +28,7 @@ from tfz._validate import check_int, check_number
 
 __all__ = [
     "CORPORA",
-    "ByteCorpus",
+    "TextCorpus",
     "corpus_files",
     "default_text_files",
     "load_corpus",
@@ -94,20 +97,37 @@ def corpus_files(name: str) -> list[Path]:
 
 
 @dataclass(frozen=True)
-class ByteCorpus:
-    """Train, validation and held-out ("tune") bytes (uint8 arrays; ``tune`` is empty unless asked for)."""
+class TextCorpus:
+    """Train, validation and held-out ("tune") text: bytes (uint8 arrays) or token ids (uint16, see
+    :meth:`encoded`); ``tune`` is empty unless asked for."""
 
     train: np.ndarray
     val: np.ndarray
     source: str
     tune: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.uint8))
 
+    tokenizer: Any = None
+    """The :class:`tfz.tokenizer.BytePairTokenizer` whose ids the splits hold; None for bytes."""
+
+    def encoded(self, tokenizer) -> TextCorpus:
+        """This byte corpus as ``tokenizer``'s ids (``tokenizer.encode`` of each split)."""
+        if self.tokenizer is not None:
+            raise ValueError(f"{self.source} is already encoded by {self.tokenizer!r}")
+        return dataclasses.replace(
+            self,
+            train=tokenizer.encode(self.train.tobytes()),
+            val=tokenizer.encode(self.val.tobytes()),
+            tune=tokenizer.encode(self.tune.tobytes()),
+            tokenizer=tokenizer,
+        )
+
     def _split(self, split: str, seq_len: int) -> np.ndarray:
         if split not in SPLITS:
             raise ValueError(f"split must be one of {', '.join(map(repr, SPLITS))}, got {split!r}")
         data = getattr(self, split)
         if len(data) <= seq_len + 1:
-            raise ValueError(f"{split} text has {len(data)} bytes, fewer than seq_len + 2 = {seq_len + 2}")
+            unit = "bytes" if self.tokenizer is None else "tokens"
+            raise ValueError(f"{split} text has {len(data)} {unit}, fewer than seq_len + 2 = {seq_len + 2}")
         return data
 
     @staticmethod
@@ -117,7 +137,7 @@ class ByteCorpus:
         return np.ascontiguousarray(windows[:, :-1]), np.ascontiguousarray(windows[:, 1:])
 
     def batch(self, split: str, batch_size: int, seq_len: int, rng: np.random.Generator):
-        """Random windows: inputs [batch, seq_len] and next-byte targets [batch, seq_len] (int64 numpy,
+        """Random windows: inputs [batch, seq_len] and next-token targets [batch, seq_len] (int64 numpy,
         C-contiguous: torch's pipelining checks stage-input strides against the first microbatch's)."""
         data = self._split(split, seq_len)
         starts = rng.integers(0, len(data) - seq_len - 1, size=batch_size)
@@ -125,7 +145,7 @@ class ByteCorpus:
 
     def sequences(self, split: str, count: int, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
         """``count`` windows evenly spaced over the whole split (no randomness): a fixed evaluation set.
-        Inputs and next-byte targets, int64 [count, seq_len]."""
+        Inputs and next-token targets, int64 [count, seq_len]."""
         count = check_int("count", count, 1)
         data = self._split(split, seq_len)
         starts = np.linspace(0, len(data) - seq_len - 1, count).astype(np.int64)
@@ -162,7 +182,7 @@ def load_corpus(
     tune_fraction: float = 0.0,
     seed: int = 0,
     max_bytes: int | None = 8 << 20,
-) -> ByteCorpus:
+) -> TextCorpus:
     """Load text from ``path`` (a file or a folder of text files), or built-in ``corpus`` when None.
 
     Folders are split by file: the files are shuffled with ``seed``, ``val_fraction`` of them validate,
@@ -187,7 +207,7 @@ def load_corpus(
                 raise ValueError(f"data file {p} is empty")
             a = int(len(data) * (1 - val_fraction - tune_fraction))
             b = int(len(data) * (1 - val_fraction))
-            return ByteCorpus(data[:a], data[b:], str(p), data[a:b])
+            return TextCorpus(data[:a], data[b:], str(p), data[a:b])
         if not p.is_dir():
             raise ValueError(f"data path {p} is neither a file nor a folder")
         files, source = _folder_files(p), str(p)
@@ -203,7 +223,7 @@ def load_corpus(
             "and at least one to train on"
         )
     val, tune, train = files[:n_val], files[n_val : n_val + n_tune], files[n_val + n_tune :]
-    return ByteCorpus(
+    return TextCorpus(
         _read_files(train, max_bytes),
         _read_files(val, max_bytes),
         source,

@@ -1,4 +1,4 @@
-"""Train a small LLaMA-style decoder byte-level, pipelined over CPU ranks with
+"""Train a small LLaMA-style decoder (a 4,096-token byte-pair vocabulary), pipelined over CPU ranks with
 torch.distributed.pipelining and gloo, with no freezing and with TimelyFreeze (or every method), and
 write report.json, report.md, timelines, Chrome traces and a validation-loss-vs-wall-time plot. By
 default every method fine-tunes the same base model (pretrained without freezing on the Python
@@ -123,6 +123,12 @@ def _flags():
             "sources for finetune, the standard library's sources for pretrain)",
         ),
         ("--base", "base", str, "base model file to fine-tune (default: the demo's own, built once)"),
+        (
+            "--vocab-size",
+            "vocab_size",
+            int,
+            "byte-pair vocabulary of the demo's base and of pretrain runs (256: bytes; --base has its own)",
+        ),
         ("--out", "out", str, "output folder"),
         ("--microbatches", "microbatches", int, "microbatches per step"),
         ("--phase-unit", "phase_unit", int, "TimelyFreeze phase unit in steps (default: a tenth of --steps)"),

@@ -49,35 +49,33 @@ def prepare(
     """
     import numpy as np
 
-    from tfz.demo.worker import load_data
+    from tfz.demo.worker import load_data, model_tokenizer
 
-    corpus = load_data(cfg)
-    corpus.sequences("val", cfg.val_sequences, cfg.seq_len)  # enough text in both splits
-    corpus.batch("train", 1, cfg.seq_len, np.random.default_rng(0))
-    info: dict[str, Any] = {
-        "task": cfg.task,
-        "corpus": corpus.source,
-        "validation": {
-            "sequences": cfg.val_sequences,
-            "bytes": cfg.val_sequences * cfg.seq_len,
-            "split_bytes": int(len(corpus.val)),
-        },
-    }
+    corpus = load_data(cfg)  # the files exist and split
     base = _checked_base(cfg) if cfg.task == "finetune" and cfg.base is not None else None
     if announce is not None:
         announce()
+    info: dict[str, Any] = {"task": cfg.task, "corpus": corpus.source}
     if cfg.task == "finetune":
         if cfg.base is None:
             from tfz.demo.base import ensure_base
 
             spec = cfg.base_spec(cfg.build_schedule().num_stages)
-            path, _ = ensure_base(
-                spec, None if cfg.cache_dir is None else Path(cfg.cache_dir), progress=progress
-            )
+            path, _ = ensure_base(spec, cfg.cache_folder, progress=progress)
             cfg = cfg.replace(base=str(path))
             base = _checked_base(cfg)
         info["base"] = cfg.base
         info["base_metrics"] = base.metrics
+    tokenizer = model_tokenizer(cfg, base)
+    corpus = load_data(cfg, tokenizer)
+    corpus.sequences("val", cfg.val_sequences, cfg.seq_len)  # enough text in both splits
+    corpus.batch("train", 1, cfg.seq_len, np.random.default_rng(0))
+    info["vocab_size"] = 256 if tokenizer is None else tokenizer.vocab_size
+    info["validation"] = {
+        "sequences": cfg.val_sequences,
+        "tokens": cfg.val_sequences * cfg.seq_len,
+        "split_tokens": int(len(corpus.val)),
+    }
     return cfg, info
 
 

@@ -8,8 +8,13 @@ spec's seed. Files are written atomically (a failed build leaves nothing behind)
 
 A base file (``torch.save``, loadable with ``weights_only=True``) holds::
 
-    {"format": "tfz-demo-base", "version": 1, "model": {LlamaConfig fields}, "state_dict": {...},
+    {"format": "tfz-demo-base", "version": 2, "model": {LlamaConfig fields}, "state_dict": {...},
+     "tokenizer": [[a, b], ...] (byte-pair merges) or None (bytes),
      "spec": {BaseSpec fields} or None, "metrics": {"train_loss": ..., "val_loss": ...}}
+
+Version 1 files (no ``tokenizer``) load as byte-level models. The default base's tokenizer is learned
+from its corpus (:func:`ensure_tokenizer`, cached beside it); text is encoded once per tokenizer and
+corpus and cached too (:func:`encode_cached`).
 
 ``state_dict`` is the whole model as one :class:`tfz.models.LlamaStage` (``tok_embeddings.*``,
 ``layers.<i>.*``, ``norm.*``, ``output.*``): any split into stages loads its part by key.
@@ -34,17 +39,33 @@ from typing import Any
 import numpy as np
 
 from tfz._validate import check_int, check_number
+from tfz.tokenizer import MAX_VOCAB, BytePairTokenizer
 
-__all__ = ["BaseModel", "BaseSpec", "base_path", "cache_dir", "ensure_base", "load_base", "save_base"]
+__all__ = [
+    "BaseModel",
+    "BaseSpec",
+    "base_path",
+    "cache_dir",
+    "encode_cached",
+    "ensure_base",
+    "ensure_tokenizer",
+    "load_base",
+    "save_base",
+]
 
 FORMAT = "tfz-demo-base"
-VERSION = 1
+VERSION = 2
+_VERSIONS = (1, 2)
+_TOKENIZER_SAMPLE = 2 << 20
+"""Bytes of the base corpus's training split the tokenizer learns its merges from."""
 
 
 @dataclass(frozen=True, kw_only=True)
 class BaseSpec:
     """How the default base model is pretrained (no freezing, one process)."""
 
+    vocab_size: int = 4096
+    """Byte-pair vocabulary learned from ``corpus`` (:func:`ensure_tokenizer`); 256: bytes."""
     dim: int = 384
     n_layers: int = 4
     n_heads: int = 6
@@ -65,6 +86,7 @@ class BaseSpec:
     def __post_init__(self):
         for name in ("dim", "n_layers", "n_heads", "ffn_dim", "seq_len", "steps", "batch_size", "warmup"):
             check_int(name, getattr(self, name), 1)
+        check_int("vocab_size", self.vocab_size, 256, maximum=MAX_VOCAB)
         check_int("seed", self.seed, 0)
         check_number("lr", self.lr, low=0.0, low_open=True)
         check_number("weight_decay", self.weight_decay, low=0.0)
@@ -79,6 +101,7 @@ class BaseSpec:
         from tfz.models import LlamaConfig
 
         return LlamaConfig(
+            vocab_size=self.vocab_size,
             dim=self.dim,
             n_layers=self.n_layers,
             n_heads=self.n_heads,
@@ -97,9 +120,11 @@ class BaseModel:
     state_dict: dict[str, Any]
     path: Path
     metrics: dict[str, Any]
+    tokenizer: Any = None
+    """Its :class:`tfz.tokenizer.BytePairTokenizer`; None: it reads bytes."""
 
     def check_fits(self, num_stages: int, seq_len: int) -> None:
-        """ValueError unless this base splits into ``num_stages`` stages and takes ``seq_len`` bytes."""
+        """ValueError unless this base splits into ``num_stages`` stages and takes ``seq_len`` tokens."""
         if self.config.n_layers < num_stages:
             raise ValueError(
                 f"base model {self.path} has {self.config.n_layers} layers, fewer than the {num_stages} "
@@ -117,6 +142,10 @@ class BaseModel:
         if missing:
             raise ValueError(f"base {self.path}: no weights for {missing[0]!r} ({len(missing)} missing)")
         stage.load_state_dict({k: self.state_dict[k] for k in wanted})
+
+
+def _folder(folder: Path | str | None) -> Path:
+    return cache_dir() if folder is None else Path(folder)
 
 
 def cache_dir() -> Path:
@@ -138,12 +167,68 @@ def _corpus(spec: BaseSpec):
     return _corpus_named(spec.corpus)
 
 
+def _digest(*arrays) -> str:
+    digest = hashlib.sha256()
+    for a in arrays:
+        digest.update(hashlib.sha256(np.ascontiguousarray(a).tobytes()).digest())
+    return digest.hexdigest()[:16]
+
+
+def _atomic_write(path: Path, write: Callable[[Any], None]) -> Path:
+    """Write ``path`` through ``write(file)``: a temporary file renamed over it (none left on failure)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def ensure_tokenizer(
+    spec: BaseSpec, folder: Path | None = None, *, progress: Callable[[str], None] = print
+) -> BytePairTokenizer | None:
+    """The byte-pair tokenizer of ``spec`` (None for ``vocab_size`` 256): learned once from the first
+    bytes of its corpus's training split, then cached (``tokenizer-<hash>.json``)."""
+    if spec.vocab_size == 256:
+        return None
+    sample = _corpus(spec).train[:_TOKENIZER_SAMPLE]
+    key = _digest(np.array([spec.vocab_size]), sample)
+    path = _folder(folder) / f"tokenizer-{key}.json"
+    if path.is_file():
+        return BytePairTokenizer(json.loads(path.read_text())["merges"])
+    progress(f"learning a {spec.vocab_size:,}-token vocabulary from {spec.corpus} once; cached as {path}")
+    tokenizer = BytePairTokenizer.train(sample.tobytes(), spec.vocab_size)
+    text = json.dumps({"vocab_size": tokenizer.vocab_size, "merges": tokenizer.merges})
+    _atomic_write(path, lambda f: f.write(text.encode()))
+    return tokenizer
+
+
+def encode_cached(corpus, tokenizer, folder: Path | None = None):
+    """``corpus.encoded(tokenizer)`` (``corpus`` unchanged when ``tokenizer`` is None), cached by the
+    tokenizer and the text (``tokens-<hash>.npz``)."""
+    if tokenizer is None:
+        return corpus
+    key = _digest(np.asarray(tokenizer.merges, dtype=np.int64), corpus.train, corpus.val, corpus.tune)
+    path = _folder(folder) / f"tokens-{key}.npz"
+    if path.is_file():
+        with np.load(path) as saved:
+            return dataclasses.replace(corpus, tokenizer=tokenizer, **{k: saved[k] for k in saved.files})
+    encoded = corpus.encoded(tokenizer)
+    parts = {k: getattr(encoded, k) for k in ("train", "val", "tune")}
+    _atomic_write(path, lambda f: np.savez(f, **parts))
+    return encoded
+
+
 def base_path(spec: BaseSpec, folder: Path | None = None, *, corpus=None) -> Path:
     """Where the base of ``spec`` is cached: ``base-<hash of spec and training text>.pt``."""
     corpus = _corpus(spec) if corpus is None else corpus
     digest = hashlib.sha256(json.dumps(dataclasses.asdict(spec), sort_keys=True).encode())
     digest.update(hashlib.sha256(corpus.train.tobytes()).digest())
-    return (cache_dir() if folder is None else Path(folder)) / f"base-{digest.hexdigest()[:16]}.pt"
+    return _folder(folder) / f"base-{digest.hexdigest()[:16]}.pt"
 
 
 def lr_factor(step: int, warmup: int, steps: int) -> float:
@@ -195,9 +280,11 @@ def save_base(
     *,
     spec: BaseSpec | None = None,
     metrics: Mapping[str, Any] | None = None,
+    tokenizer=None,
 ) -> Path:
     """Write a base file (atomically): ``model_config`` a :class:`tfz.models.LlamaConfig`,
-    ``state_dict`` the whole model's weights as one LlamaStage's."""
+    ``state_dict`` the whole model's weights as one LlamaStage's, ``tokenizer`` the
+    :class:`tfz.tokenizer.BytePairTokenizer` of its text (None: bytes)."""
     import torch
 
     path = Path(path)
@@ -206,19 +293,19 @@ def save_base(
         "version": VERSION,
         "model": dataclasses.asdict(model_config),
         "state_dict": dict(state_dict),
+        "tokenizer": None if tokenizer is None else [list(pair) for pair in tokenizer.merges],
         "spec": None if spec is None else dataclasses.asdict(spec),
         "metrics": dict(metrics or {}),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    _check_vocab(path, model_config.vocab_size, tokenizer)
+    return _atomic_write(Path(path), lambda f: torch.save(payload, f))
+
+
+def _check_vocab(path, vocab_size: int, tokenizer) -> None:
+    needed = 256 if tokenizer is None else tokenizer.vocab_size
+    if vocab_size < needed:
+        kind = "bytes" if tokenizer is None else f"its tokenizer's {needed:,} ids"
+        raise ValueError(f"base model {path}: vocab_size {vocab_size:,} is too small for {kind}")
 
 
 def load_base(path: str | Path) -> BaseModel:
@@ -236,8 +323,10 @@ def load_base(path: str | Path) -> BaseModel:
         raise ValueError(f"base model {path} is not a readable checkpoint ({type(exc).__name__})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ValueError(f"base model {path} is not a {FORMAT} file (no format: {FORMAT!r} entry)")
-    if payload.get("version") != VERSION:
-        raise ValueError(f"base model {path}: version {payload.get('version')!r}, expected {VERSION}")
+    if payload.get("version") not in _VERSIONS:
+        raise ValueError(
+            f"base model {path}: version {payload.get('version')!r}, expected one of {_VERSIONS}"
+        )
     try:
         config = LlamaConfig(**payload["model"])
     except (KeyError, TypeError, ValueError) as exc:
@@ -245,7 +334,13 @@ def load_base(path: str | Path) -> BaseModel:
     weights = payload.get("state_dict")
     if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
         raise ValueError(f"base model {path}: 'state_dict' must map names to tensors")
-    return BaseModel(config, weights, path, dict(payload.get("metrics") or {}))
+    merges = payload.get("tokenizer")
+    try:
+        tokenizer = None if merges is None else BytePairTokenizer(merges)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"base model {path}: bad 'tokenizer' entry ({exc})") from None
+    _check_vocab(path, config.vocab_size, tokenizer)
+    return BaseModel(config, weights, path, dict(payload.get("metrics") or {}), tokenizer)
 
 
 def ensure_base(
@@ -260,7 +355,8 @@ def ensure_base(
         f"building the base model once: {spec.n_layers} layers, dim {spec.dim}, pretrained without "
         f"freezing on {spec.corpus} for {spec.steps} steps (seed {spec.seed}); cached as {path}"
     )
-    weights, metrics = _pretrain(spec, corpus, progress)
-    save_base(path, spec.model_config(), weights, spec=spec, metrics=metrics)
+    tokenizer = ensure_tokenizer(spec, folder, progress=progress)
+    weights, metrics = _pretrain(spec, encode_cached(corpus, tokenizer, folder), progress)
+    save_base(path, spec.model_config(), weights, spec=spec, metrics=metrics, tokenizer=tokenizer)
     progress(f"  base model ready: validation loss {metrics['val_loss']:.3f} on {spec.corpus}")
     return path, True

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from tfz._defaults import MAX_FREEZE_RATIO
 from tfz._validate import MAX_SEED, check_bool, check_int, check_number, check_ratio, is_int, short_repr
 from tfz.schedule import SCHEDULES
+from tfz.tokenizer import MAX_VOCAB
 
 __all__ = [
     "MAX_ACTIONS",
@@ -95,6 +97,11 @@ class DemoConfig:
     microbatch_size: int = 4
     """Sequences per microbatch."""
     seq_len: int = 64
+    """Tokens per sequence."""
+    vocab_size: int = 4096
+    """Byte-pair vocabulary of the default base and of pretrain runs, learned once from the base's
+    corpus (``tfz.tokenizer``); 256 reads bytes. A given ``base`` brings its own. The output layer
+    gives the last stage ``dim x vocab_size`` more weights, as a real vocabulary does."""
     dim: int = 384
     n_layers: int | None = None
     """Decoder layers of the model (pretrain, and the default base); default 4, or one per stage when
@@ -185,6 +192,7 @@ class DemoConfig:
         ):
             check_int(name, getattr(self, name), 1)
         check_int("base_seed", self.base_seed, 0, maximum=MAX_SEED)
+        check_int("vocab_size", self.vocab_size, 256, maximum=MAX_VOCAB)
         check_int("n_layers", self.n_layers, 1, optional=True)
         check_int("phase_unit", self.phase_unit, 1, optional=True)
         check_int("check_every", self.check_every, 1, optional=True)
@@ -269,6 +277,11 @@ class DemoConfig:
         return "torch-python" if self.task == "finetune" else "python-stdlib"
 
     @property
+    def cache_folder(self) -> Path | None:
+        """``cache_dir`` as a path (None: ``tfz.demo.base.cache_dir()``)."""
+        return None if self.cache_dir is None else Path(self.cache_dir)
+
+    @property
     def tokens_per_step(self) -> int:
         return self.microbatches * self.microbatch_size * self.seq_len
 
@@ -290,6 +303,7 @@ class DemoConfig:
         from tfz.demo.base import BaseSpec
 
         return BaseSpec(
+            vocab_size=self.vocab_size,
             dim=self.dim,
             n_layers=self.model_layers(num_stages),
             n_heads=self.n_heads,

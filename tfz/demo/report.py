@@ -486,7 +486,7 @@ def _plot_losses(report: dict, merged: dict[str, dict], path: Path) -> Path:
     for ax in (whole, end):
         ax.set_xlabel("training wall time of the method (s; evaluation excluded)")
         ax.grid(alpha=0.3)
-    whole.set_ylabel("loss (nats per byte)")
+    whole.set_ylabel("loss (nats per token)")
     whole.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path)
@@ -572,12 +572,19 @@ _LAYOUT_TEXT = {
 }
 
 
+def _token_unit(task: dict) -> str:
+    """What a token is: ``bytes``, or the byte-pair vocabulary's size."""
+    vocab = task.get("vocab_size", 256)
+    return "bytes" if vocab == 256 else f"tokens of a {vocab:,}-token vocabulary"
+
+
 def _intro(report: dict) -> list[str]:
     cfg, task = report["config"], report.get("task", {})
     seeds = report["seeds"]
+    unit = _token_unit(task)
     run = (
         f"{cfg['schedule']} over {cfg['ranks']} ranks ({cfg['num_stages']} stages), {cfg['microbatches']} "
-        f"microbatches of {cfg['microbatch_size']} x {cfg['seq_len']} bytes, {cfg['steps']} steps per "
+        f"microbatches of {cfg['microbatch_size']} x {cfg['seq_len']} {unit}, {cfg['steps']} steps per "
         f"method, AdamW at peak lr {cfg['peak_lr']:g} (warm-up {cfg['warmup_steps']} steps, no freezing "
         f"before it), {'seed' if len(seeds) == 1 else 'mean ± sd over seeds'} {', '.join(map(str, seeds))}."
     )
@@ -609,7 +616,7 @@ def _intro(report: dict) -> list[str]:
         "",
         what,
         run,
-        f"Validation: the same {val.get('sequences')} sequences ({val.get('bytes'):,} bytes) of held-out "
+        f"Validation: the same {val.get('sequences')} sequences ({val.get('tokens'):,} {unit}) of held-out "
         "files "
         "for every method and seed; evaluation time is not training time. Throughput and batch times over "
         f"steps {w0 + 1}-{w1} (every method's freezing in force).",

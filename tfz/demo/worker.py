@@ -327,12 +327,25 @@ def _batches(cfg: DemoConfig, corpus, rng: np.random.Generator):
     return torch.from_numpy(x), torch.from_numpy(y)
 
 
-def load_data(cfg: DemoConfig):
+def load_data(cfg: DemoConfig, tokenizer=None):
     """The training corpus of ``cfg.task`` (``cfg.data`` or the task's built-in corpus), split by file
-    with a fixed seed: the same validation files for every seed."""
+    with a fixed seed (the same validation files for every seed), as ``tokenizer``'s ids (bytes when
+    None; encoded once and cached)."""
     from tfz.data import load_corpus
+    from tfz.demo.base import encode_cached
 
-    return load_corpus(cfg.data, corpus=cfg.train_corpus, seed=0)
+    corpus = load_corpus(cfg.data, corpus=cfg.train_corpus, seed=0)
+    return encode_cached(corpus, tokenizer, cfg.cache_folder)
+
+
+def model_tokenizer(cfg: DemoConfig, base=None):
+    """The tokenizer the model reads: the ``base``'s (finetune), else the one learned for ``cfg``'s
+    default base (None for bytes)."""
+    if base is not None:
+        return base.tokenizer
+    from tfz.demo.base import ensure_tokenizer
+
+    return ensure_tokenizer(cfg.base_spec(cfg.build_schedule().num_stages), cfg.cache_folder)
 
 
 def run_rank(rank: int, world: int, cfg: DemoConfig, seed: int) -> dict[str, Any]:
@@ -341,12 +354,12 @@ def run_rank(rank: int, world: int, cfg: DemoConfig, seed: int) -> dict[str, Any
     torch.set_num_threads(cfg.threads_per_rank)
     torch.manual_seed(seed)
     schedule = build_schedule(cfg.schedule, world, cfg.microbatches)
-    corpus = load_data(cfg)
     base = None
     if cfg.task == "finetune":
         from tfz.demo.base import load_base
 
         base = load_base(cfg.base)
+    corpus = load_data(cfg, model_tokenizer(cfg, base))
     runs = {m: MethodRun(m, cfg, schedule, rank, seed, base) for m in cfg.methods}
     train_rng = np.random.default_rng([seed, 1])
     x_val, y_val = (torch.from_numpy(a) for a in corpus.sequences("val", cfg.val_sequences, cfg.seq_len))
