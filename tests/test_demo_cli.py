@@ -66,6 +66,7 @@ def test_bad_seeds_and_task_name_the_value(capsys):
     _refused(capsys, "--task", "finetuning", match="'finetuning'")
     _refused(capsys, "--task", "pretrain", "--base", "x.pt", match="--base x.pt")
     _refused(capsys, "--mask-layout", "rows", match="'rows'")
+    _refused(capsys, "--vocab-size", "100", match="vocab_size must be an integer in [256, 65536], got 100")
 
 
 def test_empty_data_is_refused(capsys, tmp_path):
@@ -78,6 +79,14 @@ def test_empty_data_is_refused(capsys, tmp_path):
     _refused(capsys, "--data", str(folder), "--out", out, match="needs at least 2 non-empty files")
     _refused(capsys, "--data", str(tmp_path / "missing"), "--out", out, match="does not exist")
     _refused(capsys, "--task", "pretrain", "--data", str(empty), "--out", out, match="is empty")
+
+
+def test_short_data_is_refused_before_the_base_is_built(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("TFZ_CACHE_DIR", str(tmp_path / "cache"))
+    short = tmp_path / "short.txt"
+    short.write_bytes(b"x = 1\n" * 40)  # 240 bytes: its validation tenth is shorter than a sequence
+    _refused(capsys, "--data", str(short), "--out", str(tmp_path / "out"), match="val text has 24 bytes")
+    assert not (tmp_path / "cache").exists()
 
 
 def test_out_is_checked_before_the_work(capsys, tmp_path):

@@ -1,10 +1,10 @@
-"""Train a small LLaMA-style decoder (a 4,096-token byte-pair vocabulary), pipelined over CPU ranks with
-torch.distributed.pipelining and gloo, with no freezing and with TimelyFreeze (or every method), and
-write report.json, report.md, timelines, Chrome traces and a validation-loss-vs-wall-time plot. By
-default every method fine-tunes the same base model (pretrained without freezing on the Python
-standard library's sources; built once on first use and cached) on torch's own Python sources, as in
-the paper's experiments; --task pretrain trains from scratch. No download is needed. Under torchrun
-the same command uses torchrun's processes."""
+"""Train a small LLaMA-style decoder byte-level (or on a learned byte-pair vocabulary), pipelined
+over CPU ranks with torch.distributed.pipelining and gloo, with no freezing and with TimelyFreeze (or
+every method), and write report.json, report.md, timelines, Chrome traces and a
+validation-loss-vs-wall-time plot. By default every method fine-tunes the same base model
+(pretrained without freezing on the Python standard library's sources; built once on first use and
+cached) on torch's own Python sources, as in the paper's experiments; --task pretrain trains from
+scratch. No download is needed. Under torchrun the same command uses torchrun's processes."""
 
 from __future__ import annotations
 

@@ -38,6 +38,15 @@ def _checked_base(cfg: DemoConfig):
     return base
 
 
+def _long_enough(cfg: DemoConfig, corpus):
+    """``corpus``, refused (ValueError naming the split) unless both splits hold a sequence."""
+    import numpy as np
+
+    corpus.sequences("val", cfg.val_sequences, cfg.seq_len)
+    corpus.batch("train", 1, cfg.seq_len, np.random.default_rng(0))
+    return corpus
+
+
 def prepare(
     cfg: DemoConfig, progress: Callable[[str], None] = print, announce: Callable[[], None] | None = None
 ) -> tuple[DemoConfig, dict[str, Any]]:
@@ -47,11 +56,9 @@ def prepare(
     the task: the corpus, the base and the validation set. Bad data or a bad base raise ValueError /
     OSError naming it; ``announce`` is called once both passed, before the default base is built.
     """
-    import numpy as np
-
     from tfz.demo.worker import load_data, model_tokenizer
 
-    corpus = load_data(cfg)  # the files exist and split
+    corpus = _long_enough(cfg, load_data(cfg))  # bytes: no fewer than tokens, checked before any build
     base = _checked_base(cfg) if cfg.task == "finetune" and cfg.base is not None else None
     if announce is not None:
         announce()
@@ -67,9 +74,7 @@ def prepare(
         info["base"] = cfg.base
         info["base_metrics"] = base.metrics
     tokenizer = model_tokenizer(cfg, base)
-    corpus = load_data(cfg, tokenizer)
-    corpus.sequences("val", cfg.val_sequences, cfg.seq_len)  # enough text in both splits
-    corpus.batch("train", 1, cfg.seq_len, np.random.default_rng(0))
+    corpus = _long_enough(cfg, load_data(cfg, tokenizer))
     info["vocab_size"] = 256 if tokenizer is None else tokenizer.vocab_size
     info["validation"] = {
         "sequences": cfg.val_sequences,

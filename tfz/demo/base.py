@@ -12,9 +12,9 @@ A base file (``torch.save``, loadable with ``weights_only=True``) holds::
      "tokenizer": [[a, b], ...] (byte-pair merges) or None (bytes),
      "spec": {BaseSpec fields} or None, "metrics": {"train_loss": ..., "val_loss": ...}}
 
-Version 1 files (no ``tokenizer``) load as byte-level models. The default base's tokenizer is learned
-from its corpus (:func:`ensure_tokenizer`, cached beside it); text is encoded once per tokenizer and
-corpus and cached too (:func:`encode_cached`).
+Version 1 files (no ``tokenizer``) load as byte-level models. A base of more than 256 tokens learns
+its tokenizer from its corpus (:func:`ensure_tokenizer`, cached beside it); text is encoded once per
+tokenizer and corpus and cached too (:func:`encode_cached`).
 
 ``state_dict`` is the whole model as one :class:`tfz.models.LlamaStage` (``tok_embeddings.*``,
 ``layers.<i>.*``, ``norm.*``, ``output.*``): any split into stages loads its part by key.
@@ -64,8 +64,8 @@ _TOKENIZER_SAMPLE = 2 << 20
 class BaseSpec:
     """How the default base model is pretrained (no freezing, one process)."""
 
-    vocab_size: int = 4096
-    """Byte-pair vocabulary learned from ``corpus`` (:func:`ensure_tokenizer`); 256: bytes."""
+    vocab_size: int = 256
+    """256: bytes; more: a byte-pair vocabulary learned from ``corpus`` (:func:`ensure_tokenizer`)."""
     dim: int = 384
     n_layers: int = 4
     n_heads: int = 6
