@@ -337,6 +337,22 @@ def test_timelyfreeze_takes_the_mask_layout_and_the_hybrids_keep_their_policy_s(
         assert got == {"timelyfreeze": layout, "timelyfreeze+apf": "auto", "timelyfreeze+autofreeze": "auto"}
 
 
+def test_the_output_layer_trains_on_every_microbatch_unless_made_freezable():
+    from torch import nn
+
+    from tfz.demo.worker import build_model
+    from tfz.nn import FreezableLinear
+
+    for output_layer, head in (("trained", nn.Linear), ("freezable", FreezableLinear)):
+        cfg = DemoConfig(task="pretrain", output_layer=output_layer, **TINY)
+        last = build_model(cfg, 2, [1], 0)[1]
+        assert type(last.output) is head, output_layer
+        decoder = [m for name, m in last.named_modules() if isinstance(m, nn.Linear) and name != "output"]
+        assert decoder and all(isinstance(m, FreezableLinear) for m in decoder)
+    with pytest.raises(ValueError, match="unknown output_layer 'head'"):
+        DemoConfig(output_layer="head")
+
+
 def test_only_freezing_methods_freeze_and_tfz_none_runs_tfz_s_stage():
     """``tfz-none`` gives the stages a provider that freezes nothing (so they run tfz's backward, not
     torch's, as ``none`` does); neither steps with the row-freezing optimizer."""

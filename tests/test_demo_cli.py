@@ -66,6 +66,7 @@ def test_bad_seeds_and_task_name_the_value(capsys):
     _refused(capsys, "--task", "finetuning", match="'finetuning'")
     _refused(capsys, "--task", "pretrain", "--base", "x.pt", match="--base x.pt")
     _refused(capsys, "--mask-layout", "rows", match="'rows'")
+    _refused(capsys, "--output-layer", "head", match="'head'")
     _refused(capsys, "--vocab-size", "100", match="vocab_size must be an integer in [256, 65536], got 100")
 
 

@@ -69,6 +69,7 @@ def check_out(path: str) -> Path:
 def _flags():
     """(flag, DemoConfig field, argparse type, help) of every ``tfz demo`` flag."""
     from tfz.demo import TASKS
+    from tfz.demo.config import OUTPUT_LAYERS
     from tfz.schedule import SCHEDULES
 
     return (
@@ -137,6 +138,12 @@ def _flags():
             "monitoring",
             ("partial", "frozen"),
             "TimelyFreeze's second monitoring half: every action partly frozen, or all frozen (no learning)",
+        ),
+        (
+            "--output-layer",
+            "output_layer",
+            OUTPUT_LAYERS,
+            "trained: the output layer trains on every microbatch; freezable: methods may freeze its rows",
         ),
         (
             "--mask-layout",

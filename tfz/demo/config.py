@@ -16,6 +16,7 @@ __all__ = [
     "MAX_RANKS",
     "METHODS",
     "METHOD_KINDS",
+    "OUTPUT_LAYERS",
     "TASKS",
     "TIMELYFREEZE_METHODS",
     "DemoConfig",
@@ -44,6 +45,9 @@ def freezes(method: str) -> bool:
     """Whether ``method`` freezes anything (baselines do not: torch's AdamW steps them)."""
     return METHOD_KINDS[method] != "baseline"
 
+
+OUTPUT_LAYERS = ("trained", "freezable")
+"""Whether the demo's methods may freeze the output layer's rows (``DemoConfig.output_layer``)."""
 
 TASKS = ("finetune", "pretrain")
 """``finetune``: every method starts from the same base model (pretrained without freezing on the
@@ -141,6 +145,10 @@ class DemoConfig:
     trains) or ``frozen`` (the paper's all-frozen window) (``TimelyFreezeConfig.monitoring``)."""
     block_rows: int = 32
     """Rows per freezing unit of a linear layer."""
+    output_layer: str = "trained"
+    """``trained``: the output layer stays a plain ``nn.Linear`` that trains on every microbatch, and
+    the methods freeze the decoder layers' rows only; ``freezable``: it is a FreezableLinear like the
+    others (:data:`OUTPUT_LAYERS`)."""
     mask_layout: str = "arcs"
     """How TimelyFreeze's masks of a stage's microbatches relate (``TimelyFreezeConfig.mask_layout``):
     ``arcs`` (each microbatch trains a contiguous run of every layer's rows, the rows taking turns)
@@ -168,6 +176,10 @@ class DemoConfig:
     def __post_init__(self):
         if self.task not in TASKS:
             raise ValueError(f"unknown task {self.task!r}; choose one of: {', '.join(TASKS)}")
+        if self.output_layer not in OUTPUT_LAYERS:
+            raise ValueError(
+                f"unknown output_layer {self.output_layer!r}; choose one of: {', '.join(OUTPUT_LAYERS)}"
+            )
         if self.schedule not in SCHEDULES:
             raise ValueError(f"unknown schedule {self.schedule!r}; choose one of: {', '.join(SCHEDULES)}")
         unknown = [m for m in self.methods if m not in METHODS]

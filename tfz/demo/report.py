@@ -601,6 +601,8 @@ def _intro(report: dict) -> list[str]:
             f" A partly frozen row's gradient is {rescaled}, and its AdamW step is scaled by "
             f"(microbatches / active microbatches) ^ {cfg.get('step_scale', 0):g}."
         )
+        if cfg.get("output_layer") == "trained":
+            run += " The output layer trains on every microbatch; the methods freeze decoder layers' rows."
     if cfg["task"] == "finetune":
         what = (
             f"Fine-tuning on {task.get('corpus')} from the base model {task.get('base')} (pretrained "

@@ -119,8 +119,9 @@ class StepRecord:
 
 
 def build_model(cfg: DemoConfig, num_stages: int, stage_ids, seed: int, base=None) -> dict[int, nn.Module]:
-    """Stages ``stage_ids`` of the demo's model with FreezableLinear layers: the ``base``'s weights
-    (a :class:`tfz.demo.base.BaseModel`, finetune) or fresh ones from ``seed`` (pretrain)."""
+    """Stages ``stage_ids`` of the demo's model with FreezableLinear layers (the output layer too
+    unless ``cfg.output_layer`` is ``trained``): the ``base``'s weights (a
+    :class:`tfz.demo.base.BaseModel`, finetune) or fresh ones from ``seed`` (pretrain)."""
     from tfz.models import build_stages, split_layers
     from tfz.nn import convert_to_freezable
 
@@ -134,7 +135,10 @@ def build_model(cfg: DemoConfig, num_stages: int, stage_ids, seed: int, base=Non
     if base is not None:
         for stage in built.values():
             base.load_into(stage)
-    return {s: convert_to_freezable(m) for s, m in built.items()}
+    freezable = None
+    if cfg.output_layer == "trained":
+        freezable = lambda module, fqn: isinstance(module, nn.Linear) and fqn != "output"
+    return {s: convert_to_freezable(m, freezable) for s, m in built.items()}
 
 
 def attach_optimizer(cfg: DemoConfig, modules: dict[int, nn.Module], *, freezing: bool = True):
