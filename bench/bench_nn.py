@@ -117,7 +117,7 @@ def demo_last_stage(*, plain: bool = False):
     from tfz.pipeline.engine import MaskPlan, StageParams, full_backward
 
     torch.set_num_threads(1)
-    cfg = DemoConfig(task="pretrain", output_layer="freezable")  # as its recorded results
+    cfg = DemoConfig(task="pretrain", output_layer="freezable", vocab_size=256)  # as recorded
     first, stage = build_model(cfg, 2, range(2), 0).values()
     units = StageUnits.from_module(stage, block_rows=cfg.block_rows)
     if plain:
@@ -196,7 +196,7 @@ def test_mask_plan(benchmark, stage_id):
     from tfz.masks import StageUnits, select_covering
     from tfz.pipeline.engine import MaskPlan, StageParams
 
-    cfg = DemoConfig(task="pretrain", output_layer="freezable")  # as its recorded results
+    cfg = DemoConfig(task="pretrain", output_layer="freezable", vocab_size=256)  # as recorded
     stage = build_model(cfg, 2, range(2), 0)[stage_id]
     units = StageUnits.from_module(stage, block_rows=cfg.block_rows)
     params = StageParams(stage)

@@ -242,7 +242,7 @@ def cmd_profile(args):
     from tfz.masks import StageUnits, select_covering
 
     torch.set_num_threads(1)
-    cfg = DemoConfig(task="pretrain", output_layer="freezable")  # as its recorded results
+    cfg = DemoConfig(task="pretrain", output_layer="freezable", vocab_size=256)  # as recorded
     modules = build_model(cfg, 2, range(2), 0)
     params = {s: StageParams(m) for s, m in modules.items()}
     plans = {"B": {s: MaskPlan(None, params[s]) for s in modules}, "B_frozen": {}}  # kind -> stage -> plan
@@ -298,8 +298,12 @@ def cmd_run(args):
     seeds = [int(s) for s in args.seeds.split(",")]
     variants = [_parse_variant(v) for v in args.variant]
     common = dict(
-        task=args.task, steps=args.steps, val_sequences=args.val_sequences, output_layer="freezable"
-    )  # the output layer as in its recorded results
+        task=args.task,
+        steps=args.steps,
+        val_sequences=args.val_sequences,
+        output_layer="freezable",
+        vocab_size=256,
+    )  # the model of its recorded results
     common.update(_parse_variant("common:" + ",".join(args.set))[1])
     base_cfg = DemoConfig(**common)
     base = _base(base_cfg)

@@ -1,4 +1,4 @@
-"""Train a small LLaMA-style decoder byte-level (or on a learned byte-pair vocabulary), pipelined
+"""Train a small LLaMA-style decoder on a byte-pair vocabulary learned from its base's corpus, pipelined
 over CPU ranks with torch.distributed.pipelining and gloo, with no freezing and with TimelyFreeze (or
 every method), and write report.json, report.md, timelines, Chrome traces and a
 validation-loss-vs-wall-time plot. By default every method fine-tunes the same base model

@@ -64,8 +64,8 @@ _TOKENIZER_SAMPLE = 2 << 20
 class BaseSpec:
     """How the default base model is pretrained (no freezing, one process)."""
 
-    vocab_size: int = 256
-    """256: bytes; more: a byte-pair vocabulary learned from ``corpus`` (:func:`ensure_tokenizer`)."""
+    vocab_size: int = 4096
+    """A byte-pair vocabulary learned from ``corpus`` (:func:`ensure_tokenizer`); 256: bytes."""
     dim: int = 384
     n_layers: int = 4
     n_heads: int = 6
