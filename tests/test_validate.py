@@ -12,6 +12,7 @@ import pytest
 from tfz._validate import (
     SWITCHES,
     check_bool,
+    check_choice,
     check_int,
     check_number,
     check_ratio,
@@ -156,3 +157,13 @@ def test_switches_list_every_flag_the_package_reads():
     for path in [*(root / "tfz").rglob("*.py"), *(root / "kernels").rglob("*.py")]:
         read |= set(re.findall(r'env_flag\("(TFZ_[A-Z_]+)"', path.read_text()))
     assert read == set(SWITCHES)
+
+
+def test_check_choice_names_the_value_and_the_choices():
+    assert check_choice("task", "pretrain", ("finetune", "pretrain")) == "pretrain"
+    assert check_choice("corpus", "b", {"a": 1, "b": 2}) == "b"  # a dict's keys
+    for bad in ("Pretrain", 5, ["pretrain"], None):
+        with pytest.raises(
+            ValueError, match=re.escape(f"unknown task {bad!r}; choose one of: finetune, pretrain")
+        ):
+            check_choice("task", bad, ("finetune", "pretrain"))

@@ -57,6 +57,13 @@ def is_number(value: Any) -> bool:
     return np is not None and isinstance(value, np.floating)
 
 
+def check_choice(name: str, value: Any, choices) -> str:
+    """``value`` if it is one of ``choices`` (strings), else ValueError naming it and the choices."""
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"unknown {name} {short_repr(value)}; choose one of: {', '.join(choices)}")
+    return value
+
+
 def check_bool(name: str, value: Any) -> bool:
     """``value`` as a plain ``bool`` (``bool`` or numpy's bool; not 0/1 nor a string), else ValueError."""
     np = sys.modules.get("numpy")

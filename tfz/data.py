@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from tfz._validate import check_int, check_number
+from tfz._validate import check_choice, check_int, check_number
 
 __all__ = [
     "CORPORA",
@@ -91,9 +91,7 @@ CORPORA: dict[str, Callable[[], list[Path]]] = {
 
 def corpus_files(name: str) -> list[Path]:
     """The files of built-in corpus ``name`` (a key of :data:`CORPORA`)."""
-    if name not in CORPORA:
-        raise ValueError(f"unknown corpus {name!r}; choose one of: {', '.join(CORPORA)}")
-    return CORPORA[name]()
+    return CORPORA[check_choice("corpus", name, CORPORA)]()
 
 
 @dataclass(frozen=True)
@@ -113,13 +111,8 @@ class TextCorpus:
         """This byte corpus as ``tokenizer``'s ids (``tokenizer.encode`` of each split)."""
         if self.tokenizer is not None:
             raise ValueError(f"{self.source} is already encoded by {self.tokenizer!r}")
-        return dataclasses.replace(
-            self,
-            train=tokenizer.encode(self.train.tobytes()),
-            val=tokenizer.encode(self.val.tobytes()),
-            tune=tokenizer.encode(self.tune.tobytes()),
-            tokenizer=tokenizer,
-        )
+        ids = {split: tokenizer.encode(getattr(self, split).tobytes()) for split in SPLITS}
+        return dataclasses.replace(self, tokenizer=tokenizer, **ids)
 
     def _split(self, split: str, seq_len: int) -> np.ndarray:
         if split not in SPLITS:

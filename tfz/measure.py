@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tfz._validate import MAX_SEED, check_int, short_repr
+from tfz._validate import MAX_SEED, check_choice, check_int, short_repr
 from tfz.masks import StageMasks, StageUnits
 from tfz.models import PRESETS, build_stages
 from tfz.nn import WeightGradStore, convert_to_freezable
@@ -84,10 +84,8 @@ class ProfileConfig:
     """In [0, 2^32)."""
 
     def __post_init__(self):
-        if not isinstance(self.model, str) or self.model not in PRESETS:
-            raise ValueError(f"unknown model {short_repr(self.model)}; choose one of: {', '.join(PRESETS)}")
-        if not isinstance(self.dtype, str) or self.dtype not in DTYPES:
-            raise ValueError(f"unknown dtype {short_repr(self.dtype)}; choose one of: {', '.join(DTYPES)}")
+        check_choice("model", self.model, PRESETS)
+        check_choice("dtype", self.dtype, DTYPES)
         if not isinstance(self.device, str) or not _DEVICE.fullmatch(self.device):
             raise ValueError(f"device must be cpu or cuda[:N], got {short_repr(self.device)}")
         for name, low, high in (

@@ -56,6 +56,7 @@ def prepare(
     the task: the corpus, the base and the validation set. Bad data or a bad base raise ValueError /
     OSError naming it; ``announce`` is called once both passed, before the default base is built.
     """
+    from tfz.demo.base import encode_cached
     from tfz.demo.worker import load_data, model_tokenizer
 
     corpus = _long_enough(cfg, load_data(cfg))  # bytes: no fewer than tokens, checked before any build
@@ -74,7 +75,7 @@ def prepare(
         info["base"] = cfg.base
         info["base_metrics"] = base.metrics
     tokenizer = model_tokenizer(cfg, base)
-    corpus = _long_enough(cfg, load_data(cfg, tokenizer))
+    corpus = _long_enough(cfg, encode_cached(corpus, tokenizer, cfg.cache_folder))
     info["vocab_size"] = 256 if tokenizer is None else tokenizer.vocab_size
     info["validation"] = {
         "sequences": cfg.val_sequences,

@@ -38,7 +38,8 @@ from typing import Any
 
 import numpy as np
 
-from tfz._validate import check_int, check_number
+from tfz._validate import check_choice, check_int, check_number
+from tfz.data import SPLITS
 from tfz.tokenizer import MAX_VOCAB, BytePairTokenizer
 
 __all__ = [
@@ -94,8 +95,7 @@ class BaseSpec:
             raise ValueError(f"dim {self.dim} is not divisible by n_heads {self.n_heads}")
         from tfz.data import CORPORA
 
-        if self.corpus not in CORPORA:
-            raise ValueError(f"unknown corpus {self.corpus!r}; choose one of: {', '.join(CORPORA)}")
+        check_choice("corpus", self.corpus, CORPORA)
 
     def model_config(self):
         from tfz.models import LlamaConfig
@@ -212,14 +212,14 @@ def encode_cached(corpus, tokenizer, folder: Path | None = None):
     tokenizer and the text (``tokens-<hash>.npz``)."""
     if tokenizer is None:
         return corpus
-    key = _digest(np.asarray(tokenizer.merges, dtype=np.int64), corpus.train, corpus.val, corpus.tune)
+    texts = [getattr(corpus, split) for split in SPLITS]
+    key = _digest(np.asarray(tokenizer.merges, dtype=np.int64), *texts)
     path = _folder(folder) / f"tokens-{key}.npz"
     if path.is_file():
         with np.load(path) as saved:
             return dataclasses.replace(corpus, tokenizer=tokenizer, **{k: saved[k] for k in saved.files})
     encoded = corpus.encoded(tokenizer)
-    parts = {k: getattr(encoded, k) for k in ("train", "val", "tune")}
-    _atomic_write(path, lambda f: np.savez(f, **parts))
+    _atomic_write(path, lambda f: np.savez(f, **{split: getattr(encoded, split) for split in SPLITS}))
     return encoded
 
 

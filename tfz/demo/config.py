@@ -7,7 +7,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tfz._defaults import MAX_FREEZE_RATIO
-from tfz._validate import MAX_SEED, check_bool, check_int, check_number, check_ratio, is_int, short_repr
+from tfz._validate import (
+    MAX_SEED,
+    check_bool,
+    check_choice,
+    check_int,
+    check_number,
+    check_ratio,
+    is_int,
+    short_repr,
+)
 from tfz.schedule import SCHEDULES
 from tfz.tokenizer import MAX_VOCAB
 
@@ -174,14 +183,9 @@ class DemoConfig:
     """Steps whose measured timelines are drawn; default: one before freezing starts, the last step."""
 
     def __post_init__(self):
-        if self.task not in TASKS:
-            raise ValueError(f"unknown task {self.task!r}; choose one of: {', '.join(TASKS)}")
-        if self.output_layer not in OUTPUT_LAYERS:
-            raise ValueError(
-                f"unknown output_layer {self.output_layer!r}; choose one of: {', '.join(OUTPUT_LAYERS)}"
-            )
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"unknown schedule {self.schedule!r}; choose one of: {', '.join(SCHEDULES)}")
+        check_choice("task", self.task, TASKS)
+        check_choice("output_layer", self.output_layer, OUTPUT_LAYERS)
+        check_choice("schedule", self.schedule, SCHEDULES)
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown or not self.methods:
             raise ValueError(
@@ -226,8 +230,8 @@ class DemoConfig:
             raise ValueError(f"seeds repeat: {self.seeds!r}")
         from tfz.data import CORPORA
 
-        if self.corpus is not None and self.corpus not in CORPORA:
-            raise ValueError(f"unknown corpus {self.corpus!r}; choose one of: {', '.join(CORPORA)}")
+        if self.corpus is not None:
+            check_choice("corpus", self.corpus, CORPORA)
         if self.base is not None and self.task != "finetune":
             raise ValueError(f"--base {self.base} applies to --task finetune, not {self.task}")
         if self.dim % self.n_heads:
