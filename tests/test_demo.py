@@ -353,6 +353,32 @@ def test_the_output_layer_trains_on_every_microbatch_unless_made_freezable():
         DemoConfig(output_layer="head")
 
 
+def test_pretrain_learns_its_vocabulary_from_its_own_data(tmp_path):
+    """``--task pretrain --data`` reads tokens learned from that data, not from the default base's
+    corpus; a second launch reads the cached tokenizer."""
+    from tfz.data import load_corpus
+    from tfz.demo import prepare
+    from tfz.tokenizer import BytePairTokenizer
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(12):
+        (data / f"{i}.txt").write_text(f"zqxj vwuk kjqz {i} xqzv wukv\n" * 40)
+    out, cache = str(tmp_path / "out"), str(tmp_path)
+    cfg = DemoConfig(task="pretrain", data=str(data), out=out, cache_dir=cache, **TINY)
+    lines = []
+    _, info = prepare(cfg, progress=lines.append)
+    learned = [line for line in lines if "vocabulary" in line]
+    assert len(learned) == 1 and str(data) in learned[0]
+    expected = BytePairTokenizer.train(load_corpus(data, seed=0).train.tobytes(), cfg.vocab_size)
+    [path] = tmp_path.glob("tokenizer-*.json")
+    assert BytePairTokenizer(json.loads(path.read_text())["merges"]) == expected
+    assert info["vocab_size"] == expected.vocab_size
+    lines.clear()
+    prepare(cfg, progress=lines.append)
+    assert not [line for line in lines if "vocabulary" in line]
+
+
 def test_only_freezing_methods_freeze_and_tfz_none_runs_tfz_s_stage():
     """``tfz-none`` gives the stages a provider that freezes nothing (so they run tfz's backward, not
     torch's, as ``none`` does); neither steps with the row-freezing optimizer."""

@@ -7,6 +7,7 @@ import torch
 from tfz.data import load_corpus
 from tfz.demo.base import (
     BaseSpec,
+    _corpus,
     base_path,
     encode_cached,
     ensure_base,
@@ -101,10 +102,11 @@ def test_the_base_carries_its_tokenizer_and_encoded_text_is_cached(tmp_path):
     path, _ = ensure_base(SPEC, tmp_path, progress=lines.append)
     assert any("learning a 320-token vocabulary" in line for line in lines)
     tok = load_base(path).tokenizer
-    assert tok.vocab_size == 320 and tok == ensure_tokenizer(SPEC, tmp_path, progress=lines.append)
+    assert tok.vocab_size == 320
+    assert tok == ensure_tokenizer(_corpus(SPEC), 320, tmp_path, progress=lines.append)
     assert len([line for line in lines if "vocabulary" in line]) == 1  # learned once, then read back
     assert len(list(tmp_path.glob("tokenizer-*.json"))) == 1
-    assert ensure_tokenizer(BaseSpec(**{**SPEC.__dict__, "vocab_size": 256}), tmp_path) is None
+    assert ensure_tokenizer(_corpus(SPEC), 256, tmp_path) is None
     text = tmp_path / "text"
     text.mkdir()
     for i in range(4):

@@ -56,8 +56,7 @@ def prepare(
     the task: the corpus, the base and the validation set. Bad data or a bad base raise ValueError /
     OSError naming it; ``announce`` is called once both passed, before the default base is built.
     """
-    from tfz.demo.base import encode_cached
-    from tfz.demo.worker import load_data, model_tokenizer
+    from tfz.demo.worker import encode_data, load_data
 
     corpus = _long_enough(cfg, load_data(cfg))  # bytes: no fewer than tokens, checked before any build
     base = _checked_base(cfg) if cfg.task == "finetune" and cfg.base is not None else None
@@ -74,9 +73,8 @@ def prepare(
             base = _checked_base(cfg)
         info["base"] = cfg.base
         info["base_metrics"] = base.metrics
-    tokenizer = model_tokenizer(cfg, base)
-    corpus = _long_enough(cfg, encode_cached(corpus, tokenizer, cfg.cache_folder))
-    info["vocab_size"] = 256 if tokenizer is None else tokenizer.vocab_size
+    corpus = _long_enough(cfg, encode_data(cfg, corpus, base, progress))
+    info["vocab_size"] = 256 if corpus.tokenizer is None else corpus.tokenizer.vocab_size
     info["validation"] = {
         "sequences": cfg.val_sequences,
         "tokens": cfg.val_sequences * cfg.seq_len,

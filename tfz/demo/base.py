@@ -58,7 +58,7 @@ FORMAT = "tfz-demo-base"
 VERSION = 2
 _VERSIONS = (1, 2)
 _TOKENIZER_SAMPLE = 2 << 20
-"""Bytes of the base corpus's training split the tokenizer learns its merges from."""
+"""Bytes of a corpus's training split a tokenizer learns its merges from."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -189,19 +189,20 @@ def _atomic_write(path: Path, write: Callable[[Any], None]) -> Path:
 
 
 def ensure_tokenizer(
-    spec: BaseSpec, folder: Path | None = None, *, progress: Callable[[str], None] = print
+    corpus, vocab_size: int, folder: Path | None = None, *, progress: Callable[[str], None] = print
 ) -> BytePairTokenizer | None:
-    """The byte-pair tokenizer of ``spec`` (None for ``vocab_size`` 256): learned once from the first
-    bytes of its corpus's training split, then cached (``tokenizer-<hash>.json``)."""
-    if spec.vocab_size == 256:
+    """A ``vocab_size``-token byte-pair tokenizer of ``corpus`` (a byte-level :class:`tfz.data.TextCorpus`;
+    None for 256): learned once from the first bytes of its training split, then cached
+    (``tokenizer-<hash>.json``, keyed by the size and those bytes)."""
+    if vocab_size == 256:
         return None
-    sample = _corpus(spec).train[:_TOKENIZER_SAMPLE]
-    key = _digest(np.array([spec.vocab_size]), sample)
+    sample = corpus.train[:_TOKENIZER_SAMPLE]
+    key = _digest(np.array([vocab_size]), sample)
     path = _folder(folder) / f"tokenizer-{key}.json"
     if path.is_file():
         return BytePairTokenizer(json.loads(path.read_text())["merges"])
-    progress(f"learning a {spec.vocab_size:,}-token vocabulary from {spec.corpus} once; cached as {path}")
-    tokenizer = BytePairTokenizer.train(sample.tobytes(), spec.vocab_size)
+    progress(f"learning a {vocab_size:,}-token vocabulary from {corpus.source} once; cached as {path}")
+    tokenizer = BytePairTokenizer.train(sample.tobytes(), vocab_size)
     text = json.dumps({"vocab_size": tokenizer.vocab_size, "merges": tokenizer.merges})
     _atomic_write(path, lambda f: f.write(text.encode()))
     return tokenizer
@@ -355,7 +356,7 @@ def ensure_base(
         f"building the base model once: {spec.n_layers} layers, dim {spec.dim}, pretrained without "
         f"freezing on {spec.corpus} for {spec.steps} steps (seed {spec.seed}); cached as {path}"
     )
-    tokenizer = ensure_tokenizer(spec, folder, progress=progress)
+    tokenizer = ensure_tokenizer(corpus, spec.vocab_size, folder, progress=progress)
     weights, metrics = _pretrain(spec, encode_cached(corpus, tokenizer, folder), progress)
     save_base(path, spec.model_config(), weights, spec=spec, metrics=metrics, tokenizer=tokenizer)
     progress(f"  base model ready: validation loss {metrics['val_loss']:.3f} on {spec.corpus}")

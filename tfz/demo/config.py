@@ -112,11 +112,11 @@ class DemoConfig:
     seq_len: int = 64
     """Tokens per sequence."""
     vocab_size: int = 4096
-    """Vocabulary of the default base and of pretrain runs: byte-pair tokens learned once from the
-    base's corpus (``tfz.tokenizer``), so the output layer gives the last stage ``dim x vocab_size``
-    weights, as a real vocabulary does; 256 reads bytes. With the output layer trained on every
-    microbatch, 4,096 tokens is the setting measured ahead of no freezing at equal time
-    (bench/RESULTS.md). A given ``base`` brings its own."""
+    """Vocabulary of the default base and of pretrain runs: byte-pair tokens (``tfz.tokenizer``)
+    learned once from the base's corpus, or from the training corpus for pretrain, so the output
+    layer gives the last stage ``dim x vocab_size`` weights, as a real vocabulary does; 256 reads
+    bytes. With the output layer trained on every microbatch, 4,096 tokens is the setting measured
+    ahead of no freezing at equal time (bench/RESULTS.md). A given ``base`` brings its own."""
     dim: int = 384
     n_layers: int | None = None
     """Decoder layers of the model (pretrain, and the default base); default 4, or one per stage when

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -331,25 +332,24 @@ def _batches(cfg: DemoConfig, corpus, rng: np.random.Generator):
     return torch.from_numpy(x), torch.from_numpy(y)
 
 
-def load_data(cfg: DemoConfig, tokenizer=None):
-    """The training corpus of ``cfg.task`` (``cfg.data`` or the task's built-in corpus), split by file
-    with a fixed seed (the same validation files for every seed), as ``tokenizer``'s ids (bytes when
-    None; encoded once and cached)."""
+def load_data(cfg: DemoConfig):
+    """The training corpus of ``cfg.task`` (``cfg.data`` or the task's built-in corpus) as bytes, split
+    by file with a fixed seed (the same validation files for every seed)."""
     from tfz.data import load_corpus
-    from tfz.demo.base import encode_cached
 
-    corpus = load_corpus(cfg.data, corpus=cfg.train_corpus, seed=0)
-    return encode_cached(corpus, tokenizer, cfg.cache_folder)
+    return load_corpus(cfg.data, corpus=cfg.train_corpus, seed=0)
 
 
-def model_tokenizer(cfg: DemoConfig, base=None):
-    """The tokenizer the model reads: the ``base``'s (finetune), else the one learned for ``cfg``'s
-    default base (None for bytes)."""
+def encode_data(cfg: DemoConfig, corpus, base=None, progress: Callable[[str], None] = print):
+    """``corpus`` as the ids the model reads (encoded once and cached): the ``base``'s tokenizer
+    (finetune), else a ``cfg.vocab_size``-token one learned from ``corpus`` itself (pretrain)."""
+    from tfz.demo.base import encode_cached, ensure_tokenizer
+
     if base is not None:
-        return base.tokenizer
-    from tfz.demo.base import ensure_tokenizer
-
-    return ensure_tokenizer(cfg.base_spec(cfg.build_schedule().num_stages), cfg.cache_folder)
+        tokenizer = base.tokenizer
+    else:
+        tokenizer = ensure_tokenizer(corpus, cfg.vocab_size, cfg.cache_folder, progress=progress)
+    return encode_cached(corpus, tokenizer, cfg.cache_folder)
 
 
 def run_rank(rank: int, world: int, cfg: DemoConfig, seed: int) -> dict[str, Any]:
@@ -363,7 +363,7 @@ def run_rank(rank: int, world: int, cfg: DemoConfig, seed: int) -> dict[str, Any
         from tfz.demo.base import load_base
 
         base = load_base(cfg.base)
-    corpus = load_data(cfg, model_tokenizer(cfg, base))
+    corpus = encode_data(cfg, load_data(cfg), base)
     runs = {m: MethodRun(m, cfg, schedule, rank, seed, base) for m in cfg.methods}
     train_rng = np.random.default_rng([seed, 1])
     x_val, y_val = (torch.from_numpy(a) for a in corpus.sequences("val", cfg.val_sequences, cfg.seq_len))
