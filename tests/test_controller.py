@@ -65,6 +65,11 @@ def test_config_defaults_are_the_papers():
     assert TimelyFreezeConfig(plan=PlanConfig(action_cap=0.9)).plan.action_cap == 0.9
     assert TimelyFreezeConfig(cap_each_microbatch=False).plan == PlanConfig()  # the paper's LP
     assert TimelyFreezeConfig(**{**cfg.to_dict(), "plan": PlanConfig(**cfg.to_dict()["plan"])}) == cfg
+    assert TimelyFreezeConfig(monitor_ratios=(0.0, 0.8)).paired_monitoring
+    assert not cfg.paired_monitoring
+    assert not TimelyFreezeConfig(monitor_ratios=(0.0, 0.8), monitoring="frozen").paired_monitoring
+    with pytest.raises(ValueError, match=r"monitor_ratios must hold a ratio above 0, got \(0.0,\)"):
+        TimelyFreezeConfig(monitor_ratios=(0.0,))
     with pytest.raises(ValueError, match="cap_each_microbatch must be a bool, got 1"):
         TimelyFreezeConfig(cap_each_microbatch=1)
     with pytest.raises(TypeError):
@@ -340,6 +345,40 @@ def test_plan_equals_reference_ratios_without_noise(monitoring):
     np.testing.assert_allclose(c.estimates[1], syn.l, rtol=1e-6, atol=1e-6)
     ref = solve(c.dag, syn.u, syn.l, PlanConfig(max_freeze_ratio=0.8, action_cap=0.8))
     np.testing.assert_allclose(c.plan.ratios, ref.ratios, atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["cover", "arcs"])
+def test_a_zero_level_measures_both_bounds_in_the_same_steps(layout):
+    """With 0 among the monitor ratios, some microbatches run unfrozen beside the partly frozen ones of
+    the same steps, and the bounds are fitted from that half alone. A machine 25% slower from the
+    second half on is then measured as it is (u and l x 1.25); the fit across the halves (no 0
+    level) mixes the two speeds and misses the frozen bound."""
+    sched = build_schedule("1f1b", 2, 4)
+    slow = 1.25
+
+    def estimates(levels):
+        c = make(small(phase_unit=6, monitor_ratios=levels, mask_layout=layout), sched)
+        syn = Synthetic(c.dag)
+        k = 0
+        while c.estimates is None:
+            times = syn.times(k, c)
+            if c.phase is Phase.MONITOR_LOWER:
+                for mb in range(4):
+                    level = levels[(k - c.config.warmup - c.config.monitor + mb) % len(levels)]
+                    for s in (0, 1):
+                        assert (c.masks_for(s, mb) is None) == (level == 0.0)
+                        assert c.requested_ratios()[c.dag.index[f"{s}B{mb}"]] == level
+            if c.phase is not Phase.MONITOR_UPPER and c.phase is not Phase.WARMUP:
+                times = {name: slow * t for name, t in times.items()}
+            c.step_end(k, times)
+            k += 1
+        return c.estimates, slow * syn.u, slow * syn.l, c.dag.kind_mask("B", "W")
+
+    (upper, lower), u, low, freezable = estimates((0.0, 0.8))
+    np.testing.assert_allclose(upper, u, rtol=1e-6)
+    np.testing.assert_allclose(lower[freezable], low[freezable], rtol=1e-6)
+    (upper, lower), u, low, freezable = estimates((0.4, 0.8))
+    assert np.abs(lower[freezable] / low[freezable] - 1).max() > 0.1
 
 
 def test_ramp_progress_is_linear_and_masks_follow_the_plan():

@@ -144,6 +144,14 @@ def test_report_shows_the_plans_speedup_and_its_all_frozen_ceiling():
     assert "plan's own batch speedup 1.200x; with every row of every backward frozen at most 1.250x" in (
         markdown(report, [])
     )
+    assert report["config"]["monitor_ratios"] == [0.4, 0.8]  # the controller's default, resolved
+    assert "microbatches at freeze ratios 0.4, 0.8 in turn, after a window of unfrozen steps" in (
+        markdown(report, [])
+    )
+    paired = cfg.replace(monitor_ratios=(0.0, 0.8))
+    assert paired.timelyfreeze_config(0).monitor_ratios == (0.0, 0.8)
+    report = combine([build_report(ranks, paired, seed=s)[0] for s in (0, 1)], paired, {"task": task})
+    assert "freeze ratios 0, 0.8 in turn in the same steps, both bounds fitted" in markdown(report, [])
 
 
 def test_report_shows_freezings_own_gain_over_tfz_none():

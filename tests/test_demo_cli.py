@@ -68,6 +68,9 @@ def test_bad_seeds_and_task_name_the_value(capsys):
     _refused(capsys, "--mask-layout", "rows", match="'rows'")
     _refused(capsys, "--output-layer", "head", match="'head'")
     _refused(capsys, "--vocab-size", "100", match="vocab_size must be an integer in [256, 65536], got 100")
+    _refused(capsys, "--monitor-ratios", "0,x", match="'0,x'")
+    _refused(capsys, "--monitor-ratios", "0", match="monitor_ratios must hold a ratio above 0, got (0.0,)")
+    _refused(capsys, "--monitor-ratios", "0,1.5", match="monitor_ratios[1] must be")
 
 
 def test_empty_data_is_refused(capsys, tmp_path):

@@ -47,6 +47,16 @@ def _seeds(text: str) -> tuple[int, ...]:
     return seeds
 
 
+def _ratios(text: str) -> tuple[float, ...]:
+    """argparse type: comma-separated numbers ("0,0.8"); TimelyFreezeConfig checks their range."""
+    try:
+        return tuple(float(p) for p in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated numbers, got {short_repr(text)}"
+        ) from None
+
+
 def check_out(path: str) -> Path:
     """``--out`` before any work: an existing writable folder, or one that can be created (it is)."""
     out = Path(path)
@@ -138,6 +148,13 @@ def _flags():
             "monitoring",
             ("partial", "frozen"),
             "TimelyFreeze's second monitoring half: every action partly frozen, or all frozen (no learning)",
+        ),
+        (
+            "--monitor-ratios",
+            "monitor_ratios",
+            _ratios,
+            "comma list: freeze ratios of TimelyFreeze's partly frozen monitoring half (default 0.4,0.8; "
+            "a 0 measures both bounds in the same steps)",
         ),
         (
             "--output-layer",

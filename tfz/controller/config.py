@@ -86,8 +86,12 @@ class TimelyFreezeConfig:
     paper's window, every unit frozen but ``keep_trainable_units`` of the last stage (no learning
     for ``monitor_steps`` steps), the bound extrapolated from that one level."""
     monitor_ratios: tuple[float, ...] = (0.4, 0.8)
-    """Freeze ratios of the ``partial`` monitoring half, each in (0, 1]; microbatch m of stage s runs
-    at ``monitor_ratios[(k + m) % len]`` in its k-th step, so a stage's mean is about their mean."""
+    """Freeze ratios of the ``partial`` monitoring half, each in [0, 1], at least one above 0;
+    microbatch m of stage s runs at ``monitor_ratios[(k + m) % len]`` in its k-th step, so a stage's
+    mean is about their mean. A 0 level runs some microbatches unfrozen beside the partly frozen
+    ones of the same steps; the bounds are then fitted from this half alone, so both ends of every
+    action's line are measured at the same moments, and a change of the machine's speed between the
+    halves does not tilt it (the unfrozen half still gives the batch time behind the gap)."""
     keep_trainable_units: int = 1
     """``frozen`` monitoring: units of the last stage left trainable in the all-frozen window (the
     other stages freeze everything); the measured lower bound is extrapolated to full freezing."""
@@ -131,13 +135,14 @@ class TimelyFreezeConfig:
             raise ValueError(f"monitoring must be 'partial' or 'frozen', got {self.monitoring!r}")
         levels = self.monitor_ratios
         if not isinstance(levels, (tuple, list)) or not levels:
-            raise ValueError(f"monitor_ratios must be a non-empty tuple of ratios in (0, 1], got {levels!r}")
+            raise ValueError(f"monitor_ratios must be a non-empty tuple of ratios in [0, 1], got {levels!r}")
         levels = tuple(
-            check_number(f"monitor_ratios[{i}]", r, low=0.0, high=1.0, low_open=True)
-            for i, r in enumerate(levels)
+            check_number(f"monitor_ratios[{i}]", r, low=0.0, high=1.0) for i, r in enumerate(levels)
         )
         if len(set(levels)) != len(levels):
             raise ValueError(f"monitor_ratios must not repeat a ratio, got {self.monitor_ratios!r}")
+        if not any(levels):
+            raise ValueError(f"monitor_ratios must hold a ratio above 0, got {self.monitor_ratios!r}")
         object.__setattr__(self, "monitor_ratios", levels)
         if self.mask_layout not in MASK_LAYOUTS:
             names = ", ".join(map(repr, MASK_LAYOUTS))
@@ -212,6 +217,11 @@ class TimelyFreezeConfig:
     def warmup(self) -> int:
         """Resolved ``warmup_steps``."""
         return self.phase_unit if self.warmup_steps is None else self.warmup_steps
+
+    @property
+    def paired_monitoring(self) -> bool:
+        """Partial monitoring with a 0 level: the bounds come from the partly frozen half alone."""
+        return self.monitoring == "partial" and 0.0 in self.monitor_ratios
 
     @property
     def monitor(self) -> int:

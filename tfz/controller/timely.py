@@ -17,9 +17,10 @@ ready; every rank learns that through a broadcast, so all switch at the same ste
 ``discard_steps`` steps of each monitoring half are not recorded; the last ``window`` recorded steps
 count. Bounds: for every local B/W action, ``t = a + b x`` in the active fraction x (the realised,
 FLOP-weighted fraction of its stage's units its masks left trainable) is fitted through the medians
-of each level (:func:`~tfz.controller.estimates.fit_linear`, the unfrozen half at x = 1): unfrozen
-bound u = a + b, frozen bound l = a. F and I actions keep the median of both halves as their fixed
-time. The bounds of all ranks are gathered as float32.
+of each level (:func:`~tfz.controller.estimates.fit_linear`, the unfrozen half at x = 1, or with a
+0 in ``monitor_ratios`` the second half alone: its unfrozen microbatches run in the same steps as
+the frozen ones): unfrozen bound u = a + b, frozen bound l = a. F and I actions keep the median of
+the fitted rows as their fixed time. The bounds of all ranks are gathered as float32.
 
 Gap: when ``step_end`` is given the measured batch time, the unfrozen half also records it; with
 the bounds, the ranks agree on the slowest rank's median and fit the time between actions that the
@@ -555,13 +556,12 @@ class TimelyFreeze:
         """Collective: (upper, lower) [n] of every action from both monitoring windows (the module
         docstring's fit), gathered from all ranks; the windows are emptied."""
         s = self._s
-        up_rows = s.upper_window.rows()
         times, active, level = s.lower_window.rows()
-        a, b = fit_linear(
-            np.vstack([np.ones_like(up_rows), active]),
-            np.vstack([up_rows, times]),
-            np.vstack([np.zeros_like(up_rows), level]),
-        )
+        if not self.config.paired_monitoring:  # the unfrozen half gives the line's x = 1 end
+            up_rows = s.upper_window.rows()
+            times, active = np.vstack([up_rows, times]), np.vstack([np.ones_like(up_rows), active])
+            level = np.vstack([np.zeros_like(up_rows), level])
+        a, b = fit_linear(active, times, level)
         s.upper_window.clear()
         s.lower_window.clear()
         upper = np.full(self.dag.num_actions, np.nan)

@@ -152,6 +152,9 @@ class DemoConfig:
     monitoring: str = "partial"
     """TimelyFreeze's second monitoring half: ``partial`` (every action partly frozen, every step
     trains) or ``frozen`` (the paper's all-frozen window) (``TimelyFreezeConfig.monitoring``)."""
+    monitor_ratios: tuple[float, ...] | None = None
+    """Freeze ratios of TimelyFreeze's partly frozen monitoring half (``TimelyFreezeConfig``'s, whose
+    default is (0.4, 0.8)); a 0 among them measures both bounds in the same steps."""
     block_rows: int = 32
     """Rows per freezing unit of a linear layer."""
     output_layer: str = "trained"
@@ -353,6 +356,7 @@ class DemoConfig:
             "check_every": self.check_every,
             "ramp_steps": self.ramp_steps,
             "warmup_steps": self._warmup_for(steps),
+            "monitor_ratios": self.monitor_ratios,
         }
         return TimelyFreezeConfig.for_run(
             steps,

@@ -261,6 +261,8 @@ def combine(per_seed: list[dict], cfg: DemoConfig, extra: dict | None = None) ->
                 / len(paired),
                 "seeds": len(rel),
             }
+    from tfz.controller import TimelyFreezeConfig
+
     config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.__dict__.items()}
     schedule = build_schedule(cfg.schedule, cfg.ranks, cfg.microbatches)
     config.update(
@@ -270,6 +272,7 @@ def combine(per_seed: list[dict], cfg: DemoConfig, extra: dict | None = None) ->
         freeze_action_cap=cfg.freeze_action_cap,
         warmup_steps=cfg.warmup_steps,
         window_steps=per_seed[0]["window_steps"],
+        monitor_ratios=list(cfg.monitor_ratios or TimelyFreezeConfig().monitor_ratios),
     )
     report = {
         "config": config,
@@ -578,6 +581,19 @@ def _token_unit(task: dict) -> str:
     return "bytes" if vocab == 256 else f"tokens of a {vocab:,}-token vocabulary"
 
 
+def _monitoring_text(cfg: dict) -> str:
+    if cfg.get("monitoring") == "frozen":
+        return " It measures the frozen bound with every unit frozen for one window (no learning)."
+    levels = cfg.get("monitor_ratios")
+    if not levels:
+        return ""
+    ratios = ", ".join(f"{r:g}" for r in levels)
+    text = f" It measures the frozen bound with microbatches at freeze ratios {ratios}"
+    if 0 in levels:
+        return text + " in turn in the same steps, both bounds fitted from those steps."
+    return text + " in turn, after a window of unfrozen steps."
+
+
 def _intro(report: dict) -> list[str]:
     cfg, task = report["config"], report.get("task", {})
     seeds = report["seeds"]
@@ -592,6 +608,7 @@ def _intro(report: dict) -> list[str]:
         run += (
             f" TimelyFreeze caps each stage's mean freeze ratio at {cfg['max_freeze_ratio']:g} and each "
             f"microbatch's at {cfg['freeze_action_cap']:g}{_LAYOUT_TEXT.get(cfg.get('mask_layout'), '')}."
+            f"{_monitoring_text(cfg)}"
         )
     if any(freezes(m) for m in cfg["methods"]):
         rescaled = (
