@@ -9,6 +9,7 @@ pytest-benchmark:
     python -m pytest bench/bench_controller.py -q --benchmark-enable
 Table for bench/RESULTS.md:
     python bench/bench_controller.py [--ranks 4] [--microbatches 8] [--solve-ranks 32] [--seeds 20]
+    python bench/bench_controller.py --monitoring-only --seeds 20
 """
 
 from __future__ import annotations
@@ -81,11 +82,15 @@ def small_stage():
     return nn.Sequential(FreezableLinear(256, 512), FreezableLinear(512, 512))
 
 
-def estimate_errors(monitoring: str, seed: int, noise: float, levels=(0.4, 0.8), P=4, M=8, unit=10):
+def estimate_errors(
+    monitoring: str, seed: int, noise: float, levels=(0.4, 0.8), P=4, M=8, unit=10, drift: float = 0.0
+):
     """One run on synthetic times: every B action takes ``l + x (u - l)`` (x the realised active
-    fraction of its masks) times (1 + noise * N(0, 1)), with a 3x slow step in 2% of the samples.
+    fraction of its masks) times (1 + noise * N(0, 1)), with a 3x slow step in 2% of the samples;
+    from the second monitoring half on, the machine is ``drift`` slower (every time x (1 + drift)).
     Returns the median relative error of u and of l over B actions, the plan's predicted batch time
-    against its true one, and the plan's true batch time against the LP optimum on the true times."""
+    against its true one, and the plan's true batch time against the LP optimum on the true times
+    (the truth: the machine as it is when the plan runs, after the drift)."""
     dag = build_dag(build_schedule("1f1b", P, M))
     rng = np.random.default_rng(seed)
     stages = {s: StageTimes(f=1.0 + 0.1 * s, i=1.0, w=1.5 + 0.2 * s, w_frozen=0.3) for s in range(P)}
@@ -106,9 +111,12 @@ def estimate_errors(monitoring: str, seed: int, noise: float, levels=(0.4, 0.8),
             active[i] = 1.0 if m is None else 1.0 - m.frozen_fraction
         d = (low + active * (u - low)) * (1 + noise * rng.standard_normal(dag.num_actions))
         d = np.where(rng.random(dag.num_actions) < 0.02, 3 * d, d)
+        if c.phase is not Phase.WARMUP and c.phase is not Phase.MONITOR_UPPER:
+            d = d * (1 + drift)
         c.step_end(k, dict(zip(dag.names, d.tolist())))
         k += 1
     eu, el = c.estimates
+    u, low = u * (1 + drift), low * (1 + drift)
     true_span = simulate(dag, u - c.plan.ratios * (u - low)).makespan
     best = solve(dag, u, low, cfg.plan).makespan_planned
     return (
@@ -227,7 +235,11 @@ def main(argv=None) -> None:
     ap.add_argument("--solve-ranks", type=int, default=32, help="P of the 1F1B LP solved in the background")
     ap.add_argument("--repeat", type=int, default=30)
     ap.add_argument("--seeds", type=int, default=20, help="seeds of the monitoring-mode comparison")
+    ap.add_argument("--monitoring-only", action="store_true", help="only the monitoring-mode table")
     args = ap.parse_args(argv)
+    if args.monitoring_only:
+        monitoring_table(args.seeds)
+        return
     P, M = args.ranks, args.microbatches
     c, times, step = stable_controller(P, M, check_every=10)
     plain, decision = [], []
@@ -272,26 +284,33 @@ def main(argv=None) -> None:
     monitoring_table(args.seeds)
 
 
-def monitoring_table(seeds: int) -> None:
+def monitoring_table(seeds: int, drifts=(0.0, 0.1)) -> None:
     print(
         f"\nMonitoring modes on synthetic times (1F1B P=4 M=8, phase_unit 10, {seeds} seeds; medians, "
         "[10th-90th percentile]):"
     )
     print(
-        "| noise | monitoring | u error (B) | l error (B) | predicted / true batch time - 1 "
+        "| noise | machine drift | monitoring | u error (B) | l error (B) | predicted / true batch time - 1 "
         "| true / optimal - 1 |"
     )
-    print("|---|---|---|---|---|---|")
-    modes = {"partial (0.4, 0.8)": ("partial", (0.4, 0.8)), "partial (0.5, 1.0)": ("partial", (0.5, 1.0))}
-    modes["frozen"] = ("frozen", (0.4, 0.8))
+    print("|---|---|---|---|---|---|---|")
+    modes = {
+        "partial (0, 0.8)": ("partial", (0.0, 0.8)),
+        "partial (0.4, 0.8)": ("partial", (0.4, 0.8)),
+        "partial (0.5, 1.0)": ("partial", (0.5, 1.0)),
+        "frozen": ("frozen", (0.4, 0.8)),
+    }
     for noise in (0.01, 0.05):
-        for name, (mode, levels) in modes.items():
-            rows = np.array([estimate_errors(mode, seed, noise, levels) for seed in range(seeds)])
-            cells = []
-            for j, col in enumerate(rows.T):
-                lo, mid, hi = np.percentile(np.abs(col) if j < 2 else col, [10, 50, 90])
-                cells.append(f"{100 * mid:+.2f}% [{100 * lo:+.2f}, {100 * hi:+.2f}]")
-            print(f"| {noise:.0%} | {name} | " + " | ".join(cells) + " |")
+        for drift in drifts:
+            for name, (mode, levels) in modes.items():
+                rows = np.array(
+                    [estimate_errors(mode, seed, noise, levels, drift=drift) for seed in range(seeds)]
+                )
+                cells = []
+                for j, col in enumerate(rows.T):
+                    lo, mid, hi = np.percentile(np.abs(col) if j < 2 else col, [10, 50, 90])
+                    cells.append(f"{100 * mid:+.2f}% [{100 * lo:+.2f}, {100 * hi:+.2f}]")
+                print(f"| {noise:.0%} | {drift:+.0%} | {name} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

@@ -65,8 +65,12 @@ def test_config_defaults_are_the_papers():
     assert TimelyFreezeConfig(plan=PlanConfig(action_cap=0.9)).plan.action_cap == 0.9
     assert TimelyFreezeConfig(cap_each_microbatch=False).plan == PlanConfig()  # the paper's LP
     assert TimelyFreezeConfig(**{**cfg.to_dict(), "plan": PlanConfig(**cfg.to_dict()["plan"])}) == cfg
-    assert TimelyFreezeConfig(monitor_ratios=(0.0, 0.8)).paired_monitoring
-    assert not cfg.paired_monitoring
+    assert cfg.monitor_levels == (0.0, 0.8) and cfg.paired_monitoring
+    one_step = TimelyFreezeConfig(phase_unit=2)  # a half records one step: no action would meet both
+    assert one_step.median_window == 1 and one_step.monitor_levels == (0.4, 0.8)
+    with pytest.raises(ValueError, match=r"monitor_ratios \(0.0, 0.8\) hold a 0, .* within the 1 recorded"):
+        TimelyFreezeConfig(phase_unit=2, monitor_ratios=(0.0, 0.8))
+    assert not TimelyFreezeConfig(monitor_ratios=(0.4, 0.8)).paired_monitoring
     assert not TimelyFreezeConfig(monitor_ratios=(0.0, 0.8), monitoring="frozen").paired_monitoring
     with pytest.raises(ValueError, match=r"monitor_ratios must hold a ratio above 0, got \(0.0,\)"):
         TimelyFreezeConfig(monitor_ratios=(0.0,))

@@ -146,7 +146,7 @@ def test_a_version_2_checkpoint_resumes_without_a_gap():
     for resume_at in (3, 7, 12, 20, 30):
         assert run(resume_at) == reference, resume_at
     stable = states_along_a_run()["stable"]
-    assert stable["gap"] == pytest.approx(0.3, rel=0.01)  # 1% noise on the times
+    assert stable["gap"] == pytest.approx(0.3, abs=0.01)  # 1% noise on times of 1-4 ms
     c = target()
     assert_refused_unchanged(c, with_(stable, ["gap"], DROP), r"state is missing key 'gap'")
     assert_refused_unchanged(

@@ -144,12 +144,13 @@ def test_report_shows_the_plans_speedup_and_its_all_frozen_ceiling():
     assert "plan's own batch speedup 1.200x; with every row of every backward frozen at most 1.250x" in (
         markdown(report, [])
     )
-    assert report["config"]["monitor_ratios"] == [0.4, 0.8]  # the controller's default, resolved
+    # the controller's levels, resolved: a half of TINY's phases records one step, so no 0 level
+    assert report["config"]["monitor_ratios"] == [0.4, 0.8]
     assert "microbatches at freeze ratios 0.4, 0.8 in turn, after a window of unfrozen steps" in (
         markdown(report, [])
     )
-    paired = cfg.replace(monitor_ratios=(0.0, 0.8))
-    assert paired.timelyfreeze_config(0).monitor_ratios == (0.0, 0.8)
+    paired = cfg.replace(phase_unit=3, steps=24)
+    assert paired.timelyfreeze_config(0).monitor_levels == (0.0, 0.8)
     report = combine([build_report(ranks, paired, seed=s)[0] for s in (0, 1)], paired, {"task": task})
     assert "freeze ratios 0, 0.8 in turn in the same steps, both bounds fitted" in markdown(report, [])
 
@@ -515,9 +516,10 @@ def test_shortened_demo_runs_every_method(tmp_path):
         in (tmp_path / "report.md").read_text()
     )
     # the lower-bound window freezes part of every stage: microbatches take turns over the monitoring
-    # ratios (0.4, 0.8), so each stage's mean is about 0.6 and every step still trains
+    # levels, so each stage's mean is about theirs and every step still trains
+    mean = np.mean(cfg.timelyfreeze_config(0).monitor_levels)
     lower = [i for i, p in enumerate(tf["phase_per_step"]) if p == "monitor_lower"]
-    assert lower and all(abs(r - 0.6) < 0.1 for i in lower for r in tf["freeze_ratio_per_step"][i])
+    assert lower and all(abs(r - mean) < 0.1 for i in lower for r in tf["freeze_ratio_per_step"][i])
     # nothing freezes before the end of the learning-rate warm-up (2 steps here)
     for name in METHODS:
         per_step = saved["per_seed"][0]["methods"][name]["freeze_ratio_per_step"]

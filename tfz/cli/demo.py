@@ -153,8 +153,8 @@ def _flags():
             "--monitor-ratios",
             "monitor_ratios",
             _ratios,
-            "comma list: freeze ratios of TimelyFreeze's partly frozen monitoring half (default 0.4,0.8; "
-            "a 0 measures both bounds in the same steps)",
+            "comma list: freeze ratios of TimelyFreeze's partly frozen monitoring half (default 0,0.8: a 0 "
+            "measures both bounds in the same steps)",
         ),
         (
             "--output-layer",

@@ -30,12 +30,13 @@ class TimelyFreezeConfig:
 
     With the defaults (the paper's experiment settings: ``phase_unit`` 50, a decision every 10 steps,
     the LP's cap 0.8, here on each stage's mean and each microbatch's ratio) a run goes: steps 0-49
-    warm-up, 50-99 monitoring unfrozen, 100-149 monitoring with part of every stage frozen
-    (``monitoring``; every step still trains), the LP solves beside training from step 150, the plan
-    takes effect at step 160 (``first_plan_step``, if the solve is done by then) and ramps in until it
-    is fully applied at step 310 (``full_plan_step``). A run of a few dozen steps never gets there:
-    use :meth:`for_run` (``TimelyFreezeConfig.for_run(total_steps=60)``), which scales the phases to
-    the run. Small values (``phase_unit=2, check_every=1``) suit tests.
+    warm-up, 50-99 monitoring unfrozen, 100-149 monitoring with half of every step's microbatches
+    partly frozen beside unfrozen ones (``monitoring``; every step still trains), the LP solves
+    beside training from step 150, the plan takes effect at step 160 (``first_plan_step``, if the
+    solve is done by then) and ramps in until it is fully applied at step 310 (``full_plan_step``).
+    A run of a few dozen steps never gets there: use :meth:`for_run`
+    (``TimelyFreezeConfig.for_run(total_steps=60)``), which scales the phases to the run. Small
+    values (``phase_unit=2, check_every=1``) suit tests.
     """
 
     plan: PlanConfig = field(default_factory=PlanConfig)
@@ -79,19 +80,21 @@ class TimelyFreezeConfig:
     """Seed of the mask selection, shared by all ranks."""
     monitoring: Literal["partial", "frozen"] = "partial"
     """How the second monitoring half measures what freezing saves. ``partial``: every B/W action
-    runs partly frozen at the ``monitor_ratios``, its microbatches taking turns over them step by
-    step, so every step still trains (with the covering layout every unit trains in some microbatch
-    of every step); each action's time is fitted as ``a + b x`` in the active fraction x of its masks
-    (``tfz.controller.estimates.fit_linear``, with the unfrozen half at x = 1). ``frozen``: the
+    runs at the ``monitor_ratios`` (by default unfrozen or 0.8 frozen), its microbatches taking
+    turns over them step by step, so every step still trains (with the covering layout every unit
+    trains in some microbatch of every step); each action's time is fitted as ``a + b x`` in the
+    active fraction x of its masks (``tfz.controller.estimates.fit_linear``). ``frozen``: the
     paper's window, every unit frozen but ``keep_trainable_units`` of the last stage (no learning
     for ``monitor_steps`` steps), the bound extrapolated from that one level."""
-    monitor_ratios: tuple[float, ...] = (0.4, 0.8)
-    """Freeze ratios of the ``partial`` monitoring half, each in [0, 1], at least one above 0;
-    microbatch m of stage s runs at ``monitor_ratios[(k + m) % len]`` in its k-th step, so a stage's
-    mean is about their mean. A 0 level runs some microbatches unfrozen beside the partly frozen
-    ones of the same steps; the bounds are then fitted from this half alone, so both ends of every
-    action's line are measured at the same moments, and a change of the machine's speed between the
-    halves does not tilt it (the unfrozen half still gives the batch time behind the gap)."""
+    monitor_ratios: tuple[float, ...] | None = None
+    """Freeze ratios of the ``partial`` monitoring half, each in [0, 1], at least one above 0
+    (default, :attr:`monitor_levels`: (0, 0.8), or (0.4, 0.8) when a half records one step only);
+    microbatch m of stage s runs at ``levels[(k + m) % len]`` in its k-th step, so a stage's mean is
+    about their mean. A 0 level runs some microbatches unfrozen beside the partly frozen
+    ones of the same steps; an action that ran at both in the recorded steps is then fitted from
+    this half alone, so both ends of its line are measured at the same moments, and a change of the
+    machine's speed between the halves does not tilt it (the unfrozen half still gives the batch
+    time behind the gap, and the line of an action that met one level only)."""
     keep_trainable_units: int = 1
     """``frozen`` monitoring: units of the last stage left trainable in the all-frozen window (the
     other stages freeze everything); the measured lower bound is extrapolated to full freezing."""
@@ -133,17 +136,8 @@ class TimelyFreezeConfig:
             object.__setattr__(self, "plan", capped)
         if self.monitoring not in ("partial", "frozen"):
             raise ValueError(f"monitoring must be 'partial' or 'frozen', got {self.monitoring!r}")
-        levels = self.monitor_ratios
-        if not isinstance(levels, (tuple, list)) or not levels:
-            raise ValueError(f"monitor_ratios must be a non-empty tuple of ratios in [0, 1], got {levels!r}")
-        levels = tuple(
-            check_number(f"monitor_ratios[{i}]", r, low=0.0, high=1.0) for i, r in enumerate(levels)
-        )
-        if len(set(levels)) != len(levels):
-            raise ValueError(f"monitor_ratios must not repeat a ratio, got {self.monitor_ratios!r}")
-        if not any(levels):
-            raise ValueError(f"monitor_ratios must hold a ratio above 0, got {self.monitor_ratios!r}")
-        object.__setattr__(self, "monitor_ratios", levels)
+        if self.monitor_ratios is not None:
+            object.__setattr__(self, "monitor_ratios", _checked_levels(self.monitor_ratios))
         if self.mask_layout not in MASK_LAYOUTS:
             names = ", ".join(map(repr, MASK_LAYOUTS))
             raise ValueError(f"mask_layout must be one of {names}, got {self.mask_layout!r}")
@@ -157,6 +151,13 @@ class TimelyFreezeConfig:
             raise ValueError(
                 f"window ({self.window}) exceeds the recorded steps of a monitoring half "
                 f"(monitor {self.monitor} - discard_steps {self.discard_steps} = {recorded})"
+            )
+        levels = self.monitor_ratios
+        if levels is not None and 0.0 in levels and self.median_window < len(levels):
+            raise ValueError(
+                f"monitor_ratios {levels} hold a 0, so every action must run at each of them within "
+                f"the {self.median_window} recorded step(s) of a monitoring half; give a longer window "
+                "or ratios without a 0"
             )
 
     @classmethod
@@ -219,9 +220,17 @@ class TimelyFreezeConfig:
         return self.phase_unit if self.warmup_steps is None else self.warmup_steps
 
     @property
+    def monitor_levels(self) -> tuple[float, ...]:
+        """Resolved ``monitor_ratios``: (0, 0.8) when a monitoring half records at least two steps,
+        so that every action runs both unfrozen and partly frozen in it, else (0.4, 0.8)."""
+        if self.monitor_ratios is not None:
+            return self.monitor_ratios
+        return (0.0, 0.8) if self.median_window >= 2 else (0.4, 0.8)
+
+    @property
     def paired_monitoring(self) -> bool:
-        """Partial monitoring with a 0 level: the bounds come from the partly frozen half alone."""
-        return self.monitoring == "partial" and 0.0 in self.monitor_ratios
+        """Partial monitoring with a 0 level: an action's bounds come from the partly frozen half."""
+        return self.monitoring == "partial" and 0.0 in self.monitor_levels
 
     @property
     def monitor(self) -> int:
@@ -269,3 +278,15 @@ class TimelyFreezeConfig:
             else:
                 out[f.name] = value
         return out
+
+
+def _checked_levels(levels) -> tuple[float, ...]:
+    """``monitor_ratios`` as a tuple of distinct ratios in [0, 1], one above 0 (ValueError naming it)."""
+    if not isinstance(levels, (tuple, list)) or not levels:
+        raise ValueError(f"monitor_ratios must be a non-empty tuple of ratios in [0, 1], got {levels!r}")
+    checked = tuple(check_number(f"monitor_ratios[{i}]", r, low=0.0, high=1.0) for i, r in enumerate(levels))
+    if len(set(checked)) != len(checked):
+        raise ValueError(f"monitor_ratios must not repeat a ratio, got {levels!r}")
+    if not any(checked):
+        raise ValueError(f"monitor_ratios must hold a ratio above 0, got {levels!r}")
+    return checked

@@ -5,8 +5,9 @@ Phases (step counts are optimizer steps from the first ``step_end`` call; length
 
     WARMUP          [0, W)          nothing frozen, nothing recorded
     MONITOR_UPPER   [W, W+M)        nothing frozen; times recorded (active fraction 1)
-    MONITOR_LOWER   [W+M, W+2M)     ``monitoring="partial"``: every B/W action partly frozen, at the
-                                    ``monitor_ratios`` in turn; ``"frozen"``: every unit frozen but
+    MONITOR_LOWER   [W+M, W+2M)     ``monitoring="partial"``: B/W actions at the ``monitor_ratios``
+                                    in turn (default 0 and 0.8: unfrozen and partly frozen
+                                    microbatches in every step); ``"frozen"``: every unit frozen but
                                     ``keep_trainable_units`` on the last stage; times recorded
     SOLVING         [W+2M, A)       nothing frozen while the LP runs (rank 0, background thread)
     RAMP            [A, A+ramp)     plan ratios x progress, progress rising linearly to 1
@@ -17,10 +18,11 @@ ready; every rank learns that through a broadcast, so all switch at the same ste
 ``discard_steps`` steps of each monitoring half are not recorded; the last ``window`` recorded steps
 count. Bounds: for every local B/W action, ``t = a + b x`` in the active fraction x (the realised,
 FLOP-weighted fraction of its stage's units its masks left trainable) is fitted through the medians
-of each level (:func:`~tfz.controller.estimates.fit_linear`, the unfrozen half at x = 1, or with a
-0 in ``monitor_ratios`` the second half alone: its unfrozen microbatches run in the same steps as
-the frozen ones): unfrozen bound u = a + b, frozen bound l = a. F and I actions keep the median of
-the fitted rows as their fixed time. The bounds of all ranks are gathered as float32.
+of each level (:func:`~tfz.controller.estimates.fit_linear`, the unfrozen half at x = 1; with a 0
+in ``monitor_ratios``, an action that ran both unfrozen and partly frozen in the second half's
+recorded steps is fitted from those steps alone, both ends measured at the same moments): unfrozen
+bound u = a + b, frozen bound l = a. F and I actions keep the median of both halves (of the second
+alone with a 0 level) as their fixed time. The bounds of all ranks are gathered as float32.
 
 Gap: when ``step_end`` is given the measured batch time, the unfrozen half also records it; with
 the bounds, the ranks agree on the slowest rank's median and fit the time between actions that the
@@ -323,7 +325,7 @@ class TimelyFreeze:
         ramp progress (<= 1)."""
         s = self._s
         if self._partial:
-            levels = self.config.monitor_ratios
+            levels = self.config.monitor_levels
             return levels[(s.done - s.phase_start + microbatch) % len(levels)]
         return min(1.0, float(self._ratios[self._bw[stage, microbatch]]) * s.progress)
 
@@ -556,12 +558,18 @@ class TimelyFreeze:
         """Collective: (upper, lower) [n] of every action from both monitoring windows (the module
         docstring's fit), gathered from all ranks; the windows are emptied."""
         s = self._s
+        up_rows = s.upper_window.rows()
         times, active, level = s.lower_window.rows()
-        if not self.config.paired_monitoring:  # the unfrozen half gives the line's x = 1 end
-            up_rows = s.upper_window.rows()
-            times, active = np.vstack([up_rows, times]), np.vstack([np.ones_like(up_rows), active])
-            level = np.vstack([np.zeros_like(up_rows), level])
-        a, b = fit_linear(active, times, level)
+        a, b = fit_linear(
+            np.vstack([np.ones_like(up_rows), active]),
+            np.vstack([up_rows, times]),
+            np.vstack([np.zeros_like(up_rows), level]),
+        )
+        if self.config.paired_monitoring:  # both ends from the same steps, where an action ran both
+            fixed = ~self._freezable[self._layout.local]
+            paired = (level == 0.0).any(axis=0) & ((level > 0.0).any(axis=0) | fixed)
+            pa, pb = fit_linear(active, times, level)
+            a, b = np.where(paired, pa, a), np.where(paired, pb, b)
         s.upper_window.clear()
         s.lower_window.clear()
         upper = np.full(self.dag.num_actions, np.nan)

@@ -153,8 +153,9 @@ class DemoConfig:
     """TimelyFreeze's second monitoring half: ``partial`` (every action partly frozen, every step
     trains) or ``frozen`` (the paper's all-frozen window) (``TimelyFreezeConfig.monitoring``)."""
     monitor_ratios: tuple[float, ...] | None = None
-    """Freeze ratios of TimelyFreeze's partly frozen monitoring half (``TimelyFreezeConfig``'s, whose
-    default is (0.4, 0.8)); a 0 among them measures both bounds in the same steps."""
+    """Freeze ratios of TimelyFreeze's partly frozen monitoring half (default:
+    ``TimelyFreezeConfig.monitor_levels``, (0, 0.8), which measures both bounds in the same steps;
+    without a 0, the unfrozen bound comes from the unfrozen half before it)."""
     block_rows: int = 32
     """Rows per freezing unit of a linear layer."""
     output_layer: str = "trained"

@@ -261,8 +261,6 @@ def combine(per_seed: list[dict], cfg: DemoConfig, extra: dict | None = None) ->
                 / len(paired),
                 "seeds": len(rel),
             }
-    from tfz.controller import TimelyFreezeConfig
-
     config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.__dict__.items()}
     schedule = build_schedule(cfg.schedule, cfg.ranks, cfg.microbatches)
     config.update(
@@ -272,7 +270,7 @@ def combine(per_seed: list[dict], cfg: DemoConfig, extra: dict | None = None) ->
         freeze_action_cap=cfg.freeze_action_cap,
         warmup_steps=cfg.warmup_steps,
         window_steps=per_seed[0]["window_steps"],
-        monitor_ratios=list(cfg.monitor_ratios or TimelyFreezeConfig().monitor_ratios),
+        monitor_ratios=_monitor_levels(cfg),
     )
     report = {
         "config": config,
@@ -579,6 +577,13 @@ def _token_unit(task: dict) -> str:
     """What a token is: ``bytes``, or the byte-pair vocabulary's size."""
     vocab = task.get("vocab_size", 256)
     return "bytes" if vocab == 256 else f"tokens of a {vocab:,}-token vocabulary"
+
+
+def _monitor_levels(cfg: DemoConfig) -> list[float] | None:
+    """TimelyFreeze's monitoring levels in this run (None without a TimelyFreeze method)."""
+    if not any(m in TIMELYFREEZE_METHODS for m in cfg.methods):
+        return None
+    return list(cfg.timelyfreeze_config(seed=0).monitor_levels)
 
 
 def _monitoring_text(cfg: dict) -> str:
