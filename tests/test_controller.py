@@ -70,6 +70,9 @@ def test_config_defaults_are_the_papers():
     assert one_step.median_window == 1 and one_step.monitor_levels == (0.4, 0.8)
     with pytest.raises(ValueError, match=r"monitor_ratios \(0.0, 0.8\) hold a 0, .* within the 1 recorded"):
         TimelyFreezeConfig(phase_unit=2, monitor_ratios=(0.0, 0.8))
+    assert not TimelyFreezeConfig(
+        phase_unit=2, monitor_ratios=(0.0, 0.8), monitoring="frozen"
+    ).paired_monitoring
     assert not TimelyFreezeConfig(monitor_ratios=(0.4, 0.8)).paired_monitoring
     assert not TimelyFreezeConfig(monitor_ratios=(0.0, 0.8), monitoring="frozen").paired_monitoring
     with pytest.raises(ValueError, match=r"monitor_ratios must hold a ratio above 0, got \(0.0,\)"):
