@@ -90,11 +90,11 @@ class TimelyFreezeConfig:
     """Freeze ratios of the ``partial`` monitoring half, each in [0, 1], at least one above 0
     (default, :attr:`monitor_levels`: (0, 0.8), or (0.4, 0.8) when a half records one step only);
     microbatch m of stage s runs at ``levels[(k + m) % len]`` in its k-th step, so a stage's mean is
-    about their mean. A 0 level runs some microbatches unfrozen beside the partly frozen
-    ones of the same steps; an action that ran at both in the recorded steps is then fitted from
-    this half alone, so both ends of its line are measured at the same moments, and a change of the
-    machine's speed between the halves does not tilt it (the unfrozen half still gives the batch
-    time behind the gap, and the line of an action that met one level only)."""
+    about their mean. A 0 level runs some microbatches unfrozen beside the partly frozen ones of
+    the same steps; an action that ran at both in the recorded steps is then fitted from this half
+    alone, so both ends of its line are measured at the same moments, and a change of the machine's
+    speed between the halves does not tilt it (the unfrozen half still gives the batch time behind
+    the gap, and the line of an action that met one level only)."""
     keep_trainable_units: int = 1
     """``frozen`` monitoring: units of the last stage left trainable in the all-frozen window (the
     other stages freeze everything); the measured lower bound is extrapolated to full freezing."""
