@@ -153,8 +153,7 @@ class TimelyFreezeConfig:
                 f"(monitor {self.monitor} - discard_steps {self.discard_steps} = {recorded})"
             )
         levels = self.monitor_ratios
-        paired = self.monitoring == "partial" and levels is not None and 0.0 in levels
-        if paired and self.median_window < len(levels):
+        if levels is not None and self.paired_monitoring and self.median_window < len(levels):
             raise ValueError(
                 f"monitor_ratios {levels} hold a 0, so every action must run at each of them within "
                 f"the {self.median_window} recorded step(s) of a monitoring half; give a longer window "
