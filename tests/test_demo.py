@@ -600,3 +600,32 @@ def test_demo_optimizer_is_fused_adamw_with_hooks_only_where_rows_freeze():
         if hooks is not None:
             assert hooks.fused_tensors == (2 if tfz.optim.NATIVE else 0)
             assert (hooks.rescale, hooks.step_scale) == (cfg.rescale_grads, cfg.step_scale)
+
+
+def test_the_shared_start_is_evaluated_once_unless_weights_differ(one_rank_group, monkeypatch):
+    """Methods starting from the same weights take the first method's step-0 evaluation; one whose
+    weights differ is evaluated on its own. The copy equals a fresh evaluation."""
+    import torch
+
+    from tfz.demo import worker
+    from tfz.schedule import build_schedule
+
+    cfg = DemoConfig(task="pretrain", **TINY)
+    sched = build_schedule("1f1b", 1, cfg.microbatches)
+    runs = [worker.MethodRun(m, cfg, sched, 0, 0) for m in ("none", "timelyfreeze", "tfz-none")]
+    with torch.no_grad():
+        next(runs[2].modules[0].parameters()).add_(0.25)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(0, cfg.vocab_size, (cfg.val_sequences, cfg.seq_len), generator=gen)
+    y = torch.randint(0, cfg.vocab_size, (cfg.val_sequences, cfg.seq_len), generator=gen)
+    evaluated = []
+    real = worker.MethodRun.evaluate
+    monkeypatch.setattr(
+        worker.MethodRun, "evaluate", lambda self, *a: (evaluated.append(self.method), real(self, *a))
+    )
+    worker._evaluate_start(runs, x, y, chunk=4)
+    assert evaluated == ["none", "tfz-none"]
+    shared, own = runs[1].evals[0], runs[2].evals[0]
+    assert shared == runs[0].evals[0] and own["val_loss"] != shared["val_loss"]
+    real(runs[1], 1, x, y, 4)
+    assert runs[1].evals[1]["seq_loss"] == shared["seq_loss"]

@@ -416,21 +416,14 @@ def test_bad_calls():
         APFMetric(config={"alpha": 0.9})
 
 
-def test_ddp_wrapped_stage_uses_the_inner_names():
-    import torch.distributed as dist
+def test_ddp_wrapped_stage_uses_the_inner_names(one_rank_group):
     from torch.nn.parallel import DistributedDataParallel
 
-    if dist.is_initialized():
-        pytest.skip("a default process group already exists in this process")
-    dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
-    try:
-        stage = scalar_stage(0.0)
-        wrapped = DistributedDataParallel(stage)
-        apf = APFMetric(check_interval=1, block_rows=1)
-        apf.observe(0, {0: wrapped})
-        assert [u.name for u in apf.units(0).units] == ["w"]
-        set_(stage.w.weight, 1.0)
-        apf.observe(1, {0: wrapped})
-        assert apf.stats(0).path[0] == pytest.approx(0.01)
-    finally:
-        dist.destroy_process_group()
+    stage = scalar_stage(0.0)
+    wrapped = DistributedDataParallel(stage)
+    apf = APFMetric(check_interval=1, block_rows=1)
+    apf.observe(0, {0: wrapped})
+    assert [u.name for u in apf.units(0).units] == ["w"]
+    set_(stage.w.weight, 1.0)
+    apf.observe(1, {0: wrapped})
+    assert apf.stats(0).path[0] == pytest.approx(0.01)

@@ -8,7 +8,6 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-import torch.distributed as dist  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from _pipe_workers import (  # noqa: E402
     DIM,
@@ -288,15 +287,6 @@ def test_ratio_masks_take_numpy_scalars_as_plain_numbers():
 
 
 # -- stage API on a one-rank process group ----------------------------------------------------------
-
-
-@pytest.fixture
-def one_rank_group():
-    if dist.is_initialized():
-        pytest.skip("a process group already exists in this process")
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
 
 
 def _one_stage(cls=None, **kwargs):

@@ -371,8 +371,7 @@ def run_rank(rank: int, world: int, cfg: DemoConfig, seed: int) -> dict[str, Any
     last_rank = schedule.stage_to_rank[-1]
     trace_steps = set(cfg.trace_steps) | {cfg.steps - 1}
     started = time.perf_counter()
-    for method in cfg.methods:
-        runs[method].evaluate(0, x_val, y_val, chunk)
+    _evaluate_start(list(runs.values()), x_val, y_val, chunk)
     for step in range(cfg.steps):
         x, y = _batches(cfg, corpus, train_rng)
         order = list(cfg.methods)
@@ -388,6 +387,30 @@ def run_rank(rank: int, world: int, cfg: DemoConfig, seed: int) -> dict[str, Any
             _check_finite(cfg, runs, step)
             _progress(cfg, runs, step, time.perf_counter() - started)
     return {m: r.result() for m, r in runs.items()}
+
+
+def _evaluate_start(runs: list[MethodRun], x_val: torch.Tensor, y_val: torch.Tensor, chunk: int) -> None:
+    """Evaluate every method before its first step. A method whose stages hold the same weights as the
+    first method's, on every rank, takes the first method's evaluation (every method starts from the
+    same base or seed), so the shared starting point is evaluated once."""
+    first = runs[0]
+    first.evaluate(0, x_val, y_val, chunk)
+    for run in runs[1:]:
+        if _same_weights_everywhere(first, run):
+            run.evals.extend(dict(e) for e in first.evals)
+        else:
+            run.evaluate(0, x_val, y_val, chunk)
+
+
+def _same_weights_everywhere(a: MethodRun, b: MethodRun) -> bool:
+    """Whether ``a``'s and ``b``'s stages hold bitwise equal parameters and buffers on every rank."""
+    same = a.modules.keys() == b.modules.keys()
+    for s in a.modules if same else ():
+        x, y = a.modules[s].state_dict(), b.modules[s].state_dict()
+        same = same and x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+    flag = torch.tensor([int(same)])
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
 
 
 def _check_finite(cfg: DemoConfig, runs: dict[str, MethodRun], step: int) -> None:
