@@ -80,8 +80,9 @@ class DemoConfig:
     """Pipeline schedule (``tfz.schedule.SCHEDULES``)."""
     ranks: int = 2
     """Pipeline ranks (processes)."""
-    steps: int = 100
-    """Optimizer steps per method."""
+    steps: int = 60
+    """Optimizer steps per method. 60 keeps the default run near 5 minutes on 2 cores with freezing in
+    force for its last 34 steps; bench/RESULTS.md also reports 100."""
     methods: tuple[str, ...] = ("none", "timelyfreeze")
     """Methods to run, in lockstep (one step of each in turn), so machine noise hits all alike."""
     max_freeze_ratio: float = MAX_FREEZE_RATIO
