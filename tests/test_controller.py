@@ -952,6 +952,31 @@ def test_refit_keeps_one_scale_when_a_plan_cannot_tell_two_apart():
         np.testing.assert_allclose(new_lo[b] / lo[b], 0.8, rtol=0.06)
 
 
+def test_refit_keeps_one_scale_when_every_ratio_of_a_stage_is_the_same():
+    """Every microbatch at 0.8 (the demo's critical stage at its cap) cannot tell the unfrozen part's
+    scale from the frozen part's. Before the ratios' spread was checked, 20% noise in the estimates
+    let two scales fit that noise in 9 of 200 draws (alpha / beta up to 200), and every later refit
+    compounded it. Each refit must keep one scale per stage: the medians' sum over the prediction's."""
+    dag = build_dag(build_schedule("1f1b", 2, 8))
+    b = dag.kind_mask("B")
+    local = np.arange(dag.num_actions)
+    up, lo = true_times(dag)
+    plan = np.where(b, 0.8, 0.0)
+    for seed in range(200):
+        rng = np.random.default_rng(seed)
+        u_est = up * (1 + 0.2 * rng.standard_normal(dag.num_actions))
+        l_est = np.minimum(lo * (1 + 0.2 * rng.standard_normal(dag.num_actions)), u_est)
+        noise = 1 + 0.05 * rng.standard_normal(dag.num_actions)
+        measured = 1.15 * (up * (1 - plan) + lo * plan) * noise
+        new_up, new_lo = refit(dag, drift_stats(dag, local, measured, u_est, l_est, plan), u_est, l_est)
+        predicted = u_est * (1 - plan) + l_est * plan
+        for s in range(2):
+            m = b & (dag.stage == s)
+            k = measured[m].sum() / predicted[m].sum()
+            np.testing.assert_allclose(new_up[m] / u_est[m], k, err_msg=f"seed {seed}")
+            np.testing.assert_allclose(new_lo[m] / l_est[m], k, err_msg=f"seed {seed}")
+
+
 def test_drift_needs_three_quarters_of_the_window_on_one_side():
     # 0: over in every step; 1: under in 3 of 4; 2: over in 2 of 4; 3: one outlier; 4: mixed sides
     dev = np.array(

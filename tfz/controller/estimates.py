@@ -21,11 +21,14 @@ Drift model. In the stable phase action v runs with ratio r_v and is predicted t
 prediction by more than the threshold in most steps of a full window (:func:`drifting_stages`).
 Per (stage, kind) the window medians m_v are then fitted by
 ``m_v ~ alpha * u_v (1 - r_v) + beta * l_v r_v`` (least squares over the stage's microbatches). A
-plan gives most microbatches the same ratio, so the two features are nearly collinear and the two
-scales would fit the noise (alpha of 0.6-3.2 for a true 1.2 at 3% noise, ratios 0.8 and one 0.79).
-So a single scale ``alpha = beta = sum m / sum p`` is used unless the features are far from
-collinear (1 - corr^2 >= 0.05) and two scales fit the medians significantly better than one (an F
-statistic above 10 on the residuals, about p = 0.02 at 8 microbatches). New estimates are
+plan gives most microbatches the same ratio, so the two scales are not told apart by the data: with
+every ratio equal, only the actions' differing estimates u_v / l_v separate the two features, and
+two scales would fit the noise of those estimates (alpha of 0.6-3.2 for a true 1.2 at 3% noise,
+ratios 0.8 and one 0.79; alpha / beta up to 200 at 20% noise in the estimates, all ratios 0.8, and
+each refit compounding the last). So a single scale ``alpha = beta = sum m / sum p`` is used unless
+the ratios themselves vary (standard deviation at least 0.1 over the group's actions), the features
+are far from collinear (1 - corr^2 >= 0.05), and two scales fit the medians significantly better
+than one (an F statistic above 10 on the residuals, about p = 0.02 at 8 microbatches). New estimates are
 ``u' = alpha u`` and ``l' = min(beta l, u')``. The fit needs only sums over actions
 (:func:`drift_stats`), so ranks add their local sums and every rank derives the same new estimates.
 """
@@ -56,8 +59,9 @@ __all__ = [
     "stage_sums",
 ]
 
-_NSTATS = 9  # S11, S12, S22, S1m, S2m, sum m, sum p, sum m^2, count
-_COLLINEAR = 0.05  # 1 - corr^2 below this: one common scale (a plan of nearly equal ratios)
+_NSTATS = 11  # S11, S12, S22, S1m, S2m, sum m, sum p, sum m^2, count, sum r, sum r^2
+_RATIO_SPREAD = 0.1  # standard deviation of the ratios below this: one common scale
+_COLLINEAR = 0.05  # 1 - corr^2 below this: one common scale
 _SEPARATE_F = 10.0  # F statistic of two scales against one above this: two scales
 
 
@@ -246,7 +250,7 @@ def drift_stats(
     lower: np.ndarray,
     ratios: np.ndarray,
 ) -> np.ndarray:
-    """float64 [S, 4, 9]: per (stage, kind) sums over this process's actions for :func:`refit`.
+    """float64 [S, 4, 11]: per (stage, kind) sums over this process's actions for :func:`refit`.
 
     ``local``: int [k] action indices; ``measured``: float64 [k] window medians of those actions;
     ``upper``, ``lower``, ``ratios``: float64 [n]. The sums are additive over ranks.
@@ -255,7 +259,10 @@ def drift_stats(
     x1 = upper[local] * (1.0 - ratios[local])
     x2 = lower[local] * ratios[local]
     m = np.asarray(measured, dtype=np.float64)
-    cols = np.stack([x1 * x1, x1 * x2, x2 * x2, x1 * m, x2 * m, m, x1 + x2, m * m, np.ones_like(m)], axis=1)
+    r = ratios[local]
+    cols = np.stack(
+        [x1 * x1, x1 * x2, x2 * x2, x1 * m, x2 * m, m, x1 + x2, m * m, np.ones_like(m), r, r * r], axis=1
+    )
     key = dag.stage[local].astype(np.int64) * len(KINDS) + dag.kind[local].astype(np.int64)
     out = np.zeros((S * len(KINDS), _NSTATS))
     np.add.at(out, key, cols)
@@ -293,9 +300,11 @@ def drifting_stages(deviation: np.ndarray, threshold: float) -> np.ndarray:
 
 
 def _scales(row: np.ndarray) -> tuple[float, float]:
-    s11, s12, s22, s1m, s2m, sm, sp, smm, n = row.tolist()
+    s11, s12, s22, s1m, s2m, sm, sp, smm, n, sr, srr = row.tolist()
     common = sm / sp if sp > 0 else 1.0
-    if n <= 2 or s11 <= 0 or s22 <= 0 or 1.0 - s12 * s12 / (s11 * s22) < _COLLINEAR:
+    if n <= 2 or srr / n - (sr / n) ** 2 < _RATIO_SPREAD**2:
+        return common, common
+    if s11 <= 0 or s22 <= 0 or 1.0 - s12 * s12 / (s11 * s22) < _COLLINEAR:
         return common, common
     det = s11 * s22 - s12 * s12
     alpha = (s1m * s22 - s2m * s12) / det
