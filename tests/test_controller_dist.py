@@ -14,6 +14,7 @@ import time
 
 import numpy as np
 import pytest
+from _controller_sim import stage_module, true_times
 
 SOLVE_SLEEP = 1.5
 GAP = 0.3
@@ -22,29 +23,10 @@ STEP_SLEEP = 0.02
 MAX_STEPS = 600
 
 
-def stage_module():
-    from torch import nn
-
-    from tfz.nn import FreezableLinear
-
-    return nn.Sequential(FreezableLinear(32, 42), FreezableLinear(42, 32))
-
-
 def config():
     from tfz.controller import TimelyFreezeConfig
 
     return TimelyFreezeConfig(phase_unit=2, check_every=2, ramp_steps=4, block_rows=4, async_solve=True)
-
-
-def true_times(dag, scale_stage=None, factor=1.0):
-    from tfz.profile import Profile, StageTimes
-
-    stages = {}
-    for s in range(dag.num_stages):
-        k = factor if s == scale_stage else 1.0
-        f, i, w = k * (1.0 + 0.2 * s), k * (1.2 + 0.3 * s), k * (1.0 + 0.4 * s)
-        stages[s] = StageTimes(f=f, i=i, w=w, w_frozen=0.1)
-    return Profile(stages=stages).durations(dag)
 
 
 def _groups(world: int):
