@@ -144,6 +144,10 @@ def test_report_shows_the_plans_speedup_and_its_all_frozen_ceiling():
     assert "plan's own batch speedup 1.200x; with every row of every backward frozen at most 1.250x" in (
         markdown(report, [])
     )
+    # the plan's unfrozen batch beside no freezing's measured one (median of 0.9 x 100 and 0.9 x 110)
+    assert tf["planned_unfrozen_ms"] == 600.0 and report["methods"]["none"]["planned_unfrozen_ms"] is None
+    assert goal["none_measured_ms"] == pytest.approx(94.5) and goal["planned_unfrozen_ms"] == 600.0
+    assert "whose unfrozen batch is 600 ms against no freezing's measured 94 ms)" in markdown(report, [])
     # the controller's levels, resolved: a half of TINY's phases records one step, so no 0 level
     assert report["config"]["monitor_ratios"] == [0.4, 0.8]
     assert "microbatches at freeze ratios 0.4, 0.8 in turn, after a window of unfrozen steps" in (
