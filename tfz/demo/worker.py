@@ -404,10 +404,12 @@ def _evaluate_start(runs: list[MethodRun], x_val: torch.Tensor, y_val: torch.Ten
 
 def _same_weights_everywhere(a: MethodRun, b: MethodRun) -> bool:
     """Whether ``a``'s and ``b``'s stages hold bitwise equal parameters and buffers on every rank."""
-    same = a.modules.keys() == b.modules.keys()
-    for s in a.modules if same else ():
+
+    def same_stage(s: int) -> bool:
         x, y = a.modules[s].state_dict(), b.modules[s].state_dict()
-        same = same and x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+        return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+    same = a.modules.keys() == b.modules.keys() and all(same_stage(s) for s in a.modules)
     flag = torch.tensor([int(same)])
     dist.all_reduce(flag, op=dist.ReduceOp.MIN)
     return bool(flag.item())
