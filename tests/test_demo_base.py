@@ -141,3 +141,49 @@ def test_version_1_bases_read_bytes_and_vocabularies_must_fit(tmp_path):
         load_base(tmp_path / "big.pt")
     with pytest.raises(ValueError, match="vocab_size must be an integer in \\[256, 65536\\], got 100"):
         BaseSpec(vocab_size=100)
+
+
+def test_damaged_cache_files_are_built_again(tmp_path):
+    """A truncated or garbled cache file (base, vocabulary, encoded text) is named as unreadable and
+    rebuilt to what a fresh build gives; the rebuilt file reads back with no message."""
+    path, _ = ensure_base(SPEC, tmp_path, progress=lambda _: None)
+    first = load_base(path)
+    corpus = _corpus(SPEC)
+    (vocab,) = tmp_path.glob("tokenizer-*.json")
+    (tokens,) = tmp_path.glob("tokens-*.npz")
+
+    def damaged(file, write, rebuild):
+        write(file)
+        lines = []
+        out = rebuild(lines.append)
+        assert lines and lines[0].startswith(f"cached {file} is unreadable (")
+        assert lines[0].endswith("); building it again")
+        again = []
+        rebuild(again.append)
+        assert not [line for line in again if "unreadable" in line]  # the file was written over
+        return out
+
+    rebuilt, built = damaged(
+        path,
+        lambda f: f.write_bytes(path.read_bytes()[:100]),
+        lambda say: ensure_base(SPEC, tmp_path, progress=say),
+    )
+    assert rebuilt == path and built
+    weights = load_base(path).state_dict
+    assert all(torch.equal(weights[k], first.state_dict[k]) for k in first.state_dict)
+
+    not_json, other_size = (
+        lambda f: f.write_bytes(b"{bad"),
+        lambda f: f.write_text('{"merges": [[97, 98]]}'),
+    )
+    for garble in (not_json, other_size):
+        tok = damaged(vocab, garble, lambda say: ensure_tokenizer(corpus, 320, tmp_path, progress=say))
+        assert tok == first.tokenizer
+
+    reference = corpus.encoded(first.tokenizer)
+    for garble in (lambda f: f.write_bytes(b"PK\x03\x04"), lambda f: np.savez(f, train=reference.train)):
+        got = damaged(
+            tokens, garble, lambda say: encode_cached(corpus, first.tokenizer, tmp_path, progress=say)
+        )
+        for split in ("train", "val", "tune"):
+            assert np.array_equal(getattr(got, split), getattr(reference, split))

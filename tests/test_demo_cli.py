@@ -104,6 +104,33 @@ def test_out_is_checked_before_the_work(capsys, tmp_path):
         _refused(capsys, "--out", str(locked / "sub"), match="is not writable")
 
 
+def test_cache_folder_is_checked_before_the_work(capsys, tmp_path, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    out = str(tmp_path / "out")
+    monkeypatch.setenv("TFZ_CACHE_DIR", str(blocker))
+    _refused(
+        capsys, "--out", out, match=f"cache folder ($TFZ_CACHE_DIR) {blocker} exists and is not a folder"
+    )
+    monkeypatch.setenv("TFZ_CACHE_DIR", str(blocker / "sub"))
+    _refused(capsys, "--out", out, match=f"{blocker} is not a folder")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    # bytes from scratch cache nothing, so only the data is refused
+    _refused(
+        capsys,
+        "--task",
+        "pretrain",
+        "--vocab-size",
+        "256",
+        "--data",
+        str(empty),
+        "--out",
+        out,
+        match="is empty",
+    )
+
+
 def test_bad_base_file_is_refused(capsys, tmp_path):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")

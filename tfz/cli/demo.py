@@ -57,23 +57,25 @@ def _ratios(text: str) -> tuple[float, ...]:
         ) from None
 
 
-def check_out(path: str) -> Path:
-    """``--out`` before any work: an existing writable folder, or one that can be created (it is)."""
-    out = Path(path)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {path} exists and is not a folder")
-    parent = out
+def check_folder(label: str, path: str | Path, *, create: bool) -> Path:
+    """A folder before any work: an existing writable one, or one that can be made in a writable
+    folder (made now when ``create``)."""
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(f"{label} {path} exists and is not a folder")
+    parent = folder
     while not parent.exists():
         parent = parent.parent
     if not parent.is_dir():
-        raise UsageError(f"--out {path}: {parent} is not a folder")
+        raise UsageError(f"{label} {path}: {parent} is not a folder")
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise UsageError(f"--out {path}: {parent} is not writable")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UsageError(f"--out {path}: cannot create it ({exc.strerror or exc})") from None
-    return out
+        raise UsageError(f"{label} {path}: {parent} is not writable")
+    if create:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UsageError(f"{label} {path}: cannot create it ({exc.strerror or exc})") from None
+    return folder
 
 
 def _flags():
@@ -194,7 +196,11 @@ def run(args) -> int:
         raise UsageError(f"--data {args.data} does not exist")
     if args.base is not None and not Path(args.base).is_file():
         raise UsageError(f"--base {args.base} is not a file")
-    check_out(cfg.out)
+    check_folder("--out", cfg.out, create=True)
+    if cfg.task == "finetune" or cfg.vocab_size > 256:  # a base, vocabulary or encoded text is cached
+        from tfz.demo.base import cache_dir
+
+        check_folder("cache folder ($TFZ_CACHE_DIR)", cfg.cache_folder or cache_dir(), create=False)
     seeds = ", ".join(map(str, cfg.seeds))
     banner = (
         f"tfz demo: {cfg.task}, {cfg.schedule} over {cfg.ranks} ranks, {cfg.steps} steps, "

@@ -4,7 +4,8 @@
 (one process, every core, progress printed) into the cache folder (``$TFZ_CACHE_DIR``, else
 ``$XDG_CACHE_HOME/tfz``, else ``~/.cache/tfz``). The file name carries a hash of the spec and of the
 training text, so a changed spec or corpus builds a new base, and a build is reproducible from the
-spec's seed. Files are written atomically (a failed build leaves nothing behind).
+spec's seed. Files are written atomically (a failed build leaves nothing behind); a cached file that
+no longer reads (truncated, damaged) is said to be unreadable and built again over itself.
 
 A base file (``torch.save``, loadable with ``weights_only=True``) holds::
 
@@ -188,6 +189,18 @@ def _atomic_write(path: Path, write: Callable[[Any], None]) -> Path:
     return path
 
 
+def _read_cached(path: Path, read: Callable[[Path], Any], progress: Callable[[str], None]) -> Any:
+    """``read(path)`` of a cache file; None when it is missing, or unreadable (said through
+    ``progress``), so the caller builds it again and writes it over the bad one."""
+    if not path.is_file():
+        return None
+    try:
+        return read(path)
+    except Exception as exc:  # a damaged file fails in its reader's own way (zip, json, torch)
+        progress(f"cached {path} is unreadable ({type(exc).__name__}); building it again")
+        return None
+
+
 def ensure_tokenizer(
     corpus, vocab_size: int, folder: Path | None = None, *, progress: Callable[[str], None] = print
 ) -> BytePairTokenizer | None:
@@ -199,8 +212,16 @@ def ensure_tokenizer(
     sample = corpus.train[:_TOKENIZER_SAMPLE]
     key = _digest(np.array([vocab_size]), sample)
     path = _folder(folder) / f"tokenizer-{key}.json"
-    if path.is_file():
-        return BytePairTokenizer(json.loads(path.read_text())["merges"])
+
+    def read(path: Path) -> BytePairTokenizer:
+        tokenizer = BytePairTokenizer(json.loads(path.read_text())["merges"])
+        if tokenizer.vocab_size != vocab_size:
+            raise ValueError(f"{tokenizer.vocab_size} tokens, not {vocab_size}")
+        return tokenizer
+
+    cached = _read_cached(path, read, progress)
+    if cached is not None:
+        return cached
     progress(f"learning a {vocab_size:,}-token vocabulary from {corpus.source} once; cached as {path}")
     tokenizer = BytePairTokenizer.train(sample.tobytes(), vocab_size)
     text = json.dumps({"vocab_size": tokenizer.vocab_size, "merges": tokenizer.merges})
@@ -208,7 +229,7 @@ def ensure_tokenizer(
     return tokenizer
 
 
-def encode_cached(corpus, tokenizer, folder: Path | None = None):
+def encode_cached(corpus, tokenizer, folder: Path | None = None, *, progress: Callable[[str], None] = print):
     """``corpus.encoded(tokenizer)`` (``corpus`` unchanged when ``tokenizer`` is None), cached by the
     tokenizer and the text (``tokens-<hash>.npz``)."""
     if tokenizer is None:
@@ -216,9 +237,14 @@ def encode_cached(corpus, tokenizer, folder: Path | None = None):
     texts = [getattr(corpus, split) for split in SPLITS]
     key = _digest(np.asarray(tokenizer.merges, dtype=np.int64), *texts)
     path = _folder(folder) / f"tokens-{key}.npz"
-    if path.is_file():
+
+    def read(path: Path):
         with np.load(path) as saved:
-            return dataclasses.replace(corpus, tokenizer=tokenizer, **{k: saved[k] for k in saved.files})
+            return dataclasses.replace(corpus, tokenizer=tokenizer, **{k: saved[k] for k in SPLITS})
+
+    cached = _read_cached(path, read, progress)
+    if cached is not None:
+        return cached
     encoded = corpus.encoded(tokenizer)
     _atomic_write(path, lambda f: np.savez(f, **{split: getattr(encoded, split) for split in SPLITS}))
     return encoded
@@ -350,14 +376,14 @@ def ensure_base(
     """(path of the base of ``spec``, whether it was built now). Built on first use, then cached."""
     corpus = _corpus(spec)
     path = base_path(spec, folder, corpus=corpus)
-    if path.is_file():
+    if _read_cached(path, load_base, progress) is not None:
         return path, False
     progress(
         f"building the base model once: {spec.n_layers} layers, dim {spec.dim}, pretrained without "
         f"freezing on {spec.corpus} for {spec.steps} steps (seed {spec.seed}); cached as {path}"
     )
     tokenizer = ensure_tokenizer(corpus, spec.vocab_size, folder, progress=progress)
-    weights, metrics = _pretrain(spec, encode_cached(corpus, tokenizer, folder), progress)
+    weights, metrics = _pretrain(spec, encode_cached(corpus, tokenizer, folder, progress=progress), progress)
     save_base(path, spec.model_config(), weights, spec=spec, metrics=metrics, tokenizer=tokenizer)
     progress(f"  base model ready: validation loss {metrics['val_loss']:.3f} on {spec.corpus}")
     return path, True

@@ -349,7 +349,7 @@ def encode_data(cfg: DemoConfig, corpus, base=None, progress: Callable[[str], No
         tokenizer = base.tokenizer
     else:
         tokenizer = ensure_tokenizer(corpus, cfg.vocab_size, cfg.cache_folder, progress=progress)
-    return encode_cached(corpus, tokenizer, cfg.cache_folder)
+    return encode_cached(corpus, tokenizer, cfg.cache_folder, progress=progress)
 
 
 def run_rank(rank: int, world: int, cfg: DemoConfig, seed: int) -> dict[str, Any]:
