@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 
 
 def rank_info(rank: int, world: int, tag: str) -> dict:
@@ -62,6 +63,15 @@ def pause_between_heartbeats(rank: int, world: int, pause_s: float, busy: bool) 
 
 
 def sleep_forever(rank: int, world: int) -> None:
+    time.sleep(3600)
+
+
+def write_pid_then_sleep(rank: int, world: int, folder: str) -> None:
+    """Write this rank's pid to ``folder/rank<r>.pid`` (whole, by rename), then sleep for an hour."""
+    path = Path(folder) / f"rank{rank}.pid"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(str(os.getpid()))
+    tmp.rename(path)
     time.sleep(3600)
 
 

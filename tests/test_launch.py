@@ -21,6 +21,7 @@ from _pipe_launch_fns import (
     run_hanging,
     sleep_forever,
     unpicklable_result,
+    write_pid_then_sleep,
 )
 
 pytest.importorskip("torch")
@@ -179,6 +180,54 @@ def test_run_from_env_under_torchrun(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert sorted(re.findall(r"RESULT \d \d [\d.]+", proc.stdout)) == ["RESULT 0 2 3.0", "RESULT 1 2 3.0"]
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` is a live process (a zombie, dead but not reaped, is not)."""
+    stat = Path(f"/proc/{pid}/stat")
+    if Path("/proc").is_dir():
+        try:
+            return stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except (FileNotFoundError, ProcessLookupError):
+            return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_ranks_end_when_the_launching_process_is_killed(tmp_path):
+    """SIGKILL leaves the launching process no way to stop its ranks: they end themselves."""
+    script = tmp_path / "main.py"
+    script.write_text(
+        textwrap.dedent(
+            f"""
+            import sys
+            sys.path.insert(0, {str(Path(__file__).parent)!r})
+            from _pipe_launch_fns import {write_pid_then_sleep.__name__}
+            from tfz.pipeline import launch
+            if __name__ == "__main__":
+                launch({write_pid_then_sleep.__name__}, 2, {str(tmp_path)!r}, timeout=600)
+            """
+        )
+    )
+    proc = subprocess.Popen([sys.executable, str(script)], stderr=(tmp_path / "stderr").open("w"))
+    deadline = time.monotonic() + 120
+    while len(list(tmp_path.glob("rank*.pid"))) < 2:
+        assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "stderr").read_text()
+        time.sleep(0.1)
+    pids = [int(p.read_text()) for p in sorted(tmp_path.glob("rank*.pid"))]
+    assert all(_running(pid) for pid in pids)
+    proc.kill()
+    proc.wait()
+    deadline = time.monotonic() + 10
+    while any(_running(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    left = [pid for pid in pids if _running(pid)]
+    for pid in left:
+        os.kill(pid, 9)
+    assert not left, f"ranks {left} outlived the process that launched them"
 
 
 def test_a_failed_start_raises_its_own_error(monkeypatch):

@@ -10,6 +10,8 @@ unpickles). A rank that dies without a Python exception (a signal, ``os._exit``)
 its exit code. When several ranks fail, the one that failed first is reported: a silent death, else
 the earliest exception (the others are usually its consequences, e.g. gloo's "Connection closed by
 peer"). If the whole run exceeds ``timeout`` seconds, every rank is killed and TimeoutError is raised.
+A rank ends itself within about half a second once the launching process is gone (killed, or
+terminated by a signal it does not handle), so no rank outlives it.
 
 A hang names the rank that stopped. Each rank reports its progress through a heartbeat in shared
 memory: :class:`tfz.pipeline.FreezeAwareStage` reports every F/B/I/W action it enters and leaves
@@ -38,6 +40,7 @@ import os
 import pickle
 import queue
 import socket
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -54,6 +57,8 @@ _FAILURE_WINDOW_S = 1.0
 """After the first failure, seconds to wait for others (to report the one that came first)."""
 _REPORT_GRACE_S = 0.2
 """Seconds a rank that exited may take to deliver its report before it counts as died."""
+_PARENT_POLL_S = 0.5
+"""Seconds between a rank's checks that the process that launched it is still there."""
 RANK_BYTES = 300 * 2**20
 """Memory of one spawned rank before ``fn`` runs (torch, torch.distributed and tfz.pipeline imported:
 275 MB resident measured with torch 2.13 on CPU): :func:`launch` refuses a ``world_size`` whose ranks
@@ -307,9 +312,22 @@ def _destroy_process_group() -> None:
     dist.destroy_process_group()
 
 
-def _child(fn, rank, world_size, args, port, backend, init_timeout, results, beats) -> None:
+def _exit_with_parent(parent: int) -> None:
+    """End this rank when ``parent``, the process that launched it, is gone: killed or terminated,
+    it cannot stop its ranks itself, and they would train on with nobody to report to."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(_PARENT_POLL_S)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="tfz-parent-watch", daemon=True).start()
+
+
+def _child(fn, rank, world_size, args, port, backend, init_timeout, results, beats, parent) -> None:
     """Process entry of one rank: report ("ok", rank, pickled result) or ("error", rank, ...)."""
     global _BEAT
+    _exit_with_parent(parent)
     _BEAT = _Heart(*beats, rank)
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
@@ -467,7 +485,7 @@ def launch(
     procs = [
         ctx.Process(
             target=_child,
-            args=(fn, r, world_size, args, port, backend, float(init_timeout), results, beats),
+            args=(fn, r, world_size, args, port, backend, float(init_timeout), results, beats, os.getpid()),
             name=f"tfz-rank{r}",
         )
         for r in range(world_size)
