@@ -155,17 +155,22 @@ def test_run_from_env_frees_cycles_before_the_group_goes(monkeypatch):
     assert _Sentinel.freed_with_group == [True]
 
 
-def test_run_from_env_under_torchrun(tmp_path):
-    script = tmp_path / "main.py"
+def _script(folder: Path, body: str) -> Path:
+    """``folder/main.py``: ``body`` after a line that lets it import this folder's rank functions."""
+    script = folder / "main.py"
     script.write_text(
-        textwrap.dedent(
-            f"""
-            import sys
-            sys.path.insert(0, {str(Path(__file__).parent)!r})
-            from _pipe_launch_fns import torchrun_main
-            torchrun_main()
-            """
-        )
+        f"import sys\nsys.path.insert(0, {str(Path(__file__).parent)!r})\n" + textwrap.dedent(body)
+    )
+    return script
+
+
+def test_run_from_env_under_torchrun(tmp_path):
+    script = _script(
+        tmp_path,
+        """
+        from _pipe_launch_fns import torchrun_main
+        torchrun_main()
+        """,
     )
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [
@@ -199,18 +204,14 @@ def _running(pid: int) -> bool:
 
 def test_ranks_end_when_the_launching_process_is_killed(tmp_path):
     """SIGKILL leaves the launching process no way to stop its ranks: they end themselves."""
-    script = tmp_path / "main.py"
-    script.write_text(
-        textwrap.dedent(
-            f"""
-            import sys
-            sys.path.insert(0, {str(Path(__file__).parent)!r})
-            from _pipe_launch_fns import {write_pid_then_sleep.__name__}
-            from tfz.pipeline import launch
-            if __name__ == "__main__":
-                launch({write_pid_then_sleep.__name__}, 2, {str(tmp_path)!r}, timeout=600)
-            """
-        )
+    script = _script(
+        tmp_path,
+        f"""
+        from _pipe_launch_fns import {write_pid_then_sleep.__name__}
+        from tfz.pipeline import launch
+        if __name__ == "__main__":
+            launch({write_pid_then_sleep.__name__}, 2, {str(tmp_path)!r}, timeout=600)
+        """,
     )
     proc = subprocess.Popen([sys.executable, str(script)], stderr=(tmp_path / "stderr").open("w"))
     deadline = time.monotonic() + 120
