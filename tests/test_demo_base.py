@@ -174,7 +174,7 @@ def test_damaged_cache_files_are_built_again(tmp_path):
 
     not_json, other_size = (
         lambda f: f.write_bytes(b"{bad"),
-        lambda f: f.write_text('{"merges": [[97, 98]]}'),
+        lambda f: f.write_text('{"vocab_size": 320, "merges": [[97, 98]]}'),  # merges cut short
     )
     for garble in (not_json, other_size):
         tok = damaged(vocab, garble, lambda say: ensure_tokenizer(corpus, 320, tmp_path, progress=say))

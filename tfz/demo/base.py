@@ -214,9 +214,10 @@ def ensure_tokenizer(
     path = _folder(folder) / f"tokenizer-{key}.json"
 
     def read(path: Path) -> BytePairTokenizer:
-        tokenizer = BytePairTokenizer(json.loads(path.read_text())["merges"])
-        if tokenizer.vocab_size != vocab_size:
-            raise ValueError(f"{tokenizer.vocab_size} tokens, not {vocab_size}")
+        saved = json.loads(path.read_text())
+        tokenizer = BytePairTokenizer(saved["merges"])  # fewer than vocab_size when the text ran out
+        if not tokenizer.vocab_size == saved["vocab_size"] <= vocab_size:
+            raise ValueError(f"{tokenizer.vocab_size} tokens, recorded {saved['vocab_size']}")
         return tokenizer
 
     cached = _read_cached(path, read, progress)
