@@ -64,10 +64,9 @@ def _corpus(cfg: DemoConfig):
 def _base(cfg: DemoConfig):
     if cfg.task != "finetune":
         return None
-    from tfz.demo.base import ensure_base, load_base
+    from tfz.demo.base import ensure_base
 
-    path, _ = ensure_base(cfg.base_spec(2), progress=lambda m: print(m, file=sys.stderr, flush=True))
-    return load_base(path)
+    return ensure_base(cfg.base_spec(2), progress=lambda m: print(m, file=sys.stderr, flush=True))[0]
 
 
 class NestedMasks:

@@ -25,20 +25,22 @@ SPEC = BaseSpec(
 
 def test_build_is_reproducible_and_cached(tmp_path):
     lines = []
-    a, built = ensure_base(SPEC, tmp_path / "a", progress=lines.append)
+    base_a, built = ensure_base(SPEC, tmp_path / "a", progress=lines.append)
+    a = base_a.path
     assert built and a.is_file() and a.parent == tmp_path / "a"
     assert any("building the base model" in line for line in lines) and any("3/3" in line for line in lines)
-    b, _ = ensure_base(SPEC, tmp_path / "b", progress=lines.append)
-    assert a.name == b.name  # the name is a hash of the spec and the training text
-    wa, wb = load_base(a).state_dict, load_base(b).state_dict
+    base_b, _ = ensure_base(SPEC, tmp_path / "b", progress=lines.append)
+    assert a.name == base_b.path.name  # the name is a hash of the spec and the training text
+    wa, wb = load_base(a).state_dict, load_base(base_b.path).state_dict
+    assert all(torch.equal(base_a.state_dict[k], wa[k]) for k in wa)  # returned as it reads back
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
     lines.clear()
     again, built = ensure_base(SPEC, tmp_path / "a", progress=lines.append)
-    assert again == a and not built and not lines
+    assert again.path == a and not built and not lines
     other = BaseSpec(**{**SPEC.__dict__, "seed": 1})
     assert base_path(other, tmp_path / "a") != a
     assert not torch.equal(
-        load_base(ensure_base(other, tmp_path / "a")[0]).state_dict["output.weight"], wa["output.weight"]
+        ensure_base(other, tmp_path / "a")[0].state_dict["output.weight"], wa["output.weight"]
     )
 
 
@@ -99,9 +101,9 @@ def test_spec_errors():
 
 def test_the_base_carries_its_tokenizer_and_encoded_text_is_cached(tmp_path):
     lines = []
-    path, _ = ensure_base(SPEC, tmp_path, progress=lines.append)
+    base, _ = ensure_base(SPEC, tmp_path, progress=lines.append)
     assert any("learning a 320-token vocabulary" in line for line in lines)
-    tok = load_base(path).tokenizer
+    tok = base.tokenizer
     assert tok.vocab_size == 320
     assert tok == ensure_tokenizer(_corpus(SPEC), 320, tmp_path, progress=lines.append)
     assert len([line for line in lines if "vocabulary" in line]) == 1  # learned once, then read back
@@ -146,8 +148,8 @@ def test_version_1_bases_read_bytes_and_vocabularies_must_fit(tmp_path):
 def test_damaged_cache_files_are_built_again(tmp_path):
     """A truncated or garbled cache file (base, vocabulary, encoded text) is named as unreadable and
     rebuilt to what a fresh build gives; the rebuilt file reads back with no message."""
-    path, _ = ensure_base(SPEC, tmp_path, progress=lambda _: None)
-    first = load_base(path)
+    first, _ = ensure_base(SPEC, tmp_path, progress=lambda _: None)
+    path = first.path
     corpus = _corpus(SPEC)
     (vocab,) = tmp_path.glob("tokenizer-*.json")
     (tokens,) = tmp_path.glob("tokens-*.npz")
@@ -168,7 +170,7 @@ def test_damaged_cache_files_are_built_again(tmp_path):
         lambda f: f.write_bytes(path.read_bytes()[:100]),
         lambda say: ensure_base(SPEC, tmp_path, progress=say),
     )
-    assert rebuilt == path and built
+    assert rebuilt.path == path and built
     weights = load_base(path).state_dict
     assert all(torch.equal(weights[k], first.state_dict[k]) for k in first.state_dict)
 

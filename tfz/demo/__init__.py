@@ -67,10 +67,10 @@ def prepare(
         if cfg.base is None:
             from tfz.demo.base import ensure_base
 
-            spec = cfg.base_spec(cfg.build_schedule().num_stages)
-            path, _ = ensure_base(spec, cfg.cache_folder, progress=progress)
-            cfg = cfg.replace(base=str(path))
-            base = _checked_base(cfg)
+            num_stages = cfg.build_schedule().num_stages
+            base, _ = ensure_base(cfg.base_spec(num_stages), cfg.cache_folder, progress=progress)
+            base.check_fits(num_stages, cfg.seq_len)
+            cfg = cfg.replace(base=str(base.path))
         info["base"] = cfg.base
         info["base_metrics"] = base.metrics
     corpus = _long_enough(cfg, encode_data(cfg, corpus, base, progress))

@@ -1,6 +1,6 @@
 """The base model ``tfz demo --task finetune`` starts from: pretrained without freezing, built once, cached.
 
-:func:`ensure_base` returns the path of the base for a :class:`BaseSpec`, building it on first use
+:func:`ensure_base` returns the base of a :class:`BaseSpec`, loaded, building it on first use
 (one process, every core, progress printed) into the cache folder (``$TFZ_CACHE_DIR``, else
 ``$XDG_CACHE_HOME/tfz``, else ``~/.cache/tfz``). The file name carries a hash of the spec and of the
 training text, so a changed spec or corpus builds a new base, and a build is reproducible from the
@@ -373,12 +373,13 @@ def load_base(path: str | Path) -> BaseModel:
 
 def ensure_base(
     spec: BaseSpec, folder: Path | None = None, *, progress: Callable[[str], None] = print
-) -> tuple[Path, bool]:
-    """(path of the base of ``spec``, whether it was built now). Built on first use, then cached."""
+) -> tuple[BaseModel, bool]:
+    """(the base of ``spec``, loaded; whether it was built now). Built on first use, then cached."""
     corpus = _corpus(spec)
     path = base_path(spec, folder, corpus=corpus)
-    if _read_cached(path, load_base, progress) is not None:
-        return path, False
+    cached = _read_cached(path, load_base, progress)
+    if cached is not None:
+        return cached, False
     progress(
         f"building the base model once: {spec.n_layers} layers, dim {spec.dim}, pretrained without "
         f"freezing on {spec.corpus} for {spec.steps} steps (seed {spec.seed}); cached as {path}"
@@ -387,4 +388,4 @@ def ensure_base(
     weights, metrics = _pretrain(spec, encode_cached(corpus, tokenizer, folder, progress=progress), progress)
     save_base(path, spec.model_config(), weights, spec=spec, metrics=metrics, tokenizer=tokenizer)
     progress(f"  base model ready: validation loss {metrics['val_loss']:.3f} on {spec.corpus}")
-    return path, True
+    return load_base(path), True
