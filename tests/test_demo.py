@@ -15,7 +15,6 @@ from tfz.demo.report import (
     measured_simulation,
     paired_difference,
     time_to_target,
-    value_at,
 )
 
 TINY = dict(
@@ -52,11 +51,12 @@ def _records(step_ms, phases, losses, frozen_by_stage):
     ]
 
 
-def _rank(method_records, evals):
+def _rank(method_records, evals, equal_time_evals=()):
     return {
         m: {
             "records": recs,
             "evals": evals.get(m, []),
+            "equal_time_evals": list(equal_time_evals) if m == "none" else [],
             "spans": {},
             "span_ratios": {},
             "history": [],
@@ -84,7 +84,7 @@ def _two_methods(tf_final=2.52, tf_seq=(2.50, 2.54)):
     }
     return [
         _rank({"none": none0, "timelyfreeze": tf0}, {}),
-        _rank({"none": none1, "timelyfreeze": tf1}, evals),
+        _rank({"none": none1, "timelyfreeze": tf1}, evals, [_eval(3, 2.7, [2.6, 2.8])]),
     ]
 
 
@@ -104,9 +104,18 @@ def test_report_arithmetic_against_hand_values():
     # wall time of a step is the slowest rank's; evaluation at step 0 is at 0 s
     assert [e["wall_time_s"] for e in none["evals"]] == pytest.approx([0.0, 0.201, 0.411])
     assert [e["wall_time_s"] for e in tf["evals"]] == pytest.approx([0.0, 0.191, 0.352])
-    # no freezing's curve at TimelyFreeze's end (0.352 s), between its points (0.201, 2.9) and (0.411, 2.5)
-    assert tf["none_val_loss_at_equal_time"] == pytest.approx(2.9 - (0.352 - 0.201) / (0.411 - 0.201) * 0.4)
-    assert none["none_val_loss_at_equal_time"] is None
+    # TimelyFreeze ends at 352 ms, between no freezing's steps 3 (301 ms; its saved weights gave 2.7)
+    # and 4 (411 ms, 2.5), not on the line through its curve's points at steps 2 and 4
+    w = (352 - 301) / (411 - 301)
+    assert tf["none_val_loss_at_equal_time"] == pytest.approx(2.7 - w * 0.2)
+    assert tf["none_equal_time_steps"] == [3, 4] and none["none_val_loss_at_equal_time"] is None
+    at_seq = [(1 - w) * 2.6 + w * 2.4, (1 - w) * 2.8 + w * 2.6]  # per sequence, paired with 2.50, 2.54
+    eq = tf["val_loss_vs_none_at_equal_time"]
+    diffs = [2.50 - at_seq[0], 2.54 - at_seq[1]]
+    assert eq["diff"] == pytest.approx(np.mean(diffs)) and eq["rel"] == pytest.approx(
+        2.52 / (2.7 - w * 0.2) - 1
+    )
+    assert eq["se"] == pytest.approx(np.std(diffs, ddof=1) / np.sqrt(2))
     # none reaches its own final loss at its last eval; timelyfreeze never goes below 2.5
     assert none["time_to_target_s"] == pytest.approx(0.411)
     assert tf["time_to_target_s"] is None
@@ -198,9 +207,6 @@ def test_time_to_target_interpolates_the_crossing():
 
 def test_curve_helpers_by_hand():
     times, values = [0.0, 10.0, 30.0], [4.0, 3.0, 2.0]
-    assert value_at(times, values, 20.0) == pytest.approx(2.5)
-    assert value_at(times, values, 0.0) == 4.0 and value_at(times, values, 30.0) == 2.0
-    assert value_at(times, values, 30.5) is None and value_at([], [], 1.0) is None
     assert time_to_target(times, values, 3.5) == pytest.approx(5.0)
     assert time_to_target(times, values, 2.25) == pytest.approx(25.0)
     assert time_to_target(times, values, 4.5) == 0.0 and time_to_target(times, values, 1.9) is None
@@ -633,3 +639,33 @@ def test_the_shared_start_is_evaluated_once_unless_weights_differ(one_rank_group
     assert shared == runs[0].evals[0] and own["val_loss"] != shared["val_loss"]
     real(runs[1], 1, x, y, 4)
     assert runs[1].evals[1]["seq_loss"] == shared["seq_loss"]
+
+
+def test_no_freezing_at_equal_time_is_its_own_evaluation_at_those_steps(one_rank_group, monkeypatch):
+    """With TimelyFreeze's steps made 0.8x no freezing's, its end falls between no freezing's steps 14
+    and 15 of 18. The workers keep no freezing's weights of the last stretch and evaluate them after
+    training; the values must equal the evaluations a run that evaluates every step made during
+    training, and the report interpolates them in time."""
+    from tfz.demo import worker
+
+    real = worker.MethodRun.train_step
+
+    def fixed_times(self, *args, **kwargs):
+        record = real(self, *args, **kwargs)
+        record.step_ms = 100.0 if self.method == "none" else 80.0
+        return record
+
+    monkeypatch.setattr(worker.MethodRun, "train_step", fixed_times)
+    cfg = DemoConfig(steps=18, ranks=1, methods=("none", "timelyfreeze"), task="pretrain", **TINY)
+    sparse = worker.run_rank(0, 1, cfg.replace(eval_every=100), seed=0)
+    every = worker.run_rank(0, 1, cfg.replace(eval_every=1), seed=0)
+    assert [e["step"] for e in sparse["none"]["evals"]] == [0, 18]
+    measured = sparse["none"]["equal_time_evals"]
+    assert [e["step"] for e in measured] == [14, 15] and every["none"]["equal_time_evals"] == []
+    during = {e["step"]: e for e in every["none"]["evals"]}
+    for e in measured:
+        assert e["seq_loss"] == pytest.approx(during[e["step"]]["seq_loss"], rel=1e-6)
+    report, _ = build_report([sparse], cfg.replace(eval_every=100), seed=0)
+    w = (18 * 80 - 14 * 100) / 100
+    want = (1 - w) * during[14]["val_loss"] + w * during[15]["val_loss"]
+    assert report["methods"]["timelyfreeze"]["none_val_loss_at_equal_time"] == pytest.approx(want, rel=1e-6)

@@ -170,8 +170,10 @@ class DemoConfig:
     policy's own layout."""
     apf_threshold: float = 0.05
     autofreeze_percentile: float = 80.0
-    eval_every: int = 10
-    """Validation every this many steps (and before the first and after the last)."""
+    eval_every: int = 15
+    """Validation every this many steps (and before the first and after the last): the points of
+    each method's loss-vs-time curve. No freezing's loss at another method's training time is
+    measured on its own (``tfz.demo.equal_time``), not read off this curve."""
     val_sequences: int = 256
     """Sequences of the fixed validation set (evenly spaced windows of the validation files; the same
     for every method and seed)."""
@@ -307,6 +309,11 @@ class DemoConfig:
     @property
     def tokens_per_step(self) -> int:
         return self.microbatches * self.microbatch_size * self.seq_len
+
+    @property
+    def eval_steps(self) -> frozenset[int]:
+        """Steps after which every method is evaluated: 0, every ``eval_every``-th and the last."""
+        return frozenset(range(0, self.steps, self.eval_every)) | {self.steps}
 
     def build_schedule(self):
         """The pipeline schedule (ValueError for impossible ranks / microbatches)."""

@@ -10,6 +10,7 @@ import numpy as np
 
 from tfz.dag import DAG, Simulation, build_dag, simulate
 from tfz.demo.config import TIMELYFREEZE_METHODS, DemoConfig, freezes
+from tfz.demo.equal_time import bracket, cumulative_ms
 from tfz.schedule import build_schedule
 
 __all__ = ["GOALS", "build_report", "write_outputs"]
@@ -43,6 +44,7 @@ def _merge(results: list[dict], method: str, cfg: DemoConfig, last_rank: int) ->
         "predicted_ms": [rec["predicted_ms"] for rec in records0],
         "frozen": {s: np.array(v) for s, v in sorted(frozen.items())},
         "evals": per_rank[last_rank]["evals"],
+        "equal_time_evals": per_rank[last_rank].get("equal_time_evals", []),
         "history": per_rank[0]["history"],
         "plan": per_rank[0]["plan"],
         "timeline_durations": per_rank[0].get("timeline_durations"),
@@ -74,13 +76,6 @@ def _window_start(merged: dict[str, dict], cfg: DemoConfig) -> int:
     return min(freezing) if freezing else min(cfg.warmup_steps, steps - 1)
 
 
-def value_at(times: list[float], values: list[float], t: float) -> float | None:
-    """The curve (``times`` ascending, ``values``) linearly interpolated at ``t``; None outside it."""
-    if not times or t < times[0] or t > times[-1]:
-        return None
-    return float(np.interp(t, times, values))
-
-
 def time_to_target(times: list[float], values: list[float], target: float) -> float | None:
     """First time the curve reaches ``target`` or below, linearly interpolated between the two points
     around the crossing; None if it never does."""
@@ -102,6 +97,32 @@ def paired_difference(losses: list[float], reference: list[float]) -> dict[str, 
     d = a - b
     mean, se, ref = float(d.mean()), float(d.std(ddof=1) / np.sqrt(d.size)), float(b.mean())
     return {"diff": mean, "se": se, "rel": mean / ref, "se_rel": se / ref, "sequences": int(d.size)}
+
+
+def reference_at_equal_time(reference: dict, method: dict) -> dict[str, Any] | None:
+    """The reference's (merged records) validation at ``method``'s total training time: its evaluations
+    after the two steps around that time (:func:`tfz.demo.equal_time.bracket`), interpolated, per
+    sequence too; None past the reference's end."""
+    around = bracket(reference["step_ms"], cumulative_ms(method["step_ms"])[-1])
+    if around is None:
+        return None
+    j, k, w = around
+    by_step = {e["step"]: e for e in reference["evals"] + reference["equal_time_evals"]}
+    missing = [s for s in (j, k) if s not in by_step]
+    if missing:
+        raise RuntimeError(
+            f"no freezing was not evaluated after step(s) {missing}, around another method's end"
+        )
+    lo, hi = by_step[j], by_step[k]
+    seq = None
+    if lo.get("seq_loss") is not None and hi.get("seq_loss") is not None:
+        seq = ((1 - w) * np.asarray(lo["seq_loss"]) + w * np.asarray(hi["seq_loss"])).tolist()
+    return {
+        "val_loss": (1 - w) * lo["val_loss"] + w * hi["val_loss"],
+        "steps": [j, k],
+        "weight": w,
+        "seq_loss": seq,
+    }
 
 
 def _method_report(m: dict, cfg: DemoConfig, w0: int) -> dict[str, Any]:
@@ -140,6 +161,10 @@ def _method_report(m: dict, cfg: DemoConfig, w0: int) -> dict[str, Any]:
         "gap_ms": m["gap_ms"],
         **_planned(m["plan"]),
     }
+
+
+def _paired(losses: list | None, reference: list | None) -> dict[str, float] | None:
+    return paired_difference(losses, reference) if losses and reference else None
 
 
 def _gain(rep: dict, reference: dict | None) -> float | None:
@@ -183,13 +208,11 @@ def build_report(results: list[dict], cfg: DemoConfig, seed: int) -> tuple[dict[
         rep["time_to_target_s"] = None if target is None else time_to_target(*_curve(rep), target)
         at = None
         if base is not None and name != "none":
-            at = value_at(*_curve(base), rep["wall_time_s"])
-        rep["none_val_loss_at_equal_time"] = at
-        rep["val_loss_vs_none"] = (
-            paired_difference(finals[name], finals["none"])
-            if base is not None and name != "none" and finals.get(name) and finals.get("none")
-            else None
-        )
+            at = reference_at_equal_time(merged["none"], merged[name])
+        rep["none_val_loss_at_equal_time"] = None if at is None else at["val_loss"]
+        rep["none_equal_time_steps"] = None if at is None else at["steps"]
+        rep["val_loss_vs_none"] = _paired(finals.get(name), finals.get("none") if name != "none" else None)
+        rep["val_loss_vs_none_at_equal_time"] = _paired(finals.get(name), at and at["seq_loss"])
         rep["time_to_target_speedup"] = (
             base["time_to_target_s"] / rep["time_to_target_s"]
             if base and rep["time_to_target_s"] and base.get("time_to_target_s")
@@ -251,19 +274,20 @@ def combine(per_seed: list[dict], cfg: DemoConfig, extra: dict | None = None) ->
         methods[name], spread[name] = {}, {}
         for key in _SUMMARY_KEYS:
             methods[name][key], spread[name][key] = _spread([r.get(key) for r in reps])
-        paired = [r["val_loss_vs_none"] for r in reps if r.get("val_loss_vs_none")]
-        methods[name]["val_loss_vs_none"] = None  # none itself, or no final evaluation
-        if paired:
-            rel = [p["rel"] for p in paired]
-            methods[name]["val_loss_vs_none"] = float(np.mean(rel))
-            spread[name]["val_loss_vs_none"] = {
-                "sd": float(np.std(rel, ddof=1)) if len(rel) > 1 else None,
-                "min": float(np.min(rel)),
-                "max": float(np.max(rel)),
-                "se_validation": float(np.sqrt(np.sum(np.square([p["se_rel"] for p in paired]))))
-                / len(paired),
-                "seeds": len(rel),
-            }
+        for key in ("val_loss_vs_none", "val_loss_vs_none_at_equal_time"):
+            paired = [r[key] for r in reps if r.get(key)]
+            methods[name][key] = None  # none itself, no final evaluation, or past none's run
+            if paired:
+                rel = [p["rel"] for p in paired]
+                methods[name][key] = float(np.mean(rel))
+                spread[name][key] = {
+                    "sd": float(np.std(rel, ddof=1)) if len(rel) > 1 else None,
+                    "min": float(np.min(rel)),
+                    "max": float(np.max(rel)),
+                    "se_validation": float(np.sqrt(np.sum(np.square([p["se_rel"] for p in paired]))))
+                    / len(paired),
+                    "seeds": len(rel),
+                }
     config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.__dict__.items()}
     schedule = build_schedule(cfg.schedule, cfg.ranks, cfg.microbatches)
     config.update(
@@ -488,7 +512,7 @@ def _plot_losses(report: dict, merged: dict[str, dict], path: Path) -> Path:
         pad = 0.05 * (top - bottom + 1e-9)
         end.set_ylim(bottom - pad, top + pad)
     whole.set_title("validation loss vs training wall time")
-    end.set_title("end of the run (x: no freezing at the same time)")
+    end.set_title("end of the run (x: no freezing measured at the same time)")
     for ax in (whole, end):
         ax.set_xlabel("training wall time of the method (s; evaluation excluded)")
         ax.grid(alpha=0.3)
@@ -680,8 +704,11 @@ def markdown(report: dict, figures: list[str]) -> str:
             "",
             f'"vs none": final validation loss relative to no freezing\'s, paired over the same sequences; '
             f"the validation set's own standard error of that difference is {max(ses):.2%} or less "
-            f'({"per seed" if len(report["seeds"]) == 1 else "of the mean over seeds"}). "Time to target": '
-            "training time to reach no freezing's final validation loss (interpolated between evaluations).",
+            f"({'per seed' if len(report['seeds']) == 1 else 'of the mean over seeds'}). \"None's val loss "
+            "at equal time\": no freezing's validation loss at the method's total training time, measured on "
+            "no freezing's weights after the two steps around that time (interpolated across that one step), "
+            'not read off its curve. "Time to target": training time to reach no freezing\'s final '
+            "validation loss (interpolated between evaluations).",
         ]
     if report.get("goals"):
         lines += ["", "Goals (TimelyFreeze vs no freezing):", ""]
@@ -722,7 +749,7 @@ def markdown(report: dict, figures: list[str]) -> str:
             "",
             "Per seed:",
             "",
-            "| seed | method | gain | val loss | vs none (± SE) | at equal time vs none "
+            "| seed | method | gain | val loss | vs none (± SE) | at equal time vs none (± SE) "
             "| prediction vs measured |",
             "|---|---|---|---|---|---|---|",
         ]
@@ -730,8 +757,8 @@ def markdown(report: dict, figures: list[str]) -> str:
             for name, m in r["methods"].items():
                 paired = m.get("val_loss_vs_none")
                 vs = "-" if not paired else f"{paired['rel']:+.2%} ± {paired['se_rel']:.2%}"
-                at = m.get("none_val_loss_at_equal_time")
-                eq = "-" if at is None or m["val_loss"] is None else f"{m['val_loss'] / at - 1:+.2%}"
+                eq_paired = m.get("val_loss_vs_none_at_equal_time")
+                eq = "-" if not eq_paired else f"{eq_paired['rel']:+.2%} ± {eq_paired['se_rel']:.2%}"
                 pred = m.get("batch_time_predicted_ms")
                 meas = m.get("batch_time_measured_ms")
                 pm = "-" if pred is None or not meas else f"{pred / meas - 1:+.1%}"

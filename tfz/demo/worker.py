@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tfz.demo.config import METHOD_KINDS, DemoConfig, freezes
+from tfz.demo.equal_time import ReferenceSnapshots
 from tfz.schedule import Schedule, build_schedule
 
 __all__ = ["MethodRun", "run_rank"]
@@ -185,6 +186,8 @@ class MethodRun:
     """:class:`tfz.demo.base.BaseModel` (finetune) or None (pretrain)."""
     records: list[StepRecord] = field(default_factory=list)
     evals: list[dict] = field(default_factory=list)
+    equal_time_evals: list[dict] = field(default_factory=list)
+    """No freezing: evaluations of its saved weights at the steps around other methods' ends."""
     spans: dict[int, list] = field(default_factory=dict)
     span_ratios: dict[int, list[float]] = field(default_factory=dict)
     """Step -> freeze ratio the controller asked for every action in that step (kept-span steps only)."""
@@ -271,13 +274,25 @@ class MethodRun:
         self.records.append(record)
         return record
 
+    def weights(self) -> dict[int, dict[str, torch.Tensor]]:
+        """A copy of this rank's stages' weights."""
+        return {
+            s: {k: v.detach().clone() for k, v in m.state_dict().items()} for s, m in self.modules.items()
+        }
+
+    def load_weights(self, weights: dict[int, dict[str, torch.Tensor]]) -> None:
+        for s, m in self.modules.items():
+            m.load_state_dict(weights[s])
+
     @torch.no_grad()
-    def evaluate(self, step: int, x_val: torch.Tensor, y_val: torch.Tensor, chunk: int) -> None:
+    def evaluate(
+        self, step: int, x_val: torch.Tensor, y_val: torch.Tensor, chunk: int, into: list | None = None
+    ) -> None:
         """Loss of every validation sequence and next-byte accuracy. Each rank runs its stages in model
         order, each over every chunk of ``chunk`` sequences, and hands activations on with
         non-blocking sends, so the ranks overlap like a pipeline (torch's ``schedule.eval`` cannot run
         V schedules, whose ranks hand a backward to their own next stage). The last stage's rank
-        records the result."""
+        records the result in ``into`` (default: ``evals``)."""
         owner = self.schedule.stage_to_rank
         n_stages = self.schedule.num_stages
         chunks = [(lo, min(lo + chunk, len(x_val))) for lo in range(0, len(x_val), chunk)]
@@ -299,7 +314,7 @@ class MethodRun:
         if self.last:
             seq = torch.cat([sequence_losses(h, y_val[lo:hi]) for h, (lo, hi) in zip(acts, chunks)])
             correct = sum(int((h.argmax(-1) == y_val[lo:hi]).sum()) for h, (lo, hi) in zip(acts, chunks))
-            self.evals.append(
+            (self.evals if into is None else into).append(
                 {
                     "step": step,
                     "val_loss": float(seq.mean()),
@@ -314,6 +329,7 @@ class MethodRun:
         out = {
             "records": [r.__dict__ for r in self.records],
             "evals": self.evals,
+            "equal_time_evals": self.equal_time_evals,
             "spans": self.spans,
             "span_ratios": self.span_ratios,
             "history": [list(h) for h in history or []],
@@ -370,6 +386,10 @@ def run_rank(rank: int, world: int, cfg: DemoConfig, seed: int) -> dict[str, Any
     chunk = cfg.microbatches * cfg.microbatch_size
     last_rank = schedule.stage_to_rank[-1]
     trace_steps = set(cfg.trace_steps) | {cfg.steps - 1}
+    eval_steps = cfg.eval_steps
+    snapshots = None
+    if "none" in runs and len(runs) > 1:
+        snapshots = ReferenceSnapshots("none", cfg.methods, eval_steps)
     started = time.perf_counter()
     _evaluate_start(list(runs.values()), x_val, y_val, chunk)
     for step in range(cfg.steps):
@@ -380,13 +400,34 @@ def run_rank(rank: int, world: int, cfg: DemoConfig, seed: int) -> dict[str, Any
             runs[method].train_step(
                 step, x, y, keep_spans=step in trace_steps or _keep_early(runs[method], step)
             )
-        if (step + 1) % cfg.eval_every == 0 or step == cfg.steps - 1:
+        if snapshots is not None:
+            snapshots.step_done(_slowest_step_ms(runs), runs["none"].weights)
+        if step + 1 in eval_steps:
             for method in cfg.methods:
                 runs[method].evaluate(step + 1, x_val, y_val, chunk)
         if rank == last_rank:
             _check_finite(cfg, runs, step)
             _progress(cfg, runs, step, time.perf_counter() - started)
+    if snapshots is not None:
+        _evaluate_equal_time(runs["none"], snapshots, x_val, y_val, chunk)
     return {m: r.result() for m, r in runs.items()}
+
+
+def _slowest_step_ms(runs: dict[str, MethodRun]) -> dict[str, float]:
+    """Every method's last step time, the slowest rank's (what the report counts), on every rank."""
+    times = torch.tensor([run.records[-1].step_ms for run in runs.values()], dtype=torch.float64)
+    dist.all_reduce(times, op=dist.ReduceOp.MAX)
+    return dict(zip(runs, times.tolist()))
+
+
+def _evaluate_equal_time(
+    none: MethodRun, snapshots: ReferenceSnapshots, x_val: torch.Tensor, y_val: torch.Tensor, chunk: int
+) -> None:
+    """Evaluate no freezing's saved weights at the steps around the other methods' ends (its training
+    is over, so its stages take them in turn)."""
+    for step in snapshots.steps_to_evaluate():
+        none.load_weights(snapshots.weights(step))
+        none.evaluate(step, x_val, y_val, chunk, into=none.equal_time_evals)
 
 
 def _evaluate_start(runs: list[MethodRun], x_val: torch.Tensor, y_val: torch.Tensor, chunk: int) -> None:
