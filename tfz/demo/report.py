@@ -10,7 +10,7 @@ import numpy as np
 
 from tfz.dag import DAG, Simulation, build_dag, simulate
 from tfz.demo.config import TIMELYFREEZE_METHODS, DemoConfig, freezes
-from tfz.demo.equal_time import bracket, cumulative_ms
+from tfz.demo.equal_time import around, cumulative_ms
 from tfz.schedule import build_schedule
 
 __all__ = ["GOALS", "build_report", "write_outputs"]
@@ -100,29 +100,21 @@ def paired_difference(losses: list[float], reference: list[float]) -> dict[str, 
 
 
 def reference_at_equal_time(reference: dict, method: dict) -> dict[str, Any] | None:
-    """The reference's (merged records) validation at ``method``'s total training time: its evaluations
-    after the two steps around that time (:func:`tfz.demo.equal_time.bracket`), interpolated, per
-    sequence too; None past the reference's end."""
-    around = bracket(reference["step_ms"], cumulative_ms(method["step_ms"])[-1])
-    if around is None:
-        return None
-    j, k, w = around
+    """The reference's (merged records) validation at ``method``'s total training time: its two
+    evaluations nearest that time, regular or of its saved weights (:mod:`tfz.demo.equal_time`),
+    interpolated, per sequence too; None past the reference's end."""
     by_step = {e["step"]: e for e in reference["evals"] + reference["equal_time_evals"]}
-    missing = [s for s in (j, k) if s not in by_step]
-    if missing:
-        raise RuntimeError(
-            f"no freezing was not evaluated after step(s) {missing}, around another method's end"
-        )
+    ends = cumulative_ms(reference["step_ms"])
+    near = around(ends, sorted(by_step), cumulative_ms(method["step_ms"])[-1])
+    if near is None:
+        return None
+    j, k, w = near
     lo, hi = by_step[j], by_step[k]
     seq = None
     if lo.get("seq_loss") is not None and hi.get("seq_loss") is not None:
         seq = ((1 - w) * np.asarray(lo["seq_loss"]) + w * np.asarray(hi["seq_loss"])).tolist()
-    return {
-        "val_loss": (1 - w) * lo["val_loss"] + w * hi["val_loss"],
-        "steps": [j, k],
-        "weight": w,
-        "seq_loss": seq,
-    }
+    value = (1 - w) * lo["val_loss"] + w * hi["val_loss"]
+    return {"val_loss": value, "steps": [j, k], "weight": w, "seq_loss": seq}
 
 
 def _method_report(m: dict, cfg: DemoConfig, w0: int) -> dict[str, Any]:
@@ -706,7 +698,8 @@ def markdown(report: dict, figures: list[str]) -> str:
             f"the validation set's own standard error of that difference is {max(ses):.2%} or less "
             f"({'per seed' if len(report['seeds']) == 1 else 'of the mean over seeds'}). \"None's val loss "
             "at equal time\": no freezing's validation loss at the method's total training time, measured on "
-            "no freezing's weights after the two steps around that time (interpolated across that one step), "
+            "no freezing's weights saved after the steps on either side of that time (one step apart, "
+            "further only if a long run outgrew the room for them) and interpolated between them, "
             'not read off its curve. "Time to target": training time to reach no freezing\'s final '
             "validation loss (interpolated between evaluations).",
         ]
