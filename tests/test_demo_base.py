@@ -165,12 +165,14 @@ def test_damaged_cache_files_are_built_again(tmp_path):
         assert not [line for line in again if "unreadable" in line]  # the file was written over
         return out
 
+    said = []
     rebuilt, built = damaged(
         path,
         lambda f: f.write_bytes(path.read_bytes()[:100]),
-        lambda say: ensure_base(SPEC, tmp_path, progress=say),
+        lambda say: ensure_base(SPEC, tmp_path, progress=lambda line: (said.append(line), say(line))),
     )
     assert rebuilt.path == path and built
+    assert said[1].startswith("building the base model again: ") and not any(" once" in line for line in said)
     weights = load_base(path).state_dict
     assert all(torch.equal(weights[k], first.state_dict[k]) for k in first.state_dict)
 

@@ -381,7 +381,8 @@ def ensure_base(
     if cached is not None:
         return cached, False
     progress(
-        f"building the base model once: {spec.n_layers} layers, dim {spec.dim}, pretrained without "
+        f"building the base model {'again' if path.exists() else 'once'}: {spec.n_layers} layers, "
+        f"dim {spec.dim}, pretrained without "
         f"freezing on {spec.corpus} for {spec.steps} steps (seed {spec.seed}); cached as {path}"
     )
     tokenizer = ensure_tokenizer(corpus, spec.vocab_size, folder, progress=progress)

@@ -662,9 +662,9 @@ def _intro(report: dict) -> list[str]:
         what,
         run,
         f"Validation: the same {val.get('sequences')} sequences ({val.get('tokens'):,} {unit}) of held-out "
-        "files "
-        "for every method and seed; evaluation time is not training time. Throughput and batch times over "
-        f"steps {w0 + 1}-{w1} (every method's freezing in force).",
+        "files for every method and seed; evaluation time is not training time. Over steps "
+        f"{w0 + 1}-{w1} (every method's freezing in force): tokens/s is the window's tokens over its "
+        "total step time (the gain is its ratio); batch times are the steps' medians.",
     ]
 
 
