@@ -60,3 +60,20 @@ def test_table_prints_each_variant_and_draws_the_tradeoff(qs, tmp_path, capsys):
     assert f"{2.1 / 2.16 - 1:+.2%}" in out
     assert "orphan" not in out  # its seed has no reference run
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_reference_is_evaluated_every_step_of_the_second_half(qs):
+    """No freezing's curve is dense where faster variants end, so their equal-time comparison reads it
+    one step apart; a variant keeps the regular points. The last point is the final evaluation."""
+    from tfz.demo import DemoConfig
+
+    tiny = dict(task="pretrain", vocab_size=256, dim=32, n_heads=2, ffn_dim=64, seq_len=16, microbatches=4)
+    tiny.update(microbatch_size=2, block_rows=8, val_sequences=8, steps=8, eval_every=4, lr_warmup=2)
+    profile = [{"F": 1.0, "B": 2.0, "B_frozen": 1.5}] * 2
+    for method, steps in (("none", [0, 4, 5, 6, 7, 8]), ("apf", [0, 4, 8])):
+        cfg = DemoConfig(methods=("none", method) if method != "none" else ("none",), **tiny)
+        res = qs.train(cfg, method, None, 0, "val", profile, qs._corpus(cfg), None)
+        assert [c[0] for c in res["curve"]] == steps, method
+        assert res["curve"][-1][2] == pytest.approx(res["val_loss"])
+        walls = [c[1] for c in res["curve"]]
+        assert walls == sorted(walls) and walls[-1] == pytest.approx(res["wall_s"])
