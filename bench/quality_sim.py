@@ -199,7 +199,7 @@ def train(cfg: DemoConfig, method: str, layout: str | None, seed: int, split: st
         wall += batch / 1e3
         frozen_log.append(fr.tolist())
         batch_log.append(batch)
-        regular = (step + 1) % cfg.eval_every == 0 or step == cfg.steps - 1
+        regular = step + 1 in cfg.eval_steps
         if regular or (method == "none" and 2 * (step + 1) >= cfg.steps):
             curve.append((step + 1, wall, float(evaluate().mean())))
             if regular and base_xy is not None:

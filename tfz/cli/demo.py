@@ -200,7 +200,7 @@ def run(args) -> int:
     if cfg.task == "finetune" or cfg.vocab_size > 256:  # a base, vocabulary or encoded text is cached
         from tfz.demo.base import cache_dir
 
-        check_folder("cache folder ($TFZ_CACHE_DIR)", cfg.cache_folder or cache_dir(), create=False)
+        check_folder("cache folder ($TFZ_CACHE_DIR)", cache_dir(cfg.cache_folder), create=False)
     seeds = ", ".join(map(str, cfg.seeds))
     banner = (
         f"tfz demo: {cfg.task}, {cfg.schedule} over {cfg.ranks} ranks, {cfg.steps} steps, "

@@ -145,12 +145,10 @@ class BaseModel:
         stage.load_state_dict({k: self.state_dict[k] for k in wanted})
 
 
-def _folder(folder: Path | str | None) -> Path:
-    return cache_dir() if folder is None else Path(folder)
-
-
-def cache_dir() -> Path:
-    """``$TFZ_CACHE_DIR``, else ``$XDG_CACHE_HOME/tfz``, else ``~/.cache/tfz``."""
+def cache_dir(folder: Path | str | None = None) -> Path:
+    """``folder`` when given, else ``$TFZ_CACHE_DIR``, else ``$XDG_CACHE_HOME/tfz``, else ``~/.cache/tfz``."""
+    if folder is not None:
+        return Path(folder)
     if os.environ.get("TFZ_CACHE_DIR"):
         return Path(os.environ["TFZ_CACHE_DIR"])
     xdg = os.environ.get("XDG_CACHE_HOME")
@@ -211,7 +209,7 @@ def ensure_tokenizer(
         return None
     sample = corpus.train[:_TOKENIZER_SAMPLE]
     key = _digest(np.array([vocab_size]), sample)
-    path = _folder(folder) / f"tokenizer-{key}.json"
+    path = cache_dir(folder) / f"tokenizer-{key}.json"
 
     def read(path: Path) -> BytePairTokenizer:
         saved = json.loads(path.read_text())
@@ -237,7 +235,7 @@ def encode_cached(corpus, tokenizer, folder: Path | None = None, *, progress: Ca
         return corpus
     texts = [getattr(corpus, split) for split in SPLITS]
     key = _digest(np.asarray(tokenizer.merges, dtype=np.int64), *texts)
-    path = _folder(folder) / f"tokens-{key}.npz"
+    path = cache_dir(folder) / f"tokens-{key}.npz"
 
     def read(path: Path):
         with np.load(path) as saved:
@@ -256,7 +254,7 @@ def base_path(spec: BaseSpec, folder: Path | None = None, *, corpus=None) -> Pat
     corpus = _corpus(spec) if corpus is None else corpus
     digest = hashlib.sha256(json.dumps(dataclasses.asdict(spec), sort_keys=True).encode())
     digest.update(hashlib.sha256(corpus.train.tobytes()).digest())
-    return _folder(folder) / f"base-{digest.hexdigest()[:16]}.pt"
+    return cache_dir(folder) / f"base-{digest.hexdigest()[:16]}.pt"
 
 
 def lr_factor(step: int, warmup: int, steps: int) -> float:
