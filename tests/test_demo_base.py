@@ -1,5 +1,9 @@
 """The demo's base model: reproducible from its seed, cached by spec, loadable into any stage split."""
 
+import dataclasses
+import hashlib
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -42,6 +46,14 @@ def test_build_is_reproducible_and_cached(tmp_path):
     assert not torch.equal(
         ensure_base(other, tmp_path / "a")[0].state_dict["output.weight"], wa["output.weight"]
     )
+
+
+def test_base_names_stay_what_earlier_releases_wrote(tmp_path):
+    """A cached base stays valid across releases: its name is sha256 of the spec's JSON and of the
+    training text's own sha256, as first written."""
+    digest = hashlib.sha256(json.dumps(dataclasses.asdict(SPEC), sort_keys=True).encode())
+    digest.update(hashlib.sha256(_corpus(SPEC).train.tobytes()).digest())
+    assert base_path(SPEC, tmp_path).name == f"base-{digest.hexdigest()[:16]}.pt"
 
 
 def test_any_split_loads_the_same_model(tmp_path):

@@ -166,8 +166,9 @@ def _corpus(spec: BaseSpec):
     return _corpus_named(spec.corpus)
 
 
-def _digest(*arrays) -> str:
-    digest = hashlib.sha256()
+def _digest(*arrays, prefix: bytes = b"") -> str:
+    """Cache key: sha256 of ``prefix`` and each array's own sha256, 16 hex digits."""
+    digest = hashlib.sha256(prefix)
     for a in arrays:
         digest.update(hashlib.sha256(np.ascontiguousarray(a).tobytes()).digest())
     return digest.hexdigest()[:16]
@@ -252,9 +253,8 @@ def encode_cached(corpus, tokenizer, folder: Path | None = None, *, progress: Ca
 def base_path(spec: BaseSpec, folder: Path | None = None, *, corpus=None) -> Path:
     """Where the base of ``spec`` is cached: ``base-<hash of spec and training text>.pt``."""
     corpus = _corpus(spec) if corpus is None else corpus
-    digest = hashlib.sha256(json.dumps(dataclasses.asdict(spec), sort_keys=True).encode())
-    digest.update(hashlib.sha256(corpus.train.tobytes()).digest())
-    return cache_dir(folder) / f"base-{digest.hexdigest()[:16]}.pt"
+    key = _digest(corpus.train, prefix=json.dumps(dataclasses.asdict(spec), sort_keys=True).encode())
+    return cache_dir(folder) / f"base-{key}.pt"
 
 
 def lr_factor(step: int, warmup: int, steps: int) -> float:
