@@ -2,21 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 @pytest.fixture(scope="module")
-def qs():
-    spec = importlib.util.spec_from_file_location("quality_sim", ROOT / "bench" / "quality_sim.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def qs(bench_script):
+    return bench_script("quality_sim")
 
 
 def _row(variant, seed, seq_loss, curve, wall_s):
