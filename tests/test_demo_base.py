@@ -203,3 +203,49 @@ def test_damaged_cache_files_are_built_again(tmp_path):
         )
         for split in ("train", "val", "tune"):
             assert np.array_equal(getattr(got, split), getattr(reference, split))
+
+
+class _InterruptedError(Exception):
+    pass
+
+
+def test_an_interrupted_build_goes_on_to_the_weights_of_an_uninterrupted_one(tmp_path):
+    """Stopped after step 4 of 6 (the progress line raising, as Ctrl-C would), the next build resumes
+    at step 4 and ends bit for bit where an uninterrupted build ends; its saved progress is then gone."""
+    spec = dataclasses.replace(SPEC, steps=6)
+    whole, _ = ensure_base(spec, tmp_path / "whole", progress=lambda _: None)
+
+    def stop_after_4(line):
+        if "step 4/6" in line:
+            raise _InterruptedError
+
+    with pytest.raises(_InterruptedError):
+        ensure_base(spec, tmp_path / "cut", progress=stop_after_4)
+    (saved,) = (tmp_path / "cut").glob("base-*.progress.pt")
+    assert not list((tmp_path / "cut").glob("base-*[0-9a-f].pt"))
+    lines = []
+    resumed, built = ensure_base(spec, tmp_path / "cut", progress=lines.append)
+    assert built and any("resuming at step 4/6" in line for line in lines)
+    assert not any("step 3/6" in line for line in lines) and any("step 6/6" in line for line in lines)
+    assert all(torch.equal(resumed.state_dict[k], v) for k, v in whole.state_dict.items())
+    assert resumed.metrics["val_loss"] == whole.metrics["val_loss"]
+    assert resumed.metrics["train_loss"] == whole.metrics["train_loss"]
+    assert not saved.exists()
+
+
+def test_progress_that_is_not_this_builds_starts_it_over(tmp_path):
+    spec = dataclasses.replace(SPEC, steps=6)
+    whole, _ = ensure_base(spec, tmp_path / "whole", progress=lambda _: None)
+    path = base_path(spec, tmp_path / "cut")
+    saved = path.with_name(path.stem + ".progress.pt")
+    saved.parent.mkdir()
+    other = {"format": "tfz-demo-base-progress", "spec": dataclasses.asdict(SPEC), "step": 2}
+    for garble in (lambda f: f.write_bytes(b"PK\x03\x04"), lambda f: torch.save(other, f)):
+        garble(saved)
+        lines = []
+        base, _ = ensure_base(spec, tmp_path / "cut", progress=lines.append)
+        said = [line for line in lines if line.startswith(f"cached {saved} is unreadable (")]
+        assert len(said) == 1 and said[0].endswith("); starting the build over")
+        assert not any("resuming" in line for line in lines)
+        assert all(torch.equal(base.state_dict[k], v) for k, v in whole.state_dict.items())
+        path.unlink()

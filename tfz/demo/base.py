@@ -4,8 +4,10 @@
 (one process, every core, progress printed) into the cache folder (``$TFZ_CACHE_DIR``, else
 ``$XDG_CACHE_HOME/tfz``, else ``~/.cache/tfz``). The file name carries a hash of the spec and of the
 training text, so a changed spec or corpus builds a new base, and a build is reproducible from the
-spec's seed. Files are written atomically (a failed build leaves nothing behind); a cached file that
-no longer reads (truncated, damaged) is said to be unreadable and built again over itself.
+spec's seed. Files are written atomically; a cached file that no longer reads (truncated, damaged) is
+said to be unreadable and built again over itself. A build keeps its progress beside the base
+(``base-<hash>.progress.pt``, at every progress line, removed once the base is written), so an
+interrupted first run goes on where it stopped, to the weights an uninterrupted build gives.
 
 A base file (``torch.save``, loadable with ``weights_only=True``) holds::
 
@@ -188,15 +190,17 @@ def _atomic_write(path: Path, write: Callable[[Any], None]) -> Path:
     return path
 
 
-def _read_cached(path: Path, read: Callable[[Path], Any], progress: Callable[[str], None]) -> Any:
+def _read_cached(
+    path: Path, read: Callable[[Path], Any], progress: Callable[[str], None], then: str = "building it again"
+) -> Any:
     """``read(path)`` of a cache file; None when it is missing, or unreadable (said through
-    ``progress``), so the caller builds it again and writes it over the bad one."""
+    ``progress``, with what happens ``then``), so the caller builds it again over the bad one."""
     if not path.is_file():
         return None
     try:
         return read(path)
     except Exception as exc:  # a damaged file fails in its reader's own way (zip, json, torch)
-        progress(f"cached {path} is unreadable ({type(exc).__name__}); building it again")
+        progress(f"cached {path} is unreadable ({type(exc).__name__}); {then}")
         return None
 
 
@@ -265,7 +269,54 @@ def lr_factor(step: int, warmup: int, steps: int) -> float:
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def _pretrain(spec: BaseSpec, corpus, progress: Callable[[str], None]) -> tuple[dict, dict]:
+_PROGRESS_FORMAT = "tfz-demo-base-progress"
+
+
+def _progress_path(path: Path) -> Path:
+    """Where a build of the base cached at ``path`` keeps its progress until it ends."""
+    return path.with_name(path.stem + ".progress.pt")
+
+
+def _resume(progress_file: Path, spec: BaseSpec, say: Callable[[str], None]) -> dict | None:
+    """The saved progress of an interrupted build of ``spec``; None when there is none, or it is not
+    one (said, and the build starts over)."""
+    import torch
+
+    def read(path: Path) -> dict:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        if saved.get("format") != _PROGRESS_FORMAT or saved.get("spec") != dataclasses.asdict(spec):
+            raise ValueError("not this spec's progress")
+        if not 0 < saved["step"] < spec.steps:
+            raise ValueError(f"step {saved['step']}")
+        return saved
+
+    return _read_cached(progress_file, read, say, then="starting the build over")
+
+
+def _save_progress(
+    file: Path, spec: BaseSpec, step: int, seconds: float, losses: list, rng, training: dict
+) -> None:
+    """Write a build's state after ``step`` steps (``training``: the model, optimizer and scheduler)."""
+    import torch
+
+    state = {
+        "format": _PROGRESS_FORMAT,
+        "spec": dataclasses.asdict(spec),
+        "step": step,
+        "seconds": seconds,
+        "losses": losses,
+        "rng": json.dumps(rng.bit_generator.state),
+        **{name: part.state_dict() for name, part in training.items()},
+    }
+    _atomic_write(file, lambda f: torch.save(state, f))
+
+
+def _pretrain(
+    spec: BaseSpec, corpus, progress: Callable[[str], None], progress_file: Path | None = None
+) -> tuple[dict, dict]:
+    """Pretrain ``spec``'s model on ``corpus``: (weights, metrics). With ``progress_file`` the build
+    saves its state there at every progress line and resumes from it, so an interrupted build goes
+    on where it stopped and ends with the weights an uninterrupted one gives."""
     import torch
     import torch.nn.functional as F
 
@@ -275,9 +326,18 @@ def _pretrain(spec: BaseSpec, corpus, progress: Callable[[str], None]) -> tuple[
     opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, betas=(0.9, 0.95), weight_decay=spec.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, spec.warmup, spec.steps))
     rng = np.random.default_rng([spec.seed, 7])
-    started, losses = time.perf_counter(), []
+    first, spent, losses = 0, 0.0, []
+    saved = None if progress_file is None else _resume(progress_file, spec, progress)
+    if saved is not None:
+        model.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["optimizer"])
+        sched.load_state_dict(saved["scheduler"])
+        rng.bit_generator.state = json.loads(saved["rng"])
+        first, spent, losses = saved["step"], saved["seconds"], list(saved["losses"])
+        progress(f"  base model: resuming at step {first}/{spec.steps} from {progress_file}")
+    resumed_at = time.perf_counter()
     every = max(1, spec.steps // 10)
-    for step in range(spec.steps):
+    for step in range(first, spec.steps):
         x, y = (torch.from_numpy(a) for a in corpus.batch("train", spec.batch_size, spec.seq_len, rng))
         loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
         loss.backward()
@@ -286,8 +346,12 @@ def _pretrain(spec: BaseSpec, corpus, progress: Callable[[str], None]) -> tuple[
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
         if (step + 1) % every == 0 or step + 1 == spec.steps:
-            elapsed = time.perf_counter() - started
-            eta = elapsed / (step + 1) * (spec.steps - step - 1)
+            now = time.perf_counter() - resumed_at
+            elapsed = spent + now
+            if progress_file is not None and step + 1 < spec.steps:
+                training = {"model": model, "optimizer": opt, "scheduler": sched}
+                _save_progress(progress_file, spec, step + 1, elapsed, losses, rng, training)
+            eta = now / (step + 1 - first) * (spec.steps - step - 1)
             progress(
                 f"  base model: step {step + 1}/{spec.steps}, train loss {np.mean(losses[-every:]):.3f} "
                 f"({elapsed:.0f} s, about {eta:.0f} s left)"
@@ -384,7 +448,9 @@ def ensure_base(
         f"freezing on {spec.corpus} for {spec.steps} steps (seed {spec.seed}); cached as {path}"
     )
     tokenizer = ensure_tokenizer(corpus, spec.vocab_size, folder, progress=progress)
-    weights, metrics = _pretrain(spec, encode_cached(corpus, tokenizer, folder, progress=progress), progress)
+    encoded = encode_cached(corpus, tokenizer, folder, progress=progress)
+    weights, metrics = _pretrain(spec, encoded, progress, _progress_path(path))
     save_base(path, spec.model_config(), weights, spec=spec, metrics=metrics, tokenizer=tokenizer)
+    _progress_path(path).unlink(missing_ok=True)
     progress(f"  base model ready: validation loss {metrics['val_loss']:.3f} on {spec.corpus}")
     return load_base(path), True
