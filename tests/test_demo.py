@@ -196,6 +196,24 @@ def test_report_shows_freezings_own_gain_over_tfz_none():
     assert "over tfz-none" not in markdown(alone, [])
 
 
+def test_progress_lines_say_the_time_left_from_the_pace_so_far(capsys):
+    from types import SimpleNamespace
+
+    from tfz.demo.worker import _progress
+
+    cfg = DemoConfig(steps=40, microbatches=2, microbatch_size=5, seq_len=10)  # 100 tokens a step
+    record = SimpleNamespace(step_ms=50.0, loss=2.0, phase="stable")
+    runs = {"none": SimpleNamespace(records=[record] * 4)}
+    _progress(cfg, runs, 9, 30.0)  # not a progress step (every 2nd of 40)
+    _progress(cfg, runs, 10, 33.0)  # 11 steps in 33 s: 29 left at 3 s each
+    _progress(cfg, runs, 39, 120.0)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == [
+        "[  33.0s] step 11/40 (about 87 s left) | none stable: loss 2.000, 2,000 tok/s",
+        "[ 120.0s] step 40/40 | none stable: loss 2.000, 2,000 tok/s",
+    ]
+
+
 def test_time_to_target_interpolates_the_crossing():
     cfg = DemoConfig(steps=18, ranks=2, methods=("none", "timelyfreeze"), task="pretrain", **TINY)
     report, _ = build_report(_two_methods(tf_final=2.45, tf_seq=(2.40, 2.50)), cfg, seed=0)

@@ -484,4 +484,6 @@ def _progress(cfg: DemoConfig, runs: dict[str, MethodRun], step: int, elapsed: f
         loss = f"{rec.loss:.3f}" if rec.loss is not None else "-"
         phase = f" {rec.phase}" if rec.phase not in ("-", "metric") else ""
         parts.append(f"{method}{phase}: loss {loss}, {tok_s:,.0f} tok/s")
-    print(f"[{elapsed:6.1f}s] step {step + 1}/{cfg.steps} | " + " | ".join(parts), flush=True)
+    left = elapsed / (step + 1) * (cfg.steps - step - 1)
+    head = f"[{elapsed:6.1f}s] step {step + 1}/{cfg.steps}" + (f" (about {left:.0f} s left)" if left else "")
+    print(head + " | " + " | ".join(parts), flush=True)
