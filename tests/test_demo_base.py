@@ -249,3 +249,33 @@ def test_progress_that_is_not_this_builds_starts_it_over(tmp_path):
         assert not any("resuming" in line for line in lines)
         assert all(torch.equal(base.state_dict[k], v) for k, v in whole.state_dict.items())
         path.unlink()
+
+
+def test_a_base_another_process_is_building_is_waited_for_not_built_twice(tmp_path):
+    """With the build lock held elsewhere (here by the test), ensure_base says it waits, and once the
+    other build has written the base and let go, loads it without building."""
+    import fcntl
+    import shutil
+    import threading
+
+    built_elsewhere, _ = ensure_base(SPEC, tmp_path / "elsewhere", progress=lambda _: None)
+    path = base_path(SPEC, tmp_path / "shared")
+    path.parent.mkdir()
+    lines, result = [], {}
+    with open(path.with_name(path.stem + ".lock"), "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        waiter = threading.Thread(
+            target=lambda: result.update(r=ensure_base(SPEC, path.parent, progress=lines.append))
+        )
+        waiter.start()
+        for _ in range(400):
+            if lines:
+                break
+            threading.Event().wait(0.05)
+        assert lines == [f"waiting for another process building {path}"] and waiter.is_alive()
+        shutil.copy(built_elsewhere.path, path)  # what the other process writes before letting go
+        fcntl.flock(held, fcntl.LOCK_UN)
+    waiter.join(60)
+    base, built = result["r"]
+    assert not built and lines == [f"waiting for another process building {path}"]
+    assert all(torch.equal(base.state_dict[k], v) for k, v in built_elsewhere.state_dict.items())

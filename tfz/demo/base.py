@@ -7,7 +7,8 @@ training text, so a changed spec or corpus builds a new base, and a build is rep
 spec's seed. Files are written atomically; a cached file that no longer reads (truncated, damaged) is
 said to be unreadable and built again over itself. A build keeps its progress beside the base
 (``base-<hash>.progress.pt``, at every progress line, removed once the base is written), so an
-interrupted first run goes on where it stopped, to the weights an uninterrupted build gives.
+interrupted first run goes on where it stopped, to the weights an uninterrupted build gives. A lock
+file beside it (``base-<hash>.lock``) makes processes sharing the cache build it once.
 
 A base file (``torch.save``, loadable with ``weights_only=True``) holds::
 
@@ -26,6 +27,7 @@ tokenizer and corpus and cached too (:func:`encode_cached`).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -34,7 +36,7 @@ import math
 import os
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -442,15 +444,42 @@ def ensure_base(
     cached = _read_cached(path, load_base, progress)
     if cached is not None:
         return cached, False
-    progress(
-        f"building the base model {'again' if path.exists() else 'once'}: {spec.n_layers} layers, "
-        f"dim {spec.dim}, pretrained without "
-        f"freezing on {spec.corpus} for {spec.steps} steps (seed {spec.seed}); cached as {path}"
-    )
-    tokenizer = ensure_tokenizer(corpus, spec.vocab_size, folder, progress=progress)
-    encoded = encode_cached(corpus, tokenizer, folder, progress=progress)
-    weights, metrics = _pretrain(spec, encoded, progress, _progress_path(path))
-    save_base(path, spec.model_config(), weights, spec=spec, metrics=metrics, tokenizer=tokenizer)
-    _progress_path(path).unlink(missing_ok=True)
+    with _build_lock(path, progress):
+        cached = _read_cached(path, load_base, lambda _: None)  # built meanwhile by another process
+        if cached is not None:
+            return cached, False
+        progress(
+            f"building the base model {'again' if path.exists() else 'once'}: {spec.n_layers} layers, "
+            f"dim {spec.dim}, pretrained without "
+            f"freezing on {spec.corpus} for {spec.steps} steps (seed {spec.seed}); cached as {path}"
+        )
+        tokenizer = ensure_tokenizer(corpus, spec.vocab_size, folder, progress=progress)
+        encoded = encode_cached(corpus, tokenizer, folder, progress=progress)
+        weights, metrics = _pretrain(spec, encoded, progress, _progress_path(path))
+        save_base(path, spec.model_config(), weights, spec=spec, metrics=metrics, tokenizer=tokenizer)
+        _progress_path(path).unlink(missing_ok=True)
     progress(f"  base model ready: validation loss {metrics['val_loss']:.3f} on {spec.corpus}")
     return load_base(path), True
+
+
+@contextlib.contextmanager
+def _build_lock(path: Path, progress: Callable[[str], None]) -> Iterator[None]:
+    """Hold ``<base name>.lock`` beside ``path`` while building it: a process that finds another one
+    building the same base (torchrun's ranks, two runs on one cache) says so and waits for it."""
+    try:
+        import fcntl
+    except ImportError:  # no flock on this platform: builds are not shared
+        yield
+        return
+    lock = path.with_name(path.stem + ".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            progress(f"waiting for another process building {path}")
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
