@@ -279,3 +279,23 @@ def test_a_base_another_process_is_building_is_waited_for_not_built_twice(tmp_pa
     base, built = result["r"]
     assert not built and lines == [f"waiting for another process building {path}"]
     assert all(torch.equal(base.state_dict[k], v) for k, v in built_elsewhere.state_dict.items())
+
+
+def test_a_build_that_cannot_keep_its_progress_goes_on_without_it(tmp_path, monkeypatch):
+    import tfz.demo.base as base_module
+
+    whole, _ = ensure_base(SPEC, tmp_path / "whole", progress=lambda _: None)
+    write = base_module._atomic_write
+
+    def full_disk(path, how):
+        if path.name.endswith(".progress.pt"):
+            raise OSError(28, "No space left on device")
+        return write(path, how)
+
+    monkeypatch.setattr(base_module, "_atomic_write", full_disk)
+    lines = []
+    base, built = ensure_base(SPEC, tmp_path / "full", progress=lines.append)
+    said = [line for line in lines if "cannot keep" in line]
+    full = "([Errno 28] No space left on device); going on without it"
+    assert built and said == [f"  base model: cannot keep the build's progress {full}"]
+    assert all(torch.equal(base.state_dict[k], v) for k, v in whole.state_dict.items())

@@ -352,7 +352,11 @@ def _pretrain(
             elapsed = spent + now
             if progress_file is not None and step + 1 < spec.steps:
                 training = {"model": model, "optimizer": opt, "scheduler": sched}
-                _save_progress(progress_file, spec, step + 1, elapsed, losses, rng, training)
+                try:
+                    _save_progress(progress_file, spec, step + 1, elapsed, losses, rng, training)
+                except OSError as exc:  # a full disk stops the keeping, not the build
+                    progress(f"  base model: cannot keep the build's progress ({exc}); going on without it")
+                    progress_file = None
             eta = now / (step + 1 - first) * (spec.steps - step - 1)
             progress(
                 f"  base model: step {step + 1}/{spec.steps}, train loss {np.mean(losses[-every:]):.3f} "
