@@ -3,6 +3,8 @@
 import dataclasses
 import hashlib
 import json
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -27,13 +29,35 @@ SPEC = BaseSpec(
 )
 
 
-def test_build_is_reproducible_and_cached(tmp_path):
+@pytest.fixture(scope="module")
+def spec_base(tmp_path_factory):
+    """SPEC's base, built once for the module, with its vocabulary and encoded text beside it."""
+    base, _ = ensure_base(SPEC, tmp_path_factory.mktemp("spec_base"), progress=lambda _: None)
+    return base
+
+
+@pytest.fixture
+def seeded(tmp_path, spec_base):
+    """``seeded(name)``: a new cache folder holding SPEC's vocabulary and encoded text (not its base),
+    so a build there skips learning them."""
+
+    def folder(name: str) -> Path:
+        path = tmp_path / name
+        path.mkdir()
+        for file in (*spec_base.path.parent.glob("tokenizer-*"), *spec_base.path.parent.glob("tokens-*")):
+            shutil.copy(file, path)
+        return path
+
+    return folder
+
+
+def test_build_is_reproducible_and_cached(tmp_path, seeded):
     lines = []
-    base_a, built = ensure_base(SPEC, tmp_path / "a", progress=lines.append)
+    base_a, built = ensure_base(SPEC, seeded("a"), progress=lines.append)
     a = base_a.path
     assert built and a.is_file() and a.parent == tmp_path / "a"
     assert any("building the base model" in line for line in lines) and any("3/3" in line for line in lines)
-    base_b, _ = ensure_base(SPEC, tmp_path / "b", progress=lines.append)
+    base_b, _ = ensure_base(SPEC, seeded("b"), progress=lines.append)
     assert a.name == base_b.path.name  # the name is a hash of the spec and the training text
     wa, wb = load_base(a).state_dict, load_base(base_b.path).state_dict
     assert all(torch.equal(base_a.state_dict[k], wa[k]) for k in wa)  # returned as it reads back
@@ -157,14 +181,15 @@ def test_version_1_bases_read_bytes_and_vocabularies_must_fit(tmp_path):
         BaseSpec(vocab_size=100)
 
 
-def test_damaged_cache_files_are_built_again(tmp_path):
+def test_damaged_cache_files_are_built_again(seeded):
     """A truncated or garbled cache file (base, vocabulary, encoded text) is named as unreadable and
     rebuilt to what a fresh build gives; the rebuilt file reads back with no message."""
-    first, _ = ensure_base(SPEC, tmp_path, progress=lambda _: None)
+    folder = seeded("damaged")
+    first, _ = ensure_base(SPEC, folder, progress=lambda _: None)
     path = first.path
     corpus = _corpus(SPEC)
-    (vocab,) = tmp_path.glob("tokenizer-*.json")
-    (tokens,) = tmp_path.glob("tokens-*.npz")
+    (vocab,) = folder.glob("tokenizer-*.json")
+    (tokens,) = folder.glob("tokens-*.npz")
 
     def damaged(file, write, rebuild):
         write(file)
@@ -181,7 +206,7 @@ def test_damaged_cache_files_are_built_again(tmp_path):
     rebuilt, built = damaged(
         path,
         lambda f: f.write_bytes(path.read_bytes()[:100]),
-        lambda say: ensure_base(SPEC, tmp_path, progress=lambda line: (said.append(line), say(line))),
+        lambda say: ensure_base(SPEC, folder, progress=lambda line: (said.append(line), say(line))),
     )
     assert rebuilt.path == path and built
     assert said[1].startswith("building the base model again: ") and not any(" once" in line for line in said)
@@ -193,13 +218,13 @@ def test_damaged_cache_files_are_built_again(tmp_path):
         lambda f: f.write_text('{"vocab_size": 320, "merges": [[97, 98]]}'),  # merges cut short
     )
     for garble in (not_json, other_size):
-        tok = damaged(vocab, garble, lambda say: ensure_tokenizer(corpus, 320, tmp_path, progress=say))
+        tok = damaged(vocab, garble, lambda say: ensure_tokenizer(corpus, 320, folder, progress=say))
         assert tok == first.tokenizer
 
     reference = corpus.encoded(first.tokenizer)
     for garble in (lambda f: f.write_bytes(b"PK\x03\x04"), lambda f: np.savez(f, train=reference.train)):
         got = damaged(
-            tokens, garble, lambda say: encode_cached(corpus, first.tokenizer, tmp_path, progress=say)
+            tokens, garble, lambda say: encode_cached(corpus, first.tokenizer, folder, progress=say)
         )
         for split in ("train", "val", "tune"):
             assert np.array_equal(getattr(got, split), getattr(reference, split))
@@ -209,18 +234,18 @@ class _InterruptedError(Exception):
     pass
 
 
-def test_an_interrupted_build_goes_on_to_the_weights_of_an_uninterrupted_one(tmp_path):
+def test_an_interrupted_build_goes_on_to_the_weights_of_an_uninterrupted_one(tmp_path, seeded):
     """Stopped after step 4 of 6 (the progress line raising, as Ctrl-C would), the next build resumes
     at step 4 and ends bit for bit where an uninterrupted build ends; its saved progress is then gone."""
     spec = dataclasses.replace(SPEC, steps=6)
-    whole, _ = ensure_base(spec, tmp_path / "whole", progress=lambda _: None)
+    whole, _ = ensure_base(spec, seeded("whole"), progress=lambda _: None)
 
     def stop_after_4(line):
         if "step 4/6" in line:
             raise _InterruptedError
 
     with pytest.raises(_InterruptedError):
-        ensure_base(spec, tmp_path / "cut", progress=stop_after_4)
+        ensure_base(spec, seeded("cut"), progress=stop_after_4)
     (saved,) = (tmp_path / "cut").glob("base-*.progress.pt")
     assert not list((tmp_path / "cut").glob("base-*[0-9a-f].pt"))
     lines = []
@@ -233,17 +258,16 @@ def test_an_interrupted_build_goes_on_to_the_weights_of_an_uninterrupted_one(tmp
     assert not saved.exists()
 
 
-def test_progress_that_is_not_this_builds_starts_it_over(tmp_path):
+def test_progress_that_is_not_this_builds_starts_it_over(seeded):
     spec = dataclasses.replace(SPEC, steps=6)
-    whole, _ = ensure_base(spec, tmp_path / "whole", progress=lambda _: None)
-    path = base_path(spec, tmp_path / "cut")
+    whole, _ = ensure_base(spec, seeded("whole"), progress=lambda _: None)
+    path = base_path(spec, seeded("cut"))
     saved = path.with_name(path.stem + ".progress.pt")
-    saved.parent.mkdir()
     other = {"format": "tfz-demo-base-progress", "spec": dataclasses.asdict(SPEC), "step": 2}
     for garble in (lambda f: f.write_bytes(b"PK\x03\x04"), lambda f: torch.save(other, f)):
         garble(saved)
         lines = []
-        base, _ = ensure_base(spec, tmp_path / "cut", progress=lines.append)
+        base, _ = ensure_base(spec, path.parent, progress=lines.append)
         said = [line for line in lines if line.startswith(f"cached {saved} is unreadable (")]
         assert len(said) == 1 and said[0].endswith("); starting the build over")
         assert not any("resuming" in line for line in lines)
@@ -251,16 +275,14 @@ def test_progress_that_is_not_this_builds_starts_it_over(tmp_path):
         path.unlink()
 
 
-def test_a_base_another_process_is_building_is_waited_for_not_built_twice(tmp_path):
+def test_a_base_another_process_is_building_is_waited_for_not_built_twice(spec_base, seeded):
     """With the build lock held elsewhere (here by the test), ensure_base says it waits, and once the
     other build has written the base and let go, loads it without building."""
     import fcntl
-    import shutil
     import threading
 
-    built_elsewhere, _ = ensure_base(SPEC, tmp_path / "elsewhere", progress=lambda _: None)
-    path = base_path(SPEC, tmp_path / "shared")
-    path.parent.mkdir()
+    built_elsewhere = spec_base
+    path = base_path(SPEC, seeded("shared"))
     lines, result = [], {}
     with open(path.with_name(path.stem + ".lock"), "a") as held:
         fcntl.flock(held, fcntl.LOCK_EX)
@@ -281,10 +303,10 @@ def test_a_base_another_process_is_building_is_waited_for_not_built_twice(tmp_pa
     assert all(torch.equal(base.state_dict[k], v) for k, v in built_elsewhere.state_dict.items())
 
 
-def test_a_build_that_cannot_keep_its_progress_goes_on_without_it(tmp_path, monkeypatch):
+def test_a_build_that_cannot_keep_its_progress_goes_on_without_it(spec_base, seeded, monkeypatch):
     import tfz.demo.base as base_module
 
-    whole, _ = ensure_base(SPEC, tmp_path / "whole", progress=lambda _: None)
+    whole = spec_base
     write = base_module._atomic_write
 
     def full_disk(path, how):
@@ -294,7 +316,7 @@ def test_a_build_that_cannot_keep_its_progress_goes_on_without_it(tmp_path, monk
 
     monkeypatch.setattr(base_module, "_atomic_write", full_disk)
     lines = []
-    base, built = ensure_base(SPEC, tmp_path / "full", progress=lines.append)
+    base, built = ensure_base(SPEC, seeded("full"), progress=lines.append)
     said = [line for line in lines if "cannot keep" in line]
     full = "([Errno 28] No space left on device); going on without it"
     assert built and said == [f"  base model: cannot keep the build's progress {full}"]
