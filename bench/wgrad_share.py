@@ -1,10 +1,11 @@
 """How much of each ``tfz demo`` stage's work freezing can remove, and what that allows at the cap.
 
 Builds the demo's stages (``tfz.demo.worker.build_model``: FreezableLinear decoder layers, the output
-layer trained on every microbatch) and times one microbatch's forward and backward per stage, one
-thread as each demo rank, with every FreezableLinear's rows active, with ``1 - cap`` of them active
-(a contiguous run, as the demo's arcs) and with none active. Measurements of all settings take
-turns in each round; the table gives the medians over rounds and the spread of the per-round ratios.
+layer trained on every microbatch unless ``--output-layer freezable``) and times one microbatch's
+forward and backward per stage, one thread as each demo rank, with every FreezableLinear's rows
+active, with ``1 - cap`` of them active (a contiguous run, as the demo's arcs) and with none active.
+Measurements of all settings take turns in each round; the table gives the medians over rounds and
+the spread of the per-round ratios.
 
 - freezable share: (F+B all active - F+B none active) / F+B all active: the weight-gradient work
   that freezing removes, as a fraction of the stage's forward and backward;
@@ -13,20 +14,19 @@ turns in each round; the table gives the medians over rounds and the spread of t
 - critical stage: the slowest stage unfrozen against the slowest stage frozen at the cap, the steady
   state of a pipeline that freezes every stage at the cap (no bubbles, no communication).
 
-    python bench/wgrad_share.py [--rounds 7] [--cap 0.8] [--set dim=384 ...]
+    python bench/wgrad_share.py [--rounds 7] [--cap 0.8] [--output-layer trained|freezable]
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import time
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from tfz.demo.config import DemoConfig
+from tfz.demo.config import OUTPUT_LAYERS, DemoConfig
 from tfz.demo.worker import build_model
 from tfz.nn import prepare_row_masks, use_row_masks
 from tfz.nn.freezable_linear import FreezableLinear
@@ -98,32 +98,16 @@ def table(times: dict[int, dict[str, np.ndarray]], cap: float) -> str:
     return "\n".join(lines)
 
 
-def _parse(value: str):
-    for kind in (int, float):
-        try:
-            return kind(value)
-        except ValueError:
-            pass
-    return value
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--cap", type=float, default=DemoConfig().max_freeze_ratio)
-    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="DemoConfig field")
+    parser.add_argument("--output-layer", choices=OUTPUT_LAYERS, default=DemoConfig().output_layer)
     args = parser.parse_args()
-    fields = {f.name for f in dataclasses.fields(DemoConfig)}
-    changes = {}
-    for item in args.set:
-        name, _, value = item.partition("=")
-        if name not in fields:
-            parser.error(f"--set {item!r}: DemoConfig has no field {name!r}")
-        changes[name] = _parse(value)
-    cfg = DemoConfig(**changes)
+    cfg = DemoConfig(output_layer=args.output_layer)
     print(
-        f"demo stages, microbatch {cfg.microbatch_size} x {cfg.seq_len} tokens, dim {cfg.dim}, "
-        f"{cfg.threads_per_rank} thread(s) each, torch {torch.__version__}, {args.rounds} rounds"
+        f"demo stages, output layer {cfg.output_layer}, microbatch {cfg.microbatch_size} x {cfg.seq_len} "
+        f"tokens, {cfg.threads_per_rank} thread(s) each, torch {torch.__version__}, {args.rounds} rounds"
     )
     print(table(measure(cfg, args.cap, args.rounds), args.cap))
 

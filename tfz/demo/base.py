@@ -328,12 +328,12 @@ def _pretrain(
     opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, betas=(0.9, 0.95), weight_decay=spec.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, spec.warmup, spec.steps))
     rng = np.random.default_rng([spec.seed, 7])
+    training = {"model": model, "optimizer": opt, "scheduler": sched}
     first, spent, losses = 0, 0.0, []
     saved = None if progress_file is None else _resume(progress_file, spec, progress)
     if saved is not None:
-        model.load_state_dict(saved["model"])
-        opt.load_state_dict(saved["optimizer"])
-        sched.load_state_dict(saved["scheduler"])
+        for name, part in training.items():
+            part.load_state_dict(saved[name])
         rng.bit_generator.state = json.loads(saved["rng"])
         first, spent, losses = saved["step"], saved["seconds"], list(saved["losses"])
         progress(f"  base model: resuming at step {first}/{spec.steps} from {progress_file}")
@@ -351,7 +351,6 @@ def _pretrain(
             now = time.perf_counter() - resumed_at
             elapsed = spent + now
             if progress_file is not None and step + 1 < spec.steps:
-                training = {"model": model, "optimizer": opt, "scheduler": sched}
                 try:
                     _save_progress(progress_file, spec, step + 1, elapsed, losses, rng, training)
                 except OSError as exc:  # a full disk stops the keeping, not the build
