@@ -44,7 +44,7 @@ def seeded(tmp_path, spec_base):
     def folder(name: str) -> Path:
         path = tmp_path / name
         path.mkdir()
-        for file in (*spec_base.path.parent.glob("tokenizer-*"), *spec_base.path.parent.glob("tokens-*")):
+        for file in (*spec_base.path.parent.glob("tokenizer-*.json"), *spec_base.path.parent.glob("tokens-*.npz")):
             shutil.copy(file, path)
         return path
 
@@ -275,32 +275,67 @@ def test_progress_that_is_not_this_builds_starts_it_over(seeded):
         path.unlink()
 
 
-def test_a_base_another_process_is_building_is_waited_for_not_built_twice(spec_base, seeded):
-    """With the build lock held elsewhere (here by the test), ensure_base says it waits, and once the
-    other build has written the base and let go, loads it without building."""
+def _built_by_another_process(path: Path, written: Path, call):
+    """Hold ``path``'s build lock (as another process would), start ``call(progress)`` in a thread,
+    check it says it waits, write ``written`` to ``path`` (what the other process leaves) and let go:
+    ``call``'s result, after checking it said nothing else."""
     import fcntl
     import threading
 
-    built_elsewhere = spec_base
-    path = base_path(SPEC, seeded("shared"))
     lines, result = [], {}
+    waiting = [f"waiting for another process building {path}"]
     with open(path.with_name(path.stem + ".lock"), "a") as held:
         fcntl.flock(held, fcntl.LOCK_EX)
-        waiter = threading.Thread(
-            target=lambda: result.update(r=ensure_base(SPEC, path.parent, progress=lines.append))
-        )
+        waiter = threading.Thread(target=lambda: result.update(r=call(lines.append)))
         waiter.start()
         for _ in range(400):
             if lines:
                 break
             threading.Event().wait(0.05)
-        assert lines == [f"waiting for another process building {path}"] and waiter.is_alive()
-        shutil.copy(built_elsewhere.path, path)  # what the other process writes before letting go
+        assert lines == waiting and waiter.is_alive()
+        shutil.copy(written, path)
         fcntl.flock(held, fcntl.LOCK_UN)
     waiter.join(60)
-    base, built = result["r"]
-    assert not built and lines == [f"waiting for another process building {path}"]
-    assert all(torch.equal(base.state_dict[k], v) for k, v in built_elsewhere.state_dict.items())
+    assert lines == waiting
+    return result["r"]
+
+
+def test_a_base_another_process_is_building_is_waited_for_not_built_twice(spec_base, seeded):
+    """With the build lock held elsewhere (here by the test), ensure_base says it waits, and once the
+    other build has written the base and let go, loads it without building."""
+    path = base_path(SPEC, seeded("shared"))
+    base, built = _built_by_another_process(
+        path, spec_base.path, lambda say: ensure_base(SPEC, path.parent, progress=say)
+    )
+    assert not built
+    assert all(torch.equal(base.state_dict[k], v) for k, v in spec_base.state_dict.items())
+
+
+@pytest.mark.parametrize("kind", ["tokenizer", "tokens"])
+def test_a_vocabulary_or_encoding_another_process_is_making_is_waited_for(spec_base, tmp_path, kind, monkeypatch):
+    """torchrun's ranks each prepare the run: one learns the vocabulary and encodes the text, the
+    others wait for its files instead of doing the same work."""
+    from tfz.data import TextCorpus
+
+    suffix = {"tokenizer": "json", "tokens": "npz"}[kind]
+    (written,) = spec_base.path.parent.glob(f"{kind}-*.{suffix}")
+    corpus, tok = _corpus(SPEC), spec_base.tokenizer
+
+    def redone(*_):
+        raise AssertionError(f"{kind} made again")
+
+    monkeypatch.setattr(BytePairTokenizer, "train", redone)
+    monkeypatch.setattr(TextCorpus, "encoded", redone)
+    if kind == "tokenizer":
+        got = _built_by_another_process(
+            tmp_path / written.name, written, lambda say: ensure_tokenizer(corpus, 320, tmp_path, progress=say)
+        )
+        assert got == tok
+    else:
+        got = _built_by_another_process(
+            tmp_path / written.name, written, lambda say: encode_cached(corpus, tok, tmp_path, progress=say)
+        )
+        assert np.array_equal(got.train, tok.encode(corpus.train.tobytes()))
 
 
 def test_a_build_that_cannot_keep_its_progress_goes_on_without_it(spec_base, seeded, monkeypatch):

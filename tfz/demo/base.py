@@ -8,7 +8,8 @@ spec's seed. Files are written atomically; a cached file that no longer reads (t
 said to be unreadable and built again over itself. A build keeps its progress beside the base
 (``base-<hash>.progress.pt``, at every progress line, removed once the base is written), so an
 interrupted first run goes on where it stopped, to the weights an uninterrupted build gives. A lock
-file beside it (``base-<hash>.lock``) makes processes sharing the cache build it once.
+file beside each cached file (``<name>.lock``) makes processes sharing the cache build it once: the
+base, the vocabulary and the encoded text.
 
 A base file (``torch.save``, loadable with ``weights_only=True``) holds::
 
@@ -225,14 +226,14 @@ def ensure_tokenizer(
             raise ValueError(f"{tokenizer.vocab_size} tokens, recorded {saved['vocab_size']}")
         return tokenizer
 
-    cached = _read_cached(path, read, progress)
-    if cached is not None:
-        return cached
-    progress(f"learning a {vocab_size:,}-token vocabulary from {corpus.source} once; cached as {path}")
-    tokenizer = BytePairTokenizer.train(sample.tobytes(), vocab_size)
-    text = json.dumps({"vocab_size": tokenizer.vocab_size, "merges": tokenizer.merges})
-    _atomic_write(path, lambda f: f.write(text.encode()))
-    return tokenizer
+    def build() -> BytePairTokenizer:
+        progress(f"learning a {vocab_size:,}-token vocabulary from {corpus.source} once; cached as {path}")
+        tokenizer = BytePairTokenizer.train(sample.tobytes(), vocab_size)
+        text = json.dumps({"vocab_size": tokenizer.vocab_size, "merges": tokenizer.merges})
+        _atomic_write(path, lambda f: f.write(text.encode()))
+        return tokenizer
+
+    return _cached(path, read, build, progress)
 
 
 def encode_cached(corpus, tokenizer, folder: Path | None = None, *, progress: Callable[[str], None] = print):
@@ -248,12 +249,12 @@ def encode_cached(corpus, tokenizer, folder: Path | None = None, *, progress: Ca
         with np.load(path) as saved:
             return dataclasses.replace(corpus, tokenizer=tokenizer, **{k: saved[k] for k in SPLITS})
 
-    cached = _read_cached(path, read, progress)
-    if cached is not None:
-        return cached
-    encoded = corpus.encoded(tokenizer)
-    _atomic_write(path, lambda f: np.savez(f, **{split: getattr(encoded, split) for split in SPLITS}))
-    return encoded
+    def build():
+        encoded = corpus.encoded(tokenizer)
+        _atomic_write(path, lambda f: np.savez(f, **{split: getattr(encoded, split) for split in SPLITS}))
+        return encoded
+
+    return _cached(path, read, build, progress)
 
 
 def base_path(spec: BaseSpec, folder: Path | None = None, *, corpus=None) -> Path:
@@ -444,13 +445,7 @@ def ensure_base(
     """(the base of ``spec``, loaded; whether it was built now). Built on first use, then cached."""
     corpus = _corpus(spec)
     path = base_path(spec, folder, corpus=corpus)
-    cached = _read_cached(path, load_base, progress)
-    if cached is not None:
-        return cached, False
-    with _build_lock(path, progress):
-        cached = _read_cached(path, load_base, lambda _: None)  # built meanwhile by another process
-        if cached is not None:
-            return cached, False
+    def build() -> None:
         progress(
             f"building the base model {'again' if path.exists() else 'once'}: {spec.n_layers} layers, "
             f"dim {spec.dim}, pretrained without "
@@ -461,14 +456,28 @@ def ensure_base(
         weights, metrics = _pretrain(spec, encoded, progress, _progress_path(path))
         save_base(path, spec.model_config(), weights, spec=spec, metrics=metrics, tokenizer=tokenizer)
         _progress_path(path).unlink(missing_ok=True)
-    progress(f"  base model ready: validation loss {metrics['val_loss']:.3f} on {spec.corpus}")
-    return load_base(path), True
+        progress(f"  base model ready: validation loss {metrics['val_loss']:.3f} on {spec.corpus}")
+
+    cached = _cached(path, load_base, build, progress)
+    return (cached, False) if cached is not None else (load_base(path), True)
+
+
+def _cached(path: Path, read: Callable[[Path], Any], build: Callable[[], Any], progress) -> Any:
+    """``read(path)`` of a cache file, else ``build()``, which writes it, under ``path``'s build lock:
+    a process that finds another building the same file waits and reads what that one wrote (a
+    ``build`` that returns None: None, the caller reads the file itself)."""
+    cached = _read_cached(path, read, progress)
+    if cached is not None:
+        return cached
+    with _build_lock(path, progress):
+        cached = _read_cached(path, read, lambda _: None)  # built meanwhile by another process
+        return cached if cached is not None else build()
 
 
 @contextlib.contextmanager
 def _build_lock(path: Path, progress: Callable[[str], None]) -> Iterator[None]:
-    """Hold ``<base name>.lock`` beside ``path`` while building it: a process that finds another one
-    building the same base (torchrun's ranks, two runs on one cache) says so and waits for it."""
+    """Hold ``<name>.lock`` beside ``path`` while building it: a process that finds another one
+    building the same file (torchrun's ranks, two runs on one cache) says so and waits for it."""
     try:
         import fcntl
     except ImportError:  # no flock on this platform: builds are not shared
