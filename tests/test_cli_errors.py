@@ -269,3 +269,15 @@ def test_plan_limits(capsys, solver, M, shown):
     )
     limit = {"structured": "262,144", "generic": "32,768"}[solver]
     assert f"1f1b with 4 ranks x {M} microbatches has {shown}" in line and f"the limit is {limit}" in line
+
+
+@pytest.mark.parametrize(
+    "argv,line",
+    [
+        (["demo", "--block-rows", "0"], "tfz demo: error: unrecognized arguments: --block-rows 0"),
+        (["simulate", *BASE, "--fast"], "tfz simulate: error: unrecognized arguments: --fast"),
+        (["--fast"], "tfz: error: unrecognized arguments: --fast"),
+    ],
+)
+def test_unknown_arguments_are_named_by_the_command_given_them(capsys, argv, line):
+    assert _one_line_error(capsys, *argv) == line

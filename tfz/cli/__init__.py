@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, mod in _available().items():
         p = sub.add_parser(name, help=COMMANDS[name], description=(mod.__doc__ or COMMANDS[name]).strip())
         mod.add_arguments(p)
-        p.set_defaults(_run=mod.run)
+        p.set_defaults(_run=mod.run, _parser=p)
     return parser
 
 
@@ -91,7 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     command = "tfz"
     try:
         parser = build_parser()
-        args = parser.parse_args(argv)
+        args, unknown = parser.parse_known_args(argv)
+        if unknown:  # said by the command that was given them ("tfz demo: error: ...")
+            getattr(args, "_parser", parser).error(f"unrecognized arguments: {' '.join(unknown)}")
         if getattr(args, "_run", None) is None:
             print(
                 f"tfz: error: give a command: {', '.join(COMMANDS)} (tfz --help describes them)",
