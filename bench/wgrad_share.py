@@ -12,7 +12,12 @@ the spread of the per-round ratios.
 - ceiling at the cap: F+B all active / F+B with ``1 - cap`` active: the most a stage gains when
   every microbatch freezes at the cap;
 - critical stage: the slowest stage unfrozen against the slowest stage frozen at the cap, the steady
-  state of a pipeline that freezes every stage at the cap (no bubbles, no communication).
+  state of a pipeline that freezes every stage at the cap (no bubbles, no communication);
+- FLOP bound: the same share and ceiling counted in the linear layers' FLOPs alone (forward,
+  input gradient and weight gradient of each, 2 * in * out per token apiece; the FreezableLinears'
+  weight gradients are the freezable part). Attention's own matmuls, norms, activations, the softmax
+  and the loss add work that freezing keeps, so on any hardware the measured share and ceiling are
+  below these.
 
     python bench/wgrad_share.py [--rounds 7] [--cap 0.8] [--output-layer trained|freezable]
 """
@@ -54,6 +59,14 @@ def _step(module, x, target, masks) -> float:
     return time.perf_counter() - start
 
 
+def linear_flops(module) -> tuple[int, int]:
+    """(the FreezableLinears' weight-gradient FLOPs, every linear layer's forward, input-gradient
+    and weight-gradient FLOPs) of one token through ``module``."""
+    sizes = [(m.in_features * m.out_features, isinstance(m, FreezableLinear)) for m in module.modules()
+             if isinstance(m, torch.nn.Linear)]
+    return 2 * sum(n for n, freezable in sizes if freezable), 6 * sum(n for n, _ in sizes)
+
+
 def measure(cfg: DemoConfig, cap: float, rounds: int) -> dict[int, dict[str, np.ndarray]]:
     """Per stage: seconds per round of F+B with every row active (``all``), ``1 - cap`` active
     (``cap``) and none active (``none``)."""
@@ -76,24 +89,34 @@ def measure(cfg: DemoConfig, cap: float, rounds: int) -> dict[int, dict[str, np.
     return {s: {k: np.array(v) for k, v in t.items()} for s, t in times.items()}
 
 
-def table(times: dict[int, dict[str, np.ndarray]], cap: float) -> str:
+def table(times: dict[int, dict[str, np.ndarray]], cap: float, flops: dict[int, tuple[int, int]]) -> str:
+    """Markdown of ``times`` (from :func:`measure`) beside the FLOP bound of ``flops`` (per stage,
+    from :func:`linear_flops`)."""
+
     def spread(ratios: np.ndarray, fmt: str) -> str:
         return f"{np.median(ratios):{fmt}} ({ratios.min():{fmt}}-{ratios.max():{fmt}})"
 
     lines = [
         f"| stage | F+B all active (ms) | F+B at cap {cap} (ms) | F+B none active (ms) | freezable share | "
-        "ceiling at the cap |",
-        "|---|---:|---:|---:|---:|---:|",
+        "ceiling at the cap | FLOP bound: share | FLOP bound: ceiling |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for s, t in times.items():
         share = (t["all"] - t["none"]) / t["all"]
         ceiling = t["all"] / t["cap"]
         cells = [f"{np.median(t[k]) * 1e3:.1f}" for k in ("all", "cap", "none")]
-        lines.append(f"| {s} | {' | '.join(cells)} | {spread(share, '.3f')} | {spread(ceiling, '.3f')}x |")
+        freezable, total = flops[s]
+        bound = f"{freezable / total:.3f} | {total / (total - cap * freezable):.3f}x"
+        lines.append(
+            f"| {s} | {' | '.join(cells)} | {spread(share, '.3f')} | {spread(ceiling, '.3f')}x | {bound} |"
+        )
     slowest = {k: np.max([t[k] for t in times.values()], axis=0) for k in ("all", "cap")}
     critical = spread(slowest["all"] / slowest["cap"], ".3f")
+    unfrozen = max(total for _, total in flops.values())
+    frozen = max(total - cap * freezable for freezable, total in flops.values())
     lines.append(
-        f"\ncritical stage, unfrozen against frozen at the cap: {critical}x (median over rounds, min-max)"
+        f"\ncritical stage, unfrozen against frozen at the cap: {critical}x (median over rounds, min-max); "
+        f"FLOP bound {unfrozen / frozen:.3f}x"
     )
     return "\n".join(lines)
 
@@ -109,7 +132,8 @@ def main() -> None:
         f"demo stages, output layer {cfg.output_layer}, microbatch {cfg.microbatch_size} x {cfg.seq_len} "
         f"tokens, {cfg.threads_per_rank} thread(s) each, torch {torch.__version__}, {args.rounds} rounds"
     )
-    print(table(measure(cfg, args.cap, args.rounds), args.cap))
+    flops = {s: linear_flops(m) for s, m in build_model(cfg, 2, [0, 1], seed=0).items()}
+    print(table(measure(cfg, args.cap, args.rounds), args.cap, flops))
 
 
 if __name__ == "__main__":
