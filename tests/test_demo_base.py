@@ -356,3 +356,25 @@ def test_a_build_that_cannot_keep_its_progress_goes_on_without_it(spec_base, see
     full = "([Errno 28] No space left on device); going on without it"
     assert built and said == [f"  base model: cannot keep the build's progress {full}"]
     assert all(torch.equal(base.state_dict[k], v) for k, v in whole.state_dict.items())
+
+
+def test_unfinished_builds_of_other_bases_are_pointed_out_unless_running(spec_base, seeded):
+    """A progress file of another base (an interrupted build of other settings) is named with its
+    size whenever the demo's base is ensured, unless a process is building that base now."""
+    import fcntl
+
+    folder = seeded("left")
+    shutil.copy(spec_base.path, folder)
+    other = folder / "base-0123456789abcdef.progress.pt"
+    other.write_bytes(b"x" * 3 * 2**20)
+    lines = []
+    assert not ensure_base(SPEC, folder, progress=lines.append)[1]
+    assert lines == [
+        f"note: 1 unfinished base build(s) of other settings in {folder} (3 MiB: {other.name}); "
+        "a run with those settings resumes one, or delete it"
+    ]
+    with open(folder / "base-0123456789abcdef.lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        lines.clear()
+        ensure_base(SPEC, folder, progress=lines.append)
+        assert lines == []  # being built now: not left behind

@@ -7,7 +7,8 @@ training text, so a changed spec or corpus builds a new base, and a build is rep
 spec's seed. Files are written atomically; a cached file that no longer reads (truncated, damaged) is
 said to be unreadable and built again over itself. A build keeps its progress beside the base
 (``base-<hash>.progress.pt``, at every progress line, removed once the base is written), so an
-interrupted first run goes on where it stopped, to the weights an uninterrupted build gives. A lock
+interrupted first run goes on where it stopped, to the weights an uninterrupted build gives (progress
+files of other bases that no process is building are pointed out with their size). A lock
 file beside each cached file (``<name>.lock``) makes processes sharing the cache build it once: the
 base, the vocabulary and the encoded text.
 
@@ -459,7 +460,42 @@ def ensure_base(
         progress(f"  base model ready: validation loss {metrics['val_loss']:.3f} on {spec.corpus}")
 
     cached = _cached(path, load_base, build, progress)
+    left = _unfinished_builds(path)
+    if left:
+        mib = sum(file.stat().st_size for file in left) / 2**20
+        progress(
+            f"note: {len(left)} unfinished base build(s) of other settings in {path.parent} ({mib:.0f} MiB: "
+            f"{', '.join(file.name for file in left)}); a run with those settings resumes one, or delete it"
+        )
     return (cached, False) if cached is not None else (load_base(path), True)
+
+
+def _unfinished_builds(path: Path) -> list[Path]:
+    """Progress files beside ``path`` of other bases' builds that no process is running now."""
+    left = []
+    for file in sorted(path.parent.glob("base-*.progress.pt")):
+        base = file.with_name(file.name.removesuffix(".progress.pt") + ".pt")
+        if base != path and not _building(base):
+            left.append(file)
+    return left
+
+
+def _building(path: Path) -> bool:
+    """Whether a process holds the build lock of ``path`` now."""
+    try:
+        import fcntl
+    except ImportError:
+        return False
+    lock = _lock_file(path)
+    if not lock.exists():
+        return False
+    with open(lock, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(f, fcntl.LOCK_UN)
+        return False
 
 
 def _cached(path: Path, read: Callable[[Path], Any], build: Callable[[], Any], progress) -> Any:
@@ -474,6 +510,11 @@ def _cached(path: Path, read: Callable[[Path], Any], build: Callable[[], Any], p
         return cached if cached is not None else build()
 
 
+def _lock_file(path: Path) -> Path:
+    """The lock a process holds while it builds the cache file ``path``."""
+    return path.with_name(path.stem + ".lock")
+
+
 @contextlib.contextmanager
 def _build_lock(path: Path, progress: Callable[[str], None]) -> Iterator[None]:
     """Hold ``<name>.lock`` beside ``path`` while building it: a process that finds another one
@@ -483,7 +524,7 @@ def _build_lock(path: Path, progress: Callable[[str], None]) -> Iterator[None]:
     except ImportError:  # no flock on this platform: builds are not shared
         yield
         return
-    lock = path.with_name(path.stem + ".lock")
+    lock = _lock_file(path)
     lock.parent.mkdir(parents=True, exist_ok=True)
     with open(lock, "a") as f:
         try:
