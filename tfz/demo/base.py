@@ -320,7 +320,9 @@ def _pretrain(
 ) -> tuple[dict, dict]:
     """Pretrain ``spec``'s model on ``corpus``: (weights, metrics). With ``progress_file`` the build
     saves its state there at every progress line and resumes from it, so an interrupted build goes
-    on where it stopped and ends with the weights an uninterrupted one gives."""
+    on where it stopped and ends with the weights an uninterrupted one gives. ``seconds`` in the
+    metrics is the training time of the steps the weights come from (steps run after the last save
+    of an interrupted build, and lost with it, are not counted)."""
     import torch
     import torch.nn.functional as F
 
