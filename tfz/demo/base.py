@@ -448,6 +448,7 @@ def ensure_base(
     """(the base of ``spec``, loaded; whether it was built now). Built on first use, then cached."""
     corpus = _corpus(spec)
     path = base_path(spec, folder, corpus=corpus)
+
     def build() -> None:
         progress(
             f"building the base model {'again' if path.exists() else 'once'}: {spec.n_layers} layers, "
