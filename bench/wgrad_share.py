@@ -62,8 +62,11 @@ def _step(module, x, target, masks) -> float:
 def linear_flops(module) -> tuple[int, int]:
     """(the FreezableLinears' weight-gradient FLOPs, every linear layer's forward, input-gradient
     and weight-gradient FLOPs) of one token through ``module``."""
-    sizes = [(m.in_features * m.out_features, isinstance(m, FreezableLinear)) for m in module.modules()
-             if isinstance(m, torch.nn.Linear)]
+    sizes = [
+        (m.in_features * m.out_features, isinstance(m, FreezableLinear))
+        for m in module.modules()
+        if isinstance(m, torch.nn.Linear)
+    ]
     return 2 * sum(n for n, freezable in sizes if freezable), 6 * sum(n for n, _ in sizes)
 
 

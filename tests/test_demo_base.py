@@ -44,7 +44,10 @@ def seeded(tmp_path, spec_base):
     def folder(name: str) -> Path:
         path = tmp_path / name
         path.mkdir()
-        for file in (*spec_base.path.parent.glob("tokenizer-*.json"), *spec_base.path.parent.glob("tokens-*.npz")):
+        for file in (
+            *spec_base.path.parent.glob("tokenizer-*.json"),
+            *spec_base.path.parent.glob("tokens-*.npz"),
+        ):
             shutil.copy(file, path)
         return path
 
@@ -312,7 +315,9 @@ def test_a_base_another_process_is_building_is_waited_for_not_built_twice(spec_b
 
 
 @pytest.mark.parametrize("kind", ["tokenizer", "tokens"])
-def test_a_vocabulary_or_encoding_another_process_is_making_is_waited_for(spec_base, tmp_path, kind, monkeypatch):
+def test_a_vocabulary_or_encoding_another_process_is_making_is_waited_for(
+    spec_base, tmp_path, kind, monkeypatch
+):
     """torchrun's ranks each prepare the run: one learns the vocabulary and encodes the text, the
     others wait for its files instead of doing the same work."""
     from tfz.data import TextCorpus
@@ -328,7 +333,9 @@ def test_a_vocabulary_or_encoding_another_process_is_making_is_waited_for(spec_b
     monkeypatch.setattr(TextCorpus, "encoded", redone)
     if kind == "tokenizer":
         got = _built_by_another_process(
-            tmp_path / written.name, written, lambda say: ensure_tokenizer(corpus, 320, tmp_path, progress=say)
+            tmp_path / written.name,
+            written,
+            lambda say: ensure_tokenizer(corpus, 320, tmp_path, progress=say),
         )
         assert got == tok
     else:

@@ -47,8 +47,14 @@ def test_table_is_the_ratios_of_the_medians_per_round(ws):
     text = ws.table(times, 0.8, {0: (1, 4), 1: (1, 5)})
     # stage 0: shares 0.25 and 0.30, ceilings 1.25 and 1.333; stage 1: 0.20 / 0.30, 1.20 / 1.25;
     # FLOP bounds: 1/4 and 4 / (4 - 0.8); 1/5 and 5 / (5 - 0.8)
-    assert "| 0 | 3000.0 | 2300.0 | 2150.0 | 0.275 (0.250-0.300) | 1.292 (1.250-1.333)x | 0.250 | 1.250x |" in text
-    assert "| 1 | 4000.0 | 3250.0 | 2950.0 | 0.250 (0.200-0.300) | 1.225 (1.200-1.250)x | 0.200 | 1.190x |" in text
+    assert (
+        "| 0 | 3000.0 | 2300.0 | 2150.0 | 0.275 (0.250-0.300) | 1.292 (1.250-1.333)x | 0.250 | 1.250x |"
+        in text
+    )
+    assert (
+        "| 1 | 4000.0 | 3250.0 | 2950.0 | 0.250 (0.200-0.300) | 1.225 (1.200-1.250)x | 0.200 | 1.190x |"
+        in text
+    )
     # the slowest stage per round: 3.0 / 2.5 and 5.0 / 4.0; by FLOPs 5 against max(3.2, 4.2)
     assert "frozen at the cap: 1.225 (1.200-1.250)x (median over rounds, min-max); FLOP bound 1.190x" in text
 
