@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from tfz.demo.config import OUTPUT_LAYERS, DemoConfig
 from tfz.demo.worker import build_model
-from tfz.nn import prepare_row_masks, use_row_masks
+from tfz.nn import linear_flops, prepare_row_masks, use_row_masks
 from tfz.nn.freezable_linear import FreezableLinear
 
 
@@ -57,17 +57,6 @@ def _step(module, x, target, masks) -> float:
         else:
             F.cross_entropy(out.flatten(0, 1), target.flatten()).backward()
     return time.perf_counter() - start
-
-
-def linear_flops(module) -> tuple[int, int]:
-    """(the FreezableLinears' weight-gradient FLOPs, every linear layer's forward, input-gradient
-    and weight-gradient FLOPs) of one token through ``module``."""
-    sizes = [
-        (m.in_features * m.out_features, isinstance(m, FreezableLinear))
-        for m in module.modules()
-        if isinstance(m, torch.nn.Linear)
-    ]
-    return 2 * sum(n for n, freezable in sizes if freezable), 6 * sum(n for n, _ in sizes)
 
 
 def measure(cfg: DemoConfig, cap: float, rounds: int) -> dict[int, dict[str, np.ndarray]]:
@@ -94,7 +83,7 @@ def measure(cfg: DemoConfig, cap: float, rounds: int) -> dict[int, dict[str, np.
 
 def table(times: dict[int, dict[str, np.ndarray]], cap: float, flops: dict[int, tuple[int, int]]) -> str:
     """Markdown of ``times`` (from :func:`measure`) beside the FLOP bound of ``flops`` (per stage,
-    from :func:`linear_flops`)."""
+    from :func:`tfz.nn.linear_flops`)."""
 
     def spread(ratios: np.ndarray, fmt: str) -> str:
         return f"{np.median(ratios):{fmt}} ({ratios.min():{fmt}}-{ratios.max():{fmt}})"

@@ -140,8 +140,15 @@ def test_report_shows_the_plans_speedup_and_its_all_frozen_ceiling():
     plan = {"speedup": 600 / 500, "makespan_unfrozen": 600.0, "makespan_all_frozen": 480.0}
     ranks[0]["timelyfreeze"]["plan"] = plan
     ranks[0]["timelyfreeze"]["gap_ms"] = 2.5
+    # two stages on rank 0, one on rank 1: per rank [2 + 1, 12 + 6] and [1, 15]
+    ranks[0]["timelyfreeze"]["linear_flops"] = [[2, 12], [1, 6]]
+    ranks[1]["timelyfreeze"]["linear_flops"] = [[1, 15]]
     task = {"task": "pretrain", "corpus": "c", "validation": {"sequences": 8, "tokens": 128}}
     report = combine([build_report(ranks, cfg, seed=s)[0] for s in (0, 1)], cfg, {"task": task})
+    # the busiest rank unfrozen (18) over the busiest frozen at 0.8: max(18 - 2.4, 15 - 0.8)
+    assert report["methods"]["timelyfreeze"]["flop_bound"] == pytest.approx(18 / 15.6)
+    assert report["methods"]["none"]["flop_bound"] is None
+    assert f"(by the linear layers' FLOPs at most {18 / 15.6:.3f}x: the busiest rank" in markdown(report, [])
     tf = report["methods"]["timelyfreeze"]
     assert tf["gap_ms"] == 2.5 and report["methods"]["none"]["gap_ms"] is None
     assert report["goals"]["prediction_vs_measured"]["gap_ms"] == 2.5
@@ -538,6 +545,14 @@ def test_shortened_demo_runs_every_method(tmp_path):
     assert staged["train_loss"] == pytest.approx(plain["train_loss"], rel=1e-4)
     tf = saved["per_seed"][0]["methods"]["timelyfreeze"]
     assert tf["batch_time_predicted_ms"] > 0 and tf["plan"] is not None
+    # the FLOP bound, in closed form: two decoder layers of 4 d^2 + 3 d f weights per stage, the
+    # output layer's d V (trained) on the last; 2 FLOPs per weight and token, three times
+    d, layers = cfg.dim, cfg.model_layers(2) // 2
+    decoder = layers * (4 * d * d + 3 * d * cfg.ffn_dim)
+    totals = [6 * decoder, 6 * (decoder + d * cfg.vocab_size)]
+    frozen = [total - cfg.max_freeze_ratio * 2 * decoder for total in totals]
+    assert tf["flop_bound"] == pytest.approx(max(totals) / max(frozen))
+    assert saved["per_seed"][0]["methods"]["apf"]["flop_bound"] is None  # no cap to bound it
     assert max(tf["plan"]["ratios"].values()) <= cfg.max_freeze_ratio + 1e-9  # each microbatch capped
     assert (
         "each microbatch's at 0.8; its masks train one run of rows of every layer"

@@ -752,3 +752,13 @@ def test_all_active_layer_accumulates_into_its_grad_in_place(in_place, param_dty
         else:
             want, bound = _sequential_rounded(parts, param_dtype)
             assert bool(((got.double() - want.double()).abs() <= roundings * bound).all())
+
+
+def test_linear_flops_counts_every_linear_and_the_freezable_weight_gradients():
+    """2 FLOPs per weight and token in the forward, the input gradient and the weight gradient of
+    every nn.Linear; only FreezableLinears' weight gradients are freezable. Other modules count none."""
+    model = nn.Sequential(nn.Linear(3, 5), nn.ReLU(), nn.Linear(5, 7), nn.LayerNorm(7), nn.Linear(7, 2))
+    assert tnn.linear_flops(model) == (0, 6 * (15 + 35 + 14))
+    convert_to_freezable(model, lambda module, fqn: fqn in ("0", "4"))
+    assert isinstance(model[0], FreezableLinear) and not isinstance(model[2], FreezableLinear)
+    assert tnn.linear_flops(model) == (2 * (15 + 14), 6 * (15 + 35 + 14))

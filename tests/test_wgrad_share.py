@@ -8,6 +8,7 @@ import torch
 
 from tfz.demo.config import DemoConfig
 from tfz.demo.worker import build_model
+from tfz.nn import linear_flops
 from tfz.nn.freezable_linear import FreezableLinear
 
 TINY = dict(vocab_size=300, dim=16, n_heads=2, ffn_dim=40, seq_len=8, microbatch_size=2)
@@ -60,7 +61,7 @@ def test_table_is_the_ratios_of_the_medians_per_round(ws):
 
 
 @pytest.mark.parametrize("output_layer", ["trained", "freezable"])
-def test_the_flop_bound_of_the_demo_stages_is_the_closed_form(ws, output_layer):
+def test_the_flop_bound_of_the_demo_stages_is_the_closed_form(output_layer):
     """Per token, a decoder layer's linear weights are 4 d^2 + 3 d f (attention's four, the MLP's
     three) and the output layer's d V; each takes 2 FLOPs per weight in the forward, the input
     gradient and the weight gradient. With the output layer trained, stage 1's freezable share is
@@ -69,8 +70,8 @@ def test_the_flop_bound_of_the_demo_stages_is_the_closed_form(ws, output_layer):
     d, f, v, layers = cfg.dim, cfg.ffn_dim, cfg.vocab_size, cfg.model_layers(2) // 2
     decoder, output = layers * (4 * d * d + 3 * d * f), d * v
     stages = build_model(cfg, 2, [0, 1], seed=0)
-    assert ws.linear_flops(stages[0]) == (2 * decoder, 6 * decoder)
+    assert linear_flops(stages[0]) == (2 * decoder, 6 * decoder)
     freezable = decoder + (output if output_layer == "freezable" else 0)
-    assert ws.linear_flops(stages[1]) == (2 * freezable, 6 * (decoder + output))
+    assert linear_flops(stages[1]) == (2 * freezable, 6 * (decoder + output))
     if output_layer == "trained":
         assert 4 * decoder == 3 * (decoder + output)  # the share is a quarter: 1 / (1 - 0.8 / 4) = 1.25

@@ -52,7 +52,19 @@ def _merge(results: list[dict], method: str, cfg: DemoConfig, last_rank: int) ->
         "gap_ms": per_rank[0].get("gap_ms"),
         "spans": [pr["spans"] for pr in per_rank],
         "span_ratios": per_rank[0]["span_ratios"],
+        "linear_flops": [
+            np.sum(pr["linear_flops"], axis=0).tolist() for pr in per_rank if "linear_flops" in pr
+        ],
     }
+
+
+def _flop_bound(per_rank: list, cap: float) -> float | None:
+    """The busiest rank's linear-layer FLOPs unfrozen over the busiest one's with every stage frozen at
+    ``cap`` (``per_rank``: each rank's [freezable, total] from :func:`tfz.nn.linear_flops`): the most
+    a batch can gain at that cap in steady state, were the linear layers all the work."""
+    if not per_rank or not all(total > 0 for _, total in per_rank):
+        return None
+    return max(total for _, total in per_rank) / max(total - cap * freezable for freezable, total in per_rank)
 
 
 def _window_start(merged: dict[str, dict], cfg: DemoConfig) -> int:
@@ -197,6 +209,10 @@ def build_report(results: list[dict], cfg: DemoConfig, seed: int) -> tuple[dict[
     for name, rep in methods.items():
         rep["throughput_gain"] = _gain(rep, base)
         rep["gain_over_tfz_none"] = _gain(rep, methods.get("tfz-none")) if freezes(name) else None
+        capped = name in TIMELYFREEZE_METHODS
+        rep["flop_bound"] = (
+            _flop_bound(merged[name]["linear_flops"], cfg.max_freeze_ratio) if capped else None
+        )
         rep["time_to_target_s"] = None if target is None else time_to_target(*_curve(rep), target)
         at = None
         if base is not None and name != "none":
@@ -254,6 +270,7 @@ _SUMMARY_KEYS = (
     "planned_ceiling",
     "planned_unfrozen_ms",
     "gap_ms",
+    "flop_bound",
 )
 
 
@@ -318,6 +335,7 @@ def _goals(methods: dict[str, dict]) -> dict[str, Any]:
         "planned_unfrozen_ms": tf.get("planned_unfrozen_ms"),
         "none_measured_ms": base.get("batch_time_measured_ms"),
         "over_tfz_none": tf.get("gain_over_tfz_none"),
+        "flop_bound": tf.get("flop_bound"),
     }
     if tf["val_loss"] is not None and base["val_loss"] is not None:
         rel = tf["val_loss"] / base["val_loss"] - 1
@@ -722,6 +740,11 @@ def markdown(report: dict, figures: list[str]) -> str:
                         f"freezing's measured {g['none_measured_ms']:.0f} ms"
                     )
                 line += ")"
+            if g.get("flop_bound") is not None:
+                line += (
+                    f" (by the linear layers' FLOPs at most {g['flop_bound']:.3f}x: the busiest rank with "
+                    "every stage frozen at the cap, were they all its work)"
+                )
             if g.get("over_tfz_none") is not None:
                 line += (
                     f" (over tfz-none, no freezing through the same stage: {g['over_tfz_none']:.3f}x, "

@@ -324,6 +324,8 @@ class MethodRun:
             )
 
     def result(self) -> dict[str, Any]:
+        from tfz.nn import linear_flops
+
         history = getattr(self.provider, "history", None)
         plan = getattr(self.provider, "plan", None)
         out = {
@@ -340,6 +342,7 @@ class MethodRun:
         estimates = self.provider.estimates if plan is not None else None
         out["estimates"] = None if estimates is None else [e.tolist() for e in estimates]
         out["gap_ms"] = self.provider.gap if plan is not None else None
+        out["linear_flops"] = [list(linear_flops(m)) for m in self.modules.values()]
         return out
 
 

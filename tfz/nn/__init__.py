@@ -5,7 +5,7 @@ Entry points: :class:`FreezableLinear` / :func:`convert_to_freezable` (model sur
 """
 
 from tfz.nn.context import RowMask, RowUsage, prepare_row_masks, reset_row_usage, use_row_masks
-from tfz.nn.freezable_linear import ConversionReport, FreezableLinear, convert_to_freezable
+from tfz.nn.freezable_linear import ConversionReport, FreezableLinear, convert_to_freezable, linear_flops
 from tfz.nn.function import FreezableLinearFunction, freezable_linear
 from tfz.nn.store import WeightGradStore
 
@@ -18,6 +18,7 @@ __all__ = [
     "WeightGradStore",
     "convert_to_freezable",
     "freezable_linear",
+    "linear_flops",
     "prepare_row_masks",
     "reset_row_usage",
     "use_row_masks",

@@ -18,7 +18,7 @@ from tfz._validate import check_int
 from tfz.nn.context import RowUsage
 from tfz.nn.function import freezable_linear
 
-__all__ = ["ConversionReport", "FreezableLinear", "convert_to_freezable"]
+__all__ = ["ConversionReport", "FreezableLinear", "convert_to_freezable", "linear_flops"]
 
 logger = logging.getLogger("tfz.nn")
 
@@ -210,3 +210,16 @@ def convert_to_freezable(
         listed = "; ".join(f"{fqn or '<model>'}: {why}" for fqn, why in unexpected)
         logger.warning("tfz.nn.convert_to_freezable left %d nn.Linear alone: %s", len(unexpected), listed)
     return (result, summary) if report else result
+
+
+def linear_flops(module: nn.Module) -> tuple[int, int]:
+    """Per token through ``module``: (the weight-gradient FLOPs of its FreezableLinears, the forward,
+    input-gradient and weight-gradient FLOPs of every ``nn.Linear``), 2 * in * out FLOPs apiece. The
+    first over the second is the most of the linear layers' work that freezing can remove; the
+    module's other work (attention's matmuls, norms, activations, a loss) only lowers that share."""
+    sizes = [
+        (m.in_features * m.out_features, isinstance(m, FreezableLinear))
+        for m in module.modules()
+        if isinstance(m, nn.Linear)
+    ]
+    return 2 * sum(n for n, freezable in sizes if freezable), 6 * sum(n for n, _ in sizes)
