@@ -385,3 +385,20 @@ def test_unfinished_builds_of_other_bases_are_pointed_out_unless_running(spec_ba
         lines.clear()
         ensure_base(SPEC, folder, progress=lines.append)
         assert lines == []  # being built now: not left behind
+
+
+def test_pointing_out_unfinished_builds_never_fails_the_run(spec_base, seeded):
+    """A progress file gone by the time it is looked at (its build just ended) is left out, and a lock
+    that cannot be opened counts as no build running: the base still loads."""
+    folder = seeded("odd")
+    shutil.copy(spec_base.path, folder)
+    (folder / "base-00000000000000aa.progress.pt").symlink_to(folder / "gone")
+    (folder / "base-00000000000000bb.progress.pt").write_bytes(b"x" * 2**20)
+    (folder / "base-00000000000000bb.lock").mkdir()  # cannot be opened as a file
+    lines = []
+    base, built = ensure_base(SPEC, folder, progress=lines.append)
+    assert not built and base.path.parent == folder
+    assert lines == [
+        f"note: 1 unfinished base build(s) of other settings in {folder} (1 MiB: "
+        "base-00000000000000bb.progress.pt); a run with those settings resumes one, or delete it"
+    ]

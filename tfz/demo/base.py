@@ -465,21 +465,26 @@ def ensure_base(
     cached = _cached(path, load_base, build, progress)
     left = _unfinished_builds(path)
     if left:
-        mib = sum(file.stat().st_size for file in left) / 2**20
+        mib = sum(left.values()) / 2**20
         progress(
             f"note: {len(left)} unfinished base build(s) of other settings in {path.parent} ({mib:.0f} MiB: "
-            f"{', '.join(file.name for file in left)}); a run with those settings resumes one, or delete it"
+            f"{', '.join(left)}); a run with those settings resumes one, or delete it"
         )
     return (cached, False) if cached is not None else (load_base(path), True)
 
 
-def _unfinished_builds(path: Path) -> list[Path]:
-    """Progress files beside ``path`` of other bases' builds that no process is running now."""
-    left = []
+def _unfinished_builds(path: Path) -> dict[str, int]:
+    """Name -> size in bytes of the progress files beside ``path`` of other bases' builds that no
+    process is running now (one that is gone by the time it is looked at is left out)."""
+    left = {}
     for file in sorted(path.parent.glob("base-*.progress.pt")):
         base = file.with_name(file.name.removesuffix(".progress.pt") + ".pt")
-        if base != path and not _building(base):
-            left.append(file)
+        if base == path or _building(base):
+            continue
+        try:
+            left[file.name] = file.stat().st_size
+        except OSError:  # its build just ended and removed it
+            continue
     return left
 
 
@@ -489,16 +494,16 @@ def _building(path: Path) -> bool:
         import fcntl
     except ImportError:
         return False
-    lock = _lock_file(path)
-    if not lock.exists():
-        return False
-    with open(lock, "a") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        fcntl.flock(f, fcntl.LOCK_UN)
-        return False
+    try:
+        with open(_lock_file(path)) as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            fcntl.flock(f, fcntl.LOCK_UN)
+    except OSError:  # no lock file (no build took it), or one this process cannot open
+        pass
+    return False
 
 
 def _cached(path: Path, read: Callable[[Path], Any], build: Callable[[], Any], progress) -> Any:
