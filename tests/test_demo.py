@@ -149,6 +149,10 @@ def test_report_shows_the_plans_speedup_and_its_all_frozen_ceiling():
     assert report["methods"]["timelyfreeze"]["flop_bound"] == pytest.approx(18 / 15.6)
     assert report["methods"]["none"]["flop_bound"] is None
     assert f"(by the linear layers' FLOPs at most {18 / 15.6:.3f}x: the busiest rank" in markdown(report, [])
+    tighter = cfg.replace(action_cap=0.5)  # each microbatch's cap below the stages': 18 / (18 - 1.5)
+    assert build_report(ranks, tighter, seed=0)[0]["methods"]["timelyfreeze"]["flop_bound"] == pytest.approx(
+        18 / 16.5
+    )
     tf = report["methods"]["timelyfreeze"]
     assert tf["gap_ms"] == 2.5 and report["methods"]["none"]["gap_ms"] is None
     assert report["goals"]["prediction_vs_measured"]["gap_ms"] == 2.5
