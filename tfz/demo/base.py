@@ -45,6 +45,11 @@ from typing import Any
 
 import numpy as np
 
+try:
+    import fcntl
+except ImportError:  # no flock on this platform: processes sharing the cache do not wait for each other
+    fcntl = None
+
 from tfz._validate import check_choice, check_int, check_number
 from tfz.data import SPLITS
 from tfz.tokenizer import MAX_VOCAB, BytePairTokenizer
@@ -490,20 +495,22 @@ def _unfinished_builds(path: Path) -> dict[str, int]:
 
 def _building(path: Path) -> bool:
     """Whether a process holds the build lock of ``path`` now."""
-    try:
-        import fcntl
-    except ImportError:
+    if fcntl is None:
         return False
     try:
         with open(_lock_file(path)) as f:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return True
-            fcntl.flock(f, fcntl.LOCK_UN)
+            return not _try_lock(f)  # closing the file lets go of a lock taken here
     except OSError:  # no lock file (no build took it), or one this process cannot open
-        pass
-    return False
+        return False
+
+
+def _try_lock(f) -> bool:
+    """Take ``f``'s exclusive lock unless another process holds it; whether it was taken."""
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
 
 
 def _cached(path: Path, read: Callable[[Path], Any], build: Callable[[], Any], progress) -> Any:
@@ -527,17 +534,13 @@ def _lock_file(path: Path) -> Path:
 def _build_lock(path: Path, progress: Callable[[str], None]) -> Iterator[None]:
     """Hold ``<name>.lock`` beside ``path`` while building it: a process that finds another one
     building the same file (torchrun's ranks, two runs on one cache) says so and waits for it."""
-    try:
-        import fcntl
-    except ImportError:  # no flock on this platform: builds are not shared
+    if fcntl is None:
         yield
         return
     lock = _lock_file(path)
     lock.parent.mkdir(parents=True, exist_ok=True)
     with open(lock, "a") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        if not _try_lock(f):
             progress(f"waiting for another process building {path}")
             fcntl.flock(f, fcntl.LOCK_EX)
         try:

@@ -206,10 +206,10 @@ def build_report(results: list[dict], cfg: DemoConfig, seed: int) -> tuple[dict[
     base = methods.get("none")
     target = base["val_loss"] if base else None
     finals = {name: m["evals"][-1].get("seq_loss") if m["evals"] else None for name, m in merged.items()}
+    cap = min(cfg.max_freeze_ratio, cfg.freeze_action_cap)  # a stage's mean and each microbatch's
     for name, rep in methods.items():
         rep["throughput_gain"] = _gain(rep, base)
         rep["gain_over_tfz_none"] = _gain(rep, methods.get("tfz-none")) if freezes(name) else None
-        cap = min(cfg.max_freeze_ratio, cfg.freeze_action_cap)  # a stage's mean and each microbatch's
         capped = name in TIMELYFREEZE_METHODS
         rep["flop_bound"] = _flop_bound(merged[name]["linear_flops"], cap) if capped else None
         rep["time_to_target_s"] = None if target is None else time_to_target(*_curve(rep), target)
