@@ -59,11 +59,10 @@ def _step(module, x, target, masks) -> float:
     return time.perf_counter() - start
 
 
-def measure(cfg: DemoConfig, cap: float, rounds: int) -> dict[int, dict[str, np.ndarray]]:
-    """Per stage: seconds per round of F+B with every row active (``all``), ``1 - cap`` active
-    (``cap``) and none active (``none``)."""
+def measure(modules: dict, cfg: DemoConfig, cap: float, rounds: int) -> dict[int, dict[str, np.ndarray]]:
+    """Per stage of ``modules`` (the demo's two stages): seconds per round of F+B with every row
+    active (``all``), ``1 - cap`` active (``cap``) and none active (``none``)."""
     torch.set_num_threads(cfg.threads_per_rank)
-    modules = build_model(cfg, 2, [0, 1], seed=0)
     g = torch.Generator().manual_seed(0)
     shape = (cfg.microbatch_size, cfg.seq_len)
     tokens = torch.randint(0, cfg.vocab_size, shape, generator=g)
@@ -124,8 +123,9 @@ def main() -> None:
         f"demo stages, output layer {cfg.output_layer}, microbatch {cfg.microbatch_size} x {cfg.seq_len} "
         f"tokens, {cfg.threads_per_rank} thread(s) each, torch {torch.__version__}, {args.rounds} rounds"
     )
-    flops = {s: linear_flops(m) for s, m in build_model(cfg, 2, [0, 1], seed=0).items()}
-    print(table(measure(cfg, args.cap, args.rounds), args.cap, flops))
+    modules = build_model(cfg, 2, [0, 1], seed=0)
+    flops = {s: linear_flops(m) for s, m in modules.items()}
+    print(table(measure(modules, cfg, args.cap, args.rounds), args.cap, flops))
 
 
 if __name__ == "__main__":
