@@ -125,9 +125,9 @@ class RowFreezing:
         usage = layer.row_usage
         if usage.frozen_throughout:  # only the step count advances
             counts = torch.zeros(layer.out_features, dtype=torch.int32)
-        elif usage.partial is None:  # every row in every call
+        elif usage.full_calls == usage.calls:  # every row in every call
             counts = None
-        else:
+        else:  # rows masked in some calls, or the whole layer frozen in some
             counts = usage.counts
         fold = self.rescale and not self._rescaled
         for p in params:
