@@ -286,3 +286,44 @@ def test_step_scale_moves_partly_frozen_rows_by_their_data_share(step_scale):
     assert any(
         ((0 < c) & (c < 4)).any() for c in (torch.stack([per[k] for per in masks]).sum(0) for k in ROWS)
     )
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_optimizers_of_disjoint_layers_each_step_their_own(fused):
+    """Two AdamWs over disjoint layers, each attached with the whole model, step as one AdamW over
+    all parameters does (AdamW is per parameter): the first step resets only its own layers' usage,
+    so the second still keeps its frozen rows."""
+    if fused and not tfz.optim.NATIVE:
+        pytest.skip("tfz._row_adamw is not built")
+    model, ref = make_model(), make_model()
+    head = set(model[4].parameters())
+    opt_body = torch.optim.AdamW([p for p in model.parameters() if p not in head], lr=0.01, weight_decay=0.1)
+    opt_head = torch.optim.AdamW(list(head), lr=0.01, weight_decay=0.1)
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=0.01, weight_decay=0.1)
+    for opt, m in ((opt_body, model), (opt_head, model), (ref_opt, ref)):
+        attach_row_freezing(opt, m, fused=fused)
+    for step in range(3):
+        masks = step_masks(0, 3, torch.Generator().manual_seed(step))
+        for m in (model, ref):
+            run_backward(m, masks, torch.Generator().manual_seed(10 + step))
+        before = model[4].weight.detach().clone()
+        opt_body.step()
+        assert model[4].row_usage.calls == 3, "the head's usage is left for its own optimizer"
+        opt_head.step()
+        ref_opt.step()
+        frozen = frozen_all_step(masks)["4"]
+        assert torch.equal(model[4].weight[frozen], before[frozen])
+        for (n, p), q in zip(model.named_parameters(), ref.parameters()):
+            assert torch.equal(p, q), (step, n)
+        for opt in (opt_body, opt_head, ref_opt):
+            opt.zero_grad(set_to_none=True)
+
+
+def test_a_layer_split_between_optimizers_is_refused():
+    model = make_model()
+    opt = torch.optim.AdamW([p for n, p in model.named_parameters() if n != "4.bias"], lr=0.01)
+    with pytest.raises(ValueError, match="FreezableLinear '4' has 1 of its 2 trainable parameters"):
+        attach_row_freezing(opt, model)
+    model[4].weight.requires_grad_(False)  # bias-only training of a layer is not a split
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.01)
+    assert attach_row_freezing(opt, model).layers == [model[0], model[2], model[4]]

@@ -35,7 +35,9 @@ For a plain ``torch.optim.AdamW`` all of this runs in one pass per FreezableLine
 hooks around torch's step serve every other optimizer and setting (``fused=False`` forces them).
 
 Supported optimizers are those whose per-parameter state tensors are scalars or have the parameter's
-shape (SGD, Adam, AdamW, Adagrad, RMSprop, ...); other state layouts raise TypeError. Usage is reset
+shape (SGD, Adam, AdamW, Adagrad, RMSprop, ...); other state layouts raise TypeError. Several
+optimizers may share a model if each FreezableLinear's trainable weight and bias are in one of them
+(ValueError otherwise): each step resets the usage of its own layers only. Usage is reset
 after each step; call :meth:`RowFreezing.reset` (or ``tfz.nn.reset_row_usage``) when a step is skipped
 (e.g. by a GradScaler on overflow). Weights tied to other modules are not supported.
 """

@@ -87,6 +87,9 @@ class RowFreezing:
         """(parameter, gradient) stepped natively: the gradient is hidden from torch's step, then restored."""
         self._partial: list[_Partial] = []
         self.layers = [m for m in model.modules() if isinstance(m, FreezableLinear)]
+        """The FreezableLinears of ``model``; those with a parameter in ``optimizer`` are stepped and
+        have their row usage reset by it."""
+        _check_not_split(optimizer, model)
         self._snapshots: list[_Snapshot] = []
         self._rescaled = False
         self._handles = [
@@ -94,26 +97,32 @@ class RowFreezing:
             optimizer.register_step_post_hook(self._after_step),
         ]
 
-    def _params(self, layer: FreezableLinear) -> list[torch.Tensor]:
-        in_optimizer = {id(p) for group in self.optimizer.param_groups for p in group["params"]}
-        return [p for p in (layer.weight, layer.bias) if p is not None and id(p) in in_optimizer]
+    def _owned(self) -> list[tuple[FreezableLinear, list[torch.Tensor]]]:
+        """(layer, its parameters in the optimizer) for each layer with some."""
+        in_optimizer = _ids_in(self.optimizer)
+        owned = []
+        for layer in self.layers:
+            params = [p for p in (layer.weight, layer.bias) if p is not None and id(p) in in_optimizer]
+            if params:
+                owned.append((layer, params))
+        return owned
 
     @torch.no_grad()
     def rescale_grads(self) -> None:
         """Apply ``rescale`` now (e.g. before gradient clipping); the step then does not rescale again."""
         if self._rescaled or not self.rescale:
             return
-        for layer in self.layers:
-            self._rescale_layer(layer)
+        for layer, params in self._owned():
+            self._rescale_layer(layer, params)
         self._rescaled = True
 
-    def _rescale_layer(self, layer: FreezableLinear) -> None:
+    def _rescale_layer(self, layer: FreezableLinear, params: list[torch.Tensor]) -> None:
         usage = layer.row_usage
         counts_O = usage.counts
         if usage.calls == 0 or counts_O is None:
             return
         scale_O = usage.calls / counts_O.clamp(min=1).double()
-        for p in self._params(layer):
+        for p in params:
             if p.grad is not None:
                 p.grad.mul_(_per_row(scale_O, p.grad))
 
@@ -160,15 +169,15 @@ class RowFreezing:
         self.fused_tensors = 0
         native = self.fused and row_adamw.optimizer_fusable(optimizer, args, kwargs)
         groups = {id(p): group for group in optimizer.param_groups for p in group["params"]}
-        for layer in self.layers:
+        for layer, params in self._owned():
             usage = layer.row_usage
             if usage.calls == 0:
                 continue
-            params = [p for p in self._params(layer) if p.grad is not None]
+            params = [p for p in params if p.grad is not None]
             if not params or (native and self._step_natively(layer, params, groups)):
                 continue
             if self.rescale and not self._rescaled:
-                self._rescale_layer(layer)
+                self._rescale_layer(layer, params)
             if self.step_scale != 0.0:
                 self._snapshot_partial(layer, params)
             if usage.frozen_throughout:
@@ -211,12 +220,13 @@ class RowFreezing:
         self.reset()
 
     def reset(self) -> None:
-        """Forget this step's row usage and snapshots (called after every step)."""
+        """Forget this step's row usage of the layers this optimizer steps, and the snapshots (called
+        after every step)."""
         self._restore_grads()
         self._snapshots = []
         self._partial = []
         self._rescaled = False
-        for layer in self.layers:
+        for layer, _ in self._owned():
             layer.row_usage.reset()
 
     def _restore_grads(self) -> None:
@@ -236,6 +246,27 @@ class RowFreezing:
             f"RowFreezing({name}, layers={len(self.layers)}, rescale={self.rescale}, "
             f"step_scale={self.step_scale:g}, fused={self.fused})"
         )
+
+
+def _ids_in(optimizer: torch.optim.Optimizer) -> set[int]:
+    return {id(p) for group in optimizer.param_groups for p in group["params"]}
+
+
+def _check_not_split(optimizer: torch.optim.Optimizer, model: nn.Module) -> None:
+    """ValueError if a FreezableLinear of ``model`` has some trainable parameters in ``optimizer`` and
+    others outside it: its row usage is read and reset by one optimizer's step."""
+    in_optimizer = _ids_in(optimizer)
+    for name, layer in model.named_modules():
+        if not isinstance(layer, FreezableLinear):
+            continue
+        trainable = [p for p in (layer.weight, layer.bias) if p is not None and p.requires_grad]
+        held = sum(id(p) in in_optimizer for p in trainable)
+        if 0 < held < len(trainable):
+            raise ValueError(
+                f"FreezableLinear {name or type(model).__name__!r} has {held} of its {len(trainable)} "
+                "trainable parameters in this optimizer: row freezing steps a layer in one optimizer; "
+                "put its weight and bias in the same one (param groups can give them their own settings)"
+            )
 
 
 def attach_row_freezing(
