@@ -148,3 +148,87 @@ def _torch_round_trip(model, buffer):
     torch.save(model, buffer)
     buffer.seek(0)
     return torch.load(buffer, weights_only=False)
+
+
+def _masked_grads_match_plain(model: nn.Module, layer: nn.Linear, x: torch.Tensor) -> None:
+    """``layer``'s weight gradient under a mask freezing its row 0 is plain autograd's with row 0 zeroed."""
+    plain = torch.autograd.grad(model(x).sum(), layer.weight)[0]
+    active = torch.ones(layer.out_features, dtype=torch.bool)
+    active[0] = False
+    layer.weight.grad = None
+    layer.row_usage.reset()
+    with use_row_masks({layer: active}):
+        model(x).sum().backward()
+    plain[0] = 0
+    torch.testing.assert_close(layer.weight.grad, plain, rtol=1e-6, atol=1e-7)
+
+
+def test_a_linear_used_twice_under_one_parent_is_converted_and_stays_shared():
+    lin = nn.Linear(3, 3)
+    model = nn.Sequential(lin, nn.Tanh(), lin)
+    _, report = convert_to_freezable(model, report=True)
+    assert report.converted == ("0",) and model[0] is model[2] is lin and isinstance(lin, FreezableLinear)
+    _masked_grads_match_plain(model, lin, torch.randn(4, 3))
+    assert lin.row_usage.calls == 2, "both uses record their usage"
+
+
+def test_conversion_keeps_buffers_children_attributes_and_hooks():
+    lin = nn.Linear(4, 3)
+    lin.register_buffer("scale", torch.arange(3.0))
+    lin.extra = nn.Linear(4, 3)
+    lin.tag = "kept"
+    calls = []
+    lin.register_forward_hook(lambda *args: calls.append("hook"))
+    model = nn.Sequential(lin)
+    keys = list(model.state_dict())
+    convert_to_freezable(model)
+    assert type(model[0]) is FreezableLinear and isinstance(model[0].extra, FreezableLinear)
+    assert list(model.state_dict()) == keys and model[0].tag == "kept"
+    model(torch.randn(2, 4))
+    assert calls == ["hook"]
+
+
+def test_unconvertible_linears_are_skipped_and_a_selected_one_converts_nothing():
+    from torch.nn.utils import prune
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4), nn.LazyLinear(3))
+    prune.l1_unstructured(model[1], "weight", amount=0.5)
+    with pytest.raises(
+        ValueError, match="selected 1, which cannot be made freezable: its weight is not a Par"
+    ):
+        convert_to_freezable(model, filter_fn=lambda m, fqn: fqn in ("0", "1"))
+    assert not any(isinstance(m, FreezableLinear) for m in model.modules()), "a failed call converts nothing"
+    _, report = convert_to_freezable(model, report=True)
+    reasons = dict(report.skipped)
+    assert report.converted == ("0",)
+    assert "computed by a hook" in reasons["1"] and "uninitialized lazy module" in reasons["2"]
+    model(torch.randn(2, 4))  # the lazy layer initializes (a plain nn.Linear now) and converts
+    assert convert_to_freezable(model, report=True)[1].converted == ("2",)
+    model(torch.randn(2, 4))
+    assert type(model[2]) is FreezableLinear
+
+
+class TiedHead(nn.Module):
+    """An output layer whose weight is the embedding's, as HuggingFace's ``tie_word_embeddings``."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(5, 4)
+        self.body = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 5, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, tokens):
+        return self.head(torch.tanh(self.body(self.embed(tokens))))
+
+
+def test_a_linear_tied_to_another_module_is_skipped():
+    """Freezing a row of a tied output layer would drop the embedding's gradient to that row too."""
+    model = TiedHead()
+    _, report = convert_to_freezable(model, report=True)
+    assert report.converted == ("body",)
+    assert "tied to other modules (embed (Embedding), head (Linear))" in dict(report.skipped)["head"]
+    with pytest.raises(ValueError, match="selected head.*tied"):
+        convert_to_freezable(TiedHead(), filter_fn=lambda m, fqn: fqn == "head")
+    _masked_grads_match_plain(model, model.body, torch.tensor([[0, 3, 4]]))

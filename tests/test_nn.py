@@ -575,11 +575,13 @@ def test_convert_with_filter_fn_and_fqns():
         convert_to_freezable(Tower(), filter_fn="head")
 
 
-def test_convert_a_bare_linear_and_from_linear():
+def test_convert_a_bare_linear_in_place_and_from_linear():
     lin = nn.Linear(3, 2).eval()
-    new = convert_to_freezable(lin)
-    assert isinstance(new, FreezableLinear) and new is not lin
-    assert new.weight is lin.weight and new.bias is lin.bias and not new.training
+    weight = lin.weight
+    assert convert_to_freezable(lin) is lin and type(lin) is FreezableLinear
+    assert lin.weight is weight and not lin.training and lin.row_usage.calls == 0
+    new = FreezableLinear.from_linear(nn.Linear(3, 2).eval())
+    assert type(new) is FreezableLinear and not new.training
     no_bias = FreezableLinear.from_linear(nn.Linear(3, 2, bias=False))
     assert no_bias.bias is None
     hooked = nn.Linear(3, 2)

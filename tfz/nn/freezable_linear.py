@@ -118,20 +118,45 @@ def _new_freezable(cls: type) -> nn.Module:
     return new.__new__(new)
 
 
-def _unconvertible(module: nn.Module, parent: nn.Module | None) -> str | None:
+def _tied_elsewhere(model: nn.Module) -> dict[int, str]:
+    """id(parameter) -> the first name of a module holding it, for parameters held by several modules."""
+    holders: dict[int, list[tuple[str, nn.Module]]] = {}
+    for fqn, module in model.named_modules(remove_duplicate=False):
+        for p in module._parameters.values():
+            if p is not None and all(m is not module for _, m in holders.setdefault(id(p), [])):
+                holders[id(p)].append((fqn, module))
+    return {
+        key: ", ".join(f"{fqn or '<model>'} ({type(m).__name__})" for fqn, m in held)
+        for key, held in holders.items()
+        if len(held) > 1
+    }
+
+
+def _unconvertible(module: nn.Module, parent: nn.Module | None, tied: dict[int, str]) -> str | None:
     """Why a selected ``nn.Linear`` cannot become freezable (None: it can)."""
     if isinstance(parent, nn.MultiheadAttention):
         return "nn.MultiheadAttention reads this layer's weight directly, not through its forward"
     if parametrize.is_parametrized(module):
         return "parametrized (torch.nn.utils.parametrize): its weight is computed on access"
+    if isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params():
+        return "uninitialized lazy module (it becomes a plain nn.Linear on its first forward): run one first"
+    if not isinstance(module.weight, nn.Parameter):
+        return "its weight is not a Parameter but computed by a hook (e.g. torch.nn.utils.prune)"
     if type(module).forward is not nn.Linear.forward:
         return f"{type(module).__qualname__} overrides nn.Linear.forward"
+    shared = [tied[id(p)] for p in (module.weight, module.bias) if p is not None and id(p) in tied]
+    if shared:
+        return (
+            f"its parameters are tied to other modules ({shared[0]}): a frozen row would drop their "
+            "gradient to it"
+        )
     return None
 
 
 def _swap_class(module: nn.Linear) -> None:
-    """Make an nn.Linear subclass instance freezable in place (same object, hooks and attributes)."""
-    module.__class__ = _freezable_subclass(type(module))
+    """Make an nn.Linear instance freezable in place (same object, parameters, buffers, hooks and
+    attributes)."""
+    module.__class__ = FreezableLinear if type(module) is nn.Linear else _freezable_subclass(type(module))
     module.row_usage = RowUsage(module.out_features)
 
 
@@ -144,72 +169,60 @@ def convert_to_freezable(
     """Make the linear layers of ``model`` freezable (FreezableLinear) in place; returns the model.
 
     Args:
-        model: any module; if it is itself a selected plain Linear, the new module is returned.
+        model: any module, a Linear itself included.
         filter_fn: ``(module, fqn) -> bool`` picks the modules to convert (they must be ``nn.Linear``
-            instances that can be converted, else TypeError / ValueError naming them). Default: every
-            ``nn.Linear`` instance that can be converted; the others are skipped with a warning.
+            instances that can be converted, else TypeError / ValueError naming them, and nothing is
+            converted). Default: every ``nn.Linear`` instance that can be converted; the others are
+            skipped with a warning.
         report: also return a :class:`ConversionReport` (converted and skipped layers, with reasons).
 
-    A plain ``nn.Linear`` is replaced by a FreezableLinear sharing its Parameters (no copy), so
-    optimizers built before stay valid. A subclass that keeps ``nn.Linear.forward`` (torchtitan's
-    ``Linear``, ``NonDynamicallyQuantizableLinear``) keeps its object, attributes and methods: its class
-    becomes a generated ``Freezable<Name>`` subclass of it and of FreezableLinear. Left alone (a
-    selected one of these raises ValueError): subclasses that override ``forward``, parametrized
-    Linears, and the ``out_proj`` of ``nn.MultiheadAttention`` (which never calls its forward). A
-    Linear reachable under several names is converted once and stays shared. Logs the report at INFO.
+    Each converted layer keeps its object, Parameters, buffers, hooks, attributes and methods (so
+    optimizers built before stay valid, and a layer reachable under several names stays shared): its
+    class becomes FreezableLinear, or for a subclass that keeps ``nn.Linear.forward`` (torchtitan's
+    ``Linear``, ``NonDynamicallyQuantizableLinear``) a generated ``Freezable<Name>`` subclass of it and
+    of FreezableLinear. Left alone (a selected one of these raises ValueError): subclasses that
+    override ``forward``, parametrized Linears, Linears whose weight a hook computes (pruning),
+    uninitialized lazy Linears, Linears whose parameters other modules also hold (a tied output layer
+    and embedding), and the ``out_proj`` of ``nn.MultiheadAttention`` (which never calls its forward).
+    Logs the report at INFO.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if filter_fn is not None and not callable(filter_fn):
         raise TypeError(f"filter_fn must be callable (module, fqn) -> bool, got {type(filter_fn).__name__}")
-    converted: list[str] = []
+    tied = _tied_elsewhere(model)
+    selected: list[tuple[str, nn.Linear]] = []
     skipped: list[tuple[str, str]] = []
-    done: dict[int, nn.Module] = {}
-
-    def convert(module: nn.Module, fqn: str, parent: nn.Module | None) -> nn.Module:
-        if id(module) in done:
-            return done[id(module)]
-        for name, child in list(module.named_children()):
-            new_child = convert(child, f"{fqn}.{name}" if fqn else name, module)
-            if new_child is not child:
-                setattr(module, name, new_child)
-        result = module
-        if not isinstance(module, FreezableLinear):
-            result = convert_one(module, fqn, parent)
-        done[id(module)] = result
-        return result
-
-    def convert_one(module: nn.Module, fqn: str, parent: nn.Module | None) -> nn.Module:
+    for fqn, module in model.named_modules():  # each module once, under its first name
+        if isinstance(module, FreezableLinear):
+            continue
         where = fqn or "the model"
         if filter_fn is not None:
             if not filter_fn(module, fqn):
                 if isinstance(module, nn.Linear):
                     skipped.append((fqn, "filter_fn returned False"))
-                return module
+                continue
             if not isinstance(module, nn.Linear):
                 raise TypeError(f"filter_fn selected {where} of type {type(module).__name__}")
         elif not isinstance(module, nn.Linear):
-            return module
-        why = _unconvertible(module, parent)
-        if why is not None:
-            if filter_fn is not None:
-                raise ValueError(f"filter_fn selected {where}, which cannot be made freezable: {why}")
+            continue
+        parent = model.get_submodule(fqn.rpartition(".")[0]) if fqn else None
+        why = _unconvertible(module, parent, tied)
+        if why is None:
+            selected.append((fqn, module))
+        elif filter_fn is not None:
+            raise ValueError(f"filter_fn selected {where}, which cannot be made freezable: {why}")
+        else:
             skipped.append((fqn, why))
-            return module
-        converted.append(fqn)
-        if type(module) is nn.Linear:
-            return FreezableLinear.from_linear(module)
+    for _, module in selected:
         _swap_class(module)
-        return module
-
-    result = convert(model, "", None)
-    summary = ConversionReport(tuple(converted), tuple(skipped))
+    summary = ConversionReport(tuple(fqn for fqn, _ in selected), tuple(skipped))
     logger.info("tfz.nn.convert_to_freezable: %s", summary)
     unexpected = [(fqn, why) for fqn, why in skipped if why != "filter_fn returned False"]
     if unexpected:
         listed = "; ".join(f"{fqn or '<model>'}: {why}" for fqn, why in unexpected)
         logger.warning("tfz.nn.convert_to_freezable left %d nn.Linear alone: %s", len(unexpected), listed)
-    return (result, summary) if report else result
+    return (model, summary) if report else model
 
 
 def linear_flops(module: nn.Module) -> tuple[int, int]:
