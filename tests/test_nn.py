@@ -188,6 +188,41 @@ def test_bf16_autocast_close_to_nn_linear_autocast():
         torch.testing.assert_close(p.grad, p_ref.grad, atol=0.05, rtol=0.02, msg=name)
 
 
+def test_float64_stays_float64_under_autocast_as_in_nn_linear():
+    ref = nn.Linear(4, 3, dtype=torch.float64)
+    layer = convert_to_freezable(copy.deepcopy(ref))
+    x = torch.randn(2, 4, dtype=torch.float64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_ref, y = ref(x), layer(x)
+    assert y.dtype == y_ref.dtype == torch.float64
+    torch.testing.assert_close(y, y_ref, atol=0, rtol=0)
+
+
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
+def test_a_layer_without_inputs_matches_nn_linear():
+    ref = nn.Linear(0, 3)
+    layer = convert_to_freezable(copy.deepcopy(ref))
+    for m in (ref, layer):
+        m(torch.ones(2, 0)).sum().backward()
+    for p_ref, p in zip(ref.parameters(), layer.parameters()):
+        torch.testing.assert_close(p.grad, p_ref.grad, atol=0, rtol=0)
+
+
+def test_fx_trace_calls_the_layers_and_keeps_their_masks():
+    """torch.fx.symbolic_trace records each FreezableLinear as one call node taking the layer, so the
+    traced module's masked gradients are the module's own (float64 autograd with rows zeroed)."""
+    ref, model = make_pair()
+    traced = torch.fx.symbolic_trace(model)
+    assert "freezable_linear" in traced.code
+    xs, ts = make_batches(2)
+    masks = random_masks(2, seed=4)
+    for m, (x, t) in enumerate(zip(xs, ts)):
+        with use_row_masks(by_layer(model, masks[m])):
+            loss_fn(traced(x), t).backward()
+    assert_grads(model, reference_grads(ref, xs, ts, masks))
+    assert model.get_submodule(LAYERS[0]).row_usage.calls == 2
+
+
 def test_usage_counts_rows_per_microbatch():
     _, model = make_pair()
     xs, ts = make_batches(5)

@@ -229,7 +229,8 @@ def use_row_masks(masks: Mapping[Any, Any], *, in_place: bool = False) -> Iterat
             gradient, so no dense [out, in] gradient is made per backward. A layer with every row
             active does the same once its ``.grad`` exists (its first backward returns the fresh dW
             to autograd, which keeps it without a copy). Post-accumulate-grad hooks still run, after
-            the add; hooks on the gradient value (``register_hook``) do not see it.
+            the add; hooks on the gradient value (``register_hook``) do not see it. For
+            ``.backward()``: under ``torch.autograd.grad`` the dW still goes into ``.grad``.
     """
     prepared = prepare_row_masks(masks)
     state = getattr(_local, "state", None) or _State()

@@ -18,6 +18,8 @@ from tfz._validate import check_int
 from tfz.nn.context import RowUsage
 from tfz.nn.function import freezable_linear
 
+torch.fx.wrap("freezable_linear")  # a call node in torch.fx traces (its checks cannot take Proxies)
+
 __all__ = ["ConversionReport", "FreezableLinear", "convert_to_freezable", "linear_flops"]
 
 logger = logging.getLogger("tfz.nn")

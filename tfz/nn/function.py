@@ -26,10 +26,17 @@ allocated once, in the weight's dtype.
 dW is skipped when the engine will not use it (``autograd.grad(out, inputs=[x])``,
 ``backward(inputs=...)`` without this weight): the weight and bias enter the Function through a view,
 so their graph node is not a leaf and torch's ``_will_engine_execute_node`` can answer.
+
+Limits: ``in_place=True`` is for ``.backward()``: under ``torch.autograd.grad`` the dW still goes into
+``.grad``. Masks govern the first-order weight gradient: a second-order term (a gradient penalty's
+``create_graph=True`` backward through dX) reaches frozen rows. ``torch.func`` transforms and
+forward-mode AD are not supported. ``torch.fx.symbolic_trace`` records the layer as one call of
+:func:`freezable_linear` (``torch.fx.wrap``), so traced modules keep their masks.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -55,7 +62,7 @@ def _will_run(ctx: Any, index: int) -> bool:
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
-    return t.reshape(-1, t.shape[-1])
+    return t.reshape(math.prod(t.shape[:-1]), t.shape[-1])  # not -1: a width of 0 leaves it ambiguous
 
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -172,15 +179,21 @@ def _autocast_dtype(device_type: str) -> torch.dtype | None:
     return None
 
 
+def _autocast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """``t`` as autocast casts an operand: floating point other than float64 to ``dtype``."""
+    if t is None or not t.is_floating_point() or t.dtype == torch.float64:
+        return t
+    return t.to(dtype)
+
+
 class FreezableLinearFunction(torch.autograd.Function):
     """``y = x W^T + b`` with a row-masked, optionally deferred weight gradient (see module docstring)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, layer):
         dtype = _autocast_dtype(x.device.type)
-        if dtype is not None and x.is_floating_point():  # same casts nn.Linear gets under autocast
-            x, weight = x.to(dtype), weight.to(dtype)
-            bias = None if bias is None else bias.to(dtype)
+        if dtype is not None:  # the casts nn.Linear gets under autocast
+            x, weight, bias = (_autocast(t, dtype) for t in (x, weight, bias))
         ctx.save_for_backward(x, weight)
         ctx.layer = layer
         ctx.has_bias = bias is not None
