@@ -511,3 +511,28 @@ def test_long_cells_are_cut_in_messages(tmp_path):
         load_csv(path)
     msg = str(err.value)
     assert "malformed action" in msg and "(5004 characters)" in msg and len(msg) < 400
+
+
+def _builds(name, P, M) -> bool:
+    try:
+        build_schedule(name, P, M)
+    except ValueError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("name", ["interleaved1f1b", "interleavedzb"])
+def test_interleaved_hint_names_the_nearest_counts_that_build(name):
+    """Over every small (P, M) a refused count suggests the nearest counts below and above that build
+    (found by building every count, not by the rule)."""
+    import re
+
+    for P in range(1, 7):
+        ok = [M for M in range(1, 4 * P + 8) if _builds(name, P, M)]
+        for M in range(2, 3 * P + 3):
+            if M in ok:
+                continue
+            with pytest.raises(ValueError) as err:
+                build_schedule(name, P, M)
+            lo, hi = map(int, re.search(r"nearby valid counts: (\d+), (\d+)$", str(err.value)).groups())
+            assert lo == max(m for m in ok if m < M) and hi == min(m for m in ok if m > M), (P, M)

@@ -107,11 +107,19 @@ def zbh1(ranks: int, microbatches: int) -> Schedule:
     return make_schedule("zbh1", orders, microbatches)
 
 
+def _rounds_fit(ranks: int, microbatches: int) -> bool:
+    """torch's rule for interleaved schedules: the microbatches are a multiple of max(1, M // P)."""
+    return microbatches % max(1, microbatches // ranks) == 0
+
+
 def _rounds(name: str, ranks: int, microbatches: int) -> int:
-    """Microbatches per round of torch's interleaved schedules (``M // max(1, M // P)``)."""
+    """Microbatches per round of torch's interleaved schedules (``M // max(1, M // P)``); ValueError
+    naming the nearest counts below and above that fit (a multiple of P always does, so each is at
+    most P away)."""
     rounds = max(1, microbatches // ranks)
-    if microbatches % rounds:
-        lo, hi = rounds * (microbatches // rounds), rounds * (microbatches // rounds + 1)
+    if not _rounds_fit(ranks, microbatches):
+        lo = next(m for m in range(microbatches - 1, 0, -1) if _rounds_fit(ranks, m))
+        hi = next(m for m in range(microbatches + 1, microbatches + ranks + 1) if _rounds_fit(ranks, m))
         raise ValueError(
             f"{name} with {ranks} ranks and {microbatches} microbatches: the microbatches must be a "
             f"multiple of the number of rounds max(1, {microbatches} // {ranks}) = {rounds} (as torch "
