@@ -1,6 +1,9 @@
-"""Running ``tfz`` in-process for tests."""
+"""Running ``tfz`` in-process for tests, and a file-size limit to make writes fail part-way."""
 
 from __future__ import annotations
+
+import contextlib
+import resource
 
 from tfz.cli import main
 
@@ -13,3 +16,15 @@ def run_cli(capsys, *argv) -> tuple[int, str, str]:
         code = exc.code
     out, err = capsys.readouterr()
     return code, out, err
+
+
+@contextlib.contextmanager
+def file_size_limit(nbytes: int):
+    """Writing a file past ``nbytes`` fails with EFBIG ("File too large"; Python ignores SIGXFSZ),
+    as under ``ulimit -f``."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))

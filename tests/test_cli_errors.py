@@ -195,12 +195,12 @@ def no_work(monkeypatch):
 @pytest.mark.parametrize(
     "flag,name,message",
     [
-        ("--png", "out.xyz", "--png {p}: the file name must end in .png"),
-        ("--png", "out.svg", "--png {p}: the file name must end in .png"),
-        ("--trace", "out.txt", "--trace {p}: the file name must end in .json or .json.gz"),
-        ("--trace", "missing/t.json", "--trace {p}: directory '{d}/missing' does not exist"),
-        ("--png", "dir.png", "--png {p} is a directory"),
-        ("--trace", "file.txt/t.json", "--trace {p}: '{d}/file.txt' is not a directory"),
+        ("--png", "out.xyz", "--png '{p}': the file name must end in .png"),
+        ("--png", "out.svg", "--png '{p}': the file name must end in .png"),
+        ("--trace", "out.txt", "--trace '{p}': the file name must end in .json or .json.gz"),
+        ("--trace", "missing/t.json", "--trace '{p}': directory '{d}/missing' does not exist"),
+        ("--png", "dir.png", "--png '{p}' is a directory"),
+        ("--trace", "file.txt/t.json", "--trace '{p}': '{d}/file.txt' is not a directory"),
     ],
 )
 def test_timeline_paths_are_checked_first(capsys, tmp_path, no_work, command, flag, name, message):
@@ -219,9 +219,9 @@ def test_trace_to_dev_full_names_the_path(capsys):
 @pytest.mark.parametrize(
     "name,message",
     [
-        ("p.txt", "--out {p}: the file name must end in .json"),
-        ("missing/p.json", "--out {p}: directory '{d}/missing' does not exist"),
-        ("dir.json", "--out {p} is a directory"),
+        ("p.txt", "--out '{p}': the file name must end in .json"),
+        ("missing/p.json", "--out '{p}': directory '{d}/missing' does not exist"),
+        ("dir.json", "--out '{p}' is a directory"),
     ],
 )
 def test_profile_out_is_checked_before_measuring(capsys, tmp_path, no_work, name, message):
@@ -281,3 +281,93 @@ def test_plan_limits(capsys, solver, M, shown):
 )
 def test_unknown_arguments_are_named_by_the_command_given_them(capsys, argv, line):
     assert _one_line_error(capsys, *argv) == line
+
+
+# -- inputs and outputs ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["simulate", "plan"])
+@pytest.mark.parametrize("flag", ["--trace", "--png"])
+def test_an_output_naming_the_profile_is_refused(capsys, tmp_path, monkeypatch, command, flag):
+    """The same file by another name too (a relative path, a hard link): the profile is never overwritten."""
+    from tfz.profile import Profile
+
+    name = "in.json" if flag == "--trace" else "in.png"
+    profile = tmp_path / name
+    Profile.uniform(1.0, 1.0, 1.0).save(profile)
+    before = profile.read_bytes()
+    (tmp_path / "sub").mkdir()
+    link = tmp_path / "sub" / ("link" + profile.suffix)
+    link.hardlink_to(profile)
+    monkeypatch.chdir(tmp_path / "sub")
+    args = ("--schedule", "1f1b", "--ranks", "2", "--microbatches", "4", "--profile", str(profile))
+    for out in (str(profile), f"../{name}", link.name):
+        line = _one_line_error(capsys, command, *args, flag, out)
+        assert f"{flag} {out!r} is the --profile file" in line
+    assert profile.read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    "argv,flag",
+    [
+        (["simulate", *BASE, "--trace", ""], "--trace"),
+        (["simulate", *BASE, "--png", ""], "--png"),
+        (["simulate", *BASE, "--profile", ""], "--profile"),
+        (["plan", *BASE, "--trace", ""], "--trace"),
+        (["plan", *BASE, "--png", ""], "--png"),
+        (["plan", *BASE, "--profile", ""], "--profile"),
+        (["profile", "--stages", "2", "--out", ""], "--out"),
+        (["demo", "--data", ""], "--data"),
+        (["demo", "--base", ""], "--base"),
+        (["demo", "--out", ""], "--out"),
+    ],
+)
+def test_empty_paths_are_refused(capsys, tmp_path, monkeypatch, no_work, argv, flag):
+    """An empty path is not the current folder: refused, naming the flag, and nothing is written."""
+    import tfz.demo
+
+    monkeypatch.setattr(tfz.demo, "run_demo", _raising(AssertionError("the demo started")))
+    monkeypatch.chdir(tmp_path)
+    line = _one_line_error(capsys, *argv)
+    assert f"argument {flag}: expected a file or folder name, got ''" in line
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_path_with_a_newline_is_shown_whole_in_the_one_line(capsys, tmp_path):
+    path = str(tmp_path / "a\nb.txt")
+    line = _one_line_error(capsys, "simulate", *BASE, "--trace", path)
+    assert f"--trace {path!r}: the file name must end in .json or .json.gz" in line
+
+
+@pytest.mark.parametrize("command", ["simulate", "plan"])
+def test_closed_stdout_is_refused_before_the_work(capsys, tmp_path, monkeypatch, command):
+    """Python sets sys.stdout to None when the command starts with it closed (``>&-``)."""
+    import sys
+
+    trace = tmp_path / "t.json"
+    monkeypatch.setattr(sys, "stdout", None)
+    code = main([command, *BASE, "--trace", str(trace)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert f"tfz {command}: error: standard output is closed" in err
+    assert not trace.exists()
+
+
+@pytest.mark.parametrize("command", ["simulate", "plan"])
+def test_a_failed_output_leaves_every_output_as_it_was(capsys, tmp_path, command):
+    """The trace fits under the file size limit, the PNG does not: neither file changes, and no
+    temporary file is left."""
+    from _cli import file_size_limit
+
+    trace, png = tmp_path / "t.json", tmp_path / "g.png"
+    trace.write_text("old trace")
+    png.write_text("old png")
+    argv = [command, "--schedule", "1f1b", "--ranks", "2", "--microbatches", "2"]
+    with file_size_limit(8192):
+        line = _one_line_error(capsys, *argv, "--trace", str(trace), "--png", str(png))
+    assert f"File too large: {str(png)!r}" in line
+    assert trace.read_text() == "old trace" and png.read_text() == "old png"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["g.png", "t.json"]
+    code, out, err = _run(capsys, *argv, "--trace", str(trace), "--png", str(png))
+    assert code == 0 and f"wrote {trace}\nwrote {png}" in out, err
+    assert json.loads(trace.read_text())["traceEvents"] and png.read_bytes()[:4] == b"\x89PNG"

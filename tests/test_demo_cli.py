@@ -109,11 +109,10 @@ def test_cache_folder_is_checked_before_the_work(capsys, tmp_path, monkeypatch):
     blocker.write_text("x")
     out = str(tmp_path / "out")
     monkeypatch.setenv("TFZ_CACHE_DIR", str(blocker))
-    _refused(
-        capsys, "--out", out, match=f"cache folder ($TFZ_CACHE_DIR) {blocker} exists and is not a folder"
-    )
+    line = f"cache folder ($TFZ_CACHE_DIR) {str(blocker)!r} exists and is not a folder"
+    _refused(capsys, "--out", out, match=line)
     monkeypatch.setenv("TFZ_CACHE_DIR", str(blocker / "sub"))
-    _refused(capsys, "--out", out, match=f"{blocker} is not a folder")
+    _refused(capsys, "--out", out, match=f"{str(blocker)!r} is not a folder")
     empty = tmp_path / "empty.txt"
     empty.write_text("")
     # bytes from scratch cache nothing, so only the data is refused
@@ -147,3 +146,43 @@ def test_bad_base_file_is_refused(capsys, tmp_path):
 @pytest.mark.parametrize("flag", ["--steps", "--ranks", "--eval-every"])
 def test_non_positive_integers(capsys, flag):
     _refused(capsys, flag, "0", match=f"{flag.lstrip('-').replace('-', '_')} must be an integer >= 1, got 0")
+
+
+def test_a_refused_demo_creates_no_out_folder(capsys, tmp_path):
+    """Short data and a bad base are refused before --out is made; the message names the data."""
+    short = tmp_path / "short.txt"
+    short.write_bytes(b"x = 1\n" * 10)  # a 6-byte validation tenth
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    out = tmp_path / "x" / "sub" / "deep"
+    _refused(capsys, "--data", str(short), "--out", str(out), match=f"{short}: val text has 6 bytes")
+    _refused(capsys, "--base", str(bad), "--out", str(out), match="is not a readable checkpoint")
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize(
+    "rank,world,match",
+    [
+        ("0", "abc", "environment variable WORLD_SIZE must be an integer, got 'abc'"),
+        ("x", "2", "environment variable RANK must be an integer, got 'x'"),
+        ("2", "2", "RANK=2 is not in [0, WORLD_SIZE=2)"),
+        ("0", "99", "WORLD_SIZE=99: the demo starts one process per rank"),
+        ("0", "3", "WORLD_SIZE=3: 1f1b with 3 ranks needs at least 3 microbatches, got 2"),
+    ],
+)
+def test_bad_torchrun_environment_is_named(capsys, tmp_path, monkeypatch, rank, world, match):
+    monkeypatch.setenv("RANK", rank)
+    monkeypatch.setenv("WORLD_SIZE", world)
+    line = _refused(capsys, "--microbatches", "2", "--out", str(tmp_path / "out"), match=match)
+    assert "--ranks" not in line
+
+
+def test_schedule_names_of_any_case_are_accepted(capsys, tmp_path, monkeypatch):
+    """As simulate and plan accept them; the config gets the lower-case name."""
+    import tfz.demo
+
+    seen = []
+    monkeypatch.setattr(tfz.demo, "run_demo", lambda cfg, announce: seen.append(cfg.schedule))
+    for name in ("ZBV", "Interleaved1F1B"):
+        assert main(["demo", "--schedule", name, "--out", str(tmp_path / "out"), "--steps", "100"]) == 0
+    assert seen == ["zbv", "interleaved1f1b"]

@@ -138,6 +138,8 @@ S0 = {"F": 1.0, "I": 2.0, "W": 3.0}
         (_with(version=True), "version"),
         (_with(version=_DELETE), "version"),
         (_with(unit="min"), "unit"),
+        (_with(unit=[]), "unit: expected one of ms, us, s, got []"),
+        (_with(unit={}), "unit: expected one of ms, us, s, got {}"),
         (_with(stage={}), "unknown key 'stage'"),
         (_with(stages=[1, 2]), "stages"),
         (_with(stages={}), "no stage times"),
@@ -343,3 +345,19 @@ def test_random_stages_draws_one_set_per_stage_in_range():
         assert 0.05 * t.w <= t.w_frozen <= 0.3 * t.w
     with pytest.raises(ValueError, match="num_stages"):
         Profile.random_stages(0, np.random.default_rng(0))
+
+
+def test_a_failed_save_keeps_the_old_file_and_names_the_path(tmp_path):
+    """A save that fails part-way (a full disk, ``ulimit -f``) leaves the old file, and no temporary
+    file beside it."""
+    from _cli import file_size_limit
+
+    path = tmp_path / "p.json"
+    path.write_text("old")
+    profile = Profile.random_stages(64, np.random.default_rng(0))
+    with file_size_limit(1024), pytest.raises(OSError) as err:
+        profile.save(path)
+    assert err.value.filename == str(path) and "File too large" in str(err.value)
+    assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["p.json"]
+    profile.save(path)
+    assert Profile.load(path) == profile

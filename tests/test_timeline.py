@@ -215,3 +215,32 @@ def test_png_draws_tiny_and_huge_times(tmp_path, exponent):
         shares.append([np.mean(np.all(rgb == _rgb(c), axis=-1)) for c in ("#4C72B0", "#DD8452")])
     assert min(shares[0]) > 0.02
     np.testing.assert_allclose(shares[1], shares[0], rtol=0.1)
+
+
+def test_trace_ending_in_gz_of_any_case_is_compressed(tmp_path):
+    """``--trace out.json.GZ`` passes the CLI's ending check (any case), so it is gzip too."""
+    sim = _sim()
+    for name in ("t.json.GZ", "t.JSON.Gz"):
+        write_chrome_trace(tmp_path / name, sim)
+        raw = (tmp_path / name).read_bytes()
+        assert raw[:2] == b"\x1f\x8b", name  # gzip's magic number
+        assert json.loads(gzip.decompress(raw)) == json.loads(json.dumps(chrome_trace(sim)))
+
+
+@pytest.mark.parametrize(
+    "write,name",
+    [(write_chrome_trace, "t.json"), (write_chrome_trace, "t.json.gz"), (write_gantt_png, "g.png")],
+)
+def test_a_failed_write_keeps_the_old_file_and_names_the_path(tmp_path, write, name):
+    """A write that fails part-way (a full disk, ``ulimit -f``) leaves the file as it was, and no
+    temporary file beside it."""
+    from _cli import file_size_limit
+
+    path = tmp_path / name
+    path.write_bytes(b"old")
+    sim = _sim("1f1b", 8, 64)
+    with file_size_limit(1024), pytest.raises(OSError) as err:
+        write(path, sim)
+    assert err.value.filename == str(path) and "File too large" in str(err.value)
+    assert path.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == [name]

@@ -120,7 +120,9 @@ class TextCorpus:
         data = getattr(self, split)
         if len(data) <= seq_len + 1:
             unit = "bytes" if self.tokenizer is None else "tokens"
-            raise ValueError(f"{split} text has {len(data)} {unit}, fewer than seq_len + 2 = {seq_len + 2}")
+            raise ValueError(
+                f"{self.source}: {split} text has {len(data)} {unit}, fewer than seq_len + 2 = {seq_len + 2}"
+            )
         return data
 
     @staticmethod

@@ -49,11 +49,11 @@ import math
 import os
 from collections.abc import Mapping
 from dataclasses import InitVar, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from tfz._io import write_files
 from tfz._validate import check_int, is_number, short_repr
 from tfz.schedule import KINDS, Action
 from tfz.schedule.limits import read_capped
@@ -325,7 +325,7 @@ class Profile:
             if d[key] != expected or isinstance(d[key], bool):
                 raise ValueError(f"{key}: expected {expected!r}, got {short_repr(d[key])}")
         unit = d.get("unit", "ms")
-        if unit not in _UNITS:
+        if not isinstance(unit, str) or unit not in _UNITS:
             raise ValueError(f"unit: expected one of {', '.join(_UNITS)}, got {short_repr(unit)}")
         scale = _UNITS[unit]
         stages_in = d.get("stages", {})
@@ -364,8 +364,8 @@ class Profile:
         return cls(stages=stages, default=default, actions=actions, meta=dict(meta))
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write the JSON format (unit ms)."""
-        Path(path).write_text(json.dumps(self.to_dict(), indent=1) + "\n", encoding="utf-8")
+        """Write the JSON format (unit ms), whole or not at all; an OSError names ``path``."""
+        write_files({path: (json.dumps(self.to_dict(), indent=1) + "\n").encode("utf-8")})
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Profile:

@@ -3,11 +3,14 @@
 - :func:`chrome_trace` / :func:`write_chrome_trace`: one complete ("X") event per action, one
   track per rank, in the Trace Event Format that Perfetto (https://ui.perfetto.dev) and
   ``chrome://tracing`` open.
-- :func:`write_gantt_png`: ranks top to bottom, time left to right, one block per action, idle
-  gaps (bubbles) hatched grey, the bubble share of every rank in its label. Given freeze ratios,
-  B and W blocks are coloured by ratio (dark red = unfrozen, pale = fully frozen; W hatched) with
-  a colorbar. matplotlib is imported only inside this function and draws on an Agg canvas
+- :func:`gantt_png` / :func:`write_gantt_png`: ranks top to bottom, time left to right, one block
+  per action, idle gaps (bubbles) hatched grey, the bubble share of every rank in its label. Given
+  freeze ratios, B and W blocks are coloured by ratio (dark red = unfrozen, pale = fully frozen; W
+  hatched) with a colorbar. matplotlib is imported only inside :func:`gantt_png` and draws on an Agg canvas
   (no pyplot, no global backend change).
+
+Files are written whole or not at all (:func:`tfz._io.write_files`); ``chrome_trace_bytes`` and
+``gantt_png`` give the bytes, for writing several files together.
 
 ``sim`` is a :class:`tfz.dag.Simulation`; ``ratios`` is an optional float array [n] aligned with
 ``sim.dag.actions``: the freeze ratio in [0, 1] of each B/W action, 0 for F and I.
@@ -16,17 +19,17 @@
 from __future__ import annotations
 
 import gzip
+import io
 import json
 import os
-from contextlib import contextmanager
-from pathlib import Path
 
 import numpy as np
 
+from tfz._io import has_suffix, write_files
 from tfz._validate import check_number
 from tfz.schedule import FREEZABLE_KINDS, KINDS
 
-__all__ = ["chrome_trace", "write_chrome_trace", "write_gantt_png"]
+__all__ = ["chrome_trace", "chrome_trace_bytes", "gantt_png", "write_chrome_trace", "write_gantt_png"]
 
 KIND_COLORS = {"F": "#4C72B0", "B": "#DD8452", "I": "#55A868", "W": "#8172B3"}
 _KIND_NAMES = {"F": "forward", "B": "backward", "I": "backward (input)", "W": "backward (weight)"}
@@ -128,32 +131,22 @@ def chrome_trace(sim, ratios=None, *, unit_ms: float = 1.0) -> dict:
     }
 
 
-@contextmanager
-def _naming(path):
-    """OSError raised inside names ``path`` (a full disk reports only "No space left on device")."""
-    try:
-        yield
-    except OSError as exc:
-        if exc.filename is not None or exc.errno is None:
-            raise
-        raise OSError(exc.errno, exc.strerror, os.fspath(path)) from None
+def chrome_trace_bytes(path: str | os.PathLike, sim, ratios=None, **kw) -> bytes:
+    """What :func:`write_chrome_trace` writes to ``path``: :func:`chrome_trace` as JSON, gzip-compressed
+    if ``path`` ends in ``.gz`` (any case, as the CLI's ending check)."""
+    text = json.dumps(chrome_trace(sim, ratios, **kw), separators=(",", ":"), allow_nan=False)
+    data = text.encode("utf-8")
+    return gzip.compress(data) if has_suffix(path, ".gz") else data
 
 
 def write_chrome_trace(path: str | os.PathLike, sim, ratios=None, **kw) -> None:
-    """Write :func:`chrome_trace` as JSON to ``path`` (gzip-compressed if it ends in ``.gz``).
-
-    An OSError names ``path``."""
-    text = json.dumps(chrome_trace(sim, ratios, **kw), separators=(",", ":"), allow_nan=False)
-    with _naming(path):
-        if str(path).endswith(".gz"):
-            with gzip.open(path, "wt", encoding="utf-8") as fh:
-                fh.write(text)
-        else:
-            Path(path).write_text(text, encoding="utf-8")
+    """Write :func:`chrome_trace` as JSON to ``path`` (gzip-compressed if it ends in ``.gz``), whole or
+    not at all (:func:`tfz._io.write_files`). An OSError names ``path``."""
+    write_files({path: chrome_trace_bytes(path, sim, ratios, **kw)})
 
 
 def default_png_size(num_ranks: int) -> tuple[float, float]:
-    """Figure size in inches of :func:`write_gantt_png`: 12 wide, ``1.5 + 0.4 * ranks`` tall,
+    """Figure size in inches of :func:`gantt_png`: 12 wide, ``1.5 + 0.4 * ranks`` tall,
     clipped to [3, 16]."""
     return 12.0, float(np.clip(1.5 + 0.4 * num_ranks, 3.0, 16.0))
 
@@ -207,8 +200,13 @@ def _ratio_cmap():
     return ListedColormap(colormaps["YlOrRd"](np.linspace(1.0, 0.2, 256)), name="tfz_freeze_ratio")
 
 
-def write_gantt_png(
-    path: str | os.PathLike,
+def write_gantt_png(path: str | os.PathLike, sim, ratios=None, **kw) -> None:
+    """:func:`gantt_png` written to ``path`` whole or not at all (:func:`tfz._io.write_files`); an
+    OSError names ``path``."""
+    write_files({path: gantt_png(sim, ratios, **kw)})
+
+
+def gantt_png(
     sim,
     ratios=None,
     *,
@@ -216,14 +214,13 @@ def write_gantt_png(
     unit: str = "ms",
     size: tuple[float, float] | None = None,
     dpi: int = 100,
-) -> None:
-    """Draw the simulation as a Gantt chart and save it as PNG.
+) -> bytes:
+    """The simulation drawn as a Gantt chart, as PNG bytes.
 
     ``size`` is (width, height) in inches (default :func:`default_png_size`); the image is
     ``size * dpi`` pixels. Blocks are drawn as one PolyCollection per kind, so a few hundred
     thousand actions stay cheap; microbatch numbers are written into blocks only for small DAGs.
-    Times outside [1e-3, 1e6] ``unit`` are drawn in a power-of-ten multiple of it. The file is PNG
-    whatever its name; an OSError names ``path``.
+    Times outside [1e-3, 1e6] ``unit`` are drawn in a power-of-ten multiple of it.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.cm import ScalarMappable
@@ -318,5 +315,6 @@ def write_gantt_png(
     if cmap is not None:
         sm = ScalarMappable(norm=Normalize(0.0, 1.0), cmap=cmap)
         fig.colorbar(sm, ax=ax, label="freeze ratio (B/W)", fraction=0.03, pad=0.01)
-    with _naming(path):
-        fig.savefig(path, format="png", dpi=dpi)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=dpi)
+    return png.getvalue()

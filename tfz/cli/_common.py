@@ -4,7 +4,9 @@ Schedule flags: ``--schedule``, ``--ranks``, ``--microbatches``, ``--stages-per-
 Time flags: ``--f``, ``--i``, ``--w`` (and ``--w-frozen`` where asked for) in milliseconds, or
 ``--profile FILE`` (tfz-profile JSON, see :mod:`tfz.profile`); the two exclude each other. Times
 that are not given default to :data:`DEFAULT_TIMES` (F = I = W = 1 ms, frozen W = 0 ms).
-Output files (``--trace``, ``--png``, ``--out``) are checked before any work: :func:`check_output`.
+Output files (``--trace``, ``--png``, ``--out``) are checked before any work (:func:`check_output`)
+and written whole or not at all (:func:`tfz._io.write_files`). Paths are never empty
+(:func:`path_arg`) and are shown quoted in errors, so a newline in one cannot cut the line.
 """
 
 from __future__ import annotations
@@ -12,8 +14,10 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import sys
 from pathlib import Path
 
+from tfz._io import has_suffix, write_files
 from tfz._validate import short_repr
 from tfz.cli import UsageError
 from tfz.schedule import SCHEDULES
@@ -25,14 +29,17 @@ __all__ = [
     "add_time_arguments",
     "bounded_int",
     "check_output",
+    "check_stdout",
     "check_timeline_outputs",
     "durations_from_args",
     "nonnegative_float",
+    "path_arg",
     "positive_float",
     "positive_int",
     "profile_from_args",
     "ratio",
     "schedule_from_args",
+    "schedule_name",
     "write_timelines",
 ]
 
@@ -90,8 +97,17 @@ def ratio(text: str) -> float:
     return _float(text, lambda v: 0 <= v <= 1, "a number in [0, 1]")
 
 
-def _schedule_name(text: str) -> str:
+def schedule_name(text: str) -> str:
+    """argparse type: a schedule name in any case, as :func:`tfz.schedule.build_schedule` takes it."""
     return text.lower()
+
+
+def path_arg(text: str) -> str:
+    """argparse type: a file or folder name; an empty one (which would mean the current folder) is
+    refused."""
+    if not text:
+        raise argparse.ArgumentTypeError("expected a file or folder name, got ''")
+    return text
 
 
 def add_schedule_arguments(parser: argparse.ArgumentParser) -> None:
@@ -100,7 +116,7 @@ def add_schedule_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--schedule",
         required=True,
-        type=_schedule_name,
+        type=schedule_name,
         choices=SCHEDULES,
         metavar="NAME",
         help=f"pipeline schedule, one of: {', '.join(SCHEDULES)}",
@@ -143,7 +159,11 @@ def add_time_arguments(parser: argparse.ArgumentParser, *, frozen: bool = False)
             help="weight-gradient backward with all parameters frozen (default 0)",
         )
     g.add_argument(
-        "--profile", default=None, metavar="FILE", help="tfz-profile JSON with per-stage/per-action times"
+        "--profile",
+        type=path_arg,
+        default=None,
+        metavar="FILE",
+        help="tfz-profile JSON with per-stage/per-action times",
     )
     g.add_argument(
         "--gap",
@@ -200,45 +220,62 @@ def durations_from_args(args: argparse.Namespace, profile, dag) -> tuple:
 
 def check_output(path: str, flag: str, suffixes: tuple[str, ...]) -> None:
     """UsageError naming ``flag`` and ``path`` unless a file can be written there: a name ending in
-    one of ``suffixes``, not a directory, in an existing directory that is writable (or an existing
-    writable file). Called before any work, so a long run never fails at its end."""
+    one of ``suffixes`` (any case), not a directory, in an existing directory that is writable (the
+    file is written beside itself and renamed; an existing file must be writable too). Called
+    before any work, so a long run never fails at its end."""
     name = os.fspath(path)
-    if not name.lower().endswith(suffixes):
-        raise UsageError(f"{flag} {name}: the file name must end in {' or '.join(suffixes)}")
+    if not has_suffix(name, suffixes):
+        raise UsageError(f"{flag} {name!r}: the file name must end in {' or '.join(suffixes)}")
     target = Path(name)
     if target.is_dir():
-        raise UsageError(f"{flag} {name} is a directory; give a file name ending in {suffixes[0]}")
+        raise UsageError(f"{flag} {name!r} is a directory; give a file name ending in {suffixes[0]}")
     folder = target.parent
     if not folder.exists():
-        raise UsageError(f"{flag} {name}: directory {str(folder)!r} does not exist")
+        raise UsageError(f"{flag} {name!r}: directory {str(folder)!r} does not exist")
     if not folder.is_dir():
-        raise UsageError(f"{flag} {name}: {str(folder)!r} is not a directory")
-    if target.exists():
-        if not os.access(target, os.W_OK):
-            raise UsageError(f"{flag} {name}: the file is not writable")
-    elif not os.access(folder, os.W_OK | os.X_OK):
-        raise UsageError(f"{flag} {name}: directory {str(folder)!r} is not writable")
+        raise UsageError(f"{flag} {name!r}: {str(folder)!r} is not a directory")
+    if target.exists() and not os.access(target, os.W_OK):
+        raise UsageError(f"{flag} {name!r}: the file is not writable")
+    in_place = target.exists() and not target.is_file()  # a device such as /dev/null
+    if not in_place and not os.access(folder, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag} {name!r}: directory {str(folder)!r} is not writable")
+
+
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist
+        return os.path.realpath(a) == os.path.realpath(b)
 
 
 def check_timeline_outputs(args: argparse.Namespace) -> None:
-    """:func:`check_output` for ``--trace`` and ``--png`` when given."""
+    """:func:`check_output` for ``--trace`` and ``--png`` when given, and neither may be the
+    ``--profile`` file (it would be overwritten)."""
     for key, suffixes in TIMELINE_SUFFIXES.items():
         path = getattr(args, key, None)
-        if path is not None:
-            check_output(path, f"--{key}", suffixes)
+        if path is None:
+            continue
+        check_output(path, f"--{key}", suffixes)
+        profile = getattr(args, "profile", None)
+        if profile is not None and _same_file(path, profile):
+            raise UsageError(f"--{key} {path!r} is the --profile file; give the output another name")
+
+
+def check_stdout() -> None:
+    """UsageError when standard output is closed (``>&-``): the result could not be printed."""
+    if sys.stdout is None:
+        raise UsageError("standard output is closed, so the result cannot be printed (use >/dev/null)")
 
 
 def write_timelines(args: argparse.Namespace, sim, ratios=None, *, title: str | None = None) -> list[str]:
-    """Write ``--trace`` (Chrome trace) and ``--png`` (Gantt chart) when given; returns the paths written."""
-    written = []
+    """Write ``--trace`` (Chrome trace) and ``--png`` (Gantt chart) when given, both or neither;
+    returns the paths written."""
+    from tfz.timeline import chrome_trace_bytes, gantt_png
+
+    files = {}
     if getattr(args, "trace", None):
-        from tfz.timeline import write_chrome_trace
-
-        write_chrome_trace(args.trace, sim, ratios)
-        written.append(args.trace)
+        files[args.trace] = chrome_trace_bytes(args.trace, sim, ratios)
     if getattr(args, "png", None):
-        from tfz.timeline import write_gantt_png
-
-        write_gantt_png(args.png, sim, ratios, title=title)
-        written.append(args.png)
-    return written
+        files[args.png] = gantt_png(sim, ratios, title=title)
+    write_files(files)
+    return list(files)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from tfz._validate import MAX_SEED, short_repr
 from tfz.cli import UsageError
-from tfz.cli._common import positive_float, ratio, step_exponent
+from tfz.cli._common import path_arg, positive_float, ratio, schedule_name, step_exponent
 
 
 def _methods(text: str) -> tuple[str, ...]:
@@ -57,24 +57,19 @@ def _ratios(text: str) -> tuple[float, ...]:
         ) from None
 
 
-def check_folder(label: str, path: str | Path, *, create: bool) -> Path:
+def check_folder(label: str, path: str | Path) -> Path:
     """A folder before any work: an existing writable one, or one that can be made in a writable
-    folder (made now when ``create``)."""
+    folder (made only once the run ends, so a refused run leaves nothing behind)."""
     folder = Path(path)
     if folder.exists() and not folder.is_dir():
-        raise UsageError(f"{label} {path} exists and is not a folder")
+        raise UsageError(f"{label} {str(path)!r} exists and is not a folder")
     parent = folder
     while not parent.exists():
         parent = parent.parent
     if not parent.is_dir():
-        raise UsageError(f"{label} {path}: {parent} is not a folder")
+        raise UsageError(f"{label} {str(path)!r}: {str(parent)!r} is not a folder")
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise UsageError(f"{label} {path}: {parent} is not writable")
-    if create:
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise UsageError(f"{label} {path}: cannot create it ({exc.strerror or exc})") from None
+        raise UsageError(f"{label} {str(path)!r}: {str(parent)!r} is not writable")
     return folder
 
 
@@ -131,18 +126,18 @@ def _flags():
         (
             "--data",
             "data",
-            str,
+            path_arg,
             "text file or folder to train on (finetune: the fine-tuning corpus; default: torch's Python "
             "sources for finetune, the standard library's sources for pretrain)",
         ),
-        ("--base", "base", str, "base model file to fine-tune (default: the demo's own, built once)"),
+        ("--base", "base", path_arg, "base model file to fine-tune (default: the demo's own, built once)"),
         (
             "--vocab-size",
             "vocab_size",
             int,
             "byte-pair vocabulary of the demo's base and of pretrain runs (256: bytes; --base has its own)",
         ),
-        ("--out", "out", str, "output folder"),
+        ("--out", "out", path_arg, "output folder"),
         ("--microbatches", "microbatches", int, "microbatches per step"),
         ("--phase-unit", "phase_unit", int, "TimelyFreeze phase unit in steps (default: a tenth of --steps)"),
         (
@@ -183,6 +178,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default = fields[name].default
         shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
         extra = {"choices": kind} if isinstance(kind, tuple) else {"type": kind}
+        if name == "schedule":  # any case, as simulate and plan take it
+            extra["type"] = schedule_name
         suffix = "" if default is None else f" (default {shown})"
         p.add_argument(flag, dest=name, default=default, help=text + suffix, **extra)
 
@@ -193,14 +190,14 @@ def run(args) -> int:
 
     cfg = DemoConfig(**{name: getattr(args, name) for _, name, _, _ in _flags()})
     if args.data is not None and not Path(args.data).exists():
-        raise UsageError(f"--data {args.data} does not exist")
+        raise UsageError(f"--data {args.data!r} does not exist")
     if args.base is not None and not Path(args.base).is_file():
-        raise UsageError(f"--base {args.base} is not a file")
-    check_folder("--out", cfg.out, create=True)
+        raise UsageError(f"--base {args.base!r} is not a file")
+    check_folder("--out", cfg.out)
     if cfg.task == "finetune" or cfg.vocab_size > 256:  # a base, vocabulary or encoded text is cached
         from tfz.demo.base import cache_dir
 
-        check_folder("cache folder ($TFZ_CACHE_DIR)", cache_dir(cfg.cache_folder), create=False)
+        check_folder("cache folder ($TFZ_CACHE_DIR)", cache_dir(cfg.cache_folder))
     seeds = ", ".join(map(str, cfg.seeds))
     banner = (
         f"tfz demo: {cfg.task}, {cfg.schedule} over {cfg.ranks} ranks, {cfg.steps} steps, "

@@ -11,15 +11,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 from tfz._defaults import MAX_FREEZE_RATIO
 from tfz.cli import UsageError
 from tfz.cli._common import (
     add_schedule_arguments,
     add_time_arguments,
+    check_stdout,
     check_timeline_outputs,
     durations_from_args,
+    path_arg,
     profile_from_args,
     ratio,
     schedule_from_args,
@@ -64,8 +65,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     out = parser.add_argument_group("output")
     out.add_argument("--json", action="store_true", help="print the plan as one JSON object")
-    out.add_argument("--trace", metavar="FILE", help="write a Chrome trace JSON of the planned step")
-    out.add_argument("--png", metavar="FILE", help="write a Gantt chart PNG of the planned step")
+    out.add_argument(
+        "--trace", type=path_arg, metavar="FILE", help="write a Chrome trace JSON of the planned step"
+    )
+    out.add_argument(
+        "--png", type=path_arg, metavar="FILE", help="write a Gantt chart PNG of the planned step"
+    )
 
 
 def _format(plan, dag) -> str:
@@ -120,6 +125,7 @@ def run(args: argparse.Namespace) -> int:
     from tfz.dag import build_dag, simulate
     from tfz.schedule.limits import MAX_PLAN_ACTIONS
 
+    check_stdout()
     check_timeline_outputs(args)
     profile = profile_from_args(args)
     dag = build_dag(schedule_from_args(args, MAX_PLAN_ACTIONS[args.solver]))
@@ -139,12 +145,11 @@ def run(args: argparse.Namespace) -> int:
             unit="ms",
             gap_ms=args.gap,
         )
-        print(json.dumps(d))
+        print(json.dumps(d), flush=True)
     else:
         lines = [_format(plan, dag)]
         if args.gap:
             lines.insert(1, f"every time above includes {args.gap:g} ms between actions (--gap)")
         lines += [f"wrote {path}" for path in written]
-        print("\n".join(lines))
-    sys.stdout.flush()
+        print("\n".join(lines), flush=True)
     return 0

@@ -18,7 +18,7 @@ import os
 import sys
 
 from tfz._validate import MAX_SEED
-from tfz.cli._common import bounded_int, check_output, positive_int
+from tfz.cli._common import bounded_int, check_output, path_arg, positive_int
 
 __all__ = ["add_arguments", "run"]
 
@@ -77,7 +77,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     r.add_argument("--seed", type=_seed, default=0, help="weights and inputs seed, < 2^32 (0)")
     out = parser.add_argument_group("output")
     out.add_argument(
-        "--out", required=True, metavar="FILE", help="profile JSON to write (checked before measuring)"
+        "--out",
+        required=True,
+        type=path_arg,
+        metavar="FILE",
+        help="profile JSON to write (checked before measuring)",
     )
     out.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
 

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 from tfz.cli._common import (
     add_schedule_arguments,
     add_time_arguments,
+    check_stdout,
     check_timeline_outputs,
     durations_from_args,
+    path_arg,
     profile_from_args,
     schedule_from_args,
     write_timelines,
@@ -29,8 +30,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_time_arguments(parser)
     out = parser.add_argument_group("output")
     out.add_argument("--json", action="store_true", help="print one JSON object instead of a summary")
-    out.add_argument("--trace", metavar="FILE", help="write a Chrome trace JSON (.json or .json.gz)")
-    out.add_argument("--png", metavar="FILE", help="write a Gantt chart PNG")
+    out.add_argument(
+        "--trace", type=path_arg, metavar="FILE", help="write a Chrome trace JSON (.json or .json.gz)"
+    )
+    out.add_argument("--png", type=path_arg, metavar="FILE", help="write a Gantt chart PNG")
 
 
 def summary(sim) -> dict:
@@ -71,6 +74,7 @@ def _format(s: dict) -> str:
 def run(args: argparse.Namespace) -> int:
     from tfz.dag import build_dag, simulate
 
+    check_stdout()
     check_timeline_outputs(args)
     profile = profile_from_args(args)
     dag = build_dag(schedule_from_args(args))
@@ -79,10 +83,9 @@ def run(args: argparse.Namespace) -> int:
     written = write_timelines(args, sim)
     s = summary(sim) | {"gap_ms": args.gap}
     if args.json:
-        print(json.dumps(s))
+        print(json.dumps(s), flush=True)
     else:
         lines = [_format(s)]
         lines += [f"wrote {path}" for path in written]
-        print("\n".join(lines))
-    sys.stdout.flush()
+        print("\n".join(lines), flush=True)
     return 0

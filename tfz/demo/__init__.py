@@ -83,6 +83,20 @@ def prepare(
     return cfg, info
 
 
+def _torchrun_config(cfg: DemoConfig) -> tuple[DemoConfig, int]:
+    """(``cfg`` with torchrun's ``WORLD_SIZE`` ranks, this process's ``RANK``); ValueError naming the
+    environment variable when it is bad or the demo cannot run that many ranks."""
+    from tfz.demo.config import check_ranks
+    from tfz.pipeline.launch import ranks_from_env
+
+    rank, world = ranks_from_env()
+    check_ranks(world, f"WORLD_SIZE={world}")
+    try:
+        return cfg.replace(ranks=world), rank
+    except ValueError as exc:
+        raise ValueError(f"WORLD_SIZE={world}: {exc}") from None
+
+
 def run_demo(
     cfg: DemoConfig, progress: Callable[[str], None] = print, announce: Callable[[], None] | None = None
 ) -> dict[str, Any] | None:
@@ -92,11 +106,10 @@ def run_demo(
     from tfz.pipeline import launch, run_from_env
 
     torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    rank = 0
     if torchrun:
-        world = int(os.environ["WORLD_SIZE"])
-        if world != cfg.ranks:
-            cfg = cfg.replace(ranks=world)
-    leader = not torchrun or os.environ.get("RANK") == "0"
+        cfg, rank = _torchrun_config(cfg)
+    leader = rank == 0
     cfg, info = prepare(cfg, progress if leader else lambda _: None, announce if leader else None)
     per_seed, first_merged = [], None
     for seed in cfg.seeds:

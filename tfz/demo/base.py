@@ -36,7 +36,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -50,6 +49,7 @@ try:
 except ImportError:  # no flock on this platform: processes sharing the cache do not wait for each other
     fcntl = None
 
+from tfz._io import write_files
 from tfz._validate import check_choice, check_int, check_number
 from tfz.data import SPLITS
 from tfz.tokenizer import MAX_VOCAB, BytePairTokenizer
@@ -186,16 +186,10 @@ def _digest(*arrays, prefix: bytes = b"") -> str:
 
 
 def _atomic_write(path: Path, write: Callable[[Any], None]) -> Path:
-    """Write ``path`` through ``write(file)``: a temporary file renamed over it (none left on failure)."""
+    """Write ``path`` through ``write(file)``, making its folder: a temporary file renamed over it
+    (none left on failure; :func:`tfz._io.write_files`)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_files({path: write})
     return path
 
 

@@ -29,6 +29,7 @@ __all__ = [
     "TASKS",
     "TIMELYFREEZE_METHODS",
     "DemoConfig",
+    "check_ranks",
     "freezes",
 ]
 
@@ -68,6 +69,16 @@ MAX_RANKS = 64
 MAX_ACTIONS = 100_000
 """Pipeline actions per step the demo accepts (every rank builds the whole schedule and its DAG)."""
 _PROCESS_MB = 300
+
+
+def check_ranks(ranks: int, what: str) -> None:
+    """ValueError, naming ``what`` (``--ranks 99``), when the demo cannot start ``ranks`` processes."""
+    if ranks > MAX_RANKS:
+        gb = ranks * _PROCESS_MB / 1024
+        raise ValueError(
+            f"{what}: the demo starts one process per rank, about {gb:,.0f} GB of memory; "
+            f"the limit is {MAX_RANKS} ranks"
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -250,12 +261,7 @@ class DemoConfig:
 
     def _check_size(self) -> None:
         """Refuse sizes the demo cannot run before anything is built (one line, with the estimate)."""
-        if self.ranks > MAX_RANKS:
-            gb = self.ranks * _PROCESS_MB / 1024
-            raise ValueError(
-                f"--ranks {self.ranks}: the demo starts one process per rank, about {gb:,.0f} GB of memory; "
-                f"the limit is {MAX_RANKS} ranks"
-            )
+        check_ranks(self.ranks, f"--ranks {self.ranks}")
         from tfz.schedule.limits import check_actions, estimate_size
 
         most = estimate_size(self.schedule, self.ranks, self.microbatches, stages_per_rank=2).actions

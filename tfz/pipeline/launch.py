@@ -49,7 +49,7 @@ from typing import Any
 
 from tfz._validate import check_int, check_number, short_repr
 
-__all__ = ["RankError", "RankHangError", "heartbeat", "in_action", "launch", "run_from_env"]
+__all__ = ["RankError", "RankHangError", "heartbeat", "in_action", "launch", "ranks_from_env", "run_from_env"]
 
 _GRACE_S = 2.0
 """Seconds a terminated rank gets before SIGKILL."""
@@ -558,16 +558,9 @@ def launch(
     return [values[r] for r in range(world_size)]
 
 
-def run_from_env(
-    fn: Callable[..., Any], *args: Any, backend: str | None = None, init_timeout: float = 60.0
-) -> Any:
-    """Under ``torchrun``: ``fn(rank, world_size, *args)`` with the process group initialised.
-
-    ``RANK`` and ``WORLD_SIZE`` come from the environment (ValueError naming a missing or bad one);
-    ``MASTER_ADDR`` / ``MASTER_PORT`` too (torchrun sets them). ``backend`` defaults to "nccl" when
-    CUDA is available, else "gloo". A process group that already exists is used as is (and left open);
-    one created here is destroyed after ``fn`` returns.
-    """
+def ranks_from_env() -> tuple[int, int]:
+    """(``RANK``, ``WORLD_SIZE``) from the environment, as torchrun sets them; ValueError naming a
+    missing or bad one."""
     env = {}
     for name in ("RANK", "WORLD_SIZE"):
         text = os.environ.get(name)
@@ -580,6 +573,20 @@ def run_from_env(
     rank, world_size = env["RANK"], env["WORLD_SIZE"]
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"RANK={rank} is not in [0, WORLD_SIZE={world_size})")
+    return rank, world_size
+
+
+def run_from_env(
+    fn: Callable[..., Any], *args: Any, backend: str | None = None, init_timeout: float = 60.0
+) -> Any:
+    """Under ``torchrun``: ``fn(rank, world_size, *args)`` with the process group initialised.
+
+    ``RANK`` and ``WORLD_SIZE`` come from the environment (ValueError naming a missing or bad one);
+    ``MASTER_ADDR`` / ``MASTER_PORT`` too (torchrun sets them). ``backend`` defaults to "nccl" when
+    CUDA is available, else "gloo". A process group that already exists is used as is (and left open);
+    one created here is destroyed after ``fn`` returns.
+    """
+    rank, world_size = ranks_from_env()
     import torch
     import torch.distributed as dist
 
