@@ -153,3 +153,15 @@ def test_errors_exit_2_one_line(capsys, argv, needle):
     err = capsys.readouterr().err
     assert needle in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_a_large_plan_says_so_on_stderr_first(capsys, monkeypatch):
+    import tfz.cli.plan
+
+    argv = ("--schedule", "1f1b", "--ranks", "2", "--microbatches", "4", "--json")
+    rc, out, err = _run(capsys, *argv)
+    assert rc == 0 and err == ""
+    monkeypatch.setattr(tfz.cli.plan, "LARGE_PLAN", 16)  # 2 ranks x 4 microbatches x (F, B)
+    rc, again, err = _run(capsys, *argv)
+    assert rc == 0 and err == "tfz plan: solving for 16 actions (seconds to a minute at this size)\n"
+    assert json.loads(again)["ratios"] == json.loads(out)["ratios"]

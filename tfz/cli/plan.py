@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from tfz._defaults import MAX_FREEZE_RATIO
 from tfz.cli import UsageError
@@ -121,6 +122,11 @@ def _solve(args, dag, unfrozen, frozen):
     return plan
 
 
+LARGE_PLAN = 65_536
+"""Actions from which ``tfz plan`` says on stderr that the solve takes a while (seconds to a minute:
+:data:`tfz.schedule.limits.MAX_PLAN_ACTIONS`)."""
+
+
 def run(args: argparse.Namespace) -> int:
     from tfz.dag import build_dag, simulate
     from tfz.schedule.limits import MAX_PLAN_ACTIONS
@@ -130,6 +136,12 @@ def run(args: argparse.Namespace) -> int:
     profile = profile_from_args(args)
     dag = build_dag(schedule_from_args(args, MAX_PLAN_ACTIONS[args.solver]))
     unfrozen, frozen = durations_from_args(args, profile, dag)
+    if dag.num_actions >= LARGE_PLAN:
+        print(
+            f"tfz plan: solving for {dag.num_actions:,} actions (seconds to a minute at this size)",
+            file=sys.stderr,
+            flush=True,
+        )
     plan = _solve(args, dag, unfrozen, frozen)
     written = []
     if args.trace or args.png:
