@@ -516,9 +516,16 @@ def test_finetune_builds_the_base_once_then_hits_the_cache(tmp_path):
 
 
 @pytest.mark.distributed
-def test_shortened_demo_runs_every_method(tmp_path):
+def test_shortened_demo_runs_every_method(tmp_path, monkeypatch):
+    import tfz._io
+
+    writes = []
+    write_files = tfz._io.write_files
+    monkeypatch.setattr(tfz._io, "write_files", lambda files: (writes.append(set(files)), write_files(files)))
     cfg = DemoConfig(steps=18, methods=METHODS, task="pretrain", out=str(tmp_path), timeout=300, **TINY)
     report = run_demo(cfg)
+    # every output in one write: all of them or none (a full disk keeps an earlier run's)
+    assert writes == [set(tmp_path.iterdir())]
     saved = json.loads((tmp_path / "report.json").read_text())
     assert saved["methods"].keys() == set(METHODS) and report["config"]["steps"] == 18
     for name, m in saved["methods"].items():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 from typing import Any
@@ -428,17 +429,19 @@ def measured_simulation(dag: DAG, spans_by_rank: list[dict], step: int) -> Simul
 
 
 def write_outputs(report: dict, merged: dict[str, dict], cfg: DemoConfig, out: Path) -> list[Path]:
-    """Write report.json, report.md, loss_vs_time.png, timelines and traces into ``out``; ``merged`` is
-    the first seed's merged records (timelines, batch times and freeze ratios show that seed)."""
-    from tfz.timeline import write_chrome_trace, write_gantt_png
+    """Write report.json, report.md, loss_vs_time.png, timelines and traces into ``out``, all of them
+    or none (:func:`tfz._io.write_files`: a full disk keeps what an earlier run left there); ``merged``
+    is the first seed's merged records (timelines, batch times and freeze ratios show that seed)."""
+    from tfz._io import write_files
+    from tfz.timeline import chrome_trace_bytes, gantt_png
 
-    out.mkdir(parents=True, exist_ok=True)
-    written = [out / "report.json"]
-    (out / "report.json").write_text(json.dumps(report, indent=2))
     first = report["per_seed"][0]
-    written.append(_plot_losses(report, merged, out / "loss_vs_time.png"))
-    written.append(_plot_freezing(first, out / "freeze_ratio.png"))
-    written.append(_plot_batch_times(first, out / "batch_time.png"))
+    files: dict[Path, bytes] = {
+        out / "report.json": json.dumps(report, indent=2).encode(),
+        out / "loss_vs_time.png": _plot_losses(report, merged),
+        out / "freeze_ratio.png": _plot_freezing(first),
+        out / "batch_time.png": _plot_batch_times(first),
+    }
     dag = build_dag(build_schedule(cfg.schedule, cfg.ranks, cfg.microbatches))
     figures = []
     method = next((m for m in TIMELYFREEZE_METHODS if m in merged), None)
@@ -447,33 +450,37 @@ def write_outputs(report: dict, merged: dict[str, dict], cfg: DemoConfig, out: P
         steps = sorted(set().union(*(s.keys() for s in m["spans"])))
         before = [s for s in steps if m["phase"][s] == "monitor_upper"]
         picks = {"before": before[-1] if before else None, "after": steps[-1] if steps else None}
-        ratios = None
-        if m["plan"] is not None:
-            by_name = m["plan"]["ratios"]
-            ratios = np.array([by_name.get(name, 0.0) for name in dag.names])
+        timelines = {}
         for label, step in picks.items():
             sim = None if step is None else measured_simulation(dag, m["spans"], step)
-            if sim is None:
-                continue
-            asked = m["span_ratios"].get(step)
-            r = None if asked is None or not any(asked) else np.asarray(asked)
-            title = f"{method}, measured step {step + 1} ({label} freezing)"
-            write_gantt_png(out / f"timeline_{label}.png", sim, r, title=title)
-            write_chrome_trace(out / f"trace_{label}.json", sim, r)
-            figures.append(f"timeline_{label}.png")
-            written += [out / f"timeline_{label}.png", out / f"trace_{label}.json"]
-        if m["timeline_durations"] is not None and ratios is not None:
+            if sim is not None:
+                asked = m["span_ratios"].get(step)
+                r = None if asked is None or not any(asked) else np.asarray(asked)
+                timelines[label] = (sim, r, f"{method}, measured step {step + 1} ({label} freezing)")
+        if m["timeline_durations"] is not None and m["plan"] is not None:
+            by_name = m["plan"]["ratios"]
+            ratios = np.array([by_name.get(name, 0.0) for name in dag.names])
             sim = simulate(dag, np.asarray(m["timeline_durations"]))
-            write_gantt_png(out / "timeline_planned.png", sim, ratios, title=f"{method}, planned (LP)")
-            write_chrome_trace(out / "trace_planned.json", sim, ratios)
-            figures.append("timeline_planned.png")
-            written += [out / "timeline_planned.png", out / "trace_planned.json"]
-    (out / "report.md").write_text(markdown(report, figures))
-    written.append(out / "report.md")
-    return written
+            timelines["planned"] = (sim, ratios, f"{method}, planned (LP)")
+        for label, (sim, r, title) in timelines.items():
+            files[out / f"timeline_{label}.png"] = gantt_png(sim, r, title=title)
+            trace = out / f"trace_{label}.json"
+            files[trace] = chrome_trace_bytes(trace, sim, r)
+            figures.append(f"timeline_{label}.png")
+    files[out / "report.md"] = markdown(report, figures).encode()
+    out.mkdir(parents=True, exist_ok=True)
+    write_files(files)
+    return list(files)
 
 
-def _plot_losses(report: dict, merged: dict[str, dict], path: Path) -> Path:
+def _png(fig) -> bytes:
+    """A matplotlib Figure (with an Agg canvas) as PNG bytes."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    return buffer.getvalue()
+
+
+def _plot_losses(report: dict, merged: dict[str, dict]) -> bytes:
     """Validation loss against training wall time for every seed (left: the whole run, with the first
     seed's training loss; right: the end of the run, where no freezing's curve at each method's end
     time is marked)."""
@@ -528,11 +535,10 @@ def _plot_losses(report: dict, merged: dict[str, dict], path: Path) -> Path:
     whole.set_ylabel("loss (nats per token)")
     whole.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path)
-    return path
+    return _png(fig)
 
 
-def _plot_batch_times(report: dict, path: Path) -> Path:
+def _plot_batch_times(report: dict) -> bytes:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -553,11 +559,10 @@ def _plot_batch_times(report: dict, path: Path) -> Path:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    fig.savefig(path)
-    return path
+    return _png(fig)
 
 
-def _plot_freezing(report: dict, path: Path) -> Path:
+def _plot_freezing(report: dict) -> bytes:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -586,8 +591,7 @@ def _plot_freezing(report: dict, path: Path) -> Path:
     else:
         ax.text(0.5, 0.5, "no method froze anything", transform=ax.transAxes, ha="center")
     fig.tight_layout()
-    fig.savefig(path)
-    return path
+    return _png(fig)
 
 
 def _fmt(value, spec: str, none: str = "-") -> str:
