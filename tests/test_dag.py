@@ -2,6 +2,7 @@
 
 import itertools
 import random
+import re
 
 import numpy as np
 import pytest
@@ -194,3 +195,22 @@ def test_overflowing_makespan_is_refused():
         simulate(dag, _uniform(dag, 1e308, 1.0, 1.0))
     sim = simulate(dag, _uniform(dag, 1e306, 1.0, 1.0))  # 11 forwards on the path: 1.1e307, finite
     assert sim.makespan == pytest.approx(11e306, rel=1e-12) and np.all(np.isfinite(sim.bubble_ratio))
+
+
+def test_durations_must_be_real_numbers():
+    """No coercion of strings, bools, complex numbers or None; a NaN in a mapping is named as such."""
+    dag = build_dag(build_schedule("1f1b", 1, 1))  # 0F0 0B0
+    bads = [
+        (["1", "2"], "duration of 0F0 must be a real number, got '1'"),
+        ([True, True], "duration of 0F0 must be a real number, got True"),
+        (np.array([1, 1]) + 0.5j, "duration of 0F0 must be a real number, got (1+0.5j)"),
+        ([1.0, 10**400], "duration of 0B0 must be a number float64 can hold"),
+        ({"0F0": True, "0B0": 1.0}, "duration of 0F0 must be a real number, got True"),
+        ({"0F0": None, "0B0": 1.0}, "duration of 0F0 must be a real number, got None"),
+        ({"0F0": float("nan"), "0B0": 1.0}, "duration of 0F0 must be finite and >= 0, got nan"),
+    ]
+    for durations, message in bads:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            simulate(dag, durations)
+    assert simulate(dag, {"0F0": np.float32(1), "0B0": 2}).makespan == 3.0
+    assert simulate(dag, [10**20, 1]).makespan == 1e20 + 1

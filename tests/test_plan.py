@@ -319,7 +319,7 @@ def test_json_round_trip():
     assert back.total_ratio == 0.5 and type(back.total_ratio) is float and back.ratio_by_action["0B0"] == 0.25
     bads = (("total_ratio", True), ("solve_seconds", np.float64("inf")), ("max_freeze_ratio", "0.8"))
     for key, bad in bads:
-        message = f"plan.{key} must be a finite number, got {re.escape(repr(bad))}"
+        message = f"plan.{key} must be a finite number( in \\[0, 1\\])?, got {re.escape(repr(bad))}"
         with pytest.raises(ValueError, match=message):
             Plan.from_dict(dict(d, **{key: bad}))
     with pytest.raises(ValueError, match="invalid JSON"):
@@ -406,3 +406,68 @@ def test_large_matches_generic(P, M):
     assert fast.makespan_planned == pytest.approx(ref.makespan_planned, rel=REL)
     assert fast.total_ratio == pytest.approx(ref.total_ratio, rel=REL)
     _check_plan(fast, dag, up, low, 0.8)
+
+
+def test_impossible_plans_are_refused():
+    """Values no solve produces: each refused naming its field."""
+    dag = build_dag(build_schedule("1f1b", 2, 4))
+    up, low = random_times(dag, np.random.default_rng(3))
+    d = solve(dag, up, low).to_dict()
+    assert len(d["stage_mean_ratio"]) == dag.num_stages == 2
+    bads = [
+        ("max_freeze_ratio", 5.0, "plan.max_freeze_ratio must be a finite number in [0, 1], got 5.0"),
+        ("weighting", "bogus", "unknown plan.weighting 'bogus'; choose one of: count, duration"),
+        (
+            "stage_mean_ratio",
+            [0.5, 0.5, 0.5],
+            "plan.stage_mean_ratio: expected one ratio per stage of plan.ratios (2), got 3",
+        ),
+        ("stage_mean_ratio", [0.5, -1.0], "plan.stage_mean_ratio[1] must be a finite number in [0, 1]"),
+        ("makespan_planned", -5.0, "plan.makespan_planned must be a finite number >= 0, got -5.0"),
+        ("makespan_unfrozen", float("nan"), "plan.makespan_unfrozen must be a finite number >= 0"),
+        ("status", None, "plan.status: expected a string, got None"),
+        ("schedule", 5, "plan.schedule: expected a string, got 5"),
+        ("ratios", dict(d["ratios"], x=0.0), "plan.ratios: malformed action 'x'"),
+    ]
+    for key, bad, message in bads:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            Plan.from_dict(dict(d, **{key: bad}))
+
+
+def test_config_keeps_plain_floats():
+    """numpy scalars in PlanConfig become Python floats (float32 0.8 is 0.8), so the plan serialises."""
+    config = PlanConfig(
+        max_freeze_ratio=np.float32(0.8), makespan_slack=np.float32(0.01), action_cap=np.float64(1)
+    )
+    assert (config.max_freeze_ratio, config.makespan_slack, config.action_cap) == (0.8, 0.01, 1.0)
+    assert all(type(v) is float for v in (config.max_freeze_ratio, config.makespan_slack, config.action_cap))
+    dag = build_dag(build_schedule("1f1b", 2, 4))
+    up, low = random_times(dag, np.random.default_rng(3))
+    d = json.loads(solve(dag, up, low, config).to_json())
+    assert d["max_freeze_ratio"] == 0.8 and d["makespan_slack"] == 0.01
+
+
+def test_warm_start_must_be_a_plan():
+    dag = build_dag(build_schedule("1f1b", 2, 4))
+    up, low = random_times(dag, np.random.default_rng(3))
+    with pytest.raises(TypeError, match="warm_start must be a tfz.plan.Plan or None, got dict"):
+        solve(dag, up, low, warm_start={})
+
+
+def test_durations_and_caps_must_be_real_numbers():
+    dag = build_dag(build_schedule("1f1b", 1, 1))  # 0F0 0B0
+    bads = [
+        ((["1", "1"], ["1", "0.5"]), {}, "unfrozen duration of 0F0 must be a real number, got '1'"),
+        (([1, 1], [True, False]), {}, "frozen duration of 0F0 must be a real number, got True"),
+        ((np.array([1, 1]) + 0.5j, [1, 0.5]), {}, "unfrozen duration of 0F0 must be a real number"),
+        (([10**400, 1], [10**400, 0]), {}, "unfrozen duration of 0F0 must be a number float64 can hold"),
+        (([1, 1], [1, 0.5]), {"action_cap": ["1", "1"]}, "action cap of 0F0 must be a real number"),
+        (([1, 1], [1, 0.5]), {"action_cap": np.array(True)}, "action cap must be a finite number"),
+    ]
+    for args, kwargs, message in bads:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            solve(dag, *args, **kwargs)
+    # a 0-d array cap is taken as a numpy scalar is: 0B0 saves half of 1 at ratio 0.5
+    plan = solve(dag, [1, 1], [1, 0.5], action_cap=np.array(0.5))
+    assert plan.makespan_planned == pytest.approx(1.75, rel=1e-12)
+    assert plan.ratios.tolist() == [0.0, 0.5]

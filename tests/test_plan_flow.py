@@ -361,3 +361,59 @@ def test_solve_releases_the_gil(native_only):
     # holding the GIL, the loop stops for the whole capped stage; releasing it, only for the
     # solver's Python parts
     assert longest < 0.25 * (t1 - t0), (longest, t1 - t0)
+
+
+def _tiny_saving_case():
+    """gpipe 1x2 (0F0 0F1 0B0 0B1), both B saving 1e-7 when frozen, cap 0.3: by hand the stage may
+    freeze 0.6 in all, which saves 0.6e-7 on the single chain of 4."""
+    dag = build_dag(build_schedule("gpipe", 1, 2))
+    return dag, np.ones(4), np.array([1.0, 1.0, 1 - 1e-7, 1 - 1e-7]), PlanConfig(max_freeze_ratio=0.3)
+
+
+@pytest.mark.parametrize("how", ["generic", "highs"])
+def test_phase2_bound_at_rounded_optimum(how, monkeypatch):
+    """HiGHS calls ``T <= T*`` infeasible here (T* is rounded): phase 2 retries a bound a few ulps
+    looser instead of failing."""
+    monkeypatch.setattr(flow, "NATIVE", False)
+    dag, up, low, config = _tiny_saving_case()
+    plan = (solve_generic if how == "generic" else solve)(dag, up, low, config)
+    assert plan.makespan_planned == pytest.approx(4 - 0.6e-7, rel=1e-14)
+    assert plan.total_ratio == pytest.approx(0.6, rel=1e-6)
+
+
+def _wide_range_cases():
+    """(dag, up, low, config): half the actions 1e-9 or 1e-12 of the others, frozen at 5-95%."""
+    for k, name, P, M in [(9, "gpipe", 3, 8), (9, "gpipe", 2, 4), (12, "zbv", 2, 8), (12, "1f1b", 3, 6)]:
+        rng = np.random.default_rng(k)
+        dag = build_dag(build_schedule(name, P, M))
+        n, bw = dag.num_actions, dag.kind_mask("B", "W")
+        up = rng.uniform(0.5, 2, n) * np.where(rng.uniform(size=n) < 0.5, 10.0**-k, 1.0)
+        low = np.where(bw, up * rng.uniform(0.05, 0.95, n), up)
+        for cap in (0.3, 0.8):
+            yield dag, up, low, PlanConfig(max_freeze_ratio=cap)
+
+
+def test_saved_times_spanning_many_decades_match_generic():
+    """Saved times far below the largest duration (here 1e-16 and 1e-24 of it) give the generic LP's
+    optimum, not a plan off by up to 1e-5 or a refusal."""
+    dag = build_dag(build_schedule("gpipe", 1, 2))
+    # 0B0 saves one float64 step, 0B1 everything: by hand 0B1 takes the whole budget 0.6
+    low = np.array([1.0, 1.0, np.nextafter(1.0, 0.0), 0.0])
+    plan = solve(dag, np.ones(4), low, PlanConfig(max_freeze_ratio=0.3))
+    assert plan.makespan_planned == pytest.approx(3.4, rel=1e-12)
+    np.testing.assert_allclose(plan.ratios, [0, 0, 0, 0.6], atol=1e-9)
+    for dag, up, low, config in _wide_range_cases():
+        plan, ref = solve(dag, up, low, config), solve_generic(dag, up, low, config)
+        assert plan.makespan_planned == pytest.approx(ref.makespan_planned, rel=1e-9)
+        assert plan.total_ratio == pytest.approx(ref.total_ratio, rel=1e-6)
+
+
+@needs_native
+def test_inconsistent_native_plan_falls_back_to_highs(monkeypatch):
+    """A native plan that does not simulate to the makespan it claims hands over to HiGHS."""
+    monkeypatch.setattr(solver, "FLOW_MIN_SAVED", 0.0)
+    dag = build_dag(build_schedule("gpipe", 1, 2))
+    low = np.array([1.0, 1.0, np.nextafter(1.0, 0.0), 0.0])
+    plan = solve(dag, np.ones(4), low, PlanConfig(max_freeze_ratio=0.3))
+    assert isinstance(plan._warm_state, HighsWarmState)
+    assert plan.makespan_planned == pytest.approx(3.4, rel=1e-12)

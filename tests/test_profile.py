@@ -1,6 +1,8 @@
 """tfz.profile: the JSON format, its strict loader, and durations against hand computations."""
 
 import json
+import math
+import re
 
 import numpy as np
 import pytest
@@ -361,3 +363,27 @@ def test_a_failed_save_keeps_the_old_file_and_names_the_path(tmp_path):
     assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["p.json"]
     profile.save(path)
     assert Profile.load(path) == profile
+
+
+def test_numpy_times_are_stored_as_floats_and_save(tmp_path):
+    """numpy scalars become Python floats, so the profile saves and loads back equal."""
+    p = Profile(
+        default=StageTimes(f=np.float32(1.5), i=np.int64(1), w=np.float64(2.0), w_frozen=np.float16(0.5)),
+        actions={"0B0": ActionTimes(unfrozen=np.float32(4.0), frozen=np.int32(1))},
+    )
+    assert p.default == StageTimes(1.5, 1.0, 2.0, 0.5)
+    assert all(type(v) is float for v in p.default.to_dict().values())
+    assert all(type(v) is float for v in p.actions["0B0"].to_dict().values())
+    p.save(tmp_path / "p.json")
+    back = Profile.load(tmp_path / "p.json")
+    assert back.default == p.default and back.actions == p.actions
+
+
+@pytest.mark.parametrize(
+    "meta,where", [({"note": float("nan")}, "meta.note"), ({"a": [1, -math.inf]}, "meta.a[1]")]
+)
+def test_save_refuses_non_finite_meta(tmp_path, meta, where):
+    p = Profile(default=StageTimes(1.0, 1.0, 1.0), meta=meta)
+    with pytest.raises(ValueError, match=re.escape(f"{where}: JSON holds finite numbers only")):
+        p.save(tmp_path / "p.json")
+    assert not (tmp_path / "p.json").exists()

@@ -179,3 +179,30 @@ def test_tiny_profile_on_cuda(tmp_path, capsys):
     profile = Profile.load(path)
     assert profile.meta["device"].startswith("cuda:") and profile.meta["timer"] in ("cuda-events", "python")
     assert all(t.f > 0 and t.b > 0 for t in profile.stages.values())
+
+
+def test_measure_stage_refuses_unfit_timers():
+    """A timer too small for one repetition, or holding an action of its caller: clear errors."""
+    from tfz.timing import ActionTimer
+
+    module = convert_to_freezable(torch.nn.Sequential(torch.nn.Linear(8, 8)))
+    x = torch.randn(2, 8)
+    with pytest.raises(ValueError, match="timer capacity 11 is below the 12 records one repetition takes"):
+        measure_stage(module, x, first=False, timer=ActionTimer("cpu", capacity=11), warmup=0, repeats=1)
+    timer = ActionTimer("cpu")
+    with timer.action("user-step"):
+        pass
+    with pytest.raises(ValueError, match="timer holds action 'user-step', which measure_stage did not time"):
+        measure_stage(module, x, first=False, timer=timer, warmup=0, repeats=1)
+    t = measure_stage(module, x, first=False, timer=ActionTimer("cpu", capacity=12), warmup=0, repeats=1)
+    assert sorted(t) == sorted(["F", "I", "W", "W_frozen", "B", "B_frozen"])
+
+
+def test_profile_model_checks_memory_first(monkeypatch):
+    """The CLI's memory check runs before anything is built (here on a host of 1000 bytes)."""
+    import tfz.measure
+
+    monkeypatch.setattr(tfz.measure, "host_memory", lambda: 1000)
+    config = ProfileConfig(stages=2, seq_len=8, repeats=1, warmup=0)
+    with pytest.raises(ValueError, match=r"needs at least .* GB of host memory, which has 1e-06 GB"):
+        profile_model(config)

@@ -277,6 +277,22 @@ def test_csv_round_trip(tmp_path, name, P, M, V):
         assert back.placement == sched.placement
 
 
+@pytest.mark.parametrize("name", SCHEDULES)
+def test_csv_round_trip_of_one_rank_is_equal(tmp_path, name):
+    """With one rank every placement puts all stages on rank 0: the name says which it was."""
+    sched = build_schedule(name, 1, 2)
+    dump_csv(sched, tmp_path / "s.csv")
+    back = load_csv(tmp_path / "s.csv", name=name)
+    assert back == sched
+    assert back.placement == ("v" if name in ("zbv", "dualpipev") else "loop")
+
+
+@pytest.mark.parametrize("text", ["\u0663F0", "\uff10F\uff11", "0F\u0661", "\U0001d7ceB0"])
+def test_action_parse_takes_ascii_digits_only(text):
+    with pytest.raises(ValueError, match="malformed action"):
+        Action.parse(text)
+
+
 def test_csv_reads_torch_style_cells(tmp_path):
     """Bubbles (empty cells), rows of different lengths, spaces, and an overlapped F&B pair."""
     text = "0F0,,0F1, 3F0 ,(0F2;3B0)OVERLAP_F_B\n,1F0,2F0\n"

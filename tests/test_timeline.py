@@ -2,6 +2,7 @@
 
 import gzip
 import json
+import re
 
 import numpy as np
 import pytest
@@ -9,7 +10,14 @@ import pytest
 from tfz.dag import build_dag, simulate
 from tfz.profile import Profile
 from tfz.schedule import build_schedule
-from tfz.timeline import _idle_intervals, chrome_trace, default_png_size, write_chrome_trace, write_gantt_png
+from tfz.timeline import (
+    _idle_intervals,
+    chrome_trace,
+    default_png_size,
+    gantt_png,
+    write_chrome_trace,
+    write_gantt_png,
+)
 
 
 def _sim(name="1f1b", P=4, M=6, seed=None):
@@ -244,3 +252,21 @@ def test_a_failed_write_keeps_the_old_file_and_names_the_path(tmp_path, write, n
     assert err.value.filename == str(path) and "File too large" in str(err.value)
     assert path.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == [name]
+
+
+def test_ratios_must_be_real_numbers():
+    sim = _sim("gpipe", 1, 1)  # 0F0 0B0
+    for ratios, message in (
+        (["0", "0.5"], "freeze ratio of 0F0 must be a real number, got '0'"),
+        ([False, True], "freeze ratio of 0F0 must be a real number, got False"),
+        ([0, 10**400], "freeze ratio of 0B0 must be a number float64 can hold"),
+    ):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            chrome_trace(sim, ratios)
+
+
+def test_png_title_and_unit_with_dollar_signs():
+    """User text is drawn as it is, not parsed as mathtext (an odd number of '$' would raise)."""
+    sim = _sim("gpipe", 2, 2)
+    for title, unit in ((None, "$x_$"), ("loss $x_$", "ms"), ("a $\\frac{1}{$ b", "$")):
+        assert gantt_png(sim, title=title, unit=unit)[:8] == b"\x89PNG\r\n\x1a\n"

@@ -13,6 +13,7 @@ itself cannot be imported.
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import sys
 from typing import Any
@@ -24,6 +25,7 @@ __all__ = [
     "check_number",
     "check_ratio",
     "env_flag",
+    "float_array",
     "is_int",
     "is_number",
     "short_repr",
@@ -121,6 +123,37 @@ def check_number(
 def check_ratio(name: str, value: Any, *, optional: bool = False) -> float | None:
     """``value`` as a float in [0, 1], else ValueError."""
     return check_number(name, value, low=0.0, high=1.0, optional=optional)
+
+
+def float_array(values: Any, what: str, label=None):
+    """``values`` as a float64 numpy array (numpy is imported here); ValueError naming the first entry
+    that is no real number (bool, str, complex, None, other objects) or too large for float64, as
+    ``<what> of <label(i)>`` for a 1-D input given ``label`` (index -> name), else ``<what>[index]``.
+    NaN, infinities and negative values pass: ranges are the caller's to check."""
+    import numpy as np
+
+    def bad(index, value, why: str):
+        one_d = label is not None and len(index) == 1
+        where = f"{what} of {label(index[0])}" if one_d else f"{what}{list(index)}"
+        raise ValueError(f"{where} must be {why}, got {short_repr(value)}")
+
+    try:
+        arr = np.asarray(values)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{what}: expected an array of numbers ({exc})") from None
+    if arr.dtype.kind in "iuf" or arr.size == 0:
+        return arr.astype(np.float64, copy=False)
+    if arr.dtype.kind != "O":
+        bad(np.unravel_index(0, arr.shape), arr.reshape(-1)[0].item(), "a real number")
+    out = np.empty(arr.shape, dtype=np.float64)
+    for index, value in np.ndenumerate(arr):
+        if not isinstance(value, numbers.Real) or isinstance(value, (bool, np.bool_)):
+            bad(index, value, "a real number")
+        try:
+            out[index] = float(value)
+        except OverflowError:
+            bad(index, value, "a number float64 can hold")
+    return out
 
 
 def short_repr(value: Any, limit: int = 60) -> str:

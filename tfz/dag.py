@@ -22,6 +22,7 @@ from functools import cached_property
 
 import numpy as np
 
+from tfz._validate import float_array
 from tfz.schedule import KINDS, Action, Schedule
 from tfz.schedule.limits import check_actions
 
@@ -304,18 +305,24 @@ def _find_cycle(src: np.ndarray, dst: np.ndarray, n: int, done: set[int]) -> lis
 
 
 def _as_durations(dag: DAG, durations) -> np.ndarray:
+    def label(i: int) -> str:
+        return str(dag.actions[i])
+
     if isinstance(durations, Mapping):
-        arr = np.full(dag.num_actions, np.nan)
+        values = np.empty(dag.num_actions, dtype=object)
+        given = np.zeros(dag.num_actions, dtype=bool)
         for key, value in durations.items():
             name = str(key)
             if name not in dag.index:
                 raise ValueError(f"duration given for unknown action {name!r}")
-            arr[dag.index[name]] = value
-        missing = np.flatnonzero(np.isnan(arr))
+            values[dag.index[name]] = value
+            given[dag.index[name]] = True
+        missing = np.flatnonzero(~given)
         if len(missing):
             raise ValueError(f"no duration for action {dag.actions[missing[0]]}")
+        arr = float_array(values, "duration", label)
     else:
-        arr = np.asarray(durations, dtype=np.float64)
+        arr = float_array(durations, "duration", label)
         if arr.shape != (dag.num_actions,):
             raise ValueError(f"durations must have shape ({dag.num_actions},), got {arr.shape}")
     bad = np.flatnonzero(~np.isfinite(arr) | (arr < 0))

@@ -24,6 +24,7 @@ their unfrozen time (timer noise), as the profile format requires. CUDA work is 
 
 from __future__ import annotations
 
+import os
 import re
 import statistics
 import sys
@@ -51,6 +52,7 @@ __all__ = [
     "check_memory",
     "device_memory",
     "estimate_bytes",
+    "host_memory",
     "measure_stage",
     "profile_model",
     "stage_layers",
@@ -159,6 +161,11 @@ def estimate_bytes(config: ProfileConfig) -> tuple[int, int, int]:
     return host, device, largest
 
 
+def host_memory() -> int:
+    """Bytes of physical memory of this machine."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
 def check_memory(config: ProfileConfig, host: int, device: int | None = None, where: str = "cpu") -> None:
     """ValueError naming the sizes when :func:`estimate_bytes` exceeds ``host`` bytes of host memory
     or ``device`` bytes of ``where``'s memory (None: the device is the host)."""
@@ -205,6 +212,10 @@ def measure_stage(
         timer: times every action (its device decides host or CUDA-event timing).
         seed: of the random output gradient dY.
     """
+    need = 2 * len(_KINDS)  # one start and one end record per action of a repetition
+    capacity = getattr(timer, "capacity", None)  # None: a stand-in without a record pool
+    if capacity is not None and capacity < need:
+        raise ValueError(f"timer capacity {capacity} is below the {need} records one repetition takes")
     if not first:
         x = x.detach().requires_grad_(True)
     params = StageParams(module)
@@ -252,9 +263,18 @@ def measure_stage(
         split(frozen_plan, "W_frozen", False)
         full(frozen_plan, "B_frozen")
         spans = timer.collect_spans()
+        other = next((span.name for span in spans if span.name not in samples), None)
+        if other is not None:
+            raise ValueError(
+                f"timer holds action {other!r}, which measure_stage did not time: give it a timer of "
+                "its own, or collect() the timer first"
+            )
         if rep >= warmup:
             for span in spans:
                 samples[span.name].append(span.duration_ms)
+    missing = next((k for k, v in samples.items() if not v), None)
+    if missing is not None:
+        raise ValueError(f"timer recorded no {missing} time (a full timer drops actions): raise its capacity")
     times = {k: statistics.median(v) for k, v in samples.items()}
     times["W_frozen"] = min(times["W_frozen"], times["W"])
     times["B_frozen"] = min(times["B_frozen"], times["B"])
@@ -292,11 +312,14 @@ def _device_name(device: torch.device) -> str:
 def profile_model(config: ProfileConfig, progress: Callable[[str], None] | None = None) -> Profile:
     """Build each stage of ``config.model`` in turn on ``config.device``, measure it, free it.
 
-    ``progress`` gets one line per stage. Returns the :class:`tfz.profile.Profile` (meta records the
-    model, shapes, device, dtype, torch version, warmup and repeats).
+    ``progress`` gets one line per stage. Raises ValueError before building anything when the
+    largest stage needs more memory than the host or device has (:func:`check_memory`). Returns the
+    :class:`tfz.profile.Profile` (meta records the model, shapes, device, dtype, torch version,
+    warmup and repeats).
     """
     if not isinstance(config, ProfileConfig):
         raise TypeError(f"config must be a ProfileConfig, got {type(config).__name__}")
+    check_memory(config, host_memory(), device_memory(config.device), config.device)
     device = _device(config.device)
     cfg, layers = _stage_shapes(config)
     dtype = DTYPES[config.dtype]

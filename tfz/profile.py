@@ -54,7 +54,7 @@ from typing import Any
 import numpy as np
 
 from tfz._io import write_files
-from tfz._validate import check_int, is_number, short_repr
+from tfz._validate import check_int, is_int, is_number, short_repr
 from tfz.schedule import KINDS, Action
 from tfz.schedule.limits import read_capped
 
@@ -102,14 +102,15 @@ class StageTimes:
     where: InitVar[str] = "stage"
 
     def __post_init__(self, where: str):
+        for key in _STAGE_KEYS:  # kept as plain floats: numpy scalars would not serialise
+            value = getattr(self, key.lower())
+            if value is not None or key == "F":
+                object.__setattr__(self, key.lower(), _time(value, f"{where}.{key}"))
         self.validate(where)
 
     def validate(self, where: str) -> None:
-        """Raise ValueError naming ``where`` and the field on inconsistent times."""
-        for key in _STAGE_KEYS:
-            value = getattr(self, key.lower())
-            if value is not None or key == "F":
-                _time(value, f"{where}.{key}")
+        """Raise ValueError naming ``where`` and the field on inconsistent times (the fields are
+        floats or None)."""
         if (self.i is None) != (self.w is None):
             given, missing = ("I", "W") if self.w is None else ("W", "I")
             raise ValueError(f"{where}: {given!r} is given without {missing!r}; give both or neither")
@@ -197,6 +198,18 @@ def _parse_action_override(name: Any, d: Any, where: str, scale: float) -> tuple
     return str(action), times
 
 
+def _non_finite(value: Any, where: str) -> tuple[str, Any] | None:
+    """(path, value) of the first NaN or infinity in nested mappings and lists, else None."""
+    if isinstance(value, Mapping):
+        items = ((f"{where}.{k}", v) for k, v in value.items())
+    elif isinstance(value, (list, tuple)):
+        items = ((f"{where}[{i}]", v) for i, v in enumerate(value))
+    else:
+        finite = not is_number(value) or is_int(value) or math.isfinite(value)
+        return None if finite else (where, value)
+    return next((bad for w, v in items if (bad := _non_finite(v, w)) is not None), None)
+
+
 @dataclass(frozen=True)
 class Profile:
     """Per-stage times plus optional per-action overrides; unit: milliseconds."""
@@ -217,11 +230,11 @@ class Profile:
                 raise TypeError(f"stages.{s}: expected StageTimes, got {type(times).__name__}")
         actions = {}
         for name, times in self.actions.items():
-            key, _ = _parse_action_override(name, times.to_dict(), f"actions.{name}", 1.0)
+            key, parsed = _parse_action_override(name, times.to_dict(), f"actions.{name}", 1.0)
             if key in actions:
                 raise ValueError(f"actions.{name}: action {key} is listed twice")
-            actions[key] = times
-        object.__setattr__(self, "actions", actions)  # canonical names ("2W3")
+            actions[key] = parsed
+        object.__setattr__(self, "actions", actions)  # canonical names ("2W3"), plain float times
 
     @classmethod
     def uniform(cls, f: float, i: float, w: float, w_frozen: float = 0.0) -> Profile:
@@ -365,7 +378,12 @@ class Profile:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the JSON format (unit ms), whole or not at all; an OSError names ``path``."""
-        write_files({path: (json.dumps(self.to_dict(), indent=1) + "\n").encode("utf-8")})
+        bad = _non_finite(self.meta, "meta")
+        if bad is not None:
+            where, value = bad
+            raise ValueError(f"{where}: JSON holds finite numbers only, got {short_repr(value)}")
+        text = json.dumps(self.to_dict(), indent=1, allow_nan=False)
+        write_files({path: (text + "\n").encode("utf-8")})
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Profile:

@@ -26,7 +26,7 @@ import os
 import numpy as np
 
 from tfz._io import has_suffix, write_files
-from tfz._validate import check_number
+from tfz._validate import check_number, float_array
 from tfz.schedule import FREEZABLE_KINDS, KINDS
 
 __all__ = ["chrome_trace", "chrome_trace_bytes", "gantt_png", "write_chrome_trace", "write_gantt_png"]
@@ -41,7 +41,7 @@ def _check_ratios(dag, ratios) -> np.ndarray | None:
     """float64 [n] or None; ValueError naming the first bad action."""
     if ratios is None:
         return None
-    r = np.asarray(ratios, dtype=np.float64)
+    r = float_array(ratios, "freeze ratio", lambda i: str(dag.actions[i]))
     if r.shape != (dag.num_actions,):
         raise ValueError(f"ratios must have shape ({dag.num_actions},), got {r.shape}")
     bad = np.flatnonzero(~np.isfinite(r) | (r < 0) | (r > 1))
@@ -301,7 +301,7 @@ def gantt_png(
         labels = [f"r{p}  {100 * bubble[p]:.1f}%" for p in range(P)]
     points_per_rank = max(height - 1.2, 0.5) * 72 / P
     ax.set_yticklabels(labels, fontsize=float(np.clip(0.45 * points_per_rank, 4.0, 9.0)))
-    ax.set_xlabel(f"time ({axis_unit})")
+    ax.set_xlabel(f"time ({axis_unit})", parse_math=False)  # user text: a "$" is no mathtext
     ax.grid(axis="x", color="#dddddd", linewidth=0.5)
     ax.set_axisbelow(True)
     if title is None:
@@ -310,7 +310,7 @@ def gantt_png(
             f"{sched.name}: {P} ranks, {dag.num_stages} stages, {sched.num_microbatches} microbatches, "
             f"{n} actions | makespan {makespan:.4g} {unit}, mean bubble {100 * float(bubble.mean()):.1f}%"
         )
-    ax.set_title(title, fontsize=10)
+    ax.set_title(title, fontsize=10, parse_math=False)
     fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), fontsize=8, frameon=False)
     if cmap is not None:
         sm = ScalarMappable(norm=Normalize(0.0, 1.0), cmap=cmap)

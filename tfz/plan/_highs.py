@@ -9,9 +9,14 @@ import numpy as np
 
 from tfz.plan.problem import LP
 
-__all__ = ["PlanSolveError", "make_highs", "run_checked", "set_cost"]
+__all__ = ["PlanSolveError", "make_highs", "run_checked", "run_phase2", "set_cost"]
 
 _TOL = 1e-9
+
+PHASE2_RETRY_SLACKS = tuple(10.0**-k for k in range(15, 8, -1))
+"""Phase 2 bounds the makespan by phase 1's ``T*`` exactly; when HiGHS calls that infeasible or
+stops with 'Unknown' (``T*`` is itself rounded, and its tolerances are absolute), it is retried under
+``T* (1 + slack)`` with these slacks in turn, the smallest first (1e-15 up to 1e-9)."""
 
 
 class PlanSolveError(RuntimeError):
@@ -93,3 +98,20 @@ def run_checked(h, what: str) -> tuple[float, np.ndarray]:
         raise PlanSolveError(f"{what}: the LP solver stopped with status {name!r}", name)
     info = h.getInfo()
     return float(info.objective_function_value), np.asarray(h.getSolution().col_value, dtype=np.float64)
+
+
+def run_phase2(h, t_col: int, budget: float) -> tuple[np.ndarray, float]:
+    """Minimise the loaded phase-2 objective of ``h`` under ``T <= budget`` (column ``t_col``); return
+    (column values, the bound used), looser by the first of :data:`PHASE2_RETRY_SLACKS` that is
+    solved when the exact bound was not."""
+    what = "phase 2 (total freezing)"
+    for slack in (0.0, *PHASE2_RETRY_SLACKS[:-1]):
+        h.changeColBounds(t_col, 0.0, budget * (1.0 + slack))
+        try:
+            return run_checked(h, what)[1], budget * (1.0 + slack)
+        except PlanSolveError as e:
+            if e.status not in ("Infeasible", "Unknown"):
+                raise
+    bound = budget * (1.0 + PHASE2_RETRY_SLACKS[-1])
+    h.changeColBounds(t_col, 0.0, bound)
+    return run_checked(h, what)[1], bound

@@ -2,20 +2,20 @@
 
 Every DAG edge is a row, every action has a row ``T >= t_v + d_v``, and both phases are cold
 dual-simplex solves of separate models: phase 1 minimises T, phase 2 minimises ``sum r`` with
-``T <= T*``. Nothing is shared with :mod:`tfz.plan.solver` but the validated data, divided by the
-largest duration as there (HiGHS's tolerances are absolute).
+``T <= T*`` (retried up to ``T* (1 + 1e-9)`` should HiGHS call that infeasible,
+:data:`~tfz.plan._highs.PHASE2_RETRY_SLACKS`). Nothing is shared with :mod:`tfz.plan.solver` but the
+validated data, divided by the largest duration as there (HiGHS's tolerances are absolute).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import time
 
 import numpy as np
 
 from tfz.dag import DAG
 from tfz.plan._finish import finish_plan
-from tfz.plan._highs import make_highs, run_checked
+from tfz.plan._highs import make_highs, run_checked, run_phase2
 from tfz.plan.problem import PlanConfig, PlanProblem, build_lp
 from tfz.plan.result import Plan
 
@@ -33,11 +33,8 @@ def solve_generic(dag: DAG, unfrozen, frozen, config: PlanConfig | None = None, 
     t_star, _ = run_checked(h1, "phase 1 (makespan)")
     t1 = time.perf_counter()
     budget = problem.config.makespan_budget(t_star)
-    col_hi = lp.col_hi.copy()
-    col_hi[lp.t_col] = budget
-    lp2 = dataclasses.replace(lp, col_hi=col_hi)
-    h2 = make_highs(lp2, lp2.phase2_cost())
-    _, x = run_checked(h2, "phase 2 (total freezing)")
+    h2 = make_highs(lp, lp.phase2_cost())
+    x, budget = run_phase2(h2, lp.t_col, budget)
     t2 = time.perf_counter()
     raw = np.zeros(dag.num_actions)
     raw[lp.ratio_actions] = x[lp.r_cols]

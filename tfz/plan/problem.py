@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 
 from tfz._defaults import MAX_FREEZE_RATIO
-from tfz._validate import check_ratio
+from tfz._validate import check_ratio, float_array
 from tfz.dag import DAG
 from tfz.schedule import FREEZABLE_KINDS
 
@@ -70,15 +70,19 @@ class PlanConfig:
         return t_star * (1.0 + self.makespan_slack)
 
     def __post_init__(self):
-        check_ratio("max_freeze_ratio", self.max_freeze_ratio)
-        check_ratio("action_cap", self.action_cap, optional=True)
-        check_ratio("makespan_slack", self.makespan_slack)
+        # stored as plain floats, so that plans serialise; a float32 0.8 is 0.8, not 0.800000011920929
+        for name in ("max_freeze_ratio", "action_cap", "makespan_slack"):
+            value = getattr(self, name)
+            ratio = check_ratio(name, value, optional=name == "action_cap")
+            if isinstance(value, np.floating) and np.finfo(value.dtype).bits < 64:
+                ratio = float(str(value))
+            object.__setattr__(self, name, ratio)
         if self.weighting not in ("count", "duration"):
             raise ValueError(f"weighting must be 'count' or 'duration', got {self.weighting!r}")
 
 
 def _as_times(dag: DAG, values, what: str) -> np.ndarray:
-    arr = np.asarray(values, dtype=np.float64)
+    arr = float_array(values, f"{what} duration", lambda i: str(dag.actions[i]))
     if arr.shape != (dag.num_actions,):
         raise ValueError(f"{what} durations must have shape ({dag.num_actions},), got {arr.shape}")
     bad = np.flatnonzero(~np.isfinite(arr) | (arr < 0))
@@ -141,9 +145,10 @@ class PlanProblem:
         if action_cap is None:
             caps = np.ones(dag.num_actions)
         elif np.ndim(action_cap) == 0:
-            caps = np.full(dag.num_actions, check_ratio("action cap", action_cap))
+            value = action_cap.item() if isinstance(action_cap, np.ndarray) else action_cap
+            caps = np.full(dag.num_actions, check_ratio("action cap", value))
         else:
-            caps = np.asarray(action_cap, dtype=np.float64)
+            caps = float_array(action_cap, "action cap", lambda i: str(dag.actions[i]))
             if caps.shape != (dag.num_actions,):
                 raise ValueError(f"action caps must have shape ({dag.num_actions},), got {caps.shape}")
             bad = np.flatnonzero(~(caps >= 0) | ~(caps <= 1))

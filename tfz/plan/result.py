@@ -8,8 +8,9 @@ from typing import Any
 
 import numpy as np
 
-from tfz._validate import check_bool, check_number, check_ratio, short_repr
+from tfz._validate import check_bool, check_choice, check_number, check_ratio, short_repr
 from tfz.plan.warm import WarmState
+from tfz.schedule.action import Action
 
 __all__ = ["FORMAT", "VERSION", "Plan"]
 
@@ -127,32 +128,52 @@ class Plan:
         ):
             raise ValueError("plan.cannot_gain: expected a list of action names of plan.ratios")
 
-        def num(key):
+        stages = set()
+        for name in ratios:
+            try:
+                stages.add(Action.parse(name).stage)
+            except ValueError as exc:
+                raise ValueError(f"plan.ratios: {exc}") from None
+
+        def num(key, low=None):
             if key not in d:
                 raise ValueError(f"plan.{key}: missing")
-            return check_number(f"plan.{key}", d[key])
+            return check_number(f"plan.{key}", d[key], low=low)
 
-        def nums(key, default, length=None):
+        def nums(key, default, length=None, check=check_number):
             values = d.get(key, default)
             if not isinstance(values, list) or (length is not None and len(values) != length):
                 size = "a list of numbers" if length is None else f"a list of {length} numbers"
                 raise ValueError(f"plan.{key}: expected {size}, got {short_repr(values)}")
-            return tuple(check_number(f"plan.{key}[{i}]", v) for i, v in enumerate(values))
+            return tuple(check(f"plan.{key}[{i}]", v) for i, v in enumerate(values))
 
+        def text(key, default=""):
+            value = d.get(key, default)
+            if not isinstance(value, str):
+                raise ValueError(f"plan.{key}: expected a string, got {short_repr(value)}")
+            return value
+
+        num_stages = max(stages) + 1 if stages else 0
+        stage_mean = nums("stage_mean_ratio", [], check=check_ratio)
+        if len(stage_mean) != num_stages:
+            raise ValueError(
+                f"plan.stage_mean_ratio: expected one ratio per stage of plan.ratios ({num_stages}), "
+                f"got {len(stage_mean)}"
+            )
         return cls(
             names=tuple(ratios),
             ratios=values,
-            makespan_planned=num("makespan_planned"),
-            makespan_unfrozen=num("makespan_unfrozen"),
-            makespan_all_frozen=num("makespan_all_frozen"),
-            stage_mean_ratio=nums("stage_mean_ratio", []),
+            makespan_planned=num("makespan_planned", low=0.0),
+            makespan_unfrozen=num("makespan_unfrozen", low=0.0),
+            makespan_all_frozen=num("makespan_all_frozen", low=0.0),
+            stage_mean_ratio=stage_mean,
             total_ratio=num("total_ratio"),
             solve_seconds=num("solve_seconds"),
-            status=str(d.get("status", "")),
-            max_freeze_ratio=num("max_freeze_ratio"),
-            weighting=str(d.get("weighting", "count")),
-            solver=str(d.get("solver", "")),
-            schedule=str(d.get("schedule", "")),
+            status=text("status"),
+            max_freeze_ratio=check_ratio("plan.max_freeze_ratio", d.get("max_freeze_ratio")),
+            weighting=check_choice("plan.weighting", d.get("weighting", "count"), ("count", "duration")),
+            solver=text("solver"),
+            schedule=text("schedule"),
             phase_seconds=nums("phase_seconds", [0.0, 0.0], length=2),
             warm=check_bool("plan.warm", d.get("warm", False)),
             makespan_slack=check_ratio("plan.makespan_slack", d.get("makespan_slack", 0.0)),

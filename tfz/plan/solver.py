@@ -22,8 +22,10 @@ for their reverses), which takes few pivots. After a larger drift the optimum ha
 that (2% changes 15% of the optimal basis): the uncapped stage restarts from the plan's uncapped
 optimum and the capped stage runs as cold (bench/RESULTS.md).
 
-Without the native extension (built without a C++ compiler), or when the flow solve stops without a
-verified optimum, the reduced LP goes to HiGHS (:func:`_solve_highs`), which is exact too but slower.
+Without the native extension (built without a C++ compiler), when some action saves under
+:data:`FLOW_MIN_SAVED` of the largest duration, or when the flow solve stops without a verified
+optimum or its plan does not simulate to the makespan it claims, the reduced LP goes to HiGHS
+(:func:`_solve_highs`), which is exact too but slower.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ import numpy as np
 from tfz.dag import DAG
 from tfz.plan import flow
 from tfz.plan._finish import finish_plan
-from tfz.plan._highs import make_highs, run_checked, set_cost
+from tfz.plan._highs import PlanSolveError, make_highs, run_checked, run_phase2, set_cost
 from tfz.plan.problem import LP, PlanConfig, PlanProblem, build_lp
 from tfz.plan.result import Plan
 from tfz.plan.warm import FlowWarmState, HighsWarmState
@@ -57,6 +59,13 @@ FINAL_START_MIN_PIVOTS = 64
 """... and gives up for the uncapped restart after this many times the pivots through the cap columns
 (the costly ones) that the last full solve's capped stage took, or the minimum: by then the restart
 costs about what the capped stage from the uncapped optimum does."""
+
+FLOW_MIN_SAVED = 1e-6
+"""The side-column simplex runs only when every freezable action saves at least this share of the
+largest duration when frozen. Below, its cap-column coefficients and phase-2 supplies (inverse saved
+times) span too many orders of magnitude for its tolerances: on random schedules with short actions
+(saved times 1e-3 to 1e-14 of the largest) its plans were up to 3e-5 above the minimal makespan
+whenever the smallest saved time was under 3e-7, never at 1e-6 or more. HiGHS solves those."""
 
 
 def solve(
@@ -80,12 +89,24 @@ def solve(
     t0 = time.perf_counter()
     problem = PlanProblem.create(dag, unfrozen, frozen, config, action_cap)
     scaled, factor = problem.scaled()
+    if warm_start is not None and not isinstance(warm_start, Plan):
+        raise TypeError(f"warm_start must be a tfz.plan.Plan or None, got {type(warm_start).__name__}")
     state = None if warm_start is None else warm_start._warm_state
-    if flow.NATIVE and problem.config.makespan_slack == 0.0:
-        plan = _solve_flow(problem, scaled, factor, state, t0)
+    if flow.NATIVE and problem.config.makespan_slack == 0.0 and _flow_conditioned(scaled):
+        try:
+            plan = _solve_flow(problem, scaled, factor, state, t0)
+        except PlanSolveError as e:
+            if e.status != "inconsistent":
+                raise
+            plan = None  # its ratios do not give the makespan it claims: HiGHS below
         if plan is not None:
             return plan
     return _solve_highs(problem, scaled, factor, state, t0)
+
+
+def _flow_conditioned(scaled: PlanProblem) -> bool:
+    """Whether every freezable action of ``scaled`` saves at least :data:`FLOW_MIN_SAVED`."""
+    return float(np.min(scaled.delta[scaled.freezable], initial=1.0)) >= FLOW_MIN_SAVED
 
 
 def _solve_flow(problem: PlanProblem, scaled: PlanProblem, factor: float, state, t0: float) -> Plan | None:
@@ -186,7 +207,7 @@ def _highs_signature(lp: LP) -> tuple:
 def _solve_highs(problem: PlanProblem, scaled: PlanProblem, factor: float, state, t0: float) -> Plan:
     """The reduced LP in HiGHS: minimise ``T + eps sum r`` (from the previous plan's basis when warm),
     then re-optimise ``T`` (exact ``T*``) and, with ``T <= (1 + makespan_slack) T*``, ``sum r`` from
-    the same basis."""
+    the same basis (retried under a bound up to 1e-9 looser should HiGHS call it infeasible)."""
     lp = build_lp(scaled, reduced=True)
     sig = _highs_signature(lp)
     k = len(lp.ratio_actions)
@@ -203,9 +224,8 @@ def _solve_highs(problem: PlanProblem, scaled: PlanProblem, factor: float, state
     t_star, _ = run_checked(h, "phase 1 (makespan)")
     t1 = time.perf_counter()
     budget = problem.config.makespan_budget(t_star)
-    h.changeColBounds(lp.t_col, 0.0, budget)
     set_cost(h, lp.phase2_cost())
-    _, x = run_checked(h, "phase 2 (total freezing)")
+    x, budget = run_phase2(h, lp.t_col, budget)
     t2 = time.perf_counter()
     raw = np.zeros(problem.num_actions)
     raw[lp.ratio_actions] = x[lp.r_cols]

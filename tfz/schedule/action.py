@@ -13,7 +13,7 @@ KINDS = ("F", "B", "I", "W")
 FREEZABLE_KINDS = ("B", "W")
 """Kinds whose duration shrinks when parameters are frozen."""
 
-_ACTION_RE = re.compile(r"^\s*(\d+)([FBIW])(\d+)\s*$")
+_ACTION_RE = re.compile(r"^\s*([0-9]+)([FBIW])([0-9]+)\s*$")  # ASCII digits only: int() takes others
 
 
 class Action(NamedTuple):

@@ -58,10 +58,16 @@ def _cell_actions(text: str, where: str) -> list[Action]:
     return out
 
 
-def _placement(stage_to_rank: tuple[int, ...], num_ranks: int) -> str:
+_V_NAMES = ("zbv", "dualpipev")
+"""Built-in schedules with V placement: with 1 rank (or 1 stage per rank) loop and V place alike, and
+the name decides, so that a saved schedule loads back equal."""
+
+
+def _placement(stage_to_rank: tuple[int, ...], num_ranks: int, name: str = "") -> str:
     if len(stage_to_rank) % num_ranks == 0:
         v = len(stage_to_rank) // num_ranks
-        for style in ("loop", "v"):
+        styles = ("v", "loop") if name in _V_NAMES else ("loop", "v")
+        for style in styles:
             if stage_to_rank == stage_ranks(num_ranks, v, style):
                 return style
     return "custom"
@@ -115,7 +121,7 @@ def parse_rows(rows: list[list[str]], source: str = "<rows>", name: str = "csv")
         num_microbatches=num_microbatches,
         stage_to_rank=stage_to_rank,
         orders=tuple(tuple(o) for o in orders),
-        placement=_placement(stage_to_rank, len(orders)),
+        placement=_placement(stage_to_rank, len(orders), name),
     )
 
 

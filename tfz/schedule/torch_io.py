@@ -142,7 +142,7 @@ def _schedule(name, num_microbatches, stage_to_rank, orders) -> Schedule:
         num_microbatches=num_microbatches,
         stage_to_rank=tuple(stage_to_rank),
         orders=tuple(tuple(o) for o in orders),
-        placement=_placement(tuple(stage_to_rank), len(orders)),
+        placement=_placement(tuple(stage_to_rank), len(orders), name),
     )
 
 
