@@ -668,7 +668,7 @@ def test_bad_timings_and_steps_raise():
         c.step_end(0, missing)
     with pytest.raises(ValueError, match="unknown action '2F0'"):
         c.step_end(0, {**good, "2F0": 1.0})
-    for bad in (float("nan"), -1.0, float("inf"), True, "3"):
+    for bad in (float("nan"), -1.0, float("inf"), True, "3", 2e9):  # 2e9 ms: past MAX_TIMING_MS
         with pytest.raises(ValueError, match=r"timing of action '0F1' .*" + repr(bad)[:3]):
             c.step_end(0, {**good, "0F1": bad})
     with pytest.raises(TypeError, match="mapping"):
@@ -722,8 +722,10 @@ def test_bad_batch_times_raise_naming_the_value_and_batches_divide_them():
     sched = build_schedule("1f1b", 2, 4)
     c = make(small(), sched)
     good = Synthetic(c.dag).times(0, c)
-    for bad in (float("nan"), float("inf"), -1.0, 0.0, "3", True):
-        with pytest.raises(ValueError, match=r"batch_ms must be None or a finite number of ms > 0, got "):
+    for bad in (float("nan"), float("inf"), -1.0, 0.0, "3", True, 2e9):
+        with pytest.raises(
+            ValueError, match=r"batch_ms must be None or a finite number of ms in \(0, 1000000000\]"
+        ):
             c.step_end(0, good, batch_ms=bad)
     assert c._s.done == 0  # a refused step changes nothing
     a, b = make(small(), sched), make(small(), sched)
@@ -769,6 +771,12 @@ def test_bad_constructor_arguments_and_masks_queries():
         c.observe(1.5)
     with pytest.raises(ValueError, match="stage 2 is not a stage"):
         c.masks_for(2, 0)
+    with pytest.raises(ValueError, match="stage '0' is not a stage"):
+        c.masks_for("0", 0)
+    for bad in ({"0": stage_module(), 1: stage_module()}, {0: stage_module(), 1: None}):
+        with pytest.raises(TypeError, match="stage_modules must map stage index \\(int\\) -> module, got"):
+            TimelyFreeze(small(), sched, bad)
+    assert TimelyFreeze(small(replan=np.False_), sched, mods).config.replan is False
     with pytest.raises(ValueError, match=r"microbatch must be an integer in \[0, 4\), got 4"):
         c.masks_for(0, 4)
 
@@ -1147,3 +1155,20 @@ def test_plan_broadcast_keeps_every_field_the_solver_returned():
             np.testing.assert_array_equal(mine, theirs)
         else:
             assert mine == theirs, field.name
+
+
+def test_ddp_wrapped_stage_modules_are_named_as_the_stage_names_them(one_rank_group):
+    """README's recipe wraps each stage module in DDP before building the controller: its units and
+    masks must use the inner module's names, which the freeze-aware stage applies them by."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    from tfz.pipeline.engine import MaskPlan, StageParams
+
+    schedule = build_schedule("1f1b", ranks=2, microbatches=4)
+    inner = {s: stage_module() for s in (0, 1)}
+    wrapped = TimelyFreeze(small(), schedule, {s: DistributedDataParallel(m) for s, m in inner.items()})
+    plain = TimelyFreeze(small(), schedule, inner)
+    for s in (0, 1):
+        assert wrapped.units[s].specs == plain.units[s].specs and wrapped.stage_modules[s] is inner[s]
+        masks = select(wrapped.units[s], 0.5, stage=s, microbatch=0)
+        assert MaskPlan(masks, StageParams(wrapped.stage_modules[s])).row_masks

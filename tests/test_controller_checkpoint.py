@@ -192,6 +192,24 @@ def test_resume_without_policy_state_differs():
     assert [r[4] for r in resumed[25:]] != [r[4] for r in reference[25:]]
 
 
+def test_a_state_of_another_selection_policy_is_refused():
+    """Another policy would draw other masks after the resume; a state saved before the policy was
+    recorded (no ``policy_kind``) still loads."""
+    from tfz.masks import RandomPolicy
+
+    c = make(small(), build_schedule(*SCHED))
+    run_to_stable(c, Synthetic(c.dag), extra=1)
+    state = json.loads(json.dumps(c.state_dict()))
+    assert state["policy_kind"] == repr(RandomPolicy())
+    other = make(small(), build_schedule(*SCHED), policy=RandomPolicy(front_bias_stages=()))
+    assert_refused_unchanged(other, state, r"policy_kind: the state was saved under 'RandomPolicy\(front_")
+    rotating = make(small(), build_schedule(*SCHED), policy=RotatingPolicy())
+    assert_refused_unchanged(rotating, state, "this controller runs '_controller_sim.RotatingPolicy'")
+    del state["policy_kind"]
+    other.load_state_dict(state)
+    assert other.phase is Phase.STABLE
+
+
 def test_state_dict_is_plain_and_records_what_it_belongs_to():
     c = make(small(), build_schedule(*SCHED))
     run_to_stable(c, Synthetic(c.dag), extra=2)
@@ -406,7 +424,7 @@ def make_stage1():
 
 
 def test_a_policy_that_refuses_its_state_is_put_back():
-    stable = states_along_a_run()["stable"]
+    stable = with_(states_along_a_run()["stable"], ["policy_kind"], None)  # checked on its own above
 
     class Picky(RotatingPolicy):
         def load_state_dict(self, state):
@@ -486,7 +504,8 @@ def test_random_corruption_of_any_field_never_changes_the_controller():
                     informational = top in ("config", "plan", "history") or (
                         top == "policy" and kind != "drop"
                     )
-                    must_refuse = len(path) == 1 and kind in ("drop", "type") and top not in ("origin",)
+                    optional = ("origin",) if kind == "type" else ("origin", "policy_kind")  # older states
+                    must_refuse = len(path) == 1 and kind in ("drop", "type") and top not in optional
                     must_refuse |= kind == "nan" and not informational
                     assert not must_refuse, f"{where} was accepted"
                     step = c._s.origin + c._s.done if c._s.origin is not None else 0

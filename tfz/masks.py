@@ -27,6 +27,7 @@ This module does not import ``tfz.nn``: row-freezable layers are found by their
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -48,7 +49,15 @@ __all__ = [
     "select",
     "select_covering",
     "select_row_arcs",
+    "stage_module",
 ]
+
+
+def stage_module(module: Any) -> Any:
+    """The module whose parameter names the masks use: ``module`` without a DDP wrapper (torch is not
+    imported here: a DDP module means torch.nn.parallel is loaded)."""
+    ddp = getattr(sys.modules.get("torch.nn.parallel"), "DistributedDataParallel", None)
+    return module.module if ddp is not None and isinstance(module, ddp) else module
 
 
 @dataclass(frozen=True)

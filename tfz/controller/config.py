@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from tfz._validate import check_int, check_number, is_int
+from tfz._validate import check_bool, check_int, check_number, is_int
 from tfz.plan import PlanConfig
 
 __all__ = ["TimelyFreezeConfig"]
@@ -129,8 +129,7 @@ class TimelyFreezeConfig:
         threshold = check_number("drift_threshold", self.drift_threshold, low=0.0, low_open=True)
         object.__setattr__(self, "drift_threshold", threshold)
         for name in ("replan", "include_tensors", "async_solve", "cap_each_microbatch"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+            object.__setattr__(self, name, check_bool(name, getattr(self, name)))
         if self.cap_each_microbatch and self.plan.action_cap is None:
             capped = dataclasses.replace(self.plan, action_cap=self.plan.max_freeze_ratio)
             object.__setattr__(self, "plan", capped)

@@ -46,6 +46,7 @@ from tfz.dag import DAG, simulate
 from tfz.schedule import FREEZABLE_KINDS, KINDS
 
 __all__ = [
+    "MAX_TIMING_MS",
     "TimingWindow",
     "assess_drift",
     "bound_estimates",
@@ -145,12 +146,17 @@ class FitWindow:
             self.channels[c].load_list(rows[c])
 
 
+MAX_TIMING_MS = 1e9
+"""Longest action or batch time taken (about 11.6 days): times are exchanged between ranks in float32,
+and windows sum them, so absurd values are refused where they enter, not as an overflow later."""
+
+
 def parse_timings(timings: Mapping, local_pos: Mapping[str, int], dag: DAG, where: str) -> np.ndarray:
     """float64 [len(local_pos)]: ``timings`` (action name -> ms) in local order.
 
     ``where`` names this process in errors (``"rank 1"``). Raises ValueError for a name that is not
     in the schedule or belongs to another rank, a missing action, or a value that is not a finite
-    number >= 0; TypeError when ``timings`` is not a mapping.
+    number in [0, MAX_TIMING_MS]; TypeError when ``timings`` is not a mapping.
     """
     if not isinstance(timings, Mapping):
         raise TypeError(f"timings must be a mapping of action name to ms, got {type(timings).__name__}")
@@ -163,7 +169,7 @@ def parse_timings(timings: Mapping, local_pos: Mapping[str, int], dag: DAG, wher
                 owner = int(dag.rank[dag.index[name]])
                 raise ValueError(f"timing for action {name!r}, which runs on rank {owner}, not on {where}")
             raise ValueError(f"timing for unknown action {name!r} (not in schedule {dag.schedule.name!r})")
-        out[j] = check_number(f"timing of action {name!r}", value, low=0, unit="ms")
+        out[j] = check_number(f"timing of action {name!r}", value, low=0, high=MAX_TIMING_MS, unit="ms")
     missing = np.flatnonzero(np.isnan(out))
     if len(missing):
         names = sorted(local_pos, key=local_pos.get)

@@ -67,6 +67,7 @@ timings of every action, ``stage_modules`` holds every stage, and the collective
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -84,6 +85,7 @@ from tfz.controller._solve import (
 )
 from tfz.controller.config import TimelyFreezeConfig
 from tfz.controller.estimates import (
+    MAX_TIMING_MS,
     assess_drift,
     bound_estimates,
     drift_stats,
@@ -105,6 +107,7 @@ from tfz.masks import (
     select,
     select_covering,
     select_row_arcs,
+    stage_module,
 )
 from tfz.plan import Plan, solve
 from tfz.schedule import FREEZABLE_KINDS, Schedule
@@ -112,6 +115,13 @@ from tfz.schedule import FREEZABLE_KINDS, Schedule
 __all__ = ["Phase", "TimelyFreeze"]
 
 logger = logging.getLogger("tfz.controller")
+
+
+def _policy_kind(policy: Any) -> str:
+    """The selection policy a state belongs to: its class, and for a dataclass its fields (a resume
+    under another policy would draw other masks)."""
+    kind = f"{type(policy).__module__}.{type(policy).__qualname__}"
+    return repr(policy) if dataclasses.is_dataclass(policy) else kind
 
 
 class TimelyFreeze:
@@ -170,16 +180,22 @@ class TimelyFreeze:
         stages = sorted(s for r in ranks for s in dag.schedule.stages_of(r))
         if not isinstance(stage_modules, Mapping):
             raise TypeError(f"stage_modules must map stage -> module, got {type(stage_modules).__name__}")
+        for key, module in stage_modules.items():
+            if not is_int(key) or not hasattr(module, "named_parameters"):
+                raise TypeError(
+                    f"stage_modules must map stage index (int) -> module, got {short_repr(key)} -> "
+                    f"{type(module).__name__}"
+                )
         if sorted(stage_modules) != stages:
             raise ValueError(
                 f"stage_modules has stages {sorted(stage_modules)}, but {where} runs stages {stages}"
             )
-        self.stage_modules = {s: stage_modules[s] for s in stages}
+        self.stage_modules = {s: stage_module(stage_modules[s]) for s in stages}  # names without DDP's
         units: dict[int, StageUnits] = {}
-        for s in stages:
+        for s, module in self.stage_modules.items():
             try:
                 units[s] = StageUnits.from_module(
-                    stage_modules[s], block_rows=config.block_rows, include_tensors=config.include_tensors
+                    module, block_rows=config.block_rows, include_tensors=config.include_tensors
                 )
             except ValueError as exc:
                 raise ValueError(f"stage {s}: {exc}") from None
@@ -309,7 +325,7 @@ class TimelyFreeze:
     def masks_for(self, stage: int, microbatch: int) -> StageMasks | None:
         """Masks of a local (stage, microbatch) for the current step; None when nothing is frozen."""
         if stage not in self._layout.units:
-            raise ValueError(f"stage {stage} is not a stage of {self._where} (local: {self.local_stages})")
+            raise ValueError(f"stage {stage!r} is not a stage of {self._where} (local: {self.local_stages})")
         M = self.num_microbatches
         if not is_int(microbatch) or not 0 <= microbatch < M:
             raise ValueError(f"microbatch must be an integer in [0, {M}), got {microbatch!r}")
@@ -468,7 +484,9 @@ class TimelyFreeze:
                 f"step_end: expected step {s.origin + s.done} (steps must be consecutive), got {step}"
             )
         values = parse_timings(timings, self._local_pos, self.dag, self._where) / batches
-        batch_ms = check_number("batch_ms", batch_ms, low=0.0, low_open=True, optional=True, unit="ms")
+        batch_ms = check_number(
+            "batch_ms", batch_ms, low=0.0, low_open=True, high=MAX_TIMING_MS, optional=True, unit="ms"
+        )
         if s.origin is None:
             s.origin = int(step)
             # events before the first step (warmup 0) were recorded relative to step 0
@@ -737,6 +755,7 @@ class TimelyFreeze:
         degenerate optimum may pick another optimal vertex)."""
         state = self._s.to_dict(self._layout)
         state["policy"] = self.policy.state_dict() if isinstance(self.policy, StatefulPolicy) else None
+        state["policy_kind"] = _policy_kind(self.policy)
         return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -751,6 +770,11 @@ class TimelyFreeze:
         new = ControllerState.from_dict(state, self._layout)
         if "policy" not in state:
             raise ValueError("state is missing key 'policy'")
+        kind, mine = state.get("policy_kind"), _policy_kind(self.policy)
+        if kind is not None and kind != mine:  # None: saved before the policy was recorded
+            raise ValueError(
+                f"state.policy_kind: the state was saved under {kind!r}, this controller runs {mine!r}"
+            )
         saved = state["policy"]
         stateful = isinstance(self.policy, StatefulPolicy)
         if saved is not None and not stateful:

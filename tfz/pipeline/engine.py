@@ -41,7 +41,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from tfz.masks import StageMasks
+from tfz.masks import StageMasks, stage_module
 from tfz.nn import RowMask, WeightGradStore, prepare_row_masks, use_row_masks
 
 __all__ = [
@@ -54,13 +54,6 @@ __all__ = [
     "w_flops",
     "weight_backward",
 ]
-
-
-def stage_module(module: nn.Module) -> nn.Module:
-    """The module whose parameter names the masks use: ``module`` without a DDP wrapper."""
-    from torch.nn.parallel import DistributedDataParallel
-
-    return module.module if isinstance(module, DistributedDataParallel) else module
 
 
 def _walk(module: nn.Module):
