@@ -141,3 +141,12 @@ def leave_a_cycle(rank: int, world: int) -> None:
     """Return leaving a reference cycle that holds a sentinel (as pipeline stages and works do)."""
     cycle = [_Sentinel()]
     cycle.append(cycle)
+
+
+def destroy_group_then_return(rank: int, world: int) -> int:
+    """Destroy the process group itself (a common clean-up at the end of training), then return."""
+    import torch.distributed as dist
+
+    dist.barrier()
+    dist.destroy_process_group()
+    return rank * 10

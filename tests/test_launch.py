@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from _pipe_launch_fns import (
     _Sentinel,
+    destroy_group_then_return,
     leave_a_cycle,
     pause_between_heartbeats,
     raise_on,
@@ -68,7 +69,7 @@ def test_rank_dying_without_exception():
     with pytest.raises(RankError) as info:
         launch(raise_on, 2, 0, "exit", timeout=120)
     assert info.value.rank == 0 and info.value.exitcode == 7 and info.value.exc_type is None
-    assert "exit code 7" in str(info.value)
+    assert "exit code 7" in str(info.value) and "before fn ran" not in str(info.value)
 
 
 def test_timeout_kills_every_rank():
@@ -155,6 +156,20 @@ def test_run_from_env_frees_cycles_before_the_group_goes(monkeypatch):
     assert _Sentinel.freed_with_group == [True]
 
 
+def test_fn_may_destroy_the_process_group_itself(monkeypatch):
+    import torch.distributed as dist
+
+    from tfz.pipeline.launch import _free_port
+
+    assert launch(destroy_group_then_return, 2, timeout=120) == [0, 10]
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+    assert run_from_env(destroy_group_then_return, backend="gloo") == 0
+    assert not dist.is_initialized()
+
+
 def _script(folder: Path, body: str) -> Path:
     """``folder/main.py``: ``body`` after a line that lets it import this folder's rank functions."""
     script = folder / "main.py"
@@ -162,6 +177,35 @@ def _script(folder: Path, body: str) -> Path:
         f"import sys\nsys.path.insert(0, {str(Path(__file__).parent)!r})\n" + textwrap.dedent(body)
     )
     return script
+
+
+def test_a_rank_dying_before_fn_ran_names_the_main_guard(tmp_path):
+    body = """
+        from tfz.pipeline import launch
+
+        def fn(rank, world):
+            return rank
+
+        print(launch(fn, 2, timeout=60))  # no main guard: each spawned rank runs this line again
+        """
+    script = _script(tmp_path, body)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, env=env)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode != 0 and "died without an exception (exit code 1): before fn ran" in last, last
+    assert """'if __name__ == "__main__":'""" in last
+    proc = subprocess.run(
+        [sys.executable, "-"],
+        input=textwrap.dedent(body),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    last = proc.stderr.strip().splitlines()[-1]
+    assert re.fullmatch(
+        r"TypeError: fn <function fn .*> is defined in a main module read from <stdin>, .*", last
+    )
 
 
 def test_run_from_env_under_torchrun(tmp_path):

@@ -435,3 +435,66 @@ def test_plan_cache_does_not_keep_masks_alive():
     del masks
     gc.collect()
     assert ref() is None and len(cache._plans) == 0
+
+
+class _PlannedMasks(FixedMasks):
+    """Freezes nothing; plans ``num_microbatches`` per step, as TimelyFreeze does."""
+
+    def __init__(self, num_microbatches: int):
+        super().__init__({})
+        self.num_microbatches = num_microbatches
+
+
+def _stages(indices, num_stages, **kwargs):
+    from tfz.pipeline import FreezeAwareStage
+
+    return [
+        FreezeAwareStage(
+            tfz.nn.convert_to_freezable(make_stage_module(s)), s, num_stages, torch.device("cpu"), **kwargs
+        )
+        for s in indices
+    ]
+
+
+def test_build_torch_schedule_refuses_stages_that_do_not_match(one_rank_group):
+    from tfz.pipeline import build_torch_schedule
+    from tfz.schedule import build_schedule
+
+    loss = lambda o, t: F.mse_loss(o, t)  # noqa: E731
+    interleaved = build_schedule("interleaved1f1b", 1, 4)  # stages (0, 1) on rank 0
+    build_torch_schedule(interleaved, _stages([0, 1], 2), loss)
+    with pytest.raises(
+        ValueError, match=r"runs stages \[0, 1\] on rank 0 \(in this order\), got stages \[1, 0\]"
+    ):
+        build_torch_schedule(interleaved, _stages([1, 0], 2), loss)
+    with pytest.raises(
+        ValueError, match=r"stages\[0\] \(stage 0\) was built with num_stages=3, but schedule "
+    ):
+        build_torch_schedule(interleaved, _stages([0, 1], 3), loss)
+    with pytest.raises(
+        ValueError, match=r"runs stages \[0, 1\] on rank 0 \(in this order\), got stages \[0\]"
+    ):
+        build_torch_schedule(interleaved, _stages([0], 2), loss)
+    with pytest.raises(
+        ValueError, match="stage 0: its provider .* plans 8 microbatches per step, but the pipeline"
+    ):
+        build_torch_schedule(interleaved, _stages([0, 1], 2, provider=_PlannedMasks(8)), loss)
+
+
+def test_provider_planning_other_microbatch_counts_is_refused_before_a_backward(one_rank_group):
+    from torch.distributed.pipelining import ScheduleGPipe
+
+    from tfz.pipeline import make_freeze_aware
+
+    (stage,) = _stages([0], 1, provider=_PlannedMasks(4))
+    schedule = ScheduleGPipe(stage, 2, loss_fn=lambda o, t: F.mse_loss(o, t))  # built by torch: unchecked
+    ids, target = make_batch(2)
+    with pytest.raises(
+        ValueError, match="stage 0: its provider .* plans 4 microbatches per step, but .* runs 2"
+    ):
+        schedule.step(ids, target=target)
+    assert stage.tfz.stats.actions == []  # refused before the first action
+    stage.tfz.provider = _PlannedMasks(2)
+    schedule.step(ids, target=target)
+    with pytest.raises(ValueError, match="plans 3 microbatches per step, but the pipeline schedule runs 2"):
+        make_freeze_aware(stage, provider=_PlannedMasks(3))

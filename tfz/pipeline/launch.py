@@ -40,6 +40,7 @@ import os
 import pickle
 import queue
 import socket
+import sys
 import threading
 import time
 import traceback
@@ -75,6 +76,8 @@ class RankError(RuntimeError):
         exc_message: ``str(exception)``.
         remote_traceback: the rank's formatted traceback ("" when it died without one).
         exitcode: the process exit code when it died without reporting, else None.
+
+    A rank that died before ``fn`` ran has ``exc_message`` saying so (with the usual causes).
     """
 
     def __init__(
@@ -89,6 +92,8 @@ class RankError(RuntimeError):
         self.remote_traceback, self.exitcode = remote_traceback, exitcode
         if exc_type is None:
             text = f"rank {rank} died without an exception (exit code {exitcode})"
+            if exc_message:
+                text += f": {exc_message}"
         else:
             text = f"rank {rank} raised {exc_type}: {exc_message}"
         if remote_traceback:
@@ -305,11 +310,13 @@ def _type_name(exc: BaseException) -> str:
 def _destroy_process_group() -> None:
     """Free what ``fn`` left in reference cycles (stages, pending works) while the process group
     is alive, then destroy it: gloo objects collected later, at interpreter exit, abort the process
-    ("terminate called without an active exception", about one torchrun run in ten)."""
+    ("terminate called without an active exception", about one torchrun run in ten). Nothing to
+    destroy when ``fn`` destroyed the group itself."""
     import torch.distributed as dist
 
     gc.collect()
-    dist.destroy_process_group()
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _exit_with_parent(parent: int) -> None:
@@ -324,7 +331,7 @@ def _exit_with_parent(parent: int) -> None:
     threading.Thread(target=watch, name="tfz-parent-watch", daemon=True).start()
 
 
-def _child(fn, rank, world_size, args, port, backend, init_timeout, results, beats, parent) -> None:
+def _child(fn, rank, world_size, args, port, backend, init_timeout, results, beats, started, parent) -> None:
     """Process entry of one rank: report ("ok", rank, pickled result) or ("error", rank, ...)."""
     global _BEAT
     _exit_with_parent(parent)
@@ -343,6 +350,7 @@ def _child(fn, rank, world_size, args, port, backend, init_timeout, results, bea
         dist.init_process_group(
             backend, rank=rank, world_size=world_size, timeout=timedelta(seconds=init_timeout)
         )
+        started[rank] = 1
         value = fn(rank, world_size, *args)
         payload = pickle.dumps(value)
     except BaseException as exc:  # noqa: BLE001 - every failure is reported to the parent
@@ -375,12 +383,20 @@ def _stop(procs) -> None:
             p.join(5.0)
 
 
-def _raise_first(reported: dict[int, tuple], died: dict[int, int]) -> None:
+_NOT_STARTED = (
+    "before fn ran, while starting up (its error is on stderr above): the spawned ranks "
+    "import the main module, so a script must call launch() under 'if __name__ == \"__main__\":', "
+    "and fn must come from a file (not stdin or python -c)"
+)
+
+
+def _raise_first(reported: dict[int, tuple], died: dict[int, int], started) -> None:
     """Raise the failure that came first: a rank that died without a report (its peers' errors are
-    consequences, such as gloo's "Connection closed by peer"), else the earliest reported exception."""
+    consequences, such as gloo's "Connection closed by peer"), else the earliest reported exception.
+    ``started[rank]`` is 1 once that rank's ``fn`` was called."""
     if died:
         rank = min(died)
-        raise RankError(rank, None, "", exitcode=died[rank])
+        raise RankError(rank, None, "" if started[rank] else _NOT_STARTED, exitcode=died[rank])
     rank, type_name, message, tb, exc_bytes, _ = min(reported.values(), key=lambda rep: (rep[5], rep[0]))
     cause = None
     if exc_bytes is not None:
@@ -433,6 +449,12 @@ def _check_spawnable(fn, world_size: int) -> None:
             f"fn must be a function defined at module level of an importable module (the spawned ranks "
             f"import it), got {short_repr(fn)} ({type(exc).__name__}: {exc})"
         ) from None
+    main_file = getattr(sys.modules.get("__main__"), "__file__", None)
+    if getattr(fn, "__module__", None) == "__main__" and not (main_file and os.path.isfile(main_file)):
+        raise TypeError(
+            f"fn {short_repr(fn)} is defined in a main module read from {main_file or 'python -c'}, "
+            "which the spawned ranks cannot import: put it in a script file or a module"
+        )
     have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     need = world_size * RANK_BYTES
     if need > have:
@@ -480,12 +502,14 @@ def launch(
     results = ctx.Queue()
     port = _free_port()
     beats = (ctx.RawArray("d", world_size * _FIELDS), ctx.RawArray("c", world_size * _NAME_BYTES))
+    started = ctx.RawArray("b", world_size)
     for r in range(world_size):
         beats[0][r * _FIELDS + 1] = -1.0
+    shared = (port, backend, float(init_timeout), results, beats, started, os.getpid())
     procs = [
         ctx.Process(
             target=_child,
-            args=(fn, r, world_size, args, port, backend, float(init_timeout), results, beats, os.getpid()),
+            args=(fn, r, world_size, args, *shared),
             name=f"tfz-rank{r}",
         )
         for r in range(world_size)
@@ -548,7 +572,7 @@ def launch(
             if hang is not None:
                 raise hang
         if reported or died:
-            _raise_first(reported, died)
+            _raise_first(reported, died, started)
         for p in procs:
             p.join(max(0.0, deadline - time.monotonic()))
     finally:

@@ -47,6 +47,7 @@ def build_torch_schedule(
             )
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+    _check_stages(schedule, stages)
     n = schedule.num_microbatches
     name = TORCH_SCHEDULE_CLASSES.get(schedule.name)
     if name is not None:
@@ -66,6 +67,33 @@ def build_torch_schedule(
     runtime = runtime_class(list(stages), n, loss_fn=loss_fn, scale_grads=scale_grads)
     _torch_compat.load_schedule_csv(runtime, path)
     return runtime
+
+
+def _check_stages(schedule: Schedule, stages: Sequence[Any]) -> None:
+    """Refuse stages that do not match ``schedule`` on their rank: torch would wait for messages that
+    never come (a hang until the collectives' timeout) or fail on an assertion inside a step."""
+    from tfz.pipeline.stage import check_microbatches
+
+    rank = stages[0].group_rank
+    if not 0 <= rank < schedule.num_ranks:
+        raise ValueError(
+            f"schedule {schedule.name!r} has {schedule.num_ranks} ranks, got stages of rank {rank}"
+        )
+    for i, stage in enumerate(stages):
+        if stage.num_stages != schedule.num_stages:
+            raise ValueError(
+                f"stages[{i}] (stage {stage.stage_index}) was built with num_stages={stage.num_stages}, "
+                f"but schedule {schedule.name!r} has {schedule.num_stages} stages"
+            )
+    got, want = [s.stage_index for s in stages], list(schedule.stages_of(rank))
+    if got != want:
+        raise ValueError(
+            f"schedule {schedule.name!r} runs stages {want} on rank {rank} (in this order), got stages {got}"
+        )
+    for stage in stages:
+        state = getattr(stage, "tfz", None)
+        if state is not None:
+            check_microbatches(stage.stage_index, state.provider, schedule.num_microbatches)
 
 
 def torch_schedule_stages(schedule) -> list:

@@ -227,6 +227,7 @@ class FreezeState:
     def provider(self, provider) -> None:
         if provider is not None and not callable(getattr(provider, "masks_for", None)):
             raise TypeError(f"provider must have a masks_for(stage, microbatch) method, got {provider!r}")
+        check_microbatches(self.stage_index, provider, self._stage_ref.chunks)
         self._provider = provider
 
     @property
@@ -403,6 +404,17 @@ class FreezeState:
         return f"FreezeState(stage={self.stage_index}, provider={self._provider!r}, timer={self._timer!r})"
 
 
+def check_microbatches(stage_index: int, provider, count: int | None) -> None:
+    """Refuse a ``provider`` that plans another number of microbatches per step than the schedule
+    running the stage (``count``; None: not known yet)."""
+    planned = getattr(provider, "num_microbatches", None)
+    if count is not None and planned is not None and planned != count:
+        raise ValueError(
+            f"stage {stage_index}: its provider ({type(provider).__name__}) plans {planned} microbatches "
+            f"per step, but the pipeline schedule runs {count}"
+        )
+
+
 @functools.cache
 def torch_split_handles_functions() -> bool:
     """Whether torch's own I/W split (``stage_backward_input`` / ``stage_backward_weight``) can take
@@ -458,6 +470,8 @@ def _base(stage) -> type:
 
 def _forward_one_chunk(self, fwd_chunk_id: int, *args, **kwargs):
     state = self.tfz
+    if fwd_chunk_id == 0:  # the schedule has set ``chunks`` by the first forward of a step
+        check_microbatches(self.stage_index, state.provider, self.chunks)
     name = state.action(fwd_chunk_id, "F")
     counting = state.count_flops
     if counting:
