@@ -31,13 +31,54 @@ RTOL = 1e-4
 """Gradient check: max |pipeline - reference| <= RTOL * max |reference| per tensor (float32 vs float64)."""
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return value
+
+
 def parser(description: str, steps: int = 60) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
-    p.add_argument("--steps", type=int, default=steps, help=f"optimizer steps (default {steps})")
+    p.add_argument("--steps", type=positive_int, default=steps, help=f"optimizer steps (default {steps})")
     p.add_argument("--no-freeze", action="store_true", help="train without TimelyFreeze")
     p.add_argument("--check-grads", action="store_true", help="check every step's gradients (float64)")
     p.add_argument("--json", help="write the per-step record and the summary to this file")
     return p
+
+
+def parse(p: argparse.ArgumentParser, only_world: int | None = None) -> argparse.Namespace:
+    """``p.parse_args()``, refusing in one line what would fail only after the ranks started: too few
+    --steps for TimelyFreeze's phases, a --json path that cannot be written, and under torchrun a number
+    of ranks other than ``only_world`` (None: any)."""
+    args = p.parse_args()
+    if not args.no_freeze and _too_short(args.steps):
+        need = next(n for n in range(args.steps + 1, 10**6) if not _too_short(n))
+        p.error(f"--steps {args.steps} is too short for TimelyFreeze's phases: use >= {need} or --no-freeze")
+    if args.json:
+        folder = os.path.dirname(os.path.abspath(args.json))
+        if os.path.isdir(args.json):
+            p.error(f"--json {args.json} is a folder: name a file")
+        if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+            p.error(f"--json {args.json}: folder {folder} does not exist or is not writable")
+    world = os.environ.get("WORLD_SIZE")
+    if only_world is not None and "RANK" in os.environ and world != str(only_world):
+        p.error(
+            f"{p.prog} runs on exactly {only_world} ranks, got WORLD_SIZE={world} (torchrun --nproc-per-node)"
+        )
+    return args
+
+
+def _too_short(steps: int) -> bool:
+    try:
+        TimelyFreezeConfig.for_run(total_steps=steps)
+    except ValueError:
+        return True
+    return False
 
 
 def main(run: Callable, args: argparse.Namespace, world: int = 2) -> dict:
@@ -164,6 +205,9 @@ class Pipeline:
     controller: TimelyFreeze | None
     timer: ActionTimer
     lr: float = 3e-3
+    loss_scale: float = 1.0
+    """The torch schedule's per-microbatch losses times this are the model's loss (torchtitan's loss
+    divides by the microbatch count, since its schedule sums the microbatches)."""
     records: list = field(default_factory=list)
 
 
@@ -197,7 +241,8 @@ def train(pipe: Pipeline, args, batch: Callable[[int], tuple], microbatches: int
             for st in pipe.stages
         }
         if losses:
-            record["loss"] = float(torch.stack([torch.as_tensor(v).detach() for v in losses]).mean())
+            mean = torch.stack([torch.as_tensor(v).detach() for v in losses]).mean()
+            record["loss"] = float(mean) * pipe.loss_scale
         if reference is not None:
             reference.load(gather_states(pipe.modules))
             xs, ys = x.chunk(microbatches), y.chunk(microbatches)

@@ -137,4 +137,4 @@ def check_cut() -> float:
 if __name__ == "__main__":
     p = _common.parser(__doc__.splitlines()[0])
     p.add_argument("--schedule", default="1f1b", choices=["1f1b", "zbv", "gpipe", "interleaved1f1b"])
-    _common.main(run, p.parse_args())
+    _common.main(run, _common.parse(p))

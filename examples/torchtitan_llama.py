@@ -107,7 +107,9 @@ def run(rank: int, world: int, args) -> dict:
     timer = ActionTimer()
     for st in stages:
         make_freeze_aware(st, provider=controller, timer=timer)
-    pipe = _common.Pipeline(schedule, pp_schedule, stages, modules, controller, timer, lr=1e-3)
+    pipe = _common.Pipeline(
+        schedule, pp_schedule, stages, modules, controller, timer, lr=1e-3, loss_scale=MICROBATCHES
+    )
     reference = None
     if args.check_grads:
         from torchtitan.distributed.pipeline_parallel import _generate_llm_fqn_per_model_part, _split_module
@@ -122,4 +124,4 @@ def run(rank: int, world: int, args) -> dict:
 
 
 if __name__ == "__main__":
-    _common.main(run, _common.parser(__doc__.splitlines()[0]).parse_args())
+    _common.main(run, _common.parse(_common.parser(__doc__.splitlines()[0]), only_world=2))

@@ -83,4 +83,4 @@ def run(rank: int, world: int, args) -> dict:
 
 
 if __name__ == "__main__":
-    _common.main(run, _common.parser(__doc__.splitlines()[0]).parse_args())
+    _common.main(run, _common.parse(_common.parser(__doc__.splitlines()[0]), only_world=2))

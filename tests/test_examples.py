@@ -64,6 +64,38 @@ def check(result: dict) -> None:
     assert all(r["loss"] == r["loss"] for r in steps if r.get("loss") is not None)
 
 
+@pytest.mark.parametrize(
+    ("script", "flags", "env", "error"),
+    [
+        (
+            "vit_gpipe.py",
+            ["--steps", "10"],
+            {},
+            "--steps 10 is too short for TimelyFreeze's phases: use >= 26 or",
+        ),
+        (
+            "vit_gpipe.py",
+            ["--steps", "0", "--no-freeze"],
+            {},
+            "argument --steps: must be an integer >= 1, got '0'",
+        ),
+        ("vit_gpipe.py", ["--steps=-3"], {}, "argument --steps: must be an integer >= 1, got '-3'"),
+        (
+            "tracer_pipeline.py",
+            ["--json", "/nonexistent/dir/r.json"],
+            {},
+            "folder /nonexistent/dir does not exist",
+        ),
+        ("vit_gpipe.py", [], {"RANK": "0", "WORLD_SIZE": "3"}, "runs on exactly 2 ranks, got WORLD_SIZE=3"),
+    ],
+)
+def test_bad_flags_are_refused_in_one_line_before_any_rank_starts(script, flags, env, error):
+    command = [sys.executable, str(ROOT / "examples" / script), *flags]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=120, env={**os.environ, **env})
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.splitlines()[-1].startswith(f"{script}: error: ") and error in proc.stderr
+
+
 @needs("transformers", "about 20 s")
 @pytest.mark.distributed
 @pytest.mark.parametrize("schedule", ["1f1b", "zbv"])
@@ -104,4 +136,18 @@ def test_vit_gpipe(tmp_path):
 @needs("torchtitan", "about 40 s, Python 3.11+")
 @pytest.mark.distributed
 def test_torchtitan_pipeline(tmp_path):
-    check(run_example(tmp_path, "torchtitan_llama.py"))
+    result = run_example(tmp_path, "torchtitan_llama.py")
+    check(result)
+    # the first step's loss is the mean cross-entropy of a plain forward of its batch
+    import torch
+    import torch.nn.functional as F
+
+    sys.path.insert(0, str(ROOT / "examples"))
+    try:
+        import torchtitan_llama as tt
+    finally:
+        sys.path.remove(str(ROOT / "examples"))
+    x, y = tt.batch(0)
+    with torch.no_grad():
+        plain = float(F.cross_entropy(tt.llama3_debug()[1](x).flatten(0, 1), y.flatten()))
+    assert abs(result["steps"][0]["loss"] - plain) <= 1e-4 * plain, (result["steps"][0]["loss"], plain)
