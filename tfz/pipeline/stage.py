@@ -227,7 +227,7 @@ class FreezeState:
     def provider(self, provider) -> None:
         if provider is not None and not callable(getattr(provider, "masks_for", None)):
             raise TypeError(f"provider must have a masks_for(stage, microbatch) method, got {provider!r}")
-        check_microbatches(self.stage_index, provider, self._stage_ref.chunks)
+        check_microbatches(self.stage_index, provider, getattr(self._stage_ref, "chunks", None))
         self._provider = provider
 
     @property
