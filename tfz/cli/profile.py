@@ -14,7 +14,6 @@ smaller one if they do not fit in memory).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from tfz._validate import MAX_SEED
@@ -34,11 +33,6 @@ def _repeats(low: int):
 
 def _seed(text: str) -> int:
     return bounded_int(text, 0, MAX_SEED)
-
-
-def _host_memory() -> int:
-    """Bytes of physical memory of this machine."""
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -88,7 +82,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     check_output(args.out, "--out", (".json",))
-    from tfz.measure import ProfileConfig, check_memory, device_memory, profile_model
+    from tfz.measure import ProfileConfig, check_memory, device_memory, host_memory, profile_model
 
     device = str(args.device)
     config = ProfileConfig(
@@ -105,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     # layer counts, the device and the memory the largest stage needs, before anything is built
-    check_memory(config, _host_memory(), device_memory(device), device)
+    check_memory(config, host_memory(), device_memory(device), device)
 
     def progress(line: str) -> None:
         if not args.quiet:

@@ -104,14 +104,12 @@ def run_phase2(h, t_col: int, budget: float) -> tuple[np.ndarray, float]:
     """Minimise the loaded phase-2 objective of ``h`` under ``T <= budget`` (column ``t_col``); return
     (column values, the bound used), looser by the first of :data:`PHASE2_RETRY_SLACKS` that is
     solved when the exact bound was not."""
-    what = "phase 2 (total freezing)"
-    for slack in (0.0, *PHASE2_RETRY_SLACKS[:-1]):
-        h.changeColBounds(t_col, 0.0, budget * (1.0 + slack))
+    slacks = (0.0, *PHASE2_RETRY_SLACKS)
+    for i, slack in enumerate(slacks):
+        bound = budget * (1.0 + slack)
+        h.changeColBounds(t_col, 0.0, bound)
         try:
-            return run_checked(h, what)[1], budget * (1.0 + slack)
+            return run_checked(h, "phase 2 (total freezing)")[1], bound
         except PlanSolveError as e:
-            if e.status not in ("Infeasible", "Unknown"):
+            if e.status not in ("Infeasible", "Unknown") or i == len(slacks) - 1:
                 raise
-    bound = budget * (1.0 + PHASE2_RETRY_SLACKS[-1])
-    h.changeColBounds(t_col, 0.0, bound)
-    return run_checked(h, what)[1], bound
